@@ -1,0 +1,130 @@
+//! Command-line interface: every flag also reads an `RM_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use rm_server::PublicUrl;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "restic-manager-server",
+    about = "Serves restic-manager agent binaries and install scripts to a fleet of hosts",
+    version = rm_buildinfo::current().version_line(),
+    long_version = rm_buildinfo::current().version_line(),
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server (the default when no command is given).
+    Serve,
+    /// Probe a running server's /healthz and exit 0 if it answers 2xx, 1 otherwise (for container HEALTHCHECKs).
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "RM_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Operator state: database, secrets, and asset overrides under agent-binaries/ and install/.
+    #[arg(long, env = "RM_DATA_DIR", default_value = "/var/lib/restic-manager")]
+    pub data_dir: PathBuf,
+
+    /// Read-only assets baked into the image; used when the data dir has no override.
+    #[arg(long, env = "RM_BUNDLED_ASSETS_DIR", default_value = "/opt/restic-manager/dist")]
+    pub bundled_assets_dir: PathBuf,
+
+    /// URL hosts use to reach this server (e.g. https://rm.example.com); otherwise taken from each request's Host.
+    #[arg(long, env = "RM_PUBLIC_URL", value_parser = parse_public_url)]
+    pub public_url: Option<PublicUrl>,
+
+    /// Log line format.
+    #[arg(long, env = "RM_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter, in tracing's EnvFilter syntax (e.g. "info", "debug", "info,access=warn").
+    #[arg(long, env = "RM_LOG", default_value = "info")]
+    pub log: String,
+
+    /// On SIGTERM/SIGINT, how long in-flight requests may run before the server exits anyway.
+    #[arg(long, env = "RM_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct HealthcheckArgs {
+    /// URL to probe; defaults to /healthz on the --listen address (0.0.0.0 becomes 127.0.0.1).
+    #[arg(long, env = "RM_HEALTHCHECK_URL")]
+    pub url: Option<String>,
+
+    /// Give up after this long.
+    #[arg(long, env = "RM_HEALTHCHECK_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_public_url(raw: &str) -> Result<PublicUrl, String> {
+    raw.parse()
+}
+
+impl HealthcheckArgs {
+    pub fn url_for(&self, listen: SocketAddr) -> String {
+        if let Some(url) = &self.url {
+            return url.clone();
+        }
+        let mut addr = listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+        }
+        format!("http://{addr}/healthz")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_has_an_rm_env_var() {
+        let cmd = Cli::command();
+        let subcommands: Vec<_> = cmd.get_subcommands().cloned().collect();
+        for c in std::iter::once(cmd).chain(subcommands) {
+            for arg in c.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_default();
+                assert!(env.starts_with("RM_"), "--{id} of {} has no RM_* env var", c.get_name());
+            }
+        }
+    }
+
+    #[test]
+    fn healthcheck_url_defaults_to_loopback() {
+        let args = HealthcheckArgs { url: None, timeout: Duration::from_secs(1) };
+        assert_eq!(args.url_for("0.0.0.0:9000".parse().unwrap()), "http://127.0.0.1:9000/healthz");
+        assert_eq!(args.url_for("[::]:9000".parse().unwrap()), "http://[::1]:9000/healthz");
+        assert_eq!(args.url_for("10.1.2.3:80".parse().unwrap()), "http://10.1.2.3:80/healthz");
+    }
+}

@@ -1,0 +1,90 @@
+//! `restic-manager-server`: parse flags, set up logging, then serve or probe.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use cli::{Cli, Command, LogFormat};
+use rm_server::{AppState, Config};
+use tracing::info;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Healthcheck(ref args)) => {
+            let url = args.url_for(cli.serve.listen);
+            match rm_server::healthcheck::probe(&url, args.timeout).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("unhealthy: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        None | Some(Command::Serve) => match serve(cli.serve).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                if tracing::dispatcher::has_been_set() {
+                    tracing::error!("{e:#}");
+                } else {
+                    eprintln!("restic-manager-server: {e:#}");
+                }
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format, &args.log)?;
+    let info = rm_buildinfo::current();
+    info!(version = info.version, commit = info.commit, date = info.date, "restic-manager-server starting");
+    let state = AppState::new(Config {
+        data_dir: args.data_dir.clone(),
+        bundled_dir: args.bundled_assets_dir.clone(),
+        public_url: args.public_url.clone(),
+    })
+    .context("cannot use the data dir (set --data-dir or RM_DATA_DIR to an existing, readable directory)")?;
+    info!(
+        data_dir = %state.store().data_dir().display(),
+        bundled_dir = state.store().bundled_dir().map(|p| p.display().to_string()).unwrap_or_else(|| "(none)".into()),
+        public_url = state.public_url().map(|u| u.to_string()).unwrap_or_else(|| "(from Host header)".into()),
+        "asset roots"
+    );
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    info!(addr = %listener.local_addr()?, "listening");
+    let warm = state.clone();
+    tokio::task::spawn_blocking(move || rm_server::warm_up(&warm));
+    rm_server::run(listener, state, shutdown_signal(), args.shutdown_grace).await.context("server failed")
+}
+
+fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| format!("invalid log filter {filter:?}"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => info!("SIGINT received"),
+        () = term => info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,465 @@
+//! The two asset roots and contained, race-aware file lookup.
+//!
+//! Lookup for `(kind, name)`: `<DataDir>/<subdir>/<name>`, then `<Bundled>/<subdir>/<name>`. A candidate is used only
+//! if, after resolving every symlink, it is a regular file inside the same root's `<subdir>`, and that subdir is a
+//! real directory of the root (so an install-dir symlink can never expose `<DataDir>/restic-manager.db`). The file is
+//! opened once; everything a response says (length, dates, digest) comes from that open handle, and the body is read
+//! from it too, so an operator renaming a new file into place mid-download cannot mix two versions.
+
+use std::collections::HashMap;
+use std::fs::{self, File, Metadata};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use rm_buildinfo::{BuildInfo, Scanner};
+use sha2::{Digest as _, Sha256};
+use tracing::{debug, warn};
+
+/// Which of the two trees an asset lives in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AssetKind {
+    AgentBinary,
+    Install,
+}
+
+impl AssetKind {
+    pub fn subdir(self) -> &'static str {
+        match self {
+            AssetKind::AgentBinary => "agent-binaries",
+            AssetKind::Install => "install",
+        }
+    }
+}
+
+/// Which root served a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    DataDir,
+    Bundled,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::DataDir => "data-dir",
+            Source::Bundled => "bundled",
+        }
+    }
+}
+
+/// What identifies one version of one file: a rename, a rewrite or a `touch` changes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Identity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Identity {
+    fn of(meta: &Metadata) -> Identity {
+        Identity {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// Content facts about one file version, computed once and cached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest {
+    pub sha256: [u8; 32],
+    /// The restic-manager build marker found in the file, if any (agent binaries carry one).
+    pub build_info: Option<BuildInfo>,
+}
+
+impl Digest {
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+}
+
+/// An opened asset plus the facts taken from its handle.
+#[derive(Debug)]
+pub struct OpenAsset {
+    pub file: File,
+    pub len: u64,
+    pub modified: SystemTime,
+    pub source: Source,
+    pub name: String,
+    pub digest: Arc<Digest>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("data dir {path}: {reason}")]
+    DataDir { path: PathBuf, reason: String },
+    #[error("{path} changed while it was being read; it should be replaced by rename, not rewritten in place")]
+    Unstable { path: PathBuf },
+    #[error("reading {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+const CACHE_CAPACITY: usize = 1024;
+const HASH_CHUNK: usize = 256 * 1024;
+const OPEN_ATTEMPTS: usize = 3;
+
+type Slot = Arc<Mutex<Option<Arc<Digest>>>>;
+
+pub struct AssetStore {
+    data_dir: PathBuf,
+    bundled_dir: Option<PathBuf>,
+    cache: Mutex<HashMap<Identity, Slot>>,
+    digests_computed: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl AssetStore {
+    /// Checks both roots. The data dir must be a readable directory; a missing or unusable bundled dir is logged and
+    /// the store serves from the data dir alone.
+    pub fn new(data_dir: &Path, bundled_dir: &Path) -> Result<AssetStore, StoreError> {
+        let fail = |reason: String| StoreError::DataDir { path: data_dir.to_path_buf(), reason };
+        let data = fs::canonicalize(data_dir).map_err(|e| fail(describe(&e)))?;
+        if !fs::metadata(&data).map_err(|e| fail(describe(&e)))?.is_dir() {
+            return Err(fail("not a directory".into()));
+        }
+        fs::read_dir(&data).map_err(|e| fail(format!("cannot list it: {}", describe(&e))))?;
+
+        let bundled = match fs::canonicalize(bundled_dir) {
+            Ok(p) if p.is_dir() => Some(p),
+            Ok(_) => {
+                warn!(path = %bundled_dir.display(), "bundled assets dir is not a directory; serving the data dir only");
+                None
+            }
+            Err(e) => {
+                warn!(path = %bundled_dir.display(), error = %describe(&e), "bundled assets dir unavailable; serving the data dir only");
+                None
+            }
+        };
+        Ok(AssetStore {
+            data_dir: data,
+            bundled_dir: bundled,
+            cache: Mutex::new(HashMap::new()),
+            digests_computed: AtomicU64::new(0),
+        })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    pub fn bundled_dir(&self) -> Option<&Path> {
+        self.bundled_dir.as_deref()
+    }
+
+    /// How many times a file's digest was computed (not served from cache) since start.
+    pub fn digests_computed(&self) -> u64 {
+        self.digests_computed.load(Ordering::Relaxed)
+    }
+
+    /// Whether the data dir is still there and listable (for readiness).
+    pub fn check_data_dir(&self) -> io::Result<()> {
+        fs::read_dir(&self.data_dir).map(drop)
+    }
+
+    /// Finds, opens and fingerprints `(kind, name)`. `name` must have passed [`crate::validate_name`] (or be a
+    /// platform file name). `Ok(None)` means neither root has a usable file. Blocking: call from a blocking thread.
+    pub fn open(&self, kind: AssetKind, name: &str) -> Result<Option<OpenAsset>, StoreError> {
+        debug_assert!(crate::validate_name(name).is_ok(), "unvalidated name {name:?}");
+        let roots = [(Source::DataDir, Some(self.data_dir.as_path())), (Source::Bundled, self.bundled_dir.as_deref())];
+        for (source, root) in roots {
+            let Some(root) = root else { continue };
+            if let Some(asset) = self.open_in(root, source, kind, name)? {
+                return Ok(Some(asset));
+            }
+        }
+        Ok(None)
+    }
+
+    fn open_in(
+        &self,
+        root: &Path,
+        source: Source,
+        kind: AssetKind,
+        name: &str,
+    ) -> Result<Option<OpenAsset>, StoreError> {
+        let dir = root.join(kind.subdir());
+        let candidate = dir.join(name);
+        let io_err = |source: io::Error| StoreError::Io { path: candidate.clone(), source };
+        for _ in 0..OPEN_ATTEMPTS {
+            let Some((file, meta)) = open_contained(root, &dir, &candidate).map_err(io_err)? else {
+                return Ok(None);
+            };
+            let identity = Identity::of(&meta);
+            let digest = match self.digest(&file, identity) {
+                Ok(d) => d,
+                Err(DigestError::Changed) => {
+                    debug!(path = %candidate.display(), "file changed while hashing; reopening");
+                    continue;
+                }
+                Err(DigestError::Io(e)) => return Err(io_err(e)),
+            };
+            return Ok(Some(OpenAsset {
+                file,
+                len: identity.size,
+                modified: meta.modified().map_err(io_err)?,
+                source,
+                name: name.to_string(),
+                digest,
+            }));
+        }
+        Err(StoreError::Unstable { path: candidate })
+    }
+
+    fn digest(&self, file: &File, identity: Identity) -> Result<Arc<Digest>, DigestError> {
+        let slot = {
+            let mut cache = lock(&self.cache);
+            if cache.len() >= CACHE_CAPACITY && !cache.contains_key(&identity) {
+                cache.clear();
+            }
+            cache.entry(identity).or_default().clone()
+        };
+        // Concurrent first requests for one file version wait here instead of hashing it again.
+        let mut slot = lock(&slot);
+        if let Some(digest) = slot.as_ref() {
+            return Ok(digest.clone());
+        }
+        let digest = Arc::new(compute_digest(file, identity.size)?);
+        self.digests_computed.fetch_add(1, Ordering::Relaxed);
+        if Identity::of(&file.metadata()?) != identity {
+            return Err(DigestError::Changed);
+        }
+        *slot = Some(digest.clone());
+        Ok(digest)
+    }
+}
+
+enum DigestError {
+    Changed,
+    Io(io::Error),
+}
+
+impl From<io::Error> for DigestError {
+    fn from(e: io::Error) -> Self {
+        DigestError::Io(e)
+    }
+}
+
+fn compute_digest(file: &File, len: u64) -> Result<Digest, DigestError> {
+    let mut hasher = Sha256::new();
+    let mut scanner = Scanner::default();
+    let mut buf = vec![0u8; HASH_CHUNK];
+    let mut offset = 0u64;
+    while offset < len {
+        let want = usize::try_from(len - offset).unwrap_or(usize::MAX).min(buf.len());
+        let n = file.read_at(&mut buf[..want], offset)?;
+        if n == 0 {
+            return Err(DigestError::Changed); // shrank under us
+        }
+        hasher.update(&buf[..n]);
+        scanner.update(&buf[..n]);
+        offset += n as u64;
+    }
+    Ok(Digest { sha256: hasher.finalize().into(), build_info: scanner.finish() })
+}
+
+/// Opens `candidate` if it resolves to a regular file inside `root/<subdir>`; `Ok(None)` for absent, refused or
+/// non-regular entries (refusals are logged: they are operator mistakes or attacks worth seeing).
+fn open_contained(root: &Path, dir: &Path, candidate: &Path) -> io::Result<Option<(File, Metadata)>> {
+    if let Err(e) = fs::symlink_metadata(candidate) {
+        return absent_or(e);
+    }
+    let real_dir = match fs::canonicalize(dir) {
+        Ok(p) => p,
+        Err(e) => return absent_or(e),
+    };
+    if real_dir != dir {
+        warn!(dir = %dir.display(), resolved = %real_dir.display(), "asset dir is a symlink; refusing to serve from it");
+        return Ok(None);
+    }
+    let real = match fs::canonicalize(candidate) {
+        Ok(p) => p,
+        Err(e) if is_absent(&e) => {
+            warn!(path = %candidate.display(), "dangling symlink; not served");
+            return Ok(None);
+        }
+        Err(e) => return Err(e),
+    };
+    if !real.starts_with(&real_dir) {
+        warn!(path = %candidate.display(), resolved = %real.display(), root = %root.display(),
+            "symlink leads outside its asset dir; refused");
+        return Ok(None);
+    }
+    // O_NOFOLLOW: a symlink swapped in after the check is refused; O_NONBLOCK: a FIFO cannot hang the open.
+    let file = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&real)
+    {
+        Ok(f) => f,
+        Err(e) => return absent_or(e),
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        warn!(path = %candidate.display(), "not a regular file; not served");
+        return Ok(None);
+    }
+    Ok(Some((file, meta)))
+}
+
+fn is_absent(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
+        || e.raw_os_error() == Some(libc::ELOOP)
+}
+
+fn absent_or<T>(e: io::Error) -> io::Result<Option<T>> {
+    if is_absent(&e) { Ok(None) } else { Err(e) }
+}
+
+fn describe(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => "does not exist".into(),
+        io::ErrorKind::PermissionDenied => "permission denied".into(),
+        _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::symlink;
+
+    struct Roots {
+        _tmp: tempfile::TempDir,
+        data: PathBuf,
+        bundled: PathBuf,
+        outside: PathBuf,
+    }
+
+    fn roots() -> Roots {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let bundled = tmp.path().join("bundled");
+        let outside = tmp.path().join("outside");
+        for d in [&data, &bundled, &outside] {
+            fs::create_dir_all(d.join("agent-binaries")).unwrap();
+            fs::create_dir_all(d.join("install")).unwrap();
+        }
+        fs::write(outside.join("secret"), b"top secret").unwrap();
+        Roots { _tmp: tmp, data, bundled, outside }
+    }
+
+    fn read(asset: &OpenAsset) -> Vec<u8> {
+        let mut buf = vec![0; asset.len as usize];
+        asset.file.read_exact_at(&mut buf, 0).unwrap();
+        buf
+    }
+
+    #[test]
+    fn data_dir_shadows_bundled_and_falls_back() {
+        let r = roots();
+        fs::write(r.bundled.join("install/install.sh"), b"bundled").unwrap();
+        let store = AssetStore::new(&r.data, &r.bundled).unwrap();
+        let a = store.open(AssetKind::Install, "install.sh").unwrap().unwrap();
+        assert_eq!((a.source, read(&a)), (Source::Bundled, b"bundled".to_vec()));
+        fs::write(r.data.join("install/install.sh"), b"override").unwrap();
+        let a = store.open(AssetKind::Install, "install.sh").unwrap().unwrap();
+        assert_eq!((a.source, read(&a)), (Source::DataDir, b"override".to_vec()));
+        assert!(store.open(AssetKind::Install, "other.sh").unwrap().is_none());
+    }
+
+    #[test]
+    fn symlinks_out_of_either_root_are_refused() {
+        let r = roots();
+        let store = AssetStore::new(&r.data, &r.bundled).unwrap();
+        symlink(r.outside.join("secret"), r.data.join("install/a")).unwrap();
+        symlink(r.outside.join("secret"), r.bundled.join("install/b")).unwrap();
+        symlink("../../outside/secret", r.bundled.join("install/c")).unwrap();
+        // Inside the data dir but outside its install subdir: the database must never be reachable.
+        fs::write(r.data.join("restic-manager.db"), b"db").unwrap();
+        symlink("../restic-manager.db", r.data.join("install/d")).unwrap();
+        for name in ["a", "b", "c", "d"] {
+            assert!(store.open(AssetKind::Install, name).unwrap().is_none(), "{name} served");
+        }
+        // A symlink that stays inside its subdir is fine.
+        fs::write(r.data.join("install/real.sh"), b"real").unwrap();
+        symlink("real.sh", r.data.join("install/alias.sh")).unwrap();
+        assert_eq!(read(&store.open(AssetKind::Install, "alias.sh").unwrap().unwrap()), b"real");
+    }
+
+    #[test]
+    fn a_symlinked_subdir_is_refused() {
+        let r = roots();
+        fs::remove_dir_all(r.data.join("install")).unwrap();
+        symlink(r.outside.join("install"), r.data.join("install")).unwrap();
+        fs::write(r.outside.join("install/x.sh"), b"outside").unwrap();
+        let store = AssetStore::new(&r.data, &r.bundled).unwrap();
+        assert!(store.open(AssetKind::Install, "x.sh").unwrap().is_none());
+    }
+
+    #[test]
+    fn non_regular_files_are_not_served() {
+        let r = roots();
+        fs::create_dir(r.data.join("install/dir")).unwrap();
+        let fifo = std::ffi::CString::new(r.data.join("install/fifo").to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+        let store = AssetStore::new(&r.data, &r.bundled).unwrap();
+        assert!(store.open(AssetKind::Install, "dir").unwrap().is_none());
+        assert!(store.open(AssetKind::Install, "fifo").unwrap().is_none());
+    }
+
+    #[test]
+    fn digest_is_cached_per_file_version() {
+        let r = roots();
+        let path = r.data.join("agent-binaries/restic-manager-agent-linux-amd64");
+        fs::write(&path, b"v1").unwrap();
+        let store = AssetStore::new(&r.data, &r.bundled).unwrap();
+        let name = "restic-manager-agent-linux-amd64";
+        let first = store.open(AssetKind::AgentBinary, name).unwrap().unwrap().digest;
+        for _ in 0..5 {
+            store.open(AssetKind::AgentBinary, name).unwrap().unwrap();
+        }
+        assert_eq!(store.digests_computed(), 1);
+        assert_eq!(first.sha256_hex(), hex::encode(Sha256::digest(b"v1")));
+        // Replace by rename: a new version, hashed once more.
+        let tmp = r.data.join("agent-binaries/.tmp");
+        fs::File::create(&tmp).unwrap().write_all(b"version two").unwrap();
+        fs::rename(&tmp, &path).unwrap();
+        let second = store.open(AssetKind::AgentBinary, name).unwrap().unwrap().digest;
+        assert_eq!(second.sha256_hex(), hex::encode(Sha256::digest(b"version two")));
+        assert_eq!(store.digests_computed(), 2);
+    }
+
+    #[test]
+    fn build_marker_is_read_from_the_file() {
+        let r = roots();
+        let mut body = vec![1u8; 300_000];
+        body.extend_from_slice(b"\0rm-buildinfo:v1;version=2.0.0;commit=cafe;date=2026-02-02T00:00:00Z;\0");
+        fs::write(r.bundled.join("agent-binaries/restic-manager-agent-linux-arm64"), &body).unwrap();
+        let store = AssetStore::new(&r.data, &r.bundled).unwrap();
+        let a = store.open(AssetKind::AgentBinary, "restic-manager-agent-linux-arm64").unwrap().unwrap();
+        assert_eq!(a.digest.build_info.as_ref().map(|b| b.commit.as_str()), Some("cafe"));
+    }
+
+    #[test]
+    fn missing_data_dir_is_an_error_and_missing_bundled_is_not() {
+        let r = roots();
+        let err = AssetStore::new(&r.data.join("nope"), &r.bundled).err().unwrap();
+        assert!(err.to_string().contains("does not exist"), "{err}");
+        let store = AssetStore::new(&r.data, &r.bundled.join("nope")).unwrap();
+        assert!(store.bundled_dir().is_none());
+    }
+}

@@ -1,0 +1,109 @@
+//! One structured log line per request, written when the response body is finished or abandoned, so `bytes` is what
+//! was actually sent and `complete` says whether the client got all of it.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, MatchedPath, Request};
+use axum::middleware::Next;
+use axum::response::Response;
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body::{Frame, SizeHint};
+use rm_assets::Source;
+
+pub async fn log_request(request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request.extensions().get::<MatchedPath>().map_or("-".to_string(), |p| p.as_str().to_string());
+    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+    let method = request.method().clone();
+    let method_has_body = method != Method::HEAD;
+    let uri = request.uri().to_string();
+    let response = next.run(request).await;
+    let line = Line {
+        method,
+        route,
+        uri,
+        peer,
+        status: response.status(),
+        source: response.extensions().get::<Source>().copied(),
+        started,
+        expected: response
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .filter(|_| method_has_body),
+    };
+    response.map(|inner| Body::new(LoggedBody { inner, line: Some(line), bytes: 0, finished: false }))
+}
+
+struct Line {
+    method: Method,
+    route: String,
+    uri: String,
+    peer: Option<SocketAddr>,
+    status: StatusCode,
+    source: Option<Source>,
+    started: Instant,
+    /// Declared body length; hyper stops polling once it has sent that many bytes.
+    expected: Option<u64>,
+}
+
+struct LoggedBody {
+    inner: Body,
+    line: Option<Line>,
+    bytes: u64,
+    finished: bool,
+}
+
+impl http_body::Body for LoggedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) => self.finished = true,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        let Some(line) = self.line.take() else { return };
+        let complete = self.finished
+            || http_body::Body::is_end_stream(&self.inner)
+            || line.expected.is_some_and(|n| self.bytes >= n);
+        tracing::info!(
+            target: "access",
+            method = %line.method,
+            route = %line.route,
+            uri = %line.uri,
+            peer = line.peer.map(|p| p.to_string()).unwrap_or_default(),
+            status = line.status.as_u16(),
+            bytes = self.bytes,
+            complete,
+            duration_ms = line.started.elapsed().as_micros() as f64 / 1000.0,
+            source = line.source.map_or("-", Source::as_str),
+            "request"
+        );
+    }
+}

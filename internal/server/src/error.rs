@@ -1,0 +1,85 @@
+//! The one error type of the HTTP boundary: every failure a client can see, with its status and JSON body.
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use rm_assets::platform::{PLATFORMS, Platform, PlatformError};
+use rm_assets::store::StoreError;
+use rm_assets::NameError;
+use serde_json::json;
+use tracing::error;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    UnsupportedPlatform(#[from] PlatformError),
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("invalid file name: {0}")]
+    InvalidName(#[from] NameError),
+    #[error("no agent binary is published for {0}")]
+    BinaryNotPublished(Platform),
+    #[error("{0} was not found")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let message = self.to_string();
+        let (status, body) = match &self {
+            ApiError::UnsupportedPlatform(e) => (
+                StatusCode::BAD_REQUEST,
+                json!({
+                    "error": "unsupported_platform",
+                    "message": message,
+                    "os": e.os,
+                    "arch": e.arch,
+                    "supported": supported(),
+                }),
+            ),
+            ApiError::InvalidRequest(_) => (
+                StatusCode::BAD_REQUEST,
+                json!({"error": "invalid_request", "message": message, "supported": supported()}),
+            ),
+            ApiError::InvalidName(_) => {
+                (StatusCode::BAD_REQUEST, json!({"error": "invalid_name", "message": message}))
+            }
+            ApiError::BinaryNotPublished(p) => (
+                StatusCode::NOT_FOUND,
+                json!({
+                    "error": "binary_not_published",
+                    "message": message,
+                    "os": p.os.as_str(),
+                    "arch": p.arch.as_str(),
+                    "file": p.file_name(),
+                }),
+            ),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, json!({"error": "not_found", "message": message})),
+            ApiError::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, json!({"error": "method_not_allowed", "message": message}))
+            }
+            ApiError::Store(StoreError::Unstable { .. }) => {
+                error!(error = %message, "asset kept changing while being read");
+                let body = json!({"error": "asset_unstable", "message": "the file is being rewritten; retry shortly"});
+                let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return response;
+            }
+            ApiError::Store(_) | ApiError::Internal(_) => {
+                error!(error = %message, "request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, json!({"error": "internal", "message": "internal server error"}))
+            }
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+fn supported() -> Vec<String> {
+    PLATFORMS.iter().map(|p| p.to_string()).collect()
+}

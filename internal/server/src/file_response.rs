@@ -1,0 +1,157 @@
+//! Turns an opened asset into an HTTP response: validators, digests, conditionals and single ranges.
+//!
+//! Every header describes the opened handle, and the body is read from that same handle, so a response is always one
+//! consistent version of the file. Evaluation follows RFC 9110 §13.2.2: If-Match / If-Unmodified-Since (412), then
+//! If-None-Match / If-Modified-Since (304), then Range guarded by If-Range.
+
+use std::io::SeekFrom;
+use std::time::SystemTime;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use headers::{ETag, HeaderMapExt, IfMatch, IfModifiedSince, IfNoneMatch, IfRange, IfUnmodifiedSince, LastModified};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use http_range_header::RangeUnsatisfiableError;
+use rm_assets::{AssetKind, OpenAsset};
+use std::io::Seek;
+
+use tokio::io::AsyncReadExt;
+use tokio_util::io::ReaderStream;
+
+use crate::header_names;
+
+/// Read size for streaming bodies: large enough to keep syscalls per GB low, small enough for 256 concurrent
+/// downloads to stay within a few tens of MiB.
+const CHUNK: usize = 64 * 1024;
+
+pub fn respond(asset: OpenAsset, kind: AssetKind, method: &Method, request: &HeaderMap) -> Response {
+    let sha_hex = asset.digest.sha256_hex();
+    let etag: ETag = format!("\"sha256-{sha_hex}\"").parse().expect("hex is a valid entity tag");
+    let modified = asset.modified;
+    let last_modified = LastModified::from(modified);
+
+    let mut headers = HeaderMap::new();
+    headers.typed_insert(etag.clone());
+    headers.typed_insert(last_modified);
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    insert(&mut headers, header_names::CHECKSUM_SHA256, &sha_hex);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(asset.digest.sha256);
+    insert(&mut headers, header_names::REPR_DIGEST, &format!("sha-256=:{b64}:"));
+    insert(&mut headers, header_names::ASSET_SOURCE, asset.source.as_str());
+    if let Some(info) = &asset.digest.build_info {
+        insert(&mut headers, header_names::AGENT_VERSION, &info.version);
+        insert(&mut headers, header_names::AGENT_COMMIT, &info.commit);
+    }
+
+    if let Some(status) = precondition_failure(request, &etag, modified) {
+        return (status, headers).into_response();
+    }
+
+    let content_type = match kind {
+        AssetKind::AgentBinary => "application/octet-stream".to_string(),
+        AssetKind::Install => mime_guess::from_path(&asset.name).first_or_octet_stream().essence_str().to_string(),
+    };
+    insert(&mut headers, header::CONTENT_TYPE.as_str(), &content_type);
+    if kind == AssetKind::AgentBinary {
+        // The name passed the platform mapping: no quoting issues are possible.
+        insert(&mut headers, header::CONTENT_DISPOSITION.as_str(), &format!("attachment; filename=\"{}\"", asset.name));
+    }
+
+    let len = asset.len;
+    let (status, start, count) = match requested_range(request, &etag, &last_modified, len) {
+        RangeDecision::Full => (StatusCode::OK, 0, len),
+        RangeDecision::Partial(start, end) => {
+            insert(&mut headers, header::CONTENT_RANGE.as_str(), &format!("bytes {start}-{end}/{len}"));
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        RangeDecision::Unsatisfiable => {
+            insert(&mut headers, header::CONTENT_RANGE.as_str(), &format!("bytes */{len}"));
+            headers.remove(header::CONTENT_TYPE);
+            headers.remove(header::CONTENT_DISPOSITION);
+            return (StatusCode::RANGE_NOT_SATISFIABLE, headers).into_response();
+        }
+    };
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+
+    let body = if method == Method::HEAD || count == 0 {
+        Body::empty()
+    } else {
+        match stream(asset, start, count) {
+            Ok(body) => body,
+            Err(e) => return crate::ApiError::Internal(format!("seeking in an open asset: {e}")).into_response(),
+        }
+    };
+    let mut response = (status, headers, body).into_response();
+    // Hyper must not recompute it from an empty HEAD body.
+    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    response
+}
+
+fn insert(headers: &mut HeaderMap, name: &str, value: &str) {
+    let value = HeaderValue::from_str(value).expect("header values built here are visible ASCII");
+    headers.insert(HeaderName::from_bytes(name.as_bytes()).expect("static header name"), value);
+}
+
+fn precondition_failure(request: &HeaderMap, etag: &ETag, modified: SystemTime) -> Option<StatusCode> {
+    if let Some(if_match) = request.typed_get::<IfMatch>() {
+        if !if_match.precondition_passes(etag) {
+            return Some(StatusCode::PRECONDITION_FAILED);
+        }
+    } else if let Some(since) = request.typed_get::<IfUnmodifiedSince>()
+        && !since.precondition_passes(modified)
+    {
+        return Some(StatusCode::PRECONDITION_FAILED);
+    }
+    if let Some(if_none_match) = request.typed_get::<IfNoneMatch>() {
+        if !if_none_match.precondition_passes(etag) {
+            return Some(StatusCode::NOT_MODIFIED);
+        }
+    } else if let Some(since) = request.typed_get::<IfModifiedSince>()
+        && !since.is_modified(modified)
+    {
+        return Some(StatusCode::NOT_MODIFIED);
+    }
+    None
+}
+
+enum RangeDecision {
+    Full,
+    /// Inclusive byte positions.
+    Partial(u64, u64),
+    Unsatisfiable,
+}
+
+fn requested_range(request: &HeaderMap, etag: &ETag, last_modified: &LastModified, len: u64) -> RangeDecision {
+    let Some(range) = request.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
+        return RangeDecision::Full;
+    };
+    if let Some(if_range) = request.typed_get::<IfRange>()
+        && if_range.is_modified(Some(etag), Some(last_modified))
+    {
+        return RangeDecision::Full;
+    }
+    let ranges = match http_range_header::parse_range_header(range) {
+        Ok(parsed) => parsed.validate(len),
+        Err(e) => Err(e),
+    };
+    match ranges {
+        // A single range is served; several are answered with the whole file, which RFC 9110 §14.2 allows.
+        Ok(ranges) if ranges.len() == 1 => RangeDecision::Partial(*ranges[0].start(), *ranges[0].end()),
+        Ok(_) => RangeDecision::Full,
+        // Malformed headers are ignored (RFC 9110 §14.2); unsatisfiable or abusive ones get a 416.
+        Err(RangeUnsatisfiableError::Invalid(_)) => RangeDecision::Full,
+        Err(_) => RangeDecision::Unsatisfiable,
+    }
+}
+
+/// Streams `count` bytes from `start` of the already-open file.
+fn stream(asset: OpenAsset, start: u64, count: u64) -> std::io::Result<Body> {
+    let mut file = asset.file;
+    // lseek only moves the file offset (no I/O), so it is fine on a runtime thread.
+    file.seek(SeekFrom::Start(start))?;
+    let reader = tokio::fs::File::from_std(file).take(count);
+    Ok(Body::from_stream(ReaderStream::with_capacity(reader, CHUNK)))
+}

@@ -1,0 +1,174 @@
+//! `/agent/*` and `/install/*`: the asset surface.
+
+use axum::Json;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderValue, Method, header};
+use rm_assets::platform::PLATFORMS;
+use rm_assets::store::StoreError;
+use rm_assets::{AssetKind, NameError, OpenAsset, Platform, validate_name};
+use rm_buildinfo::BuildInfo;
+use serde::Serialize;
+
+use crate::public_url::base_url;
+use crate::{ApiError, AppState, file_response};
+
+/// `GET|HEAD /agent/binary?os=&arch=`
+pub async fn agent_binary(
+    State(state): State<AppState>,
+    method: Method,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let platform = parse_platform_query(query.as_deref())?;
+    let asset = open(&state, AssetKind::AgentBinary, platform.file_name())
+        .await?
+        .ok_or(ApiError::BinaryNotPublished(platform))?;
+    Ok(respond(asset, AssetKind::AgentBinary, &method, &headers))
+}
+
+/// `GET|HEAD /install/<name>`
+pub async fn install_file(
+    State(state): State<AppState>,
+    method: Method,
+    name: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    // The only way Path<String> fails here is a percent-decoding that is not UTF-8.
+    let Path(name) = name.map_err(|_| ApiError::InvalidName(NameError::BadCharacter))?;
+    validate_name(&name)?;
+    let asset = open(&state, AssetKind::Install, &name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("install file {name:?}")))?;
+    Ok(respond(asset, AssetKind::Install, &method, &headers))
+}
+
+fn respond(asset: OpenAsset, kind: AssetKind, method: &Method, headers: &HeaderMap) -> Response {
+    let source = asset.source;
+    let mut response = file_response::respond(asset, kind, method, headers);
+    response.extensions_mut().insert(source);
+    response
+}
+
+/// Opens an asset on a blocking thread (lookup, open and, on a cache miss, hashing all block).
+async fn open(state: &AppState, kind: AssetKind, name: &str) -> Result<Option<OpenAsset>, ApiError> {
+    let (state, name) = (state.clone(), name.to_owned());
+    tokio::task::spawn_blocking(move || state.store().open(kind, &name))
+        .await
+        .map_err(|e| ApiError::Internal(format!("lookup task failed: {e}")))?
+        .map_err(ApiError::from)
+}
+
+/// Exactly one `os` and one `arch`; other parameters (cache busters) are ignored.
+fn parse_platform_query(query: Option<&str>) -> Result<Platform, ApiError> {
+    let (mut os, mut arch) = (None, None);
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        let slot = match &*key {
+            "os" => &mut os,
+            "arch" => &mut arch,
+            _ => continue,
+        };
+        if slot.replace(value.into_owned()).is_some() {
+            return Err(ApiError::InvalidRequest(format!("query parameter {key:?} given more than once")));
+        }
+    }
+    match (os, arch) {
+        (Some(os), Some(arch)) => Ok(Platform::parse(&os, &arch)?),
+        _ => Err(ApiError::InvalidRequest("both os and arch are required, e.g. ?os=linux&arch=amd64".into())),
+    }
+}
+
+/// One platform's line in the manifest.
+#[derive(Debug, Serialize)]
+pub struct PlatformEntry {
+    #[serde(skip)]
+    pub platform: Platform,
+    pub os: &'static str,
+    pub arch: &'static str,
+    pub file: &'static str,
+    pub published: bool,
+    pub size: Option<u64>,
+    pub sha256: Option<String>,
+    pub source: Option<&'static str>,
+    pub last_modified: Option<String>,
+    pub url: String,
+    /// Build information embedded in the binary, when it carries a restic-manager marker.
+    pub agent: Option<BuildInfo>,
+}
+
+/// Looks at every platform's binary (blocking). `base` prefixes the download URLs.
+pub fn platform_entries(state: &AppState, base: &str) -> Vec<Result<PlatformEntry, StoreError>> {
+    PLATFORMS
+        .iter()
+        .map(|&platform| {
+            let asset = state.store().open(AssetKind::AgentBinary, platform.file_name())?;
+            Ok(PlatformEntry {
+                platform,
+                os: platform.os.as_str(),
+                arch: platform.arch.as_str(),
+                file: platform.file_name(),
+                published: asset.is_some(),
+                size: asset.as_ref().map(|a| a.len),
+                sha256: asset.as_ref().map(|a| a.digest.sha256_hex()),
+                source: asset.as_ref().map(|a| a.source.as_str()),
+                last_modified: asset.as_ref().map(|a| httpdate::fmt_http_date(a.modified)),
+                url: format!("{base}/agent/binary?os={}&arch={}", platform.os.as_str(), platform.arch.as_str()),
+                agent: asset.and_then(|a| a.digest.build_info.clone()),
+            })
+        })
+        .collect()
+}
+
+async fn entries(state: &AppState, headers: &HeaderMap) -> Result<Vec<PlatformEntry>, ApiError> {
+    let base = base_url(state.public_url(), headers).unwrap_or_default();
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || platform_entries(&state, &base))
+        .await
+        .map_err(|e| ApiError::Internal(format!("manifest task failed: {e}")))?
+        .into_iter()
+        .map(|entry| entry.map_err(ApiError::from))
+        .collect()
+}
+
+#[derive(Serialize)]
+struct Manifest {
+    server: BuildInfo,
+    agents: Vec<PlatformEntry>,
+}
+
+/// `GET /agent/manifest`
+pub async fn manifest(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let agents = entries(&state, &headers).await?;
+    let mut response = Json(Manifest { server: rm_buildinfo::current(), agents }).into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(response)
+}
+
+/// `GET /agent/SHA256SUMS`: `sha256sum -c` input for every published binary.
+pub async fn sha256sums(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let body: String = entries(&state, &headers)
+        .await?
+        .into_iter()
+        .filter_map(|e| Some(format!("{}  {}\n", e.sha256?, e.file)))
+        .collect();
+    let headers = [
+        (header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8")),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+    ];
+    Ok((headers, body).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn platform_query_needs_exactly_one_of_each() {
+        assert_eq!(parse_platform_query(Some("os=linux&arch=arm64")).unwrap().file_name(), "restic-manager-agent-linux-arm64");
+        assert!(parse_platform_query(Some("arch=amd64&os=windows&cache=1")).is_ok());
+        for bad in [None, Some(""), Some("os=linux"), Some("os=linux&arch=amd64&os=windows"), Some("os=linux&arch=amd64&arch=amd64")] {
+            assert!(parse_platform_query(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! Request handlers, grouped by surface.
+
+pub mod assets;
+pub mod ops;
