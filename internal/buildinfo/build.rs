@@ -12,12 +12,7 @@ fn main() {
     }
     let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
     let git = |args: &[&str]| -> Option<String> {
-        let out = Command::new("git")
-            .args(args)
-            .current_dir(&manifest_dir)
-            .env("TZ", "UTC")
-            .output()
-            .ok()?;
+        let out = Command::new("git").args(args).current_dir(&manifest_dir).env("TZ", "UTC").output().ok()?;
         if !out.status.success() {
             return None;
         }
@@ -37,9 +32,7 @@ fn main() {
     let version = from_env("VERSION")
         .or_else(|| git(&["describe", "--tags", "--match", "v[0-9]*"]).map(|v| v.trim_start_matches('v').to_string()))
         .unwrap_or_else(|| "dev".to_string());
-    let commit = from_env("COMMIT")
-        .or_else(|| git(&["rev-parse", "HEAD"]))
-        .unwrap_or_else(|| "none".to_string());
+    let commit = from_env("COMMIT").or_else(|| git(&["rev-parse", "HEAD"])).unwrap_or_else(|| "none".to_string());
     let date = from_env("DATE")
         .or_else(|| git(&["log", "-1", "--format=%cd", "--date=format-local:%Y-%m-%dT%H:%M:%SZ"]))
         .unwrap_or_else(|| "unknown".to_string());

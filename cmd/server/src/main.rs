@@ -54,7 +54,9 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
         public_url = state.public_url().map(|u| u.to_string()).unwrap_or_else(|| "(from Host header)".into()),
         "asset roots"
     );
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     info!(addr = %listener.local_addr()?, "listening");
     let warm = state.clone();
     tokio::task::spawn_blocking(move || rm_server::warm_up(&warm));
@@ -62,7 +64,8 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
 }
 
 fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).with_context(|| format!("invalid log filter {filter:?}"))?;
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(filter).with_context(|| format!("invalid log filter {filter:?}"))?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -50,8 +50,23 @@ mod tests {
     fn hostile_names_fail() {
         let long = "a".repeat(MAX_NAME_LEN + 1);
         for n in [
-            "", ".", "..", ".hidden", "../etc/passwd", "a/b", "a\\b", "/etc/passwd", "C:\\x", "a\0b", "%2e%2e",
-            "a b", "a\nb", "é", long.as_str(), "a:b", "*",
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "../etc/passwd",
+            "a/b",
+            "a\\b",
+            "/etc/passwd",
+            "C:\\x",
+            "a\0b",
+            "%2e%2e",
+            "a b",
+            "a\nb",
+            "é",
+            long.as_str(),
+            "a:b",
+            "*",
         ] {
             assert!(validate_name(n).is_err(), "{n:?} accepted");
         }

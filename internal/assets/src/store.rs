@@ -320,8 +320,7 @@ fn open_contained(root: &Path, dir: &Path, candidate: &Path) -> io::Result<Optio
 }
 
 fn is_absent(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
-        || e.raw_os_error() == Some(libc::ELOOP)
+    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) || e.raw_os_error() == Some(libc::ELOOP)
 }
 
 fn absent_or<T>(e: io::Error) -> io::Result<Option<T>> {

@@ -3,9 +3,9 @@
 use axum::Json;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
+use rm_assets::NameError;
 use rm_assets::platform::{PLATFORMS, Platform, PlatformError};
 use rm_assets::store::StoreError;
-use rm_assets::NameError;
 use serde_json::json;
 use tracing::error;
 
@@ -47,9 +47,7 @@ impl IntoResponse for ApiError {
                 StatusCode::BAD_REQUEST,
                 json!({"error": "invalid_request", "message": message, "supported": supported()}),
             ),
-            ApiError::InvalidName(_) => {
-                (StatusCode::BAD_REQUEST, json!({"error": "invalid_name", "message": message}))
-            }
+            ApiError::InvalidName(_) => (StatusCode::BAD_REQUEST, json!({"error": "invalid_name", "message": message})),
             ApiError::BinaryNotPublished(p) => (
                 StatusCode::NOT_FOUND,
                 json!({

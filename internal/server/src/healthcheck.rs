@@ -22,7 +22,8 @@ async fn probe_inner(url: &str) -> Result<(), String> {
     let authority = uri.authority().ok_or_else(|| format!("{url:?} has no host"))?.clone();
     let port = authority.port_u16().unwrap_or(80);
     let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-    let stream = tokio::net::TcpStream::connect((host, port)).await.map_err(|e| format!("connecting to {authority}: {e}"))?;
+    let stream =
+        tokio::net::TcpStream::connect((host, port)).await.map_err(|e| format!("connecting to {authority}: {e}"))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("HTTP handshake with {authority}: {e}"))?;

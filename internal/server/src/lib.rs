@@ -90,9 +90,13 @@ pub async fn run(
 pub fn warm_up(state: &AppState) {
     for entry in routes::assets::platform_entries(state, "") {
         match entry {
-            Ok(e) if e.published => info!(platform = %e.platform, source = e.source.unwrap_or("?"), sha256 = e.sha256.as_deref().unwrap_or("?"),
-                agent_version = e.agent.as_ref().map(|a| a.version.as_str()).unwrap_or("unknown"), "agent binary published"),
-            Ok(e) => warn!(platform = %e.platform, file = e.file, "agent binary not published (in neither the data dir nor the bundled dir)"),
+            Ok(e) if e.published => {
+                info!(platform = %e.platform, source = e.source.unwrap_or("?"), sha256 = e.sha256.as_deref().unwrap_or("?"),
+                agent_version = e.agent.as_ref().map(|a| a.version.as_str()).unwrap_or("unknown"), "agent binary published")
+            }
+            Ok(e) => {
+                warn!(platform = %e.platform, file = e.file, "agent binary not published (in neither the data dir nor the bundled dir)")
+            }
             Err(err) => warn!(error = %err, "could not inspect an agent binary"),
         }
     }

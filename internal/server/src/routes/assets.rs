@@ -165,9 +165,18 @@ mod tests {
 
     #[test]
     fn platform_query_needs_exactly_one_of_each() {
-        assert_eq!(parse_platform_query(Some("os=linux&arch=arm64")).unwrap().file_name(), "restic-manager-agent-linux-arm64");
+        assert_eq!(
+            parse_platform_query(Some("os=linux&arch=arm64")).unwrap().file_name(),
+            "restic-manager-agent-linux-arm64"
+        );
         assert!(parse_platform_query(Some("arch=amd64&os=windows&cache=1")).is_ok());
-        for bad in [None, Some(""), Some("os=linux"), Some("os=linux&arch=amd64&os=windows"), Some("os=linux&arch=amd64&arch=amd64")] {
+        for bad in [
+            None,
+            Some(""),
+            Some("os=linux"),
+            Some("os=linux&arch=amd64&os=windows"),
+            Some("os=linux&arch=amd64&arch=amd64"),
+        ] {
             assert!(parse_platform_query(bad).is_err(), "{bad:?}");
         }
     }

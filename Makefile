@@ -1,0 +1,42 @@
+# restic-manager developer entry points. `make run` and `make test` are the two a newcomer needs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PORT ?= 8080
+DEV_DIR ?= .dev
+CARGO ?= cargo
+
+.PHONY: help build run dev-bundle test lint fmt ci clean
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+build: ## build every binary (debug)
+	$(CARGO) build --workspace --bins
+
+dev-bundle: build ## stage the host agent, install scripts and unit into $(DEV_DIR)/bundled
+	scripts/dev-bundle.sh target/debug $(DEV_DIR)
+
+run: dev-bundle ## run the server on 127.0.0.1:$(PORT) with a local data dir ($(DEV_DIR)/data)
+	RM_LISTEN=127.0.0.1:$(PORT) \
+	RM_DATA_DIR=$(DEV_DIR)/data \
+	RM_BUNDLED_ASSETS_DIR=$(DEV_DIR)/bundled \
+	RM_PUBLIC_URL=http://127.0.0.1:$(PORT) \
+	./target/debug/restic-manager-server
+
+test: ## run every test (unit, in-process router, end-to-end on real sockets)
+	$(CARGO) build --workspace --bins
+	$(CARGO) test --workspace
+
+lint: ## rustfmt check and clippy with warnings denied
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	$(CARGO) fmt --all
+
+ci: lint test ## what .ci/run runs after installing tools
+
+clean: ## remove build output and the dev data
+	$(CARGO) clean
+	rm -rf $(DEV_DIR)

@@ -1,0 +1,566 @@
+//! The router tested in-process (`tower::ServiceExt::oneshot`): lookup order, hostile inputs, conditionals, ranges.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use axum::Router;
+use axum::body::Body;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::BodyExt;
+use rm_server::{AppState, Config, app};
+use sha2::{Digest, Sha256};
+use tower::ServiceExt;
+
+const LINUX_AMD64: &str = "restic-manager-agent-linux-amd64";
+const SECRET: &str = "SECRET-OUTSIDE-THE-ROOTS";
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    data: PathBuf,
+    bundled: PathBuf,
+    outside: PathBuf,
+    state: AppState,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        Fixture::with_public_url(None)
+    }
+
+    fn with_public_url(public_url: Option<&str>) -> Fixture {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let bundled = tmp.path().join("bundled");
+        let outside = tmp.path().join("outside");
+        for dir in [&data, &bundled] {
+            fs::create_dir_all(dir.join("agent-binaries")).unwrap();
+            fs::create_dir_all(dir.join("install")).unwrap();
+        }
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("secret"), SECRET).unwrap();
+        fs::write(data.join("restic-manager.db"), SECRET).unwrap();
+        let state = AppState::new(Config {
+            data_dir: data.clone(),
+            bundled_dir: bundled.clone(),
+            public_url: public_url.map(|u| u.parse().unwrap()),
+        })
+        .unwrap();
+        Fixture { _tmp: tmp, data, bundled, outside, state }
+    }
+
+    fn app(&self) -> Router {
+        app(self.state.clone())
+    }
+
+    fn put(&self, root: &Path, sub: &str, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = root.join(sub).join(name);
+        fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    async fn send(&self, request: Request<Body>) -> Reply {
+        let response = self.app().oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.unwrap().to_bytes().to_vec();
+        Reply { status, headers, body }
+    }
+
+    async fn get(&self, uri: &str) -> Reply {
+        self.request(Method::GET, uri, &[]).await
+    }
+
+    async fn request(&self, method: Method, uri: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut builder = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        self.send(builder.body(Body::empty()).unwrap()).await
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or("")
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+fn sha_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+const BINARY: &str = "/agent/binary?os=linux&arch=amd64";
+
+// ---- the four cases of the specification ----
+
+#[tokio::test]
+async fn data_dir_hit() {
+    let f = Fixture::new();
+    f.put(&f.data, "agent-binaries", LINUX_AMD64, b"from data");
+    f.put(&f.data, "install", "install.sh", b"echo data");
+    let r = f.get(BINARY).await;
+    assert_eq!(
+        (r.status, r.body.as_slice(), r.header("x-asset-source")),
+        (StatusCode::OK, &b"from data"[..], "data-dir")
+    );
+    let r = f.get("/install/install.sh").await;
+    assert_eq!(
+        (r.status, r.body.as_slice(), r.header("x-asset-source")),
+        (StatusCode::OK, &b"echo data"[..], "data-dir")
+    );
+}
+
+#[tokio::test]
+async fn bundled_hit() {
+    let f = Fixture::new();
+    f.put(&f.bundled, "agent-binaries", LINUX_AMD64, b"from bundled");
+    f.put(&f.bundled, "install", "install.sh", b"echo bundled");
+    let r = f.get(BINARY).await;
+    assert_eq!(
+        (r.status, r.body.as_slice(), r.header("x-asset-source")),
+        (StatusCode::OK, &b"from bundled"[..], "bundled")
+    );
+    let r = f.get("/install/install.sh").await;
+    assert_eq!(
+        (r.status, r.body.as_slice(), r.header("x-asset-source")),
+        (StatusCode::OK, &b"echo bundled"[..], "bundled")
+    );
+}
+
+#[tokio::test]
+async fn data_dir_shadows_bundled() {
+    let f = Fixture::new();
+    f.put(&f.bundled, "agent-binaries", LINUX_AMD64, b"from bundled");
+    f.put(&f.data, "agent-binaries", LINUX_AMD64, b"override");
+    f.put(&f.bundled, "install", "install.sh", b"echo bundled");
+    f.put(&f.data, "install", "install.sh", b"echo override");
+    let r = f.get(BINARY).await;
+    assert_eq!((r.body.as_slice(), r.header("x-asset-source")), (&b"override"[..], "data-dir"));
+    let r = f.get("/install/install.sh").await;
+    assert_eq!((r.body.as_slice(), r.header("x-asset-source")), (&b"echo override"[..], "data-dir"));
+    // Removing the override restores the bundled copy.
+    fs::remove_file(f.data.join("agent-binaries").join(LINUX_AMD64)).unwrap();
+    assert_eq!(f.get(BINARY).await.body, b"from bundled");
+}
+
+#[tokio::test]
+async fn neither_is_a_404_with_a_json_body() {
+    let f = Fixture::new();
+    let r = f.get(BINARY).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.header("content-type"), "application/json");
+    let body = r.json();
+    assert_eq!(body["error"], "binary_not_published");
+    assert_eq!(
+        (body["os"].as_str(), body["arch"].as_str(), body["file"].as_str()),
+        (Some("linux"), Some("amd64"), Some(LINUX_AMD64))
+    );
+    let r = f.get("/install/install.sh").await;
+    assert_eq!((r.status, r.json()["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+}
+
+// ---- hostile inputs ----
+
+/// Every request here must be refused (4xx), with a JSON error, without ever returning a byte of a file outside the
+/// roots or of the database in the data dir.
+#[tokio::test]
+async fn hostile_paths_and_queries_never_escape_the_roots() {
+    let f = Fixture::new();
+    // Real files exist in both roots, so a lookup that escaped would have something to find.
+    f.put(&f.data, "agent-binaries", LINUX_AMD64, b"legit binary");
+    f.put(&f.data, "install", "install.sh", b"legit script");
+    symlink(f.outside.join("secret"), f.data.join("install/escape-data.sh")).unwrap();
+    symlink(f.outside.join("secret"), f.bundled.join("install/escape-bundled.sh")).unwrap();
+    symlink("../restic-manager.db", f.data.join("install/db.sh")).unwrap();
+    symlink("../../outside/secret", f.bundled.join("install/relative.sh")).unwrap();
+    symlink("/etc/passwd", f.data.join("install/passwd")).unwrap();
+    symlink(f.outside.join("secret"), f.bundled.join("agent-binaries/restic-manager-agent-linux-arm64")).unwrap();
+    symlink(f.outside.join("secret"), f.data.join("agent-binaries/restic-manager-agent-windows-amd64.exe")).unwrap();
+    let outside = f.outside.join("secret").display().to_string();
+    let long = "a".repeat(300);
+    let long_path = format!("/install/{long}");
+    let abs_encoded = format!("/install/{}", outside.replace('/', "%2F"));
+    let abs_query = format!("/agent/binary?os={}&arch=amd64", outside.replace('/', "%2F"));
+    let long_query = format!("/agent/binary?os={}&arch=amd64", "x".repeat(5000));
+
+    let cases: Vec<&str> = vec![
+        // traversal in the install name, raw and encoded
+        "/install/..",
+        "/install/.",
+        "/install/%2e%2e",
+        "/install/%2E%2E",
+        "/install/.%2e",
+        "/install/%2e.",
+        "/install/..%2fetc%2fpasswd",
+        "/install/..%2F..%2Fetc%2Fpasswd",
+        "/install/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/install/%2e%2e%5c%2e%2e%5cetc%5cpasswd",
+        "/install/..%5c..%5cetc%5cpasswd",
+        "/install/..\\..\\etc\\passwd",
+        "/install/%2fetc%2fpasswd",
+        "/install/%2F",
+        "/install/a%2fb",
+        abs_encoded.as_str(),
+        // double encoding: decoded once, the rest is a literal name that fails the allowlist
+        "/install/%252e%252e%252fetc%252fpasswd",
+        "/install/%252e%252e",
+        "/install/%25",
+        // NUL, control characters, odd bytes
+        "/install/install.sh%00",
+        "/install/install.sh%00.txt",
+        "/install/%00",
+        "/install/a%0ab",
+        "/install/a%0d%0aX-Injected:%201",
+        "/install/%ff%fe",
+        "/install/%c0%ae%c0%ae",
+        "/install/%e2%80%ae",
+        "/install/a%20b",
+        // hidden files and names outside the allowlist
+        "/install/.hidden",
+        "/install/.install.sh",
+        "/install/install.sh;id",
+        "/install/$(id)",
+        "/install/%60id%60",
+        "/install/*",
+        "/install/C:%5cwindows",
+        long_path.as_str(),
+        // symlinks out of each root, and into the data dir's own state
+        "/install/escape-data.sh",
+        "/install/escape-bundled.sh",
+        "/install/db.sh",
+        "/install/relative.sh",
+        "/install/passwd",
+        "/agent/binary?os=linux&arch=arm64",
+        "/agent/binary?os=windows&arch=amd64",
+        // the binary endpoint never takes a path from the query
+        "/agent/binary?os=../../etc&arch=passwd",
+        "/agent/binary?os=..%2F..%2Fetc&arch=amd64",
+        "/agent/binary?os=linux&arch=../amd64",
+        "/agent/binary?os=linux&arch=amd64%00",
+        "/agent/binary?os=linux%2F..&arch=amd64",
+        abs_query.as_str(),
+        long_query.as_str(),
+        "/agent/binary?os=Linux&arch=amd64",
+        "/agent/binary?os=linux&arch=x86_64",
+        "/agent/binary?os=darwin&arch=arm64",
+        "/agent/binary?os=windows&arch=arm64",
+        "/agent/binary?os=linux",
+        "/agent/binary?arch=amd64",
+        "/agent/binary",
+        "/agent/binary?",
+        "/agent/binary?os=&arch=",
+        "/agent/binary?os=linux&os=windows&arch=amd64",
+        "/agent/binary?os=linux&arch=amd64&arch=arm64",
+        "/agent/binary?os=linux&arch=amd64&os=linux",
+        "/agent/binary?os[]=linux&arch=amd64",
+        // paths that never match a route
+        "/install/",
+        "/install/a/b",
+        "/install/../agent-binaries/restic-manager-agent-linux-amd64",
+        "/install//etc/passwd",
+        "/agent/binary/../../etc/passwd",
+        "/agent-binaries/restic-manager-agent-linux-amd64",
+        "/restic-manager.db",
+        "/../outside/secret",
+    ];
+    assert!(cases.len() >= 50, "only {} cases", cases.len());
+    for uri in &cases {
+        for method in [Method::GET, Method::HEAD] {
+            let r = f.request(method.clone(), uri, &[]).await;
+            let body = String::from_utf8_lossy(&r.body);
+            assert!(r.status.is_client_error(), "{method} {uri}: status {} body {body}", r.status);
+            assert!(!body.contains(SECRET), "{method} {uri} leaked the secret");
+            assert!(!body.contains("legit") && !body.contains("root:"), "{method} {uri} served a file: {body}");
+            assert!(r.headers.get("x-checksum-sha256").is_none(), "{method} {uri} described a file");
+            if method == Method::GET {
+                let json = r.json();
+                assert!(json["error"].is_string(), "{uri}: {json}");
+            }
+        }
+    }
+    // The legitimate requests still work after all that.
+    assert_eq!(f.get(BINARY).await.body, b"legit binary");
+    assert_eq!(f.get("/install/install.sh").await.body, b"legit script");
+}
+
+#[tokio::test]
+async fn unknown_platform_errors_name_the_supported_pairs() {
+    let f = Fixture::new();
+    let r = f.get("/agent/binary?os=darwin&arch=arm64").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let body = r.json();
+    assert_eq!(body["error"], "unsupported_platform");
+    assert_eq!(body["supported"], serde_json::json!(["linux/amd64", "linux/arm64", "windows/amd64"]));
+    let r = f.get("/agent/binary?os=linux&os=windows&arch=amd64").await;
+    assert_eq!((r.status, r.json()["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")));
+}
+
+// ---- headers, conditionals and ranges against the bytes on disk ----
+
+async fn published(f: &Fixture, len: usize) -> (Vec<u8>, String) {
+    let bytes = pseudo_random(len, 42);
+    f.put(&f.bundled, "agent-binaries", LINUX_AMD64, &bytes);
+    let etag = f.get(BINARY).await.header("etag").to_string();
+    (bytes, etag)
+}
+
+#[tokio::test]
+async fn binary_response_headers_describe_the_file() {
+    let f = Fixture::new();
+    let (bytes, etag) = published(&f, 100_000).await;
+    let hex = sha_hex(&bytes);
+    let r = f.get(BINARY).await;
+    assert_eq!(r.body, bytes);
+    assert_eq!(etag, format!("\"sha256-{hex}\""));
+    assert_eq!(r.header("x-checksum-sha256"), hex);
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&bytes));
+    assert_eq!(r.header("repr-digest"), format!("sha-256=:{b64}:"));
+    assert_eq!(r.header("content-length"), bytes.len().to_string());
+    assert_eq!(r.header("content-type"), "application/octet-stream");
+    assert_eq!(r.header("content-disposition"), format!("attachment; filename=\"{LINUX_AMD64}\""));
+    assert_eq!(r.header("accept-ranges"), "bytes");
+    assert_eq!(r.header("cache-control"), "no-cache");
+    let mtime = fs::metadata(f.bundled.join("agent-binaries").join(LINUX_AMD64)).unwrap().modified().unwrap();
+    assert_eq!(r.header("last-modified"), httpdate::fmt_http_date(mtime));
+
+    // HEAD: same headers, no body.
+    let h = f.request(Method::HEAD, BINARY, &[]).await;
+    assert_eq!(h.status, StatusCode::OK);
+    assert!(h.body.is_empty());
+    for name in ["etag", "last-modified", "content-length", "x-checksum-sha256", "repr-digest", "x-asset-source"] {
+        assert_eq!(h.header(name), r.header(name), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn install_files_get_their_content_type() {
+    let f = Fixture::new();
+    f.put(&f.bundled, "install", "install.sh", b"#!/bin/sh\n");
+    f.put(&f.bundled, "install", "install.ps1", b"Write-Host hi\n");
+    f.put(&f.bundled, "install", "restic-manager-agent.service", b"[Unit]\n");
+    assert_eq!(f.get("/install/install.sh").await.header("content-type"), "application/x-sh");
+    let ps1 = f.get("/install/install.ps1").await;
+    assert_eq!((ps1.status, ps1.body.as_slice()), (StatusCode::OK, &b"Write-Host hi\n"[..]));
+    let unit = f.get("/install/restic-manager-agent.service").await;
+    assert_eq!((unit.status, unit.body.as_slice()), (StatusCode::OK, &b"[Unit]\n"[..]));
+    assert!(unit.headers.get("content-disposition").is_none());
+}
+
+#[tokio::test]
+async fn single_ranges_match_the_bytes_on_disk() {
+    let f = Fixture::new();
+    let (bytes, _) = published(&f, 10_000).await;
+    let n = bytes.len();
+    let cases: [(&str, usize, usize); 7] = [
+        ("bytes=0-0", 0, 0),
+        ("bytes=0-99", 0, 99),
+        ("bytes=9000-", 9000, n - 1),
+        ("bytes=-500", n - 500, n - 1),
+        ("bytes=-20000", 0, n - 1), // a suffix longer than the file selects all of it
+        ("bytes=9990-20000", 9990, n - 1),
+        ("bytes=1234-5678", 1234, 5678),
+    ];
+    for (range, start, end) in cases {
+        let r = f.request(Method::GET, BINARY, &[("range", range)]).await;
+        assert_eq!(r.status, StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(r.body, bytes[start..=end], "{range}");
+        assert_eq!(r.header("content-range"), format!("bytes {start}-{end}/{n}"), "{range}");
+        assert_eq!(r.header("content-length"), (end - start + 1).to_string(), "{range}");
+        // The digest headers still describe the whole file (RFC 9530 representation digest).
+        assert_eq!(r.header("x-checksum-sha256"), sha_hex(&bytes));
+    }
+}
+
+#[tokio::test]
+async fn unsatisfiable_malformed_and_multi_ranges() {
+    let f = Fixture::new();
+    let (bytes, _) = published(&f, 1000).await;
+    for range in ["bytes=1000-", "bytes=5000-6000", "bytes=-0"] {
+        let r = f.request(Method::GET, BINARY, &[("range", range)]).await;
+        assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE, "{range}");
+        assert_eq!(r.header("content-range"), "bytes */1000", "{range}");
+        assert!(r.body.is_empty());
+    }
+    // Malformed ranges are ignored; several ranges are answered with the whole file.
+    for range in ["bytes=abc", "items=0-10", "bytes=10-5", "bytes=0-10,20-30", "bytes = 0-1"] {
+        let r = f.request(Method::GET, BINARY, &[("range", range)]).await;
+        assert_eq!((r.status, r.body.len()), (StatusCode::OK, bytes.len()), "{range}");
+    }
+}
+
+#[tokio::test]
+async fn if_range_serves_the_range_only_for_the_current_version() {
+    let f = Fixture::new();
+    let (bytes, etag) = published(&f, 1000).await;
+    let r = f.request(Method::GET, BINARY, &[("range", "bytes=10-19"), ("if-range", &etag)]).await;
+    assert_eq!((r.status, r.body.as_slice()), (StatusCode::PARTIAL_CONTENT, &bytes[10..20]));
+    let stale = "\"sha256-0000000000000000000000000000000000000000000000000000000000000000\"";
+    let r = f.request(Method::GET, BINARY, &[("range", "bytes=10-19"), ("if-range", stale)]).await;
+    assert_eq!((r.status, r.body.len()), (StatusCode::OK, 1000));
+    let last_modified = f.get(BINARY).await.header("last-modified").to_string();
+    let r = f.request(Method::GET, BINARY, &[("range", "bytes=10-19"), ("if-range", &last_modified)]).await;
+    assert_eq!(r.status, StatusCode::PARTIAL_CONTENT);
+    let r = f
+        .request(Method::GET, BINARY, &[("range", "bytes=10-19"), ("if-range", "Thu, 01 Jan 1970 00:00:00 GMT")])
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn conditional_requests() {
+    let f = Fixture::new();
+    let (_, etag) = published(&f, 1000).await;
+    let last_modified = f.get(BINARY).await.header("last-modified").to_string();
+    let other = "\"sha256-ffff\"";
+    let list = format!("{other}, {etag}");
+    let weak = format!("W/{etag}");
+    let cases: Vec<(Vec<(&str, &str)>, StatusCode)> = vec![
+        (vec![("if-none-match", &etag)], StatusCode::NOT_MODIFIED),
+        (vec![("if-none-match", "*")], StatusCode::NOT_MODIFIED),
+        (vec![("if-none-match", &list)], StatusCode::NOT_MODIFIED),
+        (vec![("if-none-match", &weak)], StatusCode::NOT_MODIFIED), // weak comparison
+        (vec![("if-none-match", other)], StatusCode::OK),
+        (vec![("if-modified-since", &last_modified)], StatusCode::NOT_MODIFIED),
+        (vec![("if-modified-since", "Thu, 01 Jan 1970 00:00:00 GMT")], StatusCode::OK),
+        // If-None-Match wins over If-Modified-Since.
+        (vec![("if-none-match", other), ("if-modified-since", &last_modified)], StatusCode::OK),
+        (vec![("if-match", &etag)], StatusCode::OK),
+        (vec![("if-match", other)], StatusCode::PRECONDITION_FAILED),
+        (vec![("if-unmodified-since", "Thu, 01 Jan 1970 00:00:00 GMT")], StatusCode::PRECONDITION_FAILED),
+        (vec![("if-unmodified-since", &last_modified)], StatusCode::OK),
+    ];
+    for (headers, want) in cases {
+        for method in [Method::GET, Method::HEAD] {
+            let r = f.request(method.clone(), BINARY, &headers).await;
+            assert_eq!(r.status, want, "{method} {headers:?}");
+            if want == StatusCode::NOT_MODIFIED {
+                assert!(r.body.is_empty());
+                assert_eq!(r.header("etag"), etag, "304 carries the validator");
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_replaced_file_gets_a_new_etag_and_is_hashed_once_per_version() {
+    let f = Fixture::new();
+    let path = f.put(&f.data, "agent-binaries", LINUX_AMD64, b"version one");
+    let first = f.get(BINARY).await;
+    for _ in 0..10 {
+        f.get(BINARY).await;
+        f.request(Method::HEAD, BINARY, &[]).await;
+    }
+    assert_eq!(f.state.store().digests_computed(), 1, "the digest is cached per file version");
+    let tmp = path.with_file_name(".upload.tmp");
+    fs::write(&tmp, b"version two").unwrap();
+    fs::rename(&tmp, &path).unwrap();
+    let second = f.get(BINARY).await;
+    assert_eq!(second.body, b"version two");
+    assert_ne!(first.header("etag"), second.header("etag"));
+    assert_eq!(second.header("x-checksum-sha256"), sha_hex(b"version two"));
+    let r = f.request(Method::GET, BINARY, &[("if-none-match", first.header("etag"))]).await;
+    assert_eq!(r.status, StatusCode::OK, "the old ETag no longer matches");
+    assert_eq!(f.state.store().digests_computed(), 2);
+}
+
+// ---- discovery ----
+
+#[tokio::test]
+async fn manifest_and_sha256sums_describe_every_platform() {
+    let f = Fixture::with_public_url(Some("https://rm.example.com/"));
+    let amd = pseudo_random(5000, 1);
+    let mut arm = pseudo_random(7000, 2);
+    arm.extend_from_slice(b"\0rm-buildinfo:v1;version=1.4.0;commit=deadbeef;date=2026-11-01T00:00:00Z;\0");
+    f.put(&f.bundled, "agent-binaries", LINUX_AMD64, &amd);
+    f.put(&f.data, "agent-binaries", "restic-manager-agent-linux-arm64", &arm);
+    let m = f.get("/agent/manifest").await.json();
+    assert_eq!(m["server"]["version"], rm_buildinfo::current().version);
+    let agents = m["agents"].as_array().unwrap();
+    assert_eq!(agents.len(), 3);
+    assert_eq!(agents[0]["file"], LINUX_AMD64);
+    assert_eq!(agents[0]["sha256"], sha_hex(&amd));
+    assert_eq!(agents[0]["size"], 5000);
+    assert_eq!(agents[0]["source"], "bundled");
+    assert_eq!(agents[0]["url"], "https://rm.example.com/agent/binary?os=linux&arch=amd64");
+    assert_eq!(agents[0]["agent"], serde_json::Value::Null);
+    assert_eq!(agents[1]["source"], "data-dir");
+    assert_eq!(agents[1]["agent"]["version"], "1.4.0");
+    assert_eq!(agents[1]["agent"]["commit"], "deadbeef");
+    assert_eq!((agents[2]["published"].as_bool(), agents[2]["sha256"].is_null()), (Some(false), true));
+
+    let sums = f.get("/agent/SHA256SUMS").await;
+    assert_eq!(sums.header("content-type"), "text/plain; charset=utf-8");
+    let want = format!("{}  {LINUX_AMD64}\n{}  restic-manager-agent-linux-arm64\n", sha_hex(&amd), sha_hex(&arm));
+    assert_eq!(String::from_utf8(sums.body).unwrap(), want);
+}
+
+#[tokio::test]
+async fn manifest_urls_use_a_plain_host_header_or_stay_relative() {
+    let f = Fixture::new();
+    let r = f.request(Method::GET, "/agent/manifest", &[("host", "rm.internal:8080")]).await;
+    assert_eq!(r.json()["agents"][0]["url"], "http://rm.internal:8080/agent/binary?os=linux&arch=amd64");
+    let r = f.request(Method::GET, "/agent/manifest", &[("host", "evil.com/$(id)")]).await;
+    assert_eq!(r.json()["agents"][0]["url"], "/agent/binary?os=linux&arch=amd64");
+}
+
+// ---- operations ----
+
+#[tokio::test]
+async fn health_readiness_and_version() {
+    let f = Fixture::new();
+    let r = f.get("/healthz").await;
+    assert_eq!((r.status, r.json()["status"].as_str()), (StatusCode::OK, Some("ok")));
+    let r = f.get("/readyz").await;
+    assert_eq!((r.status, r.json()["status"].as_str()), (StatusCode::OK, Some("ready")));
+    let v = f.get("/version").await.json();
+    let info = rm_buildinfo::current();
+    assert_eq!(
+        (v["version"].as_str(), v["commit"].as_str(), v["date"].as_str()),
+        (Some(info.version.as_str()), Some(info.commit.as_str()), Some(info.date.as_str()))
+    );
+
+    fs::rename(&f.data, f.data.with_extension("gone")).unwrap();
+    let r = f.get("/readyz").await;
+    assert_eq!((r.status, r.json()["status"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("not_ready")));
+    fs::rename(f.data.with_extension("gone"), &f.data).unwrap();
+    f.state.begin_shutdown();
+    let r = f.get("/readyz").await;
+    assert_eq!((r.status, r.json()["status"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("shutting_down")));
+}
+
+#[tokio::test]
+async fn unknown_routes_and_methods_get_json_errors() {
+    let f = Fixture::new();
+    let r = f.get("/nope").await;
+    assert_eq!((r.status, r.json()["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    let r = f.request(Method::POST, BINARY, &[]).await;
+    assert_eq!((r.status, r.json()["error"].as_str()), (StatusCode::METHOD_NOT_ALLOWED, Some("method_not_allowed")));
+    let r = f.request(Method::DELETE, "/install/install.sh", &[]).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+}
