@@ -26,7 +26,9 @@ run: dev-bundle ## run the server on 127.0.0.1:$(PORT) with a local data dir ($(
 
 test: ## run every test (unit, in-process router, end-to-end on real sockets)
 	$(CARGO) build --workspace --bins
-	$(CARGO) test --workspace
+	mkdir -p target
+	set -o pipefail; $(CARGO) test --workspace 2>&1 | tee target/test.log
+	@scripts/test-summary.sh target/test.log
 
 lint: ## rustfmt check and clippy with warnings denied
 	$(CARGO) fmt --all -- --check
