@@ -27,6 +27,33 @@ pub enum Command {
     Serve,
     /// Probe a running server's /healthz and exit 0 if it answers 2xx, 1 otherwise (for container HEALTHCHECKs).
     Healthcheck(HealthcheckArgs),
+    /// Manage enrollment tokens in the data dir's database (works while the server runs).
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create an enrollment token; prints the token (shown only this once) on stdout.
+    Create {
+        /// How many hosts may enroll with it (unlimited when absent).
+        #[arg(long, env = "RM_TOKEN_USES")]
+        uses: Option<u32>,
+        /// Lifetime, e.g. 24h or 30m (no expiry when absent).
+        #[arg(long, env = "RM_TOKEN_EXPIRES", value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+        /// Free text shown in listings.
+        #[arg(long, env = "RM_TOKEN_NOTE", default_value = "")]
+        note: String,
+    },
+    /// List enrollment tokens (never their secrets).
+    List,
+    /// Revoke an enrollment token by id.
+    Revoke {
+        /// The token id shown by `token list`.
+        #[arg(env = "RM_TOKEN_ID")]
+        id: String,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -55,6 +82,26 @@ pub struct ServeArgs {
     #[arg(long, env = "RM_LOG", default_value = "info")]
     pub log: String,
 
+    /// Admin API bearer token (at least 16 characters); by default generated into <data-dir>/admin.token.
+    #[arg(long, env = "RM_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// How often agents are asked to send a heartbeat.
+    #[arg(long, env = "RM_HEARTBEAT_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// An agent without a heartbeat for this long is reported as stale.
+    #[arg(long, env = "RM_STALE_AFTER", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub stale_after: Duration,
+
+    /// Largest accepted asset upload, e.g. 512MiB.
+    #[arg(long, env = "RM_MAX_UPLOAD_SIZE", default_value = "512MiB", value_parser = parse_size)]
+    pub max_upload_size: u64,
+
+    /// Require an agent credential or an active enrollment token (Authorization: Bearer) for downloads.
+    #[arg(long, env = "RM_REQUIRE_DOWNLOAD_AUTH")]
+    pub require_download_auth: bool,
+
     /// On SIGTERM/SIGINT, how long in-flight requests may run before the server exits anyway.
     #[arg(long, env = "RM_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -79,6 +126,22 @@ pub enum LogFormat {
 
 fn parse_public_url(raw: &str) -> Result<PublicUrl, String> {
     raw.parse()
+}
+
+/// Bytes with an optional binary suffix: `1048576`, `64KiB`, `512MiB`, `2GiB`.
+fn parse_size(raw: &str) -> Result<u64, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (digits, suffix) = raw.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| format!("{raw:?} is not a size (e.g. 512MiB)"))?;
+    let unit: u64 = match suffix.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?}; use B, KiB, MiB or GiB")),
+    };
+    n.checked_mul(unit).filter(|&n| n > 0).ok_or_else(|| format!("{raw:?} is out of range"))
 }
 
 impl HealthcheckArgs {
@@ -117,6 +180,17 @@ mod tests {
                 let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or_default();
                 assert!(env.starts_with("RM_"), "--{id} of {} has no RM_* env var", c.get_name());
             }
+        }
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        for bad in ["", "0", "12MB", "x", "-1", "99999999999999999999GiB", "5 TiB"] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -1,13 +1,14 @@
 //! `restic-manager-server`: parse flags, set up logging, then serve or probe.
 
 mod cli;
+mod token;
 
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
 use cli::{Cli, Command, LogFormat};
-use rm_server::{AppState, Config};
+use rm_server::{AppState, Config, Settings};
 use tracing::info;
 
 #[tokio::main]
@@ -24,6 +25,13 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        Some(Command::Token(command)) => match token::run(&cli.serve, command).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("restic-manager-server: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         None | Some(Command::Serve) => match serve(cli.serve).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -46,8 +54,15 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir.clone(),
         bundled_dir: args.bundled_assets_dir.clone(),
         public_url: args.public_url.clone(),
+        admin_token: args.admin_token.clone(),
+        settings: Settings {
+            heartbeat_interval: args.heartbeat_interval,
+            stale_after: args.stale_after,
+            max_upload_bytes: args.max_upload_size,
+            require_download_auth: args.require_download_auth,
+        },
     })
-    .context("cannot use the data dir (set --data-dir or RM_DATA_DIR to an existing, readable directory)")?;
+    .context("cannot start")?;
     info!(
         data_dir = %state.store().data_dir().display(),
         bundled_dir = state.store().bundled_dir().map(|p| p.display().to_string()).unwrap_or_else(|| "(none)".into()),

@@ -6,6 +6,8 @@ use http::{HeaderValue, StatusCode, header};
 use rm_assets::NameError;
 use rm_assets::platform::{PLATFORMS, Platform, PlatformError};
 use rm_assets::store::StoreError;
+use rm_fleet::DbError;
+use rm_fleet::model::EnrollError;
 use serde_json::json;
 use tracing::error;
 
@@ -25,6 +27,18 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    EnrollRefused(#[from] EnrollError),
+    #[error("the body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(u64),
+    #[error("the uploaded content has sha256 {actual}, not the expected {expected}")]
+    ChecksumMismatch { expected: String, actual: String },
+    #[error("the upload did not complete: {0}")]
+    UploadAborted(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -69,7 +83,31 @@ impl IntoResponse for ApiError {
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 return response;
             }
-            ApiError::Store(_) | ApiError::Internal(_) => {
+            ApiError::Unauthorized(_) => {
+                let body = json!({"error": "unauthorized", "message": message});
+                let mut response = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return response;
+            }
+            ApiError::EnrollRefused(e) => (StatusCode::UNAUTHORIZED, json!({"error": e.code(), "message": message})),
+            ApiError::PayloadTooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"error": "payload_too_large", "message": message, "limit": limit}),
+            ),
+            ApiError::ChecksumMismatch { expected, actual } => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"error": "checksum_mismatch", "message": message, "expected": expected, "actual": actual}),
+            ),
+            ApiError::UploadAborted(_) => {
+                (StatusCode::BAD_REQUEST, json!({"error": "upload_aborted", "message": message}))
+            }
+            ApiError::Db(DbError::Busy) => {
+                let body = json!({"error": "busy", "message": "the server is overloaded; retry shortly"});
+                let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return response;
+            }
+            ApiError::Store(_) | ApiError::Db(_) | ApiError::Internal(_) => {
                 error!(error = %message, "request failed");
                 (StatusCode::INTERNAL_SERVER_ERROR, json!({"error": "internal", "message": "internal server error"}))
             }

@@ -2,6 +2,7 @@
 //! listener until a shutdown future resolves. `cmd/server` only parses flags and calls these.
 
 mod access_log;
+pub mod auth;
 mod error;
 mod file_response;
 pub mod healthcheck;
@@ -14,13 +15,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::get;
+use axum::routing::{delete, get, post, put};
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 pub use error::ApiError;
 pub use public_url::PublicUrl;
-pub use state::{AppState, Config};
+pub use state::{AppState, Config, DB_FILE, Settings, StartupError};
 
 /// Custom response headers, named once.
 pub mod header_names {
@@ -35,13 +36,37 @@ pub mod header_names {
     pub const REPR_DIGEST: &str = "repr-digest";
 }
 
+/// Largest JSON body the agent and admin APIs accept.
+const JSON_BODY_LIMIT: usize = 64 * 1024;
+
 /// The full router. Every route is logged by the access log layer.
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    use axum::extract::DefaultBodyLimit;
+    use routes::{admin, agents, upload};
+
+    let downloads = Router::new()
         .route("/agent/binary", get(routes::assets::agent_binary))
         .route("/agent/manifest", get(routes::assets::manifest))
         .route("/agent/SHA256SUMS", get(routes::assets::sha256sums))
         .route("/install/{name}", get(routes::assets::install_file))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_download_auth));
+    let api = Router::new()
+        .route("/api/v1/agents/enroll", post(agents::enroll))
+        .route("/api/v1/agents/heartbeat", post(agents::heartbeat))
+        .route("/api/v1/agents", get(admin::list_agents))
+        .route("/api/v1/tokens", get(admin::list_tokens).post(admin::create_token))
+        .route("/api/v1/tokens/{id}", delete(admin::revoke_token))
+        .route("/api/v1/audit", get(admin::list_audit))
+        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT));
+    // Uploads enforce their own, configurable limit while streaming.
+    let uploads = Router::new()
+        .route("/api/v1/assets/{kind}/{name}", put(upload::put_asset).delete(upload::delete_asset))
+        .layer(DefaultBodyLimit::disable());
+
+    Router::new()
+        .merge(downloads)
+        .merge(api)
+        .merge(uploads)
         .route("/healthz", get(routes::ops::healthz))
         .route("/readyz", get(routes::ops::readyz))
         .route("/version", get(routes::ops::version))

@@ -3,11 +3,18 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use rm_assets::AssetStore;
 use rm_assets::store::StoreError;
+use rm_fleet::secrets::{AdminToken, AdminTokenOrigin};
+use rm_fleet::{Db, DbError};
+use tracing::info;
 
 use crate::PublicUrl;
+
+/// File name of the fleet database inside the data dir.
+pub const DB_FILE: &str = "restic-manager.db";
 
 /// What the server needs to start, independent of how it was parsed.
 #[derive(Clone, Debug)]
@@ -15,6 +22,43 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub bundled_dir: PathBuf,
     pub public_url: Option<PublicUrl>,
+    /// `RM_ADMIN_TOKEN`; when absent the token lives in `<DataDir>/admin.token`.
+    pub admin_token: Option<String>,
+    pub settings: Settings,
+}
+
+/// Tunables with defaults that suit a fleet of thousands of hosts.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How often agents are told to send a heartbeat.
+    pub heartbeat_interval: Duration,
+    /// An agent without a heartbeat for this long is `stale`.
+    pub stale_after: Duration,
+    /// Largest accepted asset upload, in bytes.
+    pub max_upload_bytes: u64,
+    /// Downloads need an agent credential or an active enrollment token.
+    pub require_download_auth: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            heartbeat_interval: Duration::from_secs(60),
+            stale_after: Duration::from_secs(300),
+            max_upload_bytes: 512 * 1024 * 1024,
+            require_download_auth: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error("admin token: {0}")]
+    AdminToken(String),
 }
 
 #[derive(Clone)]
@@ -24,21 +68,58 @@ pub struct AppState {
 
 struct Inner {
     store: AssetStore,
+    fleet: Db,
+    admin_token: AdminToken,
     public_url: Option<PublicUrl>,
+    settings: Settings,
     shutting_down: AtomicBool,
 }
 
 impl AppState {
-    /// Checks the directories (see [`AssetStore::new`]) and builds the state.
-    pub fn new(config: Config) -> Result<AppState, StoreError> {
+    /// Checks the directories (see [`AssetStore::new`]), opens and migrates the database, loads or creates the admin
+    /// token, and builds the state.
+    pub fn new(config: Config) -> Result<AppState, StartupError> {
         let store = AssetStore::new(&config.data_dir, &config.bundled_dir)?;
+        let fleet = Db::open(&store.data_dir().join(DB_FILE))?;
+        let admin_token = match config.admin_token.as_deref() {
+            Some(value) => AdminToken::from_value(value).map_err(StartupError::AdminToken)?,
+            None => {
+                AdminToken::load_or_create(store.data_dir()).map_err(|e| StartupError::AdminToken(e.to_string()))?
+            }
+        };
+        match &admin_token.origin {
+            AdminTokenOrigin::Environment => info!("admin token taken from RM_ADMIN_TOKEN"),
+            AdminTokenOrigin::File { path, created: true } => {
+                info!(path = %path.display(), "generated a new admin token (mode 0600); read it from this file")
+            }
+            AdminTokenOrigin::File { path, created: false } => info!(path = %path.display(), "admin token loaded"),
+        }
         Ok(AppState {
-            inner: Arc::new(Inner { store, public_url: config.public_url, shutting_down: AtomicBool::new(false) }),
+            inner: Arc::new(Inner {
+                store,
+                fleet,
+                admin_token,
+                public_url: config.public_url,
+                settings: config.settings,
+                shutting_down: AtomicBool::new(false),
+            }),
         })
     }
 
     pub fn store(&self) -> &AssetStore {
         &self.inner.store
+    }
+
+    pub fn fleet(&self) -> &Db {
+        &self.inner.fleet
+    }
+
+    pub fn admin_token(&self) -> &AdminToken {
+        &self.inner.admin_token
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
     }
 
     pub fn public_url(&self) -> Option<&PublicUrl> {

@@ -8,7 +8,7 @@ use axum::Router;
 use axum::body::Body;
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::BodyExt;
-use rm_server::{AppState, Config, app};
+use rm_server::{AppState, Config, Settings, app};
 use sha2::{Digest, Sha256};
 use tower::ServiceExt;
 
@@ -39,11 +39,12 @@ impl Fixture {
         }
         fs::create_dir_all(&outside).unwrap();
         fs::write(outside.join("secret"), SECRET).unwrap();
-        fs::write(data.join("restic-manager.db"), SECRET).unwrap();
         let state = AppState::new(Config {
             data_dir: data.clone(),
             bundled_dir: bundled.clone(),
             public_url: public_url.map(|u| u.parse().unwrap()),
+            admin_token: None,
+            settings: Settings::default(),
         })
         .unwrap();
         Fixture { _tmp: tmp, data, bundled, outside, state }
@@ -197,6 +198,7 @@ async fn hostile_paths_and_queries_never_escape_the_roots() {
     symlink(f.outside.join("secret"), f.data.join("install/escape-data.sh")).unwrap();
     symlink(f.outside.join("secret"), f.bundled.join("install/escape-bundled.sh")).unwrap();
     symlink("../restic-manager.db", f.data.join("install/db.sh")).unwrap();
+    symlink("../admin.token", f.data.join("install/token.sh")).unwrap();
     symlink("../../outside/secret", f.bundled.join("install/relative.sh")).unwrap();
     symlink("/etc/passwd", f.data.join("install/passwd")).unwrap();
     symlink(f.outside.join("secret"), f.bundled.join("agent-binaries/restic-manager-agent-linux-arm64")).unwrap();
@@ -253,6 +255,7 @@ async fn hostile_paths_and_queries_never_escape_the_roots() {
         "/install/escape-data.sh",
         "/install/escape-bundled.sh",
         "/install/db.sh",
+        "/install/token.sh",
         "/install/relative.sh",
         "/install/passwd",
         "/agent/binary?os=linux&arch=arm64",
@@ -295,6 +298,10 @@ async fn hostile_paths_and_queries_never_escape_the_roots() {
             let body = String::from_utf8_lossy(&r.body);
             assert!(r.status.is_client_error(), "{method} {uri}: status {} body {body}", r.status);
             assert!(!body.contains(SECRET), "{method} {uri} leaked the secret");
+            assert!(
+                !body.contains("SQLite format") && !body.contains("rmadm_"),
+                "{method} {uri} leaked the data dir's state"
+            );
             assert!(!body.contains("legit") && !body.contains("root:"), "{method} {uri} served a file: {body}");
             assert!(r.headers.get("x-checksum-sha256").is_none(), "{method} {uri} described a file");
             if method == Method::GET {

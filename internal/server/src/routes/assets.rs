@@ -11,12 +11,15 @@ use rm_assets::{AssetKind, NameError, OpenAsset, Platform, validate_name};
 use rm_buildinfo::BuildInfo;
 use serde::Serialize;
 
+use crate::auth::Peer;
 use crate::public_url::base_url;
 use crate::{ApiError, AppState, file_response};
+use rm_fleet::model::AuditEvent;
 
 /// `GET|HEAD /agent/binary?os=&arch=`
 pub async fn agent_binary(
     State(state): State<AppState>,
+    Peer(peer): Peer,
     method: Method,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -25,7 +28,30 @@ pub async fn agent_binary(
     let asset = open(&state, AssetKind::AgentBinary, platform.file_name())
         .await?
         .ok_or(ApiError::BinaryNotPublished(platform))?;
-    Ok(respond(asset, AssetKind::AgentBinary, &method, &headers))
+    let audit = AuditEvent {
+        at: rm_fleet::now(),
+        kind: "download".into(),
+        remote_addr: peer.map(|p| p.ip().to_string()),
+        user_agent: headers
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(256).collect()),
+        platform: Some(platform.to_string()),
+        sha256: Some(asset.digest.sha256_hex()),
+        source: Some(asset.source.as_str().into()),
+        ..Default::default()
+    };
+    let response = respond(asset, AssetKind::AgentBinary, &method, &headers);
+    // Record downloads that send content; the audit log never delays or fails a download.
+    if method == Method::GET && response.status().is_success() {
+        let detail = response.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let event = AuditEvent { detail, ..audit };
+        if let Err(e) = state.fleet().submit("download audit record", move |c| rm_fleet::model::record_audit(c, &event))
+        {
+            tracing::warn!(error = %e, "download audit record dropped");
+        }
+    }
+    Ok(response)
 }
 
 /// `GET|HEAD /install/<name>`
@@ -97,30 +123,43 @@ pub struct PlatformEntry {
     pub agent: Option<BuildInfo>,
 }
 
-/// Looks at every platform's binary (blocking). `base` prefixes the download URLs.
-pub fn platform_entries(state: &AppState, base: &str) -> Vec<Result<PlatformEntry, StoreError>> {
-    PLATFORMS
-        .iter()
-        .map(|&platform| {
-            let asset = state.store().open(AssetKind::AgentBinary, platform.file_name())?;
-            Ok(PlatformEntry {
-                platform,
-                os: platform.os.as_str(),
-                arch: platform.arch.as_str(),
-                file: platform.file_name(),
-                published: asset.is_some(),
-                size: asset.as_ref().map(|a| a.len),
-                sha256: asset.as_ref().map(|a| a.digest.sha256_hex()),
-                source: asset.as_ref().map(|a| a.source.as_str()),
-                last_modified: asset.as_ref().map(|a| httpdate::fmt_http_date(a.modified)),
-                url: format!("{base}/agent/binary?os={}&arch={}", platform.os.as_str(), platform.arch.as_str()),
-                agent: asset.and_then(|a| a.digest.build_info.clone()),
-            })
-        })
-        .collect()
+/// Looks at one platform's binary (blocking). `base` prefixes the download URL.
+pub fn platform_entry(state: &AppState, platform: Platform, base: &str) -> Result<PlatformEntry, StoreError> {
+    let asset = state.store().open(AssetKind::AgentBinary, platform.file_name())?;
+    Ok(PlatformEntry {
+        platform,
+        os: platform.os.as_str(),
+        arch: platform.arch.as_str(),
+        file: platform.file_name(),
+        published: asset.is_some(),
+        size: asset.as_ref().map(|a| a.len),
+        sha256: asset.as_ref().map(|a| a.digest.sha256_hex()),
+        source: asset.as_ref().map(|a| a.source.as_str()),
+        last_modified: asset.as_ref().map(|a| httpdate::fmt_http_date(a.modified)),
+        url: format!("{base}/agent/binary?os={}&arch={}", platform.os.as_str(), platform.arch.as_str()),
+        agent: asset.and_then(|a| a.digest.build_info.clone()),
+    })
 }
 
-async fn entries(state: &AppState, headers: &HeaderMap) -> Result<Vec<PlatformEntry>, ApiError> {
+/// Looks at every platform's binary (blocking).
+pub fn platform_entries(state: &AppState, base: &str) -> Vec<Result<PlatformEntry, StoreError>> {
+    PLATFORMS.iter().map(|&platform| platform_entry(state, platform, base)).collect()
+}
+
+/// The entry for one platform, from a blocking thread.
+pub async fn served_entry(
+    state: &AppState,
+    platform: Platform,
+    base: String,
+) -> Result<Option<PlatformEntry>, ApiError> {
+    let state = state.clone();
+    let entry = tokio::task::spawn_blocking(move || platform_entry(&state, platform, &base))
+        .await
+        .map_err(|e| ApiError::Internal(format!("lookup task failed: {e}")))??;
+    Ok(Some(entry))
+}
+
+pub async fn entries(state: &AppState, headers: &HeaderMap) -> Result<Vec<PlatformEntry>, ApiError> {
     let base = base_url(state.public_url(), headers).unwrap_or_default();
     let state = state.clone();
     tokio::task::spawn_blocking(move || platform_entries(&state, &base))

@@ -1,0 +1,54 @@
+//! `restic-manager-server token …`: enrollment tokens from the command line, straight against the database (SQLite
+//! WAL lets this run beside a live server).
+
+use anyhow::{Context, bail};
+use rm_fleet::Db;
+use rm_fleet::model::{self, NewToken, TokenInfo};
+
+use crate::cli::{ServeArgs, TokenCommand};
+
+pub async fn run(args: &ServeArgs, command: TokenCommand) -> anyhow::Result<()> {
+    if !args.data_dir.is_dir() {
+        bail!("data dir {} does not exist (set --data-dir or RM_DATA_DIR)", args.data_dir.display());
+    }
+    let db = Db::open(&args.data_dir.join(rm_server::DB_FILE)).context("cannot open the database")?;
+    let now = model::now();
+    match command {
+        TokenCommand::Create { uses, expires, note } => {
+            let new = NewToken::validated(uses, expires, note, now).map_err(anyhow::Error::msg)?;
+            let (info, token) = db.call(move |c| model::create_token(c, now, &new)).await?;
+            println!("{token}");
+            eprintln!("{}", describe(&info, now));
+            eprintln!(
+                "This token is shown once; store it now. Revoke it with: restic-manager-server token revoke {}",
+                info.id
+            );
+        }
+        TokenCommand::List => {
+            let tokens = db.call(|c| model::list_tokens(c)).await?;
+            if tokens.is_empty() {
+                eprintln!("no enrollment tokens");
+            }
+            for info in tokens {
+                println!("{}", describe(&info, now));
+            }
+        }
+        TokenCommand::Revoke { id } => {
+            let lookup = id.clone();
+            match db.call(move |c| model::revoke_token(c, now, &lookup)).await? {
+                Some(info) => println!("{}", describe(&info, now)),
+                None => bail!("no enrollment token with id {id:?}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn describe(info: &TokenInfo, now: model::Timestamp) -> String {
+    let uses = match info.max_uses {
+        Some(max) => format!("{}/{max}", info.uses),
+        None => format!("{}/unlimited", info.uses),
+    };
+    let expires = info.expires_at.map_or("never".to_string(), model::rfc3339);
+    format!("id={} status={} uses={uses} expires={expires} note={:?}", info.id, info.status(now), info.note)
+}
