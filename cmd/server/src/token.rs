@@ -25,7 +25,7 @@ pub async fn run(args: &ServeArgs, command: TokenCommand) -> anyhow::Result<()> 
             );
         }
         TokenCommand::List => {
-            let tokens = db.call(|c| model::list_tokens(c)).await?;
+            let tokens = db.call(model::list_tokens).await?;
             if tokens.is_empty() {
                 eprintln!("no enrollment tokens");
             }

@@ -75,7 +75,7 @@ pub async fn create_token(
 /// `GET /api/v1/tokens`
 pub async fn list_tokens(_: Admin, State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     let now = model::now();
-    let tokens = state.fleet().call(|c| model::list_tokens(c)).await?;
+    let tokens = state.fleet().call(model::list_tokens).await?;
     let views: Vec<_> = tokens.into_iter().map(|t| TokenView::new(t, now)).collect();
     Ok(Json(serde_json::json!({ "tokens": views })))
 }
@@ -155,7 +155,7 @@ pub async fn list_agents(
         ApiError::InvalidRequest(format!("{}; state is one of current, out_of_date, stale, unknown", e.body_text()))
     })?;
     let served = entries(&state, &headers).await?;
-    let agents = state.fleet().call(|c| model::list_agents(c)).await?;
+    let agents = state.fleet().call(model::list_agents).await?;
     let now = model::now();
     let stale_after = state.settings().stale_after;
     let mut counts: BTreeMap<AgentState, usize> = BTreeMap::new();
