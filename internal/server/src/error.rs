@@ -116,6 +116,16 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::JsonRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(crate::JSON_BODY_LIMIT as u64)
+        } else {
+            ApiError::InvalidRequest(rejection.body_text())
+        }
+    }
+}
+
 fn supported() -> Vec<String> {
     PLATFORMS.iter().map(|p| p.to_string()).collect()
 }

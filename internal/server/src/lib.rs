@@ -37,7 +37,7 @@ pub mod header_names {
 }
 
 /// Largest JSON body the agent and admin APIs accept.
-const JSON_BODY_LIMIT: usize = 64 * 1024;
+pub(crate) const JSON_BODY_LIMIT: usize = 64 * 1024;
 
 /// The full router. Every route is logged by the access log layer.
 pub fn app(state: AppState) -> Router {

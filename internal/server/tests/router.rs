@@ -1,119 +1,13 @@
 //! The router tested in-process (`tower::ServiceExt::oneshot`): lookup order, hostile inputs, conditionals, ranges.
 
+mod common;
+
 use std::fs;
 use std::os::unix::fs::symlink;
-use std::path::{Path, PathBuf};
 
-use axum::Router;
-use axum::body::Body;
-use http::{HeaderMap, Method, Request, StatusCode};
-use http_body_util::BodyExt;
-use rm_server::{AppState, Config, Settings, app};
+use common::*;
+use http::{Method, StatusCode};
 use sha2::{Digest, Sha256};
-use tower::ServiceExt;
-
-const LINUX_AMD64: &str = "restic-manager-agent-linux-amd64";
-const SECRET: &str = "SECRET-OUTSIDE-THE-ROOTS";
-
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    data: PathBuf,
-    bundled: PathBuf,
-    outside: PathBuf,
-    state: AppState,
-}
-
-impl Fixture {
-    fn new() -> Fixture {
-        Fixture::with_public_url(None)
-    }
-
-    fn with_public_url(public_url: Option<&str>) -> Fixture {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        let bundled = tmp.path().join("bundled");
-        let outside = tmp.path().join("outside");
-        for dir in [&data, &bundled] {
-            fs::create_dir_all(dir.join("agent-binaries")).unwrap();
-            fs::create_dir_all(dir.join("install")).unwrap();
-        }
-        fs::create_dir_all(&outside).unwrap();
-        fs::write(outside.join("secret"), SECRET).unwrap();
-        let state = AppState::new(Config {
-            data_dir: data.clone(),
-            bundled_dir: bundled.clone(),
-            public_url: public_url.map(|u| u.parse().unwrap()),
-            admin_token: None,
-            settings: Settings::default(),
-        })
-        .unwrap();
-        Fixture { _tmp: tmp, data, bundled, outside, state }
-    }
-
-    fn app(&self) -> Router {
-        app(self.state.clone())
-    }
-
-    fn put(&self, root: &Path, sub: &str, name: &str, bytes: &[u8]) -> PathBuf {
-        let path = root.join(sub).join(name);
-        fs::write(&path, bytes).unwrap();
-        path
-    }
-
-    async fn send(&self, request: Request<Body>) -> Reply {
-        let response = self.app().oneshot(request).await.unwrap();
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response.into_body().collect().await.unwrap().to_bytes().to_vec();
-        Reply { status, headers, body }
-    }
-
-    async fn get(&self, uri: &str) -> Reply {
-        self.request(Method::GET, uri, &[]).await
-    }
-
-    async fn request(&self, method: Method, uri: &str, headers: &[(&str, &str)]) -> Reply {
-        let mut builder = Request::builder().method(method).uri(uri);
-        for (k, v) in headers {
-            builder = builder.header(*k, *v);
-        }
-        self.send(builder.body(Body::empty()).unwrap()).await
-    }
-}
-
-#[derive(Debug)]
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> &str {
-        self.headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or("")
-    }
-
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
-    }
-}
-
-fn sha_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
 
 const BINARY: &str = "/agent/binary?os=linux&arch=amd64";
 

@@ -53,7 +53,7 @@ pub async fn create_token(
     State(state): State<AppState>,
     body: Result<Json<CreateToken>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let Json(request) = body.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
+    let Json(request) = body?;
     let expires_in = request
         .expires_in
         .as_deref()

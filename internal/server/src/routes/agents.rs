@@ -100,7 +100,7 @@ fn facts(
 }
 
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(v)| v).map_err(|e| ApiError::InvalidRequest(e.body_text()))
+    body.map(|Json(v)| v).map_err(ApiError::from)
 }
 
 fn user_agent(headers: &HeaderMap) -> Option<String> {

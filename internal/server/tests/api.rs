@@ -1,0 +1,336 @@
+//! The fleet API in-process: enrollment, heartbeats, the fleet view, uploads, audit, auth.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use common::*;
+use http::{Method, StatusCode};
+use rm_server::Settings;
+use serde_json::{Value, json};
+
+fn host(name: &str) -> Value {
+    json!({"hostname": name, "os": "linux", "arch": "amd64", "version": "1.0.0", "commit": "c0ffee"})
+}
+
+async fn token(f: &Fixture, body: Value) -> String {
+    let r = f.admin(Method::POST, "/api/v1/tokens", body).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.json());
+    r.json()["token"].as_str().unwrap().to_string()
+}
+
+async fn enroll(f: &Fixture, token: &str, name: &str) -> (String, String) {
+    let mut body = host(name);
+    body["token"] = token.into();
+    let r = f.post_json("/api/v1/agents/enroll", None, body).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.json());
+    let j = r.json();
+    (j["agent_id"].as_str().unwrap().into(), j["credential"].as_str().unwrap().into())
+}
+
+async fn agent_count(f: &Fixture) -> usize {
+    f.admin(Method::GET, "/api/v1/agents", Value::Null).await.json()["agents"].as_array().unwrap().len()
+}
+
+#[tokio::test]
+async fn enrollment_refusals_are_401_and_write_nothing() {
+    let f = Fixture::new();
+    let once = token(&f, json!({"uses": 1})).await;
+    let revoked = token(&f, json!({"note": "to revoke"})).await;
+    let list = f.admin(Method::GET, "/api/v1/tokens", Value::Null).await.json();
+    let revoked_id =
+        list["tokens"].as_array().unwrap().iter().find(|t| t["note"] == "to revoke").unwrap()["id"].clone();
+    let r = f.admin(Method::DELETE, &format!("/api/v1/tokens/{}", revoked_id.as_str().unwrap()), Value::Null).await;
+    assert_eq!(r.json()["status"], "revoked");
+    enroll(&f, &once, "first").await;
+    assert_eq!(agent_count(&f).await, 1);
+
+    // An expired token: made directly in the database with an expiry in the past.
+    let expired = f
+        .state
+        .fleet()
+        .call(|c| {
+            let new = rm_fleet::NewToken { expires_at: Some(rm_fleet::now() - 1), ..Default::default() };
+            rm_fleet::model::create_token(c, rm_fleet::now() - 10, &new).map(|(_, t)| t)
+        })
+        .await
+        .unwrap();
+    let audit_before =
+        f.admin(Method::GET, "/api/v1/audit", Value::Null).await.json()["events"].as_array().unwrap().len();
+    for (token, code) in [
+        (once.as_str(), "token_used_up"),
+        (revoked.as_str(), "token_revoked"),
+        (expired.as_str(), "token_expired"),
+        ("rmenr_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "token_unknown"),
+        ("garbage", "token_unknown"),
+    ] {
+        let mut body = host("intruder");
+        body["token"] = token.into();
+        let r = f.post_json("/api/v1/agents/enroll", None, body).await;
+        assert_eq!((r.status, r.json()["error"].as_str()), (StatusCode::UNAUTHORIZED, Some(code)), "{token}");
+    }
+    assert_eq!(agent_count(&f).await, 1, "a refused enrollment wrote an agent");
+    let audit_after =
+        f.admin(Method::GET, "/api/v1/audit", Value::Null).await.json()["events"].as_array().unwrap().len();
+    assert_eq!(audit_before, audit_after, "a refused enrollment wrote an audit event");
+    let r = f.post_json("/api/v1/agents/enroll", None, host("no-token")).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn enrollment_validates_host_facts() {
+    let f = Fixture::new();
+    let t = token(&f, json!({})).await;
+    for (field, value) in [
+        ("hostname", json!("")),
+        ("hostname", json!("a b")),
+        ("hostname", json!("x".repeat(300))),
+        ("os", json!("darwin")),
+        ("arch", json!("x86_64")),
+        ("version", json!("")),
+        ("commit", json!("a\nb")),
+    ] {
+        let mut body = host("h");
+        body["token"] = t.clone().into();
+        body[field] = value.clone();
+        let r = f.post_json("/api/v1/agents/enroll", None, body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{field}={value}");
+    }
+    let r = f
+        .call(
+            Method::POST,
+            "/api/v1/agents/enroll",
+            None,
+            &[("content-type", "application/json")],
+            b"{not json".to_vec(),
+        )
+        .await;
+    assert_eq!((r.status, r.json()["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_request")));
+    let big = vec![b' '; 100 * 1024];
+    let r = f.call(Method::POST, "/api/v1/agents/enroll", None, &[("content-type", "application/json")], big).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(agent_count(&f).await, 0);
+}
+
+#[tokio::test]
+async fn heartbeat_reports_the_served_build_and_the_fleet_view_classifies() {
+    let f = Fixture::with(None, Settings { stale_after: Duration::from_secs(3600), ..Settings::default() });
+    let served = pseudo_random(4096, 9);
+    f.put(&f.bundled, "agent-binaries", LINUX_AMD64, &served);
+    let t = token(&f, json!({"uses": 3})).await;
+    let (current_id, current) = enroll(&f, &t, "current").await;
+    let (old_id, old) = enroll(&f, &t, "old").await;
+
+    let mut hb = host("current");
+    hb["binary_sha256"] = sha_hex(&served).into();
+    hb["seq"] = 1.into();
+    let r = f.post_json("/api/v1/agents/heartbeat", Some(&current), hb).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    let j = r.json();
+    assert_eq!(j["agent_id"], current_id.as_str());
+    assert_eq!(j["update"]["sha256"], sha_hex(&served));
+    assert_eq!(j["update"]["size"], 4096);
+    assert_eq!(j["update"]["url"], "/agent/binary?os=linux&arch=amd64");
+    assert_eq!(j["heartbeat_interval_secs"], 60);
+
+    let mut hb = host("old");
+    hb["binary_sha256"] = "0".repeat(64).into();
+    hb["last_update_error"] = "smoke test failed".into();
+    assert_eq!(f.post_json("/api/v1/agents/heartbeat", Some(&old), hb).await.status, StatusCode::OK);
+
+    let view = f.admin(Method::GET, "/api/v1/agents", Value::Null).await.json();
+    let state_of =
+        |id: &str| view["agents"].as_array().unwrap().iter().find(|a| a["id"] == id).unwrap()["state"].clone();
+    assert_eq!(state_of(&current_id), "current");
+    assert_eq!(state_of(&old_id), "out_of_date");
+    assert_eq!(view["counts"], json!({"current": 1, "out_of_date": 1}));
+    let old_row = view["agents"].as_array().unwrap().iter().find(|a| a["id"] == old_id.as_str()).unwrap().clone();
+    assert_eq!(old_row["last_update_error"], "smoke test failed");
+
+    let only_old = f.admin(Method::GET, "/api/v1/agents?state=out_of_date", Value::Null).await.json();
+    assert_eq!(only_old["agents"].as_array().unwrap().len(), 1);
+    let r = f.admin(Method::GET, "/api/v1/agents?state=bogus", Value::Null).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // Bad credentials are refused and change nothing.
+    for bad in [None, Some("rmagt_nope_nope"), Some(ADMIN)] {
+        let r = f.post_json("/api/v1/agents/heartbeat", bad, host("x")).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{bad:?}");
+    }
+    let mut forged = host("x");
+    forged["binary_sha256"] = "not-hex".into();
+    assert_eq!(f.post_json("/api/v1/agents/heartbeat", Some(&current), forged).await.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn agents_without_heartbeats_become_stale() {
+    let f = Fixture::with(None, Settings { stale_after: Duration::from_secs(0), ..Settings::default() });
+    let t = token(&f, json!({})).await;
+    let (id, _) = enroll(&f, &t, "quiet").await;
+    // last_seen is the enrollment time; with a zero window, a second later it is stale.
+    f.state
+        .fleet()
+        .call(move |c| Ok(c.execute("UPDATE agents SET last_seen_at = last_seen_at - 5 WHERE id = ?1", [id])?))
+        .await
+        .unwrap();
+    let view = f.admin(Method::GET, "/api/v1/agents?state=stale", Value::Null).await.json();
+    assert_eq!(view["agents"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn upload_replaces_atomically_and_delete_restores_bundled() {
+    let f = Fixture::new();
+    f.put(&f.bundled, "agent-binaries", LINUX_AMD64, b"bundled build");
+    let uri = format!("/api/v1/assets/agent-binaries/{LINUX_AMD64}");
+    let v1 = pseudo_random(200_000, 3);
+    let r = f.call(Method::PUT, &uri, Some(ADMIN), &[("x-checksum-sha256", &sha_hex(&v1))], v1.clone()).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.json());
+    assert_eq!(
+        (r.json()["sha256"].as_str(), r.json()["replaced"].as_bool()),
+        (Some(sha_hex(&v1).as_str()), Some(false))
+    );
+    let got = f.get("/agent/binary?os=linux&arch=amd64").await;
+    assert_eq!((got.body.as_slice(), got.header("x-asset-source")), (v1.as_slice(), "data-dir"));
+
+    let v2 = pseudo_random(100, 4);
+    let r = f.call(Method::PUT, &uri, Some(ADMIN), &[], v2.clone()).await;
+    assert_eq!((r.status, r.json()["replaced"].as_bool()), (StatusCode::OK, Some(true)));
+    assert_eq!(f.get("/agent/binary?os=linux&arch=amd64").await.body, v2);
+
+    // A checksum mismatch changes nothing and leaves no temporary file.
+    let r = f.call(Method::PUT, &uri, Some(ADMIN), &[("x-checksum-sha256", &sha_hex(b"other"))], v1.clone()).await;
+    assert_eq!((r.status, r.json()["error"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("checksum_mismatch")));
+    assert_eq!(f.get("/agent/binary?os=linux&arch=amd64").await.body, v2);
+    let entries: Vec<_> =
+        fs::read_dir(f.data.join("agent-binaries")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(entries, [LINUX_AMD64], "only the target remains");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &fs::metadata(f.data.join("agent-binaries").join(LINUX_AMD64)).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o755);
+
+    let r = f.admin(Method::DELETE, &uri, Value::Null).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let got = f.get("/agent/binary?os=linux&arch=amd64").await;
+    assert_eq!((got.body.as_slice(), got.header("x-asset-source")), (&b"bundled build"[..], "bundled"));
+    assert_eq!(f.admin(Method::DELETE, &uri, Value::Null).await.status, StatusCode::NOT_FOUND);
+
+    let kinds: Vec<String> = f.admin(Method::GET, "/api/v1/audit?limit=10", Value::Null).await.json()["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kinds.iter().filter(|k| *k == "upload").count(), 2);
+    assert_eq!(kinds.iter().filter(|k| *k == "delete").count(), 1);
+}
+
+#[tokio::test]
+async fn upload_names_sizes_and_checksum_headers_are_validated() {
+    let f = Fixture::with(None, Settings { max_upload_bytes: 1000, ..Settings::default() });
+    for (uri, want) in [
+        ("/api/v1/assets/agent-binaries/restic-manager-agent-darwin-amd64", StatusCode::BAD_REQUEST),
+        ("/api/v1/assets/agent-binaries/..", StatusCode::BAD_REQUEST),
+        ("/api/v1/assets/install/.hidden", StatusCode::BAD_REQUEST),
+        ("/api/v1/assets/install/..%2f..%2fadmin.token", StatusCode::BAD_REQUEST),
+        ("/api/v1/assets/install/%00", StatusCode::BAD_REQUEST),
+        ("/api/v1/assets/secrets/x", StatusCode::NOT_FOUND),
+        ("/api/v1/assets/..%2f/x", StatusCode::NOT_FOUND),
+    ] {
+        let r = f.call(Method::PUT, uri, Some(ADMIN), &[], b"data".to_vec()).await;
+        assert_eq!(r.status, want, "{uri}");
+    }
+    let r = f.call(Method::PUT, "/api/v1/assets/install/big.sh", Some(ADMIN), &[], vec![b'x'; 1001]).await;
+    assert_eq!((r.status, r.json()["error"].as_str()), (StatusCode::PAYLOAD_TOO_LARGE, Some("payload_too_large")));
+    let r = f
+        .call(Method::PUT, "/api/v1/assets/install/x.sh", Some(ADMIN), &[("x-checksum-sha256", "xyz")], b"x".to_vec())
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(!f.data.join("install/big.sh").exists() && !f.data.join("install/x.sh").exists());
+    // Only the database, its WAL files and the admin token: nothing written outside the asset dirs.
+    let r = f.call(Method::PUT, "/api/v1/assets/install/ok.sh", Some(ADMIN), &[], b"echo ok".to_vec()).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(f.get("/install/ok.sh").await.body, b"echo ok");
+}
+
+#[tokio::test]
+async fn every_admin_route_rejects_missing_and_wrong_tokens() {
+    let f = Fixture::new();
+    let routes = [
+        (Method::GET, "/api/v1/agents"),
+        (Method::GET, "/api/v1/tokens"),
+        (Method::POST, "/api/v1/tokens"),
+        (Method::DELETE, "/api/v1/tokens/abc"),
+        (Method::GET, "/api/v1/audit"),
+        (Method::PUT, "/api/v1/assets/install/x.sh"),
+        (Method::DELETE, "/api/v1/assets/install/x.sh"),
+    ];
+    let almost = format!("{ADMIN}x");
+    for (method, uri) in routes {
+        for auth in [None, Some("wrong"), Some(almost.as_str()), Some(&ADMIN[..ADMIN.len() - 1])] {
+            let r = f.call(method.clone(), uri, auth, &[("content-type", "application/json")], b"{}".to_vec()).await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{method} {uri} {auth:?}");
+            assert_eq!(r.json()["error"], "unauthorized");
+            assert_eq!(r.header("www-authenticate"), "Bearer");
+        }
+    }
+    assert!(!f.data.join("install/x.sh").exists());
+    // Basic auth with the right token is still not a bearer token.
+    let r = f.call(Method::GET, "/api/v1/agents", None, &[("authorization", &format!("Basic {ADMIN}"))], vec![]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn downloads_are_audited_and_can_require_a_token() {
+    let f = Fixture::with(None, Settings { require_download_auth: true, ..Settings::default() });
+    let bytes = pseudo_random(1000, 5);
+    f.put(&f.bundled, "agent-binaries", LINUX_AMD64, &bytes);
+    f.put(&f.bundled, "install", "install.sh", b"echo hi");
+    let r = f.get("/agent/binary?os=linux&arch=amd64").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(f.get("/install/install.sh").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(f.get("/agent/manifest").await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(f.get("/healthz").await.status, StatusCode::OK, "health stays public");
+
+    let t = token(&f, json!({})).await;
+    let r = f.call(Method::GET, "/install/install.sh", Some(&t), &[], vec![]).await;
+    assert_eq!(r.status, StatusCode::OK, "an active enrollment token may fetch the installer");
+    let (_, credential) = enroll(&f, &t, "h").await;
+    let r = f
+        .call(Method::GET, "/agent/binary?os=linux&arch=amd64", Some(&credential), &[("user-agent", "agent/1")], vec![])
+        .await;
+    assert_eq!(r.body, bytes);
+    let r = f.call(Method::GET, "/agent/binary?os=linux&arch=amd64", Some("rmagt_x_y"), &[], vec![]).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // The audit record is written asynchronously: poll briefly.
+    let mut found = None;
+    for _ in 0..50 {
+        let events = f.admin(Method::GET, "/api/v1/audit?kind=download", Value::Null).await.json();
+        if let Some(e) = events["events"].as_array().unwrap().first() {
+            found = Some(e.clone());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let e = found.expect("download audit event");
+    assert_eq!((e["platform"].as_str(), e["source"].as_str()), (Some("linux/amd64"), Some("bundled")));
+    assert_eq!(e["sha256"], sha_hex(&bytes));
+    assert_eq!(e["user_agent"], "agent/1");
+}
+
+#[tokio::test]
+async fn audit_pages_with_next_before() {
+    let f = Fixture::new();
+    for i in 0..7 {
+        f.call(Method::PUT, &format!("/api/v1/assets/install/f{i}.sh"), Some(ADMIN), &[], b"x".to_vec()).await;
+    }
+    let p1 = f.admin(Method::GET, "/api/v1/audit?limit=5", Value::Null).await.json();
+    assert_eq!(p1["events"].as_array().unwrap().len(), 5);
+    let next = p1["next_before"].as_i64().expect("a next page");
+    let p2 = f.admin(Method::GET, &format!("/api/v1/audit?limit=5&before={next}"), Value::Null).await.json();
+    assert_eq!(p2["events"].as_array().unwrap().len(), 2);
+    assert!(p2["next_before"].is_null());
+    assert_eq!(f.admin(Method::GET, "/api/v1/audit?limit=0", Value::Null).await.status, StatusCode::BAD_REQUEST);
+}
