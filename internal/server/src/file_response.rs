@@ -25,7 +25,38 @@ use crate::header_names;
 /// downloads to stay within a few tens of MiB.
 const CHUNK: usize = 64 * 1024;
 
-pub fn respond(asset: OpenAsset, kind: AssetKind, method: &Method, request: &HeaderMap) -> Response {
+/// Where a response body comes from.
+pub enum Content {
+    /// The opened file (the common case): streamed from the handle the headers were taken from.
+    File(std::fs::File),
+    /// Rendered in memory (install scripts with the server URL filled in).
+    Memory(bytes::Bytes),
+}
+
+/// Everything a response says about one version of an asset, and its bytes.
+pub struct Representation {
+    pub content: Content,
+    pub len: u64,
+    pub modified: SystemTime,
+    pub source: rm_assets::Source,
+    pub name: String,
+    pub digest: std::sync::Arc<rm_assets::Digest>,
+}
+
+impl From<OpenAsset> for Representation {
+    fn from(asset: OpenAsset) -> Self {
+        Representation {
+            content: Content::File(asset.file),
+            len: asset.len,
+            modified: asset.modified,
+            source: asset.source,
+            name: asset.name,
+            digest: asset.digest,
+        }
+    }
+}
+
+pub fn respond(asset: Representation, kind: AssetKind, method: &Method, request: &HeaderMap) -> Response {
     let sha_hex = asset.digest.sha256_hex();
     let etag: ETag = format!("\"sha256-{sha_hex}\"").parse().expect("hex is a valid entity tag");
     let modified = asset.modified;
@@ -147,11 +178,15 @@ fn requested_range(request: &HeaderMap, etag: &ETag, last_modified: &LastModifie
     }
 }
 
-/// Streams `count` bytes from `start` of the already-open file.
-fn stream(asset: OpenAsset, start: u64, count: u64) -> std::io::Result<Body> {
-    let mut file = asset.file;
-    // lseek only moves the file offset (no I/O), so it is fine on a runtime thread.
-    file.seek(SeekFrom::Start(start))?;
-    let reader = tokio::fs::File::from_std(file).take(count);
-    Ok(Body::from_stream(ReaderStream::with_capacity(reader, CHUNK)))
+/// `count` bytes from `start`: streamed from the already-open file, or sliced from memory.
+fn stream(asset: Representation, start: u64, count: u64) -> std::io::Result<Body> {
+    match asset.content {
+        Content::File(mut file) => {
+            // lseek only moves the file offset (no I/O), so it is fine on a runtime thread.
+            file.seek(SeekFrom::Start(start))?;
+            let reader = tokio::fs::File::from_std(file).take(count);
+            Ok(Body::from_stream(ReaderStream::with_capacity(reader, CHUNK)))
+        }
+        Content::Memory(bytes) => Ok(Body::from(bytes.slice(start as usize..(start + count) as usize))),
+    }
 }

@@ -7,6 +7,7 @@ mod error;
 mod file_response;
 pub mod healthcheck;
 mod public_url;
+mod render;
 mod routes;
 mod state;
 

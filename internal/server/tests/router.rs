@@ -465,3 +465,82 @@ async fn unknown_routes_and_methods_get_json_errors() {
     let r = f.request(Method::DELETE, "/install/install.sh", &[]).await;
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
 }
+
+// ---- install scripts learn the server URL ----
+
+const TEMPLATE: &[u8] = b"#!/bin/sh\nRM_DEFAULT_SERVER='__RM_SERVER_URL__'\necho \"$RM_DEFAULT_SERVER\"\n";
+
+fn rendered(base: &str) -> Vec<u8> {
+    String::from_utf8(TEMPLATE.to_vec()).unwrap().replace("__RM_SERVER_URL__", base).into_bytes()
+}
+
+#[tokio::test]
+async fn install_scripts_get_the_host_derived_url_with_matching_validators() {
+    let f = Fixture::new();
+    f.put(&f.bundled, "install", "install.sh", TEMPLATE);
+    let r = f.request(Method::GET, "/install/install.sh", &[("host", "rm.internal:8080")]).await;
+    let want = rendered("http://rm.internal:8080");
+    assert_eq!(r.body, want);
+    assert_eq!(r.header("content-length"), want.len().to_string());
+    assert_eq!(r.header("x-checksum-sha256"), sha_hex(&want));
+    assert_eq!(r.header("etag"), format!("\"sha256-{}\"", sha_hex(&want)));
+    let etag = r.header("etag").to_string();
+    let again =
+        f.request(Method::GET, "/install/install.sh", &[("host", "rm.internal:8080"), ("if-none-match", &etag)]).await;
+    assert_eq!(again.status, StatusCode::NOT_MODIFIED);
+    let other_host =
+        f.request(Method::GET, "/install/install.sh", &[("host", "other:1"), ("if-none-match", &etag)]).await;
+    assert_eq!(other_host.status, StatusCode::OK, "another URL is another representation");
+    let part =
+        f.request(Method::GET, "/install/install.sh", &[("host", "rm.internal:8080"), ("range", "bytes=10-29")]).await;
+    assert_eq!((part.status, part.body.as_slice()), (StatusCode::PARTIAL_CONTENT, &want[10..30]));
+}
+
+#[tokio::test]
+async fn hostile_host_headers_never_reach_the_script() {
+    let f = Fixture::new();
+    f.put(&f.bundled, "install", "install.sh", TEMPLATE);
+    f.put(&f.bundled, "install", "install.ps1", b"param([string]$Server = '__RM_SERVER_URL__')\n");
+    for host in [
+        "evil.com'; rm -rf / #",
+        "x'$(id)'",
+        "$(id)",
+        "`id`",
+        "a\"b",
+        "a;b",
+        "a b",
+        "a|b",
+        "a&b",
+        "a\\b",
+        "evil.com/'",
+        "h:1/$(reboot)",
+        "user@host",
+        "{a,b}",
+        "*",
+        "",
+    ] {
+        for name in ["install.sh", "install.ps1"] {
+            let r = f.request(Method::GET, &format!("/install/{name}"), &[("host", host)]).await;
+            assert_eq!(r.status, StatusCode::OK, "{host:?}");
+            let body = String::from_utf8(r.body).unwrap();
+            assert!(body.contains("'__RM_SERVER_URL__'"), "{name} with Host {host:?} was rewritten: {body}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn configured_public_url_wins_over_host() {
+    let f = Fixture::with_public_url(Some("https://rm.example.com/base/"));
+    f.put(&f.data, "install", "install.sh", TEMPLATE);
+    let r = f.request(Method::GET, "/install/install.sh", &[("host", "evil.com")]).await;
+    assert_eq!(r.body, rendered("https://rm.example.com/base"));
+    // Files that are not scripts, and scripts without the placeholder, are served byte for byte.
+    f.put(&f.data, "install", "restic-manager-agent.service", b"ExecStart=__RM_SERVER_URL__\n");
+    assert_eq!(f.get("/install/restic-manager-agent.service").await.body, b"ExecStart=__RM_SERVER_URL__\n");
+    f.put(&f.data, "install", "plain.sh", b"echo plain\n");
+    let plain = f.get("/install/plain.sh").await;
+    assert_eq!(
+        (plain.body.as_slice(), plain.header("x-checksum-sha256")),
+        (&b"echo plain\n"[..], sha_hex(b"echo plain\n").as_str())
+    );
+}

@@ -12,6 +12,7 @@ use rm_buildinfo::BuildInfo;
 use serde::Serialize;
 
 use crate::auth::Peer;
+use crate::file_response::Representation;
 use crate::public_url::base_url;
 use crate::{ApiError, AppState, file_response};
 use rm_fleet::model::AuditEvent;
@@ -67,10 +68,18 @@ pub async fn install_file(
     let asset = open(&state, AssetKind::Install, &name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("install file {name:?}")))?;
+    if crate::render::is_template(&name) {
+        let base = base_url(state.public_url(), &headers);
+        let rendered = tokio::task::spawn_blocking(move || crate::render::render(asset, base.as_deref()))
+            .await
+            .map_err(|e| ApiError::Internal(format!("render task failed: {e}")))??;
+        return Ok(respond(rendered, AssetKind::Install, &method, &headers));
+    }
     Ok(respond(asset, AssetKind::Install, &method, &headers))
 }
 
-fn respond(asset: OpenAsset, kind: AssetKind, method: &Method, headers: &HeaderMap) -> Response {
+fn respond(asset: impl Into<Representation>, kind: AssetKind, method: &Method, headers: &HeaderMap) -> Response {
+    let asset = asset.into();
     let source = asset.source;
     let mut response = file_response::respond(asset, kind, method, headers);
     response.extensions_mut().insert(source);

@@ -1,0 +1,306 @@
+#!/bin/sh
+# restic-manager agent installer for Linux (amd64, arm64).
+#
+#   curl -fsSL https://SERVER/install/install.sh | sh -s -- --token TOKEN
+#
+# Downloads the agent the server serves for this host, verifies its SHA-256 against the server's published checksum,
+# installs it atomically, enrolls it with the token and starts the systemd service. Safe to re-run: an up-to-date
+# binary is not downloaded again and an enrolled host is not enrolled twice.
+#
+# Every action happens inside main(), called on the very last line: if the download of this script is cut short,
+# the shell only defines functions and does nothing.
+
+# The server replaces the value below with its public URL when it serves this file. The value it inserts contains
+# only URL characters ([A-Za-z0-9._~:/?#[]@!$&'()*+,;=%-] minus quotes and shell metacharacters), so it cannot
+# leave the single quotes.
+RM_DEFAULT_SERVER='__RM_SERVER_URL__'
+
+say() {
+    printf 'restic-manager install: %s\n' "$*" >&2
+}
+
+die() {
+    say "error: $*"
+    exit 1
+}
+
+usage() {
+    cat >&2 <<'EOF'
+usage: install.sh [options]
+  --server URL    restic-manager server URL (default: the server this script came from)
+  --token TOKEN   enrollment token (or RM_ENROLL_TOKEN); without it the agent is installed but not enrolled
+  --prefix DIR    install under DIR/bin (default /usr/local)
+  --no-service    do not install or start the systemd service
+  --dry-run       print what would be done, change nothing
+  --cacert FILE   trust this CA bundle for the server's TLS certificate
+  --insecure      do not verify the server's TLS certificate (testing only)
+  -h, --help      this help
+EOF
+}
+
+# run CMD...: runs a command, or prints it under --dry-run.
+run() {
+    if [ "$dry_run" = 1 ]; then
+        say "would run: $*"
+    else
+        "$@"
+    fi
+}
+
+parse_args() {
+    server=""
+    token="${RM_ENROLL_TOKEN:-}"
+    prefix="/usr/local"
+    no_service=0
+    dry_run=0
+    cacert=""
+    insecure=0
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --server) [ $# -ge 2 ] || die "--server needs a value"; server=$2; shift 2 ;;
+            --server=*) server=${1#*=}; shift ;;
+            --token) [ $# -ge 2 ] || die "--token needs a value"; token=$2; shift 2 ;;
+            --token=*) token=${1#*=}; shift ;;
+            --prefix) [ $# -ge 2 ] || die "--prefix needs a value"; prefix=$2; shift 2 ;;
+            --prefix=*) prefix=${1#*=}; shift ;;
+            --cacert) [ $# -ge 2 ] || die "--cacert needs a value"; cacert=$2; shift 2 ;;
+            --cacert=*) cacert=${1#*=}; shift ;;
+            --no-service) no_service=1; shift ;;
+            --dry-run) dry_run=1; shift ;;
+            --insecure) insecure=1; shift ;;
+            -h | --help) usage; exit 0 ;;
+            *) usage; die "unknown option: $1" ;;
+        esac
+    done
+}
+
+resolve_server() {
+    if [ -z "$server" ]; then
+        case "$RM_DEFAULT_SERVER" in
+            __RM_SERVER*) die "no server URL known: pass --server https://YOUR-SERVER" ;;
+            *) server=$RM_DEFAULT_SERVER ;;
+        esac
+    fi
+    server=${server%/}
+    case "$server" in
+        http://?* | https://?*) ;;
+        *) die "server URL must start with http:// or https://: $server" ;;
+    esac
+    case "$server" in
+        *[!A-Za-z0-9._~:/%@\[\]-]*) die "server URL contains unexpected characters: $server" ;;
+    esac
+    if [ -n "$cacert" ] && [ ! -r "$cacert" ]; then
+        die "cannot read the CA bundle $cacert"
+    fi
+}
+
+detect_platform() {
+    os_name=$(uname -s 2>/dev/null || echo unknown)
+    arch_name=$(uname -m 2>/dev/null || echo unknown)
+    case "$os_name" in
+        Linux) os=linux ;;
+        *) die "unsupported operating system '$os_name'; supported: Linux (amd64, arm64); on Windows use install.ps1" ;;
+    esac
+    case "$arch_name" in
+        x86_64 | amd64) arch=amd64 ;;
+        aarch64 | arm64) arch=arm64 ;;
+        *) die "unsupported architecture '$arch_name'; supported: x86_64/amd64 and aarch64/arm64" ;;
+    esac
+    file="restic-manager-agent-$os-$arch"
+}
+
+pick_tools() {
+    if command -v curl >/dev/null 2>&1; then
+        downloader=curl
+    elif command -v wget >/dev/null 2>&1; then
+        downloader=wget
+    else
+        die "neither curl nor wget is installed"
+    fi
+    if command -v sha256sum >/dev/null 2>&1; then
+        hasher=sha256sum
+    elif command -v shasum >/dev/null 2>&1; then
+        hasher=shasum
+    elif command -v openssl >/dev/null 2>&1; then
+        hasher=openssl
+    else
+        die "no SHA-256 tool found (sha256sum, shasum or openssl)"
+    fi
+}
+
+# fetch URL DEST: downloads to DEST; fails on HTTP errors and on interrupted transfers.
+fetch() {
+    case "$downloader" in
+        curl)
+            set -- "$1" "$2"
+            if [ -n "$cacert" ]; then set -- "$@" --cacert "$cacert"; fi
+            if [ "$insecure" = 1 ]; then set -- "$@" --insecure; fi
+            url=$1 dest=$2
+            shift 2
+            curl -fsSL --proto '=http,https' --retry 2 --connect-timeout 10 "$@" -o "$dest" "$url"
+            ;;
+        wget)
+            set -- "$1" "$2"
+            if [ -n "$cacert" ]; then set -- "$@" --ca-certificate="$cacert"; fi
+            if [ "$insecure" = 1 ]; then set -- "$@" --no-check-certificate; fi
+            url=$1 dest=$2
+            shift 2
+            wget -q -T 10 "$@" -O "$dest" "$url"
+            ;;
+    esac
+}
+
+# sha256_of FILE: prints the lowercase hex digest.
+sha256_of() {
+    case "$hasher" in
+        sha256sum) sha256sum "$1" | cut -d' ' -f1 ;;
+        shasum) shasum -a 256 "$1" | cut -d' ' -f1 ;;
+        openssl) openssl dgst -sha256 "$1" | sed 's/^.*= *//' ;;
+    esac
+}
+
+check_permissions() {
+    bin_dir="$prefix/bin"
+    dest="$bin_dir/restic-manager-agent"
+    case "$prefix" in
+        /usr/local | /usr) config_dir=/etc/restic-manager ;;
+        *) config_dir="$prefix/etc/restic-manager" ;;
+    esac
+    config="$config_dir/agent.json"
+    [ "$dry_run" = 1 ] && return 0
+    probe=$prefix
+    while [ ! -d "$probe" ]; do probe=$(dirname "$probe"); done
+    if [ ! -w "$probe" ] || { [ -d "$bin_dir" ] && [ ! -w "$bin_dir" ]; }; then
+        die "installing into $prefix needs write access to $probe: re-run as root (sudo sh) or pass --prefix"
+    fi
+    if [ "$no_service" = 0 ] && has_systemd && [ "$(id -u)" != 0 ]; then
+        die "installing the systemd service needs root: re-run as root, or pass --no-service"
+    fi
+}
+
+has_systemd() {
+    command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]
+}
+
+expected_checksum() {
+    sums="$work/SHA256SUMS"
+    fetch "$server/agent/SHA256SUMS" "$sums" || die "cannot fetch $server/agent/SHA256SUMS (is the server up and the URL right?)"
+    expected=$(awk -v f="$file" '$2 == f || $2 == "*" f { print $1; exit }' "$sums")
+    case "$expected" in
+        "") die "the server publishes no agent for $os/$arch ($file is not in its SHA256SUMS)" ;;
+        *[!0-9a-f]*) die "the server's SHA256SUMS is malformed (got an HTML page?)" ;;
+    esac
+    [ ${#expected} -eq 64 ] || die "the server's SHA256SUMS is malformed (got an HTML page?)"
+}
+
+install_binary() {
+    if [ -f "$dest" ] && [ "$(sha256_of "$dest")" = "$expected" ]; then
+        say "$dest is already the served build ($expected)"
+        return 0
+    fi
+    if [ "$dry_run" = 1 ]; then
+        say "would download $server/agent/binary?os=$os&arch=$arch, verify sha256 $expected and install it as $dest"
+        return 0
+    fi
+    mkdir -p "$bin_dir" || die "cannot create $bin_dir"
+    # The temporary file sits next to the destination so the final rename is atomic.
+    tmp=$(mktemp "$bin_dir/.restic-manager-agent.XXXXXX") || die "cannot create a temporary file in $bin_dir"
+    say "downloading the $os/$arch agent from $server"
+    fetch "$server/agent/binary?os=$os&arch=$arch" "$tmp" || die "download failed; the existing agent (if any) is untouched"
+    actual=$(sha256_of "$tmp")
+    if [ "$actual" != "$expected" ]; then
+        if head -c 512 "$tmp" | grep -qi '<html\|<!doctype'; then
+            die "the server returned an HTML page instead of the agent; the existing agent (if any) is untouched"
+        fi
+        die "checksum mismatch: expected $expected, got $actual; the existing agent (if any) is untouched"
+    fi
+    chmod 0755 "$tmp" || die "cannot make $tmp executable"
+    version=$("$tmp" --version 2>/dev/null) || die "the downloaded agent does not run on this host; the existing agent (if any) is untouched"
+    case "$version" in
+        restic-manager-agent\ *) ;;
+        *) die "the downloaded file is not a restic-manager agent; the existing agent (if any) is untouched" ;;
+    esac
+    mv -f "$tmp" "$dest" || die "cannot move the agent into place at $dest"
+    tmp=""
+    say "installed $dest ($version)"
+}
+
+enroll() {
+    if [ -f "$config" ]; then
+        say "already enrolled ($config exists); not enrolling again"
+        return 0
+    fi
+    if [ -z "$token" ]; then
+        say "no --token given: the agent is installed but not enrolled"
+        say "enroll later with: $dest enroll --server $server --token TOKEN --config $config"
+        return 0
+    fi
+    set -- enroll --server "$server" --token "$token" --config "$config"
+    if [ -n "$cacert" ]; then set -- "$@" --cacert "$cacert"; fi
+    if [ "$insecure" = 1 ]; then set -- "$@" --insecure; fi
+    run "$dest" "$@" || die "enrollment failed (see the message above)"
+}
+
+install_service() {
+    if [ "$no_service" = 1 ]; then
+        say "not installing a service (--no-service); run the agent with: $dest run --config $config"
+        return 0
+    fi
+    if ! has_systemd; then
+        say "systemd is not running on this host; start the agent with your init system:"
+        say "  $dest run --config $config"
+        return 0
+    fi
+    unit=/etc/systemd/system/restic-manager-agent.service
+    fetch "$server/install/restic-manager-agent.service" "$work/unit" || die "cannot fetch the systemd unit from $server"
+    grep -q '^\[Service\]' "$work/unit" || die "the server's unit file is malformed (got an HTML page?)"
+    sed "s#/usr/local/bin/restic-manager-agent#$dest#g; s#/etc/restic-manager/agent.json#$config#g" "$work/unit" >"$work/unit.final"
+    run install -m 0644 "$work/unit.final" "$unit"
+    dropin=/etc/systemd/system/restic-manager-agent.service.d
+    if [ -n "${HTTPS_PROXY:-}${HTTP_PROXY:-}${NO_PROXY:-}${https_proxy:-}${http_proxy:-}${no_proxy:-}" ]; then
+        {
+            echo "[Service]"
+            for var in HTTPS_PROXY HTTP_PROXY NO_PROXY https_proxy http_proxy no_proxy; do
+                eval "value=\${$var:-}"
+                # shellcheck disable=SC2154 # value is set by the eval above
+                [ -n "$value" ] && printf 'Environment="%s=%s"\n' "$var" "$value"
+            done
+        } >"$work/proxy.conf"
+        run mkdir -p "$dropin"
+        run install -m 0644 "$work/proxy.conf" "$dropin/proxy.conf"
+    fi
+    run systemctl daemon-reload
+    run systemctl enable --now restic-manager-agent.service
+    run systemctl restart restic-manager-agent.service
+    say "service restic-manager-agent enabled and started"
+}
+
+cleanup() {
+    if [ -n "${tmp:-}" ]; then rm -f "$tmp"; fi
+    if [ -n "${work:-}" ]; then rm -rf "$work"; fi
+}
+
+main() {
+    set -u
+    tmp=""
+    work=""
+    parse_args "$@"
+    resolve_server
+    detect_platform
+    pick_tools
+    check_permissions
+    trap cleanup EXIT
+    trap 'exit 130' INT TERM
+    work=$(mktemp -d) || die "cannot create a temporary directory"
+    expected_checksum
+    install_binary
+    if [ "$dry_run" = 1 ] && [ ! -x "$dest" ]; then
+        say "would enroll with the token and install the service"
+        return 0
+    fi
+    enroll
+    install_service
+    say "done"
+}
+
+main "$@"
