@@ -128,24 +128,25 @@ pick_tools() {
     fi
 }
 
-# fetch URL DEST: downloads to DEST; fails on HTTP errors and on interrupted transfers.
+# fetch URL FILE: downloads to FILE; fails on HTTP errors and on interrupted transfers.
+# (POSIX sh has no local variables: the names here are prefixed so they cannot clobber the caller's.)
 fetch() {
     case "$downloader" in
         curl)
             set -- "$1" "$2"
             if [ -n "$cacert" ]; then set -- "$@" --cacert "$cacert"; fi
             if [ "$insecure" = 1 ]; then set -- "$@" --insecure; fi
-            url=$1 dest=$2
+            fetch_url=$1 fetch_out=$2
             shift 2
-            curl -fsSL --proto '=http,https' --retry 2 --connect-timeout 10 "$@" -o "$dest" "$url"
+            curl -fsSL --proto '=http,https' --retry 2 --connect-timeout 10 "$@" -o "$fetch_out" "$fetch_url"
             ;;
         wget)
             set -- "$1" "$2"
             if [ -n "$cacert" ]; then set -- "$@" --ca-certificate="$cacert"; fi
             if [ "$insecure" = 1 ]; then set -- "$@" --no-check-certificate; fi
-            url=$1 dest=$2
+            fetch_url=$1 fetch_out=$2
             shift 2
-            wget -q -T 10 "$@" -O "$dest" "$url"
+            wget -q -T 10 "$@" -O "$fetch_out" "$fetch_url"
             ;;
     esac
 }

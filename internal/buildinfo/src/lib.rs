@@ -5,7 +5,7 @@
 //! the marker out of an agent file it serves ([`scan`]), so it can report which agent build a file holds without
 //! executing it (it may be built for another platform).
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The marker as compiled into this binary. `static` (not `const`) so the bytes exist once, verbatim, in the file.
 static MARKER: &str = concat!(
@@ -23,7 +23,7 @@ const PREFIX: &[u8] = b"\0rm-buildinfo:v1;";
 pub const MAX_MARKER_LEN: usize = 512;
 
 /// Version, commit and build date of one binary.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildInfo {
     pub version: String,
     pub commit: String,

@@ -1,0 +1,227 @@
+//! The agent's subcommands.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::AgentError;
+use crate::client::{Client, Facts, HeartbeatRequest};
+use crate::config::{self, AgentConfig};
+use crate::update::{self, Outcome};
+
+fn log(message: impl std::fmt::Display) {
+    eprintln!("restic-manager-agent: {message}");
+}
+
+/// Options shared by the commands that talk to a server.
+pub struct Tls {
+    pub cacert: Option<PathBuf>,
+    pub insecure: bool,
+}
+
+fn client_for(config: &AgentConfig) -> Result<Client, AgentError> {
+    Client::new(&config.server, config.cacert.as_deref(), config.insecure)
+}
+
+/// `enroll`: trades an enrollment token for an agent identity and stores it (mode 0600).
+pub fn enroll(server: &str, token: &str, config_path: &Path, tls: Tls, force: bool) -> Result<(), AgentError> {
+    if config_path.exists() && !force {
+        let existing = config::load(config_path)?;
+        return Err(AgentError::Usage(format!(
+            "already enrolled as {} with {} ({}); pass --force to enroll again",
+            existing.agent_id,
+            existing.server,
+            config_path.display()
+        )));
+    }
+    let client = Client::new(server, tls.cacert.as_deref(), tls.insecure)?;
+    let enrolled = client.enroll(token, &Facts::current()?)?;
+    let config = AgentConfig {
+        server: client.base().to_string(),
+        agent_id: enrolled.agent_id.clone(),
+        credential: enrolled.credential,
+        cacert: tls.cacert,
+        insecure: tls.insecure,
+    };
+    config::save(config_path, &config)?;
+    log(format_args!(
+        "enrolled as {} with {}; identity saved to {}",
+        enrolled.agent_id,
+        config.server,
+        config_path.display()
+    ));
+    Ok(())
+}
+
+/// State carried between heartbeats.
+struct Loop {
+    seq: u64,
+    last_update_error: Option<String>,
+    /// A build that failed to install is not retried until the server serves a different one.
+    failed_sha: Option<String>,
+}
+
+/// One heartbeat, and a self-update if the server serves a different build. Returns the next interval and whether
+/// the binary was replaced (the caller restarts then).
+fn beat(
+    client: &Client,
+    config: &AgentConfig,
+    facts: &Facts,
+    exe: &Path,
+    state: &mut Loop,
+) -> Result<(Duration, bool), AgentError> {
+    state.seq += 1;
+    let own_sha = crate::sha256_file(exe)?;
+    let answer = client.heartbeat(
+        &config.credential,
+        &HeartbeatRequest {
+            facts,
+            binary_sha256: Some(&own_sha),
+            last_update_error: state.last_update_error.as_deref(),
+            seq: state.seq,
+        },
+    )?;
+    let interval = Duration::from_secs(answer.heartbeat_interval_secs.clamp(1, 24 * 3600));
+    let Some(served) = answer.update else { return Ok((interval, false)) };
+    let Some(served_sha) = served.sha256.clone() else { return Ok((interval, false)) };
+    if served_sha == own_sha || state.failed_sha.as_deref() == Some(served_sha.as_str()) {
+        return Ok((interval, false));
+    }
+    log(format_args!("the server serves a different build ({served_sha}); updating"));
+    match update::apply(client, Some(&config.credential), &served, exe, false) {
+        Ok(Outcome::Updated { previous, version }) => {
+            log(format_args!("updated to {version}; previous binary kept at {}", previous.display()));
+            state.last_update_error = None;
+            Ok((interval, true))
+        }
+        Ok(Outcome::UpToDate) => Ok((interval, false)),
+        Err(e) => {
+            log(format_args!("update failed, keeping the running agent: {e}"));
+            state.last_update_error = Some(format!("update to {served_sha} failed: {e}"));
+            state.failed_sha = Some(served_sha);
+            Ok((interval, false))
+        }
+    }
+}
+
+/// Up to ±10 % of `d`, so a fleet restarted together does not heartbeat in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |t| t.subsec_nanos()) ^ std::process::id();
+    let spread = d.as_millis() as u64 / 5; // 20 % wide window
+    if spread == 0 {
+        return d;
+    }
+    let offset = u64::from(nanos) % (spread + 1);
+    (d + Duration::from_millis(offset)).saturating_sub(Duration::from_millis(spread / 2))
+}
+
+/// `run`: heartbeats forever (or once), with backoff on errors and self-update on a new served build.
+pub fn run(config_path: &Path, once: bool) -> Result<(), AgentError> {
+    let config = config::load(config_path)?;
+    let client = client_for(&config)?;
+    let facts = Facts::current()?;
+    let exe = update::current_exe()?;
+    let mut state = Loop { seq: 0, last_update_error: None, failed_sha: None };
+    let mut backoff = Duration::from_secs(1);
+    log(format_args!(
+        "{} running as agent {} against {}",
+        rm_buildinfo::version_text("restic-manager-agent"),
+        config.agent_id,
+        config.server
+    ));
+    loop {
+        let wait = match beat(&client, &config, &facts, &exe, &mut state) {
+            Ok((_, true)) => return restart(),
+            Ok((interval, false)) => {
+                backoff = Duration::from_secs(1);
+                if once {
+                    return Ok(());
+                }
+                jitter(interval)
+            }
+            Err(e) => {
+                if once {
+                    return Err(e);
+                }
+                log(format_args!("heartbeat failed (retrying in {backoff:?}): {e}"));
+                let wait = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(300));
+                wait
+            }
+        };
+        std::thread::sleep(wait);
+    }
+}
+
+/// After a successful self-update: under systemd (or another supervisor that sets INVOCATION_ID) exit with 75 so
+/// the service manager restarts the new binary; otherwise replace this process with the new binary.
+fn restart() -> Result<(), AgentError> {
+    if std::env::var_os("INVOCATION_ID").is_some() {
+        log("exiting so the service manager starts the new binary");
+        std::process::exit(75);
+    }
+    let exe = update::current_exe()?;
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        let err = std::process::Command::new(&exe).args(&args).exec();
+        Err(AgentError::io(format!("restarting {}", exe.display()))(err))
+    }
+    #[cfg(not(unix))]
+    {
+        std::process::Command::new(&exe).args(&args).spawn().map_err(AgentError::io("restarting the agent"))?;
+        std::process::exit(0);
+    }
+}
+
+/// `update`: installs the served build now (`--check`: only reports).
+pub fn update(config_path: &Path, check: bool) -> Result<(), AgentError> {
+    let config = config::load(config_path)?;
+    let client = client_for(&config)?;
+    let facts = Facts::current()?;
+    let exe = update::current_exe()?;
+    let served = client
+        .served_build(&facts.os, &facts.arch)?
+        .ok_or_else(|| AgentError::Usage(format!("the server publishes no agent for {}/{}", facts.os, facts.arch)))?;
+    let own = crate::sha256_file(&exe)?;
+    let served_sha = served.sha256.clone().unwrap_or_default();
+    if check {
+        if own == served_sha {
+            println!("up to date ({own})");
+        } else {
+            println!("update available: running {own}, server serves {served_sha}");
+        }
+        return Ok(());
+    }
+    match update::apply(&client, Some(&config.credential), &served, &exe, true)? {
+        Outcome::UpToDate => println!("up to date ({own})"),
+        Outcome::Updated { previous, version } => {
+            println!("updated to {version}; previous binary kept at {}", previous.display());
+            println!("restart the service to run it (systemctl restart restic-manager-agent)");
+        }
+    }
+    Ok(())
+}
+
+/// `status`: this binary, its identity, and whether it matches what the server serves.
+pub fn status(config_path: &Path) -> Result<(), AgentError> {
+    let exe = update::current_exe()?;
+    let own = crate::sha256_file(&exe)?;
+    println!("{}", rm_buildinfo::version_text("restic-manager-agent"));
+    println!("binary: {} (sha256 {own})", exe.display());
+    let config = config::load(config_path)?;
+    println!("config: {}", config_path.display());
+    println!("server: {}", config.server);
+    println!("agent id: {}", config.agent_id);
+    let facts = Facts::current()?;
+    match client_for(&config)?.served_build(&facts.os, &facts.arch) {
+        Ok(Some(served)) => {
+            let served_sha = served.sha256.unwrap_or_default();
+            let verdict = if served_sha == own { "up to date" } else { "out of date" };
+            println!("served build: {served_sha} ({verdict})");
+        }
+        Ok(None) => println!("served build: none for {}/{}", facts.os, facts.arch),
+        Err(e) => println!("served build: unknown ({e})"),
+    }
+    Ok(())
+}
