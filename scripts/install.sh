@@ -255,7 +255,7 @@ install_service() {
     unit=/etc/systemd/system/restic-manager-agent.service
     fetch "$server/install/restic-manager-agent.service" "$work/unit" || die "cannot fetch the systemd unit from $server"
     grep -q '^\[Service\]' "$work/unit" || die "the server's unit file is malformed (got an HTML page?)"
-    sed "s#/usr/local/bin/restic-manager-agent#$dest#g; s#/etc/restic-manager/agent.json#$config#g" "$work/unit" >"$work/unit.final"
+    sed "s#/usr/local/bin#$bin_dir#g; s#/etc/restic-manager/agent.json#$config#g" "$work/unit" >"$work/unit.final"
     run install -m 0644 "$work/unit.final" "$unit"
     dropin=/etc/systemd/system/restic-manager-agent.service.d
     if [ -n "${HTTPS_PROXY:-}${HTTP_PROXY:-}${NO_PROXY:-}${https_proxy:-}${http_proxy:-}${no_proxy:-}" ]; then
