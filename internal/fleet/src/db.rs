@@ -163,8 +163,30 @@ fn run_batch(conn: &mut Connection, batch: Vec<Job>, replies: &mut Vec<Reply>) -
     tx.commit()
 }
 
+/// The database holds audit data (addresses, host names) and secret hashes: owner-only, like the admin token.
+/// SQLite gives its `-wal` and `-shm` files the database file's permissions.
+fn restrict_permissions(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => {
+            warn!(path = %path.display(), "database file was readable by others; setting mode 0600");
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        }
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map(drop)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 fn open_connection(path: &Path) -> Result<Connection, DbError> {
     let fail = |reason: String| DbError::Open { path: path.to_path_buf(), reason };
+    restrict_permissions(path).map_err(|e| {
+        fail(format!(
+            "cannot create or secure it: {e}; check that the directory exists and the server user can write it"
+        ))
+    })?;
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let mut conn = Connection::open_with_flags(path, flags).map_err(|e| fail(e.to_string()))?;
     conn.busy_timeout(Duration::from_secs(10)).map_err(|e| fail(e.to_string()))?;
@@ -281,6 +303,23 @@ mod tests {
         Connection::open(&newer).unwrap().execute_batch("PRAGMA user_version = 99").unwrap();
         let err = Db::open(&newer).err().unwrap().to_string();
         assert!(err.contains("schema version 99") && err.contains("newer than this server"), "{err}");
+    }
+
+    #[test]
+    fn database_files_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, db) = temp_db();
+        db.call_blocking(|c| Ok(c.execute_batch("CREATE TABLE t (v INTEGER); INSERT INTO t VALUES (1)")?)).unwrap();
+        for name in ["t.db", "t.db-wal", "t.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(name)).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{name}");
+        }
+        // An existing database with looser permissions is tightened.
+        let loose = dir.path().join("loose.db");
+        Connection::open(&loose).unwrap().execute_batch("CREATE TABLE x (v INTEGER)").unwrap();
+        std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o644)).unwrap();
+        drop(Db::open(&loose).unwrap());
+        assert_eq!(std::fs::metadata(&loose).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
     #[test]
