@@ -183,12 +183,18 @@ impl ServerBuilder {
 
     /// Starts the server and waits until it is listening on its port and `/readyz` answers 200.
     pub fn start(self) -> Server {
+        let (child, addr) = self.launch();
+        Server { child: Some(child), addr, builder: self, restarts: 0 }
+    }
+
+    /// Spawns the server on a free port and waits until it is ready.
+    fn launch(&self) -> (Child, SocketAddr) {
         const ATTEMPTS: usize = 5;
         for _ in 0..ATTEMPTS {
             let addr = free_port();
             let mut child = self.spawn(addr);
             match self.wait_ready(&mut child, addr) {
-                Ready::Yes => return Server { child: Some(child), addr, builder: self },
+                Ready::Yes => return (child, addr),
                 // Another process took the port between our probe and the server's bind: try another one.
                 Ready::PortTaken => continue,
             }
@@ -271,6 +277,8 @@ pub struct Server {
     child: Option<Child>,
     addr: SocketAddr,
     builder: ServerBuilder,
+    /// How many times [`Server::restart`] ran.
+    restarts: usize,
 }
 
 impl Server {
@@ -380,6 +388,61 @@ impl Server {
     pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> Response {
         http_request(self.addr, method, path, headers)
             .unwrap_or_else(|e| panic!("{method} {path} failed: {e}\n{}", self.log_tail()))
+    }
+
+    /// The admin token: `RM_ADMIN_TOKEN` when the builder set it, else the one the server keeps in
+    /// `<data dir>/admin.token` (generated at its first start).
+    pub fn admin_token(&self) -> String {
+        if let Some((_, value)) = self.builder.env.iter().rev().find(|(k, _)| k == "RM_ADMIN_TOKEN") {
+            return value.clone();
+        }
+        let path = self.data_dir().join("admin.token");
+        let token = fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        token.trim().to_string()
+    }
+
+    /// A request carrying `Authorization: Bearer <admin token>` and, when `body` is given, that JSON body.
+    pub fn admin(&self, method: &str, path: &str, body: Option<&serde_json::Value>) -> Response {
+        let auth = format!("Bearer {}", self.admin_token());
+        self.send(method, path, &[("Authorization", &auth)], body)
+    }
+
+    /// A request with an optional JSON body (sent with `Content-Type: application/json`).
+    pub fn send(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&serde_json::Value>,
+    ) -> Response {
+        let mut headers = headers.to_vec();
+        let body = body.map(|b| serde_json::to_vec(b).unwrap());
+        if body.is_some() {
+            headers.push(("Content-Type", "application/json"));
+        }
+        http_request_with_body(self.addr, method, path, &headers, body.as_deref().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("{method} {path} failed: {e}\n{}", self.log_tail()))
+    }
+
+    /// SIGKILLs the server (no shutdown of any kind) and reaps it.
+    pub fn sigkill(&mut self) -> ExitStatus {
+        self.signal(libc::SIGKILL);
+        self.wait_exit(Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("the server was still running 10s after SIGKILL\n{}", self.log_tail()))
+    }
+
+    /// Starts a new server process on the same data dir, bundled dir and environment (so the same admin token),
+    /// on a new port, after killing the current one if it still runs. The previous process's stderr is kept as
+    /// `server.<n>.stderr` next to `server.stderr`.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = None;
+        self.restarts += 1;
+        let kept = self.builder.root().join(format!("server.{}.stderr", self.restarts));
+        let _ = fs::rename(self.builder.stderr_path(), &kept);
+        let (child, addr) = self.builder.launch();
+        self.child = Some(child);
+        self.addr = addr;
     }
 
     fn kill(&mut self) {
@@ -539,6 +602,132 @@ pub fn http_request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str
         body = dechunk(&body)?;
     }
     Ok(Response { status, headers, body })
+}
+
+/// Like [`http_request`], with `body` sent after a `Content-Length` header.
+pub fn http_request_with_body(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> io::Result<Response> {
+    let mut stream = connect(addr)?;
+    let length = body.len().to_string();
+    let mut all = headers.to_vec();
+    if !body.is_empty() || !matches!(method, "GET" | "HEAD" | "DELETE") {
+        all.push(("Content-Length", &length));
+    }
+    write_request(&mut stream, method, path, &all)?;
+    stream.write_all(body)?;
+    read_response(&mut stream, &mut Vec::new(), method == "HEAD")
+}
+
+/// Reads one response: the head, then a body delimited by `Content-Length`, chunked encoding or the end of the
+/// connection. `buf` holds bytes read from `stream` but not consumed yet; whatever follows this response stays in it.
+pub fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>, head_only: bool) -> io::Result<Response> {
+    let mut reader = ByteReader { stream, buf };
+    let head = reader.read_until_pattern(b"\r\n\r\n")?;
+    let (status, headers) = parse_head(&String::from_utf8_lossy(&head[..head.len() - 4]))?;
+    let header = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+    let chunked = header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    let body = if head_only || status == 204 || status == 304 || (100..200).contains(&status) {
+        Vec::new()
+    } else if chunked {
+        let mut body = Vec::new();
+        loop {
+            let line = reader.read_until_pattern(b"\r\n")?;
+            let field = String::from_utf8_lossy(&line[..line.len() - 2]).into_owned();
+            let size = usize::from_str_radix(field.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunk size {field:?}")))?;
+            if size == 0 {
+                // Trailers (none expected) end with an empty line.
+                while reader.read_until_pattern(b"\r\n")?.len() > 2 {}
+                break body;
+            }
+            body.extend_from_slice(&reader.read_exact_bytes(size + 2)?[..size]);
+        }
+    } else if let Some(length) = header("content-length") {
+        let length: usize = length
+            .parse()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("bad content-length {length:?}")))?;
+        reader.read_exact_bytes(length)?
+    } else {
+        let mut body = std::mem::take(reader.buf);
+        reader.stream.read_to_end(&mut body)?;
+        body
+    };
+    Ok(Response { status, headers, body })
+}
+
+/// Message framing over a stream; bytes read beyond the current message stay in `buf`.
+struct ByteReader<'a> {
+    stream: &'a mut TcpStream,
+    buf: &'a mut Vec<u8>,
+}
+
+impl ByteReader<'_> {
+    fn fill(&mut self, want: usize) -> io::Result<()> {
+        let mut chunk = [0u8; 64 * 1024];
+        while self.buf.len() < want {
+            let n = self.stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-response"));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok(())
+    }
+
+    fn read_exact_bytes(&mut self, n: usize) -> io::Result<Vec<u8>> {
+        self.fill(n)?;
+        let rest = self.buf.split_off(n);
+        Ok(std::mem::replace(self.buf, rest))
+    }
+
+    /// Everything up to and including `pattern`.
+    fn read_until_pattern(&mut self, pattern: &[u8]) -> io::Result<Vec<u8>> {
+        loop {
+            if let Some(end) = find(self.buf, pattern) {
+                return self.read_exact_bytes(end + pattern.len());
+            }
+            let want = self.buf.len() + 1;
+            self.fill(want)?;
+        }
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection for many requests in a row (heartbeat load).
+pub struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    pub fn connect(addr: SocketAddr) -> io::Result<Conn> {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        stream.set_nodelay(true)?;
+        Ok(Conn { stream, buf: Vec::new() })
+    }
+
+    /// Sends one request (with `Content-Length` when `body` is not empty) and reads its response.
+    pub fn request(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> io::Result<Response> {
+        let host = self.stream.peer_addr()?;
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: rm-e2e\r\n");
+        for (name, value) in headers {
+            req.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if !body.is_empty() {
+            req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+        }
+        req.push_str("\r\n");
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(body);
+        self.stream.write_all(&bytes)?;
+        read_response(&mut self.stream, &mut self.buf, method == "HEAD")
+    }
 }
 
 pub fn http_get(addr: SocketAddr, path: &str) -> io::Result<Response> {
