@@ -7,8 +7,10 @@
 # installs it atomically, enrolls it with the token and starts the systemd service. Safe to re-run: an up-to-date
 # binary is not downloaded again and an enrolled host is not enrolled twice.
 #
-# Every action happens inside main(), called on the very last line: if the download of this script is cut short,
-# the shell only defines functions and does nothing.
+# The whole script is one { ... } block: the shell must read it to the closing brace on the last line before it
+# runs anything, so a download cut short anywhere is a syntax error that executes nothing (a cut that merely ended
+# the file after "main" would otherwise run main without its arguments).
+{
 
 # The server replaces the value below with its public URL when it serves this file. The value it inserts contains
 # only URL characters ([A-Za-z0-9._~:/?#[]@!$&'()*+,;=%-] minus quotes and shell metacharacters), so it cannot
@@ -186,6 +188,9 @@ has_systemd() {
 expected_checksum() {
     sums="$work/SHA256SUMS"
     fetch "$server/agent/SHA256SUMS" "$sums" || die "cannot fetch $server/agent/SHA256SUMS (is the server up and the URL right?)"
+    if head -c 512 "$sums" | grep -qi '<html\|<!doctype'; then
+        die "the server's SHA256SUMS is malformed (got an HTML page?)"
+    fi
     expected=$(awk -v f="$file" '$2 == f || $2 == "*" f { print $1; exit }' "$sums")
     case "$expected" in
         "") die "the server publishes no agent for $os/$arch ($file is not in its SHA256SUMS)" ;;
@@ -305,3 +310,4 @@ main() {
 }
 
 main "$@"
+}

@@ -130,7 +130,7 @@ pub fn run(config_path: &Path, once: bool) -> Result<(), AgentError> {
     ));
     loop {
         let wait = match beat(&client, &config, &facts, &exe, &mut state) {
-            Ok((_, true)) => return restart(),
+            Ok((_, true)) => return restart(&exe),
             Ok((interval, false)) => {
                 backoff = Duration::from_secs(1);
                 if once {
@@ -153,23 +153,23 @@ pub fn run(config_path: &Path, once: bool) -> Result<(), AgentError> {
 }
 
 /// After a successful self-update: under systemd (or another supervisor that sets INVOCATION_ID) exit with 75 so
-/// the service manager restarts the new binary; otherwise replace this process with the new binary.
-fn restart() -> Result<(), AgentError> {
+/// the service manager restarts the new binary; otherwise replace this process with the new binary at `exe` (the
+/// path found at start: asking again now would name the replaced, deleted file).
+fn restart(exe: &Path) -> Result<(), AgentError> {
     if std::env::var_os("INVOCATION_ID").is_some() {
         log("exiting so the service manager starts the new binary");
         std::process::exit(75);
     }
-    let exe = update::current_exe()?;
     let args: Vec<_> = std::env::args_os().skip(1).collect();
     #[cfg(unix)]
     {
         use std::os::unix::process::CommandExt;
-        let err = std::process::Command::new(&exe).args(&args).exec();
+        let err = std::process::Command::new(exe).args(&args).exec();
         Err(AgentError::io(format!("restarting {}", exe.display()))(err))
     }
     #[cfg(not(unix))]
     {
-        std::process::Command::new(&exe).args(&args).spawn().map_err(AgentError::io("restarting the agent"))?;
+        std::process::Command::new(exe).args(&args).spawn().map_err(AgentError::io("restarting the agent"))?;
         std::process::exit(0);
     }
 }

@@ -4,8 +4,8 @@
 //!    final swap is a rename).
 //! 2. Check its size and SHA-256 against what the server announced.
 //! 3. Make it executable and run `<new> --version`: it must exit 0 within 15 s and identify as the agent.
-//! 4. Copy the running binary to `<exe>.previous` (for rollback), then swap the new one in atomically
-//!    (`self-replace`, which also handles Windows' locked executables).
+//! 4. Copy the running binary to `<exe>.previous` (for rollback), then swap the new one in atomically (a rename on
+//!    Unix followed by a directory fsync; `self-replace` on Windows, where the running executable is locked).
 //!
 //! Any failure leaves the running binary untouched and is returned for the next heartbeat to report.
 
@@ -88,9 +88,24 @@ pub fn apply(
 
     let previous = previous_path(exe);
     std::fs::copy(exe, &previous)
+        .and_then(|_| std::fs::File::open(&previous)?.sync_all())
         .map_err(AgentError::io(format!("keeping the previous agent as {}", previous.display())))?;
-    self_replace::self_replace(&new).map_err(AgentError::io("swapping in the new agent"))?;
+    swap(new, exe, dir)?;
     Ok(Outcome::Updated { previous, version })
+}
+
+/// Unix: rename the already-synced download over the executable (atomic; the running process keeps its inode), then
+/// sync the directory so the rename survives a power loss.
+#[cfg(unix)]
+fn swap(new: tempfile::TempPath, exe: &Path, dir: &Path) -> Result<(), AgentError> {
+    new.persist(exe).map_err(|e| AgentError::io("swapping in the new agent")(e.error))?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(AgentError::io(format!("syncing {}", dir.display())))
+}
+
+/// Windows: a running executable cannot be overwritten; `self-replace` moves it aside first.
+#[cfg(not(unix))]
+fn swap(new: tempfile::TempPath, _exe: &Path, _dir: &Path) -> Result<(), AgentError> {
+    self_replace::self_replace(&new).map_err(AgentError::io("swapping in the new agent"))
 }
 
 pub fn previous_path(exe: &Path) -> PathBuf {
