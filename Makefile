@@ -6,7 +6,7 @@ PORT ?= 8080
 DEV_DIR ?= .dev
 CARGO ?= cargo
 
-.PHONY: help build run dev-bundle test lint fmt ci clean
+.PHONY: help build run dev-bundle test lint fmt ci clean dist dist-agents
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,12 @@ test: ## run every test (unit, in-process router, end-to-end on real sockets)
 	set -o pipefail; $(CARGO) test --workspace 2>&1 | tee target/test.log
 	@scripts/test-summary.sh target/test.log
 
+dist: ## cross-compile the agents (linux amd64/arm64, windows amd64) and servers into dist/ (installs the toolchain; root)
+	scripts/dist.sh all
+
+dist-agents: ## like dist, agents only (what the cross-agent tests run under qemu and wine)
+	scripts/dist.sh agents
+
 lint: ## rustfmt check and clippy with warnings denied
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
@@ -37,8 +43,8 @@ lint: ## rustfmt check and clippy with warnings denied
 fmt: ## format the code
 	$(CARGO) fmt --all
 
-ci: lint test ## what .ci/run runs after installing tools
+ci: lint dist-agents test ## what .ci/run runs after installing tools
 
-clean: ## remove build output and the dev data
+clean: ## remove build output, dist/ and the dev data
 	$(CARGO) clean
-	rm -rf $(DEV_DIR)
+	rm -rf $(DEV_DIR) dist

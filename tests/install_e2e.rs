@@ -1,0 +1,855 @@
+//! End-to-end tests of the install path: `scripts/install.sh` served by the real `restic-manager-server` (with its
+//! URL filled in), run by real POSIX shells (`dash`, `busybox sh`) with `curl | sh`, enrolling the real agent, which
+//! then heartbeats and updates itself. Also: every way the installer can fail leaves an existing agent untouched, a
+//! truncated script does nothing, a hostile `Host` cannot inject into the script, and the systemd unit verifies.
+//! Run `cargo build --workspace` first (`make test` does).
+//!
+//! Everything installs into temporary prefixes with `--no-service`; nothing here touches `/usr/local` or systemd.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rm_e2e::*;
+use serde_json::{Value, json};
+
+const ADMIN: &str = "rm-e2e-install-admin-token-31c9";
+const UPLOAD_PATH: &str = "/api/v1/assets/agent-binaries/restic-manager-agent-linux-amd64";
+const UNIT: &str = "restic-manager-agent.service";
+/// Bound for one run of the installer (normally well under a second).
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The shells the installer must work under: (name for messages, program and leading arguments).
+const SHELLS: [(&str, &[&str]); 2] = [("dash", &["dash"]), ("busybox sh", &["busybox", "sh"])];
+
+// ---------------------------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------------------------
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").join(rel)
+}
+
+/// The real host agent (what the tests publish and install).
+fn host_agent() -> PathBuf {
+    binary(AGENT_BIN)
+}
+
+/// A server whose bundled dir holds the install script and unit from the repo and, when `publish_agent`, a copy of
+/// the host agent as the linux/amd64 binary. Fixed admin token.
+fn install_server(builder: ServerBuilder, publish_agent: bool) -> Server {
+    let builder = builder.env("RM_ADMIN_TOKEN", ADMIN);
+    let bundled = builder.bundled_dir().to_path_buf();
+    if publish_agent {
+        fs::copy(host_agent(), bundled.join("agent-binaries").join(LINUX_AMD64)).expect("copying the host agent");
+    }
+    fs::copy(repo_file("scripts/install.sh"), bundled.join("install/install.sh")).expect("copying install.sh");
+    fs::copy(repo_file("deploy/restic-manager-agent.service"), bundled.join("install").join(UNIT))
+        .expect("copying the unit");
+    builder.start()
+}
+
+/// A fresh enrollment token allowing `uses` enrollments.
+fn create_token(server: &Server, uses: u64) -> String {
+    let r = server.admin("POST", "/api/v1/tokens", Some(&json!({ "uses": uses, "note": "install_e2e" })));
+    assert_eq!(r.status, 201, "creating a token: {}", r.text());
+    r.json()["token"].as_str().expect("token in the answer").to_string()
+}
+
+/// The fleet view's agents.
+fn agents(server: &Server) -> Vec<Value> {
+    let r = server.admin("GET", "/api/v1/agents", None);
+    assert_eq!(r.status, 200, "fleet view: {}", r.text());
+    r.json()["agents"].as_array().expect("agents array").clone()
+}
+
+/// The access-log lines written so far.
+fn access_lines(server: &Server) -> Vec<Value> {
+    server.log_json().into_iter().filter(|l| l["target"] == "access").collect()
+}
+
+/// GETs of an agent binary (HEADs do not count).
+fn binary_downloads(server: &Server) -> usize {
+    access_lines(server)
+        .iter()
+        .filter(|l| l["method"] == "GET" && l["uri"].as_str().is_some_and(|u| u.starts_with("/agent/binary")))
+        .count()
+}
+
+/// Single-quotes a word for `sh -c`.
+fn q(word: impl AsRef<str>) -> String {
+    format!("'{}'", word.as_ref().replace('\'', r"'\''"))
+}
+
+fn qp(path: &Path) -> String {
+    q(path.to_str().expect("UTF-8 temp path"))
+}
+
+/// A command with an environment that cannot change what the installer does: no `RM_*` (e.g. `RM_ENROLL_TOKEN`), no
+/// proxies (curl would send 127.0.0.1 requests to them), no `INVOCATION_ID` (the agent would exit instead of
+/// re-executing itself after an update), and `TMPDIR` pointing at `tmpdir` so leftovers of `mktemp -d` are visible.
+fn clean_command(program: impl AsRef<std::ffi::OsStr>, tmpdir: &Path) -> Command {
+    let mut cmd = Command::new(program);
+    for (key, _) in std::env::vars_os() {
+        let k = key.to_string_lossy();
+        if k.starts_with("RM_")
+            || k.to_ascii_lowercase().ends_with("_proxy")
+            || k == "INVOCATION_ID"
+            || k == "CURL_HOME"
+        {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.env("TMPDIR", tmpdir).stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `script` with `sh -c`, bounded.
+fn sh(script: &str, tmpdir: &Path) -> Output {
+    let mut cmd = clean_command("sh", tmpdir);
+    cmd.arg("-c").arg(script);
+    run_bounded(cmd, SCRIPT_TIMEOUT)
+}
+
+/// `<shell> <script file> <args>`, bounded, with extra environment.
+fn run_script(shell: &[&str], script: &Path, args: &[&str], tmpdir: &Path, env: &[(&str, &str)]) -> Output {
+    let mut cmd = clean_command(shell[0], tmpdir);
+    cmd.args(&shell[1..]).arg(script).args(args).envs(env.iter().copied());
+    run_bounded(cmd, SCRIPT_TIMEOUT)
+}
+
+fn stderr_of(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The names in `dir`, sorted (empty when `dir` does not exist).
+fn entries(dir: &Path) -> Vec<String> {
+    let Ok(read) = fs::read_dir(dir) else { return Vec::new() };
+    let mut names: Vec<String> = read.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display())).permissions().mode() & 0o7777
+}
+
+/// An installation prefix in a temp dir, plus a `TMPDIR` for the installer.
+struct Prefix {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    tmpdir: PathBuf,
+}
+
+impl Prefix {
+    fn new() -> Prefix {
+        let dir = tempfile::Builder::new().prefix("rm-e2e-install-").tempdir().expect("tempdir");
+        let root = dir.path().join("prefix");
+        let tmpdir = dir.path().join("tmp");
+        fs::create_dir(&tmpdir).unwrap();
+        Prefix { root, tmpdir, _dir: dir }
+    }
+
+    /// The temp dir holding `prefix/` and `tmp/`, for other scratch files.
+    fn scratch(&self) -> &Path {
+        self.root.parent().unwrap()
+    }
+
+    fn bin_dir(&self) -> PathBuf {
+        self.root.join("bin")
+    }
+
+    fn agent(&self) -> PathBuf {
+        self.bin_dir().join(AGENT_BIN)
+    }
+
+    fn config(&self) -> PathBuf {
+        self.root.join("etc/restic-manager/agent.json")
+    }
+
+    fn arg(&self) -> String {
+        self.root.to_str().unwrap().to_string()
+    }
+
+    /// `mktemp -d` leftovers: the installer must remove its work dir on every exit path.
+    fn assert_tmpdir_clean(&self, context: &str) {
+        assert_eq!(entries(&self.tmpdir), Vec::<String>::new(), "{context}: the installer left files in TMPDIR");
+    }
+}
+
+/// `curl -fsSL <url>/install/install.sh | <shell> -s -- <args>`.
+fn curl_pipe(server: &Server, shell: &[&str], args: &[String], tmpdir: &Path) -> Output {
+    let args: Vec<String> = args.iter().map(q).collect();
+    let script =
+        format!("curl -fsSL {} | {} -s -- {}", q(server.url("/install/install.sh")), shell.join(" "), args.join(" "));
+    sh(&script, tmpdir)
+}
+
+fn assert_success(out: &Output, context: &str) {
+    assert!(
+        out.status.success(),
+        "{context}: exited with {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        stderr_of(out)
+    );
+}
+
+/// A child process killed (and reaped) on drop.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Polls `check` (which returns `Ok` when done, `Err(state)` otherwise) until it succeeds or `timeout` passes; panics
+/// with the last state and `context()` then.
+fn wait_until<T>(
+    what: &str,
+    timeout: Duration,
+    mut check: impl FnMut() -> Result<T, String>,
+    context: impl Fn() -> String,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match check() {
+            Ok(v) => return v,
+            Err(state) if Instant::now() >= deadline => {
+                panic!("waited {timeout:?} for {what}; last state: {state}\n{}", context())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 1. curl | sh
+// ---------------------------------------------------------------------------------------------------------------
+
+fn curl_pipe_sh_installs_enrolls_and_heartbeats(shell_name: &str, shell: &[&str]) {
+    let server = install_server(Server::builder(), true);
+    let token = create_token(&server, 5);
+    let prefix = Prefix::new();
+    let args = ["--prefix".into(), prefix.arg(), "--no-service".into(), "--token".into(), token.clone()];
+
+    let out = curl_pipe(&server, shell, &args, &prefix.tmpdir);
+    assert_success(&out, &format!("{shell_name}: first install"));
+    let served = server.request("HEAD", BINARY_PATH, &[]);
+    assert_eq!(served.status, 200);
+    let served_sha = served.expect_header("x-checksum-sha256").to_string();
+    assert_eq!(served_sha, sha256_file(&host_agent()), "the server serves the host agent");
+    assert_eq!(sha256_file(&prefix.agent()), served_sha, "{shell_name}: the installed agent is the served build");
+    assert_eq!(mode(&prefix.agent()) & 0o777, 0o755, "{shell_name}: the installed agent is executable");
+    assert_eq!(entries(&prefix.bin_dir()), [AGENT_BIN], "{shell_name}: a temporary file was left in bin/");
+    prefix.assert_tmpdir_clean(shell_name);
+
+    let config = prefix.config();
+    assert!(config.is_file(), "{shell_name}: no config at {}\n{}", config.display(), stderr_of(&out));
+    assert_eq!(mode(&config), 0o600, "{shell_name}: the config holds a credential and must be 0600");
+    let config_bytes = fs::read(&config).unwrap();
+    let identity: Value = serde_json::from_slice(&config_bytes).expect("config is JSON");
+    assert_eq!(identity["server"], server.url(""), "{shell_name}: enrolled with the server the script came from");
+
+    let listed = agents(&server);
+    assert_eq!(listed.len(), 1, "{shell_name}: one agent enrolled: {listed:?}");
+    assert_eq!(listed[0]["id"], identity["agent_id"]);
+    assert_eq!(binary_downloads(&server), 1, "{shell_name}: the binary was downloaded once");
+
+    // The installed agent heartbeats with the stored identity.
+    let mut run = clean_command(prefix.agent(), &prefix.tmpdir);
+    run.arg("--config").arg(&config).args(["run", "--once"]);
+    let beat = run_bounded(run, Duration::from_secs(20));
+    assert_success(&beat, &format!("{shell_name}: agent run --once"));
+    let agent = agents(&server).remove(0);
+    assert!(agent["heartbeats"].as_u64().unwrap() >= 1, "{shell_name}: no heartbeat recorded: {agent}");
+    assert_eq!(agent["state"], "current", "{shell_name}: {agent}");
+    assert_eq!(agent["binary_sha256"], served_sha.as_str(), "{shell_name}: {agent}");
+
+    // Re-running is a no-op: no download, no second enrollment.
+    let again = curl_pipe(&server, shell, &args, &prefix.tmpdir);
+    assert_success(&again, &format!("{shell_name}: second install"));
+    let said = stderr_of(&again);
+    assert!(said.contains("already the served build"), "{shell_name}: second run did not say so:\n{said}");
+    assert_eq!(agents(&server).len(), 1, "{shell_name}: the second run enrolled again");
+    assert!(fs::read(&config).unwrap() == config_bytes, "{shell_name}: the second run rewrote the config");
+    assert_eq!(binary_downloads(&server), 1, "{shell_name}: the second run downloaded the binary again");
+    let tokens = server.admin("GET", "/api/v1/tokens", None).json();
+    assert_eq!(tokens["tokens"][0]["uses"], 1, "{shell_name}: the token was used again: {tokens}");
+    assert_eq!(sha256_file(&prefix.agent()), served_sha);
+    assert_eq!(entries(&prefix.bin_dir()), [AGENT_BIN]);
+    prefix.assert_tmpdir_clean(shell_name);
+}
+
+#[test]
+fn curl_pipe_sh_installs_enrolls_and_heartbeats_dash() {
+    curl_pipe_sh_installs_enrolls_and_heartbeats(SHELLS[0].0, SHELLS[0].1);
+}
+
+#[test]
+fn curl_pipe_sh_installs_enrolls_and_heartbeats_busybox() {
+    curl_pipe_sh_installs_enrolls_and_heartbeats(SHELLS[1].0, SHELLS[1].1);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 2. The server URL in the script
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn served_script_knows_its_server_and_ignores_hostile_hosts() {
+    let server = install_server(Server::builder(), true);
+    let base = server.url("");
+
+    // Fetched with curl, the script defaults to the server it came from: no --server needed.
+    let prefix = Prefix::new();
+    let script = prefix.scratch().join("served.sh");
+    let fetched =
+        sh(&format!("curl -fsSL -o {} {}", qp(&script), q(server.url("/install/install.sh"))), &prefix.tmpdir);
+    assert_success(&fetched, "fetching install.sh");
+    let text = fs::read_to_string(&script).unwrap();
+    assert!(text.contains(&format!("RM_DEFAULT_SERVER='{base}'")), "the served script does not name {base}");
+    assert!(!text.contains("__RM_SERVER_URL__"), "placeholder left in the served script");
+    for (name, shell) in SHELLS {
+        let out = run_script(shell, &script, &["--prefix", &prefix.arg(), "--no-service"], &prefix.tmpdir, &[]);
+        assert_success(&out, &format!("{name}: served script without --server"));
+        let said = stderr_of(&out);
+        assert!(said.contains(&format!("from {base}")) || said.contains("already the served build"), "{name}:\n{said}");
+        assert!(said.contains(&format!("--server {base}")), "{name}: the enroll hint should name {base}:\n{said}");
+        assert_eq!(sha256_file(&prefix.agent()), sha256_file(&host_agent()), "{name}");
+        assert!(!prefix.config().exists(), "{name}: enrolled without a token");
+        prefix.assert_tmpdir_clean(name);
+    }
+    // Control: the unrendered script from the repo knows no server.
+    let raw = run_script(&["dash"], &repo_file("scripts/install.sh"), &["--dry-run"], &prefix.tmpdir, &[]);
+    assert!(!raw.status.success() && stderr_of(&raw).contains("--server"), "raw script: {}", stderr_of(&raw));
+
+    // A hostile Host header is not placed into the script: the placeholder stays and the script asks for --server.
+    let scratch = tempfile::Builder::new().prefix("rm-e2e-host-").tempdir().unwrap();
+    let unique = format!("{}-{}", std::process::id(), scratch.path().file_name().unwrap().to_string_lossy());
+    let marker = Path::new("/tmp").join(format!("PWNED-{unique}"));
+    let m = marker.to_str().unwrap();
+    let hostile = [
+        format!("x$(touch {m})"),
+        format!("x`touch {m}`"),
+        format!("x';touch {m};'"),
+        format!("x\";touch {m};\""),
+        format!("x;touch {m}"),
+        format!("x|touch {m}"),
+        format!("x&touch {m}&"),
+        format!("[$(touch {m})]:80"),
+        format!("127.0.0.1:{}/$(touch {m})", server.port()),
+        format!("x${{IFS}}y$(touch${{IFS}}{m})"),
+        "x'y".to_string(),
+        "x\\y".to_string(),
+    ];
+    for (i, host) in hostile.iter().enumerate() {
+        let file = scratch.path().join(format!("hostile-{i}.sh"));
+        let mut curl = clean_command("curl", scratch.path());
+        curl.args(["-fsS", "--max-time", "10", "-H"])
+            .arg(format!("Host: {host}"))
+            .arg("-o")
+            .arg(&file)
+            .arg(server.url("/install/install.sh"));
+        let got = run_bounded(curl, SCRIPT_TIMEOUT);
+        assert_success(&got, &format!("GET install.sh with Host {host:?}"));
+        let text = fs::read_to_string(&file).unwrap();
+        assert!(
+            text.contains("RM_DEFAULT_SERVER='__RM_SERVER_URL__'"),
+            "Host {host:?}: the placeholder was replaced: {:?}",
+            text.lines().find(|l| l.starts_with("RM_DEFAULT_SERVER="))
+        );
+        assert!(!text.contains("PWNED"), "Host {host:?} made it into the script");
+        for (name, shell) in SHELLS {
+            let p = Prefix::new();
+            let out = run_script(shell, &file, &["--dry-run", "--prefix", &p.arg(), "--no-service"], &p.tmpdir, &[]);
+            let said = stderr_of(&out);
+            assert!(!out.status.success(), "{name}, Host {host:?}: the script ran without a server:\n{said}");
+            assert!(said.contains("--server"), "{name}, Host {host:?}: should ask for --server:\n{said}");
+            assert!(!p.root.exists(), "{name}, Host {host:?}: created the prefix");
+            assert!(!marker.exists(), "{name}, Host {host:?}: the injected command ran ({m} exists)");
+        }
+    }
+    assert!(!marker.exists(), "the injected command ran ({m} exists)");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 3. Failed installs keep the existing agent
+// ---------------------------------------------------------------------------------------------------------------
+
+/// How one failure case is set up: the `--server` URL, extra PATH entries, and what the message must mention.
+struct Failure {
+    name: &'static str,
+    server: String,
+    path_prepend: Option<PathBuf>,
+    /// Substrings (case-insensitive) the error on stderr must contain.
+    mentions: Vec<String>,
+}
+
+const HTML: &[u8] = b"<html>oops</html>";
+
+fn sums_line(sha: &str) -> Vec<u8> {
+    format!("{sha}  {LINUX_AMD64}\n").into_bytes()
+}
+
+/// A fake server that answers `/agent/SHA256SUMS` with `sums` and `/agent/binary` with `binary` (raw responses).
+fn fake_agent_server(sums: Vec<u8>, binary: Vec<u8>) -> FakeHttp {
+    FakeHttp::start(move |target| {
+        if target.starts_with("/agent/SHA256SUMS") {
+            raw_response("200 OK", "text/plain", &sums)
+        } else if target.starts_with("/agent/binary") {
+            binary.clone()
+        } else {
+            raw_response("404 Not Found", "application/json", br#"{"error":"not_found","message":"no"}"#)
+        }
+    })
+}
+
+#[test]
+fn failed_installs_keep_the_existing_agent() {
+    let real = install_server(Server::builder(), true);
+    let unpublished = install_server(Server::builder(), false);
+    let closed = ClosedPort::new();
+    let other_build = sha256_hex(b"some other agent build");
+
+    // (c) every request answered 200 with an HTML page
+    let html_everywhere = FakeHttp::start(|_| raw_response("200 OK", "text/html", HTML));
+    // (c') a valid SHA256SUMS, but the binary is an HTML page served with 200
+    let html_binary = fake_agent_server(sums_line(&other_build), raw_response("200 OK", "text/html", HTML));
+    // (d) the binary does not match the published checksum
+    let payload = random_bytes(0xD, 200 * 1024);
+    let mismatch =
+        fake_agent_server(sums_line(&other_build), raw_response("200 OK", "application/octet-stream", &payload));
+    // (e) Content-Length larger than what is sent before the connection closes
+    let mut truncated = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        payload.len()
+    )
+    .into_bytes();
+    truncated.extend_from_slice(&payload[..payload.len() / 2]);
+    let cut_short = fake_agent_server(sums_line(&sha256_hex(&payload)), truncated);
+    // (g) listed in SHA256SUMS, but the download answers 404
+    let gone = fake_agent_server(
+        sums_line(&other_build),
+        raw_response("404 Not Found", "application/json", br#"{"error":"binary_not_published","message":"x"}"#),
+    );
+    // (h) a file with the right checksum that is not a runnable agent
+    let not_agent = b"#!/bin/sh\nexit 3\n".to_vec();
+    let bad_build = fake_agent_server(
+        sums_line(&sha256_hex(&not_agent)),
+        raw_response("200 OK", "application/octet-stream", &not_agent),
+    );
+
+    // (f) a fake uname reporting an unsupported architecture
+    let fake_bin = tempfile::Builder::new().prefix("rm-e2e-uname-").tempdir().unwrap();
+    let uname = fake_bin.path().join("uname");
+    write_file(&uname, b"#!/bin/sh\ncase \"$1\" in\n  -m) echo mips64 ;;\n  *) echo Linux ;;\nesac\n");
+    fs::set_permissions(&uname, fs::Permissions::from_mode(0o755)).unwrap();
+
+    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    let cases = [
+        Failure {
+            name: "(a) server down",
+            server: format!("http://{}", closed.addr),
+            path_prepend: None,
+            mentions: s(&[&closed.addr.to_string()]),
+        },
+        Failure {
+            name: "(b) binary not published",
+            server: unpublished.url(""),
+            path_prepend: None,
+            mentions: s(&["linux/amd64"]),
+        },
+        Failure {
+            name: "(c) HTML page with 200 for everything",
+            server: html_everywhere.base_url(),
+            path_prepend: None,
+            mentions: s(&["html"]),
+        },
+        Failure {
+            name: "(c') HTML page with 200 instead of the binary",
+            server: html_binary.base_url(),
+            path_prepend: None,
+            mentions: s(&["html"]),
+        },
+        Failure {
+            name: "(d) checksum mismatch",
+            server: mismatch.base_url(),
+            path_prepend: None,
+            mentions: s(&["checksum", &other_build]),
+        },
+        Failure {
+            name: "(e) truncated download",
+            server: cut_short.base_url(),
+            path_prepend: None,
+            mentions: s(&["download"]),
+        },
+        Failure {
+            name: "(f) unsupported architecture",
+            server: real.url(""),
+            path_prepend: Some(fake_bin.path().to_path_buf()),
+            mentions: s(&["mips64", "amd64", "arm64"]),
+        },
+        Failure { name: "(g) download 404", server: gone.base_url(), path_prepend: None, mentions: s(&["download"]) },
+        Failure {
+            name: "(h) not a runnable agent",
+            server: bad_build.base_url(),
+            path_prepend: None,
+            mentions: s(&["agent"]),
+        },
+    ];
+
+    let script = repo_file("scripts/install.sh");
+    let original_sha = sha256_file(&host_agent());
+    let token = create_token(&real, 10);
+    for case in &cases {
+        for (shell_name, shell) in SHELLS {
+            let context = format!("{} under {shell_name}", case.name);
+            // An existing, working install.
+            let prefix = Prefix::new();
+            fs::create_dir_all(prefix.bin_dir()).unwrap();
+            fs::copy(host_agent(), prefix.agent()).unwrap();
+            let before = sha256_file(&prefix.agent());
+            assert_eq!(before, original_sha);
+
+            let mut env = Vec::new();
+            let path;
+            if let Some(dir) = &case.path_prepend {
+                path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+                env.push(("PATH", path.as_str()));
+            }
+            let args = ["--prefix", &prefix.arg(), "--no-service", "--server", &case.server, "--token", &token];
+            let started = Instant::now();
+            let out = run_script(shell, &script, &args, &prefix.tmpdir, &env);
+            let said = stderr_of(&out);
+            eprintln!("{context}: {} in {:?}: {}", out.status, started.elapsed(), said.trim().replace('\n', " | "));
+
+            assert!(!out.status.success(), "{context}: the installer succeeded:\n{said}");
+            assert!(said.contains("error"), "{context}: no error message on stderr:\n{said}");
+            for want in &case.mentions {
+                assert!(
+                    said.to_ascii_lowercase().contains(&want.to_ascii_lowercase()),
+                    "{context}: the message should mention {want:?}:\n{said}"
+                );
+            }
+            assert_eq!(sha256_file(&prefix.agent()), before, "{context}: the existing agent was changed");
+            assert_eq!(mode(&prefix.agent()) & 0o777, 0o755, "{context}: the existing agent's mode changed");
+            assert_eq!(entries(&prefix.bin_dir()), [AGENT_BIN], "{context}: temporary file left in bin/");
+            assert!(!prefix.config().exists(), "{context}: enrolled although the install failed");
+            prefix.assert_tmpdir_clean(&context);
+        }
+    }
+    // The fake servers saw what the cases claim: the failures happened where they were meant to.
+    assert!(html_binary.requests().iter().any(|t| t.starts_with("/agent/binary")), "(c') never asked for the binary");
+    assert!(cut_short.requests().iter().any(|t| t.starts_with("/agent/binary")), "(e) never asked for the binary");
+    assert!(bad_build.requests().iter().any(|t| t.starts_with("/agent/binary")), "(h) never asked for the binary");
+    assert_eq!(binary_downloads(&real), 0, "(f) downloaded a binary for an unsupported platform");
+    assert_eq!(agents(&real).len(), 0, "a failed install enrolled");
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 4. A truncated script does nothing
+// ---------------------------------------------------------------------------------------------------------------
+
+#[test]
+fn truncated_script_does_nothing() {
+    // No agent is published on this server. A truncated script that wrongly runs anyway then stops at the checksum
+    // list (which the access log records) instead of installing into a default prefix such as /usr/local: with its
+    // arguments cut off, a partial `main` line would run with the defaults.
+    let server = install_server(Server::builder(), false);
+    let script_path = "/install/install.sh";
+    let r = server.get(script_path);
+    assert_eq!(r.status, 200);
+    let full = r.body;
+    // Everything the test itself asked for so far is logged before the runs start; any later line is the scripts'.
+    server.wait_for_log_lines("for the script download", 1, Duration::from_secs(5), |l| l["uri"] == script_path);
+    let baseline = access_lines(&server).len();
+    let len = full.len();
+    // The last line that calls `main "$@"` (possibly indented, possibly followed by a closing brace).
+    let call = b"main \"$@\"";
+    let call_at = full.windows(call.len()).rposition(|w| w == call).expect("install.sh calls main \"$@\"");
+    let main_line = full[..call_at].iter().rposition(|&b| b == b'\n').map_or(0, |nl| nl + 1);
+    let after_call = call_at + call.len() + 1;
+
+    // Every 97 bytes, the last 20 offsets before the end (up to, not including, the complete script without its
+    // final newline), right before the `main` line and at each byte inside it.
+    let mut cuts: Vec<usize> = (0..len).step_by(97).collect();
+    cuts.extend(len.saturating_sub(21)..len - 1);
+    cuts.extend(main_line..after_call.min(len - 1));
+    cuts.sort_unstable();
+    cuts.dedup();
+
+    let scratch = tempfile::Builder::new().prefix("rm-e2e-trunc-").tempdir().unwrap();
+    let input = scratch.path().join("input.sh");
+    let watched = scratch.path().join("watched");
+    let tmpdir = scratch.path().join("tmp");
+    fs::create_dir_all(&watched).unwrap();
+    fs::create_dir_all(&tmpdir).unwrap();
+    let prefix = watched.join("prefix");
+    let args =
+        ["-s", "--", "--prefix", prefix.to_str().unwrap(), "--no-service", "--server", &server.url(""), "--token", "T"];
+
+    let mut acted = Vec::new();
+    let mut statuses = std::collections::BTreeMap::<String, usize>::new();
+    for (shell_name, shell) in SHELLS {
+        for &cut in &cuts {
+            fs::write(&input, &full[..cut]).unwrap();
+            let requests_before = access_lines(&server).len();
+            let mut cmd = clean_command(shell[0], &tmpdir);
+            cmd.args(&shell[1..]).args(args).stdin(fs::File::open(&input).unwrap());
+            let out = run_bounded(cmd, SCRIPT_TIMEOUT);
+            *statuses.entry(format!("{shell_name}: {}", out.status)).or_default() += 1;
+            let created = entries(&watched);
+            let requests = access_lines(&server).len() - requests_before;
+            if !created.is_empty() || requests > 0 || !entries(&tmpdir).is_empty() {
+                let tail = String::from_utf8_lossy(&full[cut.saturating_sub(24)..cut]).into_owned();
+                acted.push(format!(
+                    "{shell_name}, cut at {cut}/{len} (…{tail:?}): {}, created {created:?}, {requests} request(s), \
+                     stderr: {}",
+                    out.status,
+                    stderr_of(&out).trim().replace('\n', " | ")
+                ));
+                let _ = fs::remove_dir_all(&prefix);
+            }
+        }
+    }
+    // Requests are logged when their response ends: wait for a marker request's line before the final count.
+    let sentinel = "/healthz?truncation-test-sentinel";
+    assert_eq!(server.get(sentinel).status, 200);
+    server.wait_for_log_lines("for the sentinel request", 1, Duration::from_secs(5), |l| l["uri"] == sentinel);
+    let stray: Vec<String> = access_lines(&server)[baseline..]
+        .iter()
+        .filter(|l| l["uri"] != sentinel)
+        .map(|l| format!("{} {} -> {}", l["method"], l["uri"], l["status"]))
+        .collect();
+    eprintln!("{} cuts per shell; exit statuses: {statuses:?}", cuts.len());
+    assert!(
+        acted.is_empty() && stray.is_empty(),
+        "a truncated install.sh acted:\n{}\nrequests that reached the server: {stray:?}",
+        acted.join("\n")
+    );
+
+    // Control: the complete script (with or without its final newline) does reach the server, so the check above
+    // can see a script that acts.
+    for complete in [len, len - 1] {
+        fs::write(&input, &full[..complete]).unwrap();
+        let before = access_lines(&server).len();
+        let mut cmd = clean_command("dash", &tmpdir);
+        cmd.args(args).stdin(fs::File::open(&input).unwrap());
+        let out = run_bounded(cmd, SCRIPT_TIMEOUT);
+        assert!(!out.status.success(), "nothing is published, so the complete script must fail: {}", stderr_of(&out));
+        assert!(stderr_of(&out).contains("linux/amd64"), "{}", stderr_of(&out));
+        server.wait_for_log_lines(
+            "for the complete script's SHA256SUMS request",
+            before + 1,
+            Duration::from_secs(5),
+            |l| l["target"] == "access",
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 5. Self-update
+// ---------------------------------------------------------------------------------------------------------------
+
+fn upload_agent(server: &Server, bytes: &[u8]) {
+    let auth = format!("Bearer {ADMIN}");
+    let sum = sha256_hex(bytes);
+    let r = http_request_with_body(
+        server.addr(),
+        "PUT",
+        UPLOAD_PATH,
+        &[("Authorization", &auth), ("X-Checksum-Sha256", &sum)],
+        bytes,
+    )
+    .unwrap_or_else(|e| panic!("upload failed: {e}\n{}", server.log_tail()));
+    assert!(matches!(r.status, 200 | 201), "upload: {} {}", r.status, r.text());
+}
+
+#[test]
+fn self_update_converges_and_rejects_broken_builds() {
+    let server = install_server(Server::builder().env("RM_HEARTBEAT_INTERVAL", "1s"), true);
+    let token = create_token(&server, 1);
+    let prefix = Prefix::new();
+    let args = ["--prefix".into(), prefix.arg(), "--no-service".into(), "--token".into(), token];
+    assert_success(&curl_pipe(&server, &["dash"], &args, &prefix.tmpdir), "install");
+    let old = fs::read(prefix.agent()).unwrap();
+    let old_sha = sha256_hex(&old);
+    let agent_id = agents(&server)[0]["id"].as_str().unwrap().to_string();
+
+    // The running agent, outside any service manager (no INVOCATION_ID: it re-executes itself after an update).
+    let log_path = prefix.scratch().join("agent.log");
+    let mut cmd = clean_command(prefix.agent(), &prefix.tmpdir);
+    cmd.arg("--config")
+        .arg(prefix.config())
+        .arg("run")
+        .stdout(fs::File::create(&log_path).unwrap())
+        .stderr(fs::File::create(&log_path).unwrap().try_clone().unwrap());
+    let mut child = KillOnDrop(cmd.spawn().expect("starting the agent"));
+    let agent_log =
+        || format!("--- agent log ---\n{}\n{}", fs::read_to_string(&log_path).unwrap_or_default(), server.log_tail());
+    let view =
+        |server: &Server| agents(server).into_iter().find(|a| a["id"] == agent_id.as_str()).expect("agent listed");
+    wait_until(
+        "the first heartbeat",
+        Duration::from_secs(10),
+        || {
+            let a = view(&server);
+            if a["heartbeats"].as_u64() > Some(0) && a["state"] == "current" { Ok(()) } else { Err(a.to_string()) }
+        },
+        agent_log,
+    );
+
+    // A new build: the same agent with bytes appended (still runs, different SHA-256).
+    let mut new = old.clone();
+    new.extend_from_slice(b"\nrm-e2e: a new build of the agent\n");
+    let new_sha = sha256_hex(&new);
+    upload_agent(&server, &new);
+    let previous = prefix.bin_dir().join(format!("{AGENT_BIN}.previous"));
+    wait_until(
+        "the agent to install the new build, restart and report it",
+        Duration::from_secs(15),
+        || {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                panic!("the agent process exited with {status}\n{}", agent_log());
+            }
+            let installed = sha256_file(&prefix.agent());
+            let kept = if previous.exists() { sha256_file(&previous) } else { "(none)".into() };
+            let a = view(&server);
+            if installed == new_sha
+                && kept == old_sha
+                && a["state"] == "current"
+                && a["binary_sha256"] == new_sha.as_str()
+            {
+                Ok(())
+            } else {
+                Err(format!("installed {installed}, previous {kept}, fleet view {a}"))
+            }
+        },
+        agent_log,
+    );
+    assert_eq!(mode(&prefix.agent()) & 0o777, 0o755, "the updated agent keeps its mode");
+    let mut expected = vec![AGENT_BIN.to_string(), format!("{AGENT_BIN}.previous")];
+    expected.sort();
+    assert_eq!(entries(&prefix.bin_dir()), expected, "temporary files left in bin/ after the update");
+
+    // A broken build: fails its smoke test (`--version` exits 3). The agent keeps running the good build and reports.
+    let broken = b"#!/bin/sh\nexit 3\n".to_vec();
+    upload_agent(&server, &broken);
+    let reported = wait_until(
+        "the agent to report the failed update",
+        Duration::from_secs(10),
+        || {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                panic!("the agent process exited with {status}\n{}", agent_log());
+            }
+            let a = view(&server);
+            match a["last_update_error"].as_str() {
+                Some(_) if a["state"] == "out_of_date" => Ok(a),
+                _ => Err(a.to_string()),
+            }
+        },
+        agent_log,
+    );
+    let error = reported["last_update_error"].as_str().unwrap();
+    assert!(error.contains("smoke test"), "last_update_error should name the smoke test: {error}");
+    assert!(error.contains(&sha256_hex(&broken)), "last_update_error should name the refused build: {error}");
+    assert_eq!(reported["binary_sha256"], new_sha.as_str(), "{reported}");
+    assert_eq!(reported["served_sha256"], sha256_hex(&broken).as_str(), "{reported}");
+    // A few more heartbeats: no retry loop replaces the binary, the process stays up.
+    let beats = reported["heartbeats"].as_u64().unwrap();
+    wait_until(
+        "two more heartbeats",
+        Duration::from_secs(10),
+        || {
+            let a = view(&server);
+            if a["heartbeats"].as_u64().unwrap() >= beats + 2 { Ok(()) } else { Err(a.to_string()) }
+        },
+        agent_log,
+    );
+    assert!(child.0.try_wait().unwrap().is_none(), "the agent exited after the failed update\n{}", agent_log());
+    assert_eq!(sha256_file(&prefix.agent()), new_sha, "the broken build replaced the good one\n{}", agent_log());
+    assert_eq!(sha256_file(&previous), old_sha);
+    assert_eq!(entries(&prefix.bin_dir()), expected, "temporary files left in bin/ after the refused update");
+    let a = view(&server);
+    assert_eq!(a["state"], "out_of_date", "{a}");
+    assert!(a["last_update_error"].as_str().is_some_and(|e| e.contains("smoke test")), "{a}");
+    drop(child);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 6, 7. The unit file and the script itself
+// ---------------------------------------------------------------------------------------------------------------
+
+fn have(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool} >/dev/null 2>&1")]).status().is_ok_and(|s| s.success())
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    let unit = fs::read_to_string(repo_file("deploy/restic-manager-agent.service")).unwrap();
+    let service: Vec<&str> = unit
+        .lines()
+        .skip_while(|l| l.trim() != "[Service]")
+        .skip(1)
+        .take_while(|l| !l.starts_with('['))
+        .map(str::trim)
+        .collect();
+    for want in ["NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes", "Restart=on-failure"] {
+        assert!(service.contains(&want), "[Service] lacks {want}");
+    }
+    assert!(
+        service.iter().any(|l| l.starts_with("ProtectHome=") && !l.ends_with("=no") && !l.ends_with("=false")),
+        "[Service] lacks ProtectHome"
+    );
+    assert!(
+        service.contains(&"ExecStart=/usr/local/bin/restic-manager-agent run --config /etc/restic-manager/agent.json"),
+        "install.sh rewrites /usr/local/bin and /etc/restic-manager/agent.json in ExecStart: {service:?}"
+    );
+
+    if !have("systemd-analyze") {
+        eprintln!("NOTE: systemd-analyze is not installed; skipping `systemd-analyze verify`");
+        return;
+    }
+    let dir = tempfile::Builder::new().prefix("rm-e2e-unit-").tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    fs::create_dir_all(&bin).unwrap();
+    fs::copy(host_agent(), bin.join(AGENT_BIN)).unwrap();
+    let path = dir.path().join(UNIT);
+    fs::write(&path, unit.replace("/usr/local/bin", bin.to_str().unwrap())).unwrap();
+    let mut cmd = Command::new("systemd-analyze");
+    cmd.arg("verify").arg(&path).env("SYSTEMD_LOG_COLOR", "0");
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr_of(&out));
+    assert!(out.status.success(), "systemd-analyze verify failed ({}):\n{said}", out.status);
+    // Unknown keys and unparsable values are only warnings (exit 0): none may concern our unit.
+    let warnings: Vec<&str> = said.lines().filter(|l| l.contains(UNIT)).collect();
+    assert!(warnings.is_empty(), "systemd-analyze verify warned about the unit:\n{}", warnings.join("\n"));
+}
+
+#[test]
+fn shellcheck_and_posix_shells() {
+    let script = repo_file("scripts/install.sh");
+    for (name, shell) in SHELLS {
+        let mut cmd = Command::new(shell[0]);
+        cmd.args(&shell[1..]).arg("-n").arg(&script);
+        let out = run_bounded(cmd, Duration::from_secs(10));
+        assert_success(&out, &format!("{name} -n install.sh"));
+    }
+    if have("shellcheck") {
+        let mut cmd = Command::new("shellcheck");
+        cmd.args(["-s", "sh"]).arg(&script);
+        let out = run_bounded(cmd, Duration::from_secs(30));
+        assert!(
+            out.status.success(),
+            "shellcheck -s sh scripts/install.sh:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            stderr_of(&out)
+        );
+    } else {
+        eprintln!("NOTE: shellcheck is not installed; skipping it");
+    }
+}
