@@ -11,12 +11,20 @@ use rm_e2e::*;
 
 fn dist_binary(file: &str) -> Option<PathBuf> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/agent-binaries").join(file);
-    if path.is_file() {
-        Some(path)
-    } else {
-        eprintln!("SKIP: {} not built (run `make dist`)", path.display());
-        None
+    if !path.is_file() {
+        eprintln!("SKIP: {} not built (run `make dist-agents`)", path.display());
+        return None;
     }
+    // dist/ is built separately; after a commit it is stale until rebuilt. Under CI (which builds it from the same
+    // checkout right before the tests) a different build is a failure; elsewhere it is reported and skipped.
+    let embedded = fs::read(&path).ok().and_then(|b| rm_buildinfo::scan(&b)).map(|info| info.version_line());
+    let host = host_version_line();
+    if embedded.as_deref() != Some(host.trim_start_matches("restic-manager-agent ")) && std::env::var_os("CI").is_none()
+    {
+        eprintln!("SKIP: {} embeds {embedded:?} but this tree builds {host:?}; run `make dist-agents`", path.display());
+        return None;
+    }
+    Some(path)
 }
 
 /// A command from a program and its arguments (`run_bounded` takes it by value).

@@ -12,4 +12,4 @@ pub mod store;
 pub use name::{NameError, validate_name};
 pub use platform::{Arch, Os, Platform, PlatformError};
 #[cfg(unix)]
-pub use store::{AssetKind, AssetStore, Digest, OpenAsset, Source};
+pub use store::{AssetKind, AssetStore, Digest, Known, OpenAsset, Source};

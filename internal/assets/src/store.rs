@@ -88,6 +88,46 @@ impl Digest {
     }
 }
 
+/// A resolved asset remembered after a full lookup: everything a response says about it, without an open file.
+#[derive(Debug, Clone)]
+pub struct Known {
+    pub kind: AssetKind,
+    pub name: String,
+    pub source: Source,
+    /// The request path inside its root (may be a symlink that stays inside).
+    candidate: PathBuf,
+    /// Where it resolved to when it was checked.
+    real: PathBuf,
+    identity: Identity,
+    pub len: u64,
+    pub modified: SystemTime,
+    pub digest: Arc<Digest>,
+}
+
+impl Known {
+    /// Opens the file for its body; `Ok(None)` if it is no longer this version (the caller then does a full lookup).
+    pub fn open(&self) -> io::Result<Option<File>> {
+        let file = match open_no_follow(&self.real) {
+            Ok(f) => f,
+            Err(e) if is_absent(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let meta = file.metadata()?;
+        Ok((meta.is_file() && Identity::of(&meta) == self.identity).then_some(file))
+    }
+
+    /// The bytes of this version (for rendering small scripts); `Ok(None)` if it changed.
+    pub fn read(&self, max: u64) -> io::Result<Option<Vec<u8>>> {
+        if self.len > max {
+            return Ok(None);
+        }
+        let Some(file) = self.open()? else { return Ok(None) };
+        let mut buf = vec![0u8; self.len as usize];
+        file.read_exact_at(&mut buf, 0)?;
+        Ok(Some(buf))
+    }
+}
+
 /// An opened asset plus the facts taken from its handle.
 #[derive(Debug)]
 pub struct OpenAsset {
@@ -119,6 +159,7 @@ pub struct AssetStore {
     data_dir: PathBuf,
     bundled_dir: Option<PathBuf>,
     cache: Mutex<HashMap<Identity, Slot>>,
+    known: Mutex<HashMap<(AssetKind, String), Known>>,
     digests_computed: AtomicU64,
 }
 
@@ -152,6 +193,7 @@ impl AssetStore {
             data_dir: data,
             bundled_dir: bundled,
             cache: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::new()),
             digests_computed: AtomicU64::new(0),
         })
     }
@@ -188,6 +230,31 @@ impl AssetStore {
         Ok(None)
     }
 
+    /// A previously resolved asset, if it is still what a full lookup would find: the data-dir copy is still absent
+    /// (for a bundled hit) and `stat` of the request path, following symlinks, still gives the same file version.
+    /// One or two `stat` calls and no open, so it is cheap enough to run on an async worker. `None` means "do the
+    /// full lookup" ([`AssetStore::open`]), never "not found".
+    pub fn known(&self, kind: AssetKind, name: &str) -> Option<Known> {
+        let known = lock(&self.known).get(&(kind, name.to_string())).cloned()?;
+        if known.source == Source::Bundled {
+            let override_path = self.data_dir.join(kind.subdir()).join(name);
+            match fs::symlink_metadata(&override_path) {
+                Err(e) if is_absent(&e) => {}
+                _ => return None,
+            }
+        }
+        let meta = fs::metadata(&known.candidate).ok()?;
+        (meta.is_file() && Identity::of(&meta) == known.identity).then_some(known)
+    }
+
+    fn remember(&self, known: Known) {
+        let mut map = lock(&self.known);
+        if map.len() >= CACHE_CAPACITY {
+            map.clear();
+        }
+        map.insert((known.kind, known.name.clone()), known);
+    }
+
     fn open_in(
         &self,
         root: &Path,
@@ -199,7 +266,7 @@ impl AssetStore {
         let candidate = dir.join(name);
         let io_err = |source: io::Error| StoreError::Io { path: candidate.clone(), source };
         for _ in 0..OPEN_ATTEMPTS {
-            let Some((file, meta)) = open_contained(root, &dir, &candidate).map_err(io_err)? else {
+            let Some((file, meta, real)) = open_contained(root, &dir, &candidate).map_err(io_err)? else {
                 return Ok(None);
             };
             let identity = Identity::of(&meta);
@@ -211,14 +278,20 @@ impl AssetStore {
                 }
                 Err(DigestError::Io(e)) => return Err(io_err(e)),
             };
-            return Ok(Some(OpenAsset {
-                file,
-                len: identity.size,
-                modified: meta.modified().map_err(io_err)?,
-                source,
+            let modified = meta.modified().map_err(io_err)?;
+            let known = Known {
+                kind,
                 name: name.to_string(),
-                digest,
-            }));
+                source,
+                candidate: candidate.clone(),
+                real,
+                identity,
+                len: identity.size,
+                modified,
+                digest: digest.clone(),
+            };
+            self.remember(known);
+            return Ok(Some(OpenAsset { file, len: identity.size, modified, source, name: name.to_string(), digest }));
         }
         Err(StoreError::Unstable { path: candidate })
     }
@@ -277,7 +350,7 @@ fn compute_digest(file: &File, len: u64) -> Result<Digest, DigestError> {
 
 /// Opens `candidate` if it resolves to a regular file inside `root/<subdir>`; `Ok(None)` for absent, refused or
 /// non-regular entries (refusals are logged: they are operator mistakes or attacks worth seeing).
-fn open_contained(root: &Path, dir: &Path, candidate: &Path) -> io::Result<Option<(File, Metadata)>> {
+fn open_contained(root: &Path, dir: &Path, candidate: &Path) -> io::Result<Option<(File, Metadata, PathBuf)>> {
     if let Err(e) = fs::symlink_metadata(candidate) {
         return absent_or(e);
     }
@@ -302,12 +375,7 @@ fn open_contained(root: &Path, dir: &Path, candidate: &Path) -> io::Result<Optio
             "symlink leads outside its asset dir; refused");
         return Ok(None);
     }
-    // O_NOFOLLOW: a symlink swapped in after the check is refused; O_NONBLOCK: a FIFO cannot hang the open.
-    let file = match fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(&real)
-    {
+    let file = match open_no_follow(&real) {
         Ok(f) => f,
         Err(e) => return absent_or(e),
     };
@@ -316,7 +384,12 @@ fn open_contained(root: &Path, dir: &Path, candidate: &Path) -> io::Result<Optio
         warn!(path = %candidate.display(), "not a regular file; not served");
         return Ok(None);
     }
-    Ok(Some((file, meta)))
+    Ok(Some((file, meta, real)))
+}
+
+/// O_NOFOLLOW: a symlink swapped in after the checks is refused; O_NONBLOCK: a FIFO cannot hang the open.
+fn open_no_follow(path: &Path) -> io::Result<File> {
+    fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY).open(path)
 }
 
 fn is_absent(e: &io::Error) -> bool {

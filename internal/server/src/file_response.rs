@@ -27,11 +27,17 @@ const CHUNK: usize = 64 * 1024;
 
 /// Where a response body comes from.
 pub enum Content {
-    /// The opened file (the common case): streamed from the handle the headers were taken from.
+    /// The opened file: streamed from the handle the headers were taken from.
     File(std::fs::File),
+    /// A remembered file version: opened only if a body is sent, and only if it is still that version.
+    Known(rm_assets::Known),
     /// Rendered in memory (install scripts with the server URL filled in).
     Memory(bytes::Bytes),
 }
+
+/// The remembered file changed between lookup and open: redo the lookup.
+#[derive(Debug)]
+pub struct Stale;
 
 /// Everything a response says about one version of an asset, and its bytes.
 pub struct Representation {
@@ -41,6 +47,19 @@ pub struct Representation {
     pub source: rm_assets::Source,
     pub name: String,
     pub digest: std::sync::Arc<rm_assets::Digest>,
+}
+
+impl From<rm_assets::Known> for Representation {
+    fn from(known: rm_assets::Known) -> Self {
+        Representation {
+            len: known.len,
+            modified: known.modified,
+            source: known.source,
+            name: known.name.clone(),
+            digest: known.digest.clone(),
+            content: Content::Known(known),
+        }
+    }
 }
 
 impl From<OpenAsset> for Representation {
@@ -56,7 +75,12 @@ impl From<OpenAsset> for Representation {
     }
 }
 
-pub fn respond(asset: Representation, kind: AssetKind, method: &Method, request: &HeaderMap) -> Response {
+pub fn respond(
+    asset: Representation,
+    kind: AssetKind,
+    method: &Method,
+    request: &HeaderMap,
+) -> Result<Response, Stale> {
     let sha_hex = asset.digest.sha256_hex();
     let etag: ETag = format!("\"sha256-{sha_hex}\"").parse().expect("hex is a valid entity tag");
     let modified = asset.modified;
@@ -78,7 +102,7 @@ pub fn respond(asset: Representation, kind: AssetKind, method: &Method, request:
     }
 
     if let Some(status) = precondition_failure(request, &etag, modified) {
-        return (status, headers).into_response();
+        return Ok((status, headers).into_response());
     }
 
     let content_type = match kind {
@@ -102,7 +126,7 @@ pub fn respond(asset: Representation, kind: AssetKind, method: &Method, request:
             insert(&mut headers, header::CONTENT_RANGE.as_str(), &format!("bytes */{len}"));
             headers.remove(header::CONTENT_TYPE);
             headers.remove(header::CONTENT_DISPOSITION);
-            return (StatusCode::RANGE_NOT_SATISFIABLE, headers).into_response();
+            return Ok((StatusCode::RANGE_NOT_SATISFIABLE, headers).into_response());
         }
     };
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
@@ -111,14 +135,15 @@ pub fn respond(asset: Representation, kind: AssetKind, method: &Method, request:
         Body::empty()
     } else {
         match stream(asset, start, count) {
-            Ok(body) => body,
-            Err(e) => return crate::ApiError::Internal(format!("seeking in an open asset: {e}")).into_response(),
+            Ok(Some(body)) => body,
+            Ok(None) => return Err(Stale),
+            Err(e) => return Ok(crate::ApiError::Internal(format!("reading an asset: {e}")).into_response()),
         }
     };
     let mut response = (status, headers, body).into_response();
     // Hyper must not recompute it from an empty HEAD body.
     response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(count));
-    response
+    Ok(response)
 }
 
 fn insert(headers: &mut HeaderMap, name: &str, value: &str) {
@@ -178,15 +203,19 @@ fn requested_range(request: &HeaderMap, etag: &ETag, last_modified: &LastModifie
     }
 }
 
-/// `count` bytes from `start`: streamed from the already-open file, or sliced from memory.
-fn stream(asset: Representation, start: u64, count: u64) -> std::io::Result<Body> {
-    match asset.content {
-        Content::File(mut file) => {
-            // lseek only moves the file offset (no I/O), so it is fine on a runtime thread.
-            file.seek(SeekFrom::Start(start))?;
-            let reader = tokio::fs::File::from_std(file).take(count);
-            Ok(Body::from_stream(ReaderStream::with_capacity(reader, CHUNK)))
-        }
-        Content::Memory(bytes) => Ok(Body::from(bytes.slice(start as usize..(start + count) as usize))),
-    }
+/// `count` bytes from `start`: streamed from the file, or sliced from memory. `Ok(None)`: a remembered file changed.
+fn stream(asset: Representation, start: u64, count: u64) -> std::io::Result<Option<Body>> {
+    let mut file = match asset.content {
+        Content::File(file) => file,
+        // open + fstat of a local file: no waiting on I/O, fine on a runtime thread.
+        Content::Known(known) => match known.open()? {
+            Some(file) => file,
+            None => return Ok(None),
+        },
+        Content::Memory(bytes) => return Ok(Some(Body::from(bytes.slice(start as usize..(start + count) as usize)))),
+    };
+    // lseek only moves the file offset (no I/O).
+    file.seek(SeekFrom::Start(start))?;
+    let reader = tokio::fs::File::from_std(file).take(count);
+    Ok(Some(Body::from_stream(ReaderStream::with_capacity(reader, CHUNK))))
 }

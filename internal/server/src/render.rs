@@ -6,10 +6,11 @@
 //!
 //! The rendered bytes are a representation of their own: length, ETag and digests describe them, not the file.
 
+use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use rm_assets::{Digest, OpenAsset};
+use rm_assets::{Digest, Known, OpenAsset};
 use sha2::Digest as _;
 
 use crate::ApiError;
@@ -24,27 +25,97 @@ pub fn is_template(name: &str) -> bool {
 }
 
 /// Fills in the base URL (blocking: reads the file from its open handle).
-pub fn render(asset: OpenAsset, base: Option<&str>) -> Result<Representation, ApiError> {
+pub fn render(asset: OpenAsset, base: Option<&str>, cache: &RenderCache) -> Result<Representation, ApiError> {
     let Some(base) = base else { return Ok(asset.into()) };
-    debug_assert!(base.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~/:[]%".contains(&b)));
     if asset.len > MAX_TEMPLATE {
         return Ok(asset.into());
     }
     let mut raw = vec![0u8; asset.len as usize];
     asset.file.read_exact_at(&mut raw, 0).map_err(|e| ApiError::Internal(format!("reading {}: {e}", asset.name)))?;
-    let Some(rendered) = replace_all(&raw, PLACEHOLDER.as_bytes(), base.as_bytes()) else {
-        return Ok(asset.into());
-    };
-    let bytes = bytes::Bytes::from(rendered);
-    let digest = Digest { sha256: sha2::Sha256::digest(&bytes).into(), build_info: None };
-    Ok(Representation {
-        len: bytes.len() as u64,
-        content: Content::Memory(bytes),
-        modified: asset.modified,
-        source: asset.source,
-        name: asset.name,
-        digest: Arc::new(digest),
+    match cache.get_or_render(&asset.digest, base, || Some(raw)) {
+        Some(rendered) => Ok(rendered.representation(asset.modified, asset.source, asset.name)),
+        None => Ok(asset.into()),
+    }
+}
+
+/// The fast path: a remembered script version whose rendering for `base` is cached. `None`: do the full lookup.
+pub fn cached(known: &Known, base: Option<&str>, cache: &RenderCache) -> Option<Representation> {
+    let Some(base) = base else { return Some(known.clone().into()) };
+    if known.len > MAX_TEMPLATE {
+        return Some(known.clone().into());
+    }
+    let rendered = cache.get(&known.digest, base)?;
+    Some(match rendered {
+        Rendered::Unchanged => known.clone().into(),
+        rendered => rendered.representation(known.modified, known.source, known.name.clone()),
     })
+}
+
+/// A rendering of one file version for one base URL.
+#[derive(Clone)]
+pub enum Rendered {
+    /// The file has no placeholder: serve it as it is.
+    Unchanged,
+    Bytes(bytes::Bytes, Arc<Digest>),
+}
+
+impl Rendered {
+    fn representation(
+        &self,
+        modified: std::time::SystemTime,
+        source: rm_assets::Source,
+        name: String,
+    ) -> Representation {
+        let Rendered::Bytes(bytes, digest) = self else { unreachable!("callers handle Unchanged") };
+        Representation {
+            len: bytes.len() as u64,
+            content: Content::Memory(bytes.clone()),
+            modified,
+            source,
+            name,
+            digest: digest.clone(),
+        }
+    }
+}
+
+/// Renderings keyed by (file sha256, base URL). Bounded: a flood of Host values only recycles it.
+#[derive(Default)]
+pub struct RenderCache {
+    map: Mutex<HashMap<([u8; 32], String), Rendered>>,
+}
+
+const RENDER_CACHE_ENTRIES: usize = 64;
+
+impl RenderCache {
+    fn get(&self, file: &Digest, base: &str) -> Option<Rendered> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).get(&(file.sha256, base.to_string())).cloned()
+    }
+
+    /// The rendering of `raw()` for `base`; `None` when the file has no placeholder.
+    fn get_or_render(&self, file: &Digest, base: &str, raw: impl FnOnce() -> Option<Vec<u8>>) -> Option<Rendered> {
+        if let Some(hit) = self.get(file, base) {
+            return match hit {
+                Rendered::Unchanged => None,
+                bytes => Some(bytes),
+            };
+        }
+        let rendered = match replace_all(&raw()?, PLACEHOLDER.as_bytes(), base.as_bytes()) {
+            None => Rendered::Unchanged,
+            Some(out) => {
+                let digest = Digest { sha256: sha2::Sha256::digest(&out).into(), build_info: None };
+                Rendered::Bytes(bytes::Bytes::from(out), Arc::new(digest))
+            }
+        };
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= RENDER_CACHE_ENTRIES {
+            map.clear();
+        }
+        map.insert((file.sha256, base.to_string()), rendered.clone());
+        match rendered {
+            Rendered::Unchanged => None,
+            bytes => Some(bytes),
+        }
+    }
 }
 
 /// Byte-level replacement (scripts need not be UTF-8); `None` when `needle` does not occur.

@@ -72,6 +72,7 @@ struct Inner {
     admin_token: AdminToken,
     public_url: Option<PublicUrl>,
     settings: Settings,
+    render_cache: crate::render::RenderCache,
     shutting_down: AtomicBool,
 }
 
@@ -101,6 +102,7 @@ impl AppState {
                 admin_token,
                 public_url: config.public_url,
                 settings: config.settings,
+                render_cache: Default::default(),
                 shutting_down: AtomicBool::new(false),
             }),
         })
@@ -120,6 +122,10 @@ impl AppState {
 
     pub fn settings(&self) -> &Settings {
         &self.inner.settings
+    }
+
+    pub(crate) fn render_cache(&self) -> &crate::render::RenderCache {
+        &self.inner.render_cache
     }
 
     pub fn public_url(&self) -> Option<&PublicUrl> {

@@ -544,3 +544,63 @@ async fn configured_public_url_wins_over_host() {
         (&b"echo plain\n"[..], sha_hex(b"echo plain\n").as_str())
     );
 }
+
+// ---- the remembered-lookup fast path must see every change a full lookup would ----
+
+#[tokio::test]
+async fn remembered_lookups_notice_overrides_replacements_and_escapes() {
+    let f = Fixture::new();
+    f.put(&f.bundled, "install", "install.sh", b"bundled");
+    for _ in 0..3 {
+        assert_eq!(f.get("/install/install.sh").await.body, b"bundled"); // now remembered
+    }
+    // An override dropped into the data dir wins immediately.
+    f.put(&f.data, "install", "install.sh", b"override");
+    assert_eq!(f.get("/install/install.sh").await.body, b"override");
+    assert_eq!(f.get("/install/install.sh").await.body, b"override");
+    // Replaced by rename: the new version, with its own validators.
+    let tmp = f.data.join("install/.next");
+    fs::write(&tmp, b"override v2").unwrap();
+    fs::rename(&tmp, f.data.join("install/install.sh")).unwrap();
+    let r = f.get("/install/install.sh").await;
+    assert_eq!(
+        (r.body.as_slice(), r.header("x-checksum-sha256")),
+        (&b"override v2"[..], sha_hex(b"override v2").as_str())
+    );
+    // The remembered file swapped for a symlink out of the root: refused, never served from memory.
+    fs::remove_file(f.data.join("install/install.sh")).unwrap();
+    symlink(f.outside.join("secret"), f.data.join("install/install.sh")).unwrap();
+    let r = f.get("/install/install.sh").await;
+    assert_eq!(r.body, b"bundled", "the escaping override is refused and the bundled copy served");
+    // HEAD and 304 on a remembered file describe the current version.
+    fs::remove_file(f.data.join("install/install.sh")).unwrap();
+    let etag = f.get("/install/install.sh").await.header("etag").to_string();
+    assert_eq!(
+        f.request(Method::GET, "/install/install.sh", &[("if-none-match", &etag)]).await.status,
+        StatusCode::NOT_MODIFIED
+    );
+    fs::remove_file(f.bundled.join("install/install.sh")).unwrap();
+    assert_eq!(f.get("/install/install.sh").await.status, StatusCode::NOT_FOUND, "a deleted file is gone at once");
+    assert_eq!(
+        f.request(Method::HEAD, "/install/install.sh", &[("if-none-match", &etag)]).await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test]
+async fn rendered_scripts_are_cached_per_version_and_url() {
+    let f = Fixture::new();
+    f.put(&f.bundled, "install", "install.sh", TEMPLATE);
+    let a = f.request(Method::GET, "/install/install.sh", &[("host", "a.example")]).await;
+    let b = f.request(Method::GET, "/install/install.sh", &[("host", "b.example")]).await;
+    let a2 = f.request(Method::GET, "/install/install.sh", &[("host", "a.example")]).await;
+    assert_eq!((a.body.clone(), b.body.clone()), (rendered("http://a.example"), rendered("http://b.example")));
+    assert_eq!(a2.body, a.body);
+    // A new version of the template is rendered anew.
+    let next = b"#!/bin/sh\nNEW='__RM_SERVER_URL__'\n";
+    let tmp = f.bundled.join("install/.next");
+    fs::write(&tmp, next).unwrap();
+    fs::rename(&tmp, f.bundled.join("install/install.sh")).unwrap();
+    let r = f.request(Method::GET, "/install/install.sh", &[("host", "a.example")]).await;
+    assert_eq!(r.body, b"#!/bin/sh\nNEW='http://a.example'\n");
+}

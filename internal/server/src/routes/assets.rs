@@ -7,7 +7,9 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, Method, header};
 use rm_assets::platform::PLATFORMS;
 use rm_assets::store::StoreError;
-use rm_assets::{AssetKind, NameError, OpenAsset, Platform, validate_name};
+use std::sync::Arc;
+
+use rm_assets::{AssetKind, Digest, NameError, Platform, Source, validate_name};
 use rm_buildinfo::BuildInfo;
 use serde::Serialize;
 
@@ -26,27 +28,26 @@ pub async fn agent_binary(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let platform = parse_platform_query(query.as_deref())?;
-    let asset = open(&state, AssetKind::AgentBinary, platform.file_name())
-        .await?
-        .ok_or(ApiError::BinaryNotPublished(platform))?;
-    let audit = AuditEvent {
-        at: rm_fleet::now(),
-        kind: "download".into(),
-        remote_addr: peer.map(|p| p.ip().to_string()),
-        user_agent: headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().take(256).collect()),
-        platform: Some(platform.to_string()),
-        sha256: Some(asset.digest.sha256_hex()),
-        source: Some(asset.source.as_str().into()),
-        ..Default::default()
-    };
-    let response = respond(asset, AssetKind::AgentBinary, &method, &headers);
+    let (response, digest, source) =
+        serve_asset(&state, AssetKind::AgentBinary, platform.file_name(), &method, &headers)
+            .await?
+            .ok_or(ApiError::BinaryNotPublished(platform))?;
     // Record downloads that send content; the audit log never delays or fails a download.
     if method == Method::GET && response.status().is_success() {
-        let detail = response.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let event = AuditEvent { detail, ..audit };
+        let event = AuditEvent {
+            at: rm_fleet::now(),
+            kind: "download".into(),
+            remote_addr: peer.map(|p| p.ip().to_string()),
+            user_agent: headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(|s| s.chars().take(256).collect()),
+            platform: Some(platform.to_string()),
+            sha256: Some(digest.sha256_hex()),
+            source: Some(source.as_str().into()),
+            detail: response.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned),
+            ..Default::default()
+        };
         if let Err(e) = state.fleet().submit("download audit record", move |c| rm_fleet::model::record_audit(c, &event))
         {
             tracing::warn!(error = %e, "download audit record dropped");
@@ -65,34 +66,71 @@ pub async fn install_file(
     // The only way Path<String> fails here is a percent-decoding that is not UTF-8.
     let Path(name) = name.map_err(|_| ApiError::InvalidName(NameError::BadCharacter))?;
     validate_name(&name)?;
-    let asset = open(&state, AssetKind::Install, &name)
+    let (response, _, _) = serve_asset(&state, AssetKind::Install, &name, &method, &headers)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("install file {name:?}")))?;
-    if crate::render::is_template(&name) {
-        let base = base_url(state.public_url(), &headers);
-        let rendered = tokio::task::spawn_blocking(move || crate::render::render(asset, base.as_deref()))
-            .await
-            .map_err(|e| ApiError::Internal(format!("render task failed: {e}")))??;
-        return Ok(respond(rendered, AssetKind::Install, &method, &headers));
+    Ok(response)
+}
+
+/// Looks an asset up and answers the request. Fast path: a remembered file version still in place (a `stat` or two,
+/// no blocking-pool hop; 304s and HEADs never open the file). Otherwise, or if the remembered file changed before
+/// its body was opened, the full contained lookup on a blocking thread.
+async fn serve_asset(
+    state: &AppState,
+    kind: AssetKind,
+    name: &str,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Option<(Response, Arc<Digest>, Source)>, ApiError> {
+    let template = kind == AssetKind::Install && crate::render::is_template(name);
+    let base = || if template { base_url(state.public_url(), headers) } else { None };
+    let fast = state.store().known(kind, name).and_then(|known| {
+        if template {
+            crate::render::cached(&known, base().as_deref(), state.render_cache())
+        } else {
+            Some(known.into())
+        }
+    });
+    let mut representation = match fast {
+        Some(r) => r,
+        None => match full_lookup(state, kind, name, base()).await? {
+            Some(r) => r,
+            None => return Ok(None),
+        },
+    };
+    loop {
+        let (digest, source) = (representation.digest.clone(), representation.source);
+        match file_response::respond(representation, kind, method, headers) {
+            Ok(mut response) => {
+                response.extensions_mut().insert(source);
+                return Ok(Some((response, digest, source)));
+            }
+            // Only a remembered file can be stale; a full lookup yields an open handle, so this loops at most once.
+            Err(file_response::Stale) => match full_lookup(state, kind, name, base()).await? {
+                Some(r) => representation = r,
+                None => return Ok(None),
+            },
+        }
     }
-    Ok(respond(asset, AssetKind::Install, &method, &headers))
 }
 
-fn respond(asset: impl Into<Representation>, kind: AssetKind, method: &Method, headers: &HeaderMap) -> Response {
-    let asset = asset.into();
-    let source = asset.source;
-    let mut response = file_response::respond(asset, kind, method, headers);
-    response.extensions_mut().insert(source);
-    response
-}
-
-/// Opens an asset on a blocking thread (lookup, open and, on a cache miss, hashing all block).
-async fn open(state: &AppState, kind: AssetKind, name: &str) -> Result<Option<OpenAsset>, ApiError> {
+/// The full lookup (and rendering) on a blocking thread.
+async fn full_lookup(
+    state: &AppState,
+    kind: AssetKind,
+    name: &str,
+    base: Option<String>,
+) -> Result<Option<Representation>, ApiError> {
     let (state, name) = (state.clone(), name.to_owned());
-    tokio::task::spawn_blocking(move || state.store().open(kind, &name))
-        .await
-        .map_err(|e| ApiError::Internal(format!("lookup task failed: {e}")))?
-        .map_err(ApiError::from)
+    tokio::task::spawn_blocking(move || {
+        let Some(asset) = state.store().open(kind, &name)? else { return Ok(None) };
+        if kind == AssetKind::Install && crate::render::is_template(&name) {
+            return crate::render::render(asset, base.as_deref(), state.render_cache()).map(Some);
+        }
+        Ok(Some(asset.into()))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("lookup task failed: {e}")))?
 }
 
 /// Exactly one `os` and one `arch`; other parameters (cache busters) are ignored.
