@@ -6,7 +6,7 @@ PORT ?= 8080
 DEV_DIR ?= .dev
 CARGO ?= cargo
 
-.PHONY: help build run dev-bundle test lint fmt ci clean dist dist-agents
+.PHONY: help build run dev-bundle test lint fmt ci clean dist dist-agents bench
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -35,6 +35,10 @@ dist: ## cross-compile the agents (linux amd64/arm64, windows amd64) and servers
 
 dist-agents: ## like dist, agents only (what the cross-agent tests run under qemu and wine)
 	scripts/dist.sh agents
+
+bench: ## benchmark against nginx and caddy into bench/results/ (installs wrk, nginx, caddy...; root; not a test)
+	scripts/bench-tools.sh
+	python3 bench/run.py
 
 lint: ## rustfmt check and clippy with warnings denied
 	$(CARGO) fmt --all -- --check
