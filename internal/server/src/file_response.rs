@@ -4,7 +4,6 @@
 //! consistent version of the file. Evaluation follows RFC 9110 §13.2.2: If-Match / If-Unmodified-Since (412), then
 //! If-None-Match / If-Modified-Since (304), then Range guarded by If-Range.
 
-use std::io::SeekFrom;
 use std::time::SystemTime;
 
 use axum::body::Body;
@@ -14,16 +13,8 @@ use headers::{ETag, HeaderMapExt, IfMatch, IfModifiedSince, IfNoneMatch, IfRange
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use http_range_header::RangeUnsatisfiableError;
 use rm_assets::{AssetKind, OpenAsset};
-use std::io::Seek;
-
-use tokio::io::AsyncReadExt;
-use tokio_util::io::ReaderStream;
 
 use crate::header_names;
-
-/// Read size for streaming bodies: large enough to keep syscalls per GB low, small enough for 256 concurrent
-/// downloads to stay within a few tens of MiB.
-const CHUNK: usize = 64 * 1024;
 
 /// Where a response body comes from.
 pub enum Content {
@@ -205,7 +196,7 @@ fn requested_range(request: &HeaderMap, etag: &ETag, last_modified: &LastModifie
 
 /// `count` bytes from `start`: streamed from the file, or sliced from memory. `Ok(None)`: a remembered file changed.
 fn stream(asset: Representation, start: u64, count: u64) -> std::io::Result<Option<Body>> {
-    let mut file = match asset.content {
+    let file = match asset.content {
         Content::File(file) => file,
         // open + fstat of a local file: no waiting on I/O, fine on a runtime thread.
         Content::Known(known) => match known.open()? {
@@ -214,8 +205,5 @@ fn stream(asset: Representation, start: u64, count: u64) -> std::io::Result<Opti
         },
         Content::Memory(bytes) => return Ok(Some(Body::from(bytes.slice(start as usize..(start + count) as usize)))),
     };
-    // lseek only moves the file offset (no I/O).
-    file.seek(SeekFrom::Start(start))?;
-    let reader = tokio::fs::File::from_std(file).take(count);
-    Ok(Some(Body::from_stream(ReaderStream::with_capacity(reader, CHUNK))))
+    Ok(Some(Body::from_stream(crate::file_body::FileBody::new(file, start, count))))
 }

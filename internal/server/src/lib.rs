@@ -4,6 +4,7 @@
 mod access_log;
 pub mod auth;
 mod error;
+mod file_body;
 mod file_response;
 pub mod healthcheck;
 mod public_url;

@@ -103,10 +103,6 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(v)| v).map_err(ApiError::from)
 }
 
-fn user_agent(headers: &HeaderMap) -> Option<String> {
-    headers.get(http::header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(256).collect())
-}
-
 /// `POST /api/v1/agents/enroll`
 pub async fn enroll(
     State(state): State<AppState>,
@@ -122,15 +118,12 @@ pub async fn enroll(
         .ok_or(ApiError::Unauthorized("an enrollment token is required"))?;
     let (facts, platform) = facts(&request.hostname, &request.os, &request.arch, &request.version, &request.commit)?;
     let mut audit = AuditEvent {
-        kind: "enroll".into(),
-        remote_addr: peer.map(|p| p.ip().to_string()),
-        user_agent: user_agent(&headers),
         platform: Some(platform.to_string()),
         detail: Some(format!(
             "hostname={} version={} commit={}",
             facts.hostname, facts.agent_version, facts.agent_commit
         )),
-        ..Default::default()
+        ..super::audit_event("enroll", peer, &headers)
     };
     let outcome = state
         .fleet()

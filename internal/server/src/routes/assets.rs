@@ -35,18 +35,11 @@ pub async fn agent_binary(
     // Record downloads that send content; the audit log never delays or fails a download.
     if method == Method::GET && response.status().is_success() {
         let event = AuditEvent {
-            at: rm_fleet::now(),
-            kind: "download".into(),
-            remote_addr: peer.map(|p| p.ip().to_string()),
-            user_agent: headers
-                .get(header::USER_AGENT)
-                .and_then(|v| v.to_str().ok())
-                .map(|s| s.chars().take(256).collect()),
             platform: Some(platform.to_string()),
             sha256: Some(digest.sha256_hex()),
             source: Some(source.as_str().into()),
             detail: response.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned),
-            ..Default::default()
+            ..super::audit_event("download", peer, &headers)
         };
         if let Err(e) = state.fleet().submit("download audit record", move |c| rm_fleet::model::record_audit(c, &event))
         {

@@ -5,3 +5,21 @@ pub mod agents;
 pub mod assets;
 pub mod ops;
 pub mod upload;
+
+/// An audit record for this request: time, client address, user agent (bounded).
+pub(crate) fn audit_event(
+    kind: &str,
+    peer: Option<std::net::SocketAddr>,
+    headers: &http::HeaderMap,
+) -> rm_fleet::model::AuditEvent {
+    rm_fleet::model::AuditEvent {
+        at: rm_fleet::now(),
+        kind: kind.into(),
+        remote_addr: peer.map(|p| p.ip().to_string()),
+        user_agent: headers
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(256).collect()),
+        ..Default::default()
+    }
+}

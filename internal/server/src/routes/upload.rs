@@ -153,18 +153,11 @@ pub async fn put_asset(
     .await?;
 
     let event = AuditEvent {
-        at: model::now(),
-        kind: "upload".into(),
-        remote_addr: peer.map(|p| p.ip().to_string()),
-        user_agent: headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().take(256).collect()),
         platform: platform.map(|p| p.to_string()),
         sha256: Some(actual.clone()),
         source: Some("data-dir".into()),
         detail: Some(format!("{kind_text}/{name} size={size} replaced={replaced}")),
-        ..Default::default()
+        ..super::audit_event("upload", peer, &headers)
     };
     state.fleet().call(move |c| model::record_audit(c, &event)).await?;
     tracing::info!(kind = kind_text, name, size, sha256 = actual, replaced, "asset uploaded");
@@ -200,17 +193,10 @@ pub async fn delete_asset(
         return Err(ApiError::NotFound(format!("override {kind_text}/{name}")));
     }
     let event = AuditEvent {
-        at: model::now(),
-        kind: "delete".into(),
-        remote_addr: peer.map(|p| p.ip().to_string()),
-        user_agent: headers
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().take(256).collect()),
         platform: platform.map(|p| p.to_string()),
         source: Some("data-dir".into()),
         detail: Some(format!("{kind_text}/{name}")),
-        ..Default::default()
+        ..super::audit_event("delete", peer, &headers)
     };
     state.fleet().call(move |c| model::record_audit(c, &event)).await?;
     tracing::info!(kind = kind_text, name, "asset override removed");
