@@ -313,13 +313,14 @@ set title "64 MiB agent download throughput on loopback (median of {ROUNDS} roun
 set xlabel "concurrent connections"
 set ylabel "GB/s"
 set logscale x 2
+set xrange [0.8:{max(CONCURRENCY) * 1.25}]
 set xtics ({", ".join(f'"{c}" {c}' for c in CONCURRENCY)})
 set yrange [0:*]
 set key top left
 set grid
 plot "{data}" using 1:2 with linespoints lw 2 pt 7 title "restic-manager", \\
      "{data}" using 1:3 with linespoints lw 2 pt 5 title "nginx (sendfile)", \\
-     "{data}" using 1:4 with linespoints lw 2 pt 9 title "caddy file_server"
+     "{data}" using 1:4 with linespoints lw 2 pt 9 title "caddy file_server" noenhanced
 """
     subprocess.run(["gnuplot"], input=script, text=True, check=True)
     data.unlink()
@@ -401,6 +402,13 @@ def report(results, extra, versions, out_md, png):
 
 
 def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--replot":
+        # Redraw the plot from a saved run: bench/run.py --replot bench/results/<date>.json
+        saved = json.loads(Path(sys.argv[2]).read_text())
+        results = {sc: {int(c): per for c, per in by_c.items()} for sc, by_c in saved.items()}
+        CONCURRENCY[:] = sorted(results["large"])
+        plot(results, Path(sys.argv[2]).with_name(Path(sys.argv[2]).stem + "-throughput.png"))
+        return
     for tool in ["wrk", "nginx", "caddy", "hyperfine", "gnuplot"]:
         if not shutil.which(tool):
             raise SystemExit(f"bench: {tool} is missing (make bench installs it with apt)")
