@@ -182,6 +182,6 @@ pub async fn heartbeat(
         agent_id,
         heartbeat_interval_secs: state.settings().heartbeat_interval.as_secs(),
         server: rm_buildinfo::current(),
-        update: update.filter(|e| e.published),
+        update: Some(update).filter(|e| e.published),
     }))
 }

@@ -163,22 +163,40 @@ pub struct PlatformEntry {
     pub agent: Option<BuildInfo>,
 }
 
-/// Looks at one platform's binary (blocking). `base` prefixes the download URL.
-pub fn platform_entry(state: &AppState, platform: Platform, base: &str) -> Result<PlatformEntry, StoreError> {
-    let asset = state.store().open(AssetKind::AgentBinary, platform.file_name())?;
-    Ok(PlatformEntry {
+/// A platform's entry from what the store found for it: (len, modified, source, digest), or nothing.
+fn entry_from(
+    platform: Platform,
+    base: &str,
+    found: Option<(u64, std::time::SystemTime, Source, Arc<Digest>)>,
+) -> PlatformEntry {
+    PlatformEntry {
         platform,
         os: platform.os.as_str(),
         arch: platform.arch.as_str(),
         file: platform.file_name(),
-        published: asset.is_some(),
-        size: asset.as_ref().map(|a| a.len),
-        sha256: asset.as_ref().map(|a| a.digest.sha256_hex()),
-        source: asset.as_ref().map(|a| a.source.as_str()),
-        last_modified: asset.as_ref().map(|a| httpdate::fmt_http_date(a.modified)),
+        published: found.is_some(),
+        size: found.as_ref().map(|f| f.0),
+        sha256: found.as_ref().map(|f| f.3.sha256_hex()),
+        source: found.as_ref().map(|f| f.2.as_str()),
+        last_modified: found.as_ref().map(|f| httpdate::fmt_http_date(f.1)),
         url: format!("{base}/agent/binary?os={}&arch={}", platform.os.as_str(), platform.arch.as_str()),
-        agent: asset.and_then(|a| a.digest.build_info.clone()),
-    })
+        agent: found.and_then(|f| f.3.build_info.clone()),
+    }
+}
+
+/// The remembered binary of a platform, if still current (one or two `stat`s; fine on an async worker).
+fn known_entry(state: &AppState, platform: Platform, base: &str) -> Option<PlatformEntry> {
+    let k = state.store().known(AssetKind::AgentBinary, platform.file_name())?;
+    Some(entry_from(platform, base, Some((k.len, k.modified, k.source, k.digest))))
+}
+
+/// Looks at one platform's binary (blocking). `base` prefixes the download URL.
+pub fn platform_entry(state: &AppState, platform: Platform, base: &str) -> Result<PlatformEntry, StoreError> {
+    if let Some(entry) = known_entry(state, platform, base) {
+        return Ok(entry);
+    }
+    let found = state.store().open(AssetKind::AgentBinary, platform.file_name())?;
+    Ok(entry_from(platform, base, found.map(|a| (a.len, a.modified, a.source, a.digest))))
 }
 
 /// Looks at every platform's binary (blocking).
@@ -186,17 +204,16 @@ pub fn platform_entries(state: &AppState, base: &str) -> Vec<Result<PlatformEntr
     PLATFORMS.iter().map(|&platform| platform_entry(state, platform, base)).collect()
 }
 
-/// The entry for one platform, from a blocking thread.
-pub async fn served_entry(
-    state: &AppState,
-    platform: Platform,
-    base: String,
-) -> Result<Option<PlatformEntry>, ApiError> {
+/// The entry for one platform (each heartbeat asks): inline when the binary is remembered, otherwise the full
+/// lookup on a blocking thread.
+pub async fn served_entry(state: &AppState, platform: Platform, base: String) -> Result<PlatformEntry, ApiError> {
+    if let Some(entry) = known_entry(state, platform, &base) {
+        return Ok(entry);
+    }
     let state = state.clone();
-    let entry = tokio::task::spawn_blocking(move || platform_entry(&state, platform, &base))
+    Ok(tokio::task::spawn_blocking(move || platform_entry(&state, platform, &base))
         .await
-        .map_err(|e| ApiError::Internal(format!("lookup task failed: {e}")))??;
-    Ok(Some(entry))
+        .map_err(|e| ApiError::Internal(format!("lookup task failed: {e}")))??)
 }
 
 pub async fn entries(state: &AppState, headers: &HeaderMap) -> Result<Vec<PlatformEntry>, ApiError> {
