@@ -162,8 +162,7 @@ pub async fn put_asset(
     state.fleet().call(move |c| model::record_audit(c, &event)).await?;
     tracing::info!(kind = kind_text, name, size, sha256 = actual, replaced, "asset uploaded");
     let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
-    let kind = if kind == AssetKind::AgentBinary { "agent-binaries" } else { "install" };
-    Ok((status, Json(Uploaded { kind, name, size, sha256: actual, replaced })).into_response())
+    Ok((status, Json(Uploaded { kind: kind.subdir(), name, size, sha256: actual, replaced })).into_response())
 }
 
 /// `DELETE /api/v1/assets/{kind}/{name}`: removes the data-dir override, so the bundled copy is served again.
