@@ -6,16 +6,24 @@
 # mingw-w64 for Windows. Everything comes from package registries. Runners for the results: qemu-user-static (arm64)
 # and wine64 (Windows). Idempotent; needs root for apt.
 #
-# usage: scripts/cross-toolchain.sh [BIN_DIR]     (default target/cross-bin); prints BIN_DIR on stdout.
+# zig and cargo-zigbuild are pinned (ZIGLANG_VERSION, CARGO_ZIGBUILD_VERSION) so that a host build and the image's
+# build stage link with the same tools; deploy/Dockerfile.server runs this script too (with RM_CROSS_RUNNERS=0: no
+# qemu/wine in an image build).
+#
+# usage: scripts/cross-toolchain.sh [BIN_DIR]     (default $RM_CROSS_BIN, else target/cross-bin); prints BIN_DIR.
 set -eu
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-bin_dir=${1:-$root/target/cross-bin}
+bin_dir=${1:-${RM_CROSS_BIN:-$root/target/cross-bin}}
+ziglang_version=${ZIGLANG_VERSION:-0.17.1}
+zigbuild_version=${CARGO_ZIGBUILD_VERSION:-0.24.1}
+runners="qemu-user-static wine64"
+[ "${RM_CROSS_RUNNERS:-1}" = 0 ] && runners=""
 
 log() { printf 'cross-toolchain: %s\n' "$*" >&2; }
 
 need_apt=""
-for pkg in rustc-web cargo-web rust-web-src gcc-mingw-w64-x86-64 qemu-user-static wine64; do
+for pkg in rustc-web cargo-web rust-web-src gcc-mingw-w64-x86-64 python3-venv $runners; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || need_apt="$need_apt $pkg"
 done
 # rustc-web 1.9x lives in bookworm-security; stale package lists only offer the older bookworm build.
@@ -30,17 +38,26 @@ if [ -n "$need_apt" ]; then
     apt-get install -y -qq $need_apt >/dev/null
 fi
 
-if ! python3 -c 'import ziglang' 2>/dev/null; then
-    log "installing ziglang (PyPI)"
-    python3 -m pip install -q ziglang
+# zig: the pinned ziglang wheel, from the python on PATH if it has exactly that version, else from a venv.
+python=python3
+have=$(python3 -c 'import importlib.metadata as m; print(m.version("ziglang"))' 2>/dev/null || true)
+if [ "$have" != "$ziglang_version" ]; then
+    venv=${RM_ZIG_VENV:-$(dirname "$bin_dir")/zig-venv}
+    python="$venv/bin/python3"
+    if ! "$python" -c 'import importlib.metadata as m; assert m.version("ziglang") == "'"$ziglang_version"'"' 2>/dev/null; then
+        log "installing ziglang $ziglang_version (PyPI) into $venv"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q --disable-pip-version-check "ziglang==$ziglang_version"
+    fi
 fi
-zig_dir=$(python3 -c 'import ziglang, os; print(os.path.dirname(ziglang.__file__))')
+zig_dir=$("$python" -c 'import ziglang, os; print(os.path.dirname(ziglang.__file__))')
 
-if ! command -v cargo-zigbuild >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/cargo-zigbuild" ]; then
-    log "installing cargo-zigbuild (crates.io)"
-    cargo install -q --locked cargo-zigbuild
+zigbuild=$(command -v cargo-zigbuild || echo "${CARGO_HOME:-$HOME/.cargo}/bin/cargo-zigbuild")
+if ! "$zigbuild" --version 2>/dev/null | grep -qx "cargo-zigbuild $zigbuild_version"; then
+    log "installing cargo-zigbuild $zigbuild_version (crates.io)"
+    cargo install -q --locked --version "$zigbuild_version" cargo-zigbuild
+    zigbuild=$(command -v cargo-zigbuild || echo "${CARGO_HOME:-$HOME/.cargo}/bin/cargo-zigbuild")
 fi
-zigbuild=$(command -v cargo-zigbuild || echo "$HOME/.cargo/bin/cargo-zigbuild")
 
 # Debian's toolchain (rustc-web/cargo-web) installs as /usr/bin/rustc and /usr/bin/cargo, behind rustup's in PATH.
 find_debian() { # NAME
