@@ -6,7 +6,7 @@ PORT ?= 8080
 DEV_DIR ?= .dev
 CARGO ?= cargo
 
-.PHONY: help build run dev-bundle test lint fmt ci clean dist dist-agents bench
+.PHONY: help build run dev-bundle test lint fmt ci clean dist dist-agents bench image base-images image-fixtures upgrade
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,18 +36,34 @@ dist: ## cross-compile the agents (linux amd64/arm64, windows amd64) and servers
 dist-agents: ## like dist, agents only (what the cross-agent tests run under qemu and wine)
 	scripts/dist.sh agents
 
+image: ## build the server image restic-manager:dev (VERSION/COMMIT/DATE from git; PLATFORM=linux/arm64 for arm64)
+	scripts/image.sh $(if $(PLATFORM),--platform $(PLATFORM)) --tag $(or $(IMAGE),restic-manager:dev)
+
+base-images: ## build local stand-ins for the base images, for machines that cannot pull (root; starts no engine)
+	scripts/base-images.sh
+
+image-fixtures: ## engine + registry + the images tests/image_e2e.rs runs against (root; what .ci/run does)
+	tests/fixtures/image-fixtures.sh
+
+upgrade: ## move the compose deployment to TO=<tag|sha256:digest>, verify, roll back on failure (DRY_RUN=1 to plan)
+	@test -n "$(TO)" || { echo "usage: make upgrade TO=v1.2.3 [DRY_RUN=1]" >&2; exit 2; }
+	scripts/upgrade.sh $(if $(DRY_RUN),--dry-run) $(TO)
+
 bench: ## benchmark against nginx and caddy into bench/results/ (installs wrk, nginx, caddy...; root; not a test)
 	scripts/bench-tools.sh
 	python3 bench/run.py
 
-lint: ## rustfmt check and clippy with warnings denied
+lint: ## rustfmt, clippy (warnings denied), shellcheck, actionlint, the deploy pin must be a digest
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	shellcheck scripts/*.sh tests/fixtures/*.sh
+	scripts/lint-workflows.sh
+	scripts/image-pin.sh check deploy/image-pin.env
 
 fmt: ## format the code
 	$(CARGO) fmt --all
 
-ci: lint dist-agents test ## what .ci/run runs after installing tools
+ci: lint dist-agents image-fixtures test ## what .ci/run runs after installing tools
 
 clean: ## remove build output, dist/ and the dev data
 	$(CARGO) clean

@@ -34,14 +34,6 @@ fn cmd(program: impl AsRef<std::ffi::OsStr>, args: &[&std::ffi::OsStr]) -> Comma
     c
 }
 
-fn tool(name: &str, candidates: &[&str]) -> Option<PathBuf> {
-    let found = candidates.iter().map(PathBuf::from).find(|p| p.is_file());
-    if found.is_none() {
-        eprintln!("SKIP: {name} not installed");
-    }
-    found
-}
-
 /// The `--version` line of the host agent built from the same tree: the cross builds must embed the same values.
 fn host_version_line() -> String {
     let mut agent = command(AGENT_BIN);
@@ -131,19 +123,6 @@ fn linux_arm64_agent_runs_under_qemu() {
         "arm64",
     );
     assert_eq!(row["binary_sha256"], sha256_file(&bin));
-}
-
-/// Wine 8.0 lacks `ProcessPrng` (bcryptprimitives.dll), which Rust's std imports: a tiny stand-in DLL built with the
-/// same mingw compiler goes next to the .exe. A test fixture only; it never ships.
-fn wine_shim(dir: &Path) -> bool {
-    let Some(gcc) = tool("x86_64-w64-mingw32-gcc", &["/usr/bin/x86_64-w64-mingw32-gcc"]) else { return false };
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/bcryptprimitives-shim.c");
-    let dll = dir.join("bcryptprimitives.dll");
-    let args =
-        ["-O2".as_ref(), "-shared".as_ref(), "-o".as_ref(), dll.as_os_str(), src.as_os_str(), "-ladvapi32".as_ref()];
-    let out = run_bounded(cmd(gcc, &args), Duration::from_secs(60));
-    assert!(out.status.success(), "building the wine shim: {}", String::from_utf8_lossy(&out.stderr));
-    true
 }
 
 #[test]

@@ -999,3 +999,25 @@ pub fn raw_response(status: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
     out.extend_from_slice(body);
     out
 }
+
+/// The first of `candidates` that exists, or `None` after printing a SKIP note naming the tool.
+pub fn tool(name: &str, candidates: &[&str]) -> Option<PathBuf> {
+    let found = candidates.iter().map(PathBuf::from).find(|p| p.is_file());
+    if found.is_none() {
+        eprintln!("SKIP: {name} not installed");
+    }
+    found
+}
+
+/// Wine 8.0 lacks `ProcessPrng` (bcryptprimitives.dll), which Rust's std imports: a tiny stand-in DLL built with the
+/// same mingw compiler goes next to the .exe in `dir`. A test fixture only; it never ships. `false` when mingw is
+/// missing (after a SKIP note).
+pub fn wine_shim(dir: &Path) -> bool {
+    let Some(gcc) = tool("x86_64-w64-mingw32-gcc", &["/usr/bin/x86_64-w64-mingw32-gcc"]) else { return false };
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/bcryptprimitives-shim.c");
+    let mut build = Command::new(gcc);
+    build.args(["-O2", "-shared", "-o"]).arg(dir.join("bcryptprimitives.dll")).arg(src).arg("-ladvapi32");
+    let out = run_bounded(build, Duration::from_secs(60));
+    assert!(out.status.success(), "building the wine shim: {}", String::from_utf8_lossy(&out.stderr));
+    true
+}
