@@ -18,7 +18,8 @@
 #   --project NAME        compose project name (default restic-manager; COMPOSE_PROJECT_NAME)
 #   --repo REPO           image repository (default: the pinned reference's repository)
 #   --url URL             where this host reaches the server (default http://127.0.0.1:${RM_PORT:-8080})
-#   --timeout SECONDS     how long to wait for the new server (default 120)
+#   --timeout SECONDS     how long to wait for the new server (default 120); the previous one, when rolling back,
+#                         gets at least 120 s whatever this says
 #   --dry-run             resolve and print the plan; change nothing
 # Exit status: 0 upgraded (or already there), 1 rolled back, 2 usage or resolution error (nothing changed),
 # 3 rollback failed too (the deployment needs an operator).
@@ -125,13 +126,26 @@ fi
 # --- 2..4. move the pin, recreate, verify ------------------------------------------------------------------------------
 backup=$(mktemp "$(dirname "$pin_file")/.image-pin.previous.XXXXXX")
 cp -p "$pin_file" "$backup"
+moved=""
 trap 'rm -f "$backup"' EXIT
-trap 'rm -f "$backup"; exit 130' INT TERM
+# Interrupted after the pin moved: put the previous one back and recreate, never leave a half-done upgrade.
+# shellcheck disable=SC2317 # invoked by the trap below
+interrupted() {
+    if [ -n "$moved" ]; then
+        say "interrupted: restoring $current and recreating"
+        mv -f "$backup" "$pin_file"
+        compose up -d --no-build server >&2 || say "recreating failed; the pin file names $current again: rerun compose up -d"
+    fi
+    exit 130
+}
+trap interrupted INT TERM
 
-# wait_for VERSION COMMIT: 0 once healthy and reporting VERSION COMMIT; 1 on timeout, unhealthy or a mismatch.
+# wait_for SECONDS VERSION COMMIT: 0 once healthy and reporting VERSION COMMIT within SECONDS; 1 on timeout, an
+# unhealthy container or a mismatch.
 wait_for() {
-    deadline=$(($(date +%s) + timeout))
-    reason="no answer within ${timeout}s"
+    deadline=$(($(date +%s) + $1))
+    reason="not healthy with the expected /version within $1s"
+    shift
     while [ "$(date +%s)" -lt "$deadline" ]; do
         id=$(compose ps -q server 2>/dev/null | head -n 1)
         health=""
@@ -159,8 +173,9 @@ wait_for() {
 
 started=$(date +%s)
 "$root/scripts/image-pin.sh" set "$pin_file" "$new_ref"
+moved=1
 say "pinned $new_ref; recreating"
-if compose up -d --no-build server && wait_for "$want_version" "$want_commit"; then
+if compose up -d --no-build server && wait_for "$timeout" "$want_version" "$want_commit"; then
     say "upgraded to $new_ref: version $want_version, commit $want_commit, healthy after $(($(date +%s) - started))s"
     exit 0
 fi
@@ -168,11 +183,12 @@ fi
 # --- 5. roll back ---------------------------------------------------------------------------------------------------
 say "rolling back to $current"
 mv -f "$backup" "$pin_file"
+moved=""
 # What the previous image should report: its labels, else what was running before the upgrade.
 old=$(ref=$current; label version 2>/dev/null && label revision 2>/dev/null) || old=""
 old=$(printf '%s' "$old" | tr '\n' ' ' | sed 's/ $//')
 case $old in *' '?*) ;; *) old=$running ;; esac
-if compose up -d --no-build server && { [ -z "$old" ] || wait_for "${old% *}" "${old#* }"; }; then
+if compose up -d --no-build server && { [ -z "$old" ] || wait_for "$((timeout > 120 ? timeout : 120))" "${old% *}" "${old#* }"; }; then
     say "rolled back: $current is serving again (${old:-version unknown}); the upgrade to $new_ref failed"
     exit 1
 fi

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -447,13 +447,17 @@ impl Deployment {
         cmd
     }
 
-    fn upgrade(&self, args: &[&str]) -> Output {
+    fn upgrade_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(root().join("scripts/upgrade.sh"));
         cmd.arg("--pin-file").arg(self.pin_file());
         cmd.args(["--project", &self.project, "--url", &format!("http://127.0.0.1:{}", self.port), "--timeout", "60"]);
         cmd.args(args);
         self.env(&mut cmd);
-        let out = run(cmd, 300);
+        cmd
+    }
+
+    fn upgrade(&self, args: &[&str]) -> Output {
+        let out = run(self.upgrade_command(args), 300);
         eprintln!("upgrade {args:?} -> {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
         out
     }
@@ -552,6 +556,30 @@ fn upgrade_by_digest_verifies_the_new_build_and_rolls_back_a_bad_one() {
     let out = deployment.upgrade(&["v9.9.9"]);
     assert_eq!(out.status.code(), Some(2));
     assert_eq!((fs::read(&pin).unwrap(), deployment.container()), (pin_b_bytes.clone(), before));
+
+    // No healthy answer within --timeout: rolled back too.
+    let out = deployment.upgrade(&["--timeout", "1", "it-a"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("within 1s"), "timeout named");
+    assert_eq!((fs::read(&pin).unwrap(), deployment.version()), (pin_b_bytes.clone(), b.clone()));
+
+    // Interrupted after the pin moved (SIGTERM while waiting): the previous pin is restored and recreated.
+    let mut child = deployment.upgrade_command(&["broken-health"]).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while fs::read(&pin).unwrap() == pin_b_bytes {
+        assert!(Instant::now() < deadline, "the pin never moved");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = wait_timeout(&mut child, Duration::from_secs(120)).expect("upgrade.sh did not exit after SIGTERM");
+    assert_eq!(status.code(), Some(130));
+    assert_eq!(fs::read(&pin).unwrap(), pin_b_bytes, "previous pin restored");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(addr, "/version").ok().map(|r| r.json()["commit"] == b.1.as_str()) != Some(true) {
+        assert!(Instant::now() < deadline, "the previous build did not come back after the interrupt");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     let tokens = http_request(addr, "GET", "/api/v1/tokens", &[("Authorization", auth)]).unwrap().json();
     assert!(tokens.to_string().contains("kept"), "the data volume survived: {tokens}");
