@@ -14,7 +14,8 @@
 # The SHA256SUMS content is also printed on stdout. The container is created, never started, and removed on exit,
 # also on failure. A reference that was not present before is removed again afterwards (the engine is left as it
 # was found): engines with the classic image store keep one platform per reference, so the next call can pull
-# another platform of the same digest. Fails (exit 1) if any of the three agents or the three install files is missing; 2 on usage errors.
+# another platform of the same digest. Fails (exit 1) if any of the three agents or the three install files is
+# missing; 2 on usage errors.
 # Environment: DOCKER (default docker), the docker command.
 set -eu
 
