@@ -253,12 +253,21 @@ fn every_binary_in_the_image_reports_the_build_args() {
         let entrypoint = format!("{DIST}/agent-binaries/{file}");
         assert_eq!(ok(docker(&["run", "--rm", "--entrypoint", &entrypoint, image, "--version"]), 60), agent_line);
     }
+    let mut cleanup = Cleanup::new();
     if arm64_emulation() {
         let arm = &fx["RM_IT_IMAGE_A_ARM64"];
         assert_eq!(ok(docker(&["run", "--rm", "--platform", "linux/arm64", arm, "--version"]), 60), server_line);
+        // The arm64 image also serves (emulated here): /version and a bundled agent.
+        let volume = unique("data-arm64");
+        ok(docker(&["volume", "create", &volume]), 30);
+        cleanup.later(&["volume", "rm", "-f", &volume]);
+        let (_, addr, _) = start_server(&mut cleanup, arm, &volume, &["--platform", "linux/arm64"]);
+        let version = http_get(addr, "/version").unwrap().json();
+        assert_eq!((version["version"].as_str(), version["commit"].as_str()), (Some(v.as_str()), Some(c.as_str())));
+        let agent = http_get(addr, "/agent/binary?os=linux&arch=arm64").unwrap();
+        assert_eq!((agent.status, agent.expect_header("x-asset-source")), (200, "bundled"));
     }
     // The Windows agent, copied out of the image, under wine.
-    let mut cleanup = Cleanup::new();
     let id = ok(docker(&["create", image]), 60);
     cleanup.later(&["rm", "-f", &id]);
     let dir = tempfile::tempdir().unwrap();
