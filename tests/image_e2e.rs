@@ -95,6 +95,14 @@ impl Cleanup {
     fn later(&mut self, args: &[&str]) {
         self.0.push(args.iter().map(|s| s.to_string()).collect());
     }
+
+    /// A new named volume, removed with the rest.
+    fn volume(&mut self) -> String {
+        let name = unique("data");
+        ok(docker(&["volume", "create", &name]), 30);
+        self.later(&["volume", "rm", "-f", &name]);
+        name
+    }
 }
 
 impl Drop for Cleanup {
@@ -258,9 +266,7 @@ fn every_binary_in_the_image_reports_the_build_args() {
         let arm = &fx["RM_IT_IMAGE_A_ARM64"];
         assert_eq!(ok(docker(&["run", "--rm", "--platform", "linux/arm64", arm, "--version"]), 60), server_line);
         // The arm64 image also serves (emulated here): /version and a bundled agent.
-        let volume = unique("data-arm64");
-        ok(docker(&["volume", "create", &volume]), 30);
-        cleanup.later(&["volume", "rm", "-f", &volume]);
+        let volume = cleanup.volume();
         let (_, addr, _) = start_server(&mut cleanup, arm, &volume, &["--platform", "linux/arm64"]);
         let version = http_get(addr, "/version").unwrap().json();
         assert_eq!((version["version"].as_str(), version["commit"].as_str()), (Some(v.as_str()), Some(c.as_str())));
@@ -314,9 +320,7 @@ fn on_volume(fx: &HashMap<String, String>, volume: &str, script: &str) -> String
 fn read_only_container_serves_the_bundled_assets_and_data_dir_overrides() {
     let Some(fx) = fixtures() else { return };
     let mut cleanup = Cleanup::new();
-    let volume = unique("data");
-    ok(docker(&["volume", "create", &volume]), 30);
-    cleanup.later(&["volume", "rm", "-f", &volume]);
+    let volume = cleanup.volume();
     let (id, addr, ready) = start_server(&mut cleanup, &fx["RM_IT_IMAGE_A"], &volume, &[]);
     eprintln!("FIGURE docker run -> /healthz 200: {ready:.2} s");
     assert_eq!(inspect_container(&id, "{{.HostConfig.ReadonlyRootfs}}"), "true");
@@ -390,9 +394,7 @@ fn a_host_container_installs_with_curl_pipe_sh_and_enrolls() {
     let mut cleanup = Cleanup::new();
     let network = unique("net");
     ok(docker(&["network", "create", &network]), 30);
-    let volume = unique("data");
-    ok(docker(&["volume", "create", &volume]), 30);
-    cleanup.later(&["volume", "rm", "-f", &volume]);
+    let volume = cleanup.volume();
     cleanup.later(&["network", "rm", &network]);
     let admin = "image-test-admin-token-0123456789abcdef";
     let name = unique("server");
