@@ -14,7 +14,6 @@ set -eu
 
 PATH="/usr/bin:/usr/sbin:/bin:/sbin:$PATH"
 export PATH
-root=$(cd "$(dirname "$0")/.." && pwd)
 debian=${RM_DEBIAN_IMAGE:-debian:bookworm}
 distroless=${RM_DISTROLESS_IMAGE:-gcr.io/distroless/static-debian12:nonroot}
 mirror=${RM_DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -99,4 +98,3 @@ EOF
     docker tag "$distroless-$(docker version -f '{{.Server.Arch}}')" "$distroless"
     log "built $distroless (+ -amd64, -arm64)"
 fi
-: "$root"

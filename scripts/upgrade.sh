@@ -84,10 +84,13 @@ pulled=$("$DOCKER" pull "$source_ref" 2>&1) || die "cannot pull $source_ref: $(p
 digest=$(printf '%s\n' "$pulled" | sed -n 's/^Digest: \(sha256:[0-9a-f]\{64\}\)$/\1/p' | tail -n 1)
 [ -n "$digest" ] || die "the registry gave no digest for $source_ref"
 new_ref="$repo@$digest"
-label() { "$DOCKER" image inspect -f "{{index .Config.Labels \"org.opencontainers.image.$1\"}}" "$ref"; }
-ref=$new_ref
-want_version=$(label version)
-want_commit=$(label revision)
+# declared REF: "VERSION COMMIT" as the image's OCI labels state them (a field is empty when its label is missing)
+declared() {
+    "$DOCKER" image inspect -f '{{index .Config.Labels "org.opencontainers.image.version"}} {{index .Config.Labels "org.opencontainers.image.revision"}}' "$1"
+}
+want=$(declared "$new_ref")
+want_version=${want% *}
+want_commit=${want#* }
 if [ -z "$want_version" ] || [ -z "$want_commit" ]; then
     die "$new_ref declares no version/revision label; it cannot be verified after deployment"
 fi
@@ -185,9 +188,8 @@ say "rolling back to $current"
 mv -f "$backup" "$pin_file"
 moved=""
 # What the previous image should report: its labels, else what was running before the upgrade.
-old=$(ref=$current; label version 2>/dev/null && label revision 2>/dev/null) || old=""
-old=$(printf '%s' "$old" | tr '\n' ' ' | sed 's/ $//')
-case $old in *' '?*) ;; *) old=$running ;; esac
+old=$(declared "$current" 2>/dev/null) || old=""
+case $old in ?*' '?*) ;; *) old=$running ;; esac
 if compose up -d --no-build server && { [ -z "$old" ] || wait_for "$((timeout > 120 ? timeout : 120))" "${old% *}" "${old#* }"; }; then
     say "rolled back: $current is serving again (${old:-version unknown}); the upgrade to $new_ref failed"
     exit 1
