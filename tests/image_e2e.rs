@@ -128,17 +128,21 @@ fn start_server(cleanup: &mut Cleanup, image: &str, volume: &str, extra: &[&str]
     cleanup.later(&["rm", "-f", "-v", &id]);
     let port = ok(docker(&["port", &id, "8080/tcp"]), 30);
     let addr: SocketAddr = port.lines().find(|l| l.starts_with("127.0.0.1:")).unwrap().parse().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(resp) = http_get(addr, "/healthz")
-            && resp.status == 200
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no /healthz within 60 s: {}", ok(docker(&["logs", &id]), 30));
+    eventually(60, || answers_healthz(addr), || format!("no /healthz: {}", ok(docker(&["logs", &id]), 30)));
+    (id, addr, started.elapsed().as_secs_f64())
+}
+
+fn answers_healthz(addr: SocketAddr) -> bool {
+    http_get(addr, "/healthz").is_ok_and(|r| r.status == 200)
+}
+
+/// Polls `done` every 50 ms until it holds; fails with `what()` after `secs` seconds.
+fn eventually(secs: u64, mut done: impl FnMut() -> bool, what: impl FnOnce() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(Instant::now() < deadline, "{} (waited {secs} s)", what());
         std::thread::sleep(Duration::from_millis(50));
     }
-    (id, addr, started.elapsed().as_secs_f64())
 }
 
 /// Copies `path` out of a container (or a created one) into `dest`.
@@ -506,15 +510,10 @@ fn upgrade_by_digest_verifies_the_new_build_and_rolls_back_a_bad_one() {
     ok(deployment.compose(&["up", "-d"]), 300);
     let a = (fx["RM_IT_VERSION_A"].clone(), fx["RM_IT_COMMIT_A"].clone());
     let b = (fx["RM_IT_VERSION_B"].clone(), fx["RM_IT_COMMIT_B"].clone());
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http_get(SocketAddr::from(([127, 0, 0, 1], deployment.port)), "/healthz").map(|r| r.status).ok() != Some(200)
-    {
-        assert!(Instant::now() < deadline, "the pinned deployment did not come up");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let addr = SocketAddr::from(([127, 0, 0, 1], deployment.port));
+    eventually(60, || answers_healthz(addr), || "the pinned deployment did not come up".into());
     assert_eq!(deployment.version(), a);
     // State that must survive upgrades and rollbacks: an enrollment token in the data volume.
-    let addr = SocketAddr::from(([127, 0, 0, 1], deployment.port));
     let auth = "Bearer upgrade-test-admin-token-0123456789";
     let created = http_request_with_body(
         addr,
@@ -576,21 +575,17 @@ fn upgrade_by_digest_verifies_the_new_build_and_rolls_back_a_bad_one() {
 
     // Interrupted after the pin moved (SIGTERM while waiting): the previous pin is restored and recreated.
     let mut child = deployment.upgrade_command(&["broken-health"]).stderr(Stdio::null()).spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while fs::read(&pin).unwrap() == pin_b_bytes {
-        assert!(Instant::now() < deadline, "the pin never moved");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    eventually(120, || fs::read(&pin).unwrap() != pin_b_bytes, || "the pin never moved".into());
     std::thread::sleep(Duration::from_millis(500));
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = wait_timeout(&mut child, Duration::from_secs(120)).expect("upgrade.sh did not exit after SIGTERM");
     assert_eq!(status.code(), Some(130));
     assert_eq!(fs::read(&pin).unwrap(), pin_b_bytes, "previous pin restored");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http_get(addr, "/version").ok().map(|r| r.json()["commit"] == b.1.as_str()) != Some(true) {
-        assert!(Instant::now() < deadline, "the previous build did not come back after the interrupt");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    eventually(
+        60,
+        || http_get(addr, "/version").is_ok_and(|r| r.json()["commit"] == b.1.as_str()),
+        || "the previous build did not come back after the interrupt".into(),
+    );
 
     let tokens = http_request(addr, "GET", "/api/v1/tokens", &[("Authorization", auth)]).unwrap().json();
     assert!(tokens.to_string().contains("kept"), "the data volume survived: {tokens}");
