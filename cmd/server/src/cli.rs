@@ -102,6 +102,10 @@ pub struct ServeArgs {
     #[arg(long, env = "RM_REQUIRE_DOWNLOAD_AUTH")]
     pub require_download_auth: bool,
 
+    /// Longest an agent or admin API request may take, body included; downloads and uploads are not limited.
+    #[arg(long, env = "RM_API_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub api_timeout: Duration,
+
     /// On SIGTERM/SIGINT, how long in-flight requests may run before the server exits anyway.
     #[arg(long, env = "RM_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,

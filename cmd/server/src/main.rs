@@ -60,6 +60,7 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
             stale_after: args.stale_after,
             max_upload_bytes: args.max_upload_size,
             require_download_auth: args.require_download_auth,
+            api_timeout: args.api_timeout,
         },
     })
     .context("cannot start")?;

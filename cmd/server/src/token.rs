@@ -3,7 +3,7 @@
 
 use anyhow::{Context, bail};
 use rm_fleet::Db;
-use rm_fleet::model::{self, NewToken, TokenInfo};
+use rm_fleet::{NewToken, TokenInfo};
 
 use crate::cli::{ServeArgs, TokenCommand};
 
@@ -12,11 +12,11 @@ pub async fn run(args: &ServeArgs, command: TokenCommand) -> anyhow::Result<()> 
         bail!("data dir {} does not exist (set --data-dir or RM_DATA_DIR)", args.data_dir.display());
     }
     let db = Db::open(&args.data_dir.join(rm_server::DB_FILE)).context("cannot open the database")?;
-    let now = model::now();
+    let now = rm_fleet::now();
     match command {
         TokenCommand::Create { uses, expires, note } => {
             let new = NewToken::validated(uses, expires, note, now).map_err(anyhow::Error::msg)?;
-            let (info, token) = db.call(move |c| model::create_token(c, now, &new)).await?;
+            let (info, token) = db.call(move |c| rm_fleet::create_token(c, now, &new)).await?;
             println!("{token}");
             eprintln!("{}", describe(&info, now));
             eprintln!(
@@ -25,7 +25,7 @@ pub async fn run(args: &ServeArgs, command: TokenCommand) -> anyhow::Result<()> 
             );
         }
         TokenCommand::List => {
-            let tokens = db.call(model::list_tokens).await?;
+            let tokens = db.call(rm_fleet::list_tokens).await?;
             if tokens.is_empty() {
                 eprintln!("no enrollment tokens");
             }
@@ -35,7 +35,7 @@ pub async fn run(args: &ServeArgs, command: TokenCommand) -> anyhow::Result<()> 
         }
         TokenCommand::Revoke { id } => {
             let lookup = id.clone();
-            match db.call(move |c| model::revoke_token(c, now, &lookup)).await? {
+            match db.call(move |c| rm_fleet::revoke_token(c, now, &lookup)).await? {
                 Some(info) => println!("{}", describe(&info, now)),
                 None => bail!("no enrollment token with id {id:?}"),
             }
@@ -44,11 +44,11 @@ pub async fn run(args: &ServeArgs, command: TokenCommand) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn describe(info: &TokenInfo, now: model::Timestamp) -> String {
+fn describe(info: &TokenInfo, now: rm_fleet::Timestamp) -> String {
     let uses = match info.max_uses {
         Some(max) => format!("{}/{max}", info.uses),
         None => format!("{}/unlimited", info.uses),
     };
-    let expires = info.expires_at.map_or("never".to_string(), model::rfc3339);
+    let expires = info.expires_at.map_or("never".to_string(), rm_fleet::rfc3339);
     format!("id={} status={} uses={uses} expires={expires} note={:?}", info.id, info.status(now), info.note)
 }

@@ -4,107 +4,38 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use rm_protocol::validate::sanitize_hostname;
+use rm_protocol::{
+    EnrollRequest, EnrollResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse, HostFacts, Manifest, Platform,
+    PlatformEntry,
+};
 use ureq::tls::{RootCerts, TlsConfig};
 
 use crate::AgentError;
 
-/// Host facts sent on enrollment and with every heartbeat.
-#[derive(Debug, Clone, Serialize)]
-pub struct Facts {
-    pub hostname: String,
-    pub os: String,
-    pub arch: String,
-    pub version: String,
-    pub commit: String,
+/// The platform this agent was built for; fails on one the server has no agent for.
+pub fn host_platform() -> Result<Platform, AgentError> {
+    Platform::host().ok_or_else(|| {
+        AgentError::Usage(format!(
+            "unsupported platform {}/{}; supported: {}",
+            std::env::consts::OS,
+            std::env::consts::ARCH,
+            rm_protocol::platform::supported_list()
+        ))
+    })
 }
 
-impl Facts {
-    /// This host and this binary. Fails on a platform the server has no agent for.
-    pub fn current() -> Result<Facts, AgentError> {
-        let platform = rm_assets::Platform::host().ok_or_else(|| {
-            AgentError::Usage(format!(
-                "unsupported platform {}/{}; supported: {}",
-                std::env::consts::OS,
-                std::env::consts::ARCH,
-                rm_assets::platform::supported_list()
-            ))
-        })?;
-        let build = rm_buildinfo::current();
-        Ok(Facts {
-            hostname: hostname(),
-            os: platform.os.as_str().into(),
-            arch: platform.arch.as_str().into(),
-            version: build.version,
-            commit: build.commit,
-        })
-    }
-}
-
-/// The host name reduced to what the server accepts: `[A-Za-z0-9._-]{1,253}`.
-fn hostname() -> String {
-    let raw = gethostname::gethostname().to_string_lossy().into_owned();
-    let clean: String = raw
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '-' })
-        .take(253)
-        .collect();
-    if clean.is_empty() { "unknown".into() } else { clean }
-}
-
-#[derive(Debug, Serialize)]
-struct EnrollRequest<'a> {
-    token: &'a str,
-    #[serde(flatten)]
-    facts: &'a Facts,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct Enrolled {
-    pub agent_id: String,
-    pub credential: String,
-    pub heartbeat_interval_secs: u64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct HeartbeatRequest<'a> {
-    #[serde(flatten)]
-    pub facts: &'a Facts,
-    pub binary_sha256: Option<&'a str>,
-    pub last_update_error: Option<&'a str>,
-    pub seq: u64,
-}
-
-/// The build the server serves for a platform (heartbeat `update`, manifest entries).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-pub struct ServedBuild {
-    pub os: String,
-    pub arch: String,
-    pub file: String,
-    #[serde(default)]
-    pub published: bool,
-    pub sha256: Option<String>,
-    pub size: Option<u64>,
-    pub url: String,
-    pub agent: Option<rm_buildinfo::BuildInfo>,
-}
-
-#[derive(Debug, Deserialize)]
-pub struct HeartbeatAnswer {
-    pub agent_id: String,
-    pub heartbeat_interval_secs: u64,
-    pub update: Option<ServedBuild>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Manifest {
-    agents: Vec<ServedBuild>,
-}
-
-#[derive(Debug, Deserialize)]
-struct ErrorBody {
-    error: String,
-    message: String,
+/// This host and this binary, as sent on enrollment and with every heartbeat.
+pub fn host_facts() -> Result<HostFacts, AgentError> {
+    let platform = host_platform()?;
+    let build = rm_buildinfo::current();
+    Ok(HostFacts {
+        hostname: sanitize_hostname(&gethostname::gethostname().to_string_lossy()),
+        os: platform.os.as_str().into(),
+        arch: platform.arch.as_str().into(),
+        version: build.version,
+        commit: build.commit,
+    })
 }
 
 pub struct Client {
@@ -178,13 +109,13 @@ impl Client {
         move |e| AgentError::Network { url: url.to_string(), reason: e.to_string() }
     }
 
-    pub fn enroll(&self, token: &str, facts: &Facts) -> Result<Enrolled, AgentError> {
+    pub fn enroll(&self, token: &str, facts: HostFacts) -> Result<EnrollResponse, AgentError> {
         let url = self.url("/api/v1/agents/enroll");
-        let response = self.http.post(&url).send_json(EnrollRequest { token, facts }).map_err(Self::network(&url))?;
+        let response = self.http.post(&url).send_json(EnrollRequest::new(token, facts)).map_err(Self::network(&url))?;
         Self::check(&url, response)?.body_mut().read_json().map_err(Self::network(&url))
     }
 
-    pub fn heartbeat(&self, credential: &str, request: &HeartbeatRequest<'_>) -> Result<HeartbeatAnswer, AgentError> {
+    pub fn heartbeat(&self, credential: &str, request: &HeartbeatRequest) -> Result<HeartbeatResponse, AgentError> {
         let url = self.url("/api/v1/agents/heartbeat");
         let response = self
             .http
@@ -195,12 +126,12 @@ impl Client {
         Self::check(&url, response)?.body_mut().read_json().map_err(Self::network(&url))
     }
 
-    /// The manifest entry for one platform.
-    pub fn served_build(&self, os: &str, arch: &str) -> Result<Option<ServedBuild>, AgentError> {
+    /// The published manifest entry for one platform.
+    pub fn served_build(&self, platform: Platform) -> Result<Option<PlatformEntry>, AgentError> {
         let url = self.url("/agent/manifest");
         let response = self.http.get(&url).call().map_err(Self::network(&url))?;
         let manifest: Manifest = Self::check(&url, response)?.body_mut().read_json().map_err(Self::network(&url))?;
-        Ok(manifest.agents.into_iter().find(|a| a.os == os && a.arch == arch && a.published))
+        Ok(manifest.published(platform).cloned())
     }
 
     /// Streams `url` into `out`, calling `progress(done, total)`; returns the byte count.

@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::AgentError;
-use crate::client::{Client, Facts, HeartbeatRequest};
+use rm_protocol::{HeartbeatRequest, HostFacts, PROTOCOL_VERSION};
+
+use crate::client::{Client, host_facts, host_platform};
 use crate::config::{self, AgentConfig};
 use crate::update::{self, Outcome};
 
@@ -34,7 +36,7 @@ pub fn enroll(server: &str, token: &str, config_path: &Path, tls: Tls, force: bo
         )));
     }
     let client = Client::new(server, tls.cacert.as_deref(), tls.insecure)?;
-    let enrolled = client.enroll(token, &Facts::current()?)?;
+    let enrolled = client.enroll(token, host_facts()?)?;
     let config = AgentConfig {
         server: client.base().to_string(),
         agent_id: enrolled.agent_id.clone(),
@@ -65,7 +67,7 @@ struct Loop {
 fn beat(
     client: &Client,
     config: &AgentConfig,
-    facts: &Facts,
+    facts: &HostFacts,
     exe: &Path,
     state: &mut Loop,
 ) -> Result<(Duration, bool), AgentError> {
@@ -74,9 +76,10 @@ fn beat(
     let answer = client.heartbeat(
         &config.credential,
         &HeartbeatRequest {
-            facts,
-            binary_sha256: Some(&own_sha),
-            last_update_error: state.last_update_error.as_deref(),
+            protocol: PROTOCOL_VERSION,
+            facts: facts.clone(),
+            binary_sha256: Some(own_sha.clone()),
+            last_update_error: state.last_update_error.clone(),
             seq: state.seq,
         },
     )?;
@@ -118,7 +121,7 @@ fn jitter(d: Duration) -> Duration {
 pub fn run(config_path: &Path, once: bool) -> Result<(), AgentError> {
     let config = config::load(config_path)?;
     let client = client_for(&config)?;
-    let facts = Facts::current()?;
+    let facts = host_facts()?;
     let exe = update::current_exe()?;
     let mut state = Loop { seq: 0, last_update_error: None, failed_sha: None };
     let mut backoff = Duration::from_secs(1);
@@ -178,11 +181,11 @@ fn restart(exe: &Path) -> Result<(), AgentError> {
 pub fn update(config_path: &Path, check: bool) -> Result<(), AgentError> {
     let config = config::load(config_path)?;
     let client = client_for(&config)?;
-    let facts = Facts::current()?;
+    let platform = host_platform()?;
     let exe = update::current_exe()?;
     let served = client
-        .served_build(&facts.os, &facts.arch)?
-        .ok_or_else(|| AgentError::Usage(format!("the server publishes no agent for {}/{}", facts.os, facts.arch)))?;
+        .served_build(platform)?
+        .ok_or_else(|| AgentError::Usage(format!("the server publishes no agent for {platform}")))?;
     let own = crate::sha256_file(&exe)?;
     let served_sha = served.sha256.clone().unwrap_or_default();
     if check {
@@ -213,14 +216,14 @@ pub fn status(config_path: &Path) -> Result<(), AgentError> {
     println!("config: {}", config_path.display());
     println!("server: {}", config.server);
     println!("agent id: {}", config.agent_id);
-    let facts = Facts::current()?;
-    match client_for(&config)?.served_build(&facts.os, &facts.arch) {
+    let platform = host_platform()?;
+    match client_for(&config)?.served_build(platform) {
         Ok(Some(served)) => {
             let served_sha = served.sha256.unwrap_or_default();
             let verdict = if served_sha == own { "up to date" } else { "out of date" };
             println!("served build: {served_sha} ({verdict})");
         }
-        Ok(None) => println!("served build: none for {}/{}", facts.os, facts.arch),
+        Ok(None) => println!("served build: none for {platform}"),
         Err(e) => println!("served build: unknown ({e})"),
     }
     Ok(())

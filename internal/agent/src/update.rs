@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use sha2::Digest;
 
 use crate::AgentError;
-use crate::client::{Client, ServedBuild};
+use rm_protocol::PlatformEntry;
+
+use crate::client::Client;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -35,7 +37,7 @@ pub fn current_exe() -> Result<PathBuf, AgentError> {
 pub fn apply(
     client: &Client,
     credential: Option<&str>,
-    served: &ServedBuild,
+    served: &PlatformEntry,
     exe: &Path,
     show_progress: bool,
 ) -> Result<Outcome, AgentError> {

@@ -1,15 +1,17 @@
 //! Agent and install assets as files on disk, with no HTTP in sight.
 //!
-//! * [`platform`]: the fixed (os, arch) → file name mapping; request text never becomes a path.
 //! * [`name`]: the allowlist for install file names.
 //! * [`store`]: the two roots (data dir, then bundled dir), contained lookup, and the per-file-version digest cache.
+//! * [`write`]: the data dir's write side: staged uploads that replace an override atomically, and removal.
 
 pub mod name;
-pub mod platform;
 #[cfg(unix)]
 pub mod store;
+#[cfg(unix)]
+pub mod write;
 
 pub use name::{NameError, validate_name};
-pub use platform::{Arch, Os, Platform, PlatformError};
 #[cfg(unix)]
-pub use store::{AssetKind, AssetStore, Digest, Known, OpenAsset, Source};
+pub use store::{AssetKind, AssetStore, Digest, Known, OpenAsset, Source, UnknownKind};
+#[cfg(unix)]
+pub use write::Staged;

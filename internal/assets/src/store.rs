@@ -27,11 +27,36 @@ pub enum AssetKind {
 }
 
 impl AssetKind {
+    pub const ALL: [AssetKind; 2] = [AssetKind::AgentBinary, AssetKind::Install];
+
+    /// The directory under each root, and the URL segment of the upload API.
     pub fn subdir(self) -> &'static str {
         match self {
             AssetKind::AgentBinary => "agent-binaries",
             AssetKind::Install => "install",
         }
+    }
+
+    /// The file mode an uploaded file gets: executables (agents, shell scripts) 0755, everything else 0644.
+    pub fn mode_for(self, name: &str) -> u32 {
+        if self == AssetKind::AgentBinary || name.ends_with(".sh") { 0o755 } else { 0o644 }
+    }
+}
+
+/// A URL segment that names no asset kind.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("asset kind {0:?} (use agent-binaries or install)")]
+pub struct UnknownKind(pub String);
+
+impl std::str::FromStr for AssetKind {
+    type Err = UnknownKind;
+
+    /// Parses the subdir name (`agent-binaries`, `install`); anything else is an error naming the valid ones.
+    fn from_str(segment: &str) -> Result<AssetKind, UnknownKind> {
+        AssetKind::ALL
+            .into_iter()
+            .find(|k| k.subdir() == segment)
+            .ok_or_else(|| UnknownKind(segment.chars().take(64).collect()))
     }
 }
 
@@ -114,17 +139,6 @@ impl Known {
         };
         let meta = file.metadata()?;
         Ok((meta.is_file() && Identity::of(&meta) == self.identity).then_some(file))
-    }
-
-    /// The bytes of this version (for rendering small scripts); `Ok(None)` if it changed.
-    pub fn read(&self, max: u64) -> io::Result<Option<Vec<u8>>> {
-        if self.len > max {
-            return Ok(None);
-        }
-        let Some(file) = self.open()? else { return Ok(None) };
-        let mut buf = vec![0u8; self.len as usize];
-        file.read_exact_at(&mut buf, 0)?;
-        Ok(Some(buf))
     }
 }
 

@@ -47,7 +47,6 @@ type Job = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
 #[derive(Clone)]
 pub struct Db {
     tx: mpsc::Sender<Job>,
-    path: PathBuf,
 }
 
 impl Db {
@@ -59,11 +58,7 @@ impl Db {
             path: path.into(),
             reason: format!("cannot start the database thread: {e}"),
         })?;
-        Ok(Db { tx, path: path.to_path_buf() })
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Db { tx })
     }
 
     /// Runs `op` in the database thread and returns its result once committed.

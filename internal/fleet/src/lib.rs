@@ -1,13 +1,22 @@
 //! Fleet state kept in `<DataDir>/restic-manager.db`: enrollment tokens, enrolled agents and the audit log, plus the
-//! secrets that guard them. No HTTP here.
+//! secrets that guard them. No HTTP here, and no API shapes: the functions take and return database rows; the
+//! server turns them into the bodies of `rm_protocol::admin`.
 //!
 //! All database work runs on one dedicated thread ([`db::Db`]) that commits queued operations together (group commit):
 //! the async runtime never blocks on SQLite, and an operation is acknowledged only after its transaction committed.
+//!
+//! One module per table: [`tokens`], [`agents`], [`audit`].
 
+pub mod agents;
+pub mod audit;
 pub mod db;
-pub mod model;
 pub mod schema;
 pub mod secrets;
+pub mod time;
+pub mod tokens;
 
+pub use agents::{AgentRecord, Enrolled, Heartbeat, authenticate_agent, enroll, heartbeat, list_agents};
+pub use audit::{AuditEvent, list_audit, record_audit};
 pub use db::{Db, DbError};
-pub use model::*;
+pub use time::{Timestamp, now, rfc3339};
+pub use tokens::{EnrollError, NewToken, TokenInfo, check_enrollment_token, create_token, list_tokens, revoke_token};

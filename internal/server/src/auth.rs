@@ -58,8 +58,8 @@ pub async fn require_download_auth(
             .fleet()
             .call(move |c| {
                 let now = rm_fleet::now();
-                Ok(rm_fleet::model::authenticate_agent(c, &token)?.is_some()
-                    || rm_fleet::model::check_enrollment_token(c, now, &token)?.is_ok())
+                Ok(rm_fleet::authenticate_agent(c, &token)?.is_some()
+                    || rm_fleet::check_enrollment_token(c, now, &token)?.is_ok())
             })
             .await?;
         if !valid {

@@ -4,11 +4,9 @@ use axum::Json;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use rm_assets::NameError;
-use rm_assets::platform::{PLATFORMS, Platform, PlatformError};
 use rm_assets::store::StoreError;
-use rm_fleet::DbError;
-use rm_fleet::model::EnrollError;
-use serde_json::json;
+use rm_fleet::{DbError, EnrollError};
+use rm_protocol::{ErrorBody, PLATFORMS, Platform, PlatformError};
 use tracing::error;
 
 #[derive(Debug, thiserror::Error)]
@@ -39,80 +37,90 @@ pub enum ApiError {
     UploadAborted(String),
     #[error(transparent)]
     Db(#[from] DbError),
+    #[error("the request did not complete within {} s", .0.as_secs())]
+    Timeout(std::time::Duration),
     #[error("internal error: {0}")]
     Internal(String),
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl ApiError {
+    /// Status, extra headers and body of the answer.
+    fn parts(&self) -> (StatusCode, Option<(header::HeaderName, &'static str)>, ErrorBody) {
         let message = self.to_string();
-        let (status, body) = match &self {
+        let retry_later = Some((header::RETRY_AFTER, "1"));
+        match self {
             ApiError::UnsupportedPlatform(e) => (
                 StatusCode::BAD_REQUEST,
-                json!({
-                    "error": "unsupported_platform",
-                    "message": message,
-                    "os": e.os,
-                    "arch": e.arch,
-                    "supported": supported(),
-                }),
+                None,
+                ErrorBody::new("unsupported_platform", message)
+                    .with("os", e.os.as_str())
+                    .with("arch", e.arch.as_str())
+                    .with("supported", supported()),
             ),
             ApiError::InvalidRequest(_) => (
                 StatusCode::BAD_REQUEST,
-                json!({"error": "invalid_request", "message": message, "supported": supported()}),
+                None,
+                ErrorBody::new("invalid_request", message).with("supported", supported()),
             ),
-            ApiError::InvalidName(_) => (StatusCode::BAD_REQUEST, json!({"error": "invalid_name", "message": message})),
+            ApiError::InvalidName(_) => (StatusCode::BAD_REQUEST, None, ErrorBody::new("invalid_name", message)),
             ApiError::BinaryNotPublished(p) => (
                 StatusCode::NOT_FOUND,
-                json!({
-                    "error": "binary_not_published",
-                    "message": message,
-                    "os": p.os.as_str(),
-                    "arch": p.arch.as_str(),
-                    "file": p.file_name(),
-                }),
+                None,
+                ErrorBody::new("binary_not_published", message)
+                    .with("os", p.os.as_str())
+                    .with("arch", p.arch.as_str())
+                    .with("file", p.file_name()),
             ),
-            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, json!({"error": "not_found", "message": message})),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, None, ErrorBody::new("not_found", message)),
             ApiError::MethodNotAllowed => {
-                (StatusCode::METHOD_NOT_ALLOWED, json!({"error": "method_not_allowed", "message": message}))
+                (StatusCode::METHOD_NOT_ALLOWED, None, ErrorBody::new("method_not_allowed", message))
             }
             ApiError::Store(StoreError::Unstable { .. }) => {
                 error!(error = %message, "asset kept changing while being read");
-                let body = json!({"error": "asset_unstable", "message": "the file is being rewritten; retry shortly"});
-                let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
-                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return response;
+                let body = ErrorBody::new("asset_unstable", "the file is being rewritten; retry shortly");
+                (StatusCode::SERVICE_UNAVAILABLE, retry_later, body)
             }
-            ApiError::Unauthorized(_) => {
-                let body = json!({"error": "unauthorized", "message": message});
-                let mut response = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
-                response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return response;
-            }
-            ApiError::EnrollRefused(e) => (StatusCode::UNAUTHORIZED, json!({"error": e.code(), "message": message})),
+            ApiError::Unauthorized(_) => (
+                StatusCode::UNAUTHORIZED,
+                Some((header::WWW_AUTHENTICATE, "Bearer")),
+                ErrorBody::new("unauthorized", message),
+            ),
+            ApiError::EnrollRefused(e) => (StatusCode::UNAUTHORIZED, None, ErrorBody::new(e.code(), message)),
             ApiError::PayloadTooLarge(limit) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
-                json!({"error": "payload_too_large", "message": message, "limit": limit}),
+                None,
+                ErrorBody::new("payload_too_large", message).with("limit", *limit),
             ),
             ApiError::ChecksumMismatch { expected, actual } => (
                 StatusCode::UNPROCESSABLE_ENTITY,
-                json!({"error": "checksum_mismatch", "message": message, "expected": expected, "actual": actual}),
+                None,
+                ErrorBody::new("checksum_mismatch", message)
+                    .with("expected", expected.as_str())
+                    .with("actual", actual.as_str()),
             ),
-            ApiError::UploadAborted(_) => {
-                (StatusCode::BAD_REQUEST, json!({"error": "upload_aborted", "message": message}))
-            }
-            ApiError::Db(DbError::Busy) => {
-                let body = json!({"error": "busy", "message": "the server is overloaded; retry shortly"});
-                let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
-                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return response;
-            }
+            ApiError::UploadAborted(_) => (StatusCode::BAD_REQUEST, None, ErrorBody::new("upload_aborted", message)),
+            ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, None, ErrorBody::new("timeout", message)),
+            ApiError::Db(DbError::Busy) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                retry_later,
+                ErrorBody::new("busy", "the server is overloaded; retry shortly"),
+            ),
             ApiError::Store(_) | ApiError::Db(_) | ApiError::Internal(_) => {
                 error!(error = %message, "request failed");
-                (StatusCode::INTERNAL_SERVER_ERROR, json!({"error": "internal", "message": "internal server error"}))
+                (StatusCode::INTERNAL_SERVER_ERROR, None, ErrorBody::new("internal", "internal server error"))
             }
-        };
-        (status, Json(body)).into_response()
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, extra, body) = self.parts();
+        let mut response = (status, Json(body)).into_response();
+        if let Some((name, value)) = extra {
+            response.headers_mut().insert(name, HeaderValue::from_static(value));
+        }
+        response
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod access_log;
 pub mod auth;
+mod catalog;
 mod error;
 mod file_body;
 mod file_response;
@@ -17,8 +18,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post, put};
+use http::StatusCode;
 use tokio::net::TcpListener;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
 use tracing::{info, warn};
 
 pub use error::ApiError;
@@ -41,8 +47,13 @@ pub mod header_names {
 /// Largest JSON body the agent and admin APIs accept.
 pub(crate) const JSON_BODY_LIMIT: usize = 64 * 1024;
 
-/// The full router. Every route is logged by the access log layer.
+/// The full router. Every route is logged by the access log layer; a panicking handler still answers the JSON 500.
 pub fn app(state: AppState) -> Router {
+    with_layers(routes(&state), state)
+}
+
+/// Every route, grouped by the limits that apply to it.
+fn routes(state: &AppState) -> Router<AppState> {
     use axum::extract::DefaultBodyLimit;
     use routes::{admin, agents, upload};
 
@@ -59,7 +70,11 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/tokens", get(admin::list_tokens).post(admin::create_token))
         .route("/api/v1/tokens/{id}", delete(admin::revoke_token))
         .route("/api/v1/audit", get(admin::list_audit))
-        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT));
+        .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
+        // Small requests with small answers: bounded in time, body included. Downloads and uploads are not: a slow
+        // but live transfer of a large agent must finish.
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.settings().api_timeout))
+        .layer(axum::middleware::map_response_with_state(state.clone(), timeout_as_json));
     // Uploads enforce their own, configurable limit while streaming.
     let uploads = Router::new()
         .route("/api/v1/assets/{kind}/{name}", put(upload::put_asset).delete(upload::delete_asset))
@@ -72,10 +87,34 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(routes::ops::healthz))
         .route("/readyz", get(routes::ops::readyz))
         .route("/version", get(routes::ops::version))
+}
+
+/// The layers every route gets, outermost last: panics become the JSON 500, then the access log.
+fn with_layers(routes: Router<AppState>, state: AppState) -> Router {
+    routes
         .fallback(routes::ops::not_found)
         .method_not_allowed_fallback(routes::ops::method_not_allowed)
+        .layer(CatchPanicLayer::custom(panic_as_json))
         .layer(axum::middleware::from_fn(access_log::log_request))
         .with_state(state)
+}
+
+/// The timeout layer answers an empty 408; errors are JSON.
+async fn timeout_as_json(State(state): State<AppState>, response: Response) -> Response {
+    if response.status() == StatusCode::REQUEST_TIMEOUT && !response.headers().contains_key(http::header::CONTENT_TYPE)
+    {
+        return ApiError::Timeout(state.settings().api_timeout).into_response();
+    }
+    response
+}
+
+fn panic_as_json(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    ApiError::Internal(format!("handler panicked: {what}")).into_response()
 }
 
 /// Serves [`app`] on `listener` until `shutdown` resolves, then stops accepting, lets in-flight requests finish for
@@ -115,16 +154,84 @@ pub async fn run(
 /// Logs which agent platforms are published and fills the digest cache, so the first download of each binary does
 /// not wait for hashing. Runs on a blocking thread; errors are logged, never fatal.
 pub fn warm_up(state: &AppState) {
-    for entry in routes::assets::platform_entries(state, "") {
+    for (platform, entry) in catalog::entries_blocking(state, "") {
         match entry {
             Ok(e) if e.published => {
-                info!(platform = %e.platform, source = e.source.unwrap_or("?"), sha256 = e.sha256.as_deref().unwrap_or("?"),
+                info!(%platform, source = e.source.as_deref().unwrap_or("?"), sha256 = e.sha256.as_deref().unwrap_or("?"),
                 agent_version = e.agent.as_ref().map(|a| a.version.as_str()).unwrap_or("unknown"), "agent binary published")
             }
             Ok(e) => {
-                warn!(platform = %e.platform, file = e.file, "agent binary not published (in neither the data dir nor the bundled dir)")
+                warn!(%platform, file = e.file, "agent binary not published (in neither the data dir nor the bundled dir)")
             }
-            Err(err) => warn!(error = %err, "could not inspect an agent binary"),
+            Err(err) => warn!(%platform, error = %err, "could not inspect an agent binary"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use http::Request;
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+
+    fn state(dir: &std::path::Path, settings: Settings) -> AppState {
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        AppState::new(Config {
+            data_dir: dir.join("data"),
+            bundled_dir: dir.join("bundled"),
+            public_url: None,
+            admin_token: Some("test-admin-token-0123456789".into()),
+            settings,
+        })
+        .unwrap()
+    }
+
+    async fn json_of(response: Response) -> serde_json::Value {
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&bytes).unwrap_or_else(|e| panic!("not JSON ({e}): {bytes:?}"))
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_the_json_500_and_the_server_keeps_serving() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = state(tmp.path(), Settings::default());
+        async fn panics() -> &'static str {
+            panic!("boom in a handler")
+        }
+        let routes = routes(&state).route("/test/panic", get(panics));
+        let app = with_layers(routes, state);
+        let response = app.clone().oneshot(Request::get("/test/panic").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(response.headers()[http::header::CONTENT_TYPE], "application/json");
+        let body = json_of(response).await;
+        assert_eq!(body["error"], "internal");
+        assert!(!body.to_string().contains("boom"), "panic text must not reach clients: {body}");
+        let after = app.oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(after.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn a_stalled_api_request_times_out_with_json() {
+        let tmp = tempfile::tempdir().unwrap();
+        let settings = Settings { api_timeout: Duration::from_millis(200), ..Settings::default() };
+        let state = state(tmp.path(), settings);
+        // A heartbeat whose body never finishes arriving.
+        let body = Body::from_stream(futures_util::stream::pending::<Result<bytes::Bytes, std::io::Error>>());
+        let request = Request::post("/api/v1/agents/heartbeat")
+            .header("content-type", "application/json")
+            .header("authorization", "Bearer rmagt_x_y")
+            .body(body)
+            .unwrap();
+        let started = std::time::Instant::now();
+        let response = app(state.clone()).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::REQUEST_TIMEOUT);
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let body = json_of(response).await;
+        assert_eq!(body["error"], "timeout", "{body}");
+        // Downloads are not subject to it (a slow transfer of a large agent must finish): the route answers normally.
+        let manifest = app(state).oneshot(Request::get("/agent/manifest").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(manifest.status(), StatusCode::OK);
     }
 }

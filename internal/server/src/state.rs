@@ -38,6 +38,8 @@ pub struct Settings {
     pub max_upload_bytes: u64,
     /// Downloads need an agent credential or an active enrollment token.
     pub require_download_auth: bool,
+    /// Longest an agent or admin API request may take, body included (downloads and uploads are not limited).
+    pub api_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -47,6 +49,7 @@ impl Default for Settings {
             stale_after: Duration::from_secs(300),
             max_upload_bytes: 512 * 1024 * 1024,
             require_download_auth: false,
+            api_timeout: Duration::from_secs(30),
         }
     }
 }

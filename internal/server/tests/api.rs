@@ -52,7 +52,7 @@ async fn enrollment_refusals_are_401_and_write_nothing() {
         .fleet()
         .call(|c| {
             let new = rm_fleet::NewToken { expires_at: Some(rm_fleet::now() - 1), ..Default::default() };
-            rm_fleet::model::create_token(c, rm_fleet::now() - 10, &new).map(|(_, t)| t)
+            rm_fleet::create_token(c, rm_fleet::now() - 10, &new).map(|(_, t)| t)
         })
         .await
         .unwrap();

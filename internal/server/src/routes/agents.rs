@@ -1,100 +1,45 @@
-//! `/api/v1/agents/enroll` and `/api/v1/agents/heartbeat`: what agents call.
+//! `/api/v1/agents/enroll` and `/api/v1/agents/heartbeat`: what agents call. The bodies are `rm_protocol`'s, read
+//! leniently (unknown fields from newer agents are ignored) and validated here before anything is stored.
 
 use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
-use rm_assets::Platform;
-use rm_fleet::model::{self, AuditEvent, HostFacts};
-use serde::{Deserialize, Serialize};
+use rm_fleet::AuditEvent;
+use rm_protocol::validate::{MAX_HOSTNAME_LEN, is_hostname, is_printable, is_sha256_hex};
+use rm_protocol::{
+    EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, HostFacts, PROTOCOL_VERSION, Platform,
+};
 use tracing::warn;
 
 use crate::auth::{Peer, bearer};
 use crate::public_url::base_url;
-use crate::routes::assets::{PlatformEntry, served_entry};
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, catalog};
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EnrollRequest {
-    /// May also be sent as `Authorization: Bearer <token>`.
-    #[serde(default)]
-    pub token: Option<String>,
-    pub hostname: String,
-    pub os: String,
-    pub arch: String,
-    pub version: String,
-    pub commit: String,
-}
+/// Longest version or commit string stored.
+const MAX_BUILD_TEXT: usize = 128;
+/// Longest `last_update_error` stored (longer ones are cut).
+const MAX_UPDATE_ERROR: usize = 1024;
 
-#[derive(Debug, Serialize)]
-pub struct EnrollResponse {
-    pub agent_id: String,
-    /// `rmagt_<id>_<secret>`: the agent's bearer credential, returned this once.
-    pub credential: String,
-    pub heartbeat_interval_secs: u64,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HeartbeatRequest {
-    pub hostname: String,
-    pub os: String,
-    pub arch: String,
-    pub version: String,
-    pub commit: String,
-    #[serde(default)]
-    pub binary_sha256: Option<String>,
-    #[serde(default)]
-    pub last_update_error: Option<String>,
-    #[serde(default)]
-    pub seq: u64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct HeartbeatResponse {
-    pub agent_id: String,
-    pub heartbeat_interval_secs: u64,
-    pub server: rm_buildinfo::BuildInfo,
-    /// The agent build this server serves for the agent's platform (`null` when none is published).
-    pub update: Option<PlatformEntry>,
-}
-
-fn text(field: &str, value: &str, max: usize) -> Result<String, ApiError> {
-    let ok = !value.is_empty() && value.len() <= max && value.chars().all(|c| !c.is_control());
-    if ok {
-        Ok(value.to_string())
+fn text(field: &str, value: String, max: usize) -> Result<String, ApiError> {
+    if is_printable(&value, max) {
+        Ok(value)
     } else {
         Err(ApiError::InvalidRequest(format!("{field} must be 1..={max} printable characters")))
     }
 }
 
-fn hostname(value: &str) -> Result<String, ApiError> {
-    let ok = !value.is_empty()
-        && value.len() <= 253
-        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
-    if ok {
-        Ok(value.to_string())
-    } else {
-        Err(ApiError::InvalidRequest("hostname must be 1..=253 of [A-Za-z0-9._-]".into()))
+/// Checks what an agent says about itself; the platform must be a supported one.
+fn checked(facts: HostFacts) -> Result<(HostFacts, Platform), ApiError> {
+    let platform = Platform::parse(&facts.os, &facts.arch)?;
+    if !is_hostname(&facts.hostname) {
+        return Err(ApiError::InvalidRequest(format!("hostname must be 1..={MAX_HOSTNAME_LEN} of [A-Za-z0-9._-]")));
     }
-}
-
-fn facts(
-    hostname_: &str,
-    os: &str,
-    arch: &str,
-    version: &str,
-    commit: &str,
-) -> Result<(HostFacts, Platform), ApiError> {
-    let platform = Platform::parse(os, arch)?;
     let facts = HostFacts {
-        hostname: hostname(hostname_)?,
-        os: platform.os.as_str().into(),
-        arch: platform.arch.as_str().into(),
-        agent_version: text("version", version, 128)?,
-        agent_commit: text("commit", commit, 128)?,
+        version: text("version", facts.version, MAX_BUILD_TEXT)?,
+        commit: text("commit", facts.commit, MAX_BUILD_TEXT)?,
+        ..facts
     };
     Ok((facts, platform))
 }
@@ -113,27 +58,23 @@ pub async fn enroll(
     let request = json_body(body)?;
     let token = request
         .token
-        .clone()
         .or_else(|| bearer(&headers).map(str::to_owned))
         .ok_or(ApiError::Unauthorized("an enrollment token is required"))?;
-    let (facts, platform) = facts(&request.hostname, &request.os, &request.arch, &request.version, &request.commit)?;
+    let (facts, platform) = checked(request.facts)?;
     let mut audit = AuditEvent {
         platform: Some(platform.to_string()),
-        detail: Some(format!(
-            "hostname={} version={} commit={}",
-            facts.hostname, facts.agent_version, facts.agent_commit
-        )),
+        detail: Some(format!("hostname={} version={} commit={}", facts.hostname, facts.version, facts.commit)),
         ..super::audit_event("enroll", peer, &headers)
     };
     let outcome = state
         .fleet()
         .call(move |c| {
-            let now = model::now();
-            let outcome = model::enroll(c, now, &token, &facts)?;
+            let now = rm_fleet::now();
+            let outcome = rm_fleet::enroll(c, now, &token, &facts)?;
             if let Ok(enrolled) = &outcome {
                 audit.at = now;
                 audit.agent_id = Some(enrolled.agent_id.clone());
-                model::record_audit(c, &audit)?;
+                rm_fleet::record_audit(c, &audit)?;
             }
             Ok(outcome)
         })
@@ -142,6 +83,7 @@ pub async fn enroll(
         Ok(enrolled) => Ok((
             StatusCode::CREATED,
             Json(EnrollResponse {
+                protocol: PROTOCOL_VERSION,
                 agent_id: enrolled.agent_id,
                 credential: enrolled.credential,
                 heartbeat_interval_secs: state.settings().heartbeat_interval.as_secs(),
@@ -163,25 +105,26 @@ pub async fn heartbeat(
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let credential = bearer(&headers).ok_or(ApiError::Unauthorized("an agent credential is required"))?.to_owned();
     let request = json_body(body)?;
-    let (facts, platform) = facts(&request.hostname, &request.os, &request.arch, &request.version, &request.commit)?;
+    let (facts, platform) = checked(request.facts)?;
     let binary_sha256 = match request.binary_sha256 {
-        Some(s) if s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit()) => Some(s.to_ascii_lowercase()),
+        Some(s) if is_sha256_hex(&s) => Some(s.to_ascii_lowercase()),
         Some(_) => return Err(ApiError::InvalidRequest("binary_sha256 must be 64 hex digits".into())),
         None => None,
     };
-    let last_update_error = request.last_update_error.map(|e| e.chars().take(1024).collect());
-    let hb = model::Heartbeat { facts, binary_sha256, last_update_error, seq: request.seq };
+    let last_update_error = request.last_update_error.map(|e| e.chars().take(MAX_UPDATE_ERROR).collect());
+    let hb = rm_fleet::Heartbeat { facts, binary_sha256, last_update_error, seq: request.seq };
     let agent_id = state
         .fleet()
-        .call(move |c| model::heartbeat(c, model::now(), &credential, &hb))
+        .call(move |c| rm_fleet::heartbeat(c, rm_fleet::now(), &credential, &hb))
         .await?
         .ok_or(ApiError::Unauthorized("the agent credential is not valid"))?;
     let base = base_url(state.public_url(), &headers).unwrap_or_default();
-    let update = served_entry(&state, platform, base).await?;
+    let update = catalog::entry(&state, platform, base).await?;
     Ok(Json(HeartbeatResponse {
+        protocol: PROTOCOL_VERSION,
         agent_id,
         heartbeat_interval_secs: state.settings().heartbeat_interval.as_secs(),
-        server: rm_buildinfo::current(),
+        server: Some(rm_buildinfo::current()),
         update: Some(update).filter(|e| e.published),
     }))
 }

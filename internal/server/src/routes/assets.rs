@@ -5,19 +5,16 @@ use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, Method, header};
-use rm_assets::platform::PLATFORMS;
-use rm_assets::store::StoreError;
 use std::sync::Arc;
 
-use rm_assets::{AssetKind, Digest, NameError, Platform, Source, validate_name};
-use rm_buildinfo::BuildInfo;
-use serde::Serialize;
+use rm_assets::{AssetKind, Digest, NameError, Source, validate_name};
+use rm_fleet::AuditEvent;
+use rm_protocol::{Manifest, Platform, PlatformEntry};
 
 use crate::auth::Peer;
 use crate::file_response::Representation;
 use crate::public_url::base_url;
-use crate::{ApiError, AppState, file_response};
-use rm_fleet::model::AuditEvent;
+use crate::{ApiError, AppState, catalog, file_response};
 
 /// `GET|HEAD /agent/binary?os=&arch=`
 pub async fn agent_binary(
@@ -41,8 +38,7 @@ pub async fn agent_binary(
             detail: response.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned),
             ..super::audit_event("download", peer, &headers)
         };
-        if let Err(e) = state.fleet().submit("download audit record", move |c| rm_fleet::model::record_audit(c, &event))
-        {
+        if let Err(e) = state.fleet().submit("download audit record", move |c| rm_fleet::record_audit(c, &event)) {
             tracing::warn!(error = %e, "download audit record dropped");
         }
     }
@@ -145,92 +141,9 @@ fn parse_platform_query(query: Option<&str>) -> Result<Platform, ApiError> {
     }
 }
 
-/// One platform's line in the manifest.
-#[derive(Debug, Serialize)]
-pub struct PlatformEntry {
-    #[serde(skip)]
-    pub platform: Platform,
-    pub os: &'static str,
-    pub arch: &'static str,
-    pub file: &'static str,
-    pub published: bool,
-    pub size: Option<u64>,
-    pub sha256: Option<String>,
-    pub source: Option<&'static str>,
-    pub last_modified: Option<String>,
-    pub url: String,
-    /// Build information embedded in the binary, when it carries a restic-manager marker.
-    pub agent: Option<BuildInfo>,
-}
-
-/// A platform's entry from what the store found for it: (len, modified, source, digest), or nothing.
-fn entry_from(
-    platform: Platform,
-    base: &str,
-    found: Option<(u64, std::time::SystemTime, Source, Arc<Digest>)>,
-) -> PlatformEntry {
-    PlatformEntry {
-        platform,
-        os: platform.os.as_str(),
-        arch: platform.arch.as_str(),
-        file: platform.file_name(),
-        published: found.is_some(),
-        size: found.as_ref().map(|f| f.0),
-        sha256: found.as_ref().map(|f| f.3.sha256_hex()),
-        source: found.as_ref().map(|f| f.2.as_str()),
-        last_modified: found.as_ref().map(|f| httpdate::fmt_http_date(f.1)),
-        url: format!("{base}/agent/binary?os={}&arch={}", platform.os.as_str(), platform.arch.as_str()),
-        agent: found.and_then(|f| f.3.build_info.clone()),
-    }
-}
-
-/// The remembered binary of a platform, if still current (one or two `stat`s; fine on an async worker).
-fn known_entry(state: &AppState, platform: Platform, base: &str) -> Option<PlatformEntry> {
-    let k = state.store().known(AssetKind::AgentBinary, platform.file_name())?;
-    Some(entry_from(platform, base, Some((k.len, k.modified, k.source, k.digest))))
-}
-
-/// Looks at one platform's binary (blocking). `base` prefixes the download URL.
-pub fn platform_entry(state: &AppState, platform: Platform, base: &str) -> Result<PlatformEntry, StoreError> {
-    if let Some(entry) = known_entry(state, platform, base) {
-        return Ok(entry);
-    }
-    let found = state.store().open(AssetKind::AgentBinary, platform.file_name())?;
-    Ok(entry_from(platform, base, found.map(|a| (a.len, a.modified, a.source, a.digest))))
-}
-
-/// Looks at every platform's binary (blocking).
-pub fn platform_entries(state: &AppState, base: &str) -> Vec<Result<PlatformEntry, StoreError>> {
-    PLATFORMS.iter().map(|&platform| platform_entry(state, platform, base)).collect()
-}
-
-/// The entry for one platform (each heartbeat asks): inline when the binary is remembered, otherwise the full
-/// lookup on a blocking thread.
-pub async fn served_entry(state: &AppState, platform: Platform, base: String) -> Result<PlatformEntry, ApiError> {
-    if let Some(entry) = known_entry(state, platform, &base) {
-        return Ok(entry);
-    }
-    let state = state.clone();
-    Ok(tokio::task::spawn_blocking(move || platform_entry(&state, platform, &base))
-        .await
-        .map_err(|e| ApiError::Internal(format!("lookup task failed: {e}")))??)
-}
-
-pub async fn entries(state: &AppState, headers: &HeaderMap) -> Result<Vec<PlatformEntry>, ApiError> {
-    let base = base_url(state.public_url(), headers).unwrap_or_default();
-    let state = state.clone();
-    tokio::task::spawn_blocking(move || platform_entries(&state, &base))
-        .await
-        .map_err(|e| ApiError::Internal(format!("manifest task failed: {e}")))?
-        .into_iter()
-        .map(|entry| entry.map_err(ApiError::from))
-        .collect()
-}
-
-#[derive(Serialize)]
-struct Manifest {
-    server: BuildInfo,
-    agents: Vec<PlatformEntry>,
+/// Every platform's entry, with download URLs for this request's base URL.
+async fn entries(state: &AppState, headers: &HeaderMap) -> Result<Vec<PlatformEntry>, ApiError> {
+    catalog::entries(state, base_url(state.public_url(), headers).unwrap_or_default()).await
 }
 
 /// `GET /agent/manifest`

@@ -11,8 +11,8 @@ pub(crate) fn audit_event(
     kind: &str,
     peer: Option<std::net::SocketAddr>,
     headers: &http::HeaderMap,
-) -> rm_fleet::model::AuditEvent {
-    rm_fleet::model::AuditEvent {
+) -> rm_fleet::AuditEvent {
+    rm_fleet::AuditEvent {
         at: rm_fleet::now(),
         kind: kind.into(),
         remote_addr: peer.map(|p| p.ip().to_string()),

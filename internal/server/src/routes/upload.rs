@@ -1,13 +1,9 @@
 //! Admin asset upload and removal: `PUT|DELETE /api/v1/assets/{agent-binaries|install}/<name>`.
 //!
-//! A PUT streams the body into a temporary file (`.upload-*`, a name no request can ever fetch) in the target
-//! directory, enforcing the size limit before and while writing, verifies an optional `X-Checksum-Sha256`, fsyncs,
-//! renames it over the target and fsyncs the directory. Any failure, including the client going away mid-body
-//! (the handler future is dropped), drops the temporary file, which deletes it: the previous file is untouched.
-
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+//! HTTP only: the names are checked here, the body is streamed into a file staged by the asset store
+//! ([`rm_assets::write`]) with the size limit enforced before and while writing, and an optional
+//! `X-Checksum-Sha256` is verified before the store commits it. Any failure, including the client going away
+//! mid-body (the handler future is dropped), drops the staged file, which deletes it: the previous file is untouched.
 
 use axum::Json;
 use axum::body::Body;
@@ -16,9 +12,9 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use http::{HeaderMap, StatusCode, header};
-use rm_assets::platform::PLATFORMS;
-use rm_assets::{AssetKind, NameError, Platform, validate_name};
-use rm_fleet::model::{self, AuditEvent};
+use rm_assets::{AssetKind, NameError, validate_name};
+use rm_fleet::AuditEvent;
+use rm_protocol::{PLATFORMS, Platform};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -28,23 +24,19 @@ use crate::{ApiError, AppState, header_names};
 
 /// Resolves `{kind}/{name}` to a target inside the data dir.
 fn target(kind: &str, name: &str) -> Result<(AssetKind, Option<Platform>), ApiError> {
+    let kind: AssetKind = kind.parse().map_err(|e: rm_assets::UnknownKind| ApiError::NotFound(e.to_string()))?;
     match kind {
-        "agent-binaries" => {
-            PLATFORMS.iter().find(|p| p.file_name() == name).map(|p| (AssetKind::AgentBinary, Some(*p))).ok_or_else(
-                || {
-                    let allowed: Vec<_> = PLATFORMS.iter().map(|p| p.file_name()).collect();
-                    ApiError::InvalidRequest(format!("agent binaries must be named one of: {}", allowed.join(", ")))
-                },
-            )
+        AssetKind::AgentBinary => {
+            let platform = PLATFORMS.iter().find(|p| p.file_name() == name).ok_or_else(|| {
+                let allowed: Vec<_> = PLATFORMS.iter().map(|p| p.file_name()).collect();
+                ApiError::InvalidRequest(format!("agent binaries must be named one of: {}", allowed.join(", ")))
+            })?;
+            Ok((kind, Some(*platform)))
         }
-        "install" => {
+        AssetKind::Install => {
             validate_name(name)?;
-            Ok((AssetKind::Install, None))
+            Ok((kind, None))
         }
-        _ => Err(ApiError::NotFound(format!(
-            "asset kind {:?} (use agent-binaries or install)",
-            kind.chars().take(64).collect::<String>()
-        ))),
     }
 }
 
@@ -69,15 +61,6 @@ struct Uploaded {
     size: u64,
     sha256: String,
     replaced: bool,
-}
-
-/// Creates the directory if needed; refuses a symlinked one (the server would not serve from it anyway).
-fn prepare_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    fs::create_dir_all(dir)?;
-    if !fs::symlink_metadata(dir)?.is_dir() {
-        return Err(std::io::Error::other(format!("{} is not a plain directory", dir.display())));
-    }
-    Ok(())
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> Result<T, ApiError> {
@@ -106,13 +89,12 @@ pub async fn put_asset(
         return Err(ApiError::PayloadTooLarge(limit));
     }
 
-    let dir: PathBuf = state.store().data_dir().join(kind.subdir());
-    let tmp_dir = dir.clone();
-    let (tmp, std_file) = blocking(move || {
-        prepare_dir(&tmp_dir)?;
-        let tmp = tempfile::Builder::new().prefix(".upload-").tempfile_in(&tmp_dir)?;
-        let file = tmp.as_file().try_clone()?;
-        Ok((tmp, file))
+    let stage_state = state.clone();
+    let stage_name = name.clone();
+    let (staged, std_file) = blocking(move || {
+        let staged = stage_state.store().stage(kind, &stage_name)?;
+        let file = staged.file()?;
+        Ok((staged, file))
     })
     .await?;
     let mut file = tokio::fs::File::from_std(std_file);
@@ -132,7 +114,6 @@ pub async fn put_asset(
         return Err(ApiError::UploadAborted(format!("received {size} of {} bytes", declared.unwrap_or_default())));
     }
     file.flush().await.map_err(|e| ApiError::Internal(e.to_string()))?;
-    file.sync_all().await.map_err(|e| ApiError::Internal(format!("fsync of the upload: {e}")))?;
     drop(file);
     let actual = hex::encode(hasher.finalize());
     if let Some(expected) = expected
@@ -141,16 +122,7 @@ pub async fn put_asset(
         return Err(ApiError::ChecksumMismatch { expected, actual });
     }
 
-    let final_path = dir.join(&name);
-    let mode = if kind == AssetKind::AgentBinary || name.ends_with(".sh") { 0o755 } else { 0o644 };
-    let replaced = blocking(move || {
-        fs::set_permissions(tmp.path(), fs::Permissions::from_mode(mode))?;
-        let replaced = fs::symlink_metadata(&final_path).is_ok();
-        tmp.persist(&final_path).map_err(|e| e.error)?;
-        fs::File::open(&dir)?.sync_all()?;
-        Ok(replaced)
-    })
-    .await?;
+    let replaced = blocking(move || staged.commit()).await?;
 
     let event = AuditEvent {
         platform: platform.map(|p| p.to_string()),
@@ -159,7 +131,7 @@ pub async fn put_asset(
         detail: Some(format!("{kind_text}/{name} size={size} replaced={replaced}")),
         ..super::audit_event("upload", peer, &headers)
     };
-    state.fleet().call(move |c| model::record_audit(c, &event)).await?;
+    state.fleet().call(move |c| rm_fleet::record_audit(c, &event)).await?;
     tracing::info!(kind = kind_text, name, size, sha256 = actual, replaced, "asset uploaded");
     let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
     Ok((status, Json(Uploaded { kind: kind.subdir(), name, size, sha256: actual, replaced })).into_response())
@@ -175,19 +147,9 @@ pub async fn delete_asset(
 ) -> Result<Response, ApiError> {
     let (kind_text, name) = path_params(path)?;
     let (kind, platform) = target(&kind_text, &name)?;
-    let dir = state.store().data_dir().join(kind.subdir());
-    let file = dir.join(&name);
-    let removed = blocking(move || match fs::symlink_metadata(&file) {
-        Ok(meta) if meta.is_dir() => Err(std::io::Error::other(format!("{} is a directory", file.display()))),
-        Ok(_) => {
-            fs::remove_file(&file)?;
-            fs::File::open(&dir)?.sync_all()?;
-            Ok(true)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-        Err(e) => Err(e),
-    })
-    .await?;
+    let remove_state = state.clone();
+    let remove_name = name.clone();
+    let removed = blocking(move || remove_state.store().remove(kind, &remove_name)).await?;
     if !removed {
         return Err(ApiError::NotFound(format!("override {kind_text}/{name}")));
     }
@@ -197,7 +159,7 @@ pub async fn delete_asset(
         detail: Some(format!("{kind_text}/{name}")),
         ..super::audit_event("delete", peer, &headers)
     };
-    state.fleet().call(move |c| model::record_audit(c, &event)).await?;
+    state.fleet().call(move |c| rm_fleet::record_audit(c, &event)).await?;
     tracing::info!(kind = kind_text, name, "asset override removed");
     Ok(Json(serde_json::json!({"kind": kind_text, "name": name, "removed": true})).into_response())
 }

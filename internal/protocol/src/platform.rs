@@ -1,4 +1,5 @@
-//! Supported agent platforms and their fixed file names.
+//! Supported agent platforms and their fixed file names: the one table the server, the agent, the install scripts
+//! and the release scripts agree on (a test in `tests/` holds the scripts to it).
 
 use std::fmt;
 

@@ -1,0 +1,163 @@
+//! The write side of the data dir: an upload is staged in a temporary file next to its target and replaces the
+//! override atomically; a removal unlinks the override so the bundled copy is served again. Nothing here ever writes
+//! to the bundled dir.
+//!
+//! Atomicity: the staged file is `.upload-*` (a name [`crate::validate_name`] refuses, so no request can fetch it)
+//! in the target's own directory; [`Staged::commit`] fsyncs it, sets its mode, renames it over the target and fsyncs
+//! the directory. Dropping a [`Staged`] without committing deletes the temporary file, so a failed or abandoned
+//! upload leaves the previous file untouched.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use tempfile::NamedTempFile;
+
+use crate::store::{AssetKind, AssetStore};
+
+/// Prefix of staged uploads.
+pub const STAGING_PREFIX: &str = ".upload-";
+
+/// An upload in progress: write the content to [`Staged::file`], then [`Staged::commit`].
+#[derive(Debug)]
+pub struct Staged {
+    tmp: NamedTempFile,
+    dir: PathBuf,
+    target: PathBuf,
+    mode: u32,
+}
+
+impl AssetStore {
+    /// Creates `<DataDir>/<subdir>/` if needed (a symlinked one is refused: the server would not serve from it) and a
+    /// staging file in it for `name`, which must already be validated for `kind`. Blocking.
+    pub fn stage(&self, kind: AssetKind, name: &str) -> io::Result<Staged> {
+        let dir = self.override_dir(kind)?;
+        let tmp = tempfile::Builder::new().prefix(STAGING_PREFIX).tempfile_in(&dir)?;
+        Ok(Staged { tmp, target: dir.join(name), dir, mode: kind.mode_for(name) })
+    }
+
+    /// Removes the data-dir override of `(kind, name)`; `Ok(false)` when there is none. Blocking.
+    pub fn remove(&self, kind: AssetKind, name: &str) -> io::Result<bool> {
+        let dir = self.data_dir().join(kind.subdir());
+        let file = dir.join(name);
+        match fs::symlink_metadata(&file) {
+            Ok(meta) if meta.is_dir() => Err(io::Error::other(format!("{} is a directory", file.display()))),
+            Ok(_) => {
+                fs::remove_file(&file)?;
+                sync_dir(&dir)?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn override_dir(&self, kind: AssetKind) -> io::Result<PathBuf> {
+        let dir = self.data_dir().join(kind.subdir());
+        fs::create_dir_all(&dir)?;
+        if !fs::symlink_metadata(&dir)?.is_dir() {
+            return Err(io::Error::other(format!("{} is not a plain directory", dir.display())));
+        }
+        Ok(dir)
+    }
+}
+
+impl Staged {
+    /// A second handle on the staging file, for writing (for example through `tokio::fs::File::from_std`).
+    pub fn file(&self) -> io::Result<File> {
+        self.tmp.as_file().try_clone()
+    }
+
+    /// Makes the staged content the override: fsync, mode, rename over the target, fsync of the directory. Returns
+    /// whether an earlier override was replaced. Blocking.
+    pub fn commit(self) -> io::Result<bool> {
+        self.tmp.as_file().sync_all()?;
+        fs::set_permissions(self.tmp.path(), fs::Permissions::from_mode(self.mode))?;
+        let replaced = fs::symlink_metadata(&self.target).is_ok();
+        self.tmp.persist(&self.target).map_err(|e| e.error)?;
+        sync_dir(&self.dir)?;
+        Ok(replaced)
+    }
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, AssetStore) {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("data")).unwrap();
+        let store = AssetStore::new(&dir.path().join("data"), &dir.path().join("none")).unwrap();
+        (dir, store)
+    }
+
+    fn staging_files(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(STAGING_PREFIX))
+            .collect()
+    }
+
+    #[test]
+    fn commit_replaces_atomically_and_drop_discards() {
+        let (_tmp, store) = store();
+        let install = store.data_dir().join("install");
+        let staged = store.stage(AssetKind::Install, "install.sh").unwrap();
+        staged.file().unwrap().write_all(b"one").unwrap();
+        assert!(!staged.commit().unwrap(), "nothing was replaced");
+        assert_eq!(fs::read(install.join("install.sh")).unwrap(), b"one");
+        assert_eq!(fs::metadata(install.join("install.sh")).unwrap().permissions().mode() & 0o777, 0o755);
+
+        let abandoned = store.stage(AssetKind::Install, "install.sh").unwrap();
+        abandoned.file().unwrap().write_all(b"half").unwrap();
+        assert_eq!(staging_files(&install).len(), 1);
+        drop(abandoned);
+        assert!(staging_files(&install).is_empty(), "an abandoned upload leaves no file");
+        assert_eq!(fs::read(install.join("install.sh")).unwrap(), b"one");
+
+        let staged = store.stage(AssetKind::Install, "install.sh").unwrap();
+        staged.file().unwrap().write_all(b"two").unwrap();
+        assert!(staged.commit().unwrap(), "the earlier override was replaced");
+        assert_eq!(fs::read(install.join("install.sh")).unwrap(), b"two");
+    }
+
+    #[test]
+    fn remove_and_modes() {
+        let (_tmp, store) = store();
+        assert!(!store.remove(AssetKind::Install, "x.ps1").unwrap());
+        let staged = store.stage(AssetKind::Install, "x.ps1").unwrap();
+        staged.file().unwrap().write_all(b"ps").unwrap();
+        staged.commit().unwrap();
+        let path = store.data_dir().join("install/x.ps1");
+        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o644);
+        assert!(store.remove(AssetKind::Install, "x.ps1").unwrap());
+        assert!(!path.exists());
+        fs::create_dir(store.data_dir().join("install/adir")).unwrap();
+        assert!(store.remove(AssetKind::Install, "adir").is_err(), "a directory is never removed");
+    }
+
+    #[test]
+    fn a_symlinked_override_dir_is_refused() {
+        let (tmp, store) = store();
+        fs::create_dir(tmp.path().join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("elsewhere"), store.data_dir().join("install")).unwrap();
+        assert!(store.stage(AssetKind::Install, "install.sh").is_err());
+    }
+
+    #[test]
+    fn kinds_parse_from_their_segment() {
+        assert_eq!("agent-binaries".parse::<AssetKind>().unwrap(), AssetKind::AgentBinary);
+        assert_eq!("install".parse::<AssetKind>().unwrap(), AssetKind::Install);
+        for bad in ["", "Install", "../install", "agent-binaries/", "secret.key"] {
+            assert!(bad.parse::<AssetKind>().is_err(), "{bad:?}");
+        }
+    }
+}

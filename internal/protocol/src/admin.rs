@@ -1,0 +1,169 @@
+//! The operator API (`/api/v1/tokens`, `/api/v1/agents`, `/api/v1/audit`): request and response bodies. These are
+//! API shapes, separate from the database rows they are built from, so a schema change never leaks into the JSON.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Unix seconds.
+pub type Timestamp = i64;
+
+/// `POST /api/v1/tokens`. Operator input: unknown fields are refused, so a typo is an error, not a default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// How many enrollments the token allows (unlimited when absent).
+    #[serde(default)]
+    pub uses: Option<u32>,
+    /// Lifetime such as `24h` or `30m` (no expiry when absent).
+    #[serde(default)]
+    pub expires_in: Option<String>,
+    #[serde(default)]
+    pub note: String,
+}
+
+/// Where an enrollment token stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenStatus {
+    Active,
+    Expired,
+    UsedUp,
+    Revoked,
+}
+
+impl TokenStatus {
+    /// The JSON spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenStatus::Active => "active",
+            TokenStatus::Expired => "expired",
+            TokenStatus::UsedUp => "used_up",
+            TokenStatus::Revoked => "revoked",
+        }
+    }
+}
+
+impl std::fmt::Display for TokenStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An enrollment token as the API shows it (never its secret, except once in [`TokenCreated`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    pub id: String,
+    pub note: String,
+    pub created_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+    pub max_uses: Option<u32>,
+    pub uses: u32,
+    pub revoked_at: Option<Timestamp>,
+    pub status: TokenStatus,
+    /// `created_at` and `expires_at` as RFC 3339.
+    pub created: String,
+    pub expires: Option<String>,
+}
+
+/// The answer to `POST /api/v1/tokens` (201): the token's secret, shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    #[serde(flatten)]
+    pub view: TokenView,
+    pub token: String,
+}
+
+/// `GET /api/v1/tokens`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenList {
+    pub tokens: Vec<TokenView>,
+}
+
+/// How an agent compares with what the server serves for its platform.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentState {
+    /// Runs the build this server serves for its platform.
+    Current,
+    /// Runs a different build than the one served.
+    OutOfDate,
+    /// No heartbeat within the stale window.
+    Stale,
+    /// Nothing is served for its platform, or the served build cannot be compared.
+    Unknown,
+}
+
+/// `GET /api/v1/agents?state=`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFilter {
+    #[serde(default)]
+    pub state: Option<AgentState>,
+}
+
+/// One enrolled agent in the fleet view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentView {
+    pub id: String,
+    pub hostname: String,
+    pub os: String,
+    pub arch: String,
+    pub agent_version: String,
+    pub agent_commit: String,
+    pub binary_sha256: Option<String>,
+    pub last_update_error: Option<String>,
+    pub enrolled_at: Timestamp,
+    pub last_seen_at: Timestamp,
+    pub heartbeats: u64,
+    pub last_seq: u64,
+    pub state: AgentState,
+    /// `last_seen_at` as RFC 3339.
+    pub last_seen: String,
+    /// SHA-256 of the build served for the agent's platform.
+    pub served_sha256: Option<String>,
+}
+
+/// `GET /api/v1/agents`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentList {
+    pub agents: Vec<AgentView>,
+    /// Agents per state (states without agents are absent).
+    pub counts: BTreeMap<AgentState, usize>,
+    pub stale_after_secs: u64,
+}
+
+/// `GET /api/v1/audit?kind=&before=&limit=`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Page below this event id (keyset paging).
+    #[serde(default)]
+    pub before: Option<i64>,
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// One audit event.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: Timestamp,
+    pub kind: String,
+    pub remote_addr: Option<String>,
+    pub user_agent: Option<String>,
+    pub agent_id: Option<String>,
+    pub platform: Option<String>,
+    pub sha256: Option<String>,
+    pub source: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// `GET /api/v1/audit`: newest first; `next_before` pages on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditPage {
+    pub events: Vec<AuditEntry>,
+    pub next_before: Option<i64>,
+}

@@ -1,0 +1,80 @@
+//! What an agent sends and receives: `POST /api/v1/agents/enroll` and `POST /api/v1/agents/heartbeat`.
+
+use rm_buildinfo::BuildInfo;
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::PlatformEntry;
+use crate::{PROTOCOL_VERSION, protocol_v1};
+
+/// What an agent says about its host and itself, on enrollment and with every heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFacts {
+    pub hostname: String,
+    pub os: String,
+    pub arch: String,
+    /// The agent's own version and commit.
+    pub version: String,
+    pub commit: String,
+}
+
+/// `POST /api/v1/agents/enroll`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    #[serde(default = "protocol_v1")]
+    pub protocol: u32,
+    /// May instead be sent as `Authorization: Bearer <token>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    #[serde(flatten)]
+    pub facts: HostFacts,
+}
+
+impl EnrollRequest {
+    pub fn new(token: &str, facts: HostFacts) -> EnrollRequest {
+        EnrollRequest { protocol: PROTOCOL_VERSION, token: Some(token.to_owned()), facts }
+    }
+}
+
+/// The answer to an enrollment (201).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    #[serde(default = "protocol_v1")]
+    pub protocol: u32,
+    pub agent_id: String,
+    /// `rmagt_<id>_<secret>`: the agent's bearer credential, returned this once.
+    pub credential: String,
+    pub heartbeat_interval_secs: u64,
+}
+
+/// `POST /api/v1/agents/heartbeat` with `Authorization: Bearer <agent credential>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatRequest {
+    #[serde(default = "protocol_v1")]
+    pub protocol: u32,
+    #[serde(flatten)]
+    pub facts: HostFacts,
+    /// SHA-256 of the agent's own executable.
+    #[serde(default)]
+    pub binary_sha256: Option<String>,
+    /// The error of the agent's last failed self-update.
+    #[serde(default)]
+    pub last_update_error: Option<String>,
+    /// The agent's heartbeat counter (per process lifetime).
+    #[serde(default)]
+    pub seq: u64,
+}
+
+/// The answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    #[serde(default = "protocol_v1")]
+    pub protocol: u32,
+    pub agent_id: String,
+    pub heartbeat_interval_secs: u64,
+    /// The server's own build (always sent; optional for an agent reading it).
+    #[serde(default)]
+    pub server: Option<BuildInfo>,
+    /// The agent build the server serves for the agent's platform (`null` when none is published).
+    #[serde(default)]
+    pub update: Option<PlatformEntry>,
+}

@@ -1,0 +1,35 @@
+//! The wire protocol: every body that agents and operators exchange with the server, defined once and used by both
+//! ends (the server's routes and the agent's client), plus the platform table and the validators both sides apply.
+//!
+//! Compatibility rule, because a fleet upgrades its server and its agents at different times: nothing an agent sends
+//! or receives refuses unknown fields, every field added later is optional on the receiving side, and the bodies of
+//! each released protocol version are kept as recorded JSON under `tests/fixtures/` so that a change that an older
+//! peer could not read fails a test.
+//!
+//! * [`platform`]: the supported (os, arch) pairs and their fixed agent file names.
+//! * [`validate`]: host names, SHA-256 hex, printable text.
+//! * [`agent`]: enrollment and heartbeats.
+//! * [`manifest`]: the published agent builds.
+//! * [`admin`]: the operator API's bodies.
+//! * [`error`]: the JSON error body every 4xx/5xx carries.
+
+pub mod admin;
+pub mod agent;
+pub mod error;
+pub mod manifest;
+pub mod platform;
+pub mod validate;
+
+pub use agent::{EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, HostFacts};
+pub use error::ErrorBody;
+pub use manifest::{Manifest, PlatformEntry};
+pub use platform::{Arch, Os, PLATFORMS, Platform, PlatformError};
+
+/// The protocol version this build speaks. Bodies without a `protocol` field are version 1 (the shapes from before
+/// the field existed). A peer that sees a higher number keeps going with the fields it knows.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The version assumed for a body that carries no `protocol` field.
+pub(crate) fn protocol_v1() -> u32 {
+    1
+}

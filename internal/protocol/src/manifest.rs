@@ -1,0 +1,54 @@
+//! `GET /agent/manifest`: the agent builds a server publishes, one entry per platform (also the heartbeat's
+//! `update`).
+
+use rm_buildinfo::BuildInfo;
+use serde::{Deserialize, Serialize};
+
+use crate::platform::Platform;
+
+/// One platform's published build (or its absence).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlatformEntry {
+    pub os: String,
+    pub arch: String,
+    pub file: String,
+    #[serde(default)]
+    pub published: bool,
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// Lowercase hex SHA-256 of the file.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// `data-dir` or `bundled`.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// HTTP date.
+    #[serde(default)]
+    pub last_modified: Option<String>,
+    /// Where to download it: absolute when the server knows its public URL, else a path.
+    pub url: String,
+    /// Build information embedded in the binary, when it carries a restic-manager marker.
+    #[serde(default)]
+    pub agent: Option<BuildInfo>,
+}
+
+impl PlatformEntry {
+    /// The entry's platform, if it is one this build knows.
+    pub fn platform(&self) -> Option<Platform> {
+        Platform::parse(&self.os, &self.arch).ok()
+    }
+}
+
+/// `GET /agent/manifest`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub server: BuildInfo,
+    pub agents: Vec<PlatformEntry>,
+}
+
+impl Manifest {
+    /// The published build for one platform.
+    pub fn published(&self, platform: Platform) -> Option<&PlatformEntry> {
+        self.agents.iter().find(|a| a.published && a.platform() == Some(platform))
+    }
+}

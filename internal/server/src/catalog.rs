@@ -1,0 +1,108 @@
+//! The catalog of published builds: what this server serves for each platform (found through the asset store, data
+//! dir first) and how an agent compares with it. The manifest, `SHA256SUMS`, heartbeat answers, the fleet view and
+//! the start-up warm-up all ask here; nothing else decides what "published" or "current" means.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rm_assets::store::StoreError;
+use rm_assets::{AssetKind, Digest, Source};
+use rm_fleet::{AgentRecord, Timestamp};
+use rm_protocol::admin::AgentState;
+use rm_protocol::{PLATFORMS, Platform, PlatformEntry};
+
+use crate::{ApiError, AppState};
+
+/// What the store found for a platform's binary.
+struct Found {
+    len: u64,
+    modified: SystemTime,
+    source: Source,
+    digest: Arc<Digest>,
+}
+
+/// A platform's entry; `base` prefixes the download URL (empty for a relative one).
+fn entry_from(platform: Platform, base: &str, found: Option<Found>) -> PlatformEntry {
+    PlatformEntry {
+        os: platform.os.as_str().into(),
+        arch: platform.arch.as_str().into(),
+        file: platform.file_name().into(),
+        published: found.is_some(),
+        size: found.as_ref().map(|f| f.len),
+        sha256: found.as_ref().map(|f| f.digest.sha256_hex()),
+        source: found.as_ref().map(|f| f.source.as_str().into()),
+        last_modified: found.as_ref().map(|f| httpdate::fmt_http_date(f.modified)),
+        url: format!("{base}/agent/binary?os={}&arch={}", platform.os.as_str(), platform.arch.as_str()),
+        agent: found.and_then(|f| f.digest.build_info.clone()),
+    }
+}
+
+/// The remembered binary of a platform, if still current (one or two `stat`s: fine on an async worker).
+fn remembered(state: &AppState, platform: Platform, base: &str) -> Option<PlatformEntry> {
+    let k = state.store().known(AssetKind::AgentBinary, platform.file_name())?;
+    Some(entry_from(
+        platform,
+        base,
+        Some(Found { len: k.len, modified: k.modified, source: k.source, digest: k.digest }),
+    ))
+}
+
+/// One platform's entry. Blocking: a file not looked at before is opened and hashed.
+pub fn entry_blocking(state: &AppState, platform: Platform, base: &str) -> Result<PlatformEntry, StoreError> {
+    if let Some(entry) = remembered(state, platform, base) {
+        return Ok(entry);
+    }
+    let found = state.store().open(AssetKind::AgentBinary, platform.file_name())?;
+    let found = found.map(|a| Found { len: a.len, modified: a.modified, source: a.source, digest: a.digest });
+    Ok(entry_from(platform, base, found))
+}
+
+/// Every platform's entry, in manifest order (blocking). Each platform fails or succeeds alone.
+pub fn entries_blocking(state: &AppState, base: &str) -> Vec<(Platform, Result<PlatformEntry, StoreError>)> {
+    PLATFORMS.iter().map(|&platform| (platform, entry_blocking(state, platform, base))).collect()
+}
+
+/// The entry for one platform (each heartbeat asks): inline when the binary is remembered, otherwise on a blocking
+/// thread.
+pub async fn entry(state: &AppState, platform: Platform, base: String) -> Result<PlatformEntry, ApiError> {
+    if let Some(entry) = remembered(state, platform, &base) {
+        return Ok(entry);
+    }
+    let state = state.clone();
+    Ok(blocking(move || entry_blocking(&state, platform, &base)).await??)
+}
+
+/// Every platform's entry (manifest, `SHA256SUMS`, fleet view).
+pub async fn entries(state: &AppState, base: String) -> Result<Vec<PlatformEntry>, ApiError> {
+    let state = state.clone();
+    blocking(move || entries_blocking(&state, &base))
+        .await?
+        .into_iter()
+        .map(|(_, entry)| entry.map_err(ApiError::from))
+        .collect()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("catalog lookup failed: {e}")))
+}
+
+/// The published entry for an agent's platform, if any.
+pub fn served_for<'a>(agent: &AgentRecord, served: &'a [PlatformEntry]) -> Option<&'a PlatformEntry> {
+    let platform = Platform::parse(&agent.os, &agent.arch).ok()?;
+    served.iter().find(|e| e.published && e.platform() == Some(platform))
+}
+
+/// How an agent compares with the served builds: stale beats everything; otherwise the running binary's SHA-256
+/// against the served one, or, when the agent reports none, the version and commit embedded in the served binary.
+pub fn classify(agent: &AgentRecord, served: &[PlatformEntry], now: Timestamp, stale_after: Duration) -> AgentState {
+    if now.saturating_sub(agent.last_seen_at) > stale_after.as_secs() as i64 {
+        return AgentState::Stale;
+    }
+    let Some(entry) = served_for(agent, served) else { return AgentState::Unknown };
+    let same = match (&agent.binary_sha256, &entry.sha256, &entry.agent) {
+        (Some(running), Some(served), _) => running == served,
+        (None, _, Some(build)) => build.version == agent.agent_version && build.commit == agent.agent_commit,
+        _ => return AgentState::Unknown,
+    };
+    if same { AgentState::Current } else { AgentState::OutOfDate }
+}
