@@ -1,6 +1,7 @@
 //! The cross-compiled agents in `dist/` (from `make dist`) on their own platforms: the static linux/amd64 build
 //! natively, linux/arm64 under qemu-user, windows/amd64 under wine. Each also enrolls and sends a heartbeat to a real
-//! server. `.ci/run` builds `dist/` first; without it (or without qemu/wine) these tests print why and pass.
+//! server. `.ci/run` builds `dist/` first; without it (or without qemu/wine) these tests are skipped (`rm_e2e::skip`),
+//! except under CI, where they fail.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -12,16 +13,15 @@ use rm_e2e::*;
 fn dist_binary(file: &str) -> Option<PathBuf> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/agent-binaries").join(file);
     if !path.is_file() {
-        eprintln!("SKIP: {} not built (run `make dist-agents`)", path.display());
+        skip(format!("{} not built: run `make dist-agents` (root)", path.display()));
         return None;
     }
     // dist/ is built separately; after a commit it is stale until rebuilt. Under CI (which builds it from the same
-    // checkout right before the tests) a different build is a failure; elsewhere it is reported and skipped.
+    // checkout right before the tests) a different build is a failure (`skip` panics there); elsewhere a skip.
     let embedded = fs::read(&path).ok().and_then(|b| rm_buildinfo::scan(&b)).map(|info| info.version_line());
     let host = host_version_line();
-    if embedded.as_deref() != Some(host.trim_start_matches("restic-manager-agent ")) && std::env::var_os("CI").is_none()
-    {
-        eprintln!("SKIP: {} embeds {embedded:?} but this tree builds {host:?}; run `make dist-agents`", path.display());
+    if embedded.as_deref() != Some(host.trim_start_matches("restic-manager-agent ")) {
+        skip(format!("{} embeds {embedded:?} but this tree builds {host:?}: run `make dist-agents`", path.display()));
         return None;
     }
     Some(path)
