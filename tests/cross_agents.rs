@@ -11,7 +11,7 @@ use std::time::Duration;
 use rm_e2e::*;
 
 fn dist_binary(file: &str) -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/agent-binaries").join(file);
+    let path = repo_file("dist/agent-binaries").join(file);
     if !path.is_file() {
         skip(format!("{} not built: run `make dist-agents` (root)", path.display()));
         return None;
@@ -32,6 +32,15 @@ fn cmd(program: impl AsRef<std::ffi::OsStr>, args: &[&std::ffi::OsStr]) -> Comma
     let mut c = Command::new(program);
     c.args(args);
     c
+}
+
+/// Builds the agent's command lines: `program [leading...] <agent arguments>`.
+fn runner<'a>(program: &'a Path, leading: &'a [&'a Path]) -> impl FnMut(&[&str]) -> Command + 'a {
+    move |args| {
+        let mut c = Command::new(program);
+        c.args(leading).args(args);
+        c
+    }
 }
 
 /// The `--version` line of the host agent built from the same tree: the cross builds must embed the same values.
@@ -90,15 +99,7 @@ fn linux_amd64_agent_is_static_and_works() {
     assert_eq!((machine, is_static), (62, true), "x86-64 (62), statically linked");
     let out = run_bounded(cmd(&bin, &["--version".as_ref()]), Duration::from_secs(10));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), host_version_line());
-    let row = enroll_and_beat(
-        &mut |args| {
-            let mut c = Command::new(&bin);
-            c.args(args);
-            c
-        },
-        "linux",
-        "amd64",
-    );
+    let row = enroll_and_beat(&mut runner(&bin, &[]), "linux", "amd64");
     assert_eq!(row["binary_sha256"], sha256_file(&bin));
 }
 
@@ -113,15 +114,7 @@ fn linux_arm64_agent_runs_under_qemu() {
     let out = run_bounded(cmd(&qemu, &[bin.as_os_str(), "--version".as_ref()]), Duration::from_secs(30));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), host_version_line());
-    let row = enroll_and_beat(
-        &mut |args| {
-            let mut c = Command::new(&qemu);
-            c.arg(&bin).args(args);
-            c
-        },
-        "linux",
-        "arm64",
-    );
+    let row = enroll_and_beat(&mut runner(&qemu, &[&bin]), "linux", "arm64");
     assert_eq!(row["binary_sha256"], sha256_file(&bin));
 }
 

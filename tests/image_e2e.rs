@@ -21,13 +21,9 @@ const DIST: &str = "/opt/restic-manager/dist";
 const SERVER_PATH: &str = "/usr/local/bin/restic-manager-server";
 const MIB: u64 = 1024 * 1024;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
 /// `target/image-fixtures.env` as a map, or `None` (the test is skipped) when the fixtures were not built.
 fn fixtures() -> Option<HashMap<String, String>> {
-    let path = root().join("target/image-fixtures.env");
+    let path = repo_file("target/image-fixtures.env");
     let Ok(text) = fs::read_to_string(&path) else {
         skip(format!("{} missing: run `make image-fixtures` (root; .ci/run does)", path.display()));
         return None;
@@ -299,7 +295,7 @@ fn the_windows_agent_in_the_image_reports_the_build_args_under_wine() {
 /// The host's `dist/` (make dist-agents), when it was built from this tree with the image's build values; otherwise
 /// the test is skipped.
 fn host_dist(fx: &HashMap<String, String>) -> Option<PathBuf> {
-    let dir = root().join("dist/agent-binaries");
+    let dir = repo_file("dist/agent-binaries");
     let want = format!("version={} commit={} date={}", fx["RM_IT_VERSION_A"], fx["RM_IT_COMMIT_A"], fx["RM_IT_DATE_A"]);
     let embedded = fs::read(dir.join(LINUX_AMD64)).ok().and_then(|b| rm_buildinfo::scan(&b)).map(|i| i.version_line());
     if embedded.as_deref() == Some(want.as_str()) {
@@ -464,14 +460,14 @@ impl Deployment {
 
     fn compose(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("docker-compose");
-        cmd.arg("--env-file").arg(self.pin_file()).arg("-f").arg(root().join("deploy/compose.yaml"));
+        cmd.arg("--env-file").arg(self.pin_file()).arg("-f").arg(repo_file("deploy/compose.yaml"));
         cmd.args(["-p", &self.project]).args(args);
         self.env(&mut cmd);
         cmd
     }
 
     fn upgrade_command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(root().join("scripts/upgrade.sh"));
+        let mut cmd = Command::new(repo_file("scripts/upgrade.sh"));
         cmd.arg("--pin-file").arg(self.pin_file());
         cmd.args(["--project", &self.project, "--url", &format!("http://127.0.0.1:{}", self.port), "--timeout", "60"]);
         cmd.args(args);
@@ -510,10 +506,10 @@ fn upgrade_by_digest_verifies_the_new_build_and_rolls_back_a_bad_one() {
     let pin = deployment.pin_file();
     let pin_a = format!("{repo}@{}", fx["RM_IT_DIGEST_A"]);
     let pin_b = format!("{repo}@{}", fx["RM_IT_DIGEST_B"]);
-    let mut set = Command::new(root().join("scripts/image-pin.sh"));
+    let mut set = Command::new(repo_file("scripts/image-pin.sh"));
     set.arg("set").arg(&pin).arg(&pin_a);
     ok(set, 30);
-    let compose_before = fs::read(root().join("deploy/compose.yaml")).unwrap();
+    let compose_before = fs::read(repo_file("deploy/compose.yaml")).unwrap();
 
     ok(deployment.compose(&["up", "-d"]), 300);
     let a = (fx["RM_IT_VERSION_A"].clone(), fx["RM_IT_COMMIT_A"].clone());
@@ -595,7 +591,7 @@ fn upgrade_by_digest_verifies_the_new_build_and_rolls_back_a_bad_one() {
 
     let tokens = http_request(addr, "GET", "/api/v1/tokens", &[("Authorization", auth)]).unwrap().json();
     assert!(tokens.to_string().contains("kept"), "the data volume survived: {tokens}");
-    assert_eq!(fs::read(root().join("deploy/compose.yaml")).unwrap(), compose_before, "compose file untouched");
+    assert_eq!(fs::read(repo_file("deploy/compose.yaml")).unwrap(), compose_before, "compose file untouched");
     let leftovers: Vec<_> = fs::read_dir(deployment.dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers, vec![std::ffi::OsString::from("image-pin.env")], "no temp or backup files left");
 }
@@ -607,7 +603,7 @@ fn release_tags_share_one_digest_and_the_published_sums_match_the_agents() {
     let refs: Vec<String> = fx["RM_IT_TAGS_B"].split_whitespace().map(|t| format!("{repo}:{t}")).collect();
     assert_eq!(fx["RM_IT_TAGS_B"], "v0.9.1 0.9 0", "v0.x: no latest");
     let verify = |refs: &[String]| {
-        let mut cmd = Command::new(root().join("scripts/release-verify.sh"));
+        let mut cmd = Command::new(repo_file("scripts/release-verify.sh"));
         cmd.arg(&fx["RM_IT_DIGEST_B"]).args(refs).env("RM_REGISTRY_INSECURE", "1");
         run(cmd, 120)
     };
@@ -620,7 +616,7 @@ fn release_tags_share_one_digest_and_the_published_sums_match_the_agents() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("MISMATCH"));
 
     let dir = tempfile::tempdir().unwrap();
-    let mut sums = Command::new(root().join("scripts/release-sums.sh"));
+    let mut sums = Command::new(repo_file("scripts/release-sums.sh"));
     sums.args(["--platform", "linux/amd64", &format!("{repo}@{}", fx["RM_IT_DIGEST_B"])]).arg(dir.path());
     sums.env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()));
     ok(sums, 300);

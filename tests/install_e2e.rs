@@ -28,10 +28,6 @@ const SHELLS: [(&str, &[&str]); 2] = [("dash", &["dash"]), ("busybox sh", &["bus
 // Helpers
 // ---------------------------------------------------------------------------------------------------------------
 
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").join(rel)
-}
-
 /// The real host agent (what the tests publish and install).
 fn host_agent() -> PathBuf {
     binary(AGENT_BIN)
@@ -776,10 +772,6 @@ fn self_update_converges_and_rejects_broken_builds() {
 // ---------------------------------------------------------------------------------------------------------------
 // 6, 7. The unit file and the script itself
 // ---------------------------------------------------------------------------------------------------------------
-
-fn have(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool} >/dev/null 2>&1")]).status().is_ok_and(|s| s.success())
-}
 
 #[test]
 fn systemd_unit_is_hardened() {

@@ -1,7 +1,6 @@
 //! `scripts/test-summary.sh`, which prints `make test`'s closing line: a fake cargo log and a fake skip log in, the
 //! closing line, the listed skips and the exit code out.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -130,7 +129,7 @@ fn closing_line_counts_recorded_skips_as_skipped() {
             1,
         ),
     ];
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/test-summary.sh");
+    let script = rm_e2e::repo_file("scripts/test-summary.sh");
     for c in cases {
         let dir = tempfile::tempdir().unwrap();
         let (log, skips) = (dir.path().join("test.log"), dir.path().join("test-skips.log"));

@@ -19,6 +19,11 @@ fn install_hint(name: &str) -> String {
     format!("apt-get install {package}, or `make dist-agents` (root), which installs it")
 }
 
+/// Whether `tool` is on `PATH`.
+pub fn have(tool: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {tool} >/dev/null 2>&1")]).status().is_ok_and(|s| s.success())
+}
+
 /// The first of `candidates` that exists; otherwise the running test is skipped (see [`skip`]), naming the tool and
 /// how to install it, and the caller returns.
 pub fn tool(name: &str, candidates: &[&str]) -> Option<PathBuf> {
@@ -34,7 +39,7 @@ pub fn tool(name: &str, candidates: &[&str]) -> Option<PathBuf> {
 /// missing (the test is then skipped).
 pub fn wine_shim(dir: &Path) -> bool {
     let Some(gcc) = tool("x86_64-w64-mingw32-gcc", &["/usr/bin/x86_64-w64-mingw32-gcc"]) else { return false };
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/bcryptprimitives-shim.c");
+    let src = crate::files::repo_file("tests/fixtures/bcryptprimitives-shim.c");
     let mut build = Command::new(gcc);
     build.args(["-O2", "-shared", "-o"]).arg(dir.join("bcryptprimitives.dll")).arg(src).arg("-ladvapi32");
     let out = run_bounded(build, Duration::from_secs(60));
