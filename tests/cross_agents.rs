@@ -1,6 +1,7 @@
 //! The cross-compiled agents in `dist/` (from `make dist`) on their own platforms: the static linux/amd64 build
 //! natively, linux/arm64 under qemu-user, windows/amd64 under wine. Each also enrolls and sends a heartbeat to a real
-//! server. `.ci/run` builds `dist/` first; without it (or without qemu/wine) these tests print why and pass.
+//! server. `.ci/run` builds `dist/` first; without it (or without qemu/wine) these tests are skipped (`rm_e2e::skip`),
+//! except under CI, where they fail.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -10,18 +11,17 @@ use std::time::Duration;
 use rm_e2e::*;
 
 fn dist_binary(file: &str) -> Option<PathBuf> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/agent-binaries").join(file);
+    let path = repo_file("dist/agent-binaries").join(file);
     if !path.is_file() {
-        eprintln!("SKIP: {} not built (run `make dist-agents`)", path.display());
+        skip(format!("{} not built: run `make dist-agents` (root)", path.display()));
         return None;
     }
     // dist/ is built separately; after a commit it is stale until rebuilt. Under CI (which builds it from the same
-    // checkout right before the tests) a different build is a failure; elsewhere it is reported and skipped.
+    // checkout right before the tests) a different build is a failure (`skip` panics there); elsewhere a skip.
     let embedded = fs::read(&path).ok().and_then(|b| rm_buildinfo::scan(&b)).map(|info| info.version_line());
     let host = host_version_line();
-    if embedded.as_deref() != Some(host.trim_start_matches("restic-manager-agent ")) && std::env::var_os("CI").is_none()
-    {
-        eprintln!("SKIP: {} embeds {embedded:?} but this tree builds {host:?}; run `make dist-agents`", path.display());
+    if embedded.as_deref() != Some(host.trim_start_matches("restic-manager-agent ")) {
+        skip(format!("{} embeds {embedded:?} but this tree builds {host:?}: run `make dist-agents`", path.display()));
         return None;
     }
     Some(path)
@@ -32,6 +32,15 @@ fn cmd(program: impl AsRef<std::ffi::OsStr>, args: &[&std::ffi::OsStr]) -> Comma
     let mut c = Command::new(program);
     c.args(args);
     c
+}
+
+/// Builds the agent's command lines: `program [leading...] <agent arguments>`.
+fn runner<'a>(program: &'a Path, leading: &'a [&'a Path]) -> impl FnMut(&[&str]) -> Command + 'a {
+    move |args| {
+        let mut c = Command::new(program);
+        c.args(leading).args(args);
+        c
+    }
 }
 
 /// The `--version` line of the host agent built from the same tree: the cross builds must embed the same values.
@@ -90,15 +99,7 @@ fn linux_amd64_agent_is_static_and_works() {
     assert_eq!((machine, is_static), (62, true), "x86-64 (62), statically linked");
     let out = run_bounded(cmd(&bin, &["--version".as_ref()]), Duration::from_secs(10));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), host_version_line());
-    let row = enroll_and_beat(
-        &mut |args| {
-            let mut c = Command::new(&bin);
-            c.args(args);
-            c
-        },
-        "linux",
-        "amd64",
-    );
+    let row = enroll_and_beat(&mut runner(&bin, &[]), "linux", "amd64");
     assert_eq!(row["binary_sha256"], sha256_file(&bin));
 }
 
@@ -113,15 +114,7 @@ fn linux_arm64_agent_runs_under_qemu() {
     let out = run_bounded(cmd(&qemu, &[bin.as_os_str(), "--version".as_ref()]), Duration::from_secs(30));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), host_version_line());
-    let row = enroll_and_beat(
-        &mut |args| {
-            let mut c = Command::new(&qemu);
-            c.arg(&bin).args(args);
-            c
-        },
-        "linux",
-        "arm64",
-    );
+    let row = enroll_and_beat(&mut runner(&qemu, &[&bin]), "linux", "arm64");
     assert_eq!(row["binary_sha256"], sha256_file(&bin));
 }
 

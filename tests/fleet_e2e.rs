@@ -90,19 +90,15 @@ fn put(server: &Server, path: &str, body: &[u8], checksum: Option<&str>) -> Resp
         .unwrap_or_else(|e| panic!("PUT {path} failed: {e}\n{}", server.log_tail()))
 }
 
-/// The head of an upload request with the given framing header (`Content-Length: n` or `Transfer-Encoding: chunked`).
-fn upload_head(server: &Server, framing: &str) -> String {
-    format!(
-        "PUT {UPLOAD_PATH} HTTP/1.1\r\nHost: {}\r\nUser-Agent: rm-e2e\r\nAuthorization: Bearer {ADMIN}\r\n{framing}\r\n\r\n",
-        server.addr()
-    )
+/// The head of an upload request with the given framing header (`Content-Length` or `Transfer-Encoding: chunked`),
+/// for a raw socket that then misbehaves.
+fn upload_head(server: &Server, framing: (&str, &str)) -> Vec<u8> {
+    request_head(server.addr(), "PUT", UPLOAD_PATH, &[("Authorization", &bearer(ADMIN)), framing])
 }
 
-fn connect(server: &Server) -> TcpStream {
-    let stream = TcpStream::connect_timeout(&server.addr(), Duration::from_secs(5)).expect("connecting");
-    stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    stream.set_write_timeout(Some(Duration::from_secs(15))).unwrap();
-    stream
+/// A raw connection to the server, for a client that misbehaves on purpose.
+fn raw_socket(server: &Server) -> TcpStream {
+    connect(server.addr()).expect("connecting")
 }
 
 /// One chunk of chunked transfer coding.
@@ -116,24 +112,20 @@ fn chunk(data: &[u8]) -> Vec<u8> {
 /// Waits until the upload's temporary file exists in `dir` and holds at least `min` bytes: the server is streaming
 /// the body to disk. Returns its name.
 fn wait_for_temp_file(server: &Server, dir: &Path, min: u64) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        for entry in fs::read_dir(dir).unwrap() {
-            let entry = entry.unwrap();
+    let found = poll(Duration::from_secs(10), || {
+        fs::read_dir(dir).unwrap().map(Result::unwrap).find_map(|entry| {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(".upload-") && entry.metadata().is_ok_and(|m| m.len() >= min) {
-                return name;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
+            (name.starts_with(".upload-") && entry.metadata().is_ok_and(|m| m.len() >= min)).then_some(name)
+        })
+    });
+    found.unwrap_or_else(|| {
+        panic!(
             "no .upload-* file of at least {min} bytes appeared in {} within 10s; entries: {:?}\n{}",
             dir.display(),
             entries(dir),
             server.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        )
+    })
 }
 
 fn is_upload_line(line: &Value) -> bool {
@@ -179,10 +171,10 @@ fn interrupted_upload_leaves_old_file_and_no_temp() {
         ("content-length, 3 of 8 MiB, then RST", false, true),
     ];
     for (n, (case, chunked, rst)) in cases.into_iter().enumerate() {
-        let mut stream = connect(&server);
-        let framing =
-            if chunked { "Transfer-Encoding: chunked".to_string() } else { format!("Content-Length: {}", 8 * MIB) };
-        stream.write_all(upload_head(&server, &framing).as_bytes()).unwrap();
+        let mut stream = raw_socket(&server);
+        let length = (8 * MIB).to_string();
+        let framing = if chunked { ("Transfer-Encoding", "chunked") } else { ("Content-Length", length.as_str()) };
+        stream.write_all(&upload_head(&server, framing)).unwrap();
         for piece in b.chunks(64 * 1024) {
             if chunked {
                 stream.write_all(&chunk(piece)).unwrap();
@@ -244,8 +236,8 @@ fn checksum_mismatch_is_refused() {
     assert_dir_is(&dir, &[LINUX_AMD64], "malformed checksum");
 
     // Declared 2 MiB against a 1 MiB limit: answered from the headers alone, no body sent.
-    let mut stream = connect(&server);
-    stream.write_all(upload_head(&server, &format!("Content-Length: {}", 2 * MIB)).as_bytes()).unwrap();
+    let mut stream = raw_socket(&server);
+    stream.write_all(&upload_head(&server, ("Content-Length", &(2 * MIB).to_string()))).unwrap();
     let r = read_response(&mut stream, &mut Vec::new(), false).expect("a response to the oversize head");
     assert_eq!(r.status, 413, "{}", r.text());
     assert_eq!(r.json()["error"], "payload_too_large");
@@ -256,7 +248,7 @@ fn checksum_mismatch_is_refused() {
 
     // Chunked, no declared size, running past the limit: refused mid-stream. The server answers and closes while
     // the client is still sending, so the response is read concurrently (before a RST can discard it).
-    let stream = connect(&server);
+    let stream = raw_socket(&server);
     let mut reader = stream.try_clone().unwrap();
     let got_response = Arc::new(AtomicBool::new(false));
     let flag = got_response.clone();
@@ -269,7 +261,7 @@ fn checksum_mismatch_is_refused() {
     let big = random_bytes(0xC2, 4 * MIB);
     let mut sent = 0;
     let mut write_error = None;
-    writer.write_all(upload_head(&server, "Transfer-Encoding: chunked").as_bytes()).unwrap();
+    writer.write_all(&upload_head(&server, ("Transfer-Encoding", "chunked"))).unwrap();
     for piece in big.chunks(32 * 1024) {
         if got_response.load(Ordering::SeqCst) {
             break;
@@ -651,16 +643,12 @@ fn token_cli_and_enrollment_end_to_end() {
 
     assert_served(&server, &agent, "download");
     let sha = sha256_hex(&agent);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let download = loop {
+    let download = poll(Duration::from_secs(5), || {
         let r = server.admin("GET", "/api/v1/audit?kind=download", None);
         assert_eq!(r.status, 200, "{}", r.text());
-        if let Some(e) = r.json()["events"].as_array().unwrap().first() {
-            break e.clone();
-        }
-        assert!(Instant::now() < deadline, "no download audit event within 5s\n{}", server.log_tail());
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        r.json()["events"].as_array().unwrap().first().cloned()
+    })
+    .unwrap_or_else(|| panic!("no download audit event within 5s\n{}", server.log_tail()));
     assert_eq!(download["sha256"], sha.as_str(), "{download}");
     assert_eq!(download["source"], "data-dir", "{download}");
     assert_eq!(download["remote_addr"], "127.0.0.1", "{download}");
@@ -681,30 +669,8 @@ fn admin_routes_reject_missing_and_wrong_tokens() {
     let r = server.send("POST", "/api/v1/agents/enroll", &[], Some(&enroll_body(&enroll_token, "h")));
     assert_eq!(r.status, 201, "{}", r.text());
     let credential = r.json()["credential"].as_str().unwrap().to_string();
-    let truncated = &ADMIN[..ADMIN.len() - 1];
-    let wrong: Vec<(&str, Option<String>)> = vec![
-        ("no Authorization header", None),
-        ("a wrong token", Some(bearer("definitely-not-the-admin-token"))),
-        ("the admin token minus its last character", Some(bearer(truncated))),
-        ("the admin token plus a character", Some(bearer(&format!("{ADMIN}x")))),
-        ("the admin token without a scheme", Some(ADMIN.to_string())),
-        ("the admin token as Basic", Some(format!("Basic {ADMIN}"))),
-        ("an empty Bearer", Some("Bearer ".to_string())),
-        ("an enrollment token", Some(bearer(&enroll_token))),
-        ("an agent credential", Some(bearer(&credential))),
-    ];
-    let body = b"#!/bin/sh\necho replaced\n".to_vec();
-    let routes: Vec<(&str, &str, Vec<u8>)> = vec![
-        ("GET", "/api/v1/agents", vec![]),
-        ("GET", "/api/v1/tokens", vec![]),
-        ("POST", "/api/v1/tokens", br#"{"uses":5}"#.to_vec()),
-        ("DELETE", "/api/v1/tokens/x", vec![]),
-        ("GET", "/api/v1/audit", vec![]),
-        ("PUT", "/api/v1/assets/install/x.sh", body.clone()),
-        ("PUT", "/api/v1/assets/install/new.sh", body.clone()),
-        ("DELETE", "/api/v1/assets/install/x.sh", vec![]),
-    ];
-    for (method, path, body) in &routes {
+    let wrong = admin_auth::bad_credentials(ADMIN, &enroll_token, &credential);
+    for (method, path, body) in admin_auth::ADMIN_ROUTES {
         for (what, auth) in &wrong {
             let mut headers = vec![JSON];
             if let Some(auth) = auth {
@@ -735,7 +701,7 @@ fn admin_routes_reject_missing_and_wrong_tokens() {
     // The same routes with the admin token are let through (so the 401s above were about the token).
     let auth = bearer(ADMIN);
     let lowercase = format!("bearer {ADMIN}");
-    for (method, path, body) in &routes {
+    for (method, path, body) in admin_auth::ADMIN_ROUTES {
         let headers = [JSON, ("Authorization", if *method == "GET" { lowercase.as_str() } else { auth.as_str() })];
         let r = http_request_with_body(server.addr(), method, path, &headers, body).unwrap();
         assert_ne!(r.status, 401, "{method} {path} with the admin token: {}", r.text());

@@ -3,8 +3,8 @@
 //! `scripts/upgrade.sh`, published under the fanned-out tags.
 //!
 //! `tests/fixtures/image-fixtures.sh` (run by `.ci/run` before `make test`) builds the images, starts the engine and
-//! the loopback registry, and writes `target/image-fixtures.env`. Without that file these tests print why and pass;
-//! under CI (`CI` set) they fail instead.
+//! the loopback registry, and writes `target/image-fixtures.env`. Without that file (`make image-fixtures`, root)
+//! these tests are skipped (`rm_e2e::skip`); under CI they fail instead.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -21,32 +21,21 @@ const DIST: &str = "/opt/restic-manager/dist";
 const SERVER_PATH: &str = "/usr/local/bin/restic-manager-server";
 const MIB: u64 = 1024 * 1024;
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
-
-/// `target/image-fixtures.env` as a map, or `None` (SKIP) when the fixtures were not built outside CI.
+/// `target/image-fixtures.env` as a map, or `None` (the test is skipped) when the fixtures were not built.
 fn fixtures() -> Option<HashMap<String, String>> {
-    let path = root().join("target/image-fixtures.env");
+    let path = repo_file("target/image-fixtures.env");
     let Ok(text) = fs::read_to_string(&path) else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{} missing: .ci/run must run tests/fixtures/image-fixtures.sh before the tests",
-            path.display()
-        );
-        eprintln!("SKIP: {} missing (run tests/fixtures/image-fixtures.sh as root)", path.display());
+        skip(format!("{} missing: run `make image-fixtures` (root; .ci/run does)", path.display()));
         return None;
     };
     let map: HashMap<String, String> =
         text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    // A stale file from an earlier session, with the engine gone, is a skip too (never under CI).
+    // A stale file from an earlier session, with the engine gone, is a skip too.
     if !run(docker(&["image", "inspect", &map["RM_IT_IMAGE_A"]]), 30).status.success() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "image {} missing although the fixtures were built",
+        skip(format!(
+            "image {} is gone although the fixtures were built (engine not running?): rerun `make image-fixtures` (root)",
             map["RM_IT_IMAGE_A"]
-        );
-        eprintln!("SKIP: the fixture images are gone (engine not running?); rerun tests/fixtures/image-fixtures.sh");
+        ));
         return None;
     }
     Some(map)
@@ -128,21 +117,13 @@ fn start_server(cleanup: &mut Cleanup, image: &str, volume: &str, extra: &[&str]
     cleanup.later(&["rm", "-f", "-v", &id]);
     let port = ok(docker(&["port", &id, "8080/tcp"]), 30);
     let addr: SocketAddr = port.lines().find(|l| l.starts_with("127.0.0.1:")).unwrap().parse().unwrap();
-    eventually(60, || answers_healthz(addr), || format!("no /healthz: {}", ok(docker(&["logs", &id]), 30)));
+    let up = poll(Duration::from_secs(60), || answers_healthz(addr).then_some(()));
+    assert!(up.is_some(), "no /healthz within 60 s: {}", ok(docker(&["logs", &id]), 30));
     (id, addr, started.elapsed().as_secs_f64())
 }
 
 fn answers_healthz(addr: SocketAddr) -> bool {
     http_get(addr, "/healthz").is_ok_and(|r| r.status == 200)
-}
-
-/// Polls `done` every 50 ms until it holds; fails with `what()` after `secs` seconds.
-fn eventually(secs: u64, mut done: impl FnMut() -> bool, what: impl FnOnce() -> String) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !done() {
-        assert!(Instant::now() < deadline, "{} (waited {secs} s)", what());
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Copies `path` out of a container (or a created one) into `dest`.
@@ -253,31 +234,49 @@ fn every_binary_in_the_image_reports_the_build_args() {
     let Some(fx) = fixtures() else { return };
     let (v, c, d) = (&fx["RM_IT_VERSION_A"], &fx["RM_IT_COMMIT_A"], &fx["RM_IT_DATE_A"]);
     let image = &fx["RM_IT_IMAGE_A"];
-    let server_line = version_line(SERVER_BIN, v, c, d);
-    let agent_line = version_line(AGENT_BIN, v, c, d);
+    assert_eq!(ok(docker(&["run", "--rm", image, "--version"]), 60), version_line(SERVER_BIN, v, c, d));
+    let entrypoint = format!("{DIST}/agent-binaries/{LINUX_AMD64}");
+    assert_eq!(
+        ok(docker(&["run", "--rm", "--entrypoint", &entrypoint, image, "--version"]), 60),
+        version_line(AGENT_BIN, v, c, d)
+    );
+}
 
-    assert_eq!(ok(docker(&["run", "--rm", image, "--version"]), 60), server_line);
-    // The two linux agents run inside the image (arm64 through the kernel's qemu-user binfmt entry).
-    for file in [LINUX_AMD64, LINUX_ARM64] {
-        if file == LINUX_ARM64 && !arm64_emulation() {
-            continue;
-        }
-        let entrypoint = format!("{DIST}/agent-binaries/{file}");
-        assert_eq!(ok(docker(&["run", "--rm", "--entrypoint", &entrypoint, image, "--version"]), 60), agent_line);
+/// The arm64 agent in the amd64 image, and the arm64 image itself, run through the kernel's qemu-user binfmt entry.
+#[test]
+fn arm64_binaries_report_the_build_args_and_serve_under_emulation() {
+    let Some(fx) = fixtures() else { return };
+    if !Path::new("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists() {
+        return skip("no qemu-aarch64 binfmt entry: run `make image-fixtures` (root), which registers it");
     }
+    let (v, c, d) = (&fx["RM_IT_VERSION_A"], &fx["RM_IT_COMMIT_A"], &fx["RM_IT_DATE_A"]);
+    let image = &fx["RM_IT_IMAGE_A"];
+    let entrypoint = format!("{DIST}/agent-binaries/{LINUX_ARM64}");
+    assert_eq!(
+        ok(docker(&["run", "--rm", "--entrypoint", &entrypoint, image, "--version"]), 60),
+        version_line(AGENT_BIN, v, c, d)
+    );
     let mut cleanup = Cleanup::new();
-    if arm64_emulation() {
-        let arm = &fx["RM_IT_IMAGE_A_ARM64"];
-        assert_eq!(ok(docker(&["run", "--rm", "--platform", "linux/arm64", arm, "--version"]), 60), server_line);
-        // The arm64 image also serves (emulated here): /version and a bundled agent.
-        let volume = cleanup.volume();
-        let (_, addr, _) = start_server(&mut cleanup, arm, &volume, &["--platform", "linux/arm64"]);
-        let version = http_get(addr, "/version").unwrap().json();
-        assert_eq!((version["version"].as_str(), version["commit"].as_str()), (Some(v.as_str()), Some(c.as_str())));
-        let agent = http_get(addr, "/agent/binary?os=linux&arch=arm64").unwrap();
-        assert_eq!((agent.status, agent.expect_header("x-asset-source")), (200, "bundled"));
-    }
-    // The Windows agent, copied out of the image, under wine.
+    let arm = &fx["RM_IT_IMAGE_A_ARM64"];
+    assert_eq!(
+        ok(docker(&["run", "--rm", "--platform", "linux/arm64", arm, "--version"]), 60),
+        version_line(SERVER_BIN, v, c, d)
+    );
+    // The arm64 image also serves (emulated here): /version and a bundled agent.
+    let volume = cleanup.volume();
+    let (_, addr, _) = start_server(&mut cleanup, arm, &volume, &["--platform", "linux/arm64"]);
+    let version = http_get(addr, "/version").unwrap().json();
+    assert_eq!((version["version"].as_str(), version["commit"].as_str()), (Some(v.as_str()), Some(c.as_str())));
+    let agent = http_get(addr, "/agent/binary?os=linux&arch=arm64").unwrap();
+    assert_eq!((agent.status, agent.expect_header("x-asset-source")), (200, "bundled"));
+}
+
+/// The Windows agent, copied out of the image, under wine.
+#[test]
+fn the_windows_agent_in_the_image_reports_the_build_args_under_wine() {
+    let Some(fx) = fixtures() else { return };
+    let image = &fx["RM_IT_IMAGE_A"];
+    let mut cleanup = Cleanup::new();
     let id = ok(docker(&["create", image]), 60);
     cleanup.later(&["rm", "-f", &id]);
     let dir = tempfile::tempdir().unwrap();
@@ -289,29 +288,39 @@ fn every_binary_in_the_image_reports_the_build_args() {
     }
     let mut cmd = Command::new(wine);
     cmd.arg(&exe).arg("--version").env("WINEPREFIX", dir.path().join("prefix")).env("WINEDEBUG", "-all");
-    assert_eq!(ok(cmd, 180), agent_line);
+    let want = version_line(AGENT_BIN, &fx["RM_IT_VERSION_A"], &fx["RM_IT_COMMIT_A"], &fx["RM_IT_DATE_A"]);
+    assert_eq!(ok(cmd, 180), want);
 }
 
-fn arm64_emulation() -> bool {
-    let registered = Path::new("/proc/sys/fs/binfmt_misc/qemu-aarch64").exists();
-    if !registered {
-        assert!(std::env::var_os("CI").is_none(), "arm64 emulation is not registered (scripts/docker-env.sh up)");
-        eprintln!("SKIP: no qemu-aarch64 binfmt entry; arm64 parts skipped");
-    }
-    registered
-}
-
-/// The host's `dist/` (make dist-agents), when it was built from this tree with the image's build values.
+/// The host's `dist/` (make dist-agents), when it was built from this tree with the image's build values; otherwise
+/// the test is skipped.
 fn host_dist(fx: &HashMap<String, String>) -> Option<PathBuf> {
-    let dir = root().join("dist/agent-binaries");
+    let dir = repo_file("dist/agent-binaries");
     let want = format!("version={} commit={} date={}", fx["RM_IT_VERSION_A"], fx["RM_IT_COMMIT_A"], fx["RM_IT_DATE_A"]);
     let embedded = fs::read(dir.join(LINUX_AMD64)).ok().and_then(|b| rm_buildinfo::scan(&b)).map(|i| i.version_line());
     if embedded.as_deref() == Some(want.as_str()) {
         return Some(dir);
     }
-    assert!(std::env::var_os("CI").is_none(), "dist/ embeds {embedded:?}, the image {want:?}: rebuild dist/");
-    eprintln!("SKIP: dist/ embeds {embedded:?}, not {want:?}; byte comparison with dist/ skipped");
+    skip(format!("dist/ embeds {embedded:?}, the image {want:?}: run `make dist-agents` (root)"));
     None
+}
+
+/// The agents in the image are byte for byte the host's `dist/` build of the same tree (the build is reproducible).
+/// What the image serves is its own files (`read_only_container_serves_the_bundled_assets_and_data_dir_overrides`).
+#[test]
+fn the_image_agents_are_the_host_dist_build() {
+    let Some(fx) = fixtures() else { return };
+    let Some(host) = host_dist(&fx) else { return };
+    let mut cleanup = Cleanup::new();
+    let id = ok(docker(&["create", &fx["RM_IT_IMAGE_A"]]), 60);
+    cleanup.later(&["rm", "-f", &id]);
+    let bundled = tempfile::tempdir().unwrap();
+    copy_out(&id, DIST, bundled.path());
+    for file in [LINUX_AMD64, LINUX_ARM64, WINDOWS_AMD64] {
+        let in_image = fs::read(bundled.path().join("dist/agent-binaries").join(file)).unwrap();
+        let built = fs::read(host.join(file)).unwrap();
+        assert!(in_image == built, "{file}: the image's build differs from the host's dist/ build");
+    }
 }
 
 /// Runs `script` in a throw-away container with the volume at /data (what an operator does with a shell).
@@ -332,7 +341,6 @@ fn read_only_container_serves_the_bundled_assets_and_data_dir_overrides() {
     let bundled = tempfile::tempdir().unwrap();
     copy_out(&id, DIST, bundled.path());
     let bundled = bundled.path().join("dist");
-    let host = host_dist(&fx);
     let platforms =
         [("linux", "amd64", LINUX_AMD64), ("linux", "arm64", LINUX_ARM64), ("windows", "amd64", WINDOWS_AMD64)];
     let mut sums = String::new();
@@ -341,10 +349,6 @@ fn read_only_container_serves_the_bundled_assets_and_data_dir_overrides() {
         assert_eq!(resp.status, 200, "{os}/{arch}");
         let in_image = fs::read(bundled.join("agent-binaries").join(file)).unwrap();
         assert!(resp.body == in_image, "{file}: served bytes differ from the image's file");
-        if let Some(host) = &host {
-            let built = fs::read(host.join(file)).unwrap();
-            assert!(resp.body == built, "{file}: the image's build differs from the host's dist/ build");
-        }
         assert_eq!(resp.expect_header("x-checksum-sha256"), sha256_hex(&resp.body));
         assert_eq!(resp.expect_header("x-asset-source"), "bundled");
         assert_eq!(resp.expect_header("x-agent-commit"), fx["RM_IT_COMMIT_A"]);
@@ -456,14 +460,14 @@ impl Deployment {
 
     fn compose(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("docker-compose");
-        cmd.arg("--env-file").arg(self.pin_file()).arg("-f").arg(root().join("deploy/compose.yaml"));
+        cmd.arg("--env-file").arg(self.pin_file()).arg("-f").arg(repo_file("deploy/compose.yaml"));
         cmd.args(["-p", &self.project]).args(args);
         self.env(&mut cmd);
         cmd
     }
 
     fn upgrade_command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(root().join("scripts/upgrade.sh"));
+        let mut cmd = Command::new(repo_file("scripts/upgrade.sh"));
         cmd.arg("--pin-file").arg(self.pin_file());
         cmd.args(["--project", &self.project, "--url", &format!("http://127.0.0.1:{}", self.port), "--timeout", "60"]);
         cmd.args(args);
@@ -502,16 +506,16 @@ fn upgrade_by_digest_verifies_the_new_build_and_rolls_back_a_bad_one() {
     let pin = deployment.pin_file();
     let pin_a = format!("{repo}@{}", fx["RM_IT_DIGEST_A"]);
     let pin_b = format!("{repo}@{}", fx["RM_IT_DIGEST_B"]);
-    let mut set = Command::new(root().join("scripts/image-pin.sh"));
+    let mut set = Command::new(repo_file("scripts/image-pin.sh"));
     set.arg("set").arg(&pin).arg(&pin_a);
     ok(set, 30);
-    let compose_before = fs::read(root().join("deploy/compose.yaml")).unwrap();
+    let compose_before = fs::read(repo_file("deploy/compose.yaml")).unwrap();
 
     ok(deployment.compose(&["up", "-d"]), 300);
     let a = (fx["RM_IT_VERSION_A"].clone(), fx["RM_IT_COMMIT_A"].clone());
     let b = (fx["RM_IT_VERSION_B"].clone(), fx["RM_IT_COMMIT_B"].clone());
     let addr = SocketAddr::from(([127, 0, 0, 1], deployment.port));
-    eventually(60, || answers_healthz(addr), || "the pinned deployment did not come up".into());
+    eventually(Duration::from_secs(60), "the pinned deployment to come up", || answers_healthz(addr).then_some(()));
     assert_eq!(deployment.version(), a);
     // State that must survive upgrades and rollbacks: an enrollment token in the data volume.
     let auth = "Bearer upgrade-test-admin-token-0123456789";
@@ -575,21 +579,19 @@ fn upgrade_by_digest_verifies_the_new_build_and_rolls_back_a_bad_one() {
 
     // Interrupted after the pin moved (SIGTERM while waiting): the previous pin is restored and recreated.
     let mut child = deployment.upgrade_command(&["broken-health"]).stderr(Stdio::null()).spawn().unwrap();
-    eventually(120, || fs::read(&pin).unwrap() != pin_b_bytes, || "the pin never moved".into());
+    eventually(Duration::from_secs(120), "the pin to move", || (fs::read(&pin).unwrap() != pin_b_bytes).then_some(()));
     std::thread::sleep(Duration::from_millis(500));
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = wait_timeout(&mut child, Duration::from_secs(120)).expect("upgrade.sh did not exit after SIGTERM");
     assert_eq!(status.code(), Some(130));
     assert_eq!(fs::read(&pin).unwrap(), pin_b_bytes, "previous pin restored");
-    eventually(
-        60,
-        || http_get(addr, "/version").is_ok_and(|r| r.json()["commit"] == b.1.as_str()),
-        || "the previous build did not come back after the interrupt".into(),
-    );
+    eventually(Duration::from_secs(60), "the previous build to come back after the interrupt", || {
+        http_get(addr, "/version").is_ok_and(|r| r.json()["commit"] == b.1.as_str()).then_some(())
+    });
 
     let tokens = http_request(addr, "GET", "/api/v1/tokens", &[("Authorization", auth)]).unwrap().json();
     assert!(tokens.to_string().contains("kept"), "the data volume survived: {tokens}");
-    assert_eq!(fs::read(root().join("deploy/compose.yaml")).unwrap(), compose_before, "compose file untouched");
+    assert_eq!(fs::read(repo_file("deploy/compose.yaml")).unwrap(), compose_before, "compose file untouched");
     let leftovers: Vec<_> = fs::read_dir(deployment.dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers, vec![std::ffi::OsString::from("image-pin.env")], "no temp or backup files left");
 }
@@ -601,7 +603,7 @@ fn release_tags_share_one_digest_and_the_published_sums_match_the_agents() {
     let refs: Vec<String> = fx["RM_IT_TAGS_B"].split_whitespace().map(|t| format!("{repo}:{t}")).collect();
     assert_eq!(fx["RM_IT_TAGS_B"], "v0.9.1 0.9 0", "v0.x: no latest");
     let verify = |refs: &[String]| {
-        let mut cmd = Command::new(root().join("scripts/release-verify.sh"));
+        let mut cmd = Command::new(repo_file("scripts/release-verify.sh"));
         cmd.arg(&fx["RM_IT_DIGEST_B"]).args(refs).env("RM_REGISTRY_INSECURE", "1");
         run(cmd, 120)
     };
@@ -614,7 +616,7 @@ fn release_tags_share_one_digest_and_the_published_sums_match_the_agents() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("MISMATCH"));
 
     let dir = tempfile::tempdir().unwrap();
-    let mut sums = Command::new(root().join("scripts/release-sums.sh"));
+    let mut sums = Command::new(repo_file("scripts/release-sums.sh"));
     sums.args(["--platform", "linux/amd64", &format!("{repo}@{}", fx["RM_IT_DIGEST_B"])]).arg(dir.path());
     sums.env("PATH", format!("/usr/bin:{}", std::env::var("PATH").unwrap_or_default()));
     ok(sums, 300);

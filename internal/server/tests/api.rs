@@ -1,5 +1,7 @@
 //! The fleet API in-process: enrollment, heartbeats, the fleet view, uploads, audit, auth.
 
+#[path = "../../../tests/support/admin_auth.rs"]
+mod admin_auth;
 mod common;
 
 use std::fs;
@@ -257,28 +259,25 @@ async fn upload_names_sizes_and_checksum_headers_are_validated() {
 #[tokio::test]
 async fn every_admin_route_rejects_missing_and_wrong_tokens() {
     let f = Fixture::new();
-    let routes = [
-        (Method::GET, "/api/v1/agents"),
-        (Method::GET, "/api/v1/tokens"),
-        (Method::POST, "/api/v1/tokens"),
-        (Method::DELETE, "/api/v1/tokens/abc"),
-        (Method::GET, "/api/v1/audit"),
-        (Method::PUT, "/api/v1/assets/install/x.sh"),
-        (Method::DELETE, "/api/v1/assets/install/x.sh"),
-    ];
-    let almost = format!("{ADMIN}x");
-    for (method, uri) in routes {
-        for auth in [None, Some("wrong"), Some(almost.as_str()), Some(&ADMIN[..ADMIN.len() - 1])] {
-            let r = f.call(method.clone(), uri, auth, &[("content-type", "application/json")], b"{}".to_vec()).await;
-            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{method} {uri} {auth:?}");
-            assert_eq!(r.json()["error"], "unauthorized");
-            assert_eq!(r.header("www-authenticate"), "Bearer");
+    f.put(&f.data, "install", "x.sh", b"original\n");
+    let enroll_token = token(&f, json!({"uses": 1})).await;
+    let (_, credential) = enroll(&f, &enroll_token, "h").await;
+    // The same table as the end-to-end test (tests/fleet_e2e.rs).
+    for (method, uri, body) in admin_auth::ADMIN_ROUTES {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        for (what, auth) in admin_auth::bad_credentials(ADMIN, &enroll_token, &credential) {
+            let mut headers = vec![("content-type", "application/json")];
+            if let Some(auth) = &auth {
+                headers.push(("authorization", auth));
+            }
+            let r = f.call(method.clone(), uri, None, &headers, body.to_vec()).await;
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{method} {uri} with {what}");
+            assert_eq!(r.json()["error"], "unauthorized", "{method} {uri} with {what}");
+            assert_eq!(r.header("www-authenticate"), "Bearer", "{method} {uri} with {what}");
         }
     }
-    assert!(!f.data.join("install/x.sh").exists());
-    // Basic auth with the right token is still not a bearer token.
-    let r = f.call(Method::GET, "/api/v1/agents", None, &[("authorization", &format!("Basic {ADMIN}"))], vec![]).await;
-    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(fs::read(f.data.join("install/x.sh")).unwrap(), b"original\n");
+    assert!(!f.data.join("install/new.sh").exists());
 }
 
 #[tokio::test]

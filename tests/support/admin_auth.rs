@@ -1,0 +1,39 @@
+//! The admin-auth matrix, in one place: every admin route × every `Authorization` that is not the admin token must be
+//! answered 401 (`{"error":"unauthorized"}`, `WWW-Authenticate: Bearer`) with no side effect.
+//!
+//! Plain data with no dependencies, so that both layers run the same table: the end-to-end test
+//! (`tests/fleet_e2e.rs`, the real binary on a socket) and the in-process router test
+//! (`internal/server/tests/api.rs`, which includes this file with `#[path]`).
+
+/// The body the two asset uploads send: `install/x.sh` exists before the matrix runs, `install/new.sh` does not, and
+/// after it neither may have changed.
+pub const UPLOAD_BODY: &[u8] = b"#!/bin/sh\necho replaced\n";
+
+/// Every admin route: (method, path, body).
+pub const ADMIN_ROUTES: &[(&str, &str, &[u8])] = &[
+    ("GET", "/api/v1/agents", b""),
+    ("GET", "/api/v1/tokens", b""),
+    ("POST", "/api/v1/tokens", br#"{"uses":5}"#),
+    ("DELETE", "/api/v1/tokens/x", b""),
+    ("GET", "/api/v1/audit", b""),
+    ("PUT", "/api/v1/assets/install/x.sh", UPLOAD_BODY),
+    ("PUT", "/api/v1/assets/install/new.sh", UPLOAD_BODY),
+    ("DELETE", "/api/v1/assets/install/x.sh", b""),
+];
+
+/// `Authorization` values that are not the admin token (`None`: no header), each with a description: near misses
+/// of `admin`, other schemes, and real credentials of the other kinds (an enrollment token, an agent credential).
+pub fn bad_credentials(admin: &str, enroll_token: &str, agent_credential: &str) -> Vec<(&'static str, Option<String>)> {
+    let bearer = |token: &str| format!("Bearer {token}");
+    vec![
+        ("no Authorization header", None),
+        ("a wrong token", Some(bearer("definitely-not-the-admin-token"))),
+        ("the admin token minus its last character", Some(bearer(&admin[..admin.len() - 1]))),
+        ("the admin token plus a character", Some(bearer(&format!("{admin}x")))),
+        ("the admin token without a scheme", Some(admin.to_string())),
+        ("the admin token as Basic", Some(format!("Basic {admin}"))),
+        ("an empty Bearer", Some("Bearer ".to_string())),
+        ("an enrollment token", Some(bearer(enroll_token))),
+        ("an agent credential", Some(bearer(agent_credential))),
+    ]
+}
