@@ -12,7 +12,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 /// The Rust source holding `PLATFORMS` and `Platform::file_name()`. The one place to change when the table moves.
-const RUST_TABLE: &str = "internal/assets/src/platform.rs";
+const RUST_TABLE: &str = "internal/protocol/src/platform.rs";
 
 /// Every agent that is built, shipped and served.
 const EXPECTED: [&str; 3] =
@@ -146,6 +146,7 @@ fn rust_sources() -> Vec<String> {
     let root = repo_file("");
     let mut files = Vec::new();
     walk(&root.join("internal/agent/src"), &root, false, &mut files);
+    walk(&root.join("internal/protocol/src"), &root, true, &mut files);
     walk(&root.join("internal/server/src"), &root, true, &mut files);
     files.sort();
     files

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use rm_e2e::run_bounded;
+use rm_e2e::{have, repo_file, run_bounded};
 
 /// Bound for one run of a script (normally a few milliseconds).
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -48,22 +48,15 @@ const PWNED: &str = "pwned";
 // Helpers
 // ---------------------------------------------------------------------------------------------------------------
 
-fn repo_file(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").join(rel)
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh").args(["-c", &format!("command -v {tool} >/dev/null 2>&1")]).status().is_ok_and(|s| s.success())
-}
-
-/// The candidate shells that are installed (`sh` always is); notes the ones skipped.
+/// The candidate shells that are installed (`sh` always is). A missing one makes the calling test count as skipped
+/// (and fail under CI, where `.ci/run` installs dash and busybox); the installed ones still run.
 fn shells() -> Vec<(&'static str, &'static [&'static str])> {
     let found: Vec<_> = CANDIDATE_SHELLS
         .into_iter()
         .filter(|(name, shell)| {
             let ok = have(shell[0]);
             if !ok {
-                eprintln!("NOTE: {name} is not installed; skipping it");
+                rm_e2e::skip(format!("{name} is not installed (apt-get install dash busybox)"));
             }
             ok
         })

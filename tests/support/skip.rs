@@ -44,6 +44,13 @@ pub fn skip(reason: impl Display) {
     let reason = reason.to_string().replace(['\n', '\t'], " ");
     let id = test_id();
     assert!(!under_ci(), "{id} would skip, and nothing may skip under CI: {reason}");
+    // A test that skips several parts is still one skipped test: record it once (libtest runs each test on its own
+    // thread).
+    thread_local!(static RECORDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) });
+    if RECORDED.with(|r| r.replace(true)) {
+        let _ = std::io::stderr().write_all(format!("\nSKIP {id} (part): {reason}\n").as_bytes());
+        return;
+    }
     let log = skip_log();
     let line = format!("{id}\t{reason}\n");
     let recorded =
