@@ -47,7 +47,7 @@ fn path_params(path: Result<Path<(String, String)>, PathRejection>) -> Result<(S
 fn expected_sha256(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get(header_names::CHECKSUM_SHA256) else { return Ok(None) };
     let value = value.to_str().unwrap_or_default().trim().to_ascii_lowercase();
-    if value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if rm_protocol::validate::is_sha256_hex(&value) {
         Ok(Some(value))
     } else {
         Err(ApiError::InvalidRequest(format!("{} must be 64 hex digits", header_names::CHECKSUM_SHA256)))
