@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use rm_server::PublicUrl;
+use rm_server::{PublicUrl, TrustedProxies};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -102,6 +102,12 @@ pub struct ServeArgs {
     #[arg(long, env = "RM_REQUIRE_DOWNLOAD_AUTH")]
     pub require_download_auth: bool,
 
+    /// Reverse proxies (IP addresses or CIDR ranges, comma-separated) whose Forwarded / X-Forwarded-Proto /
+    /// X-Forwarded-Host headers give the public scheme and host. Forwarding headers from anyone else make links
+    /// relative. Not needed when --public-url is set.
+    #[arg(long, env = "RM_TRUSTED_PROXIES", default_value = "", value_parser = parse_trusted_proxies)]
+    pub trusted_proxies: TrustedProxies,
+
     /// Longest an agent or admin API request may take, body included; downloads and uploads are not limited.
     #[arg(long, env = "RM_API_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub api_timeout: Duration,
@@ -129,6 +135,10 @@ pub enum LogFormat {
 }
 
 fn parse_public_url(raw: &str) -> Result<PublicUrl, String> {
+    raw.parse()
+}
+
+fn parse_trusted_proxies(raw: &str) -> Result<TrustedProxies, String> {
     raw.parse()
 }
 

@@ -61,6 +61,7 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
             max_upload_bytes: args.max_upload_size,
             require_download_auth: args.require_download_auth,
             api_timeout: args.api_timeout,
+            trusted_proxies: args.trusted_proxies.clone(),
         },
     })
     .context("cannot start")?;

@@ -28,7 +28,7 @@ use tower_http::timeout::TimeoutLayer;
 use tracing::{info, warn};
 
 pub use error::ApiError;
-pub use public_url::PublicUrl;
+pub use public_url::{PublicUrl, TrustedProxies};
 pub use state::{AppState, Config, DB_FILE, Settings, StartupError};
 
 /// Custom response headers, named once.

@@ -1,12 +1,29 @@
-//! The server's public base URL: configured (`RM_PUBLIC_URL`) or, failing that, derived from a strictly validated
-//! `Host` header. Whatever this returns contains only URL-safe characters, so later issues can place it into scripts
-//! without any quoting surprises.
+//! The server's public base URL, for links in answers (manifest and heartbeat download URLs, the installer's default
+//! server). In order:
+//!
+//! 1. the configured `--public-url`;
+//! 2. from a peer in `--trusted-proxies`: the scheme and host it forwards (`Forwarded: proto=…;host=…`, else
+//!    `X-Forwarded-Proto` / `X-Forwarded-Host`, else the `Host` header);
+//! 3. a request that carries forwarding headers from any other peer came through a proxy nobody declared: its scheme
+//!    is unknown, so there is no base URL (links become relative and the installer asks for `--server`), and a
+//!    warning says which flag to set;
+//! 4. otherwise the connection reached this server directly, which speaks plain HTTP: `http://<Host>`.
+//!
+//! Whatever this returns contains only URL-safe characters, so it can be placed into scripts without quoting
+//! surprises.
 
 use std::fmt;
+use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
+use axum::extract::{ConnectInfo, FromRequestParts};
 use http::HeaderMap;
+use http::request::Parts;
 use http::uri::{Authority, Scheme, Uri};
+use ipnet::IpNet;
+
+use crate::AppState;
 
 /// A validated `http(s)://host[:port][/path]` without trailing slash, query, fragment or user info.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,18 +70,125 @@ impl FromStr for PublicUrl {
     }
 }
 
-/// The base URL for links in responses: the configured one, else `http://<Host>` when the Host header is a plain
-/// host[:port], else `None` (callers then emit paths relative to the server root).
-pub fn base_url(configured: Option<&PublicUrl>, headers: &HeaderMap) -> Option<String> {
-    if let Some(url) = configured {
-        return Some(url.0.clone());
+/// Proxies whose forwarding headers are believed (`--trusted-proxies`: IP addresses or CIDR ranges).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.0.iter().any(|net| net.contains(&ip))
     }
-    let host = headers.get(http::header::HOST)?.to_str().ok()?;
+}
+
+impl FromStr for TrustedProxies {
+    type Err = String;
+
+    /// A comma-separated list of addresses (`10.0.0.5`) and ranges (`10.0.0.0/8`, `fd00::/8`); empty means none.
+    fn from_str(raw: &str) -> Result<Self, Self::Err> {
+        raw.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|item| {
+                item.parse::<IpNet>()
+                    .or_else(|_| item.parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| format!("{item:?} is not an IP address or CIDR range"))
+            })
+            .collect::<Result<_, _>>()
+            .map(TrustedProxies)
+    }
+}
+
+fn plain_host(host: &str) -> Option<&str> {
     let valid = !host.is_empty()
         && host.len() <= 255
         && host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
         && host.parse::<Authority>().is_ok();
-    valid.then(|| format!("http://{host}"))
+    valid.then_some(host)
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+/// `proto` and `host` of the first (client-side) element of an RFC 7239 `Forwarded` header.
+fn forwarded(headers: &HeaderMap) -> (Option<String>, Option<String>) {
+    let Some(value) = header(headers, "forwarded") else { return (None, None) };
+    let first = value.split(',').next().unwrap_or_default();
+    let (mut proto, mut host) = (None, None);
+    for pair in first.split(';') {
+        let Some((key, value)) = pair.split_once('=') else { continue };
+        let value = value.trim().trim_matches('"').to_string();
+        match key.trim().to_ascii_lowercase().as_str() {
+            "proto" => proto = Some(value),
+            "host" => host = Some(value),
+            _ => {}
+        }
+    }
+    (proto, host)
+}
+
+const FORWARDING_HEADERS: [&str; 4] = ["forwarded", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-ssl"];
+
+/// The base URL for links in responses (see the module docs), or `None`: callers then emit paths relative to the
+/// server root and leave the installer's default server unset.
+pub fn base_url(
+    configured: Option<&PublicUrl>,
+    trusted: &TrustedProxies,
+    peer: Option<IpAddr>,
+    headers: &HeaderMap,
+) -> Option<String> {
+    if let Some(url) = configured {
+        return Some(url.0.clone());
+    }
+    let host_header = header(headers, http::header::HOST.as_str());
+    if peer.is_some_and(|ip| trusted.contains(ip)) {
+        let (proto, host) = forwarded(headers);
+        let proto = proto.or_else(|| header(headers, "x-forwarded-proto").map(str::to_owned))?;
+        let scheme = match proto.to_ascii_lowercase().as_str() {
+            "https" => "https",
+            "http" => "http",
+            _ => return None,
+        };
+        let host = host.or_else(|| header(headers, "x-forwarded-host").map(str::to_owned));
+        let host = plain_host(host.as_deref().or(host_header)?)?;
+        return Some(format!("{scheme}://{host}"));
+    }
+    if FORWARDING_HEADERS.iter().any(|name| headers.contains_key(*name)) {
+        static WARNED: AtomicBool = AtomicBool::new(false);
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                peer = ?peer,
+                "a request came through a proxy that is not in --trusted-proxies; its scheme is unknown, so links \
+                 are relative and the installer asks for --server. Set --public-url (RM_PUBLIC_URL) or \
+                 --trusted-proxies (RM_TRUSTED_PROXIES)"
+            );
+        }
+        return None;
+    }
+    plain_host(host_header?).map(|host| format!("http://{host}"))
+}
+
+/// The base URL of this request (see [`base_url`]), as a handler argument.
+pub struct BaseUrl(pub Option<String>);
+
+impl BaseUrl {
+    /// The base, or empty for links relative to the server root.
+    pub fn or_relative(self) -> String {
+        self.0.unwrap_or_default()
+    }
+}
+
+impl FromRequestParts<AppState> for BaseUrl {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let peer = parts.extensions.get::<ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
+        Ok(BaseUrl(base_url(state.public_url(), &state.settings().trusted_proxies, peer, &parts.headers)))
+    }
 }
 
 #[cfg(test)]
@@ -95,7 +219,7 @@ mod tests {
         let with_host = |h: &str| {
             let mut m = HeaderMap::new();
             m.insert(http::header::HOST, h.parse().unwrap());
-            base_url(None, &m)
+            base_url(None, &TrustedProxies::default(), None, &m)
         };
         assert_eq!(with_host("example.com:8080").as_deref(), Some("http://example.com:8080"));
         assert_eq!(with_host("[::1]:8080").as_deref(), Some("http://[::1]:8080"));
@@ -105,6 +229,56 @@ mod tests {
         let configured: PublicUrl = "https://fixed.example".parse().unwrap();
         let mut m = HeaderMap::new();
         m.insert(http::header::HOST, "evil.com".parse().unwrap());
-        assert_eq!(base_url(Some(&configured), &m).as_deref(), Some("https://fixed.example"));
+        assert_eq!(
+            base_url(Some(&configured), &TrustedProxies::default(), None, &m).as_deref(),
+            Some("https://fixed.example")
+        );
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs.iter().map(|(k, v)| (k.parse::<http::HeaderName>().unwrap(), v.parse().unwrap())).collect()
+    }
+
+    #[test]
+    fn forwarded_scheme_is_believed_only_from_trusted_proxies() {
+        let trusted: TrustedProxies = "10.0.0.0/8, 127.0.0.1".parse().unwrap();
+        let proxy: IpAddr = "10.1.2.3".parse().unwrap();
+        let stranger: IpAddr = "192.0.2.9".parse().unwrap();
+        let tls = headers(&[
+            ("host", "rm.internal:8080"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "rm.example.com"),
+        ]);
+        assert_eq!(base_url(None, &trusted, Some(proxy), &tls).as_deref(), Some("https://rm.example.com"));
+        let rfc = headers(&[
+            ("host", "rm.internal"),
+            ("forwarded", "for=192.0.2.1;proto=https;host=\"rm.example.com:8443\", for=10.0.0.1"),
+        ]);
+        assert_eq!(base_url(None, &trusted, Some(proxy), &rfc).as_deref(), Some("https://rm.example.com:8443"));
+        // IPv4-mapped IPv6 peers match IPv4 ranges.
+        let mapped: IpAddr = "::ffff:10.9.9.9".parse().unwrap();
+        assert_eq!(base_url(None, &trusted, Some(mapped), &tls).as_deref(), Some("https://rm.example.com"));
+        // The same headers from anyone else: no base URL at all (never a guessed http:// link).
+        assert_eq!(base_url(None, &trusted, Some(stranger), &tls), None);
+        assert_eq!(base_url(None, &TrustedProxies::default(), Some(proxy), &tls), None);
+        // A trusted proxy that does not say which scheme, or says something else, or forwards a hostile host.
+        for bad in [
+            headers(&[("host", "rm.internal")]),
+            headers(&[("host", "rm.internal"), ("x-forwarded-proto", "gopher")]),
+            headers(&[("host", "rm.internal"), ("x-forwarded-proto", "https"), ("x-forwarded-host", "a.b/$(id)")]),
+        ] {
+            assert_eq!(base_url(None, &trusted, Some(proxy), &bad), None, "{bad:?}");
+        }
+        // Direct connection without forwarding headers: this server speaks plain HTTP.
+        let direct = headers(&[("host", "rm.internal:8080")]);
+        assert_eq!(base_url(None, &trusted, Some(stranger), &direct).as_deref(), Some("http://rm.internal:8080"));
+    }
+
+    #[test]
+    fn trusted_proxy_lists_parse_or_fail_clearly() {
+        assert_eq!("".parse::<TrustedProxies>().unwrap(), TrustedProxies::default());
+        assert!("10.0.0.1, fd00::/8 ,192.168.0.0/16".parse::<TrustedProxies>().is_ok());
+        let err = "10.0.0.1,proxy.example".parse::<TrustedProxies>().unwrap_err();
+        assert!(err.contains("proxy.example"), "{err}");
     }
 }

@@ -38,6 +38,8 @@ pub struct Settings {
     pub max_upload_bytes: u64,
     /// Downloads need an agent credential or an active enrollment token.
     pub require_download_auth: bool,
+    /// Peers whose `Forwarded` / `X-Forwarded-*` headers are believed for the public scheme and host.
+    pub trusted_proxies: crate::TrustedProxies,
     /// Longest an agent or admin API request may take, body included (downloads and uploads are not limited).
     pub api_timeout: Duration,
 }
@@ -50,6 +52,7 @@ impl Default for Settings {
             max_upload_bytes: 512 * 1024 * 1024,
             require_download_auth: false,
             api_timeout: Duration::from_secs(30),
+            trusted_proxies: Default::default(),
         }
     }
 }

@@ -7,7 +7,7 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use http::{HeaderMap, StatusCode};
+use http::StatusCode;
 use rm_fleet::{AgentRecord, AuditEvent, NewToken, Timestamp, TokenInfo, rfc3339};
 use rm_protocol::admin::{
     AgentFilter, AgentList, AgentState, AgentView, AuditEntry, AuditPage, AuditQuery, CreateToken, TokenCreated,
@@ -15,7 +15,7 @@ use rm_protocol::admin::{
 };
 
 use crate::auth::Admin;
-use crate::public_url::base_url;
+use crate::public_url::BaseUrl;
 use crate::{ApiError, AppState, catalog};
 
 fn token_view(info: TokenInfo, now: Timestamp) -> TokenView {
@@ -97,13 +97,13 @@ fn agent_view(record: AgentRecord, state: AgentState, served_sha256: Option<Stri
 pub async fn list_agents(
     _: Admin,
     State(state): State<AppState>,
-    headers: HeaderMap,
+    base: BaseUrl,
     filter: Result<Query<AgentFilter>, QueryRejection>,
 ) -> Result<Json<AgentList>, ApiError> {
     let Query(filter) = filter.map_err(|e| {
         ApiError::InvalidRequest(format!("{}; state is one of current, out_of_date, stale, unknown", e.body_text()))
     })?;
-    let served = catalog::entries(&state, base_url(state.public_url(), &headers).unwrap_or_default()).await?;
+    let served = catalog::entries(&state, base.or_relative()).await?;
     let agents = state.fleet().call(rm_fleet::list_agents).await?;
     let now = rm_fleet::now();
     let stale_after = state.settings().stale_after;

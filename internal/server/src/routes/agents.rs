@@ -14,7 +14,7 @@ use rm_protocol::{
 use tracing::warn;
 
 use crate::auth::{Peer, bearer};
-use crate::public_url::base_url;
+use crate::public_url::BaseUrl;
 use crate::{ApiError, AppState, catalog};
 
 /// Longest version or commit string stored.
@@ -100,6 +100,7 @@ pub async fn enroll(
 /// `POST /api/v1/agents/heartbeat` with `Authorization: Bearer <agent credential>`.
 pub async fn heartbeat(
     State(state): State<AppState>,
+    base: BaseUrl,
     headers: HeaderMap,
     body: Result<Json<HeartbeatRequest>, JsonRejection>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
@@ -118,8 +119,7 @@ pub async fn heartbeat(
         .call(move |c| rm_fleet::heartbeat(c, rm_fleet::now(), &credential, &hb))
         .await?
         .ok_or(ApiError::Unauthorized("the agent credential is not valid"))?;
-    let base = base_url(state.public_url(), &headers).unwrap_or_default();
-    let update = catalog::entry(&state, platform, base).await?;
+    let update = catalog::entry(&state, platform, base.or_relative()).await?;
     Ok(Json(HeartbeatResponse {
         protocol: PROTOCOL_VERSION,
         agent_id,

@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use rm_assets::{AssetKind, Digest, NameError, Source, validate_name};
 use rm_fleet::AuditEvent;
-use rm_protocol::{Manifest, Platform, PlatformEntry};
+use rm_protocol::{Manifest, Platform};
 
 use crate::auth::Peer;
 use crate::file_response::Representation;
-use crate::public_url::base_url;
+use crate::public_url::BaseUrl;
 use crate::{ApiError, AppState, catalog, file_response};
 
 /// `GET|HEAD /agent/binary?os=&arch=`
@@ -26,7 +26,7 @@ pub async fn agent_binary(
 ) -> Result<Response, ApiError> {
     let platform = parse_platform_query(query.as_deref())?;
     let (response, digest, source) =
-        serve_asset(&state, AssetKind::AgentBinary, platform.file_name(), &method, &headers)
+        serve_asset(&state, AssetKind::AgentBinary, platform.file_name(), &method, &headers, None)
             .await?
             .ok_or(ApiError::BinaryNotPublished(platform))?;
     // Record downloads that send content; the audit log never delays or fails a download.
@@ -48,6 +48,7 @@ pub async fn agent_binary(
 /// `GET|HEAD /install/<name>`
 pub async fn install_file(
     State(state): State<AppState>,
+    BaseUrl(base): BaseUrl,
     method: Method,
     name: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
@@ -55,7 +56,7 @@ pub async fn install_file(
     // The only way Path<String> fails here is a percent-decoding that is not UTF-8.
     let Path(name) = name.map_err(|_| ApiError::InvalidName(NameError::BadCharacter))?;
     validate_name(&name)?;
-    let (response, _, _) = serve_asset(&state, AssetKind::Install, &name, &method, &headers)
+    let (response, _, _) = serve_asset(&state, AssetKind::Install, &name, &method, &headers, base)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("install file {name:?}")))?;
     Ok(response)
@@ -63,16 +64,17 @@ pub async fn install_file(
 
 /// Looks an asset up and answers the request. Fast path: a remembered file version still in place (a `stat` or two,
 /// no blocking-pool hop; 304s and HEADs never open the file). Otherwise, or if the remembered file changed before
-/// its body was opened, the full contained lookup on a blocking thread.
+/// its body was opened, the full contained lookup on a blocking thread. `base` is filled into install templates.
 async fn serve_asset(
     state: &AppState,
     kind: AssetKind,
     name: &str,
     method: &Method,
     headers: &HeaderMap,
+    base: Option<String>,
 ) -> Result<Option<(Response, Arc<Digest>, Source)>, ApiError> {
     let template = kind == AssetKind::Install && crate::render::is_template(name);
-    let base = || if template { base_url(state.public_url(), headers) } else { None };
+    let base = || if template { base.clone() } else { None };
     let fast = state.store().known(kind, name).and_then(|known| {
         if template {
             crate::render::cached(&known, base().as_deref(), state.render_cache())
@@ -141,22 +143,17 @@ fn parse_platform_query(query: Option<&str>) -> Result<Platform, ApiError> {
     }
 }
 
-/// Every platform's entry, with download URLs for this request's base URL.
-async fn entries(state: &AppState, headers: &HeaderMap) -> Result<Vec<PlatformEntry>, ApiError> {
-    catalog::entries(state, base_url(state.public_url(), headers).unwrap_or_default()).await
-}
-
 /// `GET /agent/manifest`
-pub async fn manifest(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let agents = entries(&state, &headers).await?;
+pub async fn manifest(State(state): State<AppState>, base: BaseUrl) -> Result<Response, ApiError> {
+    let agents = catalog::entries(&state, base.or_relative()).await?;
     let mut response = Json(Manifest { server: rm_buildinfo::current(), agents }).into_response();
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(response)
 }
 
 /// `GET /agent/SHA256SUMS`: `sha256sum -c` input for every published binary.
-pub async fn sha256sums(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let body: String = entries(&state, &headers)
+pub async fn sha256sums(State(state): State<AppState>, base: BaseUrl) -> Result<Response, ApiError> {
+    let body: String = catalog::entries(&state, base.or_relative())
         .await?
         .into_iter()
         .filter_map(|e| Some(format!("{}  {}\n", e.sha256?, e.file)))

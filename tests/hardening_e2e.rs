@@ -1,0 +1,97 @@
+//! Attacks on the real server binary that once succeeded, each reproduced here: links that downgraded to `http://`
+//! behind a TLS proxy, a data volume filled through downloads, upload temp files left by a crash, a heartbeat that
+//! told an unauthenticated caller how its body was wrong, and terminal escapes stored from agents.
+
+use std::fs;
+
+use rm_e2e::*;
+use serde_json::{Value, json};
+
+const TEMPLATE: &str = "#!/bin/sh\n{\nRM_DEFAULT_SERVER='__RM_SERVER_URL__'\necho \"$RM_DEFAULT_SERVER\"\n}\n";
+
+/// A server with an agent build and an install template in its bundled dir.
+fn server_with(env: &[(&str, &str)]) -> Server {
+    let mut builder = Server::builder();
+    fs::create_dir_all(builder.bundled_dir().join("agent-binaries")).unwrap();
+    fs::create_dir_all(builder.bundled_dir().join("install")).unwrap();
+    fs::write(builder.bundled_dir().join("agent-binaries").join(LINUX_AMD64), b"agent build one").unwrap();
+    fs::write(builder.bundled_dir().join("install/install.sh"), TEMPLATE).unwrap();
+    for (k, v) in env {
+        builder = builder.env(k, v);
+    }
+    builder.start()
+}
+
+/// Enrolls one agent; returns its credential.
+fn enroll(server: &Server) -> String {
+    let token = server.admin("POST", "/api/v1/tokens", Some(&json!({}))).json()["token"].as_str().unwrap().to_owned();
+    let body =
+        json!({"token": token, "hostname": "web-1", "os": "linux", "arch": "amd64", "version": "1", "commit": "c"});
+    let r = server.send("POST", "/api/v1/agents/enroll", &[], Some(&body));
+    assert_eq!(r.status, 201, "{}", r.text());
+    r.json()["credential"].as_str().unwrap().to_owned()
+}
+
+fn heartbeat(server: &Server, credential: &str, extra: &[(&str, &str)], body: &Value) -> Response {
+    let auth = format!("Bearer {credential}");
+    let mut headers = vec![("Authorization", auth.as_str())];
+    headers.extend_from_slice(extra);
+    server.send("POST", "/api/v1/agents/heartbeat", &headers, Some(body))
+}
+
+fn beat_body() -> Value {
+    json!({"hostname": "web-1", "os": "linux", "arch": "amd64", "version": "1", "commit": "c", "seq": 1})
+}
+
+/// Every link this request would be given: the installer's default server, manifest URLs, the heartbeat's URL.
+fn links(server: &Server, credential: &str, headers: &[(&str, &str)]) -> Vec<String> {
+    let script = server.request("GET", "/install/install.sh", headers).text();
+    let default = script.lines().find(|l| l.starts_with("RM_DEFAULT_SERVER=")).unwrap().to_owned();
+    let manifest = server.request("GET", "/agent/manifest", headers).json();
+    let beat = heartbeat(server, credential, headers, &beat_body()).json();
+    vec![
+        default,
+        manifest["agents"][0]["url"].as_str().unwrap().to_owned(),
+        beat["update"]["url"].as_str().unwrap().to_owned(),
+    ]
+}
+
+#[test]
+fn links_never_downgrade_behind_a_tls_proxy() {
+    let server = server_with(&[]);
+    let credential = enroll(&server);
+    let direct = links(&server, &credential, &[]);
+    let origin = format!("http://127.0.0.1:{}", server.port());
+    assert_eq!(direct[0], format!("RM_DEFAULT_SERVER='{origin}'"), "a direct request: this server speaks HTTP");
+    assert!(direct[1].starts_with(&origin) && direct[2].starts_with(&origin), "{direct:?}");
+
+    // A TLS-terminating proxy that nobody declared: before the fix every link was http://<Host>, so the agent sent
+    // its credential in cleartext to port 80. Now: no scheme is guessed, links are relative, the installer asks.
+    for forwarded in [
+        vec![("X-Forwarded-Proto", "https")],
+        vec![("Forwarded", "for=192.0.2.1;proto=https;host=rm.example.com")],
+        vec![("X-Forwarded-Host", "rm.example.com")],
+    ] {
+        let got = links(&server, &credential, &forwarded);
+        assert_eq!(got[0], "RM_DEFAULT_SERVER='__RM_SERVER_URL__'", "{forwarded:?}");
+        assert!(got[1].starts_with("/agent/binary?") && got[2].starts_with("/agent/binary?"), "{forwarded:?}: {got:?}");
+        assert!(!got.iter().any(|l| l.contains("http://")), "{forwarded:?}: {got:?}");
+    }
+    assert!(server.log().contains("--trusted-proxies"), "the operator is told what to set:\n{}", server.log_tail());
+
+    // The same proxy, declared: its scheme and host are believed.
+    let trusted = server_with(&[("RM_TRUSTED_PROXIES", "127.0.0.0/8")]);
+    let credential = enroll(&trusted);
+    let via_proxy =
+        links(&trusted, &credential, &[("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "rm.example.com")]);
+    assert_eq!(via_proxy[0], "RM_DEFAULT_SERVER='https://rm.example.com'");
+    assert!(via_proxy[1..].iter().all(|l| l.starts_with("https://rm.example.com/agent/binary?")), "{via_proxy:?}");
+    // A trusted proxy forwarding a hostile host or an unknown scheme gets no link at all.
+    for hostile in [
+        vec![("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "x';id;'")],
+        vec![("X-Forwarded-Proto", "javascript")],
+    ] {
+        let got = links(&trusted, &credential, &hostile);
+        assert_eq!(got[0], "RM_DEFAULT_SERVER='__RM_SERVER_URL__'", "{hostile:?}");
+    }
+}
