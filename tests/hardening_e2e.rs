@@ -95,3 +95,63 @@ fn links_never_downgrade_behind_a_tls_proxy() {
         assert_eq!(got[0], "RM_DEFAULT_SERVER='__RM_SERVER_URL__'", "{hostile:?}");
     }
 }
+
+#[test]
+fn heartbeats_check_the_credential_before_the_body() {
+    let server = server_with(&[]);
+    let credential = enroll(&server);
+    let garbage = json!({"hostname": "no spaces allowed", "os": "plan9", "arch": "mips"});
+    // Before the fix a forged credential with a bad body got a 400 describing the body.
+    for forged in ["rmagt_nobody_secret", "garbage"] {
+        let r = heartbeat(&server, forged, &[], &garbage);
+        assert_eq!(r.status, 401, "{forged}: {}", r.text());
+        assert_eq!(r.json()["error"], "unauthorized");
+    }
+    let r = heartbeat(&server, &credential, &[], &garbage);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(heartbeat(&server, &credential, &[], &beat_body()).status, 200);
+}
+
+/// Characters that rewrite a terminal or reorder a page: ANSI escapes, CR/LF, NUL, bidi overrides and isolates.
+const HOSTILE: [&str; 5] =
+    ["\u{1b}[2J\u{1b}[31mpwned", "line\r\nInjected: yes", "nul\u{0}byte", "\u{202e}exe.txt", "a\u{2066}b\u{2069}"];
+
+#[test]
+fn terminal_escapes_and_bidi_controls_are_never_stored() {
+    let server = server_with(&[]);
+    let credential = enroll(&server);
+    for hostile in HOSTILE {
+        // Identity fields are refused outright…
+        for field in ["version", "commit"] {
+            let mut body = beat_body();
+            body[field] = json!(hostile);
+            assert_eq!(heartbeat(&server, &credential, &[], &body).status, 400, "{field}={hostile:?}");
+        }
+        let r = server.admin("POST", "/api/v1/tokens", Some(&json!({"note": hostile})));
+        assert_eq!(r.status, 400, "note={hostile:?}: {}", r.text());
+        // …free text (an update error) is kept, with every such character blanked.
+        let mut body = beat_body();
+        body["last_update_error"] = json!(format!("update failed: {hostile}"));
+        assert_eq!(heartbeat(&server, &credential, &[], &body).status, 200);
+        let stored = server.admin("GET", "/api/v1/agents", None).json()["agents"][0]["last_update_error"].clone();
+        let stored = stored.as_str().unwrap();
+        assert!(stored.starts_with("update failed: "), "{stored:?}");
+        assert!(rm_protocol_safe(stored), "{hostile:?} stored as {stored:?}");
+    }
+    // A user agent with a bidi override (header values cannot carry ESC or CR/LF, but UTF-8 passes).
+    let r = server.request("GET", "/agent/binary?os=linux&arch=amd64", &[("User-Agent", "curl\u{202e}8.0")]);
+    assert_eq!(r.status, 200);
+    let events = eventually(std::time::Duration::from_secs(10), "the download audit record", || {
+        let page = server.admin("GET", "/api/v1/audit?kind=download", None).json();
+        page["events"].as_array().filter(|e| !e.is_empty()).cloned()
+    });
+    let agent = events[0]["user_agent"].as_str().unwrap();
+    assert!(rm_protocol_safe(agent), "{agent:?}");
+}
+
+fn rm_protocol_safe(text: &str) -> bool {
+    !text.chars().any(|c| {
+        c.is_control()
+            || matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    })
+}

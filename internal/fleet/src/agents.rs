@@ -74,14 +74,8 @@ pub struct Heartbeat {
     pub seq: u64,
 }
 
-/// Records a heartbeat for an authenticated agent; `Ok(None)` when the credential is not valid (nothing written).
-pub fn heartbeat(
-    conn: &Connection,
-    now: Timestamp,
-    credential: &str,
-    hb: &Heartbeat,
-) -> Result<Option<String>, DbError> {
-    let Some(id) = authenticate_agent(conn, credential)? else { return Ok(None) };
+/// Records a heartbeat of the agent `id` (authenticated with [`authenticate_agent`] in the same operation).
+pub fn record_heartbeat(conn: &Connection, now: Timestamp, id: &str, hb: &Heartbeat) -> Result<(), DbError> {
     conn.execute(
         "UPDATE agents SET hostname = ?2, os = ?3, arch = ?4, agent_version = ?5, agent_commit = ?6,
                 binary_sha256 = ?7, last_update_error = ?8, last_seen_at = ?9, heartbeats = heartbeats + 1,
@@ -100,6 +94,18 @@ pub fn heartbeat(
             hb.seq as i64
         ],
     )?;
+    Ok(())
+}
+
+/// Records a heartbeat for an authenticated agent; `Ok(None)` when the credential is not valid (nothing written).
+pub fn heartbeat(
+    conn: &Connection,
+    now: Timestamp,
+    credential: &str,
+    hb: &Heartbeat,
+) -> Result<Option<String>, DbError> {
+    let Some(id) = authenticate_agent(conn, credential)? else { return Ok(None) };
+    record_heartbeat(conn, now, &id, hb)?;
     Ok(Some(id))
 }
 

@@ -15,7 +15,9 @@ pub mod secrets;
 pub mod time;
 pub mod tokens;
 
-pub use agents::{AgentRecord, Enrolled, Heartbeat, authenticate_agent, enroll, heartbeat, list_agents};
+pub use agents::{
+    AgentRecord, Enrolled, Heartbeat, authenticate_agent, enroll, heartbeat, list_agents, record_heartbeat,
+};
 pub use audit::{AuditEvent, list_audit, record_audit};
 pub use db::{Db, DbError};
 pub use time::{Timestamp, now, rfc3339};

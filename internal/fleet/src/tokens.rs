@@ -26,7 +26,7 @@ impl NewToken {
         if uses == Some(0) {
             return Err("uses must be at least 1".into());
         }
-        if note.len() > 256 || note.chars().any(char::is_control) {
+        if note.len() > 256 || note.chars().any(rm_protocol::validate::is_unsafe_char) {
             return Err("note must be at most 256 printable characters".into());
         }
         let expires_at = match expires_in {

@@ -28,9 +28,23 @@ pub fn is_sha256_hex(value: &str) -> bool {
     value.len() == 64 && value.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// 1..=`max` bytes without control characters.
+/// Characters that must never be stored or shown as sent: control characters (ANSI escapes, CR/LF, NUL) and the
+/// Unicode bidirectional controls that reorder what a terminal or page displays (U+061C, U+200E/F,
+/// U+202A–U+202E, U+2066–U+2069).
+pub fn is_unsafe_char(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// 1..=`max` bytes without [unsafe characters](is_unsafe_char).
 pub fn is_printable(value: &str, max: usize) -> bool {
-    !value.is_empty() && value.len() <= max && !value.chars().any(char::is_control)
+    !value.is_empty() && value.len() <= max && !value.chars().any(is_unsafe_char)
+}
+
+/// Free text from a peer (an error message, a user agent), made safe to store and show: every
+/// [unsafe character](is_unsafe_char) becomes a space, and the result is cut to `max` characters.
+pub fn clean_text(value: &str, max: usize) -> String {
+    value.chars().take(max).map(|c| if is_unsafe_char(c) { ' ' } else { c }).collect()
 }
 
 #[cfg(test)]
@@ -62,6 +76,18 @@ mod tests {
         assert!(is_sha256_hex(&"aB".repeat(32)));
         assert!(!is_sha256_hex(&"a".repeat(63)));
         assert!(!is_sha256_hex(&"g".repeat(64)));
+    }
+
+    #[test]
+    fn unsafe_characters_are_refused_or_replaced() {
+        for hostile in ["a\u{1b}[31mred", "line\r\nInjected: 1", "nul\0", "\u{202e}txt.exe", "a\u{2066}b", "\u{200f}x"]
+        {
+            assert!(!is_printable(hostile, 128), "{hostile:?}");
+            let clean = clean_text(hostile, 128);
+            assert!(is_printable(clean.trim(), 128) || clean.trim().is_empty(), "{hostile:?} -> {clean:?}");
+            assert_eq!(clean.chars().count(), hostile.chars().count());
+        }
+        assert_eq!(clean_text("héllo wörld", 5), "héllo");
     }
 
     #[test]

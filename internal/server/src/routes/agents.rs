@@ -7,7 +7,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
 use rm_fleet::AuditEvent;
-use rm_protocol::validate::{MAX_HOSTNAME_LEN, is_hostname, is_printable, is_sha256_hex};
+use rm_protocol::validate::{MAX_HOSTNAME_LEN, clean_text, is_hostname, is_printable, is_sha256_hex};
 use rm_protocol::{
     EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, HostFacts, PROTOCOL_VERSION, Platform,
 };
@@ -97,7 +97,20 @@ pub async fn enroll(
     }
 }
 
-/// `POST /api/v1/agents/heartbeat` with `Authorization: Bearer <agent credential>`.
+/// What a heartbeat body says, checked.
+fn checked_heartbeat(request: HeartbeatRequest) -> Result<(rm_fleet::Heartbeat, Platform), ApiError> {
+    let (facts, platform) = checked(request.facts)?;
+    let binary_sha256 = match request.binary_sha256 {
+        Some(s) if is_sha256_hex(&s) => Some(s.to_ascii_lowercase()),
+        Some(_) => return Err(ApiError::InvalidRequest("binary_sha256 must be 64 hex digits".into())),
+        None => None,
+    };
+    let last_update_error = request.last_update_error.map(|e| clean_text(&e, MAX_UPDATE_ERROR));
+    Ok((rm_fleet::Heartbeat { facts, binary_sha256, last_update_error, seq: request.seq }, platform))
+}
+
+/// `POST /api/v1/agents/heartbeat` with `Authorization: Bearer <agent credential>`. The credential is checked
+/// before the body: a caller without a valid one learns nothing about what the server accepts.
 pub async fn heartbeat(
     State(state): State<AppState>,
     base: BaseUrl,
@@ -105,20 +118,22 @@ pub async fn heartbeat(
     body: Result<Json<HeartbeatRequest>, JsonRejection>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let credential = bearer(&headers).ok_or(ApiError::Unauthorized("an agent credential is required"))?.to_owned();
-    let request = json_body(body)?;
-    let (facts, platform) = checked(request.facts)?;
-    let binary_sha256 = match request.binary_sha256 {
-        Some(s) if is_sha256_hex(&s) => Some(s.to_ascii_lowercase()),
-        Some(_) => return Err(ApiError::InvalidRequest("binary_sha256 must be 64 hex digits".into())),
-        None => None,
-    };
-    let last_update_error = request.last_update_error.map(|e| e.chars().take(MAX_UPDATE_ERROR).collect());
-    let hb = rm_fleet::Heartbeat { facts, binary_sha256, last_update_error, seq: request.seq };
-    let agent_id = state
+    let checked = json_body(body).and_then(checked_heartbeat);
+    let (agent_id, platform) = state
         .fleet()
-        .call(move |c| rm_fleet::heartbeat(c, rm_fleet::now(), &credential, &hb))
-        .await?
-        .ok_or(ApiError::Unauthorized("the agent credential is not valid"))?;
+        .call(move |c| {
+            let Some(id) = rm_fleet::authenticate_agent(c, &credential)? else {
+                return Ok(Err(ApiError::Unauthorized("the agent credential is not valid")));
+            };
+            match checked {
+                Ok((hb, platform)) => {
+                    rm_fleet::record_heartbeat(c, rm_fleet::now(), &id, &hb)?;
+                    Ok(Ok((id, platform)))
+                }
+                Err(refused) => Ok(Err(refused)),
+            }
+        })
+        .await??;
     let update = catalog::entry(&state, platform, base.or_relative()).await?;
     Ok(Json(HeartbeatResponse {
         protocol: PROTOCOL_VERSION,

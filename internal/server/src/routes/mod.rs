@@ -18,8 +18,7 @@ pub(crate) fn audit_event(
         remote_addr: peer.map(|p| p.ip().to_string()),
         user_agent: headers
             .get(http::header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.chars().take(256).collect()),
+            .map(|v| rm_protocol::validate::clean_text(&String::from_utf8_lossy(v.as_bytes()), 256)),
         ..Default::default()
     }
 }
