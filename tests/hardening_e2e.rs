@@ -155,3 +155,43 @@ fn rm_protocol_safe(text: &str) -> bool {
             || matches!(c, '\u{61c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
     })
 }
+
+/// Files named `.upload-*` in the data dir's override dirs.
+fn staging_files(server: &Server) -> Vec<std::path::PathBuf> {
+    ["agent-binaries", "install"]
+        .iter()
+        .filter_map(|sub| fs::read_dir(server.data_dir().join(sub)).ok())
+        .flatten()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(".upload-"))
+        .collect()
+}
+
+#[test]
+fn upload_temp_files_left_by_a_kill_are_removed_at_start() {
+    use std::io::Write;
+    let mut server = server_with(&[("RM_ADMIN_TOKEN", "hardening-admin-token-0123")]);
+    let mut uploads = Vec::new();
+    for round in 0..3 {
+        // An upload that announced 8 MiB and sent 1 MiB; the server has the temporary file open when it dies.
+        let auth = format!("Bearer {}", server.admin_token());
+        let path = format!("/api/v1/assets/agent-binaries/{LINUX_AMD64}");
+        let head =
+            request_head(server.addr(), "PUT", &path, &[("Authorization", &auth), ("Content-Length", "8388608")]);
+        let mut stream = connect(server.addr()).unwrap();
+        stream.write_all(&head).unwrap();
+        stream.write_all(&vec![round as u8; 1 << 20]).unwrap();
+        eventually(std::time::Duration::from_secs(10), "the upload's temporary file", || {
+            (!staging_files(&server).is_empty()).then_some(())
+        });
+        server.sigkill();
+        uploads.push(stream);
+        assert_eq!(staging_files(&server).len(), 1, "SIGKILL leaves the temporary file (the attack)");
+        server.restart();
+        assert_eq!(staging_files(&server), Vec::<std::path::PathBuf>::new(), "restart {round} cleaned up");
+    }
+    assert!(server.log().contains("removed upload temporary files"), "{}", server.log_tail());
+    // The bundled agent is still what is served; the dead uploads never became an override.
+    let r = server.get("/agent/binary?os=linux&arch=amd64");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"agent build one"[..]));
+}

@@ -53,6 +53,33 @@ impl AssetStore {
         }
     }
 
+    /// Deletes staging files a killed process left behind (`.upload-*` in the override dirs; nothing else, and
+    /// nothing that is not a regular file). Run at start, before anything is staged. Returns how many were removed.
+    pub fn remove_stale_staging(&self) -> io::Result<usize> {
+        let mut removed = 0;
+        for kind in AssetKind::ALL {
+            let dir = self.data_dir().join(kind.subdir());
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for entry in entries {
+                let entry = entry?;
+                let stale = entry.file_name().to_str().is_some_and(|n| n.starts_with(STAGING_PREFIX))
+                    && entry.file_type()?.is_file();
+                if stale {
+                    fs::remove_file(entry.path())?;
+                    removed += 1;
+                }
+            }
+            if removed > 0 {
+                sync_dir(&dir)?;
+            }
+        }
+        Ok(removed)
+    }
+
     fn override_dir(&self, kind: AssetKind) -> io::Result<PathBuf> {
         let dir = self.data_dir().join(kind.subdir());
         fs::create_dir_all(&dir)?;
@@ -150,6 +177,24 @@ mod tests {
         fs::create_dir(tmp.path().join("elsewhere")).unwrap();
         std::os::unix::fs::symlink(tmp.path().join("elsewhere"), store.data_dir().join("install")).unwrap();
         assert!(store.stage(AssetKind::Install, "install.sh").is_err());
+    }
+
+    #[test]
+    fn stale_staging_files_are_removed_and_nothing_else() {
+        let (tmp, store) = store();
+        assert_eq!(store.remove_stale_staging().unwrap(), 0, "no override dirs yet");
+        let install = store.data_dir().join("install");
+        let staged = store.stage(AssetKind::Install, "install.sh").unwrap();
+        std::mem::forget(staged); // as if the process died: the temporary file stays
+        fs::write(install.join("keep.sh"), b"x").unwrap();
+        fs::create_dir(install.join(".upload-dir")).unwrap();
+        fs::write(tmp.path().join("outside"), b"x").unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("outside"), install.join(".upload-link")).unwrap();
+        assert_eq!(store.remove_stale_staging().unwrap(), 1);
+        let mut left: Vec<_> = fs::read_dir(&install).unwrap().map(|e| e.unwrap().file_name()).collect();
+        left.sort();
+        assert_eq!(left, [".upload-dir", ".upload-link", "keep.sh"]);
+        assert!(tmp.path().join("outside").exists());
     }
 
     #[test]

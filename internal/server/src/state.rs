@@ -87,6 +87,11 @@ impl AppState {
     /// token, and builds the state.
     pub fn new(config: Config) -> Result<AppState, StartupError> {
         let store = AssetStore::new(&config.data_dir, &config.bundled_dir)?;
+        match store.remove_stale_staging() {
+            Ok(0) => {}
+            Ok(n) => info!(files = n, "removed upload temporary files left by an earlier process"),
+            Err(e) => tracing::warn!(error = %e, "could not clean upload temporary files"),
+        }
         let fleet = Db::open(&store.data_dir().join(DB_FILE))?;
         let admin_token = match config.admin_token.as_deref() {
             Some(value) => AdminToken::from_value(value).map_err(StartupError::AdminToken)?,
