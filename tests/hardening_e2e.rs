@@ -195,3 +195,148 @@ fn upload_temp_files_left_by_a_kill_are_removed_at_start() {
     let r = server.get("/agent/binary?os=linux&arch=amd64");
     assert_eq!((r.status, r.body.as_slice()), (200, &b"agent build one"[..]));
 }
+
+/// A tmpfs of `mib` MiB mounted for one test (root only), unmounted when dropped.
+struct SmallVolume {
+    dir: tempfile::TempDir,
+}
+
+impl SmallVolume {
+    fn mount(mib: u32) -> Option<SmallVolume> {
+        let dir = tempfile::Builder::new().prefix("rm-e2e-volume-").tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(SmallVolume { dir }),
+            Ok(o) => {
+                skip(format!(
+                    "cannot mount a {mib} MiB tmpfs (needs root): {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ));
+                None
+            }
+            Err(e) => {
+                skip(format!("cannot run mount: {e}"));
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    fn free_bytes(&self) -> u64 {
+        let out = std::process::Command::new("df").args(["-B1", "--output=avail"]).arg(self.path()).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for SmallVolume {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.dir.path()).status();
+    }
+}
+
+/// `count` one-byte range requests over `connections` keep-alive connections; returns how long they took.
+fn range_flood(server: &Server, connections: usize, count: usize) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    let addr = server.addr();
+    let threads: Vec<_> = (0..connections)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut conn = Conn::connect(addr).unwrap();
+                let ua = format!("flood-{i}");
+                for _ in 0..count / connections {
+                    let r = conn
+                        .request(
+                            "GET",
+                            "/agent/binary?os=linux&arch=amd64",
+                            &[("Range", "bytes=0-0"), ("User-Agent", &ua)],
+                            b"",
+                        )
+                        .unwrap();
+                    assert_eq!(r.status, 206);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    started.elapsed()
+}
+
+#[test]
+fn downloads_cannot_fill_the_data_volume_and_a_full_volume_keeps_agents_served() {
+    let Some(volume) = SmallVolume::mount(16) else { return };
+    let data = volume.path().join("data");
+    fs::create_dir(&data).unwrap();
+    let mut builder = Server::builder().with_data_dir(&data);
+    fs::create_dir_all(builder.bundled_dir().join("agent-binaries")).unwrap();
+    fs::write(builder.bundled_dir().join("agent-binaries").join(LINUX_AMD64), b"agent build one").unwrap();
+    builder = builder.env("RM_ADMIN_TOKEN", "hardening-admin-token-0123");
+    let server = builder.start();
+    let credential = enroll(&server);
+
+    // The attack: before the fix each request wrote an audit row and 30,000 of them filled this volume in 6 s.
+    let free_before = volume.free_bytes();
+    let took = range_flood(&server, 4, 30_000);
+    let free_after = volume.free_bytes();
+    let downloads =
+        server.admin("GET", "/api/v1/audit?kind=download&limit=1000", None).json()["events"].as_array().unwrap().len();
+    eprintln!(
+        "30,000 one-byte range requests in {took:.1?}: {downloads} download records, volume free {} -> {} KiB",
+        free_before / 1024,
+        free_after / 1024
+    );
+    assert!(downloads <= 4, "one record per client, platform and build and interval, got {downloads}");
+    assert!(free_before - free_after.min(free_before) < 2 << 20, "the volume shrank by more than 2 MiB");
+
+    // Fill the volume to the last byte, as something else on it might.
+    let filler = volume.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 << 10];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.write_all(&[0u8; 512]);
+        let _ = f.sync_all();
+    }
+    let ready = server.get("/readyz");
+    assert_eq!(ready.status, 503, "{}", ready.text());
+    assert!(ready.json()["reason"].as_str().unwrap().contains("full"), "{}", ready.text());
+    assert_eq!(server.get("/healthz").status, 200);
+    // Agents keep getting answers (and their updates) while nothing can be written…
+    let mut saw_full = false;
+    for i in 0..200 {
+        let r = heartbeat(&server, &credential, &[], &beat_body());
+        assert_eq!(r.status, 200, "heartbeat {i} on a full volume: {}", r.text());
+        assert!(r.json()["update"]["sha256"].is_string());
+        // …while writes that need space say so in words (507), never a bare 500.
+        let r = server.admin("POST", "/api/v1/tokens", Some(&json!({"note": format!("{i:0>200}")})));
+        match r.status {
+            201 => {}
+            507 => {
+                assert_eq!(r.json()["error"], "storage_full", "{}", r.text());
+                saw_full = true;
+                break;
+            }
+            other => panic!("token creation on a full volume answered {other}: {}", r.text()),
+        }
+    }
+    assert!(saw_full, "200 token creations fit on a full volume?");
+    assert_eq!(heartbeat(&server, &credential, &[], &beat_body()).status, 200);
+    let r = server.get("/agent/binary?os=linux&arch=amd64");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"agent build one"[..]));
+
+    // Space comes back: so does readiness, and writes work again.
+    fs::remove_file(&filler).unwrap();
+    eventually(std::time::Duration::from_secs(10), "ready again after freeing space", || {
+        (server.get("/readyz").status == 200).then_some(())
+    });
+    assert_eq!(server.admin("POST", "/api/v1/tokens", Some(&json!({}))).status, 201);
+    drop(server);
+}

@@ -108,6 +108,19 @@ pub struct ServeArgs {
     #[arg(long, env = "RM_TRUSTED_PROXIES", default_value = "", value_parser = parse_trusted_proxies)]
     pub trusted_proxies: TrustedProxies,
 
+    /// Audit events older than this are deleted (checked every ten minutes).
+    #[arg(long, env = "RM_AUDIT_RETENTION", default_value = "90d", value_parser = humantime::parse_duration)]
+    pub audit_retention: Duration,
+
+    /// At most this many audit events are kept; the oldest are deleted first.
+    #[arg(long, env = "RM_AUDIT_MAX_EVENTS", default_value_t = 100_000)]
+    pub audit_max_events: u64,
+
+    /// Downloads are audited at most once per client address, platform and build in this interval, so no number of
+    /// requests can grow the database without bound.
+    #[arg(long, env = "RM_DOWNLOAD_AUDIT_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub download_audit_interval: Duration,
+
     /// Longest an agent or admin API request may take, body included; downloads and uploads are not limited.
     #[arg(long, env = "RM_API_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub api_timeout: Duration,

@@ -62,6 +62,9 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
             require_download_auth: args.require_download_auth,
             api_timeout: args.api_timeout,
             trusted_proxies: args.trusted_proxies.clone(),
+            audit_retention: args.audit_retention,
+            audit_max_events: args.audit_max_events,
+            download_audit_interval: args.download_audit_interval,
         },
     })
     .context("cannot start")?;
@@ -77,6 +80,7 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
     info!(addr = %listener.local_addr()?, "listening");
     let warm = state.clone();
     tokio::task::spawn_blocking(move || rm_server::warm_up(&warm));
+    rm_server::spawn_maintenance(&state);
     rm_server::run(listener, state, shutdown_signal(), args.shutdown_grace).await.context("server failed")
 }
 

@@ -29,6 +29,26 @@ pub fn record_audit(conn: &Connection, e: &AuditEvent) -> Result<(), DbError> {
     Ok(())
 }
 
+/// Applies the retention policy: deletes events older than `cutoff`, then the oldest beyond `max_events`. Returns
+/// how many were deleted. Freed pages are reused by later inserts, so the file stops growing.
+pub fn prune_audit(conn: &Connection, cutoff: Timestamp, max_events: u64) -> Result<u64, DbError> {
+    let by_age = conn.execute("DELETE FROM audit_events WHERE at < ?1", [cutoff])?;
+    let by_count = conn.execute(
+        "DELETE FROM audit_events WHERE id <= (SELECT id FROM audit_events ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+        [i64::try_from(max_events).unwrap_or(i64::MAX)],
+    )?;
+    Ok((by_age + by_count) as u64)
+}
+
+/// Rewrites the probe row: fails (with [`DbError::Full`] on a full volume) when the database cannot write.
+pub fn probe_write(conn: &Connection, now: Timestamp) -> Result<(), DbError> {
+    conn.execute(
+        "INSERT INTO write_probe (id, probed_at) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET probed_at = ?1",
+        [now],
+    )?;
+    Ok(())
+}
+
 /// Newest first; `before` is the id to page below (keyset paging), `limit` at most 1000.
 pub fn list_audit(
     conn: &Connection,
@@ -61,6 +81,26 @@ pub fn list_audit(
 mod tests {
     use super::*;
     use crate::Db;
+
+    #[test]
+    fn retention_deletes_by_age_then_by_count() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("f.db")).unwrap();
+        db.call_blocking(|c| {
+            for at in 0..100 {
+                record_audit(c, &AuditEvent { at, kind: "download".into(), ..Default::default() })?;
+            }
+            assert_eq!(prune_audit(c, 10, 1000)?, 10, "older than the cutoff");
+            assert_eq!(prune_audit(c, 10, 50)?, 40, "beyond the newest 50");
+            let left = list_audit(c, None, None, 1000)?;
+            assert_eq!((left.len(), left.first().unwrap().at, left.last().unwrap().at), (50, 99, 50));
+            assert_eq!(prune_audit(c, 10, 50)?, 0);
+            probe_write(c, 5)?;
+            probe_write(c, 6)?;
+            Ok(())
+        })
+        .unwrap();
+    }
 
     #[test]
     fn audit_pages_newest_first() {

@@ -30,8 +30,10 @@ pub enum DbError {
          run the newer server version or restore a backup taken before the upgrade"
     )]
     TooNew { path: PathBuf, found: usize, supported: usize },
+    #[error("the data volume is full: the database cannot write")]
+    Full,
     #[error("database error: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
     #[error("database operation failed: {0}")]
     Failed(String),
     #[error("the database thread has stopped")]
@@ -40,7 +42,23 @@ pub enum DbError {
     Busy,
 }
 
-type Reply = Box<dyn FnOnce(Option<String>) + Send>;
+impl From<rusqlite::Error> for DbError {
+    fn from(e: rusqlite::Error) -> DbError {
+        if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) { DbError::Full } else { DbError::Sqlite(e) }
+    }
+}
+
+impl DbError {
+    /// The answer every operation of a batch gets when the batch's commit failed.
+    fn commit_failed(e: &rusqlite::Error) -> DbError {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => DbError::Full,
+            _ => DbError::Failed(format!("commit failed: {e}")),
+        }
+    }
+}
+
+type Reply = Box<dyn FnOnce(Option<&rusqlite::Error>) + Send>;
 type Job = Box<dyn FnOnce(&Connection) -> (bool, Reply) + Send>;
 
 /// Handle to the database thread; cheap to clone.
@@ -117,7 +135,7 @@ where
         let reply: Reply = Box::new(move |commit_error| {
             let result = match commit_error {
                 None => result,
-                Some(e) => Err(DbError::Failed(format!("commit failed: {e}"))),
+                Some(e) => Err(DbError::commit_failed(e)),
             };
             let _ = tx.send(result);
         });
@@ -138,13 +156,30 @@ fn writer(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
         let mut replies = Vec::with_capacity(batch.len());
         let outcome = run_batch(&mut conn, batch, &mut replies);
         if let Err(e) = &outcome {
-            error!(error = %e, operations = replies.len(), "database transaction failed");
+            // A full volume fails every batch until space is freed: say so once a minute, not per batch.
+            let full = e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull);
+            if !full || quiet_for(Duration::from_secs(60)) {
+                error!(error = %e, operations = replies.len(), "database transaction failed");
+            }
         }
-        let commit_error = outcome.err().map(|e| e.to_string());
+        let commit_error = outcome.err();
         for reply in replies {
-            reply(commit_error.clone());
+            reply(commit_error.as_ref());
         }
     }
+}
+
+/// True at most once per `period` (for log lines that would otherwise repeat per batch).
+fn quiet_for(period: Duration) -> bool {
+    use std::sync::Mutex;
+    use std::time::Instant;
+    static LAST: Mutex<Option<Instant>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if last.is_some_and(|t| t.elapsed() < period) {
+        return false;
+    }
+    *last = Some(Instant::now());
+    true
 }
 
 fn run_batch(conn: &mut Connection, batch: Vec<Job>, replies: &mut Vec<Reply>) -> rusqlite::Result<()> {

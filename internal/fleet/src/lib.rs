@@ -18,7 +18,7 @@ pub mod tokens;
 pub use agents::{
     AgentRecord, Enrolled, Heartbeat, authenticate_agent, enroll, heartbeat, list_agents, record_heartbeat,
 };
-pub use audit::{AuditEvent, list_audit, record_audit};
+pub use audit::{AuditEvent, list_audit, probe_write, prune_audit, record_audit};
 pub use db::{Db, DbError};
 pub use time::{Timestamp, now, rfc3339};
 pub use tokens::{EnrollError, NewToken, TokenInfo, check_enrollment_token, create_token, list_tokens, revoke_token};

@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE agents ADD COLUMN last_update_error TEXT;
     ALTER TABLE agents ADD COLUMN heartbeats INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE agents ADD COLUMN last_seq INTEGER NOT NULL DEFAULT 0;",
+    // 4: one row that readiness rewrites to prove the database can still write.
+    "CREATE TABLE write_probe (
+        id        INTEGER PRIMARY KEY CHECK (id = 1),
+        probed_at INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 pub fn migrations() -> Migrations<'static> {

@@ -100,6 +100,12 @@ impl ApiError {
             ),
             ApiError::UploadAborted(_) => (StatusCode::BAD_REQUEST, None, ErrorBody::new("upload_aborted", message)),
             ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, None, ErrorBody::new("timeout", message)),
+            // The database thread logs this once a minute; no log line per request.
+            ApiError::Db(DbError::Full) => (
+                StatusCode::INSUFFICIENT_STORAGE,
+                None,
+                ErrorBody::new("storage_full", "the server's data volume is full; free space on it and retry"),
+            ),
             ApiError::Db(DbError::Busy) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 retry_later,

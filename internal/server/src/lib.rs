@@ -8,6 +8,7 @@ mod error;
 mod file_body;
 mod file_response;
 pub mod healthcheck;
+mod maintenance;
 mod public_url;
 mod render;
 mod routes;
@@ -149,6 +150,11 @@ pub async fn run(
             Ok(())
         }
     }
+}
+
+/// Starts the background upkeep of the data volume (audit retention). Call once, inside the runtime.
+pub fn spawn_maintenance(state: &AppState) {
+    maintenance::spawn(state);
 }
 
 /// Logs which agent platforms are published and fills the digest cache, so the first download of each binary does

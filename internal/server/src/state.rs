@@ -40,6 +40,12 @@ pub struct Settings {
     pub require_download_auth: bool,
     /// Peers whose `Forwarded` / `X-Forwarded-*` headers are believed for the public scheme and host.
     pub trusted_proxies: crate::TrustedProxies,
+    /// Audit events older than this are deleted.
+    pub audit_retention: Duration,
+    /// At most this many audit events are kept (the oldest go first).
+    pub audit_max_events: u64,
+    /// At most one download record per client address, platform and build in this interval.
+    pub download_audit_interval: Duration,
     /// Longest an agent or admin API request may take, body included (downloads and uploads are not limited).
     pub api_timeout: Duration,
 }
@@ -53,6 +59,9 @@ impl Default for Settings {
             require_download_auth: false,
             api_timeout: Duration::from_secs(30),
             trusted_proxies: Default::default(),
+            audit_retention: Duration::from_secs(90 * 24 * 3600),
+            audit_max_events: 100_000,
+            download_audit_interval: Duration::from_secs(600),
         }
     }
 }
@@ -79,6 +88,7 @@ struct Inner {
     public_url: Option<PublicUrl>,
     settings: Settings,
     render_cache: crate::render::RenderCache,
+    downloads: crate::maintenance::DownloadSampler,
     shutting_down: AtomicBool,
 }
 
@@ -112,6 +122,7 @@ impl AppState {
                 fleet,
                 admin_token,
                 public_url: config.public_url,
+                downloads: crate::maintenance::DownloadSampler::new(config.settings.download_audit_interval),
                 settings: config.settings,
                 render_cache: Default::default(),
                 shutting_down: AtomicBool::new(false),
@@ -133,6 +144,10 @@ impl AppState {
 
     pub fn settings(&self) -> &Settings {
         &self.inner.settings
+    }
+
+    pub(crate) fn downloads(&self) -> &crate::maintenance::DownloadSampler {
+        &self.inner.downloads
     }
 
     pub(crate) fn render_cache(&self) -> &crate::render::RenderCache {

@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
-use rm_fleet::AuditEvent;
+use rm_fleet::{AuditEvent, DbError};
 use rm_protocol::validate::{MAX_HOSTNAME_LEN, clean_text, is_hostname, is_printable, is_sha256_hex};
 use rm_protocol::{
     EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, HostFacts, PROTOCOL_VERSION, Platform,
@@ -97,6 +97,16 @@ pub async fn enroll(
     }
 }
 
+/// Heartbeats that could not be stored (full volume) are answered anyway; say so at most once a minute.
+fn warn_unrecorded() {
+    use std::sync::atomic::{AtomicI64, Ordering};
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    let now = rm_fleet::now();
+    if now - LAST.swap(now, Ordering::Relaxed) >= 60 {
+        warn!("heartbeats are answered but not recorded: the data volume is full");
+    }
+}
+
 /// What a heartbeat body says, checked.
 fn checked_heartbeat(request: HeartbeatRequest) -> Result<(rm_fleet::Heartbeat, Platform), ApiError> {
     let (facts, platform) = checked(request.facts)?;
@@ -119,7 +129,9 @@ pub async fn heartbeat(
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
     let credential = bearer(&headers).ok_or(ApiError::Unauthorized("an agent credential is required"))?.to_owned();
     let checked = json_body(body).and_then(checked_heartbeat);
-    let (agent_id, platform) = state
+    let fallback_platform = checked.as_ref().ok().map(|(_, p)| *p);
+    let fallback_credential = credential.clone();
+    let recorded = state
         .fleet()
         .call(move |c| {
             let Some(id) = rm_fleet::authenticate_agent(c, &credential)? else {
@@ -133,7 +145,17 @@ pub async fn heartbeat(
                 Err(refused) => Ok(Err(refused)),
             }
         })
-        .await??;
+        .await;
+    let (agent_id, platform) = match (recorded, fallback_platform) {
+        // A full data volume must not cut agents off from their updates: answer an authenticated agent anyway.
+        (Err(DbError::Full), Some(platform)) => {
+            let id = state.fleet().call(move |c| rm_fleet::authenticate_agent(c, &fallback_credential)).await?;
+            let id = id.ok_or(ApiError::Unauthorized("the agent credential is not valid"))?;
+            warn_unrecorded();
+            (id, platform)
+        }
+        (recorded, _) => recorded??,
+    };
     let update = catalog::entry(&state, platform, base.or_relative()).await?;
     Ok(Json(HeartbeatResponse {
         protocol: PROTOCOL_VERSION,

@@ -29,11 +29,17 @@ pub async fn agent_binary(
         serve_asset(&state, AssetKind::AgentBinary, platform.file_name(), &method, &headers, None)
             .await?
             .ok_or(ApiError::BinaryNotPublished(platform))?;
-    // Record downloads that send content; the audit log never delays or fails a download.
-    if method == Method::GET && response.status().is_success() {
+    // Record downloads that send content, sampled so that no number of requests can grow the database without
+    // bound; the audit log never delays or fails a download.
+    let sha256 = digest.sha256_hex();
+    let platform_name = platform.to_string();
+    if method == Method::GET
+        && response.status().is_success()
+        && state.downloads().should_record(peer.map(|p| p.ip()), &platform_name, &sha256)
+    {
         let event = AuditEvent {
-            platform: Some(platform.to_string()),
-            sha256: Some(digest.sha256_hex()),
+            platform: Some(platform_name),
+            sha256: Some(sha256),
             source: Some(source.as_str().into()),
             detail: response.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned),
             ..super::audit_event("download", peer, &headers)

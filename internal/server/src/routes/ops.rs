@@ -13,21 +13,52 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// `GET /readyz`: the server can serve: not shutting down and the data dir is reachable.
+/// Below this much free space on the data volume the server reports not ready.
+const MIN_FREE_BYTES: u64 = 1 << 20;
+
+/// `GET /readyz`: the server can serve: not shutting down, the data dir is reachable, the data volume has room and
+/// the database can write (a one-row write, so this also catches a read-only or broken database).
 pub async fn readyz(State(state): State<AppState>) -> Response {
     if state.is_shutting_down() {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "shutting_down"}))).into_response();
     }
     let probe = state.clone();
-    match tokio::task::spawn_blocking(move || probe.store().check_data_dir()).await {
-        Ok(Ok(())) => Json(json!({"status": "ready"})).into_response(),
-        Ok(Err(e)) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "not_ready", "reason": format!("data dir unavailable: {e}")})),
-        )
-            .into_response(),
-        Err(e) => ApiError::Internal(e.to_string()).into_response(),
+    let disk = tokio::task::spawn_blocking(move || {
+        probe.store().check_data_dir().map_err(|e| format!("data dir unavailable: {e}"))?;
+        match free_bytes(probe.store().data_dir()) {
+            Ok(free) if free < MIN_FREE_BYTES => Err(format!("the data volume is full ({free} bytes free)")),
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("cannot read the data volume's free space: {e}")),
+        }
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("readiness check failed: {e}")));
+    let write = match disk {
+        Ok(()) => state
+            .fleet()
+            .call(|c| rm_fleet::probe_write(c, rm_fleet::now()))
+            .await
+            .map_err(|e| format!("the database cannot write: {e}")),
+        Err(e) => Err(e),
+    };
+    match write {
+        Ok(()) => Json(json!({"status": "ready"})).into_response(),
+        Err(reason) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "not_ready", "reason": reason}))).into_response()
+        }
     }
+}
+
+/// Bytes available to this (unprivileged) process on the file system holding `path`.
+fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a zeroed out-parameter of the right type.
+    if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
 /// `GET /version`
