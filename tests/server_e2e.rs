@@ -574,8 +574,14 @@ fn rename_storm_never_answers_503_and_never_mixes_versions() {
                     "head" => http_request(addr, "HEAD", BINARY_PATH, &[]),
                     "resume" => {
                         // A client resuming with the ETag of what it has: 206 only for that very version.
-                        let etag = format!("\"sha256-{}\"", sha256_hex(&versions[c.requests as usize % versions.len()]));
-                        http_request(addr, "GET", BINARY_PATH, &[("Range", "bytes=1000000-1999999"), ("If-Range", &etag)])
+                        let etag =
+                            format!("\"sha256-{}\"", sha256_hex(&versions[c.requests as usize % versions.len()]));
+                        http_request(
+                            addr,
+                            "GET",
+                            BINARY_PATH,
+                            &[("Range", "bytes=1000000-1999999"), ("If-Range", &etag)],
+                        )
                     }
                     _ => http_request(addr, "GET", BINARY_PATH, &[]),
                 };
@@ -606,7 +612,11 @@ fn rename_storm_never_answers_503_and_never_mixes_versions() {
                     _ => false,
                 };
                 if !ok {
-                    c.failures.push(format!("{kind}: status {} body of {} bytes does not match {sha}", r.status, r.body.len()));
+                    c.failures.push(format!(
+                        "{kind}: status {} body of {} bytes does not match {sha}",
+                        r.status,
+                        r.body.len()
+                    ));
                 }
             }
             c
@@ -640,4 +650,43 @@ fn rename_storm_never_answers_503_and_never_mixes_versions() {
     assert!(swaps >= 100 && total.requests >= 20, "too little happened: {swaps} swaps, {} requests", total.requests);
     let log = server.log();
     assert!(!log.contains("asset_unstable") && !log.contains("rewritten in place"), "{}", server.log_tail());
+}
+
+/// What hyper actually writes for the conditional and range answers (the in-process tests see axum's view only):
+/// HEAD ignores Range, a 304 never says `Content-Length: 0`, 412/416 and path rejections are JSON.
+#[test]
+fn conditional_and_range_answers_on_the_wire() {
+    let server = Server::start();
+    let content = random_bytes(77, 100_000);
+    write_file(&agent_path(server.data_dir(), LINUX_AMD64), &content);
+    let len = content.len().to_string();
+    let etag = server.get(BINARY_PATH).expect_header("etag").to_string();
+
+    let r = server.request("HEAD", BINARY_PATH, &[("Range", "bytes=0-9")]);
+    assert_eq!((r.status, r.header("content-length")), (200, Some(len.as_str())), "{:?}", r.headers);
+    assert_eq!(r.header("content-range"), None);
+
+    // HEAD 304: the representation's length; GET 304: hyper leaves it out. Never a 0 that contradicts the 200.
+    let r = server.request("HEAD", BINARY_PATH, &[("If-None-Match", &etag)]);
+    assert_eq!((r.status, r.header("content-length")), (304, Some(len.as_str())), "{:?}", r.headers);
+    let r = server.request("GET", BINARY_PATH, &[("If-None-Match", &etag)]);
+    assert_eq!(r.status, 304);
+    assert_ne!(r.header("content-length"), Some("0"), "{:?}", r.headers);
+
+    let r =
+        server.request("GET", BINARY_PATH, &[("Range", "bytes=10-19"), ("If-Range", "Fri, 01 Jan 2100 00:00:00 GMT")]);
+    assert_eq!((r.status, r.body.len()), (200, content.len()), "a later If-Range date must not resume");
+    let r = server.request("GET", BINARY_PATH, &[("Range", "bytes=10-19"), ("If-Range", "garbage")]);
+    assert_eq!((r.status, r.body.len()), (200, content.len()), "an unparseable If-Range must not resume");
+
+    let r = server.request("GET", BINARY_PATH, &[("If-Match", "\"sha256-other\"")]);
+    assert_eq!((r.status, r.expect_header("content-type")), (412, "application/json"));
+    assert_eq!(r.json()["error"], "precondition_failed");
+    let r = server.request("GET", BINARY_PATH, &[("Range", "bytes=999999-")]);
+    assert_eq!((r.status, r.expect_header("content-range")), (416, format!("bytes */{len}").as_str()));
+    assert_eq!(r.json()["error"], "range_not_satisfiable");
+
+    let r = server.admin("DELETE", "/api/v1/tokens/%ff", None);
+    assert_eq!((r.status, r.expect_header("content-type")), (400, "application/json"), "{}", r.text());
+    assert_eq!(r.json()["error"], "invalid_request");
 }

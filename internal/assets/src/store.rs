@@ -591,7 +591,10 @@ mod tests {
         assert_ne!(Identity::of(&file.metadata().unwrap()), identity);
         let digest = store.digest(&file, identity).unwrap_or_else(|_| panic!("a rename-over was taken for a rewrite"));
         assert_eq!(digest.sha256_hex(), want);
-        assert_eq!(read(&store.open(AssetKind::AgentBinary, "restic-manager-agent-linux-amd64").unwrap().unwrap()), b"new version");
+        assert_eq!(
+            read(&store.open(AssetKind::AgentBinary, "restic-manager-agent-linux-amd64").unwrap().unwrap()),
+            b"new version"
+        );
 
         // Real rewrites of the same inode still count: a same-size overwrite (mtime) and an append (size).
         fs::write(&path, &old).unwrap();

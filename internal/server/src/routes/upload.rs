@@ -63,15 +63,16 @@ struct Uploaded {
     replaced: bool,
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, WriteError> + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::Internal(format!("upload task failed: {e}")))?
-        .map_err(|e| match e {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, WriteError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("upload task failed: {e}")))?.map_err(
+        |e| match e {
             // A directory holds the name: the operator's data dir conflicts with the request (409, not a 500).
             WriteError::IsDirectory { .. } => ApiError::Conflict(e.to_string()),
             WriteError::Io(e) => ApiError::Internal(format!("writing the asset: {e}")),
-        })
+        },
+    )
 }
 
 /// `PUT /api/v1/assets/{kind}/{name}`
