@@ -498,3 +498,195 @@ fn symlink_out_of_root_is_refused_on_a_real_socket() {
     let r = server.get(BINARY_PATH);
     assert_eq!((r.status, r.body.as_slice()), (200, &b"real agent"[..]));
 }
+
+/// Item 11 of the security review: replacing an agent by rename while it is being hashed must never answer 503.
+/// Unlinking the replaced inode bumps its ctime; that is not an in-place rewrite. Two swappers rename versions over
+/// the served file as fast as they can for a bounded time: one writes each version to a fresh temp file (the
+/// replaced inode's link count drops to 0), one hard-links pooled copies into place (it drops to 1, and pooled
+/// inodes are linked again while they may be being hashed). Meanwhile clients GET, HEAD and resume with If-Range;
+/// every answer must be one whole version that matches its own checksum header.
+#[test]
+fn rename_storm_never_answers_503_and_never_mixes_versions() {
+    use std::collections::HashMap;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    const SIZE: usize = 4 * MIB;
+    const VERSIONS: u64 = 4;
+    const STORM: Duration = Duration::from_secs(3);
+    let server = Server::start();
+    let target = agent_path(server.data_dir(), LINUX_AMD64);
+    let versions: Arc<Vec<Vec<u8>>> = Arc::new((0..VERSIONS).map(|i| random_bytes(0x5707 + i, SIZE)).collect());
+    let by_sha: Arc<HashMap<String, usize>> =
+        Arc::new(versions.iter().enumerate().map(|(i, v)| (sha256_hex(v), i)).collect());
+    // Pooled copies on the same file system, outside the served dir, for the hard-link swapper.
+    let pool = server.root().join("pool");
+    fs::create_dir_all(&pool).unwrap();
+    for (i, v) in versions.iter().enumerate() {
+        write_file(&pool.join(i.to_string()), v);
+    }
+    write_file(&target, &versions[0]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let swaps = Arc::new(AtomicU64::new(0));
+    let fresh_swapper = {
+        let (stop, swaps, versions, target) = (stop.clone(), swaps.clone(), versions.clone(), target.clone());
+        std::thread::spawn(move || {
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                replace_atomically(&target, &versions[i % versions.len()]);
+                swaps.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+    let link_swapper = {
+        let (stop, swaps, pool, target) = (stop.clone(), swaps.clone(), pool.clone(), target.clone());
+        std::thread::spawn(move || {
+            let tmp = target.with_file_name(".link-swap");
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let _ = fs::remove_file(&tmp);
+                fs::hard_link(pool.join((i % VERSIONS).to_string()), &tmp).unwrap();
+                fs::rename(&tmp, &target).unwrap();
+                swaps.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+    };
+
+    #[derive(Default, Debug)]
+    struct Counts {
+        requests: u64,
+        unavailable: u64,
+        partial: u64,
+        failures: Vec<String>,
+    }
+    let addr = server.addr();
+    let client = |kind: &'static str| {
+        let (stop, versions, by_sha) = (stop.clone(), versions.clone(), by_sha.clone());
+        std::thread::spawn(move || {
+            let mut c = Counts::default();
+            // Bounded: the storm's deadline, and a request cap as a second guard.
+            while !stop.load(Ordering::Relaxed) && c.requests < 100_000 {
+                c.requests += 1;
+                let r = match kind {
+                    "head" => http_request(addr, "HEAD", BINARY_PATH, &[]),
+                    "resume" => {
+                        // A client resuming with the ETag of what it has: 206 only for that very version.
+                        let etag =
+                            format!("\"sha256-{}\"", sha256_hex(&versions[c.requests as usize % versions.len()]));
+                        http_request(
+                            addr,
+                            "GET",
+                            BINARY_PATH,
+                            &[("Range", "bytes=1000000-1999999"), ("If-Range", &etag)],
+                        )
+                    }
+                    _ => http_request(addr, "GET", BINARY_PATH, &[]),
+                };
+                let r = match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        c.failures.push(format!("{kind}: {e}"));
+                        continue;
+                    }
+                };
+                if r.status == 503 {
+                    c.unavailable += 1;
+                    continue;
+                }
+                let sha = r.header("x-checksum-sha256").unwrap_or_default().to_string();
+                let Some(&v) = by_sha.get(&sha) else {
+                    c.failures.push(format!("{kind}: status {} with unknown checksum {sha:?}: {}", r.status, r.text()));
+                    continue;
+                };
+                let ok = match (kind, r.status) {
+                    ("head", 200) => r.body.is_empty() && r.header("content-length") == Some(&SIZE.to_string()),
+                    ("resume", 206) => {
+                        c.partial += 1;
+                        r.header("etag") == Some(format!("\"sha256-{sha}\"").as_str())
+                            && r.body == versions[v][1_000_000..2_000_000]
+                    }
+                    (_, 200) => r.body.len() == SIZE && sha256_hex(&r.body) == sha,
+                    _ => false,
+                };
+                if !ok {
+                    c.failures.push(format!(
+                        "{kind}: status {} body of {} bytes does not match {sha}",
+                        r.status,
+                        r.body.len()
+                    ));
+                }
+            }
+            c
+        })
+    };
+    let clients = [client("get"), client("get"), client("head"), client("resume")];
+    let started = Instant::now();
+    std::thread::sleep(STORM);
+    stop.store(true, Ordering::Relaxed);
+    fresh_swapper.join().unwrap();
+    link_swapper.join().unwrap();
+    let mut total = Counts::default();
+    for c in clients {
+        let c = c.join().unwrap();
+        total.requests += c.requests;
+        total.unavailable += c.unavailable;
+        total.partial += c.partial;
+        total.failures.extend(c.failures);
+    }
+    let swaps = swaps.load(Ordering::Relaxed);
+    println!(
+        "rename storm: {} requests ({} ranged 206), {swaps} swaps in {:?}, {} answered 503, {} failures",
+        total.requests,
+        total.partial,
+        started.elapsed(),
+        total.unavailable,
+        total.failures.len()
+    );
+    assert!(total.failures.is_empty(), "{:?}\n{}", &total.failures[..total.failures.len().min(10)], server.log_tail());
+    assert_eq!(total.unavailable, 0, "503 during rename replacement\n{}", server.log_tail());
+    assert!(swaps >= 100 && total.requests >= 20, "too little happened: {swaps} swaps, {} requests", total.requests);
+    let log = server.log();
+    assert!(!log.contains("asset_unstable") && !log.contains("rewritten in place"), "{}", server.log_tail());
+}
+
+/// What hyper actually writes for the conditional and range answers (the in-process tests see axum's view only):
+/// HEAD ignores Range, a 304 never says `Content-Length: 0`, 412/416 and path rejections are JSON.
+#[test]
+fn conditional_and_range_answers_on_the_wire() {
+    let server = Server::start();
+    let content = random_bytes(77, 100_000);
+    write_file(&agent_path(server.data_dir(), LINUX_AMD64), &content);
+    let len = content.len().to_string();
+    let etag = server.get(BINARY_PATH).expect_header("etag").to_string();
+
+    let r = server.request("HEAD", BINARY_PATH, &[("Range", "bytes=0-9")]);
+    assert_eq!((r.status, r.header("content-length")), (200, Some(len.as_str())), "{:?}", r.headers);
+    assert_eq!(r.header("content-range"), None);
+
+    // HEAD 304: the representation's length; GET 304: hyper leaves it out. Never a 0 that contradicts the 200.
+    let r = server.request("HEAD", BINARY_PATH, &[("If-None-Match", &etag)]);
+    assert_eq!((r.status, r.header("content-length")), (304, Some(len.as_str())), "{:?}", r.headers);
+    let r = server.request("GET", BINARY_PATH, &[("If-None-Match", &etag)]);
+    assert_eq!(r.status, 304);
+    assert_ne!(r.header("content-length"), Some("0"), "{:?}", r.headers);
+
+    let r =
+        server.request("GET", BINARY_PATH, &[("Range", "bytes=10-19"), ("If-Range", "Fri, 01 Jan 2100 00:00:00 GMT")]);
+    assert_eq!((r.status, r.body.len()), (200, content.len()), "a later If-Range date must not resume");
+    let r = server.request("GET", BINARY_PATH, &[("Range", "bytes=10-19"), ("If-Range", "garbage")]);
+    assert_eq!((r.status, r.body.len()), (200, content.len()), "an unparseable If-Range must not resume");
+
+    let r = server.request("GET", BINARY_PATH, &[("If-Match", "\"sha256-other\"")]);
+    assert_eq!((r.status, r.expect_header("content-type")), (412, "application/json"));
+    assert_eq!(r.json()["error"], "precondition_failed");
+    let r = server.request("GET", BINARY_PATH, &[("Range", "bytes=999999-")]);
+    assert_eq!((r.status, r.expect_header("content-range")), (416, format!("bytes */{len}").as_str()));
+    assert_eq!(r.json()["error"], "range_not_satisfiable");
+
+    let r = server.admin("DELETE", "/api/v1/tokens/%ff", None);
+    assert_eq!((r.status, r.expect_header("content-type")), (400, "application/json"), "{}", r.text());
+    assert_eq!(r.json()["error"], "invalid_request");
+}

@@ -14,4 +14,4 @@ pub use name::{NameError, validate_name};
 #[cfg(unix)]
 pub use store::{AssetKind, AssetStore, Digest, Known, OpenAsset, Source, UnknownKind};
 #[cfg(unix)]
-pub use write::Staged;
+pub use write::{Staged, WriteError};

@@ -77,7 +77,8 @@ impl Source {
     }
 }
 
-/// What identifies one version of one file: a rename, a rewrite or a `touch` changes it.
+/// What identifies one version of one file: a rename, a rewrite or a `touch` changes it. This is the digest cache
+/// key; ctime is part of it so that a rewrite in place that restores the old mtime is still hashed again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Identity {
     dev: u64,
@@ -95,6 +96,26 @@ impl Identity {
             size: meta.size(),
             mtime: (meta.mtime(), meta.mtime_nsec()),
             ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// How the handle's `later` facts differ in content from `self`, taken when the handle was opened; `None` when
+    /// the bytes read in between are one version.
+    ///
+    /// Only size and mtime count. The kernel moves mtime on every write and truncate of the inode, so a rewrite in
+    /// place always shows there. ctime alone also moves on link-count and metadata changes that leave the content
+    /// alone, above all the unlink of the replaced inode when a new version is renamed over its name (nlink drops,
+    /// ctime is bumped): that is the supported way to replace a file, and the handle still reads the old version
+    /// whole. (dev, ino) cannot differ for one open handle; they are compared for completeness.
+    fn content_change(&self, later: &Identity) -> Option<&'static str> {
+        if (self.dev, self.ino) != (later.dev, later.ino) {
+            Some("a different file")
+        } else if self.size != later.size {
+            Some("its size changed")
+        } else if self.mtime != later.mtime {
+            Some("its modification time changed")
+        } else {
+            None
         }
     }
 }
@@ -157,8 +178,10 @@ pub struct OpenAsset {
 pub enum StoreError {
     #[error("data dir {path}: {reason}")]
     DataDir { path: PathBuf, reason: String },
-    #[error("{path} changed while it was being read; it should be replaced by rename, not rewritten in place")]
-    Unstable { path: PathBuf },
+    /// The open file's content changed (size or mtime of the same inode) during each of the hashing attempts: it is
+    /// being written in place. Replacing a file by rename never causes this.
+    #[error("{path} was modified in place while it was being hashed ({change}, on each of {attempts} attempts)")]
+    Unstable { path: PathBuf, change: &'static str, attempts: usize },
     #[error("reading {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
 }
@@ -279,6 +302,7 @@ impl AssetStore {
         let dir = root.join(kind.subdir());
         let candidate = dir.join(name);
         let io_err = |source: io::Error| StoreError::Io { path: candidate.clone(), source };
+        let mut last_change = "";
         for _ in 0..OPEN_ATTEMPTS {
             let Some((file, meta, real)) = open_contained(root, &dir, &candidate).map_err(io_err)? else {
                 return Ok(None);
@@ -286,8 +310,9 @@ impl AssetStore {
             let identity = Identity::of(&meta);
             let digest = match self.digest(&file, identity) {
                 Ok(d) => d,
-                Err(DigestError::Changed) => {
-                    debug!(path = %candidate.display(), "file changed while hashing; reopening");
+                Err(DigestError::Changed(change)) => {
+                    debug!(path = %candidate.display(), change, "file modified in place while hashing; reopening");
+                    last_change = change;
                     continue;
                 }
                 Err(DigestError::Io(e)) => return Err(io_err(e)),
@@ -307,7 +332,7 @@ impl AssetStore {
             self.remember(known);
             return Ok(Some(OpenAsset { file, len: identity.size, modified, source, name: name.to_string(), digest }));
         }
-        Err(StoreError::Unstable { path: candidate })
+        Err(StoreError::Unstable { path: candidate, change: last_change, attempts: OPEN_ATTEMPTS })
     }
 
     fn digest(&self, file: &File, identity: Identity) -> Result<Arc<Digest>, DigestError> {
@@ -325,8 +350,8 @@ impl AssetStore {
         }
         let digest = Arc::new(compute_digest(file, identity.size)?);
         self.digests_computed.fetch_add(1, Ordering::Relaxed);
-        if Identity::of(&file.metadata()?) != identity {
-            return Err(DigestError::Changed);
+        if let Some(change) = identity.content_change(&Identity::of(&file.metadata()?)) {
+            return Err(DigestError::Changed(change));
         }
         *slot = Some(digest.clone());
         Ok(digest)
@@ -334,7 +359,8 @@ impl AssetStore {
 }
 
 enum DigestError {
-    Changed,
+    /// The content of the open file changed while it was hashed (what changed).
+    Changed(&'static str),
     Io(io::Error),
 }
 
@@ -353,7 +379,7 @@ fn compute_digest(file: &File, len: u64) -> Result<Digest, DigestError> {
         let want = usize::try_from(len - offset).unwrap_or(usize::MAX).min(buf.len());
         let n = file.read_at(&mut buf[..want], offset)?;
         if n == 0 {
-            return Err(DigestError::Changed); // shrank under us
+            return Err(DigestError::Changed("it shrank while being read"));
         }
         hasher.update(&buf[..n]);
         scanner.update(&buf[..n]);
@@ -527,6 +553,57 @@ mod tests {
         let second = store.open(AssetKind::AgentBinary, name).unwrap().unwrap().digest;
         assert_eq!(second.sha256_hex(), hex::encode(Sha256::digest(b"version two")));
         assert_eq!(store.digests_computed(), 2);
+    }
+
+    /// Opens `path` and returns the handle and its identity, after waiting long enough that any later change of
+    /// the inode gets a different timestamp (the kernel's file clock is coarse).
+    fn opened_then_tick(path: &Path) -> (File, Identity) {
+        let file = File::open(path).unwrap();
+        let identity = Identity::of(&file.metadata().unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        (file, identity)
+    }
+
+    #[test]
+    fn a_hash_pass_overlapping_an_unlink_or_a_rename_over_is_not_a_rewrite() {
+        let r = roots();
+        let store = AssetStore::new(&r.data, &r.bundled).unwrap();
+        let path = r.data.join("agent-binaries/restic-manager-agent-linux-amd64");
+        let old = vec![7u8; 3 * HASH_CHUNK + 5];
+        let want = hex::encode(Sha256::digest(&old));
+
+        // Unlinked while the handle is held (as the hash pass runs): nlink 0, ctime bumped, content untouched.
+        fs::write(&path, &old).unwrap();
+        let (file, identity) = opened_then_tick(&path);
+        fs::remove_file(&path).unwrap();
+        let after = file.metadata().unwrap();
+        assert_eq!(after.nlink(), 0);
+        assert_ne!(Identity::of(&after), identity, "the unlink must bump ctime, or this test proves nothing");
+        let digest = store.digest(&file, identity).unwrap_or_else(|_| panic!("an unlink was taken for a rewrite"));
+        assert_eq!(digest.sha256_hex(), want);
+
+        // A new version renamed over the name: the open handle still hashes the old version, whole.
+        fs::write(&path, &old).unwrap();
+        let (file, identity) = opened_then_tick(&path);
+        let tmp = r.data.join("agent-binaries/.tmp");
+        fs::write(&tmp, b"new version").unwrap();
+        fs::rename(&tmp, &path).unwrap();
+        assert_ne!(Identity::of(&file.metadata().unwrap()), identity);
+        let digest = store.digest(&file, identity).unwrap_or_else(|_| panic!("a rename-over was taken for a rewrite"));
+        assert_eq!(digest.sha256_hex(), want);
+        assert_eq!(
+            read(&store.open(AssetKind::AgentBinary, "restic-manager-agent-linux-amd64").unwrap().unwrap()),
+            b"new version"
+        );
+
+        // Real rewrites of the same inode still count: a same-size overwrite (mtime) and an append (size).
+        fs::write(&path, &old).unwrap();
+        let (file, identity) = opened_then_tick(&path);
+        fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(&[8u8; 16], 100).unwrap();
+        assert!(matches!(store.digest(&file, identity), Err(DigestError::Changed(_))), "a rewrite in place was missed");
+        let (file, identity) = opened_then_tick(&path);
+        fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(b"more").unwrap();
+        assert!(matches!(store.digest(&file, identity), Err(DigestError::Changed(_))), "an append was missed");
     }
 
     #[test]

@@ -19,6 +19,16 @@ use crate::store::{AssetKind, AssetStore};
 /// Prefix of staged uploads.
 pub const STAGING_PREFIX: &str = ".upload-";
 
+/// Why a write to the data dir failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The target name is taken by a directory: an upload cannot replace it and a removal does not remove it.
+    #[error("{subdir}/{name} is a directory in the data dir, not a file")]
+    IsDirectory { subdir: &'static str, name: String },
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
 /// An upload in progress: write the content to [`Staged::file`], then [`Staged::commit`].
 #[derive(Debug)]
 pub struct Staged {
@@ -26,30 +36,38 @@ pub struct Staged {
     dir: PathBuf,
     target: PathBuf,
     mode: u32,
+    kind: AssetKind,
+    name: String,
 }
 
 impl AssetStore {
     /// Creates `<DataDir>/<subdir>/` if needed (a symlinked one is refused: the server would not serve from it) and a
-    /// staging file in it for `name`, which must already be validated for `kind`. Blocking.
-    pub fn stage(&self, kind: AssetKind, name: &str) -> io::Result<Staged> {
+    /// staging file in it for `name`, which must already be validated for `kind`. A directory of that name is
+    /// refused here, before any content is transferred ([`WriteError::IsDirectory`]). Blocking.
+    pub fn stage(&self, kind: AssetKind, name: &str) -> Result<Staged, WriteError> {
         let dir = self.override_dir(kind)?;
+        let target = dir.join(name);
+        if is_dir(&target)? {
+            return Err(WriteError::IsDirectory { subdir: kind.subdir(), name: name.to_string() });
+        }
         let tmp = tempfile::Builder::new().prefix(STAGING_PREFIX).tempfile_in(&dir)?;
-        Ok(Staged { tmp, target: dir.join(name), dir, mode: kind.mode_for(name) })
+        Ok(Staged { tmp, target, dir, mode: kind.mode_for(name), kind, name: name.to_string() })
     }
 
-    /// Removes the data-dir override of `(kind, name)`; `Ok(false)` when there is none. Blocking.
-    pub fn remove(&self, kind: AssetKind, name: &str) -> io::Result<bool> {
+    /// Removes the data-dir override of `(kind, name)`; `Ok(false)` when there is none. A directory of that name is
+    /// never removed ([`WriteError::IsDirectory`]). Blocking.
+    pub fn remove(&self, kind: AssetKind, name: &str) -> Result<bool, WriteError> {
         let dir = self.data_dir().join(kind.subdir());
         let file = dir.join(name);
         match fs::symlink_metadata(&file) {
-            Ok(meta) if meta.is_dir() => Err(io::Error::other(format!("{} is a directory", file.display()))),
+            Ok(meta) if meta.is_dir() => Err(WriteError::IsDirectory { subdir: kind.subdir(), name: name.to_string() }),
             Ok(_) => {
                 fs::remove_file(&file)?;
                 sync_dir(&dir)?;
                 Ok(true)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -97,14 +115,34 @@ impl Staged {
     }
 
     /// Makes the staged content the override: fsync, mode, rename over the target, fsync of the directory. Returns
-    /// whether an earlier override was replaced. Blocking.
-    pub fn commit(self) -> io::Result<bool> {
+    /// whether an earlier override was replaced. A directory that took the name since [`AssetStore::stage`] is
+    /// [`WriteError::IsDirectory`] (checked, and the rename's own refusal is recognised too). Blocking.
+    pub fn commit(self) -> Result<bool, WriteError> {
+        let is_directory = WriteError::IsDirectory { subdir: self.kind.subdir(), name: self.name.clone() };
         self.tmp.as_file().sync_all()?;
         fs::set_permissions(self.tmp.path(), fs::Permissions::from_mode(self.mode))?;
-        let replaced = fs::symlink_metadata(&self.target).is_ok();
-        self.tmp.persist(&self.target).map_err(|e| e.error)?;
+        let replaced = match fs::symlink_metadata(&self.target) {
+            Ok(meta) if meta.is_dir() => return Err(is_directory),
+            Ok(_) => true,
+            Err(_) => false,
+        };
+        match self.tmp.persist(&self.target) {
+            Ok(_) => {}
+            // rename(2) of a file over a directory: EISDIR (or ENOTEMPTY/EEXIST on some file systems).
+            Err(_) if is_dir(&self.target).unwrap_or(false) => return Err(is_directory),
+            Err(e) => return Err(e.error.into()),
+        }
         sync_dir(&self.dir)?;
         Ok(replaced)
+    }
+}
+
+/// Whether `path` is a directory itself (a symlink to one is not: renaming over a symlink replaces the link).
+fn is_dir(path: &Path) -> io::Result<bool> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) => Ok(meta.is_dir()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
     }
 }
 
@@ -168,7 +206,26 @@ mod tests {
         assert!(store.remove(AssetKind::Install, "x.ps1").unwrap());
         assert!(!path.exists());
         fs::create_dir(store.data_dir().join("install/adir")).unwrap();
-        assert!(store.remove(AssetKind::Install, "adir").is_err(), "a directory is never removed");
+        assert!(
+            matches!(store.remove(AssetKind::Install, "adir"), Err(WriteError::IsDirectory { .. })),
+            "a directory is never removed"
+        );
+    }
+
+    #[test]
+    fn a_directory_name_is_a_typed_conflict_on_stage_and_commit() {
+        let (_tmp, store) = store();
+        let install = store.data_dir().join("install");
+        fs::create_dir_all(install.join("somedir")).unwrap();
+        let err = store.stage(AssetKind::Install, "somedir").unwrap_err();
+        assert!(matches!(&err, WriteError::IsDirectory { subdir: "install", name } if name == "somedir"), "{err:?}");
+        assert_eq!(err.to_string(), "install/somedir is a directory in the data dir, not a file");
+        // A directory that appears between stage and commit.
+        let staged = store.stage(AssetKind::Install, "late").unwrap();
+        staged.file().unwrap().write_all(b"x").unwrap();
+        fs::create_dir(install.join("late")).unwrap();
+        assert!(matches!(staged.commit(), Err(WriteError::IsDirectory { .. })));
+        assert!(install.join("late").is_dir() && staging_files(&install).is_empty());
     }
 
     #[test]

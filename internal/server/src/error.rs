@@ -39,15 +39,21 @@ pub enum ApiError {
     Db(#[from] DbError),
     #[error("the request did not complete within {} s", .0.as_secs())]
     Timeout(std::time::Duration),
+    #[error("a precondition of the request (If-Match / If-Unmodified-Since) does not hold for the current file")]
+    PreconditionFailed,
+    #[error("the requested range is not satisfiable for a file of {0} bytes")]
+    RangeNotSatisfiable(u64),
+    #[error("{0}")]
+    Conflict(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
 
 impl ApiError {
     /// Status, extra headers and body of the answer.
-    fn parts(&self) -> (StatusCode, Option<(header::HeaderName, &'static str)>, ErrorBody) {
+    fn parts(&self) -> (StatusCode, Option<(header::HeaderName, HeaderValue)>, ErrorBody) {
         let message = self.to_string();
-        let retry_later = Some((header::RETRY_AFTER, "1"));
+        let retry_later = Some((header::RETRY_AFTER, HeaderValue::from_static("1")));
         match self {
             ApiError::UnsupportedPlatform(e) => (
                 StatusCode::BAD_REQUEST,
@@ -76,13 +82,13 @@ impl ApiError {
                 (StatusCode::METHOD_NOT_ALLOWED, None, ErrorBody::new("method_not_allowed", message))
             }
             ApiError::Store(StoreError::Unstable { .. }) => {
-                error!(error = %message, "asset kept changing while being read");
+                error!(error = %message, "asset changed in place on every hashing attempt");
                 let body = ErrorBody::new("asset_unstable", "the file is being rewritten; retry shortly");
                 (StatusCode::SERVICE_UNAVAILABLE, retry_later, body)
             }
             ApiError::Unauthorized(_) => (
                 StatusCode::UNAUTHORIZED,
-                Some((header::WWW_AUTHENTICATE, "Bearer")),
+                Some((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))),
                 ErrorBody::new("unauthorized", message),
             ),
             ApiError::EnrollRefused(e) => (StatusCode::UNAUTHORIZED, None, ErrorBody::new(e.code(), message)),
@@ -99,6 +105,15 @@ impl ApiError {
                     .with("actual", actual.as_str()),
             ),
             ApiError::UploadAborted(_) => (StatusCode::BAD_REQUEST, None, ErrorBody::new("upload_aborted", message)),
+            ApiError::PreconditionFailed => {
+                (StatusCode::PRECONDITION_FAILED, None, ErrorBody::new("precondition_failed", message))
+            }
+            ApiError::RangeNotSatisfiable(len) => (
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                Some((header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{len}")).expect("digits"))),
+                ErrorBody::new("range_not_satisfiable", message).with("size", *len),
+            ),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, None, ErrorBody::new("conflict", message)),
             ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, None, ErrorBody::new("timeout", message)),
             // The database thread logs this once a minute; no log line per request.
             ApiError::Db(DbError::Full) => (
@@ -124,7 +139,7 @@ impl IntoResponse for ApiError {
         let (status, extra, body) = self.parts();
         let mut response = (status, Json(body)).into_response();
         if let Some((name, value)) = extra {
-            response.headers_mut().insert(name, HeaderValue::from_static(value));
+            response.headers_mut().insert(name, value);
         }
         response
     }
@@ -138,6 +153,25 @@ impl From<axum::extract::rejection::JsonRejection> for ApiError {
             ApiError::InvalidRequest(rejection.body_text())
         }
     }
+}
+
+/// A path parameter that does not decode (`%ff`, not UTF-8) or does not fit its type. axum's own rejection answers
+/// `text/plain`; errors are JSON.
+impl From<axum::extract::rejection::PathRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::PathRejection) -> Self {
+        ApiError::InvalidRequest(bounded(format!("path: {}", rejection.body_text())))
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(rejection: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError::InvalidRequest(bounded(format!("query: {}", rejection.body_text())))
+    }
+}
+
+/// Rejection texts can quote the request; keep what is echoed short.
+fn bounded(text: String) -> String {
+    text.chars().take(200).collect()
 }
 
 fn supported() -> Vec<String> {

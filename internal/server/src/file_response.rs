@@ -2,14 +2,20 @@
 //!
 //! Every header describes the opened handle, and the body is read from that same handle, so a response is always one
 //! consistent version of the file. Evaluation follows RFC 9110 §13.2.2: If-Match / If-Unmodified-Since (412), then
-//! If-None-Match / If-Modified-Since (304), then Range guarded by If-Range.
+//! If-None-Match / If-Modified-Since (304), then Range guarded by If-Range (§13.1.5).
+//!
+//! Range is honoured on GET only (§14.2: range handling is defined for GET; a HEAD answers what a plain GET would).
+//! If-Range needs an exact, strong match: the current strong ETag byte for byte, or a valid HTTP-date equal to
+//! Last-Modified; anything else, including an unparseable value, sends the whole current representation.
+//! A 304 carries the representation's Content-Length (§8.6 allows it; never a 0 that differs from the 200's);
+//! 412 and 416 carry the JSON error body like every other error, the 416 with `Content-Range: bytes */LEN`.
 
 use std::time::SystemTime;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use headers::{ETag, HeaderMapExt, IfMatch, IfModifiedSince, IfNoneMatch, IfRange, IfUnmodifiedSince, LastModified};
+use headers::{ETag, HeaderMapExt, IfMatch, IfModifiedSince, IfNoneMatch, IfUnmodifiedSince, LastModified};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use http_range_header::RangeUnsatisfiableError;
 use rm_assets::{AssetKind, OpenAsset};
@@ -73,7 +79,8 @@ pub fn respond(
     request: &HeaderMap,
 ) -> Result<Response, Stale> {
     let sha_hex = asset.digest.sha256_hex();
-    let etag: ETag = format!("\"sha256-{sha_hex}\"").parse().expect("hex is a valid entity tag");
+    let etag_text = format!("\"sha256-{sha_hex}\"");
+    let etag: ETag = etag_text.parse().expect("hex is a valid entity tag");
     let modified = asset.modified;
     let last_modified = LastModified::from(modified);
 
@@ -92,8 +99,15 @@ pub fn respond(
         insert(&mut headers, header_names::AGENT_COMMIT, &info.commit);
     }
 
-    if let Some(status) = precondition_failure(request, &etag, modified) {
-        return Ok((status, headers).into_response());
+    match precondition_failure(request, &etag, modified) {
+        Some(Precondition::NotModified) => {
+            // The length a 200 would announce (RFC 9110 §8.6, §15.4.5), not the 0 of the empty body. Hyper writes it
+            // on a HEAD 304 and leaves it out of a GET 304, both of which the RFC allows.
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(asset.len));
+            return Ok((StatusCode::NOT_MODIFIED, headers).into_response());
+        }
+        Some(Precondition::Failed) => return Ok(with_validators(crate::ApiError::PreconditionFailed, headers)),
+        None => {}
     }
 
     let content_type = match kind {
@@ -107,17 +121,16 @@ pub fn respond(
     }
 
     let len = asset.len;
-    let (status, start, count) = match requested_range(request, &etag, &last_modified, len) {
+    let (status, start, count) = match requested_range(method, request, &etag_text, modified, len) {
         RangeDecision::Full => (StatusCode::OK, 0, len),
         RangeDecision::Partial(start, end) => {
             insert(&mut headers, header::CONTENT_RANGE.as_str(), &format!("bytes {start}-{end}/{len}"));
             (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
         }
         RangeDecision::Unsatisfiable => {
-            insert(&mut headers, header::CONTENT_RANGE.as_str(), &format!("bytes */{len}"));
             headers.remove(header::CONTENT_TYPE);
             headers.remove(header::CONTENT_DISPOSITION);
-            return Ok((StatusCode::RANGE_NOT_SATISFIABLE, headers).into_response());
+            return Ok(with_validators(crate::ApiError::RangeNotSatisfiable(len), headers));
         }
     };
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
@@ -142,24 +155,43 @@ fn insert(headers: &mut HeaderMap, name: &str, value: &str) {
     headers.insert(HeaderName::from_bytes(name.as_bytes()).expect("static header name"), value);
 }
 
-fn precondition_failure(request: &HeaderMap, etag: &ETag, modified: SystemTime) -> Option<StatusCode> {
+/// The JSON error answer, with the validators and digests of the current representation (what the client needs to
+/// ask again). The error's own Content-Type, Content-Length and Content-Range win.
+fn with_validators(error: crate::ApiError, validators: HeaderMap) -> Response {
+    let mut response = error.into_response();
+    for (name, value) in &validators {
+        if !response.headers().contains_key(name) {
+            response.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    response
+}
+
+enum Precondition {
+    /// 412
+    Failed,
+    /// 304
+    NotModified,
+}
+
+fn precondition_failure(request: &HeaderMap, etag: &ETag, modified: SystemTime) -> Option<Precondition> {
     if let Some(if_match) = request.typed_get::<IfMatch>() {
         if !if_match.precondition_passes(etag) {
-            return Some(StatusCode::PRECONDITION_FAILED);
+            return Some(Precondition::Failed);
         }
     } else if let Some(since) = request.typed_get::<IfUnmodifiedSince>()
         && !since.precondition_passes(modified)
     {
-        return Some(StatusCode::PRECONDITION_FAILED);
+        return Some(Precondition::Failed);
     }
     if let Some(if_none_match) = request.typed_get::<IfNoneMatch>() {
         if !if_none_match.precondition_passes(etag) {
-            return Some(StatusCode::NOT_MODIFIED);
+            return Some(Precondition::NotModified);
         }
     } else if let Some(since) = request.typed_get::<IfModifiedSince>()
         && !since.is_modified(modified)
     {
-        return Some(StatusCode::NOT_MODIFIED);
+        return Some(Precondition::NotModified);
     }
     None
 }
@@ -171,13 +203,15 @@ enum RangeDecision {
     Unsatisfiable,
 }
 
-fn requested_range(request: &HeaderMap, etag: &ETag, last_modified: &LastModified, len: u64) -> RangeDecision {
+fn requested_range(method: &Method, request: &HeaderMap, etag: &str, modified: SystemTime, len: u64) -> RangeDecision {
+    // RFC 9110 §14.2: range handling is defined for GET only; a HEAD describes the full GET answer.
+    if method != Method::GET {
+        return RangeDecision::Full;
+    }
     let Some(range) = request.get(header::RANGE).and_then(|v| v.to_str().ok()) else {
         return RangeDecision::Full;
     };
-    if let Some(if_range) = request.typed_get::<IfRange>()
-        && if_range.is_modified(Some(etag), Some(last_modified))
-    {
+    if !if_range_matches(request, etag, modified) {
         return RangeDecision::Full;
     }
     let ranges = match http_range_header::parse_range_header(range) {
@@ -192,6 +226,32 @@ fn requested_range(request: &HeaderMap, etag: &ETag, last_modified: &LastModifie
         Err(RangeUnsatisfiableError::Invalid(_)) => RangeDecision::Full,
         Err(_) => RangeDecision::Unsatisfiable,
     }
+}
+
+/// RFC 9110 §13.1.5: whether a Range may be served under the request's If-Range (true when there is none). A false
+/// answer means "send the whole current representation", so any doubt answers false: several If-Range fields, a
+/// value that is neither an entity tag nor an HTTP-date, a weak tag (If-Range uses the strong comparison; ours are
+/// all strong, so that is byte equality with our ETag), or a date other than exactly Last-Modified (a later date
+/// must not match: that is how a client would stitch two versions together).
+///
+/// Date strength (§13.1.5 wants a strong Last-Modified): we treat an exact match of Last-Modified, to the second, as
+/// sufficient. The residual risk is two versions renamed into place within the same second of mtime; clients that
+/// resume downloads of agents use the strong ETag, which has no such gap.
+fn if_range_matches(request: &HeaderMap, etag: &str, modified: SystemTime) -> bool {
+    let mut values = request.get_all(header::IF_RANGE).iter();
+    let Some(value) = values.next() else { return true };
+    if values.next().is_some() {
+        return false;
+    }
+    let Ok(text) = value.to_str() else { return false };
+    let text = text.trim();
+    if text.starts_with('"') || text.starts_with("W/") {
+        // Strong comparison; ours is a strong tag, so only the identical quoted string matches (never `W/…`).
+        return text == etag;
+    }
+    let Ok(date) = httpdate::parse_http_date(text) else { return false };
+    let seconds = modified.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).ok();
+    seconds.is_some_and(|s| date == SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s))
 }
 
 /// `count` bytes from `start`: streamed from the file, or sliced from memory. `Ok(None)`: a remembered file changed.

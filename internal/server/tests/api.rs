@@ -333,3 +333,88 @@ async fn audit_pages_with_next_before() {
     assert!(p2["next_before"].is_null());
     assert_eq!(f.admin(Method::GET, "/api/v1/audit?limit=0", Value::Null).await.status, StatusCode::BAD_REQUEST);
 }
+
+/// Every route that takes a Path, Query or Json extractor, fed values that do not decode or do not fit: whatever
+/// the status, the answer is a 4xx with the JSON error body (axum's own rejections answer text/plain).
+#[tokio::test]
+async fn hostile_extractor_values_get_json_errors() {
+    let f = Fixture::new();
+    let big = vec![b'x'; 70 * 1024];
+    let json = "application/json";
+    // (method, uri, content type, body)
+    let cases: Vec<(Method, &str, Option<&str>, Vec<u8>)> = vec![
+        // Path
+        (Method::DELETE, "/api/v1/tokens/%ff", None, vec![]),
+        (Method::DELETE, "/api/v1/tokens/%c3%28", None, vec![]),
+        (Method::DELETE, "/api/v1/tokens/%00", None, vec![]),
+        (Method::DELETE, "/api/v1/tokens/%2e%2e%2fx", None, vec![]),
+        (Method::GET, "/install/%ff", None, vec![]),
+        (Method::GET, "/install/%2e%2e", None, vec![]),
+        (Method::PUT, "/api/v1/assets/install/%ff", None, b"x".to_vec()),
+        (Method::PUT, "/api/v1/assets/%ff/x.sh", None, b"x".to_vec()),
+        (Method::DELETE, "/api/v1/assets/install/%ff", None, vec![]),
+        (Method::DELETE, "/api/v1/assets/%fe%ff/%ff", None, vec![]),
+        // Query
+        (Method::GET, "/api/v1/agents?state=%ff", None, vec![]),
+        (Method::GET, "/api/v1/agents?state=bogus", None, vec![]),
+        (Method::GET, "/api/v1/agents?state=current&state=stale", None, vec![]),
+        (Method::GET, "/api/v1/audit?limit=%ff", None, vec![]),
+        (Method::GET, "/api/v1/audit?limit=-1", None, vec![]),
+        (Method::GET, "/api/v1/audit?limit=99999999999999999999999", None, vec![]),
+        (Method::GET, "/api/v1/audit?before=abc", None, vec![]),
+        (Method::GET, "/api/v1/audit?kind=%ff&before=%ff", None, vec![]),
+        (Method::GET, "/agent/binary?os=%ff&arch=%ff", None, vec![]),
+        (Method::GET, "/agent/binary?os=linux&arch=amd64&os=linux", None, vec![]),
+        // Json
+        (Method::POST, "/api/v1/tokens", Some(json), b"{".to_vec()),
+        (Method::POST, "/api/v1/tokens", Some(json), b"\xff\xfe".to_vec()),
+        (Method::POST, "/api/v1/tokens", None, b"{}".to_vec()),
+        (Method::POST, "/api/v1/tokens", Some("text/plain"), b"{}".to_vec()),
+        (Method::POST, "/api/v1/tokens", Some(json), br#"{"uses": "many"}"#.to_vec()),
+        (Method::POST, "/api/v1/tokens", Some(json), big.clone()),
+        (Method::POST, "/api/v1/agents/enroll", Some(json), b"\xff".to_vec()),
+        (Method::POST, "/api/v1/agents/enroll", None, b"{}".to_vec()),
+        (Method::POST, "/api/v1/agents/enroll", Some(json), br#"{"hostname": 5}"#.to_vec()),
+        (Method::POST, "/api/v1/agents/enroll", Some(json), big.clone()),
+        (Method::POST, "/api/v1/agents/heartbeat", Some(json), b"[]".to_vec()),
+        (Method::POST, "/api/v1/agents/heartbeat", Some(json), b"\xff".to_vec()),
+    ];
+    for (method, uri, content_type, body) in cases {
+        let headers: Vec<(&str, &str)> = content_type.map(|c| ("content-type", c)).into_iter().collect();
+        // Admin routes with the admin token, the heartbeat with some bearer: the extractor is what is under test.
+        let auth = if uri.contains("heartbeat") { "rmagt_x_y" } else { ADMIN };
+        let r = f.call(method.clone(), uri, Some(auth), &headers, body).await;
+        let what = format!("{method} {uri} {content_type:?}");
+        assert!(r.status.is_client_error(), "{what}: {}", r.status);
+        assert_eq!(r.header("content-type"), "application/json", "{what}: {} {:?}", r.status, r.body);
+        assert!(r.json()["error"].is_string(), "{what}: {:?}", r.json());
+    }
+}
+
+/// PUT or DELETE of a name that is a directory in the data dir is the operator's conflict (409, JSON), not a 500;
+/// the directory is left alone and no temporary file stays behind.
+#[tokio::test]
+async fn put_or_delete_of_a_directory_name_is_a_409() {
+    let f = Fixture::new();
+    fs::create_dir_all(f.data.join("install/somedir/inner")).unwrap();
+    fs::create_dir_all(f.data.join("agent-binaries").join(LINUX_AMD64)).unwrap();
+    let binary = format!("/api/v1/assets/agent-binaries/{LINUX_AMD64}");
+    for uri in ["/api/v1/assets/install/somedir", binary.as_str()] {
+        for method in [Method::PUT, Method::DELETE] {
+            let r = f.call(method.clone(), uri, Some(ADMIN), &[], b"content".to_vec()).await;
+            assert_eq!(r.status, StatusCode::CONFLICT, "{method} {uri}: {:?}", String::from_utf8_lossy(&r.body));
+            assert_eq!(r.header("content-type"), "application/json");
+            assert_eq!(r.json()["error"], "conflict", "{method} {uri}");
+        }
+    }
+    assert!(f.data.join("install/somedir/inner").is_dir());
+    assert!(f.data.join("agent-binaries").join(LINUX_AMD64).is_dir());
+    for dir in ["install", "agent-binaries"] {
+        let leftovers: Vec<_> = fs::read_dir(f.data.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+}

@@ -306,7 +306,8 @@ async fn unsatisfiable_malformed_and_multi_ranges() {
         let r = f.request(Method::GET, BINARY, &[("range", range)]).await;
         assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE, "{range}");
         assert_eq!(r.header("content-range"), "bytes */1000", "{range}");
-        assert!(r.body.is_empty());
+        assert_eq!(r.header("content-type"), "application/json", "{range}");
+        assert_eq!(r.json()["error"], "range_not_satisfiable", "{range}");
     }
     // Malformed ranges are ignored; several ranges are answered with the whole file.
     for range in ["bytes=abc", "items=0-10", "bytes=10-5", "bytes=0-10,20-30", "bytes = 0-1"] {
@@ -331,6 +332,118 @@ async fn if_range_serves_the_range_only_for_the_current_version() {
         .request(Method::GET, BINARY, &[("range", "bytes=10-19"), ("if-range", "Thu, 01 Jan 1970 00:00:00 GMT")])
         .await;
     assert_eq!(r.status, StatusCode::OK);
+}
+
+/// RFC 9110 §13.1.5: If-Range must match the current representation exactly and strongly, or the whole current
+/// representation is sent. Anything else could stitch bytes of two versions together in the client's file.
+#[tokio::test]
+async fn if_range_without_an_exact_strong_match_sends_the_whole_file() {
+    let f = Fixture::new();
+    let (bytes, etag) = published(&f, 1000).await;
+    let last_modified = f.get(BINARY).await.header("last-modified").to_string();
+    let lm = httpdate::parse_http_date(&last_modified).unwrap();
+    let later = httpdate::fmt_http_date(lm + std::time::Duration::from_secs(3600));
+    let earlier = httpdate::fmt_http_date(lm - std::time::Duration::from_secs(1));
+    let weak = format!("W/{etag}");
+    let full: Vec<&str> = vec![
+        &later,   // a date later than Last-Modified is not a match (exact match only)
+        &earlier, // nor an earlier one
+        "not a date",
+        "Sunday, 32-Foo-99 99:99:99 GMT",
+        "",
+        &weak, // weak tags never match in If-Range (strong comparison)
+        "\"sha256-",
+        "*",
+    ];
+    for if_range in full {
+        let r = f.request(Method::GET, BINARY, &[("range", "bytes=10-19"), ("if-range", if_range)]).await;
+        assert_eq!((r.status, r.body.len()), (StatusCode::OK, bytes.len()), "If-Range {if_range:?}");
+        assert!(r.headers.get("content-range").is_none(), "If-Range {if_range:?}");
+        assert_eq!(r.body, bytes, "If-Range {if_range:?}");
+    }
+    // Two If-Range fields: in doubt, the whole file.
+    let r = f
+        .send(
+            http::Request::get(BINARY)
+                .header("range", "bytes=10-19")
+                .header("if-range", &etag)
+                .header("if-range", &etag)
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await;
+    assert_eq!((r.status, r.body.len()), (StatusCode::OK, bytes.len()));
+    // Exact matches still resume: the strong ETag, and Last-Modified in any HTTP-date form.
+    let rfc850 = {
+        let d = httpdate::HttpDate::from(lm);
+        let imf = d.to_string(); // "Sun, 06 Nov 1994 08:49:37 GMT"
+        let (_, rest) = imf.split_once(", ").unwrap();
+        let parts: Vec<&str> = rest.split(' ').collect();
+        let weekday = match &imf[..3] {
+            "Mon" => "Monday",
+            "Tue" => "Tuesday",
+            "Wed" => "Wednesday",
+            "Thu" => "Thursday",
+            "Fri" => "Friday",
+            "Sat" => "Saturday",
+            _ => "Sunday",
+        };
+        format!("{weekday}, {}-{}-{} {} GMT", parts[0], parts[1], &parts[2][2..], parts[3])
+    };
+    for if_range in [etag.as_str(), &last_modified, &rfc850] {
+        let r = f.request(Method::GET, BINARY, &[("range", "bytes=10-19"), ("if-range", if_range)]).await;
+        assert_eq!((r.status, r.body.as_slice()), (StatusCode::PARTIAL_CONTENT, &bytes[10..20]), "{if_range:?}");
+    }
+}
+
+/// RFC 9110 §14.2: Range is defined for GET only; a HEAD answers what a plain GET would (200, full length).
+#[tokio::test]
+async fn head_ignores_range() {
+    let f = Fixture::new();
+    let (bytes, etag) = published(&f, 1000).await;
+    for range in ["bytes=0-9", "bytes=-5", "bytes=5000-"] {
+        for extra in [None, Some(("if-range", etag.as_str()))] {
+            let mut headers = vec![("range", range)];
+            headers.extend(extra);
+            let r = f.request(Method::HEAD, BINARY, &headers).await;
+            assert_eq!(r.status, StatusCode::OK, "{headers:?}");
+            assert_eq!(r.header("content-length"), bytes.len().to_string(), "{headers:?}");
+            assert!(r.headers.get("content-range").is_none(), "{headers:?}");
+            assert!(r.body.is_empty());
+        }
+    }
+}
+
+/// A 304 never announces a length different from the 200's (RFC 9110 §8.6): it carries the representation's
+/// length, for GET and HEAD alike. 412 and 416 carry the JSON error body, like every other error.
+#[tokio::test]
+async fn not_modified_keeps_the_length_and_412_416_are_json() {
+    let f = Fixture::new();
+    let (bytes, etag) = published(&f, 1000).await;
+    let last_modified = f.get(BINARY).await.header("last-modified").to_string();
+    for method in [Method::GET, Method::HEAD] {
+        for cond in [("if-none-match", etag.as_str()), ("if-modified-since", &last_modified)] {
+            let r = f.request(method.clone(), BINARY, &[cond]).await;
+            assert_eq!(r.status, StatusCode::NOT_MODIFIED, "{method} {cond:?}");
+            assert_eq!(r.header("content-length"), bytes.len().to_string(), "{method} {cond:?}");
+            assert!(r.body.is_empty());
+        }
+        let r = f.request(method.clone(), BINARY, &[("if-match", "\"sha256-other\"")]).await;
+        assert_eq!(r.status, StatusCode::PRECONDITION_FAILED, "{method}");
+        assert_eq!(r.header("content-type"), "application/json", "{method}");
+        assert_eq!(r.header("etag"), etag, "the 412 still names the current version");
+        if method == Method::GET {
+            assert_eq!(r.json()["error"], "precondition_failed");
+        }
+    }
+    let r = f.request(Method::GET, BINARY, &[("range", "bytes=1000-")]).await;
+    assert_eq!(r.status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(r.header("content-range"), "bytes */1000");
+    assert_eq!(r.header("content-type"), "application/json");
+    assert!(r.headers.get("content-disposition").is_none());
+    assert_eq!(r.header("content-length"), r.body.len().to_string());
+    let body = r.json();
+    assert_eq!((body["error"].as_str(), body["size"].as_u64()), (Some("range_not_satisfiable"), Some(1000)));
 }
 
 #[tokio::test]

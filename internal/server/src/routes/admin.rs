@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
@@ -63,8 +63,10 @@ pub async fn list_tokens(_: Admin, State(state): State<AppState>) -> Result<Json
 pub async fn revoke_token(
     _: Admin,
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<TokenView>, ApiError> {
+    // A rejection (`%ff` is not UTF-8) would otherwise answer axum's text/plain.
+    let Path(id) = id?;
     let now = rm_fleet::now();
     let lookup = id.clone();
     let info = state.fleet().call(move |c| rm_fleet::revoke_token(c, now, &lookup)).await?;

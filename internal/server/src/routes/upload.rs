@@ -12,7 +12,7 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
 use http::{HeaderMap, StatusCode, header};
-use rm_assets::{AssetKind, NameError, validate_name};
+use rm_assets::{AssetKind, NameError, WriteError, validate_name};
 use rm_fleet::AuditEvent;
 use rm_protocol::{PLATFORMS, Platform};
 use serde::Serialize;
@@ -63,11 +63,16 @@ struct Uploaded {
     replaced: bool,
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> std::io::Result<T> + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::Internal(format!("upload task failed: {e}")))?
-        .map_err(|e| ApiError::Internal(format!("writing the asset: {e}")))
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, WriteError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::Internal(format!("upload task failed: {e}")))?.map_err(
+        |e| match e {
+            // A directory holds the name: the operator's data dir conflicts with the request (409, not a 500).
+            WriteError::IsDirectory { .. } => ApiError::Conflict(e.to_string()),
+            WriteError::Io(e) => ApiError::Internal(format!("writing the asset: {e}")),
+        },
+    )
 }
 
 /// `PUT /api/v1/assets/{kind}/{name}`
