@@ -157,11 +157,9 @@ impl Client {
         let body: Option<ErrorBody> = response.body_mut().read_json().ok();
         // The server's words are shown to an operator: no escapes, line breaks or bidi controls get through.
         Err(match body {
-            Some(b) => AgentError::Server {
-                status,
-                code: crate::printable(&b.error),
-                message: crate::printable(&b.message),
-            },
+            Some(b) => {
+                AgentError::Server { status, code: crate::printable(&b.error), message: crate::printable(&b.message) }
+            }
             None => AgentError::Server {
                 status,
                 code: "unknown".into(),

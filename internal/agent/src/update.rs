@@ -267,7 +267,10 @@ mod tests {
     fn smoke_test_accepts_an_agent_and_refuses_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let ok = script(dir.path(), "echo 'restic-manager-agent version=9.9.9 commit=x date=y'");
-        assert_eq!(smoke_test_within(&ok, Duration::from_secs(5)).unwrap(), "restic-manager-agent version=9.9.9 commit=x date=y");
+        assert_eq!(
+            smoke_test_within(&ok, Duration::from_secs(5)).unwrap(),
+            "restic-manager-agent version=9.9.9 commit=x date=y"
+        );
         let bad = script(dir.path(), "echo hello");
         assert!(smoke_test_within(&bad, Duration::from_secs(5)).unwrap_err().to_string().contains("not an agent"));
         let failing = script(dir.path(), "echo 'restic-manager-agent version=1'; exit 3");
@@ -300,7 +303,13 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
         assert!(e.contains("did not finish"), "{e}");
         let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
-        assert!((0..100).any(|_| { std::thread::sleep(Duration::from_millis(20)); !alive(pid) }), "{pid} survived");
+        assert!(
+            (0..100).any(|_| {
+                std::thread::sleep(Duration::from_millis(20));
+                !alive(pid)
+            }),
+            "{pid} survived"
+        );
     }
 }
 
