@@ -1226,3 +1226,47 @@ fn installer_keeps_the_token_off_command_lines_and_https_on_https() {
     }
     assert_eq!(target.requests(), Vec::<String>::new(), "the http server was contacted");
 }
+
+/// Without curl, GNU Wget downloads: the token from a `WGETRC` file (not argv), and no redirects.
+#[test]
+fn installer_with_gnu_wget_keeps_the_token_off_command_lines() {
+    let Some(real_wget) = ["/usr/bin/wget", "/bin/wget"].into_iter().find(|p| Path::new(p).is_file()) else {
+        return skip("GNU Wget not installed: apt-get install wget");
+    };
+    let scratch = tempfile::Builder::new().prefix("rm-e2e-wget-").tempdir().unwrap();
+    // A PATH of every system tool but curl, and a wget that records its arguments.
+    let farm = scratch.path().join("farm");
+    fs::create_dir_all(&farm).unwrap();
+    for dir in ["/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
+        let Ok(read) = fs::read_dir(dir) else { continue };
+        for entry in read.flatten() {
+            let name = entry.file_name();
+            if name == "curl" || name == "wget" || farm.join(&name).symlink_metadata().is_ok() {
+                continue;
+            }
+            std::os::unix::fs::symlink(entry.path(), farm.join(&name)).unwrap();
+        }
+    }
+    let log = scratch.path().join("argv.log");
+    let shim = farm.join("wget");
+    write_file(
+        &shim,
+        format!("#!/bin/sh\nprintf 'wget %s\\n' \"$*\" >> {}\nexec {real_wget} \"$@\"\n", qp(&log)).as_bytes(),
+    );
+    fs::set_permissions(&shim, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = farm.to_str().unwrap();
+
+    let server = install_server(Server::builder().env("RM_REQUIRE_DOWNLOAD_AUTH", "true"), true);
+    let token = create_token(&server, 1);
+    let prefix = Prefix::new();
+    let script = repo_file("scripts/install.sh");
+    let args = ["--server", &server.url(""), "--prefix", &prefix.arg(), "--no-service"];
+    let env = [("PATH", path), ("RM_ENROLL_TOKEN", token.as_str())];
+    let out = run_script(&["dash"], &script, &args, &prefix.tmpdir, &env);
+    assert_success(&out, "install with GNU Wget");
+    assert!(prefix.config().is_file(), "not enrolled");
+    let recorded = fs::read_to_string(&log).unwrap();
+    assert!(recorded.lines().any(|l| l.contains("/agent/SHA256SUMS") && l.contains("--max-redirect=0")), "{recorded}");
+    assert!(!recorded.contains(&token), "the token is on wget's command line:\n{recorded}");
+    prefix.assert_tmpdir_clean("wget");
+}
