@@ -1,11 +1,18 @@
 #!/bin/sh
 # restic-manager agent installer for Linux (amd64, arm64).
 #
-#   curl -fsSL https://SERVER/install/install.sh | sh -s -- --token TOKEN
+#   curl -fsSL https://SERVER/install/install.sh | RM_ENROLL_TOKEN=TOKEN sh -s
+#   curl -fsSL https://SERVER/install/install.sh | sh -s -- --token TOKEN   (the token shows in ps while it runs)
 #
 # Downloads the agent the server serves for this host, verifies its SHA-256 against the server's published checksum,
 # installs it atomically, enrolls it with the token and starts the systemd service. Safe to re-run: an up-to-date
 # binary is not downloaded again and an enrolled host is not enrolled twice.
+#
+# Credentials: the enrollment token goes to the server in an Authorization header on every download (servers started
+# with --require-download-auth need it) and to the agent through its environment; it is never put on the command
+# line of a process this script starts (curl reads it from a config file in a private temporary directory).
+# An https server is only ever talked to over https: curl is limited to https, for redirects too, an http --server
+# is refused when this script was served with an https URL, and the agent enrolls with exactly the URL used here.
 #
 # The whole script is one { ... } block: the shell must read it to the closing brace on the last line before it
 # runs anything, so a download cut short anywhere is a syntax error that executes nothing (a cut that merely ended
@@ -30,7 +37,9 @@ usage() {
     cat >&2 <<'EOF'
 usage: install.sh [options]
   --server URL    restic-manager server URL (default: the server this script came from)
-  --token TOKEN   enrollment token (or RM_ENROLL_TOKEN); without it the agent is installed but not enrolled
+  --token TOKEN   enrollment token; prefer RM_ENROLL_TOKEN=TOKEN (a command-line argument shows in ps).
+                  Without one the agent is installed but not enrolled; with one it is also sent with every
+                  download (servers started with --require-download-auth need that)
   --prefix DIR    install under DIR/bin (default /usr/local)
   --no-service    do not install or start the systemd service
   --dry-run       print what would be done, change nothing
@@ -91,6 +100,13 @@ resolve_server() {
     case "$server" in
         *[!A-Za-z0-9._~:/%@\[\]-]*) die "server URL contains unexpected characters: $server" ;;
     esac
+    # Served over https, this script never falls back to plain http: that would expose the token and the binary.
+    case "$RM_DEFAULT_SERVER:$server" in
+        https://*:http://*) die "refusing to downgrade to http: this script came from $RM_DEFAULT_SERVER; use --server https://..." ;;
+    esac
+    case "$token" in
+        *[!A-Za-z0-9._~+/=-]*) die "the enrollment token contains unexpected characters" ;;
+    esac
     if [ -n "$cacert" ] && [ ! -r "$cacert" ]; then
         die "cannot read the CA bundle $cacert"
     fi
@@ -116,6 +132,14 @@ pick_tools() {
         downloader=curl
     elif command -v wget >/dev/null 2>&1; then
         downloader=wget
+        # Only GNU Wget can take the token from a file (WGETRC) and refuse redirects; BusyBox wget cannot.
+        if ! wget --version 2>/dev/null | grep -q 'GNU Wget'; then
+            case "$server" in
+                https://*) die "this wget cannot be kept from following redirects to http: install curl" ;;
+            esac
+            [ -z "$token" ] || die "this wget can only take the token on its command line, visible to every user: install curl"
+            downloader=busybox-wget
+        fi
     else
         die "neither curl nor wget is installed"
     fi
@@ -130,25 +154,48 @@ pick_tools() {
     fi
 }
 
-# fetch URL FILE: downloads to FILE; fails on HTTP errors and on interrupted transfers.
+# write_auth: with a token, the files curl and wget read it from (never their command lines), in the private $work.
+write_auth() {
+    [ -n "$token" ] || return 0
+    auth_umask=$(umask)
+    umask 077
+    printf 'header = "Authorization: Bearer %s"\n' "$token" >"$work/curl.conf" || die "cannot write $work/curl.conf"
+    printf 'header = Authorization: Bearer %s\n' "$token" >"$work/wgetrc" || die "cannot write $work/wgetrc"
+    umask "$auth_umask"
+}
+
+# fetch URL FILE: downloads to FILE; fails on HTTP errors and on interrupted transfers. With a token, sends it as a
+# bearer header read from a file. From an https server only https is allowed, redirects included.
 # (POSIX sh has no local variables: the names here are prefixed so they cannot clobber the caller's.)
 fetch() {
+    fetch_url=$1 fetch_out=$2
+    case "$fetch_url" in
+        https://*) ;;
+        http://*) case "$server" in https://*) die "refusing to fetch $fetch_url over http from an https server" ;; esac ;;
+        *) die "refusing to fetch $fetch_url" ;;
+    esac
     case "$downloader" in
         curl)
-            set -- "$1" "$2"
+            case "$server" in
+                https://*) set -- --proto '=https' --proto-redir '=https' ;;
+                *) set -- --proto '=http,https' --proto-redir '=http,https' ;;
+            esac
+            if [ -n "$token" ]; then set -- "$@" --config "$work/curl.conf"; fi
             if [ -n "$cacert" ]; then set -- "$@" --cacert "$cacert"; fi
             if [ "$insecure" = 1 ]; then set -- "$@" --insecure; fi
-            fetch_url=$1 fetch_out=$2
-            shift 2
-            curl -fsSL --proto '=http,https' --retry 2 --connect-timeout 10 "$@" -o "$fetch_out" "$fetch_url"
+            curl -fsSL "$@" --retry 2 --connect-timeout 10 -o "$fetch_out" "$fetch_url"
             ;;
-        wget)
-            set -- "$1" "$2"
+        wget | busybox-wget)
+            set --
+            # GNU Wget would send the header to wherever a redirect points: no redirects (the server sends none).
+            if [ "$downloader" = wget ]; then set -- --max-redirect=0; fi
             if [ -n "$cacert" ]; then set -- "$@" --ca-certificate="$cacert"; fi
             if [ "$insecure" = 1 ]; then set -- "$@" --no-check-certificate; fi
-            fetch_url=$1 fetch_out=$2
-            shift 2
-            wget -q -T 10 "$@" -O "$fetch_out" "$fetch_url"
+            if [ -n "$token" ]; then
+                WGETRC="$work/wgetrc" wget -q -T 10 "$@" -O "$fetch_out" "$fetch_url"
+            else
+                wget -q -T 10 "$@" -O "$fetch_out" "$fetch_url"
+            fi
             ;;
     esac
 }
@@ -238,13 +285,17 @@ enroll() {
     fi
     if [ -z "$token" ]; then
         say "no --token given: the agent is installed but not enrolled"
-        say "enroll later with: $dest enroll --server $server --token TOKEN --config $config"
+        say "enroll later with: RM_ENROLL_TOKEN=TOKEN $dest enroll --server $server --config $config"
         return 0
     fi
-    set -- enroll --server "$server" --token "$token" --config "$config"
+    # The token reaches the agent through its environment, not its command line (which any user can read in ps).
+    set -- enroll --server "$server" --config "$config"
     if [ -n "$cacert" ]; then set -- "$@" --cacert "$cacert"; fi
     if [ "$insecure" = 1 ]; then set -- "$@" --insecure; fi
+    RM_ENROLL_TOKEN=$token
+    export RM_ENROLL_TOKEN
     run "$dest" "$@" || die "enrollment failed (see the message above)"
+    unset RM_ENROLL_TOKEN
 }
 
 install_service() {
@@ -298,6 +349,7 @@ main() {
     trap cleanup EXIT
     trap 'exit 130' INT TERM
     work=$(mktemp -d) || die "cannot create a temporary directory"
+    write_auth
     expected_checksum
     install_binary
     if [ "$dry_run" = 1 ] && [ ! -x "$dest" ]; then

@@ -829,3 +829,444 @@ fn posix_shells_parse_the_script() {
         assert_success(&out, &format!("{name} -n install.sh"));
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// 8. Credentials, downgrades and hostile update announcements
+// ---------------------------------------------------------------------------------------------------------------
+
+/// The credential the hand-written agent identities below carry.
+const CREDENTIAL: &str = "rmagt_e2eagent_c0ffee-secret-never-elsewhere";
+
+/// A copy of the host agent in `<dir>/bin` with an identity enrolled at `server`; returns (agent, config).
+fn hand_enrolled_agent(dir: &Path, server: &str) -> (PathBuf, PathBuf) {
+    let agent = dir.join("bin").join(AGENT_BIN);
+    fs::create_dir_all(agent.parent().unwrap()).unwrap();
+    fs::copy(host_agent(), &agent).unwrap();
+    let config = dir.join("agent.json");
+    let identity = json!({ "server": server, "agent_id": "e2eagent", "credential": CREDENTIAL });
+    fs::write(&config, serde_json::to_vec(&identity).unwrap()).unwrap();
+    fs::set_permissions(&config, fs::Permissions::from_mode(0o600)).unwrap();
+    (agent, config)
+}
+
+/// A heartbeat answer (200, JSON) announcing `update` as the served build.
+fn heartbeat_answer(update: Value) -> Vec<u8> {
+    let body = json!({ "protocol": 1, "agent_id": "e2eagent", "heartbeat_interval_secs": 60, "update": update });
+    raw_response("200 OK", "application/json", body.to_string().as_bytes())
+}
+
+/// A linux/amd64 platform entry for a build of `size` bytes and `sha256` at `url`.
+fn served_entry(url: &str, size: u64, sha256: &str) -> Value {
+    json!({ "os": "linux", "arch": "amd64", "file": LINUX_AMD64, "published": true, "size": size,
+            "sha256": sha256, "url": url })
+}
+
+#[test]
+fn agent_sends_its_credential_only_to_the_enrolled_origin() {
+    // The other origin: records whatever reaches it, and would hand out a "build".
+    let other = FakeHttp::start(|_| raw_response("200 OK", "application/octet-stream", b"not for you"));
+    let elsewhere = format!("{}/agent/binary?os=linux&arch=amd64", other.base_url());
+    let sha = sha256_hex(b"not for you");
+    let entry = served_entry(&elsewhere, 11, &sha);
+    let manifest = json!({ "server": { "version": "9", "commit": "x", "date": "y" }, "agents": [entry.clone()] });
+    // The enrolled server announces a build on the other origin, in heartbeats and in its manifest.
+    let enrolled = FakeHttp::start(move |target| {
+        if target.starts_with("/api/v1/agents/heartbeat") {
+            heartbeat_answer(entry.clone())
+        } else if target.starts_with("/agent/manifest") {
+            raw_response("200 OK", "application/json", manifest.to_string().as_bytes())
+        } else {
+            raw_response("404 Not Found", "application/json", br#"{"error":"not_found","message":"no"}"#)
+        }
+    });
+    let dir = tempfile::Builder::new().prefix("rm-e2e-origin-").tempdir().unwrap();
+    let (agent, config) = hand_enrolled_agent(dir.path(), &enrolled.base_url());
+    let before = sha256_file(&agent);
+
+    let mut said = Vec::new();
+    for args in [&["run", "--once"][..], &["update"], &["update", "--check"], &["status"]] {
+        let mut cmd = clean_command(&agent, dir.path());
+        cmd.arg("--config").arg(&config).args(args);
+        let out = run_bounded(cmd, Duration::from_secs(20));
+        said.push(format!("{args:?}: {}\n{}{}", out.status, String::from_utf8_lossy(&out.stdout), stderr_of(&out)));
+    }
+    let said = said.join("\n");
+    let leaked: Vec<String> = other.heads().into_iter().filter(|h| h.contains(CREDENTIAL)).collect();
+    assert!(leaked.is_empty(), "the credential reached another origin:\n{}\n--- agent ---\n{said}", leaked.join("\n"));
+    assert_eq!(other.requests(), Vec::<String>::new(), "the agent fetched from an origin it never enrolled with");
+    assert!(said.contains("not on the server this agent enrolled with"), "the refusal is not explained:\n{said}");
+    assert_eq!(sha256_file(&agent), before, "the agent was replaced");
+    assert_eq!(entries(&dir.path().join("bin")), [AGENT_BIN], "files left next to the agent");
+    // The enrolled server itself did get the credential, on the heartbeat and on the manifest.
+    let heads = enrolled.heads();
+    for path in ["/api/v1/agents/heartbeat", "/agent/manifest"] {
+        assert!(
+            heads.iter().any(|h| h.contains(path) && h.contains(&format!("Bearer {CREDENTIAL}"))),
+            "no {path} request with the credential reached the enrolled server:\n{heads:?}"
+        );
+    }
+}
+
+#[test]
+fn agent_stops_a_download_at_the_announced_size() {
+    const ANNOUNCED: u64 = 1000;
+    const SENT: usize = 16 * 1024 * 1024;
+    let bytes = random_bytes(7, SENT);
+    let mut close_delimited =
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n".to_vec();
+    close_delimited.extend_from_slice(&bytes);
+    let mut chunked = b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\
+                        Connection: close\r\n\r\n"
+        .to_vec();
+    for chunk in bytes.chunks(64 * 1024) {
+        chunked.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        chunked.extend_from_slice(chunk);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+
+    for (name, body) in [("no Content-Length", close_delimited), ("chunked", chunked)] {
+        let entry = served_entry("/agent/binary?os=linux&arch=amd64", ANNOUNCED, &sha256_hex(&bytes[..1000]));
+        let fake = FakeHttp::start(move |target| {
+            if target.starts_with("/api/v1/agents/heartbeat") { heartbeat_answer(entry.clone()) } else { body.clone() }
+        });
+        let dir = tempfile::Builder::new().prefix("rm-e2e-size-").tempdir().unwrap();
+        let (agent, config) = hand_enrolled_agent(dir.path(), &fake.base_url());
+        let before = sha256_file(&agent);
+        let mut cmd = clean_command(&agent, dir.path());
+        cmd.arg("--config").arg(&config).args(["run", "--once"]);
+        // No file the agent writes may grow past the announced size plus one 64 KiB read: beyond that the kernel
+        // stops it with SIGXFSZ, which fails the test below.
+        let limit = ANNOUNCED + 64 * 1024;
+        // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                let rl = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+                if libc::setrlimit(libc::RLIMIT_FSIZE, &rl) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = run_bounded(cmd, Duration::from_secs(30));
+        let said = stderr_of(&out);
+        assert!(out.status.success(), "{name}: the agent did not stop at the announced size: {}\n{said}", out.status);
+        assert!(said.contains(&format!("more than the {ANNOUNCED} bytes it announced")), "{name}:\n{said}");
+        assert_eq!(sha256_file(&agent), before, "{name}: the agent was replaced");
+        assert_eq!(entries(&dir.path().join("bin")), [AGENT_BIN], "{name}: the temporary file was left behind");
+        assert!(fake.requests().iter().any(|t| t.starts_with("/agent/binary")), "{name}: never asked for the binary");
+    }
+}
+
+/// Kills (SIGKILL) the process whose pid is in a file, on drop: cleanup for a grandchild a broken agent left.
+struct KillPidFile(PathBuf);
+
+impl KillPidFile {
+    fn pid(&self) -> Option<i32> {
+        fs::read_to_string(&self.0).ok()?.trim().parse().ok()
+    }
+}
+
+impl Drop for KillPidFile {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid() {
+            // SAFETY: plain syscall on a pid this test's candidate started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+/// Whether `pid` is a live (not zombie) process.
+fn alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}
+
+#[test]
+fn smoke_test_limit_holds_against_a_grandchild_holding_stdout() {
+    let server = install_server(Server::builder().env("RM_HEARTBEAT_INTERVAL", "1s"), true);
+    let token = create_token(&server, 1);
+    let prefix = Prefix::new();
+    let args = ["--prefix".into(), prefix.arg(), "--no-service".into(), "--token".into(), token];
+    assert_success(&curl_pipe(&server, &["dash"], &args, &prefix.tmpdir), "install");
+    let good_sha = sha256_file(&prefix.agent());
+    let agent_id = agents(&server)[0]["id"].as_str().unwrap().to_string();
+
+    let log_path = prefix.scratch().join("agent.log");
+    let mut cmd = clean_command(prefix.agent(), &prefix.tmpdir);
+    cmd.env("RM_AGENT_SMOKE_TIMEOUT", "2")
+        .arg("--config")
+        .arg(prefix.config())
+        .arg("run")
+        .stdout(fs::File::create(&log_path).unwrap())
+        .stderr(fs::File::create(&log_path).unwrap().try_clone().unwrap());
+    let mut child = KillOnDrop(cmd.spawn().expect("starting the agent"));
+    let agent_log =
+        || format!("--- agent log ---\n{}\n{}", fs::read_to_string(&log_path).unwrap_or_default(), server.log_tail());
+    let view =
+        |server: &Server| agents(server).into_iter().find(|a| a["id"] == agent_id.as_str()).expect("agent listed");
+    wait_until(
+        "the first heartbeat",
+        Duration::from_secs(10),
+        || if view(&server)["heartbeats"].as_u64() > Some(0) { Ok(()) } else { Err(view(&server).to_string()) },
+        agent_log,
+    );
+
+    // A "build" that identifies as the agent, exits 0, and leaves a child holding its stdout for ten minutes.
+    let pidfile = KillPidFile(prefix.scratch().join("grandchild.pid"));
+    let candidate = format!(
+        "#!/bin/sh\necho 'restic-manager-agent version=9.9.9 commit=e2e date=2000-01-01'\nsleep 600 &\necho $! > {}\n",
+        qp(&pidfile.0)
+    );
+    let started = Instant::now();
+    upload_agent(&server, candidate.as_bytes());
+    let reported = wait_until(
+        "the agent to refuse the build and report it (2 s smoke limit + a heartbeat)",
+        Duration::from_secs(12),
+        || {
+            if let Some(status) = child.0.try_wait().unwrap() {
+                panic!("the agent process exited with {status}\n{}", agent_log());
+            }
+            let a = view(&server);
+            if a["last_update_error"].as_str().is_some_and(|e| e.contains("smoke test")) {
+                Ok(a)
+            } else {
+                Err(a.to_string())
+            }
+        },
+        agent_log,
+    );
+    eprintln!("refused and reported after {:?}", started.elapsed());
+    let error = reported["last_update_error"].as_str().unwrap();
+    assert!(error.contains("left a process behind"), "{error}");
+    let pid = pidfile.pid().expect("the candidate ran and wrote its grandchild's pid");
+    eventually(Duration::from_secs(5), format_args!("the grandchild {pid} to be killed"), || {
+        (!alive(pid)).then_some(())
+    });
+    // The agent goes on heartbeating, with the good build.
+    let beats = view(&server)["heartbeats"].as_u64().unwrap();
+    wait_until(
+        "two more heartbeats",
+        Duration::from_secs(10),
+        || {
+            let a = view(&server);
+            if a["heartbeats"].as_u64().unwrap() >= beats + 2 { Ok(()) } else { Err(a.to_string()) }
+        },
+        agent_log,
+    );
+    assert_eq!(sha256_file(&prefix.agent()), good_sha, "the refused build replaced the agent");
+    let mut expected = vec![AGENT_BIN.to_string()];
+    expected.extend(entries(&prefix.bin_dir()).into_iter().filter(|n| n.ends_with(".previous")));
+    expected.sort();
+    assert_eq!(entries(&prefix.bin_dir()), expected, "temporary files left in bin/");
+}
+
+/// `Authorization: Bearer <token>` in a 0600 file, for `curl -H @file` (the token stays off the command line).
+fn header_file(dir: &Path, token: &str) -> PathBuf {
+    let path = dir.join("auth.header");
+    fs::write(&path, format!("Authorization: Bearer {token}\n")).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+/// `curl -H @header | <shell> -s -- <args>` with `RM_ENROLL_TOKEN` (when given) and extra PATH entries.
+fn curl_pipe_authed(
+    server: &Server,
+    shell: &[&str],
+    header: &Path,
+    args: &[String],
+    tmpdir: &Path,
+    env: &[(&str, &str)],
+) -> Output {
+    let args: Vec<String> = args.iter().map(q).collect();
+    let script = format!(
+        "curl -fsSL -H @{} {} | {} -s -- {}",
+        qp(header),
+        q(server.url("/install/install.sh")),
+        shell.join(" "),
+        args.join(" ")
+    );
+    let mut cmd = clean_command("sh", tmpdir);
+    cmd.arg("-c").arg(script).envs(env.iter().copied());
+    run_bounded(cmd, SCRIPT_TIMEOUT)
+}
+
+#[test]
+fn require_download_auth_install_update_and_status() {
+    let server = install_server(Server::builder().env("RM_REQUIRE_DOWNLOAD_AUTH", "true"), true);
+    assert_eq!(server.get("/agent/SHA256SUMS").status, 401, "the server must require download auth");
+    for (i, (name, shell)) in SHELLS.into_iter().enumerate() {
+        let token = create_token(&server, 1);
+        let prefix = Prefix::new();
+        let header = header_file(prefix.scratch(), &token);
+        let mut args = vec!["--prefix".to_string(), prefix.arg(), "--no-service".into()];
+        // dash: the token in the environment (the documented form); busybox: on the command line.
+        let env: Vec<(&str, &str)> = if i == 0 {
+            vec![("RM_ENROLL_TOKEN", token.as_str())]
+        } else {
+            args.extend(["--token".to_string(), token.clone()]);
+            vec![]
+        };
+        let out = curl_pipe_authed(&server, shell, &header, &args, &prefix.tmpdir, &env);
+        assert_success(&out, &format!("{name}: install from a server requiring download auth"));
+        assert_eq!(sha256_file(&prefix.agent()), sha256_file(&host_agent()), "{name}");
+        assert!(prefix.config().is_file(), "{name}: not enrolled");
+        prefix.assert_tmpdir_clean(name);
+
+        let agent = |args: &[&str]| {
+            let mut cmd = clean_command(prefix.agent(), &prefix.tmpdir);
+            cmd.arg("--config").arg(prefix.config()).args(args);
+            let out = run_bounded(cmd, Duration::from_secs(30));
+            assert_success(&out, &format!("{name}: agent {args:?}"));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let status = agent(&["status"]);
+        assert!(status.contains("(up to date)"), "{name}: status could not read the manifest:\n{status}");
+        let check = agent(&["update", "--check"]);
+        assert!(check.starts_with("up to date"), "{name}: update --check:\n{check}");
+
+        // A new build: `update --check` sees it and `update` installs it, both through the gated routes.
+        let mut new = fs::read(host_agent()).unwrap();
+        new.extend_from_slice(format!("\nrm-e2e: gated build {i}\n").as_bytes());
+        upload_agent(&server, &new);
+        let check = agent(&["update", "--check"]);
+        assert!(check.starts_with("update available"), "{name}: update --check:\n{check}");
+        let updated = agent(&["update"]);
+        assert!(updated.contains("updated to"), "{name}: update:\n{updated}");
+        assert_eq!(sha256_file(&prefix.agent()), sha256_hex(&new), "{name}: update did not install the new build");
+        upload_agent(&server, &fs::read(host_agent()).unwrap());
+    }
+}
+
+/// A directory with a `curl` that records its arguments (one invocation per line) in `log`, then runs the real one.
+fn recording_curl(dir: &Path, log: &Path) -> PathBuf {
+    let shims = dir.join("shims");
+    fs::create_dir_all(&shims).unwrap();
+    let real = ["/usr/bin/curl", "/bin/curl", "/usr/local/bin/curl"]
+        .into_iter()
+        .find(|p| Path::new(p).is_file())
+        .expect("curl is installed");
+    let shim = shims.join("curl");
+    write_file(&shim, format!("#!/bin/sh\nprintf 'curl %s\\n' \"$*\" >> {}\nexec {real} \"$@\"\n", qp(log)).as_bytes());
+    fs::set_permissions(&shim, fs::Permissions::from_mode(0o755)).unwrap();
+    shims
+}
+
+#[test]
+fn installer_keeps_the_token_off_command_lines_and_https_on_https() {
+    let scratch = tempfile::Builder::new().prefix("rm-e2e-argv-").tempdir().unwrap();
+    let log = scratch.path().join("argv.log");
+    let shims = recording_curl(scratch.path(), &log);
+    let path = format!("{}:{}", shims.display(), std::env::var("PATH").unwrap_or_default());
+    // The published "agent" records its own arguments, then runs the real agent.
+    let wrapper =
+        format!("#!/bin/sh\nprintf 'agent %s\\n' \"$*\" >> {}\nexec {} \"$@\"\n", qp(&log), qp(&host_agent()));
+    let builder = Server::builder().env("RM_REQUIRE_DOWNLOAD_AUTH", "true");
+    write_file(&builder.bundled_dir().join("agent-binaries").join(LINUX_AMD64), wrapper.as_bytes());
+    let server = install_server(builder, false);
+
+    for (name, shell) in SHELLS {
+        let token = create_token(&server, 1);
+        let prefix = Prefix::new();
+        let header = header_file(prefix.scratch(), &token);
+        let args = ["--prefix".to_string(), prefix.arg(), "--no-service".into(), "--token".into(), token.clone()];
+        let out = curl_pipe_authed(&server, shell, &header, &args, &prefix.tmpdir, &[("PATH", &path)]);
+        assert_success(&out, &format!("{name}: install"));
+        assert!(prefix.config().is_file(), "{name}: not enrolled\n{}", stderr_of(&out));
+        let recorded = fs::read_to_string(&log).unwrap();
+        let lines: Vec<&str> = recorded.lines().collect();
+        for want in ["curl ", "agent --version", "agent enroll "] {
+            assert!(lines.iter().any(|l| l.starts_with(want)), "{name}: no `{want}…` was recorded:\n{recorded}");
+        }
+        let sums = lines.iter().find(|l| l.contains("/agent/SHA256SUMS")).expect("curl fetched SHA256SUMS");
+        assert!(sums.contains("--proto =http,https --proto-redir =http,https"), "{name}: {sums}");
+        assert!(sums.contains("--config "), "{name}: the token is not sent from a config file: {sums}");
+        assert!(!recorded.contains(&token), "{name}: the token is on a command line:\n{recorded}");
+        assert!(!stderr_of(&out).contains(&token), "{name}: the token was printed:\n{}", stderr_of(&out));
+        prefix.assert_tmpdir_clean(name);
+        fs::remove_file(&log).unwrap();
+    }
+
+    // An https server: curl may speak https only, redirects included. (No TLS server here: the download fails, but
+    // the recorded arguments show the restriction.)
+    let closed = ClosedPort::new();
+    let https = format!("https://{}", closed.addr);
+    let prefix = Prefix::new();
+    let token = "rmenr_e2e-https-token";
+    let script = repo_file("scripts/install.sh");
+    let env = [("PATH", path.as_str()), ("RM_ENROLL_TOKEN", token)];
+    let out = run_script(
+        &["dash"],
+        &script,
+        &["--server", &https, "--prefix", &prefix.arg(), "--no-service"],
+        &prefix.tmpdir,
+        &env,
+    );
+    assert!(!out.status.success(), "no TLS server listens, the install must fail");
+    let recorded = fs::read_to_string(&log).unwrap_or_default();
+    let sums = recorded.lines().find(|l| l.contains("/agent/SHA256SUMS")).unwrap_or_else(|| panic!("{recorded}"));
+    assert!(sums.contains("--proto =https --proto-redir =https"), "{sums}");
+    assert!(!recorded.contains(token), "the token is on a command line:\n{recorded}");
+    prefix.assert_tmpdir_clean("https");
+    fs::remove_file(&log).unwrap();
+
+    // Served over https, the script refuses an http --server before any request.
+    let target = FakeHttp::start(|_| raw_response("200 OK", "text/plain", b""));
+    let rendered = prefix.scratch().join("rendered.sh");
+    let text = fs::read_to_string(&script).unwrap().replace("__RM_SERVER_URL__", &https);
+    fs::write(&rendered, text).unwrap();
+    for (name, shell) in SHELLS {
+        let args = ["--server", &target.base_url(), "--prefix", &prefix.arg(), "--no-service"];
+        let out = run_script(shell, &rendered, &args, &prefix.tmpdir, &env);
+        assert!(!out.status.success(), "{name}: an http --server was accepted after an https download");
+        assert!(stderr_of(&out).contains("refusing to downgrade"), "{name}: {}", stderr_of(&out));
+        assert!(!log.exists(), "{name}: curl ran: {}", fs::read_to_string(&log).unwrap_or_default());
+        prefix.assert_tmpdir_clean(name);
+    }
+    assert_eq!(target.requests(), Vec::<String>::new(), "the http server was contacted");
+}
+
+/// Without curl, GNU Wget downloads: the token from a `WGETRC` file (not argv), and no redirects.
+#[test]
+fn installer_with_gnu_wget_keeps_the_token_off_command_lines() {
+    let Some(real_wget) = ["/usr/bin/wget", "/bin/wget"].into_iter().find(|p| Path::new(p).is_file()) else {
+        return skip("GNU Wget not installed: apt-get install wget");
+    };
+    let scratch = tempfile::Builder::new().prefix("rm-e2e-wget-").tempdir().unwrap();
+    // A PATH of every system tool but curl, and a wget that records its arguments.
+    let farm = scratch.path().join("farm");
+    fs::create_dir_all(&farm).unwrap();
+    for dir in ["/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
+        let Ok(read) = fs::read_dir(dir) else { continue };
+        for entry in read.flatten() {
+            let name = entry.file_name();
+            if name == "curl" || name == "wget" || farm.join(&name).symlink_metadata().is_ok() {
+                continue;
+            }
+            std::os::unix::fs::symlink(entry.path(), farm.join(&name)).unwrap();
+        }
+    }
+    let log = scratch.path().join("argv.log");
+    let shim = farm.join("wget");
+    write_file(
+        &shim,
+        format!("#!/bin/sh\nprintf 'wget %s\\n' \"$*\" >> {}\nexec {real_wget} \"$@\"\n", qp(&log)).as_bytes(),
+    );
+    fs::set_permissions(&shim, fs::Permissions::from_mode(0o755)).unwrap();
+    let path = farm.to_str().unwrap();
+
+    let server = install_server(Server::builder().env("RM_REQUIRE_DOWNLOAD_AUTH", "true"), true);
+    let token = create_token(&server, 1);
+    let prefix = Prefix::new();
+    let script = repo_file("scripts/install.sh");
+    let args = ["--server", &server.url(""), "--prefix", &prefix.arg(), "--no-service"];
+    let env = [("PATH", path), ("RM_ENROLL_TOKEN", token.as_str())];
+    let out = run_script(&["dash"], &script, &args, &prefix.tmpdir, &env);
+    assert_success(&out, "install with GNU Wget");
+    assert!(prefix.config().is_file(), "not enrolled");
+    let recorded = fs::read_to_string(&log).unwrap();
+    assert!(recorded.lines().any(|l| l.contains("/agent/SHA256SUMS") && l.contains("--max-redirect=0")), "{recorded}");
+    assert!(!recorded.contains(&token), "the token is on wget's command line:\n{recorded}");
+    prefix.assert_tmpdir_clean("wget");
+}

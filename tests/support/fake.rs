@@ -8,11 +8,14 @@ use std::time::Duration;
 
 /// A tiny HTTP/1.1 server on 127.0.0.1: every connection gets exactly one answer, the raw bytes
 /// `respond(request_target)` returns, after which the connection is closed. Whatever those bytes are (a lying
-/// `Content-Length`, an HTML page, ...) is what the client sees. Stopped and joined on drop.
+/// `Content-Length`, an HTML page, ...) is what the client sees. A request body (by `Content-Length`) is read before
+/// answering, so a client that sends one (an agent's heartbeat) sees the answer, not a reset. Every request head is
+/// kept ([`FakeHttp::heads`]), so a test can tell which headers reached this server. Stopped and joined on drop.
 pub struct FakeHttp {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     requests: Arc<Mutex<Vec<String>>>,
+    heads: Arc<Mutex<Vec<String>>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -22,7 +25,8 @@ impl FakeHttp {
         let addr = listener.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let (thread_stop, thread_requests) = (stop.clone(), requests.clone());
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (thread_stop, thread_requests, thread_heads) = (stop.clone(), requests.clone(), heads.clone());
         let thread = std::thread::spawn(move || {
             for stream in listener.incoming() {
                 if thread_stop.load(Ordering::SeqCst) {
@@ -31,14 +35,15 @@ impl FakeHttp {
                 let Ok(mut stream) = stream else { continue };
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
                 let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
-                let Some(target) = read_request_target(&mut stream) else { continue };
+                let Some((target, head)) = read_request(&mut stream) else { continue };
                 thread_requests.lock().unwrap().push(target.clone());
+                thread_heads.lock().unwrap().push(head);
                 let _ = stream.write_all(&respond(&target));
                 let _ = stream.flush();
                 let _ = stream.shutdown(std::net::Shutdown::Write);
             }
         });
-        FakeHttp { addr, stop, requests, thread: Some(thread) }
+        FakeHttp { addr, stop, requests, heads, thread: Some(thread) }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -54,6 +59,11 @@ impl FakeHttp {
     pub fn requests(&self) -> Vec<String> {
         self.requests.lock().unwrap().clone()
     }
+
+    /// The request heads received so far (request line and headers, as sent), in order.
+    pub fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
 }
 
 impl Drop for FakeHttp {
@@ -67,15 +77,34 @@ impl Drop for FakeHttp {
     }
 }
 
-/// Reads a request head (up to 64 KiB) and returns its target (`/path?query`); `None` on EOF, timeout or garbage.
-fn read_request_target(stream: &mut TcpStream) -> Option<String> {
+/// Reads a request head (up to 64 KiB) and a `Content-Length` body (up to 1 MiB, discarded); returns the target
+/// (`/path?query`) and the head as text. `None` on EOF, timeout or garbage.
+fn read_request(stream: &mut TcpStream) -> Option<(String, String)> {
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
         let mut slots = [httparse::EMPTY_HEADER; 64];
         let mut request = httparse::Request::new(&mut slots);
         match request.parse(&head) {
-            Ok(httparse::Status::Complete(_)) => return request.path.map(str::to_string),
+            Ok(httparse::Status::Complete(len)) => {
+                let target = request.path?.to_string();
+                let body_len = request
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse::<usize>().ok())
+                    .unwrap_or(0)
+                    .min(1024 * 1024);
+                let mut have = head.len() - len;
+                while have < body_len {
+                    let n = stream.read(&mut buf).ok()?;
+                    if n == 0 {
+                        break;
+                    }
+                    have += n;
+                }
+                return Some((target, String::from_utf8_lossy(&head[..len]).into_owned()));
+            }
             Ok(httparse::Status::Partial) if head.len() <= 64 * 1024 => {}
             _ => return None,
         }

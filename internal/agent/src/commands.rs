@@ -89,7 +89,8 @@ fn beat(
     if served_sha == own_sha || state.failed_sha.as_deref() == Some(served_sha.as_str()) {
         return Ok((interval, false));
     }
-    log(format_args!("the server serves a different build ({served_sha}); updating"));
+    let shown = crate::printable(&served_sha);
+    log(format_args!("the server serves a different build ({shown}); updating"));
     match update::apply(client, Some(&config.credential), &served, exe, false) {
         Ok(Outcome::Updated { previous, version }) => {
             log(format_args!("updated to {version}; previous binary kept at {}", previous.display()));
@@ -99,7 +100,7 @@ fn beat(
         Ok(Outcome::UpToDate) => Ok((interval, false)),
         Err(e) => {
             log(format_args!("update failed, keeping the running agent: {e}"));
-            state.last_update_error = Some(format!("update to {served_sha} failed: {e}"));
+            state.last_update_error = Some(format!("update to {shown} failed: {e}"));
             state.failed_sha = Some(served_sha);
             Ok((interval, false))
         }
@@ -184,10 +185,10 @@ pub fn update(config_path: &Path, check: bool) -> Result<(), AgentError> {
     let platform = host_platform()?;
     let exe = update::current_exe()?;
     let served = client
-        .served_build(platform)?
+        .served_build(platform, &config.credential)?
         .ok_or_else(|| AgentError::Usage(format!("the server publishes no agent for {platform}")))?;
     let own = crate::sha256_file(&exe)?;
-    let served_sha = served.sha256.clone().unwrap_or_default();
+    let served_sha = crate::printable(&served.sha256.clone().unwrap_or_default());
     if check {
         if own == served_sha {
             println!("up to date ({own})");
@@ -217,9 +218,9 @@ pub fn status(config_path: &Path) -> Result<(), AgentError> {
     println!("server: {}", config.server);
     println!("agent id: {}", config.agent_id);
     let platform = host_platform()?;
-    match client_for(&config)?.served_build(platform) {
+    match client_for(&config)?.served_build(platform, &config.credential) {
         Ok(Some(served)) => {
-            let served_sha = served.sha256.unwrap_or_default();
+            let served_sha = crate::printable(&served.sha256.unwrap_or_default());
             let verdict = if served_sha == own { "up to date" } else { "out of date" };
             println!("served build: {served_sha} ({verdict})");
         }

@@ -26,6 +26,9 @@ pub enum AgentError {
     Verification(String),
     #[error("the new agent failed its smoke test: {0}")]
     SmokeTest(String),
+    /// A link from the server that would downgrade to http or send the credential to another origin.
+    #[error("refused the server's link: {0}")]
+    Untrusted(String),
     #[error("{context}: {source}")]
     Io { context: String, source: std::io::Error },
 }
@@ -37,6 +40,24 @@ impl AgentError {
     }
 }
 
+/// `text` safe to show on a terminal or in a log line: control characters (C0, DEL, C1: ANSI escapes, CR, LF) and
+/// the bidirectional-text controls (U+200E/F, U+061C, U+202A–U+202E, U+2066–U+2069) are replaced by `\u{…}`
+/// escapes. Everything the server sends (error messages, codes, URLs, checksums) goes through this before it is
+/// printed.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi =
+            matches!(c, '\u{200E}' | '\u{200F}' | '\u{061C}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            out.push_str(&format!("\\u{{{:x}}}", c as u32));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// SHA-256 of a file, streamed.
 pub fn sha256_file(path: &std::path::Path) -> Result<String, AgentError> {
     use sha2::Digest;
@@ -44,4 +65,23 @@ pub fn sha256_file(path: &std::path::Path) -> Result<String, AgentError> {
     let mut hasher = sha2::Sha256::new();
     std::io::copy(&mut file, &mut hasher).map_err(AgentError::io(format!("reading {}", path.display())))?;
     Ok(hex::encode(hasher.finalize()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn server_text_is_made_printable() {
+        assert_eq!(printable("plain text: ok"), "plain text: ok");
+        assert_eq!(printable("red \x1b[31mALERT\x1b[0m"), "red \\u{1b}[31mALERT\\u{1b}[0m");
+        assert_eq!(printable("a\r\nforged: line"), "a\\u{d}\\u{a}forged: line");
+        assert_eq!(printable("x\u{9b}31m"), "x\\u{9b}31m", "C1 CSI");
+        for bidi in ['\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}', '\u{200E}', '\u{200F}', '\u{061C}'] {
+            let shown = printable(&format!("exe{bidi}txt.sh"));
+            assert!(!shown.contains(bidi), "{shown:?}");
+            assert!(shown.contains(&format!("\\u{{{:x}}}", bidi as u32)), "{shown:?}");
+        }
+        assert_eq!(printable("héllo ✓"), "héllo ✓", "ordinary non-ASCII text stays");
+    }
 }

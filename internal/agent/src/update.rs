@@ -2,8 +2,10 @@
 //!
 //! 1. Download the served build into a temporary file in the executable's own directory (same filesystem, so the
 //!    final swap is a rename).
-//! 2. Check its size and SHA-256 against what the server announced.
-//! 3. Make it executable and run `<new> --version`: it must exit 0 within 15 s and identify as the agent.
+//! 2. Check its size and SHA-256 against what the server announced; the download stops at the announced size.
+//! 3. Make it executable and run `<new> --version`: it must exit 0 and close its output within 15 s and identify as
+//!    the agent; it runs in its own process group, which is killed afterwards (SIGKILL), so nothing it starts can
+//!    outlive the check or hold the agent up.
 //! 4. Copy the running binary to `<exe>.previous` (for rollback), then swap the new one in atomically (a rename on
 //!    Unix followed by a directory fsync; `self-replace` on Windows, where the running executable is locked).
 //!
@@ -44,6 +46,14 @@ pub fn apply(
     let (Some(want_sha), Some(want_size)) = (served.sha256.as_deref(), served.size) else {
         return Err(AgentError::Verification("the server announced no checksum for its build".into()));
     };
+    if !rm_protocol::validate::is_sha256_hex(want_sha) {
+        return Err(AgentError::Verification(format!(
+            "the server announced {:?}, not a SHA-256",
+            crate::printable(want_sha)
+        )));
+    }
+    let want_sha = want_sha.to_ascii_lowercase();
+    let want_sha = want_sha.as_str();
     if crate::sha256_file(exe)? == want_sha {
         return Ok(Outcome::UpToDate);
     }
@@ -62,7 +72,9 @@ pub fn apply(
         bar
     });
     let mut hashing = HashingWriter { inner: tmp.as_file_mut(), hasher: sha2::Sha256::new() };
-    let got_size = client.download(&served.url, credential, &mut hashing, |done, _| {
+    // Never more than announced lands next to the executable: the download stops (and the temporary file is
+    // deleted) as soon as the server sends a byte past `want_size`.
+    let got_size = client.download(&served.url, credential, want_size, &mut hashing, |done, _| {
         if let Some(bar) = &bar {
             bar.set_position(done);
         }
@@ -116,39 +128,189 @@ pub fn previous_path(exe: &Path) -> PathBuf {
     exe.with_file_name(name)
 }
 
-/// Runs `<binary> --version`; it must succeed within 15 s and print `restic-manager-agent version=…`.
+/// How long `<new> --version` may take: 15 s, or `RM_AGENT_SMOKE_TIMEOUT` (whole seconds). The variable exists for
+/// the end-to-end tests; operators have no reason to set it.
+fn smoke_timeout() -> Duration {
+    std::env::var("RM_AGENT_SMOKE_TIMEOUT")
+        .ok()
+        .and_then(|v| v.trim().trim_end_matches('s').parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .map_or(Duration::from_secs(15), Duration::from_secs)
+}
+
+/// Runs `<binary> --version`; it must exit 0, close its output and print `restic-manager-agent version=…` within
+/// the time limit (15 s). The limit holds against the whole process tree: on Unix the candidate runs in its own
+/// process group, and when the time is up (or when it exited but something it started still holds its output) the
+/// group is killed with SIGKILL. The group is killed while its leader is still an unreaped zombie, so the group id
+/// cannot have been reused by then.
 fn smoke_test(binary: &Path) -> Result<String, AgentError> {
-    let mut child = Command::new(binary)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| AgentError::SmokeTest(format!("cannot run it: {e}")))?;
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().map_err(|e| AgentError::SmokeTest(e.to_string()))? {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(15) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(AgentError::SmokeTest("--version did not finish within 15 s".into()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut out = String::new();
-    if let Some(mut stdout) = child.stdout.take() {
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut out);
+    smoke_test_within(binary, smoke_timeout())
+}
+
+fn smoke_test_within(binary: &Path, limit: Duration) -> Result<String, AgentError> {
+    let mut command = Command::new(binary);
+    command.arg("--version").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        command.process_group(0);
     }
+    let mut child = command.spawn().map_err(|e| AgentError::SmokeTest(format!("cannot run it: {e}")))?;
+    let deadline = Instant::now() + limit;
+    // The output is read on its own thread so a pipe held open by a grandchild cannot block us; the thread ends
+    // when the pipe closes (at the latest when the group is killed) and is not waited for otherwise.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::Read::take(&mut stdout, 64 * 1024), &mut out);
+        let _ = tx.send(out);
+    });
+    let exited = wait_exit_unreaped(&mut child, deadline)?;
+    let output = if exited { rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).ok() } else { None };
+    // Whatever happened: nothing the candidate started outlives the test.
+    kill_tree(&mut child);
+    let status = child.wait().map_err(|e| AgentError::SmokeTest(e.to_string()))?;
+    let secs = limit.as_secs();
+    if !exited {
+        return Err(AgentError::SmokeTest(format!("--version did not finish within {secs} s; killed")));
+    }
+    let Some(out) = output else {
+        return Err(AgentError::SmokeTest(format!(
+            "--version exited but its output stayed open for {secs} s (it left a process behind); killed"
+        )));
+    };
     if !status.success() {
         return Err(AgentError::SmokeTest(format!("--version exited with {status}")));
     }
-    let line = out.lines().next().unwrap_or_default().trim().to_string();
+    let out = String::from_utf8_lossy(&out);
+    let line = crate::printable(out.lines().next().unwrap_or_default().trim());
     if !line.starts_with("restic-manager-agent version=") {
         return Err(AgentError::SmokeTest(format!("--version printed {line:?}, not an agent version")));
     }
     Ok(line)
+}
+
+/// Waits until `child` exits or `deadline` passes, without reaping it on Unix (`waitid` with `WNOWAIT`), so its pid
+/// (and group id) stays reserved until [`kill_tree`] has run. Returns whether it exited.
+#[cfg(unix)]
+fn wait_exit_unreaped(child: &mut std::process::Child, deadline: Instant) -> Result<bool, AgentError> {
+    let pid = child.id() as libc::id_t;
+    loop {
+        // SAFETY: waitid writes only into the zeroed siginfo_t we pass; the pid is our own unreaped child.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(AgentError::SmokeTest(format!("waiting for --version: {e}")));
+        }
+        // SAFETY: si_pid is valid to read after a successful waitid.
+        if unsafe { info.si_pid() } != 0 {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(not(unix))]
+fn wait_exit_unreaped(child: &mut std::process::Child, deadline: Instant) -> Result<bool, AgentError> {
+    loop {
+        if child.try_wait().map_err(|e| AgentError::SmokeTest(e.to_string()))?.is_some() {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// SIGKILL to the candidate's process group (its leader is not reaped yet, so the group id is still ours).
+#[cfg(unix)]
+fn kill_tree(child: &mut std::process::Child) {
+    // SAFETY: plain syscall; ESRCH (group already gone) is fine.
+    unsafe {
+        libc::killpg(child.id() as libc::pid_t, libc::SIGKILL);
+    }
+}
+
+#[cfg(not(unix))]
+fn kill_tree(child: &mut std::process::Child) {
+    let _ = child.kill();
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn script(dir: &Path, body: &str) -> PathBuf {
+        let path = dir.join("candidate");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    fn alive(pid: i32) -> bool {
+        // A zombie counts as gone.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+    }
+
+    #[test]
+    fn smoke_test_accepts_an_agent_and_refuses_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = script(dir.path(), "echo 'restic-manager-agent version=9.9.9 commit=x date=y'");
+        assert_eq!(
+            smoke_test_within(&ok, Duration::from_secs(5)).unwrap(),
+            "restic-manager-agent version=9.9.9 commit=x date=y"
+        );
+        let bad = script(dir.path(), "echo hello");
+        assert!(smoke_test_within(&bad, Duration::from_secs(5)).unwrap_err().to_string().contains("not an agent"));
+        let failing = script(dir.path(), "echo 'restic-manager-agent version=1'; exit 3");
+        assert!(smoke_test_within(&failing, Duration::from_secs(5)).unwrap_err().to_string().contains("exited with"));
+    }
+
+    #[test]
+    fn smoke_test_limit_holds_against_a_grandchild_holding_stdout() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let candidate = script(
+            dir.path(),
+            &format!("echo 'restic-manager-agent version=9.9.9'\nsleep 600 &\necho $! > '{}'", pidfile.display()),
+        );
+        let started = Instant::now();
+        let e = smoke_test_within(&candidate, Duration::from_secs(1)).unwrap_err().to_string();
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        assert!(e.contains("left a process behind"), "{e}");
+        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(Duration::from_millis(20));
+            !alive(pid)
+        });
+        assert!(gone, "the grandchild {pid} survived the smoke test");
+
+        // A candidate that never exits is killed at the limit, with what it started.
+        let hung = script(dir.path(), &format!("sleep 600 &\necho $! > '{}'\nwait", pidfile.display()));
+        let started = Instant::now();
+        let e = smoke_test_within(&hung, Duration::from_secs(1)).unwrap_err().to_string();
+        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        assert!(e.contains("did not finish"), "{e}");
+        let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
+        assert!(
+            (0..100).any(|_| {
+                std::thread::sleep(Duration::from_millis(20));
+                !alive(pid)
+            }),
+            "{pid} survived"
+        );
+    }
 }
 
 struct HashingWriter<'a, W: std::io::Write> {
