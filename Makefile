@@ -14,10 +14,10 @@ help: ## list targets
 build: ## build every binary (debug)
 	$(CARGO) build --workspace --bins
 
-dev-bundle: build ## stage the host agent, install scripts and unit into $(DEV_DIR)/bundled
+dev-bundle: build ## stage the host agent, install scripts and unit into .dev/bundled
 	scripts/dev-bundle.sh target/debug $(DEV_DIR)
 
-run: dev-bundle ## run the server on 127.0.0.1:$(PORT) with a local data dir ($(DEV_DIR)/data)
+run: dev-bundle ## run the server on 127.0.0.1:PORT (default 8080) with a local data dir (.dev/data)
 	RM_LISTEN=127.0.0.1:$(PORT) \
 	RM_DATA_DIR=$(DEV_DIR)/data \
 	RM_BUNDLED_ASSETS_DIR=$(DEV_DIR)/bundled \

@@ -59,11 +59,11 @@ pub enum TokenCommand {
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
     /// Address to listen on.
-    #[arg(long, env = "RM_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(long, global = true, env = "RM_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
 
     /// Operator state: database, secrets, and asset overrides under agent-binaries/ and install/.
-    #[arg(long, env = "RM_DATA_DIR", default_value = "/var/lib/restic-manager")]
+    #[arg(long, global = true, env = "RM_DATA_DIR", default_value = "/var/lib/restic-manager")]
     pub data_dir: PathBuf,
 
     /// Read-only assets baked into the image; used when the data dir has no override.

@@ -8,10 +8,16 @@ use rm_fleet::{NewToken, TokenInfo};
 use crate::cli::{ServeArgs, TokenCommand};
 
 pub async fn run(args: &ServeArgs, command: TokenCommand) -> anyhow::Result<()> {
-    if !args.data_dir.is_dir() {
-        bail!("data dir {} does not exist (set --data-dir or RM_DATA_DIR)", args.data_dir.display());
+    let path = args.data_dir.join(rm_server::DB_FILE);
+    if !path.is_file() {
+        // Never create a database here: a mistyped --data-dir would otherwise get a new, empty one.
+        bail!(
+            "no database at {}: is the data dir right (--data-dir or RM_DATA_DIR)? The server creates it on its \
+             first start",
+            path.display()
+        );
     }
-    let db = Db::open(&args.data_dir.join(rm_server::DB_FILE)).context("cannot open the database")?;
+    let db = Db::open(&path).context("cannot open the database")?;
     let now = rm_fleet::now();
     match command {
         TokenCommand::Create { uses, expires, note } => {

@@ -15,6 +15,9 @@ pub enum ApiError {
     UnsupportedPlatform(#[from] PlatformError),
     #[error("{0}")]
     InvalidRequest(String),
+    /// A malformed `?os=&arch=` query: the answer lists the supported platforms.
+    #[error("{0}")]
+    InvalidPlatformQuery(String),
     #[error("invalid file name: {0}")]
     InvalidName(#[from] NameError),
     #[error("no agent binary is published for {0}")]
@@ -63,7 +66,8 @@ impl ApiError {
                     .with("arch", e.arch.as_str())
                     .with("supported", supported()),
             ),
-            ApiError::InvalidRequest(_) => (
+            ApiError::InvalidRequest(_) => (StatusCode::BAD_REQUEST, None, ErrorBody::new("invalid_request", message)),
+            ApiError::InvalidPlatformQuery(_) => (
                 StatusCode::BAD_REQUEST,
                 None,
                 ErrorBody::new("invalid_request", message).with("supported", supported()),

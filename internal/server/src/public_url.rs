@@ -161,7 +161,7 @@ pub fn base_url(
         static WARNED: AtomicBool = AtomicBool::new(false);
         if !WARNED.swap(true, Ordering::Relaxed) {
             tracing::warn!(
-                peer = ?peer,
+                peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
                 "a request came through a proxy that is not in --trusted-proxies; its scheme is unknown, so links \
                  are relative and the installer asks for --server. Set --public-url (RM_PUBLIC_URL) or \
                  --trusted-proxies (RM_TRUSTED_PROXIES)"

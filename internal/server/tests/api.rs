@@ -418,3 +418,25 @@ async fn put_or_delete_of_a_directory_name_is_a_409() {
         assert!(leftovers.is_empty(), "{leftovers:?}");
     }
 }
+
+#[tokio::test]
+async fn only_platform_errors_list_the_supported_platforms() {
+    let f = Fixture::new();
+    let r = f.admin(Method::GET, "/api/v1/agents?state=bogus", Value::Null).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let body = r.json();
+    assert!(body.get("supported").is_none(), "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert_eq!(message.matches("out_of_date").count(), 1, "the valid states are named once: {message}");
+    // No Content-Type: a client error about the body, nothing about platforms.
+    let r = f.call(Method::POST, "/api/v1/agents/enroll", None, &[], b"{}".to_vec()).await;
+    assert!(r.status.is_client_error(), "{}", r.status);
+    assert!(r.json().get("supported").is_none(), "{}", r.json());
+    for platform_query in
+        ["/agent/binary?os=linux", "/agent/binary?os=linux&arch=amd64&os=linux", "/agent/binary?os=x&arch=y"]
+    {
+        let r = f.get(platform_query).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{platform_query}");
+        assert_eq!(r.json()["supported"].as_array().map(Vec::len), Some(3), "{platform_query}: {}", r.json());
+    }
+}

@@ -103,7 +103,8 @@ pub async fn list_agents(
     filter: Result<Query<AgentFilter>, QueryRejection>,
 ) -> Result<Json<AgentList>, ApiError> {
     let Query(filter) = filter.map_err(|e| {
-        ApiError::InvalidRequest(format!("{}; state is one of current, out_of_date, stale, unknown", e.body_text()))
+        // serde's message already names the valid states ("unknown variant `x`, expected one of …").
+        ApiError::InvalidRequest(e.body_text())
     })?;
     let served = catalog::entries(&state, base.or_relative()).await?;
     let agents = state.fleet().call(rm_fleet::list_agents).await?;

@@ -91,7 +91,7 @@ pub async fn enroll(
         )
             .into_response()),
         Err(refused) => {
-            warn!(peer = ?peer, reason = refused.code(), "enrollment refused");
+            warn!(peer = %peer.map(|p| p.to_string()).unwrap_or_default(), reason = refused.code(), "enrollment refused");
             Err(ApiError::EnrollRefused(refused))
         }
     }

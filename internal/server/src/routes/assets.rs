@@ -140,12 +140,12 @@ fn parse_platform_query(query: Option<&str>) -> Result<Platform, ApiError> {
             _ => continue,
         };
         if slot.replace(value.into_owned()).is_some() {
-            return Err(ApiError::InvalidRequest(format!("query parameter {key:?} given more than once")));
+            return Err(ApiError::InvalidPlatformQuery(format!("query parameter {key:?} given more than once")));
         }
     }
     match (os, arch) {
         (Some(os), Some(arch)) => Ok(Platform::parse(&os, &arch)?),
-        _ => Err(ApiError::InvalidRequest("both os and arch are required, e.g. ?os=linux&arch=amd64".into())),
+        _ => Err(ApiError::InvalidPlatformQuery("both os and arch are required, e.g. ?os=linux&arch=amd64".into())),
     }
 }
 
