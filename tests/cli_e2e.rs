@@ -69,3 +69,42 @@ fn make_help_expands_nothing_it_cannot() {
     assert!(out.status.success() && help.contains("make run"), "{help}");
     assert!(!help.contains("$("), "unexpanded make variables in make help:\n{help}");
 }
+
+#[test]
+fn agents_list_shows_the_fleet_without_curl() {
+    let mut builder = Server::builder().env("RM_ADMIN_TOKEN", "cli-e2e-admin-token-012345");
+    fs::create_dir_all(builder.bundled_dir().join("agent-binaries")).unwrap();
+    fs::write(builder.bundled_dir().join("agent-binaries").join(LINUX_AMD64), b"served build").unwrap();
+    builder = builder.env("RM_LOG", "info");
+    let server = builder.start();
+    let token = server.admin("POST", "/api/v1/tokens", Some(&serde_json::json!({}))).json()["token"].clone();
+    for host in ["db-1", "web-1"] {
+        let body = serde_json::json!({"token": token, "hostname": host, "os": "linux", "arch": "amd64", "version": "1.2.3", "commit": "c"});
+        assert_eq!(server.send("POST", "/api/v1/agents/enroll", &[], Some(&body)).status, 201);
+    }
+    let dirs = [
+        "--data-dir",
+        server.data_dir().to_str().unwrap(),
+        "--bundled-assets-dir",
+        server.bundled_dir().to_str().unwrap(),
+    ];
+    let (ok, stdout, stderr) = server_cli(&[&["agents", "list"][..], &dirs].concat());
+    assert!(ok, "{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with("HOSTNAME") && lines[0].contains("STATE"), "{stdout}");
+    assert!(lines[1].starts_with("db-1") && lines[2].starts_with("web-1"), "{stdout}");
+    assert!(lines[1].contains("linux/amd64") && lines[1].contains("1.2.3") && lines[1].contains("unknown"), "{stdout}");
+    assert_eq!(lines.last().unwrap(), &"2 agents (unknown=2)", "{stdout}");
+
+    let (ok, stdout, _) = server_cli(&[&["agents", "list", "--json"][..], &dirs].concat());
+    assert!(ok);
+    let view: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let api = server.admin("GET", "/api/v1/agents", None).json();
+    assert_eq!(view["agents"].as_array().unwrap().len(), 2);
+    assert_eq!(view["counts"], api["counts"], "the CLI and the API classify alike");
+
+    let (ok, stdout, _) = server_cli(&[&["agents", "list", "--state", "stale"][..], &dirs].concat());
+    assert!(ok && stdout.lines().count() == 2 && stdout.ends_with("0 of 2 agents (unknown=2)\n"), "{stdout}");
+    let (ok, _, stderr) = server_cli(&[&["agents", "list", "--state", "gone"][..], &dirs].concat());
+    assert!(!ok && stderr.contains("out_of_date"), "{stderr}");
+}

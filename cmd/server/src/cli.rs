@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use rm_protocol::admin::AgentState;
 use rm_server::{PublicUrl, TrustedProxies};
 
 #[derive(Parser, Debug)]
@@ -30,6 +31,22 @@ pub enum Command {
     /// Manage enrollment tokens in the data dir's database (works while the server runs).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The fleet: enrolled agents and how they compare with the builds this server serves.
+    #[command(subcommand)]
+    Agents(AgentsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AgentsCommand {
+    /// A table of enrolled agents (hostname, id, platform, version, state, last seen) and counts per state.
+    List {
+        /// Only agents in this state: current, out_of_date, stale or unknown.
+        #[arg(long, env = "RM_AGENTS_STATE")]
+        state: Option<AgentState>,
+        /// JSON (the same shape as GET /api/v1/agents) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -67,7 +84,7 @@ pub struct ServeArgs {
     pub data_dir: PathBuf,
 
     /// Read-only assets baked into the image; used when the data dir has no override.
-    #[arg(long, env = "RM_BUNDLED_ASSETS_DIR", default_value = "/opt/restic-manager/dist")]
+    #[arg(long, global = true, env = "RM_BUNDLED_ASSETS_DIR", default_value = "/opt/restic-manager/dist")]
     pub bundled_assets_dir: PathBuf,
 
     /// URL hosts use to reach this server (e.g. https://rm.example.com); otherwise taken from each request's Host.
@@ -91,7 +108,7 @@ pub struct ServeArgs {
     pub heartbeat_interval: Duration,
 
     /// An agent without a heartbeat for this long is reported as stale.
-    #[arg(long, env = "RM_STALE_AFTER", default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, global = true, env = "RM_STALE_AFTER", default_value = "5m", value_parser = humantime::parse_duration)]
     pub stale_after: Duration,
 
     /// Largest accepted asset upload, e.g. 512MiB.

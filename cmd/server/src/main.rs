@@ -1,5 +1,6 @@
 //! `restic-manager-server`: parse flags, set up logging, then serve or probe.
 
+mod agents;
 mod cli;
 mod token;
 
@@ -25,13 +26,10 @@ async fn main() -> ExitCode {
                 }
             }
         }
-        Some(Command::Token(command)) => match token::run(&cli.serve, command).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("restic-manager-server: {e:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Some(Command::Agents(cli::AgentsCommand::List { state, json })) => {
+            exit_code(agents::list(&cli.serve, state, json).await)
+        }
+        Some(Command::Token(command)) => exit_code(token::run(&cli.serve, command).await),
         None | Some(Command::Serve) => match serve(cli.serve).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -43,6 +41,17 @@ async fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// How an offline command ends: its error on stderr and exit status 1.
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("restic-manager-server: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

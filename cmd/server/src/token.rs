@@ -7,17 +7,21 @@ use rm_fleet::{NewToken, TokenInfo};
 
 use crate::cli::{ServeArgs, TokenCommand};
 
-pub async fn run(args: &ServeArgs, command: TokenCommand) -> anyhow::Result<()> {
+/// The data dir's database, which must already exist: a mistyped `--data-dir` must not get a new, empty one.
+pub fn open_existing_db(args: &ServeArgs) -> anyhow::Result<Db> {
     let path = args.data_dir.join(rm_server::DB_FILE);
     if !path.is_file() {
-        // Never create a database here: a mistyped --data-dir would otherwise get a new, empty one.
         bail!(
             "no database at {}: is the data dir right (--data-dir or RM_DATA_DIR)? The server creates it on its \
              first start",
             path.display()
         );
     }
-    let db = Db::open(&path).context("cannot open the database")?;
+    Db::open(&path).context("cannot open the database")
+}
+
+pub async fn run(args: &ServeArgs, command: TokenCommand) -> anyhow::Result<()> {
+    let db = open_existing_db(args)?;
     let now = rm_fleet::now();
     match command {
         TokenCommand::Create { uses, expires, note } => {

@@ -94,6 +94,37 @@ pub enum AgentState {
     Unknown,
 }
 
+impl AgentState {
+    pub const ALL: [AgentState; 4] =
+        [AgentState::Current, AgentState::OutOfDate, AgentState::Stale, AgentState::Unknown];
+
+    /// The JSON spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentState::Current => "current",
+            AgentState::OutOfDate => "out_of_date",
+            AgentState::Stale => "stale",
+            AgentState::Unknown => "unknown",
+        }
+    }
+}
+
+impl std::fmt::Display for AgentState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for AgentState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<AgentState, String> {
+        AgentState::ALL.into_iter().find(|a| a.as_str() == s).ok_or_else(|| {
+            format!("unknown state {s:?}; one of {}", AgentState::ALL.map(AgentState::as_str).join(", "))
+        })
+    }
+}
+
 /// `GET /api/v1/agents?state=`
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rm_assets::store::StoreError;
-use rm_assets::{AssetKind, Digest, Source};
+use rm_assets::{AssetKind, AssetStore, Digest, Source};
 use rm_fleet::{AgentRecord, Timestamp};
-use rm_protocol::admin::AgentState;
+use rm_protocol::admin::{AgentList, AgentState, AgentView};
 use rm_protocol::{PLATFORMS, Platform, PlatformEntry};
 
 use crate::{ApiError, AppState};
@@ -38,8 +38,8 @@ fn entry_from(platform: Platform, base: &str, found: Option<Found>) -> PlatformE
 }
 
 /// The remembered binary of a platform, if still current (one or two `stat`s: fine on an async worker).
-fn remembered(state: &AppState, platform: Platform, base: &str) -> Option<PlatformEntry> {
-    let k = state.store().known(AssetKind::AgentBinary, platform.file_name())?;
+fn remembered(store: &AssetStore, platform: Platform, base: &str) -> Option<PlatformEntry> {
+    let k = store.known(AssetKind::AgentBinary, platform.file_name())?;
     Some(entry_from(
         platform,
         base,
@@ -48,34 +48,34 @@ fn remembered(state: &AppState, platform: Platform, base: &str) -> Option<Platfo
 }
 
 /// One platform's entry. Blocking: a file not looked at before is opened and hashed.
-pub fn entry_blocking(state: &AppState, platform: Platform, base: &str) -> Result<PlatformEntry, StoreError> {
-    if let Some(entry) = remembered(state, platform, base) {
+pub fn entry_blocking(store: &AssetStore, platform: Platform, base: &str) -> Result<PlatformEntry, StoreError> {
+    if let Some(entry) = remembered(store, platform, base) {
         return Ok(entry);
     }
-    let found = state.store().open(AssetKind::AgentBinary, platform.file_name())?;
+    let found = store.open(AssetKind::AgentBinary, platform.file_name())?;
     let found = found.map(|a| Found { len: a.len, modified: a.modified, source: a.source, digest: a.digest });
     Ok(entry_from(platform, base, found))
 }
 
 /// Every platform's entry, in manifest order (blocking). Each platform fails or succeeds alone.
-pub fn entries_blocking(state: &AppState, base: &str) -> Vec<(Platform, Result<PlatformEntry, StoreError>)> {
-    PLATFORMS.iter().map(|&platform| (platform, entry_blocking(state, platform, base))).collect()
+pub fn entries_blocking(store: &AssetStore, base: &str) -> Vec<(Platform, Result<PlatformEntry, StoreError>)> {
+    PLATFORMS.iter().map(|&platform| (platform, entry_blocking(store, platform, base))).collect()
 }
 
 /// The entry for one platform (each heartbeat asks): inline when the binary is remembered, otherwise on a blocking
 /// thread.
 pub async fn entry(state: &AppState, platform: Platform, base: String) -> Result<PlatformEntry, ApiError> {
-    if let Some(entry) = remembered(state, platform, &base) {
+    if let Some(entry) = remembered(state.store(), platform, &base) {
         return Ok(entry);
     }
     let state = state.clone();
-    Ok(blocking(move || entry_blocking(&state, platform, &base)).await??)
+    Ok(blocking(move || entry_blocking(state.store(), platform, &base)).await??)
 }
 
 /// Every platform's entry (manifest, `SHA256SUMS`, fleet view).
 pub async fn entries(state: &AppState, base: String) -> Result<Vec<PlatformEntry>, ApiError> {
     let state = state.clone();
-    blocking(move || entries_blocking(&state, &base))
+    blocking(move || entries_blocking(state.store(), &base))
         .await?
         .into_iter()
         .map(|(_, entry)| entry.map_err(ApiError::from))
@@ -105,4 +105,47 @@ pub fn classify(agent: &AgentRecord, served: &[PlatformEntry], now: Timestamp, s
         _ => return AgentState::Unknown,
     };
     if same { AgentState::Current } else { AgentState::OutOfDate }
+}
+
+/// The fleet view: every agent classified against the served builds, with counts per state, optionally filtered.
+/// The admin API and `restic-manager-server agents list` both build it here.
+pub fn fleet_view(
+    agents: Vec<AgentRecord>,
+    served: &[PlatformEntry],
+    now: Timestamp,
+    stale_after: Duration,
+    only: Option<AgentState>,
+) -> AgentList {
+    let mut counts = std::collections::BTreeMap::new();
+    let views = agents
+        .into_iter()
+        .map(|record| {
+            let state = classify(&record, served, now, stale_after);
+            *counts.entry(state).or_default() += 1;
+            let served_sha256 = served_for(&record, served).and_then(|e| e.sha256.clone());
+            agent_view(record, state, served_sha256)
+        })
+        .filter(|v| only.is_none_or(|s| s == v.state))
+        .collect();
+    AgentList { agents: views, counts, stale_after_secs: stale_after.as_secs() }
+}
+
+fn agent_view(record: AgentRecord, state: AgentState, served_sha256: Option<String>) -> AgentView {
+    AgentView {
+        last_seen: rm_fleet::rfc3339(record.last_seen_at),
+        id: record.id,
+        hostname: record.hostname,
+        os: record.os,
+        arch: record.arch,
+        agent_version: record.agent_version,
+        agent_commit: record.agent_commit,
+        binary_sha256: record.binary_sha256,
+        last_update_error: record.last_update_error,
+        enrolled_at: record.enrolled_at,
+        last_seen_at: record.last_seen_at,
+        heartbeats: record.heartbeats,
+        last_seq: record.last_seq,
+        state,
+        served_sha256,
+    }
 }

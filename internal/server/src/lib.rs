@@ -3,7 +3,7 @@
 
 mod access_log;
 pub mod auth;
-mod catalog;
+pub mod catalog;
 mod error;
 mod file_body;
 mod file_response;
@@ -160,7 +160,7 @@ pub fn spawn_maintenance(state: &AppState) {
 /// Logs which agent platforms are published and fills the digest cache, so the first download of each binary does
 /// not wait for hashing. Runs on a blocking thread; errors are logged, never fatal.
 pub fn warm_up(state: &AppState) {
-    for (platform, entry) in catalog::entries_blocking(state, "") {
+    for (platform, entry) in catalog::entries_blocking(state.store(), "") {
         match entry {
             Ok(e) if e.published => {
                 info!(%platform, source = e.source.as_deref().unwrap_or("?"), sha256 = e.sha256.as_deref().unwrap_or("?"),

@@ -1,17 +1,14 @@
 //! Admin API (`Authorization: Bearer <admin token>`): enrollment tokens, the fleet view, the audit log. Bodies are
 //! `rm_protocol::admin`'s; the database rows of `rm_fleet` are turned into them here and never serialised directly.
 
-use std::collections::BTreeMap;
-
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use http::StatusCode;
-use rm_fleet::{AgentRecord, AuditEvent, NewToken, Timestamp, TokenInfo, rfc3339};
+use rm_fleet::{AuditEvent, NewToken, Timestamp, TokenInfo, rfc3339};
 use rm_protocol::admin::{
-    AgentFilter, AgentList, AgentState, AgentView, AuditEntry, AuditPage, AuditQuery, CreateToken, TokenCreated,
-    TokenList, TokenView,
+    AgentFilter, AgentList, AuditEntry, AuditPage, AuditQuery, CreateToken, TokenCreated, TokenList, TokenView,
 };
 
 use crate::auth::Admin;
@@ -75,26 +72,6 @@ pub async fn revoke_token(
     Ok(Json(token_view(info, now)))
 }
 
-fn agent_view(record: AgentRecord, state: AgentState, served_sha256: Option<String>) -> AgentView {
-    AgentView {
-        last_seen: rfc3339(record.last_seen_at),
-        id: record.id,
-        hostname: record.hostname,
-        os: record.os,
-        arch: record.arch,
-        agent_version: record.agent_version,
-        agent_commit: record.agent_commit,
-        binary_sha256: record.binary_sha256,
-        last_update_error: record.last_update_error,
-        enrolled_at: record.enrolled_at,
-        last_seen_at: record.last_seen_at,
-        heartbeats: record.heartbeats,
-        last_seq: record.last_seq,
-        state,
-        served_sha256,
-    }
-}
-
 /// `GET /api/v1/agents[?state=current|out_of_date|stale|unknown]`
 pub async fn list_agents(
     _: Admin,
@@ -108,20 +85,7 @@ pub async fn list_agents(
     })?;
     let served = catalog::entries(&state, base.or_relative()).await?;
     let agents = state.fleet().call(rm_fleet::list_agents).await?;
-    let now = rm_fleet::now();
-    let stale_after = state.settings().stale_after;
-    let mut counts: BTreeMap<AgentState, usize> = BTreeMap::new();
-    let views: Vec<AgentView> = agents
-        .into_iter()
-        .map(|record| {
-            let st = catalog::classify(&record, &served, now, stale_after);
-            *counts.entry(st).or_default() += 1;
-            let served_sha256 = catalog::served_for(&record, &served).and_then(|e| e.sha256.clone());
-            agent_view(record, st, served_sha256)
-        })
-        .filter(|v| filter.state.is_none_or(|s| s == v.state))
-        .collect();
-    Ok(Json(AgentList { agents: views, counts, stale_after_secs: stale_after.as_secs() }))
+    Ok(Json(catalog::fleet_view(agents, &served, rm_fleet::now(), state.settings().stale_after, filter.state)))
 }
 
 fn audit_entry(e: AuditEvent) -> AuditEntry {

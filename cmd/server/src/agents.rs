@@ -1,0 +1,66 @@
+//! `restic-manager-server agents list`: the fleet view from the command line, straight from the data dir's database
+//! and the asset roots (works with the server running or stopped).
+
+use anyhow::Context;
+use rm_assets::AssetStore;
+use rm_protocol::admin::{AgentList, AgentState};
+
+use crate::cli::ServeArgs;
+use crate::token::open_existing_db;
+
+pub async fn list(args: &ServeArgs, state: Option<AgentState>, json: bool) -> anyhow::Result<()> {
+    let db = open_existing_db(args)?;
+    let store = AssetStore::new(&args.data_dir, &args.bundled_assets_dir).context("cannot read the asset roots")?;
+    let served: Vec<_> = rm_server::catalog::entries_blocking(&store, "")
+        .into_iter()
+        .map(|(_, entry)| entry)
+        .collect::<Result<_, _>>()
+        .context("cannot inspect the published agent builds")?;
+    let agents = db.call(rm_fleet::list_agents).await?;
+    let view = rm_server::catalog::fleet_view(agents, &served, rm_fleet::now(), args.stale_after, state);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print!("{}", table(&view));
+    }
+    Ok(())
+}
+
+/// One line per agent under a header, then the counts per state.
+fn table(view: &AgentList) -> String {
+    let header = ["HOSTNAME", "ID", "PLATFORM", "VERSION", "STATE", "LAST SEEN"];
+    let rows: Vec<[String; 6]> = view
+        .agents
+        .iter()
+        .map(|a| {
+            [
+                a.hostname.clone(),
+                a.id.clone(),
+                format!("{}/{}", a.os, a.arch),
+                a.agent_version.clone(),
+                a.state.to_string(),
+                a.last_seen.clone(),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: &[&str]| {
+        let padded: Vec<String> = cells.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        format!("{}\n", padded.join("  ").trim_end())
+    };
+    let mut out = line(&header);
+    for row in &rows {
+        out += &line(&row.each_ref().map(String::as_str));
+    }
+    let counts: Vec<String> = view.counts.iter().map(|(state, n)| format!("{state}={n}")).collect();
+    let total: usize = view.counts.values().sum();
+    let shown =
+        if view.agents.len() == total { total.to_string() } else { format!("{} of {total}", view.agents.len()) };
+    out += &format!("{shown} agents ({})\n", if counts.is_empty() { "none".into() } else { counts.join(" ") });
+    out
+}
