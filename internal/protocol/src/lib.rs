@@ -12,11 +12,13 @@
 //! * [`manifest`]: the published agent builds.
 //! * [`admin`]: the operator API's bodies.
 //! * [`error`]: the JSON error body every 4xx/5xx carries.
+//! * [`pin`]: public key pins (`sha256//…`) for servers without a publicly trusted certificate.
 
 pub mod admin;
 pub mod agent;
 pub mod error;
 pub mod manifest;
+pub mod pin;
 pub mod platform;
 pub mod validate;
 

@@ -13,6 +13,7 @@ mod public_url;
 mod render;
 mod routes;
 mod state;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
