@@ -1338,8 +1338,7 @@ fn dry_run_plan_says_what_would_really_happen() {
             "systemd is not running on this host: would not install a service".to_string()
         }
     };
-    for shell_idx in 0..SHELLS.len() {
-        let (shell_name, shell) = SHELLS[shell_idx];
+    for (shell_name, shell) in SHELLS {
         let fresh = Prefix::new();
         let (agent, config) = fresh_plan(&fresh);
         let (old_agent, old_config) = fresh_plan(&installed);
