@@ -40,9 +40,11 @@ usage: install.sh [options]
   --token TOKEN   enrollment token; prefer RM_ENROLL_TOKEN=TOKEN (a command-line argument shows in ps).
                   Without one the agent is installed but not enrolled; with one it is also sent with every
                   download (servers started with --require-download-auth need that)
-  --prefix DIR    install under DIR/bin (default /usr/local)
+  --prefix DIR    install as DIR/bin/restic-manager-agent (default /usr/local); the identity goes to
+                  DIR/etc/restic-manager/agent.json (/etc/restic-manager for /usr/local, /usr and /), where the
+                  agent looks for it by default
   --no-service    do not install or start the systemd service
-  --dry-run       print what would be done, change nothing
+  --dry-run       print the plan (download, enrollment, service, with their paths), change nothing
   --cacert FILE   trust this CA bundle for the server's TLS certificate
   --insecure      do not verify the server's TLS certificate (testing only)
   -h, --help      this help
@@ -210,10 +212,13 @@ sha256_of() {
 }
 
 check_permissions() {
-    bin_dir="$prefix/bin"
+    # The agent derives its default config path from where it is installed by the same rule
+    # (rm_agent::config::default_path_for): keep the two in step.
+    while [ "$prefix" != / ] && [ "${prefix%/}" != "$prefix" ]; do prefix=${prefix%/}; done
+    bin_dir="${prefix%/}/bin"
     dest="$bin_dir/restic-manager-agent"
     case "$prefix" in
-        /usr/local | /usr) config_dir=/etc/restic-manager ;;
+        / | /usr/local | /usr) config_dir=/etc/restic-manager ;;
         *) config_dir="$prefix/etc/restic-manager" ;;
     esac
     config="$config_dir/agent.json"
@@ -284,8 +289,16 @@ enroll() {
         return 0
     fi
     if [ -z "$token" ]; then
-        say "no --token given: the agent is installed but not enrolled"
-        say "enroll later with: RM_ENROLL_TOKEN=TOKEN $dest enroll --server $server --config $config"
+        if [ "$dry_run" = 1 ]; then
+            say "no token: would skip enrollment (already enrolled elsewhere, or enroll later); nothing is written to $config"
+        else
+            say "no --token given: the agent is installed but not enrolled"
+        fi
+        say "enroll later with: RM_ENROLL_TOKEN=TOKEN $dest enroll --server $server (it saves the identity to $config)"
+        return 0
+    fi
+    if [ "$dry_run" = 1 ]; then
+        say "would enroll with $server (token from the environment) and save the identity to $config (mode 0600)"
         return 0
     fi
     # The token reaches the agent through its environment, not its command line (which any user can read in ps).
@@ -300,15 +313,26 @@ enroll() {
 
 install_service() {
     if [ "$no_service" = 1 ]; then
-        say "not installing a service (--no-service); run the agent with: $dest run --config $config"
+        if [ "$dry_run" = 1 ]; then
+            say "--no-service: would not install or start a service; run the agent with: $dest run"
+        else
+            say "not installing a service (--no-service); run the agent with: $dest run"
+        fi
         return 0
     fi
     if ! has_systemd; then
-        say "systemd is not running on this host; start the agent with your init system:"
-        say "  $dest run --config $config"
+        if [ "$dry_run" = 1 ]; then
+            say "systemd is not running on this host: would not install a service; start the agent with your init system:"
+        else
+            say "systemd is not running on this host; start the agent with your init system:"
+        fi
+        say "  $dest run"
         return 0
     fi
     unit=/etc/systemd/system/restic-manager-agent.service
+    if [ "$dry_run" = 1 ]; then
+        say "would install the systemd unit $unit (running $dest with $config), enable and start it:"
+    fi
     fetch "$server/install/restic-manager-agent.service" "$work/unit" || die "cannot fetch the systemd unit from $server"
     grep -q '^\[Service\]' "$work/unit" || die "the server's unit file is malformed (got an HTML page?)"
     sed "s#/usr/local/bin#$bin_dir#g; s#/etc/restic-manager/agent.json#$config#g" "$work/unit" >"$work/unit.final"
@@ -350,15 +374,12 @@ main() {
     trap 'exit 130' INT TERM
     work=$(mktemp -d) || die "cannot create a temporary directory"
     write_auth
+    if [ "$dry_run" = 1 ]; then say "dry run: nothing is changed; the plan:"; fi
     expected_checksum
     install_binary
-    if [ "$dry_run" = 1 ] && [ ! -x "$dest" ]; then
-        say "would enroll with the token and install the service"
-        return 0
-    fi
     enroll
     install_service
-    say "done"
+    if [ "$dry_run" = 1 ]; then say "dry run: done, nothing was changed"; else say "done"; fi
 }
 
 main "$@"

@@ -1270,3 +1270,383 @@ fn installer_with_gnu_wget_keeps_the_token_off_command_lines() {
     assert!(!recorded.contains(&token), "the token is on wget's command line:\n{recorded}");
     prefix.assert_tmpdir_clean("wget");
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// 8. Following the README as a new user: the dry-run plan, a prefix install that finds its own config, a failed
+//    update that is remembered, a log that says what changed, a self-explaining --help
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Whether the installer would see systemd on this host (its `has_systemd`).
+fn host_has_systemd() -> bool {
+    Path::new("/run/systemd/system").is_dir()
+        && std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("systemctl").is_file()))
+}
+
+/// Every file under `dir` with its SHA-256 (directories as `<dir>/`), sorted: to compare a tree before and after.
+fn tree(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(read) = fs::read_dir(dir) else { return out };
+    for entry in read {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.push(format!("{}/", path.display()));
+            out.extend(tree(&path));
+        } else {
+            out.push(format!("{} {}", path.display(), sha256_file(&path)));
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn dry_run_plan_says_what_would_really_happen() {
+    let server = install_server(Server::builder(), true);
+    let token = create_token(&server, 5);
+    let base = server.url("");
+    let served_sha = sha256_file(&host_agent());
+    let systemd = host_has_systemd();
+
+    // One prefix that is already installed and enrolled (by a real run), for the rows that find it so.
+    let installed = Prefix::new();
+    let args = ["--prefix".into(), installed.arg(), "--no-service".into(), "--token".into(), token.clone()];
+    assert_success(&curl_pipe(&server, &["dash"], &args, &installed.tmpdir), "real install");
+    let installed_tree = tree(&installed.root);
+    let tokens_before = server.admin("GET", "/api/v1/tokens", None).json()["tokens"].clone();
+    let downloads_before = binary_downloads(&server);
+
+    /// `fresh`: a new prefix (else the installed one); the flags after --prefix; lines the plan must contain and
+    /// words it must not.
+    struct Row {
+        name: &'static str,
+        fresh: bool,
+        flags: Vec<String>,
+        want: Vec<String>,
+        not: Vec<&'static str>,
+    }
+    let fresh_plan = |p: &Prefix| {
+        let agent = p.agent().display().to_string();
+        let config = p.config().display().to_string();
+        (agent, config)
+    };
+    let no_service_line =
+        |agent: &str| format!("--no-service: would not install or start a service; run the agent with: {agent} run");
+    let service_line = |agent: &str, config: &str| {
+        if systemd {
+            format!("would install the systemd unit /etc/systemd/system/{UNIT} (running {agent} with {config})")
+        } else {
+            "systemd is not running on this host: would not install a service".to_string()
+        }
+    };
+    for (shell_name, shell) in SHELLS {
+        let fresh = Prefix::new();
+        let (agent, config) = fresh_plan(&fresh);
+        let (old_agent, old_config) = fresh_plan(&installed);
+        let download = format!(
+            "would download {base}/agent/binary?os=linux&arch=amd64, verify sha256 {served_sha} and install it as {agent}"
+        );
+        let rows = vec![
+            Row {
+                name: "--no-service, no token",
+                fresh: true,
+                flags: vec!["--no-service".into()],
+                want: vec![
+                    download.clone(),
+                    format!(
+                        "no token: would skip enrollment (already enrolled elsewhere, or enroll later); nothing is written to {config}"
+                    ),
+                    no_service_line(&agent),
+                ],
+                not: vec!["would enroll", "would install the systemd", "would run"],
+            },
+            Row {
+                name: "--no-service with a token",
+                fresh: true,
+                flags: vec!["--no-service".into(), "--token".into(), token.clone()],
+                want: vec![
+                    download.clone(),
+                    format!(
+                        "would enroll with {base} (token from the environment) and save the identity to {config} (mode 0600)"
+                    ),
+                    no_service_line(&agent),
+                ],
+                not: vec!["no token", "would install the systemd", "would run"],
+            },
+            Row {
+                name: "token and service",
+                fresh: true,
+                flags: vec!["--token".into(), token.clone()],
+                want: vec![
+                    download.clone(),
+                    format!(
+                        "would enroll with {base} (token from the environment) and save the identity to {config} (mode 0600)"
+                    ),
+                    service_line(&agent, &config),
+                ],
+                not: vec!["no token", "--no-service"],
+            },
+            Row {
+                name: "no token, service",
+                fresh: true,
+                flags: vec![],
+                want: vec![download.clone(), format!("no token: would skip enrollment"), service_line(&agent, &config)],
+                not: vec!["would enroll", "--no-service"],
+            },
+            Row {
+                name: "already installed and enrolled, with a token",
+                fresh: false,
+                flags: vec!["--no-service".into(), "--token".into(), token.clone()],
+                want: vec![
+                    format!("{old_agent} is already the served build ({served_sha})"),
+                    format!("already enrolled ({old_config} exists); not enrolling again"),
+                    no_service_line(&old_agent),
+                ],
+                not: vec!["would download", "would enroll", "no token"],
+            },
+        ];
+        for row in rows {
+            let p = if row.fresh { &fresh } else { &installed };
+            let mut args = vec!["--dry-run".to_string(), "--prefix".into(), p.arg()];
+            args.extend(row.flags.iter().cloned());
+            let out = curl_pipe(&server, shell, &args, &p.tmpdir);
+            let context = format!("{shell_name}, {}", row.name);
+            assert_success(&out, &context);
+            let said = stderr_of(&out);
+            let lines: Vec<&str> =
+                said.lines().map(|l| l.strip_prefix("restic-manager install: ").unwrap_or(l)).collect();
+            for want in &row.want {
+                assert!(
+                    lines.iter().any(|l| l.starts_with(want.as_str())),
+                    "{context}: no plan line {want:?}:\n{said}"
+                );
+            }
+            for not in &row.not {
+                assert!(!said.contains(not), "{context}: the plan says {not:?}:\n{said}");
+            }
+            assert!(lines.contains(&"dry run: done, nothing was changed"), "{context}:\n{said}");
+            // Nothing written: no fresh prefix, the installed one unchanged, the token unused, no download.
+            assert!(!fresh.root.exists(), "{context}: the dry run created {}", fresh.root.display());
+            assert_eq!(tree(&installed.root), installed_tree, "{context}: the dry run changed the installed prefix");
+            p.assert_tmpdir_clean(&context);
+        }
+    }
+    assert_eq!(server.admin("GET", "/api/v1/tokens", None).json()["tokens"], tokens_before, "a dry run used the token");
+    assert_eq!(agents(&server).len(), 1, "a dry run enrolled");
+    assert_eq!(binary_downloads(&server), downloads_before, "a dry run downloaded the agent");
+}
+
+/// `<agent> <args>` with a clean environment (no `RM_AGENT_CONFIG`) and no `--config`, bounded.
+fn agent_cmd(agent: &Path, args: &[&str], tmpdir: &Path) -> Output {
+    let mut cmd = clean_command(agent, tmpdir);
+    cmd.args(args);
+    run_bounded(cmd, Duration::from_secs(30))
+}
+
+#[test]
+fn prefix_install_finds_its_config_without_a_flag() {
+    let server = install_server(Server::builder(), true);
+    let token = create_token(&server, 1);
+    let prefix = Prefix::new();
+    let args = ["--prefix".into(), prefix.arg(), "--no-service".into(), "--token".into(), token];
+    let out = curl_pipe(&server, &["dash"], &args, &prefix.tmpdir);
+    assert_success(&out, "install");
+    assert!(prefix.config().is_file(), "install.sh wrote no {}", prefix.config().display());
+    let config = prefix.config().display().to_string();
+    // The installer's hint needs no --config either.
+    assert!(
+        stderr_of(&out).contains(&format!("run the agent with: {} run\n", prefix.agent().display())),
+        "{}",
+        stderr_of(&out)
+    );
+
+    let status = agent_cmd(&prefix.agent(), &["status"], &prefix.tmpdir);
+    assert_success(&status, "status without --config");
+    let said = String::from_utf8_lossy(&status.stdout);
+    assert!(said.contains(&format!("config: {config}\n")), "status did not use {config}:\n{said}");
+    let agent_id = agents(&server)[0]["id"].as_str().unwrap().to_string();
+    assert!(said.contains(&format!("agent id: {agent_id}\n")), "{said}");
+    assert!(said.contains("(up to date)"), "{said}");
+
+    let beat = agent_cmd(&prefix.agent(), &["run", "--once"], &prefix.tmpdir);
+    assert_success(&beat, "run --once without --config");
+    let a = agents(&server).remove(0);
+    assert_eq!(a["heartbeats"], 1, "run --once did not heartbeat: {a}");
+
+    // --help shows the path this binary uses by default.
+    let help = agent_cmd(&prefix.agent(), &["--help"], &prefix.tmpdir);
+    assert_success(&help, "--help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains(&format!("[default: {config}]")), "--help does not show the default config path:\n{help}");
+
+    // RM_AGENT_CONFIG and --config still win.
+    let elsewhere = prefix.scratch().join("elsewhere.json");
+    let mut cmd = clean_command(prefix.agent(), &prefix.tmpdir);
+    cmd.env("RM_AGENT_CONFIG", &elsewhere).arg("status");
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    assert!(!out.status.success() && stderr_of(&out).contains(&elsewhere.display().to_string()), "{}", stderr_of(&out));
+    let out = agent_cmd(&prefix.agent(), &["--config", elsewhere.to_str().unwrap(), "status"], &prefix.tmpdir);
+    assert!(!out.status.success() && stderr_of(&out).contains(&elsewhere.display().to_string()), "{}", stderr_of(&out));
+}
+
+#[test]
+fn agent_help_describes_every_flag_and_the_default_config() {
+    let dir = tempfile::Builder::new().prefix("rm-e2e-help-").tempdir().unwrap();
+    let agent = dir.path().join("opt/bin").join(AGENT_BIN);
+    fs::create_dir_all(agent.parent().unwrap()).unwrap();
+    fs::copy(host_agent(), &agent).unwrap();
+    let default = dir.path().join("opt/etc/restic-manager/agent.json");
+    for (args, flags) in [
+        (&["--help"][..], &["--config", "--help", "--version"][..]),
+        (&["enroll", "--help"], &["--config", "--server", "--token", "--cacert", "--insecure", "--force", "--help"]),
+        (&["run", "--help"], &["--config", "--once", "--help"]),
+        (&["update", "--help"], &["--config", "--check", "--help"]),
+        (&["status", "--help"], &["--config", "--help"]),
+    ] {
+        for long in [false, true] {
+            let mut args = args.to_vec();
+            if !long {
+                *args.last_mut().unwrap() = "-h";
+            }
+            let out = agent_cmd(&agent, &args, dir.path());
+            assert_success(&out, &format!("{args:?}"));
+            let help = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(help.contains(&format!("[default: {}]", default.display())), "{args:?}: no default path:\n{help}");
+            let lines: Vec<&str> = help.lines().collect();
+            for flag in flags {
+                let at = lines
+                    .iter()
+                    .position(|l| {
+                        l.starts_with(' ')
+                            && l.trim_start().starts_with('-')
+                            && l.trim_start().split([',', ' ']).any(|w| w == *flag)
+                    })
+                    .unwrap_or_else(|| panic!("{args:?}: {flag} not listed:\n{help}"));
+                // The description follows the flag and its value name on the same line (-h) or on the next (--help).
+                let same_line = lines[at].trim_start().split_once("  ").map(|(_, d)| d.trim()).unwrap_or("");
+                let described =
+                    if same_line.is_empty() { lines.get(at + 1).map_or("", |l| l.trim()) } else { same_line };
+                assert!(
+                    !described.is_empty() && !described.starts_with('['),
+                    "{args:?}: {flag} has no description ({described:?}):\n{help}"
+                );
+            }
+        }
+    }
+    let enroll = agent_cmd(&agent, &["enroll", "-h"], dir.path());
+    let enroll = String::from_utf8_lossy(&enroll.stdout);
+    assert!(enroll.contains("server's URL"), "{enroll}");
+    assert!(enroll.contains("enrollment token"), "{enroll}");
+}
+
+#[test]
+fn failed_self_update_is_remembered_between_runs() {
+    let server = install_server(Server::builder(), true);
+    let token = create_token(&server, 1);
+    let prefix = Prefix::new();
+    let args = ["--prefix".into(), prefix.arg(), "--no-service".into(), "--token".into(), token];
+    assert_success(&curl_pipe(&server, &["dash"], &args, &prefix.tmpdir), "install");
+    let good = fs::read(prefix.agent()).unwrap();
+    let state_file = prefix.root.join("etc/restic-manager/agent-state.json");
+    let once = || {
+        let mut cmd = clean_command(prefix.agent(), &prefix.tmpdir);
+        cmd.arg("--config").arg(prefix.config()).args(["run", "--once"]);
+        let out = run_bounded(cmd, Duration::from_secs(30));
+        assert_success(&out, "run --once");
+        stderr_of(&out)
+    };
+
+    // A build that fails its smoke test (`--version` exits 3).
+    let broken = b"#!/bin/sh\nexit 3\n".to_vec();
+    let broken_sha = sha256_hex(&broken);
+    upload_agent(&server, &broken);
+    let downloads = binary_downloads(&server);
+    let mut said = Vec::new();
+    for run in 1..=2 {
+        said.push(once());
+        let all = said.join("\n---\n");
+        assert_eq!(
+            binary_downloads(&server),
+            downloads + 1,
+            "run {run}: the refused build was downloaded again:\n{all}"
+        );
+        let a = agents(&server).remove(0);
+        let error = a["last_update_error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("run {run}: no error in the fleet view: {a}\n{all}"));
+        assert!(error.contains("smoke test") && error.contains(&broken_sha), "run {run}: {error}");
+        assert_eq!(a["heartbeats"].as_u64(), Some(run + 1), "run {run}: {a}");
+        assert_eq!(sha256_hex(&fs::read(prefix.agent()).unwrap()), sha256_hex(&good), "run {run}: agent replaced");
+    }
+    assert_eq!(mode(&state_file), 0o600, "the state file");
+    let saved: Value = serde_json::from_slice(&fs::read(&state_file).unwrap()).unwrap();
+    assert_eq!(saved["failed_update"]["sha256"], broken_sha.as_str(), "{saved}");
+    assert_eq!(said.iter().filter(|s| s.contains("update found")).count(), 1, "{said:?}");
+
+    // status says so.
+    let status = agent_cmd(&prefix.agent(), &["--config", prefix.config().to_str().unwrap(), "status"], &prefix.tmpdir);
+    assert!(String::from_utf8_lossy(&status.stdout).contains("last update error: update to"), "{status:?}");
+
+    // A different build clears it: installed, and the fleet view forgets the error.
+    let mut new = good.clone();
+    new.extend_from_slice(b"\nrm-e2e: a fixed build\n");
+    let new_sha = sha256_hex(&new);
+    upload_agent(&server, &new);
+    let third = once();
+    assert_eq!(sha256_file(&prefix.agent()), new_sha, "the new build was not installed:\n{third}");
+    let a = agents(&server).remove(0);
+    assert_eq!(a["last_update_error"], Value::Null, "the error survived a different build: {a}\n{third}");
+    assert_eq!(a["binary_sha256"], new_sha.as_str(), "{a}");
+    let saved: Value = serde_json::from_slice(&fs::read(&state_file).unwrap()).unwrap();
+    assert_eq!(saved.get("failed_update"), None, "{saved}");
+}
+
+#[test]
+fn running_agent_logs_state_changes_once() {
+    let mut server = install_server(Server::builder().env("RM_HEARTBEAT_INTERVAL", "1s"), true);
+    let token = create_token(&server, 1);
+    let prefix = Prefix::new();
+    let args = ["--prefix".into(), prefix.arg(), "--no-service".into(), "--token".into(), token];
+    assert_success(&curl_pipe(&server, &["dash"], &args, &prefix.tmpdir), "install");
+
+    let log_path = prefix.scratch().join("agent.stderr");
+    let mut cmd = clean_command(prefix.agent(), &prefix.tmpdir);
+    cmd.arg("run").stdout(Stdio::null()).stderr(fs::File::create(&log_path).unwrap());
+    let mut child = KillOnDrop(cmd.spawn().expect("starting the agent"));
+    let agent_log = || fs::read_to_string(&log_path).unwrap_or_default();
+    let heartbeats = |server: &Server| agents(server)[0]["heartbeats"].as_u64().unwrap();
+    let wait_beats = |server: &Server, n: u64, what: &str| {
+        let from = heartbeats(server);
+        wait_until(
+            what,
+            Duration::from_secs(20),
+            || if heartbeats(server) >= from + n { Ok(()) } else { Err(heartbeats(server).to_string()) },
+            || format!("--- agent ---\n{}\n{}", agent_log(), server.log_tail()),
+        );
+    };
+    wait_beats(&server, 3, "three heartbeats");
+
+    // Down for a few heartbeats (1 s interval; retries after 1 s, 2 s), then back on the same port.
+    server.restart_on_same_port(|| {
+        eventually(Duration::from_secs(10), "the agent to notice the server is gone", || {
+            agent_log().contains("unreachable").then_some(())
+        });
+        std::thread::sleep(Duration::from_secs(4));
+    });
+    eventually(
+        Duration::from_secs(20),
+        format_args!("the agent to notice the server is back:\n{}", agent_log()),
+        || agent_log().contains("server back").then_some(()),
+    );
+    wait_beats(&server, 3, "three heartbeats after the restart");
+
+    // SAFETY: kill(2) on our own unreaped child.
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) }, 0);
+    wait_timeout(&mut child.0, Duration::from_secs(10)).expect("the agent to exit on SIGTERM");
+    let log = agent_log();
+    let count = |word: &str| log.lines().filter(|l| l.contains(word)).count();
+    assert_eq!(count("unreachable"), 1, "one 'unreachable' line:\n{log}");
+    assert_eq!(count("server back"), 1, "one 'back' line:\n{log}");
+    assert_eq!(count("running as agent"), 1, "{log}");
+    assert_eq!(count("heartbeats answered"), 1, "{log}");
+    assert_eq!(log.lines().count(), 4, "nothing logged per heartbeat (6+ heartbeats, several failed):\n{log}");
+}

@@ -356,6 +356,24 @@ impl Server {
         self.addr = addr;
     }
 
+    /// Stops the server (SIGKILL) and starts a new process on the same port, data dir, bundled dir and environment,
+    /// after `downtime` has run (the port is closed meanwhile: clients see "connection refused"). For clients that
+    /// keep the server's URL, such as an enrolled agent. The previous process's stderr is kept as
+    /// `server.<n>.stderr`. Panics if another process took the port meanwhile.
+    pub fn restart_on_same_port(&mut self, downtime: impl FnOnce()) {
+        self.kill();
+        self.child = None;
+        self.restarts += 1;
+        let kept = self.builder.root().join(format!("server.{}.stderr", self.restarts));
+        let _ = fs::rename(self.builder.stderr_path(), &kept);
+        downtime();
+        let mut child = self.builder.spawn(self.addr);
+        match self.builder.wait_ready(&mut child, self.addr) {
+            Ready::Yes => self.child = Some(child),
+            Ready::PortTaken => panic!("port {} was taken while the server was down", self.addr),
+        }
+    }
+
     fn kill(&mut self) {
         if let Some(child) = self.child.as_mut() {
             let _ = child.kill();

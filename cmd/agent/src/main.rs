@@ -15,9 +15,14 @@ use rm_agent::commands::{self, Tls};
     arg_required_else_help = true
 )]
 struct Cli {
-    /// Where the enrolled identity is stored.
-    #[arg(long, global = true, env = "RM_AGENT_CONFIG")]
-    config: Option<PathBuf>,
+    /// The enrolled identity file (mode 0600); agent-state.json is kept beside it.
+    ///
+    /// The default follows where this binary is installed, as install.sh --prefix does:
+    /// <PREFIX>/bin/restic-manager-agent uses <PREFIX>/etc/restic-manager/agent.json; one in /usr/local/bin, /usr/bin
+    /// or /bin uses /etc/restic-manager/agent.json.
+    #[arg(long, global = true, env = "RM_AGENT_CONFIG", value_name = "FILE",
+          default_value_os_t = rm_agent::config::default_path())]
+    config: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -26,12 +31,15 @@ struct Cli {
 enum Command {
     /// Enroll this host with a server using an enrollment token.
     Enroll {
-        #[arg(long, env = "RM_SERVER")]
+        /// The restic-manager server's URL (https://…); the agent talks to this origin only, as enrolled.
+        #[arg(long, env = "RM_SERVER", value_name = "URL")]
         server: String,
-        #[arg(long, env = "RM_ENROLL_TOKEN", hide_env_values = true)]
+        /// The enrollment token (`restic-manager-server token create`). Prefer RM_ENROLL_TOKEN: a command-line
+        /// argument shows in ps.
+        #[arg(long, env = "RM_ENROLL_TOKEN", hide_env_values = true, value_name = "TOKEN")]
         token: String,
         /// Trust this PEM CA bundle for the server's certificate.
-        #[arg(long, env = "RM_CACERT")]
+        #[arg(long, env = "RM_CACERT", value_name = "FILE")]
         cacert: Option<PathBuf>,
         /// Do not verify the server's certificate (testing only).
         #[arg(long, env = "RM_INSECURE")]
@@ -58,7 +66,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = cli.config.unwrap_or_else(rm_agent::config::default_path);
+    let config = cli.config;
     let result = match cli.command {
         Command::Enroll { server, token, cacert, insecure, force } => {
             commands::enroll(&server, &token, &config, Tls { cacert, insecure }, force)

@@ -8,6 +8,7 @@ use rm_protocol::{HeartbeatRequest, HostFacts, PROTOCOL_VERSION};
 
 use crate::client::{Client, host_facts, host_platform};
 use crate::config::{self, AgentConfig};
+use crate::state::{self, AgentState, FailedUpdate};
 use crate::update::{self, Outcome};
 
 fn log(message: impl std::fmt::Display) {
@@ -57,9 +58,38 @@ pub fn enroll(server: &str, token: &str, config_path: &Path, tls: Tls, force: bo
 /// State carried between heartbeats.
 struct Loop {
     seq: u64,
-    last_update_error: Option<String>,
-    /// A build that failed to install is not retried until the server serves a different one.
-    failed_sha: Option<String>,
+    /// `agent-state.json`: the failed update survives restarts and `run --once` invocations.
+    state_path: PathBuf,
+    saved: AgentState,
+}
+
+impl Loop {
+    fn last_update_error(&self) -> Option<String> {
+        self.saved.failed_update.as_ref().map(|f| f.error.clone())
+    }
+
+    /// Records (or clears, with `None`) the failed update, in memory and on disk. A state file that cannot be written
+    /// is said once in the log; the agent goes on (it would only download the refused build once more).
+    fn remember(&mut self, failed: Option<FailedUpdate>) {
+        if self.saved.failed_update == failed {
+            return;
+        }
+        self.saved.failed_update = failed;
+        if let Err(e) = state::save(&self.state_path, &self.saved) {
+            log(format_args!("cannot save the agent state: {e}"));
+        }
+    }
+
+    fn request(&mut self, facts: &HostFacts, own_sha: &str) -> HeartbeatRequest {
+        self.seq += 1;
+        HeartbeatRequest {
+            protocol: PROTOCOL_VERSION,
+            facts: facts.clone(),
+            binary_sha256: Some(own_sha.to_string()),
+            last_update_error: self.last_update_error(),
+            seq: self.seq,
+        }
+    }
 }
 
 /// One heartbeat, and a self-update if the server serves a different build. Returns the next interval and whether
@@ -71,37 +101,44 @@ fn beat(
     exe: &Path,
     state: &mut Loop,
 ) -> Result<(Duration, bool), AgentError> {
-    state.seq += 1;
     let own_sha = crate::sha256_file(exe)?;
-    let answer = client.heartbeat(
-        &config.credential,
-        &HeartbeatRequest {
-            protocol: PROTOCOL_VERSION,
-            facts: facts.clone(),
-            binary_sha256: Some(own_sha.clone()),
-            last_update_error: state.last_update_error.clone(),
-            seq: state.seq,
-        },
-    )?;
+    let answer = client.heartbeat(&config.credential, &state.request(facts, &own_sha))?;
     let interval = Duration::from_secs(answer.heartbeat_interval_secs.clamp(1, 24 * 3600));
     let Some(served) = answer.update else { return Ok((interval, false)) };
-    let Some(served_sha) = served.sha256.clone() else { return Ok((interval, false)) };
-    if served_sha == own_sha || state.failed_sha.as_deref() == Some(served_sha.as_str()) {
+    let Some(served_sha) = served.sha256.as_deref().map(str::to_ascii_lowercase) else {
+        return Ok((interval, false));
+    };
+    let failed_sha = state.saved.failed_update.as_ref().map(|f| f.sha256.clone());
+    if failed_sha.as_deref() == Some(served_sha.as_str()) {
+        return Ok((interval, false)); // refused before: not again until the server serves another build
+    }
+    if let Some(failed) = failed_sha {
+        // The server moved on from the build that failed: that failure no longer describes anything.
+        log(format_args!(
+            "the server no longer serves the refused build {}; clearing its error",
+            crate::printable(&failed)
+        ));
+        state.remember(None);
+    }
+    if served_sha == own_sha {
         return Ok((interval, false));
     }
     let shown = crate::printable(&served_sha);
-    log(format_args!("the server serves a different build ({shown}); updating"));
+    log(format_args!("update found: the server serves a different build ({shown}); updating"));
     match update::apply(client, Some(&config.credential), &served, exe, false) {
         Ok(Outcome::Updated { previous, version }) => {
             log(format_args!("updated to {version}; previous binary kept at {}", previous.display()));
-            state.last_update_error = None;
             Ok((interval, true))
         }
         Ok(Outcome::UpToDate) => Ok((interval, false)),
         Err(e) => {
-            log(format_args!("update failed, keeping the running agent: {e}"));
-            state.last_update_error = Some(format!("update to {shown} failed: {e}"));
-            state.failed_sha = Some(served_sha);
+            log(format_args!(
+                "update refused, keeping the running agent (not retried until the server serves another build): {e}"
+            ));
+            state.remember(Some(FailedUpdate { sha256: served_sha, error: format!("update to {shown} failed: {e}") }));
+            // Tell the server now rather than at the next heartbeat (which `run --once` never sends). If this one
+            // does not get through, the next heartbeat carries the error anyway.
+            let _ = client.heartbeat(&config.credential, &state.request(facts, &own_sha));
             Ok((interval, false))
         }
     }
@@ -118,13 +155,70 @@ fn jitter(d: Duration) -> Duration {
     (d + Duration::from_millis(offset)).saturating_sub(Duration::from_millis(spread / 2))
 }
 
+/// Whether the server answers heartbeats: the log gets one line when this changes, none per heartbeat.
+enum Link {
+    /// No heartbeat answered yet.
+    Starting,
+    Up,
+    /// Failing since `since`; `failures` heartbeats so far; `why` names the kind of failure that was logged.
+    Down {
+        since: std::time::Instant,
+        failures: u32,
+        why: &'static str,
+    },
+}
+
+impl Link {
+    fn answered(&mut self, interval: Duration) {
+        match std::mem::replace(self, Link::Up) {
+            Link::Starting => log(format_args!("heartbeats answered; sending one every {interval:?}")),
+            Link::Down { since, failures, .. } => log(format_args!(
+                "server back after {failures} failed heartbeat(s) over {:?}",
+                Duration::from_secs(since.elapsed().as_secs())
+            )),
+            Link::Up => {}
+        }
+    }
+
+    fn failed(&mut self, e: &AgentError, retry: Duration) {
+        let why = match e {
+            AgentError::Network { .. } => "unreachable",
+            AgentError::Server { .. } => "refusing heartbeats",
+            _ => "failing",
+        };
+        match self {
+            Link::Down { failures, why: logged, .. } if *logged == why => *failures += 1,
+            _ => {
+                let since = match self {
+                    Link::Down { since, .. } => *since,
+                    _ => std::time::Instant::now(),
+                };
+                let failures = match self {
+                    Link::Down { failures, .. } => *failures + 1,
+                    _ => 1,
+                };
+                log(format_args!(
+                    "server {why}: {e}; retrying with backoff (first retry in {retry:?}), logged again when it is back"
+                ));
+                *self = Link::Down { since, failures, why };
+            }
+        }
+    }
+}
+
 /// `run`: heartbeats forever (or once), with backoff on errors and self-update on a new served build.
 pub fn run(config_path: &Path, once: bool) -> Result<(), AgentError> {
     let config = config::load(config_path)?;
     let client = client_for(&config)?;
     let facts = host_facts()?;
     let exe = update::current_exe()?;
-    let mut state = Loop { seq: 0, last_update_error: None, failed_sha: None };
+    let state_path = state::path_for(config_path);
+    let saved = state::load(&state_path).unwrap_or_else(|e| {
+        log(format_args!("ignoring the saved agent state: {e}"));
+        AgentState::default()
+    });
+    let mut state = Loop { seq: 0, state_path, saved };
+    let mut link = Link::Starting;
     let mut backoff = Duration::from_secs(1);
     log(format_args!(
         "{} running as agent {} against {}",
@@ -132,6 +226,12 @@ pub fn run(config_path: &Path, once: bool) -> Result<(), AgentError> {
         config.agent_id,
         config.server
     ));
+    if let Some(failed) = &state.saved.failed_update {
+        log(format_args!(
+            "remembering the refused build {} (not retried until the server serves another one)",
+            crate::printable(&failed.sha256)
+        ));
+    }
     loop {
         let wait = match beat(&client, &config, &facts, &exe, &mut state) {
             Ok((_, true)) => return restart(&exe),
@@ -140,13 +240,14 @@ pub fn run(config_path: &Path, once: bool) -> Result<(), AgentError> {
                 if once {
                     return Ok(());
                 }
+                link.answered(interval);
                 jitter(interval)
             }
             Err(e) => {
                 if once {
                     return Err(e);
                 }
-                log(format_args!("heartbeat failed (retrying in {backoff:?}): {e}"));
+                link.failed(&e, backoff);
                 let wait = backoff;
                 backoff = (backoff * 2).min(Duration::from_secs(300));
                 wait
@@ -217,6 +318,12 @@ pub fn status(config_path: &Path) -> Result<(), AgentError> {
     println!("config: {}", config_path.display());
     println!("server: {}", config.server);
     println!("agent id: {}", config.agent_id);
+    if let Ok(AgentState { failed_update: Some(failed) }) = state::load(&state::path_for(config_path)) {
+        println!(
+            "last update error: {} (not retried until the server serves another build)",
+            crate::printable(&failed.error)
+        );
+    }
     let platform = host_platform()?;
     match client_for(&config)?.served_build(platform, &config.credential) {
         Ok(Some(served)) => {

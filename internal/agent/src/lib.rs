@@ -4,11 +4,13 @@
 //! * [`client`]: the HTTP client (ureq + rustls) for enrollment, heartbeats, the manifest and downloads.
 //! * [`update`]: verified self-update: download beside the executable, check size and SHA-256, smoke-run
 //!   `--version`, keep the previous binary, swap atomically.
+//! * [`state`]: what `run` remembers between runs (the last failed self-update), next to the config.
 //! * [`commands`]: `enroll`, `run`, `update`, `status`.
 
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod state;
 pub mod update;
 
 /// Everything that can go wrong, with messages written for the operator reading them.
