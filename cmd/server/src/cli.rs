@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use rm_protocol::admin::AgentState;
+use rm_server::tls::{TlsConfig, TlsMode};
 use rm_server::{PublicUrl, TrustedProxies};
 
 #[derive(Parser, Debug)]
@@ -138,6 +139,25 @@ pub struct ServeArgs {
     #[arg(long, env = "RM_DOWNLOAD_AUDIT_INTERVAL", default_value = "10m", value_parser = humantime::parse_duration)]
     pub download_audit_interval: Duration,
 
+    /// TLS: auto (https when a certificate is configured or in <data-dir>/tls/, plain HTTP otherwise), self-signed
+    /// (as auto, but generate a key and self-signed certificate into <data-dir>/tls/ when there is none) or off.
+    #[arg(long, global = true, env = "RM_TLS", default_value = "auto", value_parser = parse_tls_mode)]
+    pub tls: TlsMode,
+
+    /// PEM certificate chain (leaf first); default <data-dir>/tls/cert.pem. Replacing the file takes effect without a
+    /// restart.
+    #[arg(long, global = true, env = "RM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert; default <data-dir>/tls/key.pem.
+    #[arg(long, global = true, env = "RM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Extra host names or addresses (comma-separated) a generated self-signed certificate is valid for, besides
+    /// localhost, 127.0.0.1 and ::1 (and the host of --public-url).
+    #[arg(long, env = "RM_TLS_NAMES", value_delimiter = ',')]
+    pub tls_names: Vec<String>,
+
     /// Longest an agent or admin API request may take, body included; downloads and uploads are not limited.
     #[arg(long, env = "RM_API_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub api_timeout: Duration,
@@ -170,6 +190,21 @@ fn parse_public_url(raw: &str) -> Result<PublicUrl, String> {
 
 fn parse_trusted_proxies(raw: &str) -> Result<TrustedProxies, String> {
     raw.parse()
+}
+
+fn parse_tls_mode(raw: &str) -> Result<TlsMode, String> {
+    raw.parse()
+}
+
+impl ServeArgs {
+    /// The TLS settings these flags describe.
+    pub fn tls_config(&self) -> TlsConfig {
+        let mut names = self.tls_names.clone();
+        if let Some(host) = self.public_url.as_ref().and_then(|u| u.host()) {
+            names.push(host.to_owned());
+        }
+        TlsConfig { mode: self.tls.clone(), cert: self.tls_cert.clone(), key: self.tls_key.clone(), names }
+    }
 }
 
 /// Bytes with an optional binary suffix: `1048576`, `64KiB`, `512MiB`, `2GiB`.

@@ -71,6 +71,7 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
             require_download_auth: args.require_download_auth,
             api_timeout: args.api_timeout,
             trusted_proxies: args.trusted_proxies.clone(),
+            tls: args.tls_config(),
             audit_retention: args.audit_retention,
             audit_max_events: args.audit_max_events,
             download_audit_interval: args.download_audit_interval,

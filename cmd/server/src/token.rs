@@ -33,6 +33,7 @@ pub async fn run(args: &ServeArgs, command: TokenCommand) -> anyhow::Result<()> 
                 "This token is shown once; store it now. Revoke it with: restic-manager-server token revoke {}",
                 info.id
             );
+            eprint!("{}", install_lines(args, &token));
         }
         TokenCommand::List => {
             let tokens = db.call(rm_fleet::list_tokens).await?;
@@ -52,6 +53,55 @@ pub async fn run(args: &ServeArgs, command: TokenCommand) -> anyhow::Result<()> 
         }
     }
     Ok(())
+}
+
+/// The exact install commands for this server: its public URL (or the listen address and this machine's name), and
+/// the certificate's key pin when the certificate is self-signed (no public CA vouches for it).
+fn install_lines(args: &ServeArgs, token: &str) -> String {
+    let tls = args.tls_config();
+    let cert = tls.cert.clone().unwrap_or_else(|| args.data_dir.join("tls").join(rm_server::tls::CERT_FILE));
+    let tls_on = tls.mode != rm_server::tls::TlsMode::Off && cert.is_file();
+    let url = match &args.public_url {
+        Some(url) => url.to_string(),
+        None => {
+            let host = if args.listen.ip().is_unspecified() {
+                std::fs::read_to_string("/proc/sys/kernel/hostname").map_or("SERVER".into(), |h| h.trim().to_owned())
+            } else {
+                args.listen.ip().to_string()
+            };
+            let scheme = if tls_on { "https" } else { "http" };
+            format!("{scheme}://{}:{}", if host.contains(':') { format!("[{host}]") } else { host }, args.listen.port())
+        }
+    };
+    let pin = tls_on.then(|| pinned_key(&cert)).flatten();
+    let (curl_pin, script_pin) = match &pin {
+        Some(pin) => (format!(" --pinnedpubkey {pin} -k"), format!(" --pin {pin}")),
+        None => (String::new(), String::new()),
+    };
+    let mut out = format!(
+        "\nInstall on each Linux host (as root):\n  curl -fsSL{curl_pin} {url}/install/install.sh | \
+         RM_ENROLL_TOKEN={token} sh -s --{script_pin}\n"
+    );
+    out += &format!(
+        "Install on each Windows host (elevated PowerShell):\n  & ([scriptblock]::Create((iwr -UseBasicParsing \
+         {url}/install/install.ps1).Content)) -Token {token}\n"
+    );
+    if pin.is_some() {
+        out += "  (the certificate is self-signed: curl and the agent check its key against the pin; the Windows \
+                installer cannot pin a key, so trust the certificate on Windows hosts first)\n";
+    }
+    if args.public_url.is_none() {
+        out += "  (set --public-url if hosts reach this server under another name)\n";
+    }
+    out
+}
+
+/// The pin of a self-signed certificate file (`None` for a publicly issued one, or one that cannot be read).
+fn pinned_key(cert: &std::path::Path) -> Option<String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let der = CertificateDer::from_pem_file(cert).ok()?;
+    rm_protocol::pin::is_self_signed(&der).ok()?.then(|| rm_protocol::pin::pin_of_certificate(&der).ok()).flatten()
 }
 
 fn describe(info: &TokenInfo, now: rm_fleet::Timestamp) -> String {

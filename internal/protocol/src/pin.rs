@@ -25,6 +25,13 @@ pub fn pin_of_certificate(der: &[u8]) -> Result<String, PinError> {
     Ok(pin_of_spki(cert.tbs_certificate.subject_pki.raw))
 }
 
+/// Whether a DER certificate signs itself (issuer = subject): such a certificate is trusted by no public CA store,
+/// so clients need its pin.
+pub fn is_self_signed(der: &[u8]) -> Result<bool, PinError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| PinError::BadCertificate(e.to_string()))?;
+    Ok(cert.issuer() == cert.subject())
+}
+
 /// The pin of a DER SubjectPublicKeyInfo.
 pub fn pin_of_spki(spki_der: &[u8]) -> String {
     format!("{PREFIX}{}", base64::engine::general_purpose::STANDARD.encode(Sha256::digest(spki_der)))

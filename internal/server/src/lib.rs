@@ -89,6 +89,7 @@ fn routes(state: &AppState) -> Router<AppState> {
         .route("/healthz", get(routes::ops::healthz))
         .route("/readyz", get(routes::ops::readyz))
         .route("/version", get(routes::ops::version))
+        .route("/tls/cert.pem", get(routes::ops::tls_certificate))
 }
 
 /// The layers every route gets, outermost last: panics become the JSON 500, then the access log.

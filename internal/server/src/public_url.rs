@@ -7,7 +7,8 @@
 //! 3. a request that carries forwarding headers from any other peer came through a proxy nobody declared: its scheme
 //!    is unknown, so there is no base URL (links become relative and the installer asks for `--server`), and a
 //!    warning says which flag to set;
-//! 4. otherwise the connection reached this server directly, which speaks plain HTTP: `http://<Host>`.
+//! 4. otherwise the connection reached this server directly: `https://<Host>` when it speaks TLS itself,
+//!    `http://<Host>` when not.
 //!
 //! Whatever this returns contains only URL-safe characters, so it can be placed into scripts without quoting
 //! surprises.
@@ -32,6 +33,17 @@ pub struct PublicUrl(String);
 impl PublicUrl {
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The host part (without port or brackets), e.g. for the names of a generated certificate.
+    pub fn host(&self) -> Option<&str> {
+        let rest = self.0.split_once("://")?.1;
+        let authority = rest.split('/').next()?;
+        let host = match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next()?,
+            None => authority.rsplit_once(':').map_or(authority, |(h, _)| h),
+        };
+        (!host.is_empty()).then_some(host)
     }
 }
 
@@ -138,6 +150,7 @@ const FORWARDING_HEADERS: [&str; 4] = ["forwarded", "x-forwarded-proto", "x-forw
 pub fn base_url(
     configured: Option<&PublicUrl>,
     trusted: &TrustedProxies,
+    own_scheme: &str,
     peer: Option<IpAddr>,
     headers: &HeaderMap,
 ) -> Option<String> {
@@ -169,7 +182,7 @@ pub fn base_url(
         }
         return None;
     }
-    plain_host(host_header?).map(|host| format!("http://{host}"))
+    plain_host(host_header?).map(|host| format!("{own_scheme}://{host}"))
 }
 
 /// The base URL of this request (see [`base_url`]), as a handler argument.
@@ -187,7 +200,8 @@ impl FromRequestParts<AppState> for BaseUrl {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
         let peer = parts.extensions.get::<ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip());
-        Ok(BaseUrl(base_url(state.public_url(), &state.settings().trusted_proxies, peer, &parts.headers)))
+        let scheme = if state.tls().is_some() { "https" } else { "http" };
+        Ok(BaseUrl(base_url(state.public_url(), &state.settings().trusted_proxies, scheme, peer, &parts.headers)))
     }
 }
 
@@ -219,7 +233,7 @@ mod tests {
         let with_host = |h: &str| {
             let mut m = HeaderMap::new();
             m.insert(http::header::HOST, h.parse().unwrap());
-            base_url(None, &TrustedProxies::default(), None, &m)
+            base_url(None, &TrustedProxies::default(), "http", None, &m)
         };
         assert_eq!(with_host("example.com:8080").as_deref(), Some("http://example.com:8080"));
         assert_eq!(with_host("[::1]:8080").as_deref(), Some("http://[::1]:8080"));
@@ -230,7 +244,7 @@ mod tests {
         let mut m = HeaderMap::new();
         m.insert(http::header::HOST, "evil.com".parse().unwrap());
         assert_eq!(
-            base_url(Some(&configured), &TrustedProxies::default(), None, &m).as_deref(),
+            base_url(Some(&configured), &TrustedProxies::default(), "http", None, &m).as_deref(),
             Some("https://fixed.example")
         );
     }
@@ -249,29 +263,36 @@ mod tests {
             ("x-forwarded-proto", "https"),
             ("x-forwarded-host", "rm.example.com"),
         ]);
-        assert_eq!(base_url(None, &trusted, Some(proxy), &tls).as_deref(), Some("https://rm.example.com"));
+        assert_eq!(base_url(None, &trusted, "http", Some(proxy), &tls).as_deref(), Some("https://rm.example.com"));
         let rfc = headers(&[
             ("host", "rm.internal"),
             ("forwarded", "for=192.0.2.1;proto=https;host=\"rm.example.com:8443\", for=10.0.0.1"),
         ]);
-        assert_eq!(base_url(None, &trusted, Some(proxy), &rfc).as_deref(), Some("https://rm.example.com:8443"));
+        assert_eq!(base_url(None, &trusted, "http", Some(proxy), &rfc).as_deref(), Some("https://rm.example.com:8443"));
         // IPv4-mapped IPv6 peers match IPv4 ranges.
         let mapped: IpAddr = "::ffff:10.9.9.9".parse().unwrap();
-        assert_eq!(base_url(None, &trusted, Some(mapped), &tls).as_deref(), Some("https://rm.example.com"));
+        assert_eq!(base_url(None, &trusted, "http", Some(mapped), &tls).as_deref(), Some("https://rm.example.com"));
         // The same headers from anyone else: no base URL at all (never a guessed http:// link).
-        assert_eq!(base_url(None, &trusted, Some(stranger), &tls), None);
-        assert_eq!(base_url(None, &TrustedProxies::default(), Some(proxy), &tls), None);
+        assert_eq!(base_url(None, &trusted, "http", Some(stranger), &tls), None);
+        assert_eq!(base_url(None, &TrustedProxies::default(), "http", Some(proxy), &tls), None);
         // A trusted proxy that does not say which scheme, or says something else, or forwards a hostile host.
         for bad in [
             headers(&[("host", "rm.internal")]),
             headers(&[("host", "rm.internal"), ("x-forwarded-proto", "gopher")]),
             headers(&[("host", "rm.internal"), ("x-forwarded-proto", "https"), ("x-forwarded-host", "a.b/$(id)")]),
         ] {
-            assert_eq!(base_url(None, &trusted, Some(proxy), &bad), None, "{bad:?}");
+            assert_eq!(base_url(None, &trusted, "http", Some(proxy), &bad), None, "{bad:?}");
         }
-        // Direct connection without forwarding headers: this server speaks plain HTTP.
+        // Direct connection without forwarding headers: this server's own scheme.
         let direct = headers(&[("host", "rm.internal:8080")]);
-        assert_eq!(base_url(None, &trusted, Some(stranger), &direct).as_deref(), Some("http://rm.internal:8080"));
+        assert_eq!(
+            base_url(None, &trusted, "http", Some(stranger), &direct).as_deref(),
+            Some("http://rm.internal:8080")
+        );
+        assert_eq!(
+            base_url(None, &trusted, "https", Some(stranger), &direct).as_deref(),
+            Some("https://rm.internal:8080")
+        );
     }
 
     #[test]

@@ -46,6 +46,8 @@ pub struct Settings {
     pub audit_max_events: u64,
     /// At most one download record per client address, platform and build in this interval.
     pub download_audit_interval: Duration,
+    /// Whether and with which certificate the server speaks TLS.
+    pub tls: crate::tls::TlsConfig,
     /// Longest an agent or admin API request may take, body included (downloads and uploads are not limited).
     pub api_timeout: Duration,
 }
@@ -59,6 +61,7 @@ impl Default for Settings {
             require_download_auth: false,
             api_timeout: Duration::from_secs(30),
             trusted_proxies: Default::default(),
+            tls: Default::default(),
             audit_retention: Duration::from_secs(90 * 24 * 3600),
             audit_max_events: 100_000,
             download_audit_interval: Duration::from_secs(600),
@@ -74,6 +77,8 @@ pub enum StartupError {
     Db(#[from] DbError),
     #[error("admin token: {0}")]
     AdminToken(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 #[derive(Clone)]
@@ -89,6 +94,7 @@ struct Inner {
     settings: Settings,
     render_cache: crate::render::RenderCache,
     downloads: crate::maintenance::DownloadSampler,
+    tls: Option<Arc<crate::tls::Certificates>>,
     shutting_down: AtomicBool,
 }
 
@@ -101,6 +107,10 @@ impl AppState {
             Ok(0) => {}
             Ok(n) => info!(files = n, "removed upload temporary files left by an earlier process"),
             Err(e) => tracing::warn!(error = %e, "could not clean upload temporary files"),
+        }
+        let tls = crate::tls::setup(&config.settings.tls, store.data_dir())?;
+        if let Some(certs) = &tls {
+            info!(certificate = %certs.cert_path().display(), pin = certs.pin(), "TLS on: serving https");
         }
         let fleet = Db::open(&store.data_dir().join(DB_FILE))?;
         let admin_token = match config.admin_token.as_deref() {
@@ -123,6 +133,7 @@ impl AppState {
                 admin_token,
                 public_url: config.public_url,
                 downloads: crate::maintenance::DownloadSampler::new(config.settings.download_audit_interval),
+                tls,
                 settings: config.settings,
                 render_cache: Default::default(),
                 shutting_down: AtomicBool::new(false),
@@ -144,6 +155,11 @@ impl AppState {
 
     pub fn settings(&self) -> &Settings {
         &self.inner.settings
+    }
+
+    /// The certificates when the server speaks TLS itself.
+    pub fn tls(&self) -> Option<&Arc<crate::tls::Certificates>> {
+        self.inner.tls.as_ref()
     }
 
     pub(crate) fn downloads(&self) -> &crate::maintenance::DownloadSampler {

@@ -132,6 +132,24 @@ impl Certificates {
         self.current.read().unwrap_or_else(|p| p.into_inner()).pin.clone()
     }
 
+    /// The certificate chain in use as PEM (leaf first): what `GET /tls/cert.pem` answers, so an agent holding only
+    /// the pin can learn the certificate to anchor on.
+    pub fn chain_pem(&self) -> String {
+        use base64::Engine as _;
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut out = String::new();
+        for der in &current.key.cert {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+            out.push_str("-----BEGIN CERTIFICATE-----\n");
+            for line in b64.as_bytes().chunks(64) {
+                out.push_str(std::str::from_utf8(line).expect("base64 is ASCII"));
+                out.push('\n');
+            }
+            out.push_str("-----END CERTIFICATE-----\n");
+        }
+        out
+    }
+
     pub fn cert_path(&self) -> &Path {
         &self.cert_path
     }
@@ -273,6 +291,8 @@ mod tests {
         assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
         let der = CertificateDer::from_pem_file(&cert).unwrap();
         assert_eq!(first.pin(), rm_protocol::pin::pin_of_certificate(&der).unwrap());
+        let served = CertificateDer::from_pem_slice(first.chain_pem().as_bytes()).unwrap();
+        assert_eq!(served, der, "the served PEM is the certificate in use");
         assert!(first.pin().starts_with("sha256//"));
         let second = setup(&config, dir.path()).unwrap().unwrap();
         assert_eq!(first.pin(), second.pin(), "reused, not regenerated");

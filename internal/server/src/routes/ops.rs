@@ -61,6 +61,21 @@ fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
     Ok(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
 
+/// `GET /tls/cert.pem`: the certificate chain this server presents (public, never gated), so an agent that was given
+/// only the key pin can fetch it, check its key against the pin and anchor on it. 404 without TLS.
+pub async fn tls_certificate(State(state): State<AppState>) -> Response {
+    match state.tls() {
+        Some(certs) => {
+            let headers = [
+                (http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-pem-file")),
+                (http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache")),
+            ];
+            (headers, certs.chain_pem()).into_response()
+        }
+        None => ApiError::NotFound("a TLS certificate (this server speaks plain HTTP)".into()).into_response(),
+    }
+}
+
 /// `GET /version`
 pub async fn version() -> Json<rm_buildinfo::BuildInfo> {
     Json(rm_buildinfo::current())
