@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use cli::{Cli, Command, LogFormat};
-use rm_server::{AppState, Config, Settings};
+use rm_server::{AppState, Config, NetSettings, Settings};
 use tracing::info;
 
 #[tokio::main]
@@ -50,6 +50,11 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format, &args.log)?;
     let info = rm_buildinfo::current();
     info!(version = info.version, commit = info.commit, date = info.date, "restic-manager-server starting");
+    match rm_server::raise_fd_limit() {
+        Ok((before, after)) if before != after => info!(before, after, "raised the open-file limit"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
+    }
     let state = AppState::new(Config {
         data_dir: args.data_dir.clone(),
         bundled_dir: args.bundled_assets_dir.clone(),
@@ -61,6 +66,14 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
             max_upload_bytes: args.max_upload_size,
             require_download_auth: args.require_download_auth,
             api_timeout: args.api_timeout,
+            net: NetSettings {
+                header_read_timeout: args.header_read_timeout,
+                idle_timeout: args.idle_timeout,
+                send_timeout: args.send_timeout,
+                body_min_bytes: (args.body_min_rate as f64 * args.body_rate_window.as_secs_f64()) as u64,
+                body_rate_window: args.body_rate_window,
+                max_connections: args.max_connections.map(|n| n as usize),
+            },
         },
     })
     .context("cannot start")?;

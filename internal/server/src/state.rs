@@ -40,6 +40,39 @@ pub struct Settings {
     pub require_download_auth: bool,
     /// Longest an agent or admin API request may take, body included (downloads and uploads are not limited).
     pub api_timeout: Duration,
+    /// Connection limits and timeouts (see [`crate::conn`]).
+    pub net: NetSettings,
+}
+
+/// How long a connection may take to send a request head, stay idle, stall a response or trickle a request body, and
+/// how many connections are served at once.
+#[derive(Clone, Debug)]
+pub struct NetSettings {
+    /// From accept (or the first byte of a later request on a keep-alive connection) to a complete request head.
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in progress is closed after this long.
+    pub idle_timeout: Duration,
+    /// A response write that makes no progress for this long (the client stopped reading) closes the connection.
+    pub send_timeout: Duration,
+    /// A request body must deliver at least this many bytes per [`NetSettings::body_rate_window`] while the handler
+    /// waits for it (0 disables the check).
+    pub body_min_bytes: u64,
+    pub body_rate_window: Duration,
+    /// Connections served at once; `None` = 4096, capped to the file-descriptor limit minus a reserve.
+    pub max_connections: Option<usize>,
+}
+
+impl Default for NetSettings {
+    fn default() -> Self {
+        NetSettings {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
+            body_min_bytes: 1024 * 30,
+            body_rate_window: Duration::from_secs(30),
+            max_connections: None,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -50,6 +83,7 @@ impl Default for Settings {
             max_upload_bytes: 512 * 1024 * 1024,
             require_download_auth: false,
             api_timeout: Duration::from_secs(30),
+            net: NetSettings::default(),
         }
     }
 }
