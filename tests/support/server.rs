@@ -23,6 +23,8 @@ pub struct ServerBuilder {
     data_dir: PathBuf,
     bundled_dir: PathBuf,
     env: Vec<(String, String)>,
+    /// `RLIMIT_NOFILE` (soft and hard) for the server process.
+    fd_limit: Option<u64>,
 }
 
 impl Default for ServerBuilder {
@@ -44,7 +46,7 @@ impl ServerBuilder {
             }
         }
         fs::create_dir_all(tmp.path().join("outside")).unwrap();
-        ServerBuilder { tmp, data_dir, bundled_dir, env: Vec::new() }
+        ServerBuilder { tmp, data_dir, bundled_dir, env: Vec::new(), fd_limit: None }
     }
 
     pub fn root(&self) -> &Path {
@@ -82,6 +84,12 @@ impl ServerBuilder {
         self
     }
 
+    /// Runs the server with `RLIMIT_NOFILE` set to `limit` (soft and hard), as `prlimit --nofile=limit` would.
+    pub fn fd_limit(mut self, limit: u64) -> Self {
+        self.fd_limit = Some(limit);
+        self
+    }
+
     fn stderr_path(&self) -> PathBuf {
         self.tmp.path().join("server.stderr")
     }
@@ -95,6 +103,20 @@ impl ServerBuilder {
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(fs::File::create(self.stderr_path()).expect("creating the stderr capture file"));
+        if let Some(limit) = self.fd_limit {
+            use std::os::unix::process::CommandExt;
+            let lim = libc::rlimit { rlim_cur: limit as libc::rlim_t, rlim_max: limit as libc::rlim_t };
+            // SAFETY: setrlimit is async-signal-safe; the closure touches nothing but its copied argument.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"))
     }
 

@@ -165,6 +165,34 @@ pub struct ServeArgs {
     /// On SIGTERM/SIGINT, how long in-flight requests may run before the server exits anyway.
     #[arg(long, env = "RM_SHUTDOWN_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// A connection must send a complete request head within this long of connecting (or, when kept alive, of the
+    /// first byte of its next request); otherwise it is closed.
+    #[arg(long, env = "RM_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// A kept-alive connection with no request in progress is closed after this long.
+    #[arg(long, env = "RM_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// A response (e.g. a download) whose client takes no bytes for this long is closed; slow readers that make
+    /// progress are not.
+    #[arg(long, env = "RM_SEND_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub send_timeout: Duration,
+
+    /// Slowest accepted request body (uploads included), in bytes per second averaged over --body-rate-window;
+    /// a slower body fails and a partial upload is discarded.
+    #[arg(long, env = "RM_BODY_MIN_RATE", default_value = "1KiB", value_parser = parse_size)]
+    pub body_min_rate: u64,
+
+    /// The window over which --body-min-rate is measured.
+    #[arg(long, env = "RM_BODY_RATE_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub body_rate_window: Duration,
+
+    /// Connections served at once (default 4096, capped to the open-file limit minus 64). At the limit the connection
+    /// waiting longest for a request is closed to make room.
+    #[arg(long, env = "RM_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
 }
 
 #[derive(clap::Args, Debug)]

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use cli::{Cli, Command, LogFormat};
-use rm_server::{AppState, Config, Settings};
+use rm_server::{AppState, Config, NetSettings, Settings};
 use tracing::info;
 
 #[tokio::main]
@@ -59,6 +59,11 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format, &args.log)?;
     let info = rm_buildinfo::current();
     info!(version = info.version, commit = info.commit, date = info.date, "restic-manager-server starting");
+    match rm_server::raise_fd_limit() {
+        Ok((before, after)) if before != after => info!(before, after, "raised the open-file limit"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
+    }
     let state = AppState::new(Config {
         data_dir: args.data_dir.clone(),
         bundled_dir: args.bundled_assets_dir.clone(),
@@ -75,6 +80,14 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
             audit_retention: args.audit_retention,
             audit_max_events: args.audit_max_events,
             download_audit_interval: args.download_audit_interval,
+            net: NetSettings {
+                header_read_timeout: args.header_read_timeout,
+                idle_timeout: args.idle_timeout,
+                send_timeout: args.send_timeout,
+                body_min_bytes: (args.body_min_rate as f64 * args.body_rate_window.as_secs_f64()) as u64,
+                body_rate_window: args.body_rate_window,
+                max_connections: args.max_connections.map(|n| n as usize),
+            },
         },
     })
     .context("cannot start")?;

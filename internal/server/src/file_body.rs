@@ -6,11 +6,12 @@
 //! cached agent binary (perf: ~47 % of server CPU in context switching); agents are small and hot, so most reads now
 //! stay on the worker. A worker never waits on the disk.
 //!
-//! Reading from the cache can outrun the socket, and hyper queues up to ~400 KiB per connection; at most
-//! [`IN_FLIGHT`] chunks per download are therefore alive at once: each chunk carries a guard that releases its slot
-//! when hyper drops it after writing. That bounds memory at ~128 KiB per download (256 downloads ≈ 32 MiB). A
-//! consumer that keeps chunks instead (a buffering layer, `collect()` in tests) is never stuck: when no slot frees
-//! within [`GATE_PATIENCE`], one more chunk is let through.
+//! Reading from the cache can outrun the socket, so at most [`IN_FLIGHT`] chunks per download are alive at once,
+//! however long the client takes: each chunk carries a guard that releases its slot when hyper drops it after
+//! writing, and the body reads nothing more until then. A client that stops reading therefore pins at most two
+//! chunks (hyper's buffer limit, set in `conn.rs`, makes it one in practice) until the send timeout closes its
+//! connection. A consumer must drop the chunks it has written: one that keeps them (`collect()`) gets two and then
+//! waits forever, so in-process tests use files of at most two chunks.
 
 use std::fs::File;
 use std::future::Future;
@@ -31,9 +32,6 @@ use tokio::task::JoinHandle;
 pub const CHUNK: usize = 64 * 1024;
 /// Chunks of one download that may exist at once (read but not yet written to the socket).
 pub const IN_FLIGHT: usize = 2;
-/// How long a full gate waits for a released chunk before letting one more through. Hyper releases chunks within
-/// milliseconds even at 256 concurrent downloads, so this only paces consumers that keep their chunks.
-pub const GATE_PATIENCE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Counts a download's live chunks and wakes the body when one is released.
 #[derive(Default)]
@@ -67,20 +65,12 @@ pub struct FileBody {
     end: u64,
     pending: Option<JoinHandle<io::Result<Vec<u8>>>>,
     gate: Arc<Gate>,
-    patience: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl FileBody {
     /// `count` bytes from `start` of `file`.
     pub fn new(file: File, start: u64, count: u64) -> FileBody {
-        FileBody {
-            file: Arc::new(file),
-            pos: start,
-            end: start + count,
-            pending: None,
-            gate: Arc::default(),
-            patience: None,
-        }
+        FileBody { file: Arc::new(file), pos: start, end: start + count, pending: None, gate: Arc::default() }
     }
 
     /// Hands a chunk out, counting it as live until hyper drops it.
@@ -91,25 +81,14 @@ impl FileBody {
         Bytes::from_owner(Tracked { bytes, gate: self.gate.clone() })
     }
 
-    /// Whether another chunk may be read now; registers for a wake-up (a released chunk, or patience running out)
-    /// otherwise.
+    /// Whether another chunk may be read now; registers for a wake-up when a chunk is released otherwise.
     fn has_room(&mut self, cx: &mut Context<'_>) -> bool {
         if self.gate.live.load(Ordering::Acquire) < IN_FLIGHT {
-            self.patience = None;
             return true;
         }
         self.gate.waker.register(cx.waker());
         // A chunk may have been released between the check and the registration.
-        if self.gate.live.load(Ordering::Acquire) < IN_FLIGHT {
-            self.patience = None;
-            return true;
-        }
-        let timer = self.patience.get_or_insert_with(|| Box::pin(tokio::time::sleep(GATE_PATIENCE)));
-        if timer.as_mut().poll(cx).is_ready() {
-            self.patience = None;
-            return true;
-        }
-        false
+        self.gate.live.load(Ordering::Acquire) < IN_FLIGHT
     }
 }
 
@@ -216,15 +195,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_consumer_that_keeps_chunks_is_paced_not_stuck() {
+    async fn a_consumer_that_keeps_chunks_gets_two_however_long_it_waits() {
         let mut tmp = tempfile::NamedTempFile::new().unwrap();
         tmp.write_all(&vec![1u8; CHUNK * 6]).unwrap();
         let mut body = FileBody::new(tmp.reopen().unwrap(), 0, (CHUNK * 6) as u64);
-        let mut kept = Vec::new();
-        while let Some(chunk) = body.next().await {
-            kept.push(chunk.unwrap()); // never dropped, like collect()
-        }
-        assert_eq!(kept.iter().map(Bytes::len).sum::<usize>(), CHUNK * 6);
+        let kept = [body.next().await.unwrap().unwrap(), body.next().await.unwrap().unwrap()];
+        // Before: a timer let one more chunk through every 100 ms, so a stalled socket accumulated them.
+        let third = tokio::time::timeout(std::time::Duration::from_millis(500), body.next()).await;
+        assert!(third.is_err(), "a third chunk was read while two were alive");
+        drop(kept);
+        assert_eq!(body.next().await.unwrap().unwrap().len(), CHUNK);
     }
 
     #[tokio::test]

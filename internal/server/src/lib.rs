@@ -4,6 +4,7 @@
 mod access_log;
 pub mod auth;
 pub mod catalog;
+mod conn;
 mod error;
 mod file_body;
 mod file_response;
@@ -16,7 +17,6 @@ mod state;
 pub mod tls;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
@@ -29,9 +29,10 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 use tracing::{info, warn};
 
+pub use conn::raise_fd_limit;
 pub use error::ApiError;
 pub use public_url::{PublicUrl, TrustedProxies};
-pub use state::{AppState, Config, DB_FILE, Settings, StartupError};
+pub use state::{AppState, Config, DB_FILE, NetSettings, Settings, StartupError};
 
 /// Custom response headers, named once.
 pub mod header_names {
@@ -128,30 +129,21 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let signal_state = state.clone();
-    let signal = async move {
+    tokio::spawn(async move {
         shutdown.await;
         signal_state.begin_shutdown();
         info!(grace_secs = grace.as_secs_f64(), "shutting down: no new connections, finishing in-flight requests");
         let _ = stop_tx.send(true);
-    };
-    let make_service = app(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, make_service).with_graceful_shutdown(signal);
-    let deadline = async move {
-        let _ = stop_rx.wait_for(|stopped| *stopped).await;
-        tokio::time::sleep(grace).await;
-    };
-    tokio::select! {
-        result = server => {
-            info!("all connections closed; stopped");
-            result
-        }
-        () = deadline => {
-            warn!(grace_secs = grace.as_secs_f64(), "grace period over; dropping the remaining connections");
-            Ok(())
-        }
+    });
+    let net = state.settings().net.clone();
+    if conn::serve(listener, app(state), net, stop_rx, grace).await {
+        info!("all connections closed; stopped");
+    } else {
+        warn!(grace_secs = grace.as_secs_f64(), "grace period over; dropping the remaining connections");
     }
+    Ok(())
 }
 
 /// Starts the background upkeep of the data volume (audit retention). Call once, inside the runtime.

@@ -50,6 +50,39 @@ pub struct Settings {
     pub tls: crate::tls::TlsConfig,
     /// Longest an agent or admin API request may take, body included (downloads and uploads are not limited).
     pub api_timeout: Duration,
+    /// Connection limits and timeouts (see [`crate::conn`]).
+    pub net: NetSettings,
+}
+
+/// How long a connection may take to send a request head, stay idle, stall a response or trickle a request body, and
+/// how many connections are served at once.
+#[derive(Clone, Debug)]
+pub struct NetSettings {
+    /// From accept (or the first byte of a later request on a keep-alive connection) to a complete request head.
+    pub header_read_timeout: Duration,
+    /// A keep-alive connection with no request in progress is closed after this long.
+    pub idle_timeout: Duration,
+    /// A response write that makes no progress for this long (the client stopped reading) closes the connection.
+    pub send_timeout: Duration,
+    /// A request body must deliver at least this many bytes per [`NetSettings::body_rate_window`] while the handler
+    /// waits for it (0 disables the check).
+    pub body_min_bytes: u64,
+    pub body_rate_window: Duration,
+    /// Connections served at once; `None` = 4096, capped to the file-descriptor limit minus a reserve.
+    pub max_connections: Option<usize>,
+}
+
+impl Default for NetSettings {
+    fn default() -> Self {
+        NetSettings {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
+            body_min_bytes: 1024 * 30,
+            body_rate_window: Duration::from_secs(30),
+            max_connections: None,
+        }
+    }
 }
 
 impl Default for Settings {
@@ -65,6 +98,7 @@ impl Default for Settings {
             audit_retention: Duration::from_secs(90 * 24 * 3600),
             audit_max_events: 100_000,
             download_audit_interval: Duration::from_secs(600),
+            net: NetSettings::default(),
         }
     }
 }
