@@ -36,7 +36,7 @@ use http_body::Frame;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tower::ServiceExt;
 use tracing::{debug, info, warn};
@@ -210,12 +210,12 @@ impl http_body::Body for GuardedBody {
 }
 
 /// The socket, recording reads and write progress for the watchdog.
-struct WatchedIo {
-    inner: TcpStream,
+struct WatchedIo<S> {
+    inner: S,
     state: Arc<ConnState>,
 }
 
-impl WatchedIo {
+impl<S> WatchedIo<S> {
     fn wrote(&self, result: &Poll<io::Result<usize>>) {
         match result {
             Poll::Pending => {
@@ -228,7 +228,7 @@ impl WatchedIo {
     }
 }
 
-impl AsyncRead for WatchedIo {
+impl<S: AsyncRead + Unpin> AsyncRead for WatchedIo<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
@@ -239,7 +239,7 @@ impl AsyncRead for WatchedIo {
     }
 }
 
-impl AsyncWrite for WatchedIo {
+impl<S: AsyncWrite + Unpin> AsyncWrite for WatchedIo<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let result = Pin::new(&mut self.inner).poll_write(cx, buf);
         self.wrote(&result);
@@ -426,9 +426,11 @@ pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     net: NetSettings,
+    tls: Option<Arc<rustls::ServerConfig>>,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) -> bool {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let max = max_connections(net.max_connections);
     info!(
         max_connections = max,
@@ -488,9 +490,26 @@ pub(crate) async fn serve(
         }
         let state = Arc::new(ConnState::new());
         let id = registry.insert(state.clone());
-        let (registry, net, router, stop) = (registry.clone(), net.clone(), router.clone(), stop.clone());
+        let (registry, net, router, stop, tls) =
+            (registry.clone(), net.clone(), router.clone(), stop.clone(), tls.clone());
         tokio::spawn(async move {
-            serve_connection(stream, peer, state, router, &net, stop).await;
+            let _ = stream.set_nodelay(true);
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+            match tls {
+                None => serve_connection(stream, fd, peer, state, router, &net, stop).await,
+                Some(acceptor) => {
+                    // The handshake counts as reading the request head: same deadline, and it can be evicted.
+                    let handshake = tokio::time::timeout(net.header_read_timeout, acceptor.accept(stream));
+                    tokio::select! {
+                        result = handshake => match result {
+                            Ok(Ok(tls_stream)) => serve_connection(tls_stream, fd, peer, state, router, &net, stop).await,
+                            Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => debug!(%peer, "TLS handshake timed out"),
+                        },
+                        () = state.kill.notified() => debug!(%peer, "closing a connection in its TLS handshake to make room"),
+                    }
+                }
+            }
             registry.remove(id);
         });
     }
@@ -503,16 +522,17 @@ pub(crate) async fn serve(
     tokio::time::timeout(grace, registry.wait_empty()).await.is_ok()
 }
 
-async fn serve_connection(
-    stream: TcpStream,
+async fn serve_connection<S>(
+    stream: S,
+    fd: std::os::fd::RawFd,
     peer: SocketAddr,
     state: Arc<ConnState>,
     router: Router,
     net: &NetSettings,
     mut stop: watch::Receiver<bool>,
-) {
-    let _ = stream.set_nodelay(true);
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     // Bytes in the kernel's send queue at the last tick: when writes are blocked but this shrinks, the client is
     // reading (slowly); the kernel only wakes a writer once a third of a large send buffer is free.
     let mut last_outq = None;

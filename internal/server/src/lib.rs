@@ -138,7 +138,11 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let net = state.settings().net.clone();
-    if conn::serve(listener, app(state), net, stop_rx, grace).await {
+    let tls = state.tls().map(|certs| {
+        certs.watch(Duration::from_secs(1));
+        certs.server_config()
+    });
+    if conn::serve(listener, app(state), net, tls, stop_rx, grace).await {
         info!("all connections closed; stopped");
     } else {
         warn!(grace_secs = grace.as_secs_f64(), "grace period over; dropping the remaining connections");
