@@ -108,3 +108,35 @@ fn agents_list_shows_the_fleet_without_curl() {
     let (ok, _, stderr) = server_cli(&[&["agents", "list", "--state", "gone"][..], &dirs].concat());
     assert!(!ok && stderr.contains("out_of_date"), "{stderr}");
 }
+
+#[test]
+fn a_taken_port_leaves_the_data_dir_untouched_and_host_names_listen() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = command(SERVER_BIN);
+    cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir", tmp.path().to_str().unwrap()]);
+    cmd.args(["--bundled-assets-dir", tmp.path().join("none").to_str().unwrap()]);
+    let out = run_bounded(cmd, Duration::from_secs(15));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("cannot listen") && stderr.contains("--listen") && stderr.contains("PORT="), "{stderr}");
+    let left: Vec<_> = fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "a failed start wrote {left:?}");
+    drop(taken);
+
+    // `localhost:PORT` is accepted (it used to be refused as not an IP address).
+    let addr = free_port();
+    let mut child = command(SERVER_BIN)
+        .args(["--listen", &format!("localhost:{}", addr.port()), "--data-dir", tmp.path().to_str().unwrap()])
+        .args(["--bundled-assets-dir", tmp.path().join("none").to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(10), "the server on localhost", || {
+        http_get(addr, "/healthz").ok().filter(|r| r.status == 200)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -128,6 +128,17 @@ fn pinned_key_is_accepted_and_a_wrong_pin_refused() {
     let url = manifest["agents"][0]["url"].as_str().unwrap();
     assert!(url.starts_with(&server.url("/agent/binary?")), "{url}");
 
+    // The container HEALTHCHECK probes over TLS, trusting exactly the local certificate's key.
+    let mut cmd = command(SERVER_BIN);
+    cmd.args(["healthcheck", "--listen", &format!("127.0.0.1:{}", server.port)]).arg("--data-dir").arg(&server.data);
+    let out = run_bounded(cmd, Duration::from_secs(15));
+    assert!(out.status.success(), "healthcheck over TLS: {}", String::from_utf8_lossy(&out.stderr));
+    let mut cmd = command(SERVER_BIN);
+    cmd.args(["healthcheck", "--listen", &format!("127.0.0.1:{}", server.port), "--tls", "off"])
+        .arg("--data-dir")
+        .arg(&server.data);
+    assert!(!run_bounded(cmd, Duration::from_secs(15)).status.success(), "a plain probe of a TLS port is unhealthy");
+
     // `token create` prints install lines with this pin.
     let mut cmd = command(SERVER_BIN);
     cmd.args(["token", "create", "--uses", "1", "--listen", &format!("127.0.0.1:{}", server.port)])

@@ -76,8 +76,8 @@ pub enum TokenCommand {
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// Address to listen on.
-    #[arg(long, global = true, env = "RM_LISTEN", default_value = "0.0.0.0:8080")]
+    /// Address to listen on: IP:PORT or HOST:PORT (e.g. localhost:8080).
+    #[arg(long, global = true, env = "RM_LISTEN", default_value = "0.0.0.0:8080", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
     /// Operator state: database, secrets, and asset overrides under agent-binaries/ and install/.
@@ -220,11 +220,36 @@ fn parse_trusted_proxies(raw: &str) -> Result<TrustedProxies, String> {
     raw.parse()
 }
 
+/// `IP:PORT`, or `HOST:PORT` resolved to its first address (IPv4 first, as `localhost` usually means 127.0.0.1).
+fn parse_listen(raw: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = raw.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let addrs: Vec<SocketAddr> = std::net::ToSocketAddrs::to_socket_addrs(raw)
+        .map_err(|e| format!("{raw:?} is not IP:PORT or HOST:PORT ({e})"))?
+        .collect();
+    addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().ok_or_else(|| format!("{raw:?} resolves to nothing"))
+}
+
 fn parse_tls_mode(raw: &str) -> Result<TlsMode, String> {
     raw.parse()
 }
 
 impl ServeArgs {
+    /// `None` when these flags and the data dir make the server speak plain HTTP; otherwise the pin of the
+    /// certificate it uses, or why that file does not load (nothing is generated here).
+    pub fn local_pin(&self) -> Option<Result<String, String>> {
+        use rustls_pki_types::CertificateDer;
+        use rustls_pki_types::pem::PemObject;
+        let tls = self.tls_config();
+        let cert = tls.cert.unwrap_or_else(|| self.data_dir.join("tls").join(rm_server::tls::CERT_FILE));
+        if tls.mode == TlsMode::Off || !cert.exists() {
+            return None;
+        }
+        let der = CertificateDer::from_pem_file(&cert).map_err(|e| format!("{}: {e}", cert.display()));
+        Some(der.and_then(|der| rm_protocol::pin::pin_of_certificate(&der).map_err(|e| e.to_string())))
+    }
+
     /// The TLS settings these flags describe.
     pub fn tls_config(&self) -> TlsConfig {
         let mut names = self.tls_names.clone();
@@ -252,7 +277,9 @@ fn parse_size(raw: &str) -> Result<u64, String> {
 }
 
 impl HealthcheckArgs {
-    pub fn url_for(&self, listen: SocketAddr) -> String {
+    /// The URL to probe: --url, else /healthz on the listen address, over https when the server's flags and data dir
+    /// say it speaks TLS.
+    pub fn url_for(&self, listen: SocketAddr, tls: bool) -> String {
         if let Some(url) = &self.url {
             return url.clone();
         }
@@ -260,7 +287,7 @@ impl HealthcheckArgs {
         if addr.ip().is_unspecified() {
             addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
         }
-        format!("http://{addr}/healthz")
+        format!("{}://{addr}/healthz", if tls { "https" } else { "http" })
     }
 }
 
@@ -304,8 +331,8 @@ mod tests {
     #[test]
     fn healthcheck_url_defaults_to_loopback() {
         let args = HealthcheckArgs { url: None, timeout: Duration::from_secs(1) };
-        assert_eq!(args.url_for("0.0.0.0:9000".parse().unwrap()), "http://127.0.0.1:9000/healthz");
-        assert_eq!(args.url_for("[::]:9000".parse().unwrap()), "http://[::1]:9000/healthz");
-        assert_eq!(args.url_for("10.1.2.3:80".parse().unwrap()), "http://10.1.2.3:80/healthz");
+        assert_eq!(args.url_for("0.0.0.0:9000".parse().unwrap(), false), "http://127.0.0.1:9000/healthz");
+        assert_eq!(args.url_for("[::]:9000".parse().unwrap(), false), "http://[::1]:9000/healthz");
+        assert_eq!(args.url_for("10.1.2.3:80".parse().unwrap(), true), "https://10.1.2.3:80/healthz");
     }
 }

@@ -17,8 +17,13 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Healthcheck(ref args)) => {
-            let url = args.url_for(cli.serve.listen);
-            match rm_server::healthcheck::probe(&url, args.timeout).await {
+            let pin = cli.serve.local_pin();
+            let url = args.url_for(cli.serve.listen, pin.is_some());
+            let probe = match pin {
+                Some(Err(e)) => Err(format!("the server's certificate does not load, so it cannot be pinned: {e}")),
+                pin => rm_server::healthcheck::probe(&url, args.timeout, pin.and_then(Result::ok).as_deref()).await,
+            };
+            match probe {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("unhealthy: {e}");
@@ -64,6 +69,15 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
     }
+    // Bind before touching the data dir: a taken port must not leave a new database or admin token behind.
+    let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            "; another process uses this port: choose another with --listen (make run PORT=8081)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("cannot listen on {}: {e}{hint}", args.listen)
+    })?;
     let state = AppState::new(Config {
         data_dir: args.data_dir.clone(),
         bundled_dir: args.bundled_assets_dir.clone(),
@@ -97,9 +111,6 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
         public_url = state.public_url().map(|u| u.to_string()).unwrap_or_else(|| "(from Host header)".into()),
         "asset roots"
     );
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
     info!(addr = %listener.local_addr()?, "listening");
     let warm = state.clone();
     tokio::task::spawn_blocking(move || rm_server::warm_up(&warm));
