@@ -12,9 +12,22 @@ use cli::{Cli, Command, LogFormat};
 use rm_server::{AppState, Config, NetSettings, Settings};
 use tracing::info;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("restic-manager-server: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(run(cli));
+    // Once serving has ended (grace period included), do not wait for stray blocking work: exit now.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
+}
+
+async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Some(Command::Healthcheck(ref args)) => {
             let pin = cli.serve.local_pin();
