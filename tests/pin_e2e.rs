@@ -42,7 +42,12 @@ fn agent(config: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 fn text(out: &Output) -> String {
-    format!("status {}\nstdout:\n{}\nstderr:\n{}", out.status, String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 #[track_caller]
@@ -153,7 +158,10 @@ fn wrong_pin_is_refused_before_the_token_is_sent_and_nothing_is_written() {
     refused(
         &out,
         "enroll with the wrong pin",
-        &format!("the server's certificate key is {}, not the pinned {wrong}: refusing (wrong server or a man in the middle)", cert.pin),
+        &format!(
+            "the server's certificate key is {}, not the pinned {wrong}: refusing (wrong server or a man in the middle)",
+            cert.pin
+        ),
     );
     assert_eq!(entries(dir.path()), Vec::<String>::new(), "nothing written");
     // The one-use token was never sent: it still enrolls.
@@ -161,10 +169,9 @@ fn wrong_pin_is_refused_before_the_token_is_sent_and_nothing_is_written() {
 
     // Malformed pins, --pin with http:// and --pin with --insecure are refused before any connection.
     let (dir, config) = scratch();
-    for (args, words) in [
-        (vec!["--pin", "sha256//short"], "not a pin"),
-        (vec!["--pin", &cert.pin, "--insecure"], "cannot be used with"),
-    ] {
+    for (args, words) in
+        [(vec!["--pin", "sha256//short"], "not a pin"), (vec!["--pin", &cert.pin, "--insecure"], "cannot be used with")]
+    {
         let url = proxy.url("");
         let mut all = vec!["enroll", "--server", &url];
         all.extend(args.iter().copied());
@@ -181,17 +188,26 @@ fn wrong_pin_is_refused_before_the_token_is_sent_and_nothing_is_written() {
 fn expired_and_misnamed_certificates_are_explained() {
     let server = server();
     let key = new_key();
-    let expired = self_signed(&key, &CertSpec { not_before: (2019, 1, 1), not_after: (2020, 1, 1), ..CertSpec::default() });
+    let expired =
+        self_signed(&key, &CertSpec { not_before: (2019, 1, 1), not_after: (2020, 1, 1), ..CertSpec::default() });
     let proxy = TlsProxy::start(server.addr(), &expired);
     let (dir, config) = scratch();
     let out = enroll(&config, &proxy.url(""), &expired.pin, &token(&server, 1));
-    refused(&out, "enroll against an expired certificate", "the server's certificate has expired (not after 2020-01-01T00:00:00Z)");
+    refused(
+        &out,
+        "enroll against an expired certificate",
+        "the server's certificate has expired (not after 2020-01-01T00:00:00Z)",
+    );
     assert_eq!(entries(dir.path()), Vec::<String>::new(), "nothing written");
 
     let misnamed = self_signed(&key, &CertSpec { names: &["other.example"], ..CertSpec::default() });
     proxy.set_cert(&misnamed);
     let out = enroll(&config, &proxy.url(""), &misnamed.pin, &token(&server, 1));
-    refused(&out, "enroll against a certificate for another name", "the server's certificate is not valid for host 127.0.0.1");
+    refused(
+        &out,
+        "enroll against a certificate for another name",
+        "the server's certificate is not valid for host 127.0.0.1",
+    );
     assert_eq!(entries(dir.path()), Vec::<String>::new(), "nothing written");
 
     // Without a pin, a self-signed certificate is simply not trusted: the message says what to do.
@@ -204,7 +220,8 @@ fn https_to_a_plain_server_and_plain_http_to_another_host_are_explained() {
     let server = server();
     let (dir, config) = scratch();
     let https_to_plain = format!("https://{}", server.addr());
-    let want = format!("the server at https://{} does not speak TLS; use http:// or enable TLS on the server", server.addr());
+    let want =
+        format!("the server at https://{} does not speak TLS; use http:// or enable TLS on the server", server.addr());
     let out = agent(&config, &["enroll", "--server", &https_to_plain], &[("RM_ENROLL_TOKEN", "x")]);
     refused(&out, "https:// to a plain server", &want);
     let pin = self_signed(&new_key(), &CertSpec::default()).pin;
@@ -219,10 +236,18 @@ fn https_to_a_plain_server_and_plain_http_to_another_host_are_explained() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("refusing plain http"), "{}", text(&out));
     assert!(started.elapsed() < Duration::from_secs(5));
     // With the flag it goes on to connect (and fails on the unresolvable name).
-    let out = agent(&config, &["enroll", "--server", "http://rm-e2e.invalid:9", "--allow-plain-http"], &[("RM_ENROLL_TOKEN", "x")]);
+    let out = agent(
+        &config,
+        &["enroll", "--server", "http://rm-e2e.invalid:9", "--allow-plain-http"],
+        &[("RM_ENROLL_TOKEN", "x")],
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"), "{}", text(&out));
-    let out = agent(&config, &["enroll", "--server", "http://rm-e2e.invalid:9"], &[("RM_ENROLL_TOKEN", "x"), ("RM_ALLOW_PLAIN_HTTP", "true")]);
+    let out = agent(
+        &config,
+        &["enroll", "--server", "http://rm-e2e.invalid:9"],
+        &[("RM_ENROLL_TOKEN", "x"), ("RM_ALLOW_PLAIN_HTTP", "true")],
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"), "RM_ALLOW_PLAIN_HTTP: {}", text(&out));
     assert_eq!(entries(dir.path()), Vec::<String>::new(), "nothing written");
 
@@ -323,7 +348,8 @@ fn install_sh_over_https_with_a_pin_under_dash() {
     let out = sh(pipe(&cert.pin, &format!("RM_ENROLL_TOKEN={}", q(&token(&server, 1)))));
     ok(&out, "curl --pinnedpubkey | dash -s -- --pin");
     let config = prefix.join("etc/restic-manager/agent.json");
-    let saved: Value = serde_json::from_slice(&fs::read(&config).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))).unwrap();
+    let saved: Value =
+        serde_json::from_slice(&fs::read(&config).unwrap_or_else(|e| panic!("{e}: {}", text(&out)))).unwrap();
     assert_eq!(saved["pin"], cert.pin.as_str());
     assert!(config.with_file_name("server-cert.pem").is_file());
     assert_eq!(entries(&tmp), Vec::<String>::new(), "the installer cleaned up");

@@ -128,9 +128,7 @@ impl TlsProxy {
                                 let _ = serve(client, config, &pem, upstream);
                             });
                         }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            std::thread::sleep(Duration::from_millis(5))
-                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
                         Err(_) => std::thread::sleep(Duration::from_millis(5)),
                     }
                 }
@@ -181,12 +179,7 @@ fn is_timeout(e: &io::Error) -> bool {
 
 /// One client connection: TLS on `client`, plaintext to `upstream` (connected once the first request is known not
 /// to be `/tls/cert.pem`).
-fn serve(
-    mut client: TcpStream,
-    config: Arc<rustls::ServerConfig>,
-    pem: &str,
-    upstream: SocketAddr,
-) -> io::Result<()> {
+fn serve(mut client: TcpStream, config: Arc<rustls::ServerConfig>, pem: &str, upstream: SocketAddr) -> io::Result<()> {
     client.set_nonblocking(false)?;
     client.set_read_timeout(Some(Duration::from_millis(5)))?;
     let mut conn = rustls::ServerConnection::new(config).map_err(io::Error::other)?;

@@ -55,12 +55,8 @@ pub fn fetch_pinned_leaf(base: &str, pin: &str) -> Result<Vec<u8>, AgentError> {
             crate::printable(&url)
         )));
     }
-    let pem = response
-        .body_mut()
-        .with_config()
-        .limit(MAX_PEM)
-        .read_to_vec()
-        .map_err(|e| crate::client::describe(&url, e))?;
+    let pem =
+        response.body_mut().with_config().limit(MAX_PEM).read_to_vec().map_err(|e| crate::client::describe(&url, e))?;
     let leaf = first_certificate(&pem)
         .ok_or_else(|| AgentError::Tls(format!("{} holds no PEM certificate", crate::printable(&url))))?;
     let got = pin_of_certificate(&leaf).map_err(|e| AgentError::Tls(format!("{}: {e}", crate::printable(&url))))?;
@@ -97,7 +93,9 @@ fn first_certificate(pem: &[u8]) -> Option<Vec<u8>> {
 pub fn load(path: &Path, pin: &str) -> Result<Vec<u8>, AgentError> {
     let fail = |reason: String| AgentError::Config { path: path.to_path_buf(), reason };
     let pem = std::fs::read(path).map_err(|e| {
-        fail(format!("cannot read the pinned server certificate: {e}; enroll again (restic-manager-agent enroll --pin …)"))
+        fail(format!(
+            "cannot read the pinned server certificate: {e}; enroll again (restic-manager-agent enroll --pin …)"
+        ))
     })?;
     let leaf = first_certificate(&pem).ok_or_else(|| fail("holds no PEM certificate".into()))?;
     let got = pin_of_certificate(&leaf).map_err(|e| fail(e.to_string()))?;

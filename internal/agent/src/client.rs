@@ -147,10 +147,7 @@ fn rustls_error(e: &ureq::Error) -> Option<&rustls::Error> {
 /// Whether a pinned server's certificate no longer chains to the stored anchor (renewed, or another key).
 fn is_untrusted_issuer(e: &ureq::Error) -> bool {
     use rustls::CertificateError as C;
-    matches!(
-        rustls_error(e),
-        Some(rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature))
-    )
+    matches!(rustls_error(e), Some(rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature)))
 }
 
 /// RFC 3339 (UTC) of Unix seconds.
@@ -223,7 +220,12 @@ impl Client {
             }
             _ => {
                 let tls = Self::tls(trust)?;
-                Ok(Client { http: RwLock::new(Self::agent(&origin, tls)), base: base.to_string(), origin, pinned: None })
+                Ok(Client {
+                    http: RwLock::new(Self::agent(&origin, tls)),
+                    base: base.to_string(),
+                    origin,
+                    pinned: None,
+                })
             }
         }
     }
@@ -233,7 +235,10 @@ impl Client {
     pub fn pinned(server: &str, pin: &str, anchor: &Path, leaf: &[u8]) -> Result<Client, AgentError> {
         let (base, origin) = Self::origin(server)?;
         if origin.scheme != "https" {
-            return Err(AgentError::Usage(format!("--pin needs an https:// server URL, not {}", crate::printable(server))));
+            return Err(AgentError::Usage(format!(
+                "--pin needs an https:// server URL, not {}",
+                crate::printable(server)
+            )));
         }
         let http = Self::agent(&origin, Self::anchored(leaf));
         Ok(Client { http: RwLock::new(http), base, origin, pinned: Some((pin.to_string(), anchor.to_path_buf())) })
