@@ -4,6 +4,9 @@
 #   curl -fsSL https://SERVER/install/install.sh | RM_ENROLL_TOKEN=TOKEN sh -s
 #   curl -fsSL https://SERVER/install/install.sh | sh -s -- --token TOKEN   (the token shows in ps while it runs)
 #
+# A server with a self-signed certificate: check its key with the pin it prints (curl checks a pin even with -k):
+#   curl -fsSL --pinnedpubkey sha256//PIN -k https://SERVER/install/install.sh | RM_ENROLL_TOKEN=TOKEN sh -s -- --pin sha256//PIN
+#
 # Downloads the agent the server serves for this host, verifies its SHA-256 against the server's published checksum,
 # installs it atomically, enrolls it with the token and starts the systemd service. Safe to re-run: an up-to-date
 # binary is not downloaded again and an enrolled host is not enrolled twice.
@@ -47,6 +50,9 @@ usage: install.sh [options]
   --dry-run       print the plan (download, enrollment, service, with their paths), change nothing
   --cacert FILE   trust this CA bundle for the server's TLS certificate
   --insecure      do not verify the server's TLS certificate (testing only)
+  --pin PIN       trust the https server whose certificate has this key: sha256//<44 characters of base64>, as
+                  the server prints it (also RM_PIN). Every download checks it (needs curl) and the agent keeps
+                  the pinned certificate as its only root
   -h, --help      this help
 EOF
 }
@@ -68,6 +74,7 @@ parse_args() {
     dry_run=0
     cacert=""
     insecure=0
+    pin="${RM_PIN:-}"
     while [ $# -gt 0 ]; do
         case "$1" in
             --server) [ $# -ge 2 ] || die "--server needs a value"; server=$2; shift 2 ;;
@@ -78,6 +85,8 @@ parse_args() {
             --prefix=*) prefix=${1#*=}; shift ;;
             --cacert) [ $# -ge 2 ] || die "--cacert needs a value"; cacert=$2; shift 2 ;;
             --cacert=*) cacert=${1#*=}; shift ;;
+            --pin) [ $# -ge 2 ] || die "--pin needs a value"; pin=$2; shift 2 ;;
+            --pin=*) pin=${1#*=}; shift ;;
             --no-service) no_service=1; shift ;;
             --dry-run) dry_run=1; shift ;;
             --insecure) insecure=1; shift ;;
@@ -85,6 +94,26 @@ parse_args() {
             *) usage; die "unknown option: $1" ;;
         esac
     done
+}
+
+# check_pin: a pin is sha256// and the base64 of 32 bytes (43 characters and one "="), checked before any request.
+check_pin() {
+    [ -n "$pin" ] || return 0
+    pin_b64=${pin#sha256//}
+    case "$pin" in
+        sha256//*) ;;
+        *) die "--pin $pin is not a pin: expected sha256// followed by 44 characters of base64" ;;
+    esac
+    case "$pin_b64" in
+        *[!A-Za-z0-9+/=]* | *=*=* | *[!=]) die "--pin $pin is not a pin: expected sha256// followed by 44 characters of base64" ;;
+    esac
+    [ ${#pin_b64} -eq 44 ] || die "--pin $pin is not a pin: expected sha256// followed by 44 characters of base64"
+    case "$server" in
+        https://*) ;;
+        *) die "--pin needs an https:// server (got $server)" ;;
+    esac
+    [ "$insecure" = 0 ] || die "--pin and --insecure exclude each other: a pin is verification"
+    [ -z "$cacert" ] || die "--pin and --cacert exclude each other: the pinned certificate is the only root"
 }
 
 resolve_server() {
@@ -112,6 +141,7 @@ resolve_server() {
     if [ -n "$cacert" ] && [ ! -r "$cacert" ]; then
         die "cannot read the CA bundle $cacert"
     fi
+    check_pin
 }
 
 detect_platform() {
@@ -133,6 +163,7 @@ pick_tools() {
     if command -v curl >/dev/null 2>&1; then
         downloader=curl
     elif command -v wget >/dev/null 2>&1; then
+        [ -z "$pin" ] || die "--pin needs curl: wget cannot check a public key pin"
         downloader=wget
         # Only GNU Wget can take the token from a file (WGETRC) and refuse redirects; BusyBox wget cannot.
         if ! wget --version 2>/dev/null | grep -q 'GNU Wget'; then
@@ -185,6 +216,8 @@ fetch() {
             if [ -n "$token" ]; then set -- "$@" --config "$work/curl.conf"; fi
             if [ -n "$cacert" ]; then set -- "$@" --cacert "$cacert"; fi
             if [ "$insecure" = 1 ]; then set -- "$@" --insecure; fi
+            # The pin replaces certificate verification: curl checks the key even with --insecure.
+            if [ -n "$pin" ]; then set -- "$@" --pinnedpubkey "$pin" --insecure; fi
             curl -fsSL "$@" --retry 2 --connect-timeout 10 -o "$fetch_out" "$fetch_url"
             ;;
         wget | busybox-wget)
@@ -299,12 +332,14 @@ enroll() {
     fi
     if [ "$dry_run" = 1 ]; then
         say "would enroll with $server (token from the environment) and save the identity to $config (mode 0600)"
+        if [ -n "$pin" ]; then say "the agent would check the server's key against $pin and keep its certificate as $config_dir/server-cert.pem"; fi
         return 0
     fi
     # The token reaches the agent through its environment, not its command line (which any user can read in ps).
     set -- enroll --server "$server" --config "$config"
     if [ -n "$cacert" ]; then set -- "$@" --cacert "$cacert"; fi
     if [ "$insecure" = 1 ]; then set -- "$@" --insecure; fi
+    if [ -n "$pin" ]; then set -- "$@" --pin "$pin"; fi
     RM_ENROLL_TOKEN=$token
     export RM_ENROLL_TOKEN
     run "$dest" "$@" || die "enrollment failed (see the message above)"

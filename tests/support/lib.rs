@@ -8,6 +8,7 @@
 //! - `files`: hashes, reproducible random bytes, atomic file replacement.
 //! - `poll`: [`poll`] / [`eventually`], the one bounded polling loop.
 //! - `skip`: [`skip`], how a test that cannot run here is recorded as skipped (never under CI).
+//! - `tls`: [`TlsProxy`], a TLS-terminating proxy (rcgen certificates) that also answers `/tls/cert.pem`.
 //! - `tools`: external tools ([`tool`], [`wine_shim`]).
 //! - [`admin_auth`]: the admin-auth matrix (also used by `internal/server/tests/api.rs`).
 
@@ -19,6 +20,7 @@ mod http;
 mod poll;
 mod server;
 mod skip;
+mod tls;
 mod tools;
 
 pub use bin::*;
@@ -28,4 +30,5 @@ pub use http::*;
 pub use poll::*;
 pub use server::*;
 pub use skip::*;
+pub use tls::*;
 pub use tools::*;

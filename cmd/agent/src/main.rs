@@ -42,8 +42,18 @@ enum Command {
         #[arg(long, env = "RM_CACERT", value_name = "FILE")]
         cacert: Option<PathBuf>,
         /// Do not verify the server's certificate (testing only).
-        #[arg(long, env = "RM_INSECURE")]
+        #[arg(long, env = "RM_INSECURE", conflicts_with = "pin")]
         insecure: bool,
+        /// Trust the server whose certificate has this public key, `sha256//<base64>` (curl's --pinnedpubkey form;
+        /// the server prints it). Its certificate is fetched, checked against the pin and stored beside the config as
+        /// server-cert.pem, the only root trusted from then on; a renewed certificate with the same key replaces it.
+        /// Needs an https:// URL.
+        #[arg(long, env = "RM_PIN", value_name = "sha256//BASE64", conflicts_with = "cacert")]
+        pin: Option<String>,
+        /// Allow plain http to a server that is not this machine (127.0.0.0/8, ::1, localhost): the token and the
+        /// agent's credential then cross the network unencrypted. Remembered in the config.
+        #[arg(long, env = "RM_ALLOW_PLAIN_HTTP")]
+        allow_plain_http: bool,
         /// Replace an existing enrollment.
         #[arg(long)]
         force: bool,
@@ -68,8 +78,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = cli.config;
     let result = match cli.command {
-        Command::Enroll { server, token, cacert, insecure, force } => {
-            commands::enroll(&server, &token, &config, Tls { cacert, insecure }, force)
+        Command::Enroll { server, token, cacert, insecure, pin, allow_plain_http, force } => {
+            commands::enroll(&server, &token, &config, Tls { cacert, insecure, pin, allow_plain_http }, force)
         }
         Command::Run { once } => commands::run(&config, once),
         Command::Update { check } => commands::update(&config, check),

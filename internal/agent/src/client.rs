@@ -1,7 +1,8 @@
 //! HTTP client for the server's agent API (ureq with rustls: a small static binary, no OpenSSL).
 
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
 use std::time::Duration;
 
 use rm_protocol::validate::sanitize_hostname;
@@ -38,10 +39,26 @@ pub fn host_facts() -> Result<HostFacts, AgentError> {
     })
 }
 
+/// How the agent trusts the server's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Trust {
+    /// The bundled web PKI roots.
+    System,
+    /// A PEM CA bundle (`--cacert`).
+    CaFile(PathBuf),
+    /// No verification (`--insecure`, testing only).
+    Insecure,
+    /// Only the stored certificate at `anchor`, whose key must have `pin` ([`crate::anchor`]).
+    Pinned { pin: String, anchor: PathBuf },
+}
+
 pub struct Client {
-    http: ureq::Agent,
+    /// Rebuilt when a pinned server's renewed certificate (same key) becomes the anchor.
+    http: RwLock<ureq::Agent>,
     base: String,
     origin: Origin,
+    /// `(pin, anchor path)` when the server is pinned.
+    pinned: Option<(String, PathBuf)>,
 }
 
 /// Scheme, host and port of a URL: what a credential is bound to. Default ports are made explicit, so
@@ -78,13 +95,170 @@ impl std::fmt::Display for Origin {
     }
 }
 
+/// Whether `host` (as in a URL: IPv6 in brackets) is this machine: `localhost`, 127.0.0.0/8 or ::1.
+pub fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    host.parse::<std::net::IpAddr>().is_ok_and(|ip| match ip {
+        std::net::IpAddr::V4(v4) => v4.is_loopback(),
+        std::net::IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+    })
+}
+
+/// Refuses plain http to anything but this machine unless the operator opted in: the enrollment token, the
+/// credential and the agent binary would cross the network readable and changeable by anyone on the path.
+/// `allowed` is `None` for a config written before the flag existed (allowed, with a warning).
+pub fn check_plain_http(server: &str, allowed: Option<bool>) -> Result<(), AgentError> {
+    let Some(origin) = Origin::of(server) else { return Ok(()) };
+    if origin.scheme != "http" || is_loopback(&origin.host) {
+        return Ok(());
+    }
+    match allowed {
+        Some(true) => Ok(()),
+        None => {
+            eprintln!(
+                "restic-manager-agent: warning: talking to {} over plain http (enrolled before --allow-plain-http \
+                 existed); enroll again with https:// and --pin, or with --allow-plain-http to keep it",
+                crate::printable(server)
+            );
+            Ok(())
+        }
+        Some(false) => Err(AgentError::Usage(format!(
+            "refusing plain http to {}: the enrollment token, the agent's credential and the agent binary would \
+             cross the network unencrypted and unauthenticated. Use https:// (for a self-signed server: --pin \
+             sha256//…, as the server prints it), or pass --allow-plain-http (RM_ALLOW_PLAIN_HTTP=1) to enroll if \
+             this network is trusted",
+            crate::printable(server)
+        ))),
+    }
+}
+
+/// The rustls error inside a ureq error, if the failure was TLS.
+fn rustls_error(e: &ureq::Error) -> Option<&rustls::Error> {
+    match e {
+        ureq::Error::Rustls(r) => Some(r),
+        ureq::Error::Io(io) => io.get_ref()?.downcast_ref::<rustls::Error>(),
+        _ => None,
+    }
+}
+
+/// Whether a pinned server's certificate no longer chains to the stored anchor (renewed, or another key).
+fn is_untrusted_issuer(e: &ureq::Error) -> bool {
+    use rustls::CertificateError as C;
+    matches!(rustls_error(e), Some(rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature)))
+}
+
+/// RFC 3339 (UTC) of Unix seconds.
+fn rfc3339(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+/// A failed request in words: TLS failures say what is wrong with the certificate or that the server does not
+/// speak TLS; anything else is "cannot reach".
+pub(crate) fn describe(url: &str, e: ureq::Error) -> AgentError {
+    use rustls::CertificateError as C;
+    let shown = crate::printable(url);
+    let host = Origin::of(url).map(|o| o.host).unwrap_or_default();
+    let server = Origin::of(url).map_or_else(|| shown.clone(), |o| o.to_string());
+    let Some(tls) = rustls_error(&e) else {
+        return AgentError::Network { url: shown, reason: crate::printable(&e.to_string()) };
+    };
+    let words = match tls {
+        rustls::Error::InvalidCertificate(C::ExpiredContext { not_after, .. }) => {
+            format!("the server's certificate has expired (not after {})", rfc3339(not_after.as_secs()))
+        }
+        rustls::Error::InvalidCertificate(C::Expired) => "the server's certificate has expired".to_string(),
+        rustls::Error::InvalidCertificate(C::NotValidYetContext { not_before, .. }) => {
+            format!("the server's certificate is not valid yet (not before {})", rfc3339(not_before.as_secs()))
+        }
+        rustls::Error::InvalidCertificate(C::NotValidYet) => "the server's certificate is not valid yet".to_string(),
+        rustls::Error::InvalidCertificate(C::NotValidForNameContext { presented, .. }) => format!(
+            "the server's certificate is not valid for host {host} (it names {})",
+            crate::printable(&presented.join(", "))
+        ),
+        rustls::Error::InvalidCertificate(C::NotValidForName) => {
+            format!("the server's certificate is not valid for host {host}")
+        }
+        rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => {
+            "the server's certificate is not trusted (unknown issuer): for a self-signed server pass --pin \
+             sha256//… (the server prints it), or --cacert FILE"
+                .to_string()
+        }
+        rustls::Error::InvalidMessage(_) => {
+            format!("the server at {server} does not speak TLS; use http:// or enable TLS on the server")
+        }
+        other => format!("TLS with {server} failed: {}", crate::printable(&other.to_string())),
+    };
+    AgentError::Tls(format!("{words} ({shown})"))
+}
+
 impl Client {
-    pub fn new(server: &str, cacert: Option<&Path>, insecure: bool) -> Result<Client, AgentError> {
+    /// A client for `server`. Refuses, before any connection, plain http to a host that is not this machine unless
+    /// `allow_plain_http`, and a pinned anchor whose key is not the pin.
+    pub fn new(server: &str, trust: &Trust, allow_plain_http: Option<bool>) -> Result<Client, AgentError> {
+        let (base, origin) = Self::origin(server)?;
+        check_plain_http(&base, allow_plain_http)?;
+        let base = base.as_str();
+        match trust {
+            Trust::Pinned { pin, anchor } => {
+                let leaf = crate::anchor::load(anchor, pin)?;
+                Self::pinned(base, pin, anchor, &leaf)
+            }
+            _ => {
+                let tls = Self::tls(trust)?;
+                Ok(Client {
+                    http: RwLock::new(Self::agent(&origin, tls)),
+                    base: base.to_string(),
+                    origin,
+                    pinned: None,
+                })
+            }
+        }
+    }
+
+    /// A client trusting only `leaf` (DER), whose key has `pin`; `anchor` is where a renewed certificate with the
+    /// same key is stored.
+    pub fn pinned(server: &str, pin: &str, anchor: &Path, leaf: &[u8]) -> Result<Client, AgentError> {
+        let (base, origin) = Self::origin(server)?;
+        if origin.scheme != "https" {
+            return Err(AgentError::Usage(format!(
+                "--pin needs an https:// server URL, not {}",
+                crate::printable(server)
+            )));
+        }
+        let http = Self::agent(&origin, Self::anchored(leaf));
+        Ok(Client { http: RwLock::new(http), base, origin, pinned: Some((pin.to_string(), anchor.to_path_buf())) })
+    }
+
+    fn origin(server: &str) -> Result<(String, Origin), AgentError> {
         let base = server.trim_end_matches('/').to_string();
         let origin = Origin::of(&base)
             .ok_or_else(|| AgentError::Usage(format!("server URL must start with http:// or https://: {server}")))?;
-        let mut tls = TlsConfig::builder().disable_verification(insecure);
-        if let Some(path) = cacert {
+        Ok((base, origin))
+    }
+
+    fn anchored(leaf: &[u8]) -> TlsConfig {
+        let root = ureq::tls::Certificate::from_der(leaf).to_owned();
+        TlsConfig::builder().root_certs(RootCerts::new_with_certs(&[root])).build()
+    }
+
+    fn tls(trust: &Trust) -> Result<TlsConfig, AgentError> {
+        let mut tls = TlsConfig::builder().disable_verification(*trust == Trust::Insecure);
+        if let Trust::CaFile(path) = trust {
             let pem = std::fs::read(path).map_err(AgentError::io(format!("reading CA bundle {}", path.display())))?;
             let certs: Vec<_> = ureq::tls::parse_pem(&pem)
                 .filter_map(|item| match item {
@@ -97,7 +271,11 @@ impl Client {
             }
             tls = tls.root_certs(RootCerts::new_with_certs(&certs));
         }
-        let http: ureq::Agent = ureq::Agent::config_builder()
+        Ok(tls.build())
+    }
+
+    fn agent(origin: &Origin, tls: TlsConfig) -> ureq::Agent {
+        ureq::Agent::config_builder()
             .http_status_as_error(false)
             // Enrolled over https: never talk plain http, not even through a redirect.
             .https_only(origin.scheme == "https")
@@ -106,10 +284,40 @@ impl Client {
             .timeout_connect(Some(Duration::from_secs(10)))
             .timeout_recv_response(Some(Duration::from_secs(30)))
             .user_agent(format!("restic-manager-agent/{}", rm_buildinfo::current().version))
-            .tls_config(tls.build())
+            .tls_config(tls)
             .build()
-            .into();
-        Ok(Client { http, base, origin })
+            .into()
+    }
+
+    /// Sends one request with the current agent. A pinned server whose certificate no longer chains to the stored
+    /// anchor gets one chance: if it now serves a certificate with the pinned key (renewed, key kept), that becomes
+    /// the anchor and the request is sent once more; another key is refused.
+    fn send(
+        &self,
+        url: &str,
+        request: impl Fn(&ureq::Agent) -> Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<ureq::http::Response<ureq::Body>, AgentError> {
+        let agent = self.http.read().unwrap_or_else(|p| p.into_inner()).clone();
+        match request(&agent) {
+            Ok(r) => Ok(r),
+            Err(e) if self.pinned.is_some() && is_untrusted_issuer(&e) => {
+                let (pin, anchor) = self.pinned.as_ref().expect("checked");
+                let leaf = crate::anchor::fetch_pinned_leaf(&self.base, pin)?;
+                if crate::anchor::load(anchor, pin).is_ok_and(|stored| stored == leaf) {
+                    return Err(describe(url, e)); // the same certificate: re-anchoring would change nothing
+                }
+                crate::anchor::save(anchor, &leaf)?;
+                eprintln!(
+                    "restic-manager-agent: the server renewed its certificate with the pinned key {pin}; \
+                     stored it as the new anchor ({})",
+                    anchor.display()
+                );
+                let agent = Self::agent(&self.origin, Self::anchored(&leaf));
+                *self.http.write().unwrap_or_else(|p| p.into_inner()) = agent.clone();
+                request(&agent).map_err(|e| describe(url, e))
+            }
+            Err(e) => Err(describe(url, e)),
+        }
     }
 
     pub fn base(&self) -> &str {
@@ -169,23 +377,21 @@ impl Client {
     }
 
     fn network(url: &str) -> impl FnOnce(ureq::Error) -> AgentError + '_ {
-        move |e| AgentError::Network { url: crate::printable(url), reason: crate::printable(&e.to_string()) }
+        move |e| describe(url, e)
     }
 
     pub fn enroll(&self, token: &str, facts: HostFacts) -> Result<EnrollResponse, AgentError> {
         let url = self.url("/api/v1/agents/enroll")?;
-        let response = self.http.post(&url).send_json(EnrollRequest::new(token, facts)).map_err(Self::network(&url))?;
+        let body = EnrollRequest::new(token, facts);
+        let response = self.send(&url, |http| http.post(&url).send_json(&body))?;
         Self::check(&url, response)?.body_mut().read_json().map_err(Self::network(&url))
     }
 
     pub fn heartbeat(&self, credential: &str, request: &HeartbeatRequest) -> Result<HeartbeatResponse, AgentError> {
         let url = self.url("/api/v1/agents/heartbeat")?;
-        let response = self
-            .http
-            .post(&url)
-            .header("authorization", format!("Bearer {credential}"))
-            .send_json(request)
-            .map_err(Self::network(&url))?;
+        let response = self.send(&url, |http| {
+            http.post(&url).header("authorization", format!("Bearer {credential}")).send_json(request)
+        })?;
         Self::check(&url, response)?.body_mut().read_json().map_err(Self::network(&url))
     }
 
@@ -193,12 +399,8 @@ impl Client {
     /// `--require-download-auth` answers 401 without it.
     pub fn served_build(&self, platform: Platform, credential: &str) -> Result<Option<PlatformEntry>, AgentError> {
         let url = self.url("/agent/manifest")?;
-        let response = self
-            .http
-            .get(&url)
-            .header("authorization", format!("Bearer {credential}"))
-            .call()
-            .map_err(Self::network(&url))?;
+        let response =
+            self.send(&url, |http| http.get(&url).header("authorization", format!("Bearer {credential}")).call())?;
         let manifest: Manifest = Self::check(&url, response)?.body_mut().read_json().map_err(Self::network(&url))?;
         Ok(manifest.published(platform).cloned())
     }
@@ -215,11 +417,13 @@ impl Client {
         mut progress: impl FnMut(u64, Option<u64>),
     ) -> Result<u64, AgentError> {
         let url = self.url(url)?;
-        let mut request = self.http.get(&url);
-        if let Some(c) = credential {
-            request = request.header("authorization", format!("Bearer {c}"));
-        }
-        let response = request.call().map_err(Self::network(&url))?;
+        let response = self.send(&url, |http| {
+            let mut request = http.get(&url);
+            if let Some(c) = credential {
+                request = request.header("authorization", format!("Bearer {c}"));
+            }
+            request.call()
+        })?;
         let mut response = Self::check(&url, response)?;
         let total = response.body().content_length();
         let too_long = |got: &str| {
@@ -255,7 +459,7 @@ mod tests {
     use super::*;
 
     fn client(base: &str) -> Client {
-        Client::new(base, None, false).unwrap()
+        Client::new(base, &Trust::System, Some(true)).unwrap()
     }
 
     #[test]
@@ -288,5 +492,32 @@ mod tests {
         // A hostile link is shown escaped.
         let e = https.url("http://x/\u{1b}[2J\u{202e}").unwrap_err().to_string();
         assert!(!e.contains('\u{1b}') && !e.contains('\u{202e}'), "{e:?}");
+    }
+
+    #[test]
+    fn loopback_hosts_and_the_plain_http_gate() {
+        for host in ["localhost", "LOCALHOST", "127.0.0.1", "127.1.2.3", "[::1]", "::1", "[::ffff:127.0.0.1]"] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in ["10.0.0.1", "192.168.1.1", "rm.example.com", "localhost.example.com", "[::2]", "0.0.0.0", ""] {
+            assert!(!is_loopback(host), "{host}");
+        }
+        assert!(check_plain_http("http://127.0.0.1:8080", Some(false)).is_ok());
+        assert!(check_plain_http("http://[::1]:8080", Some(false)).is_ok());
+        assert!(check_plain_http("https://rm.example.com", Some(false)).is_ok());
+        let e = check_plain_http("http://rm.example.com", Some(false)).unwrap_err().to_string();
+        assert!(e.contains("--allow-plain-http") && e.contains("unencrypted"), "{e}");
+        assert!(check_plain_http("http://rm.example.com", Some(true)).is_ok());
+        assert!(check_plain_http("http://rm.example.com", None).is_ok(), "a config from before the flag keeps working");
+        // Refused before any connection: a name that cannot resolve fails on the gate, not on DNS.
+        let e = Client::new("http://rm.invalid:1", &Trust::System, Some(false)).err().unwrap().to_string();
+        assert!(e.contains("refusing plain http"), "{e}");
+    }
+
+    #[test]
+    fn dates_are_rfc3339() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_735_689_599), "2024-12-31T23:59:59Z");
     }
 }

@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::AgentError;
 use rm_protocol::{HeartbeatRequest, HostFacts, PROTOCOL_VERSION};
 
-use crate::client::{Client, host_facts, host_platform};
+use crate::anchor;
+use crate::client::{Client, Trust, check_plain_http, host_facts, host_platform};
 use crate::config::{self, AgentConfig};
 use crate::state::{self, AgentState, FailedUpdate};
 use crate::update::{self, Outcome};
@@ -16,13 +17,25 @@ fn log(message: impl std::fmt::Display) {
 }
 
 /// Options shared by the commands that talk to a server.
+#[derive(Default)]
 pub struct Tls {
     pub cacert: Option<PathBuf>,
     pub insecure: bool,
+    /// `sha256//…`: trust the server whose certificate has this key, and only its certificate.
+    pub pin: Option<String>,
+    /// Allow plain http to a server that is not this machine.
+    pub allow_plain_http: bool,
 }
 
-fn client_for(config: &AgentConfig) -> Result<Client, AgentError> {
-    Client::new(&config.server, config.cacert.as_deref(), config.insecure)
+/// The client for an enrolled agent. A pinned agent checks the stored anchor against the pin first.
+fn client_for(config_path: &Path, config: &AgentConfig) -> Result<Client, AgentError> {
+    let trust = match (&config.pin, &config.cacert) {
+        (Some(pin), _) => Trust::Pinned { pin: pin.clone(), anchor: anchor::path_for(config_path) },
+        (None, Some(cacert)) => Trust::CaFile(cacert.clone()),
+        (None, None) if config.insecure => Trust::Insecure,
+        (None, None) => Trust::System,
+    };
+    Client::new(&config.server, &trust, config.allow_plain_http)
 }
 
 /// `enroll`: trades an enrollment token for an agent identity and stores it (mode 0600).
@@ -36,14 +49,51 @@ pub fn enroll(server: &str, token: &str, config_path: &Path, tls: Tls, force: bo
             config_path.display()
         )));
     }
-    let client = Client::new(server, tls.cacert.as_deref(), tls.insecure)?;
+    let pin = match &tls.pin {
+        Some(text) => Some(rm_protocol::pin::parse_pin(text).map_err(|e| AgentError::Usage(format!("--pin: {e}")))?),
+        None => None,
+    };
+    if pin.is_some() && tls.insecure {
+        return Err(AgentError::Usage("--pin and --insecure exclude each other: a pin is verification".into()));
+    }
+    if pin.is_some() && tls.cacert.is_some() {
+        return Err(AgentError::Usage(
+            "--pin and --cacert exclude each other: a pinned server's own certificate is the only root".into(),
+        ));
+    }
+    let server = server.trim_end_matches('/');
+    check_plain_http(server, Some(tls.allow_plain_http))?;
+    let anchor_path = anchor::path_for(config_path);
+    // With a pin, the server's certificate is checked before anything else (and before the token is sent).
+    let (client, leaf) = match &pin {
+        Some(pin) => {
+            if !server.to_ascii_lowercase().starts_with("https://") {
+                return Err(AgentError::Usage(format!("--pin needs an https:// server URL, not {server}")));
+            }
+            let leaf = anchor::fetch_pinned_leaf(server, pin)?;
+            (Client::pinned(server, pin, &anchor_path, &leaf)?, Some(leaf))
+        }
+        None => {
+            let trust = match &tls.cacert {
+                Some(cacert) => Trust::CaFile(cacert.clone()),
+                None if tls.insecure => Trust::Insecure,
+                None => Trust::System,
+            };
+            (Client::new(server, &trust, Some(tls.allow_plain_http))?, None)
+        }
+    };
     let enrolled = client.enroll(token, host_facts()?)?;
+    if let Some(leaf) = &leaf {
+        anchor::save(&anchor_path, leaf)?;
+    }
     let config = AgentConfig {
         server: client.base().to_string(),
         agent_id: enrolled.agent_id.clone(),
         credential: enrolled.credential,
         cacert: tls.cacert,
         insecure: tls.insecure,
+        pin,
+        allow_plain_http: Some(tls.allow_plain_http),
     };
     config::save(config_path, &config)?;
     log(format_args!(
@@ -209,7 +259,7 @@ impl Link {
 /// `run`: heartbeats forever (or once), with backoff on errors and self-update on a new served build.
 pub fn run(config_path: &Path, once: bool) -> Result<(), AgentError> {
     let config = config::load(config_path)?;
-    let client = client_for(&config)?;
+    let client = client_for(config_path, &config)?;
     let facts = host_facts()?;
     let exe = update::current_exe()?;
     let state_path = state::path_for(config_path);
@@ -282,7 +332,7 @@ fn restart(exe: &Path) -> Result<(), AgentError> {
 /// `update`: installs the served build now (`--check`: only reports).
 pub fn update(config_path: &Path, check: bool) -> Result<(), AgentError> {
     let config = config::load(config_path)?;
-    let client = client_for(&config)?;
+    let client = client_for(config_path, &config)?;
     let platform = host_platform()?;
     let exe = update::current_exe()?;
     let served = client
@@ -325,7 +375,7 @@ pub fn status(config_path: &Path) -> Result<(), AgentError> {
         );
     }
     let platform = host_platform()?;
-    match client_for(&config)?.served_build(platform, &config.credential) {
+    match client_for(config_path, &config)?.served_build(platform, &config.credential) {
         Ok(Some(served)) => {
             let served_sha = crate::printable(&served.sha256.unwrap_or_default());
             let verdict = if served_sha == own { "up to date" } else { "out of date" };

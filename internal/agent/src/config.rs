@@ -18,6 +18,14 @@ pub struct AgentConfig {
     pub cacert: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub insecure: bool,
+    /// `sha256//…`: the server's key. The certificate it was checked against is stored beside this file
+    /// ([`crate::anchor`]) and is the only root trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin: Option<String>,
+    /// Whether the operator allowed plain http to a non-loopback server at enrollment. Absent in configs written
+    /// before this existed: such an agent keeps working (with a warning) rather than lose its server on upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_plain_http: Option<bool>,
 }
 
 /// Where the identity is kept when neither `--config` nor `RM_AGENT_CONFIG` says: next to where this executable is
@@ -67,13 +75,20 @@ pub fn save(path: &Path, config: &AgentConfig) -> Result<(), AgentError> {
 /// Writes `bytes` to `path` (creating its directory) readable by the owner only (0600 on Unix): a temporary file in
 /// the same directory, synced, then renamed over `path`, so a reader sees the old or the new file, never half of one.
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    write_file(path, bytes, 0o600)
+}
+
+/// As [`write_private`], with the given Unix mode.
+pub(crate) fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let mut tmp = tempfile::Builder::new().prefix(".agent-config-").tempfile_in(dir).map_err(|e| e.to_string())?;
+    #[cfg(not(unix))]
+    let _ = mode;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        tmp.as_file().set_permissions(fs::Permissions::from_mode(0o600)).map_err(|e| e.to_string())?;
+        tmp.as_file().set_permissions(fs::Permissions::from_mode(mode)).map_err(|e| e.to_string())?;
     }
     tmp.write_all(bytes).and_then(|()| tmp.as_file().sync_all()).map_err(|e| e.to_string())?;
     tmp.persist(path).map_err(|e| e.error.to_string())?;
@@ -94,6 +109,8 @@ mod tests {
             credential: "rmagt_abc_secret".into(),
             cacert: None,
             insecure: false,
+            pin: None,
+            allow_plain_http: Some(false),
         };
         save(&path, &config).unwrap();
         assert_eq!(load(&path).unwrap(), config);

@@ -1,12 +1,14 @@
 //! The restic-manager agent as a library: `cmd/agent` parses flags and calls [`commands`].
 //!
 //! * [`config`]: the enrolled identity (server, agent id, credential), stored 0600 and replaced atomically.
+//! * [`anchor`]: key-pinned trust: the server's certificate checked against `--pin`, stored as the only root.
 //! * [`client`]: the HTTP client (ureq + rustls) for enrollment, heartbeats, the manifest and downloads.
 //! * [`update`]: verified self-update: download beside the executable, check size and SHA-256, smoke-run
 //!   `--version`, keep the previous binary, swap atomically.
 //! * [`state`]: what `run` remembers between runs (the last failed self-update), next to the config.
 //! * [`commands`]: `enroll`, `run`, `update`, `status`.
 
+pub mod anchor;
 pub mod client;
 pub mod commands;
 pub mod config;
@@ -22,6 +24,9 @@ pub enum AgentError {
     Config { path: std::path::PathBuf, reason: String },
     #[error("cannot reach {url}: {reason}")]
     Network { url: String, reason: String },
+    /// The server's certificate or TLS setup, in words (expired, wrong host, wrong key, not TLS at all).
+    #[error("{0}")]
+    Tls(String),
     #[error("the server answered {status}: {message} ({code})")]
     Server { status: u16, code: String, message: String },
     #[error("the downloaded agent does not match: {0}")]
