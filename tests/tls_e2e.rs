@@ -28,6 +28,8 @@ impl TlsServer {
         fs::create_dir_all(&data).unwrap();
         fs::create_dir_all(bundled.join("agent-binaries")).unwrap();
         fs::write(bundled.join("agent-binaries").join(LINUX_AMD64), agent).unwrap();
+        fs::create_dir_all(bundled.join("install")).unwrap();
+        fs::copy(repo_file("scripts/install.sh"), bundled.join("install/install.sh")).unwrap();
         let log = tmp.path().join("server.log");
         let port = free_port().port();
         let child = command(SERVER_BIN)
@@ -197,4 +199,54 @@ fn a_replaced_certificate_is_picked_up_without_dropping_a_download() {
     });
     let r = server.curl(&["-k", &server.url("/tls/cert.pem")]);
     assert_eq!(r.stdout, cert, "still the last good certificate");
+}
+
+#[test]
+fn the_install_line_token_create_prints_installs_over_pinned_tls() {
+    let agent = fs::read(binary(AGENT_BIN)).unwrap();
+    let server = TlsServer::start(&agent);
+    let mut cmd = command(SERVER_BIN);
+    cmd.args(["token", "create", "--uses", "1", "--listen", &format!("127.0.0.1:{}", server.port)])
+        .arg("--data-dir")
+        .arg(&server.data);
+    let out = run_bounded(cmd, Duration::from_secs(15));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let hints = String::from_utf8_lossy(&out.stderr).into_owned();
+    let line = hints.lines().map(str::trim).find(|l| l.starts_with("curl ")).unwrap_or_else(|| panic!("{hints}"));
+    let host = tempfile::tempdir().unwrap();
+    let prefix = host.path().join("prefix");
+    // The printed line as is, plus a prefix so the test needs no root.
+    let script = format!("{line} --prefix {} --no-service", prefix.display());
+    let mut sh = Command::new("sh");
+    sh.args(["-euc", &script]).env_remove("RM_ENROLL_TOKEN").env("TMPDIR", host.path()).stdin(Stdio::null());
+    let out = run_bounded(sh, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "{script}\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The agent trusts exactly this server's key from now on and heartbeats over TLS.
+    let installed = prefix.join("bin").join(AGENT_BIN);
+    let mut run = Command::new(&installed);
+    run.args(["run", "--once"]).stdin(Stdio::null());
+    let out = run_bounded(run, Duration::from_secs(60));
+    assert!(out.status.success(), "run --once over pinned TLS: {}", String::from_utf8_lossy(&out.stderr));
+    let agents =
+        server.curl(&["-k", "-H", "Authorization: Bearer tls-e2e-admin-token-0123456", &server.url("/api/v1/agents")]);
+    let agents: serde_json::Value = serde_json::from_slice(&agents.stdout).unwrap();
+    assert_eq!(agents["agents"].as_array().map(Vec::len), Some(1), "{agents}");
+    assert_eq!(agents["agents"][0]["state"], "current", "{agents}");
+    // A new key (a different server, or a man in the middle) is refused in words.
+    let (cert, key) = another_pair();
+    replace(&server.tls_dir().join("key.pem"), &key);
+    replace(&server.tls_dir().join("cert.pem"), &cert);
+    eventually(Duration::from_secs(10), "the new certificate", || {
+        (server.curl(&["-k", &server.url("/tls/cert.pem")]).stdout == cert).then_some(())
+    });
+    let mut run = Command::new(&installed);
+    run.args(["run", "--once"]).stdin(Stdio::null());
+    let out = run_bounded(run, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("not the pinned"), "{stderr}");
 }
