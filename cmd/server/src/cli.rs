@@ -159,7 +159,7 @@ pub struct ServeArgs {
     pub tls_names: Vec<String>,
 
     /// Longest an agent or admin API request may take, body included; downloads and uploads are not limited.
-    #[arg(long, env = "RM_API_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "RM_API_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
     pub api_timeout: Duration,
 
     /// On SIGTERM/SIGINT, how long in-flight requests may run before the server exits anyway.
@@ -168,16 +168,16 @@ pub struct ServeArgs {
 
     /// A connection must send a complete request head within this long of connecting (or, when kept alive, of the
     /// first byte of its next request); otherwise it is closed.
-    #[arg(long, env = "RM_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "RM_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = positive_duration)]
     pub header_read_timeout: Duration,
 
     /// A kept-alive connection with no request in progress is closed after this long.
-    #[arg(long, env = "RM_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "RM_IDLE_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
     pub idle_timeout: Duration,
 
     /// A response (e.g. a download) whose client takes no bytes for this long is closed; slow readers that make
     /// progress are not.
-    #[arg(long, env = "RM_SEND_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "RM_SEND_TIMEOUT", default_value = "60s", value_parser = positive_duration)]
     pub send_timeout: Duration,
 
     /// Slowest accepted request body (uploads included), in bytes per second averaged over --body-rate-window;
@@ -186,7 +186,7 @@ pub struct ServeArgs {
     pub body_min_rate: u64,
 
     /// The window over which --body-min-rate is measured.
-    #[arg(long, env = "RM_BODY_RATE_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "RM_BODY_RATE_WINDOW", default_value = "30s", value_parser = positive_duration)]
     pub body_rate_window: Duration,
 
     /// Connections served at once (default 4096, capped to the open-file limit minus 64). At the limit the connection
@@ -229,6 +229,15 @@ fn parse_listen(raw: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("{raw:?} is not IP:PORT or HOST:PORT ({e})"))?
         .collect();
     addrs.iter().find(|a| a.is_ipv4()).or(addrs.first()).copied().ok_or_else(|| format!("{raw:?} resolves to nothing"))
+}
+
+/// A duration above zero: a zero timeout would close every connection at once, not disable the limit.
+fn positive_duration(raw: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(raw) {
+        Ok(d) if d.is_zero() => Err(format!("{raw:?}: must be above zero")),
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn parse_tls_mode(raw: &str) -> Result<TlsMode, String> {
@@ -325,6 +334,16 @@ mod tests {
         assert_eq!(parse_size("2GiB"), Ok(2 << 30));
         for bad in ["", "0", "12MB", "x", "-1", "99999999999999999999GiB", "5 TiB"] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn zero_timeouts_are_refused() {
+        for flag in ["--header-read-timeout", "--idle-timeout", "--send-timeout", "--body-rate-window", "--api-timeout"]
+        {
+            let err = Cli::try_parse_from(["restic-manager-server", flag, "0s"]).unwrap_err().to_string();
+            assert!(err.contains("above zero"), "{flag}: {err}");
+            assert!(Cli::try_parse_from(["restic-manager-server", flag, "5s"]).is_ok(), "{flag}");
         }
     }
 

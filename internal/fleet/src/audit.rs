@@ -1,6 +1,6 @@
 //! The `audit_events` table: downloads, enrollments, uploads and deletions, paged newest first.
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::DbError;
 use crate::time::Timestamp;
@@ -29,15 +29,31 @@ pub fn record_audit(conn: &Connection, e: &AuditEvent) -> Result<(), DbError> {
     Ok(())
 }
 
-/// Applies the retention policy: deletes events older than `cutoff`, then the oldest beyond `max_events`. Returns
-/// how many were deleted. Freed pages are reused by later inserts, so the file stops growing.
+/// Most rows one retention step deletes: a large backlog is cut in steps, each its own short operation, so the
+/// database thread never stalls heartbeats for long and a nearly full volume needs little WAL space at a time.
+pub const PRUNE_STEP: u64 = 5_000;
+
+/// One retention step: deletes up to [`PRUNE_STEP`] of the oldest events that are older than `cutoff` or beyond the
+/// newest `max_events`. Returns how many were deleted; call again while it returns [`PRUNE_STEP`]. Freed pages are
+/// reused by later inserts, so the file stops growing.
 pub fn prune_audit(conn: &Connection, cutoff: Timestamp, max_events: u64) -> Result<u64, DbError> {
-    let by_age = conn.execute("DELETE FROM audit_events WHERE at < ?1", [cutoff])?;
-    let by_count = conn.execute(
-        "DELETE FROM audit_events WHERE id <= (SELECT id FROM audit_events ORDER BY id DESC LIMIT 1 OFFSET ?1)",
-        [i64::try_from(max_events).unwrap_or(i64::MAX)],
+    // The oldest id kept by the count limit (everything below it goes); none when there are fewer events.
+    let keep_from: Option<i64> = match max_events {
+        0 => Some(i64::MAX),
+        n => conn
+            .query_row(
+                "SELECT id FROM audit_events ORDER BY id DESC LIMIT 1 OFFSET ?1",
+                [i64::try_from(n - 1).unwrap_or(i64::MAX)],
+                |r| r.get(0),
+            )
+            .optional()?,
+    };
+    let deleted = conn.execute(
+        "DELETE FROM audit_events WHERE id IN (
+             SELECT id FROM audit_events WHERE at < ?1 OR id < ?2 ORDER BY id LIMIT ?3)",
+        params![cutoff, keep_from.unwrap_or(i64::MIN), PRUNE_STEP as i64],
     )?;
-    Ok((by_age + by_count) as u64)
+    Ok(deleted as u64)
 }
 
 /// Rewrites the probe row: fails (with [`DbError::Full`] on a full volume) when the database cannot write.
@@ -92,6 +108,10 @@ mod tests {
             }
             assert_eq!(prune_audit(c, 10, 1000)?, 10, "older than the cutoff");
             assert_eq!(prune_audit(c, 10, 50)?, 40, "beyond the newest 50");
+            assert_eq!(prune_audit(c, 10, 0)?, 50, "max 0 keeps nothing");
+            for at in 50..100 {
+                record_audit(c, &AuditEvent { at, kind: "download".into(), ..Default::default() })?;
+            }
             let left = list_audit(c, None, None, 1000)?;
             assert_eq!((left.len(), left.first().unwrap().at, left.last().unwrap().at), (50, 99, 50));
             assert_eq!(prune_audit(c, 10, 50)?, 0);

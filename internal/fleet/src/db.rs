@@ -129,13 +129,17 @@ where
 {
     let (tx, rx) = oneshot::channel();
     let job: Job = Box::new(move |conn| {
+        let changes_before = conn.total_changes();
         let result = catch_unwind(AssertUnwindSafe(|| op(conn)))
             .unwrap_or_else(|_| Err(DbError::Failed("the operation panicked".into())));
+        // An operation that changed nothing does not depend on the commit: a failed commit (a full volume) must not
+        // turn a read into an error.
+        let wrote = conn.total_changes() != changes_before;
         let ok = result.is_ok();
         let reply: Reply = Box::new(move |commit_error| {
             let result = match commit_error {
-                None => result,
-                Some(e) => Err(DbError::commit_failed(e)),
+                Some(e) if wrote => Err(DbError::commit_failed(e)),
+                _ => result,
             };
             let _ = tx.send(result);
         });
@@ -258,6 +262,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("t.db")).unwrap();
         (dir, db)
+    }
+
+    #[test]
+    fn a_read_in_a_batch_whose_commit_fails_still_answers() {
+        // One batch, as the writer thread runs it; the commit fails (a deferred foreign key violated by the write,
+        // standing in for a full volume).
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_connection(&dir.path().join("t.db")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE parent (id INTEGER PRIMARY KEY);
+             CREATE TABLE child (p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED);",
+        )
+        .unwrap();
+        let (write, mut write_rx) = job(|c| Ok(c.execute("INSERT INTO child VALUES (42)", [])?));
+        let (read, mut read_rx) = job(|c| Ok(c.query_row("SELECT count(*) FROM parent", [], |r| r.get::<_, i64>(0))?));
+        let mut replies = Vec::new();
+        let outcome = run_batch(&mut conn, vec![write, read], &mut replies);
+        let commit_error = outcome.expect_err("the batch's commit fails");
+        for reply in replies {
+            reply(Some(&commit_error));
+        }
+        assert!(write_rx.try_recv().unwrap().is_err(), "the write reports the failed commit");
+        assert_eq!(read_rx.try_recv().unwrap().unwrap(), 0, "the read changed nothing and keeps its answer");
     }
 
     #[test]

@@ -551,6 +551,9 @@ async fn serve_connection<S>(
     let io = TokioIo::new(WatchedIo { inner: stream, state: state.clone() });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
+        // Our watchdog enforces --header-read-timeout and --idle-timeout; hyper's own 30 s head timeout (on by
+        // default once a timer is set, and running on idle keep-alive connections too) would override both.
+        .header_read_timeout(None)
         .max_buf_size(MAX_BUF)
         .keep_alive(true)
         .serve_connection(io, service);
@@ -653,7 +656,8 @@ mod tests {
         http_body_util::StreamBody::new(Box::pin(stream))
     }
 
-    #[tokio::test]
+    // A paused clock: the windows are decided by the code under test, not by how loaded the machine is.
+    #[tokio::test(start_paused = true)]
     async fn a_slow_steady_body_passes_and_a_stalled_one_fails() {
         // 60 bytes every 80 ms: 150 bytes per 200 ms window, above the 100 required.
         let mut steady = MinRate::new(body_of(8, Duration::from_millis(80), false), 100, Duration::from_millis(200));

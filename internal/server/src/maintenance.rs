@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use crate::AppState;
 
 /// How many distinct (address, platform, build) keys are remembered; past this, expired keys are dropped and, if
-/// the map is still full, new keys are not recorded until the interval passes (counted, logged).
+/// the map is still full, new keys are not recorded until entries expire.
 const MAX_KEYS: usize = 16_384;
 
 /// (client address, platform, build sha256).
@@ -69,10 +69,24 @@ async fn prune(state: &AppState) {
     let settings = state.settings();
     let cutoff = rm_fleet::now().saturating_sub(i64::try_from(settings.audit_retention.as_secs()).unwrap_or(i64::MAX));
     let max = settings.audit_max_events;
-    match state.fleet().call(move |c| rm_fleet::prune_audit(c, cutoff, max)).await {
-        Ok(0) => {}
-        Ok(n) => info!(deleted = n, "audit retention applied"),
-        Err(e) => warn!(error = %e, "audit retention failed; retrying later"),
+    let mut total = 0;
+    // Step by step, each its own short operation, so heartbeats queued meanwhile are not held up.
+    loop {
+        match state.fleet().call(move |c| rm_fleet::prune_audit(c, cutoff, max)).await {
+            Ok(n) => {
+                total += n;
+                if n < rm_fleet::audit::PRUNE_STEP {
+                    break;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "audit retention failed; retrying later");
+                break;
+            }
+        }
+    }
+    if total > 0 {
+        info!(deleted = total, "audit retention applied");
     }
 }
 

@@ -126,12 +126,13 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim)
 }
 
-/// `proto` and `host` of the first (client-side) element of an RFC 7239 `Forwarded` header.
+/// `proto` and `host` of the last element of an RFC 7239 `Forwarded` header: the one the nearest proxy (the trusted
+/// peer) appended. Earlier elements come from further away, the first possibly from the client itself.
 fn forwarded(headers: &HeaderMap) -> (Option<String>, Option<String>) {
-    let Some(value) = header(headers, "forwarded") else { return (None, None) };
-    let first = value.split(',').next().unwrap_or_default();
+    let values: Vec<&str> = headers.get_all("forwarded").iter().filter_map(|v| v.to_str().ok()).collect();
+    let Some(last) = values.last().and_then(|v| v.rsplit(',').next()) else { return (None, None) };
     let (mut proto, mut host) = (None, None);
-    for pair in first.split(';') {
+    for pair in last.split(';') {
         let Some((key, value)) = pair.split_once('=') else { continue };
         let value = value.trim().trim_matches('"').to_string();
         match key.trim().to_ascii_lowercase().as_str() {
@@ -141,6 +142,12 @@ fn forwarded(headers: &HeaderMap) -> (Option<String>, Option<String>) {
         }
     }
     (proto, host)
+}
+
+/// The last value of a comma-separated `X-Forwarded-*` header (the nearest proxy's).
+fn last_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let value = headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).next_back()?;
+    value.rsplit(',').next().map(str::trim).filter(|v| !v.is_empty())
 }
 
 const FORWARDING_HEADERS: [&str; 4] = ["forwarded", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-ssl"];
@@ -159,14 +166,16 @@ pub fn base_url(
     }
     let host_header = header(headers, http::header::HOST.as_str());
     if peer.is_some_and(|ip| trusted.contains(ip)) {
-        let (proto, host) = forwarded(headers);
-        let proto = proto.or_else(|| header(headers, "x-forwarded-proto").map(str::to_owned))?;
+        // Proxies commonly set X-Forwarded-* and pass a client's `Forwarded` through untouched, so X-Forwarded-*
+        // comes first, and of either only what the nearest proxy added.
+        let (fwd_proto, fwd_host) = forwarded(headers);
+        let proto = last_value(headers, "x-forwarded-proto").map(str::to_owned).or(fwd_proto)?;
         let scheme = match proto.to_ascii_lowercase().as_str() {
             "https" => "https",
             "http" => "http",
             _ => return None,
         };
-        let host = host.or_else(|| header(headers, "x-forwarded-host").map(str::to_owned));
+        let host = last_value(headers, "x-forwarded-host").map(str::to_owned).or(fwd_host);
         let host = plain_host(host.as_deref().or(host_header)?)?;
         return Some(format!("{scheme}://{host}"));
     }
@@ -266,9 +275,23 @@ mod tests {
         assert_eq!(base_url(None, &trusted, "http", Some(proxy), &tls).as_deref(), Some("https://rm.example.com"));
         let rfc = headers(&[
             ("host", "rm.internal"),
-            ("forwarded", "for=192.0.2.1;proto=https;host=\"rm.example.com:8443\", for=10.0.0.1"),
+            // The nearest proxy's element is the last one; the first may be the client's own.
+            (
+                "forwarded",
+                "for=192.0.2.1;proto=http;host=evil.example, for=192.0.2.1;proto=https;host=\"rm.example.com:8443\"",
+            ),
         ]);
         assert_eq!(base_url(None, &trusted, "http", Some(proxy), &rfc).as_deref(), Some("https://rm.example.com:8443"));
+        // A client's own Forwarded header passed through by a proxy that sets X-Forwarded-*: the proxy's wins.
+        let spoofed = headers(&[
+            ("host", "rm.internal"),
+            ("forwarded", "proto=http;host=evil.example"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-host", "rm.example.com"),
+        ]);
+        assert_eq!(base_url(None, &trusted, "http", Some(proxy), &spoofed).as_deref(), Some("https://rm.example.com"));
+        let chained = headers(&[("host", "rm.internal"), ("x-forwarded-proto", "http, https")]);
+        assert_eq!(base_url(None, &trusted, "http", Some(proxy), &chained).as_deref(), Some("https://rm.internal"));
         // IPv4-mapped IPv6 peers match IPv4 ranges.
         let mapped: IpAddr = "::ffff:10.9.9.9".parse().unwrap();
         assert_eq!(base_url(None, &trusted, "http", Some(mapped), &tls).as_deref(), Some("https://rm.example.com"));
