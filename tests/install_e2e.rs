@@ -196,6 +196,20 @@ fn assert_success(out: &Output, context: &str) {
 /// A child process killed (and reaped) on drop.
 struct KillOnDrop(Child);
 
+/// The installed agent running (`run`, outside any service manager: no INVOCATION_ID, so it re-executes itself
+/// after an update) with `env`; its stdout and stderr go to the returned log file.
+fn run_agent(prefix: &Prefix, env: &[(&str, &str)]) -> (KillOnDrop, PathBuf) {
+    let log_path = prefix.scratch().join("agent.log");
+    let mut cmd = clean_command(prefix.agent(), &prefix.tmpdir);
+    cmd.envs(env.iter().copied())
+        .arg("--config")
+        .arg(prefix.config())
+        .arg("run")
+        .stdout(fs::File::create(&log_path).unwrap())
+        .stderr(fs::File::create(&log_path).unwrap().try_clone().unwrap());
+    (KillOnDrop(cmd.spawn().expect("starting the agent")), log_path)
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -670,14 +684,7 @@ fn self_update_converges_and_rejects_broken_builds() {
     let agent_id = agents(&server)[0]["id"].as_str().unwrap().to_string();
 
     // The running agent, outside any service manager (no INVOCATION_ID: it re-executes itself after an update).
-    let log_path = prefix.scratch().join("agent.log");
-    let mut cmd = clean_command(prefix.agent(), &prefix.tmpdir);
-    cmd.arg("--config")
-        .arg(prefix.config())
-        .arg("run")
-        .stdout(fs::File::create(&log_path).unwrap())
-        .stderr(fs::File::create(&log_path).unwrap().try_clone().unwrap());
-    let mut child = KillOnDrop(cmd.spawn().expect("starting the agent"));
+    let (mut child, log_path) = run_agent(&prefix, &[]);
     let agent_log =
         || format!("--- agent log ---\n{}\n{}", fs::read_to_string(&log_path).unwrap_or_default(), server.log_tail());
     let view =
@@ -993,15 +1000,7 @@ fn smoke_test_limit_holds_against_a_grandchild_holding_stdout() {
     let good_sha = sha256_file(&prefix.agent());
     let agent_id = agents(&server)[0]["id"].as_str().unwrap().to_string();
 
-    let log_path = prefix.scratch().join("agent.log");
-    let mut cmd = clean_command(prefix.agent(), &prefix.tmpdir);
-    cmd.env("RM_AGENT_SMOKE_TIMEOUT", "2")
-        .arg("--config")
-        .arg(prefix.config())
-        .arg("run")
-        .stdout(fs::File::create(&log_path).unwrap())
-        .stderr(fs::File::create(&log_path).unwrap().try_clone().unwrap());
-    let mut child = KillOnDrop(cmd.spawn().expect("starting the agent"));
+    let (mut child, log_path) = run_agent(&prefix, &[("RM_AGENT_SMOKE_TIMEOUT", "2")]);
     let agent_log =
         || format!("--- agent log ---\n{}\n{}", fs::read_to_string(&log_path).unwrap_or_default(), server.log_tail());
     let view =

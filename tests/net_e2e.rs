@@ -215,20 +215,19 @@ fn a_stalled_upload_ends_without_a_temp_file_and_a_slow_live_one_completes() {
         .env("RM_HEADER_READ_TIMEOUT", "1s")
         .env("RM_IDLE_TIMEOUT", "1s")
         .start();
-    let auth = format!("Bearer {ADMIN}");
+    // An admin upload announcing `length` bytes, on a raw socket; the caller sends (or withholds) the body.
+    let upload = |length: usize| {
+        let mut stream = connect(server.addr()).unwrap();
+        let (auth, length) = (format!("Bearer {ADMIN}"), length.to_string());
+        let head =
+            request_head(server.addr(), "PUT", UPLOAD_PATH, &[("Authorization", &auth), ("Content-Length", &length)]);
+        stream.write_all(&head).unwrap();
+        stream
+    };
 
     // Half of a 1 MiB body, then nothing.
-    let mut stream = connect(server.addr()).unwrap();
+    let mut stream = upload(MIB);
     stream.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let length = MIB.to_string();
-    stream
-        .write_all(&request_head(
-            server.addr(),
-            "PUT",
-            UPLOAD_PATH,
-            &[("Authorization", &auth), ("Content-Length", &length)],
-        ))
-        .unwrap();
     stream.write_all(&random_bytes(1, MIB / 2)).unwrap();
     let stalled = Instant::now();
     eventually(Duration::from_secs(5), "the upload's temp file", || {
@@ -254,17 +253,8 @@ fn a_stalled_upload_ends_without_a_temp_file_and_a_slow_live_one_completes() {
 
     // 24 KiB in 3 KiB pieces every 500 ms (6 KiB/s): slow but above the minimum, and longer than every timeout.
     let body = random_bytes(2, 24 * 1024);
-    let mut stream = connect(server.addr()).unwrap();
-    let length = body.len().to_string();
     let started = Instant::now();
-    stream
-        .write_all(&request_head(
-            server.addr(),
-            "PUT",
-            UPLOAD_PATH,
-            &[("Authorization", &auth), ("Content-Length", &length)],
-        ))
-        .unwrap();
+    let mut stream = upload(body.len());
     for piece in body.chunks(3 * 1024) {
         std::thread::sleep(Duration::from_millis(500));
         stream.write_all(piece).unwrap();
