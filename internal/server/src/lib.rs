@@ -13,6 +13,7 @@ mod maintenance;
 mod public_url;
 mod render;
 mod routes;
+pub use routes::repositories::repository_view;
 mod state;
 pub mod tls;
 
