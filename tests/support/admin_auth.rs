@@ -19,6 +19,11 @@ pub const ADMIN_ROUTES: &[(&str, &str, &[u8])] = &[
     ("PUT", "/api/v1/assets/install/x.sh", UPLOAD_BODY),
     ("PUT", "/api/v1/assets/install/new.sh", UPLOAD_BODY),
     ("DELETE", "/api/v1/assets/install/x.sh", b""),
+    ("GET", "/api/v1/repositories", b""),
+    ("POST", "/api/v1/repositories", br#"{"name":"x","url":"/srv/restic","password":"matrix-password"}"#),
+    ("GET", "/api/v1/repositories/x", b""),
+    ("PATCH", "/api/v1/repositories/x", br#"{"auto_init":true}"#),
+    ("DELETE", "/api/v1/repositories/x", b""),
 ];
 
 /// `Authorization` values that are not the admin token (`None`: no header), each with a description: near misses

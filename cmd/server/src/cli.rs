@@ -35,6 +35,47 @@ pub enum Command {
     /// The fleet: enrolled agents and how they compare with the builds this server serves.
     #[command(subcommand)]
     Agents(AgentsCommand),
+    /// Manage restic repositories in the data dir's database (works while the server runs; needs secret.key).
+    #[command(subcommand)]
+    Repo(RepoCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RepoCommand {
+    /// Define a repository. The password comes from standard input (--password-stdin) or RM_REPO_PASSWORD, never
+    /// from a flag; --env names variables whose values are taken from this command's own environment.
+    Add {
+        /// Lower-case name: a-z, 0-9, '.', '_', '-'.
+        #[arg(env = "RM_REPO_NAME")]
+        name: String,
+        /// An absolute local path or an sftp:, s3:, rest:, b2:, azure:, gs:, rclone: URL.
+        #[arg(long, env = "RM_REPO_URL")]
+        url: String,
+        /// Read the password from the first line of standard input.
+        #[arg(long, env = "RM_REPO_PASSWORD_STDIN")]
+        password_stdin: bool,
+        /// Names of environment variables to store for restic (comma-separated or repeated), e.g.
+        /// AWS_SECRET_ACCESS_KEY; each value is read from this command's environment.
+        #[arg(long = "env", env = "RM_REPO_ENV", value_delimiter = ',')]
+        env: Vec<String>,
+        /// A PEM file of CA certificate(s) restic should trust for this repository.
+        #[arg(long, env = "RM_REPO_CA_CERT")]
+        ca_cert: Option<PathBuf>,
+        /// Let restic initialise the repository if it does not exist.
+        #[arg(long, env = "RM_REPO_AUTO_INIT")]
+        auto_init: bool,
+    },
+    /// List repositories (never their secrets).
+    List {
+        /// JSON (the same shape as GET /api/v1/repositories) instead of a table.
+        #[arg(long, env = "RM_REPO_JSON")]
+        json: bool,
+    },
+    /// Delete a repository definition (the repository's data is not touched).
+    Rm {
+        #[arg(env = "RM_REPO_NAME")]
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -2,6 +2,7 @@
 
 mod agents;
 mod cli;
+mod repo;
 mod token;
 
 use std::process::ExitCode;
@@ -48,6 +49,7 @@ async fn run(cli: Cli) -> ExitCode {
             exit_code(agents::list(&cli.serve, state, json).await)
         }
         Some(Command::Token(command)) => exit_code(token::run(&cli.serve, command).await),
+        Some(Command::Repo(command)) => exit_code(repo::run(&cli.serve, command).await),
         None | Some(Command::Serve) => match serve(cli.serve).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -5,12 +5,14 @@
 //! All database work runs on one dedicated thread ([`db::Db`]) that commits queued operations together (group commit):
 //! the async runtime never blocks on SQLite, and an operation is acknowledged only after its transaction committed.
 //!
-//! One module per table: [`tokens`], [`agents`], [`audit`].
+//! One module per table: [`tokens`], [`agents`], [`audit`], [`repositories`] (whose secrets [`sealing`] encrypts).
 
 pub mod agents;
 pub mod audit;
 pub mod db;
+pub mod repositories;
 pub mod schema;
+pub mod sealing;
 pub mod secrets;
 pub mod time;
 pub mod tokens;
@@ -20,5 +22,10 @@ pub use agents::{
 };
 pub use audit::{AuditEvent, list_audit, probe_write, prune_audit, record_audit};
 pub use db::{Db, DbError};
+pub use repositories::{
+    NameTaken, NewRepository, RepositoryChanges, RepositoryInfo, RepositorySecrets, create_repository,
+    delete_repository, get_repository, list_repositories, repository_secrets, update_repository,
+};
+pub use sealing::{KeyError, KeyOrigin, SecretKey, unlock};
 pub use time::{Timestamp, now, rfc3339};
 pub use tokens::{EnrollError, NewToken, TokenInfo, check_enrollment_token, create_token, list_tokens, revoke_token};

@@ -53,6 +53,19 @@ pub const MIGRATIONS: &[&str] = &[
         id        INTEGER PRIMARY KEY CHECK (id = 1),
         probed_at INTEGER NOT NULL
     ) STRICT;",
+    // 5: restic repositories; `password` and `env` are sealed (nonce || XChaCha20-Poly1305 ciphertext), the
+    // environment's names are kept in clear (comma-separated).
+    "CREATE TABLE repositories (
+        name       TEXT PRIMARY KEY,
+        url        TEXT NOT NULL,
+        password   BLOB NOT NULL,
+        env        BLOB,
+        env_names  TEXT,
+        ca_cert    TEXT,
+        auto_init  INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 pub fn migrations() -> Migrations<'static> {

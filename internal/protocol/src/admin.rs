@@ -1,5 +1,6 @@
-//! The operator API (`/api/v1/tokens`, `/api/v1/agents`, `/api/v1/audit`): request and response bodies. These are
-//! API shapes, separate from the database rows they are built from, so a schema change never leaks into the JSON.
+//! The operator API (`/api/v1/tokens`, `/api/v1/agents`, `/api/v1/audit`, `/api/v1/repositories`): request and
+//! response bodies. These are API shapes, separate from the database rows they are built from, so a schema change
+//! never leaks into the JSON.
 
 use std::collections::BTreeMap;
 
@@ -197,4 +198,90 @@ pub struct AuditEntry {
 pub struct AuditPage {
     pub events: Vec<AuditEntry>,
     pub next_before: Option<i64>,
+}
+
+/// `POST /api/v1/repositories`. Operator input: unknown fields are refused. `password` and the `env` values are
+/// stored encrypted and never returned.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRepository {
+    pub name: String,
+    /// A restic repository: an absolute local path or `sftp:`, `s3:`, `rest:`, `b2:`, `azure:`, `gs:`, `rclone:`.
+    pub url: String,
+    pub password: String,
+    /// Environment for restic (e.g. `AWS_ACCESS_KEY_ID`); the values are secret.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// PEM certificate(s) restic should trust for this repository (`--cacert`).
+    #[serde(default)]
+    pub ca_cert: Option<String>,
+    #[serde(default)]
+    pub auto_init: bool,
+}
+
+/// `PATCH /api/v1/repositories/{name}`: each field present replaces the stored value (`env` replaces the whole
+/// environment; `"ca_cert": null` removes the certificate); absent fields are kept.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRepository {
+    #[serde(default)]
+    pub url: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, String>>,
+    /// Absent: keep; `null`: remove; a string: replace.
+    #[serde(default, deserialize_with = "present")]
+    pub ca_cert: Option<Option<String>>,
+    #[serde(default)]
+    pub auto_init: Option<bool>,
+}
+
+/// Tells a present `null` (`Some(None)`) from an absent field (`None`, via `default`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+/// Secrets are not printed: these bodies end up in error messages and logs.
+impl std::fmt::Debug for CreateRepository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreateRepository")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("auto_init", &self.auto_init)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for UpdateRepository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpdateRepository")
+            .field("url", &self.url)
+            .field("password", &self.password.as_ref().map(|_| "…"))
+            .field("env", &self.env.as_ref().map(|e| e.keys().collect::<Vec<_>>()))
+            .field("auto_init", &self.auto_init)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A repository as the API shows it: which secrets are set, never their values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepositoryView {
+    pub name: String,
+    pub url: String,
+    pub password_set: bool,
+    /// Names of the environment variables set (values are secret).
+    pub env_names: Vec<String>,
+    pub ca_cert_set: bool,
+    pub auto_init: bool,
+    /// RFC 3339.
+    pub created: String,
+    pub updated: String,
+}
+
+/// `GET /api/v1/repositories`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepositoryList {
+    pub repositories: Vec<RepositoryView>,
 }

@@ -13,6 +13,7 @@ mod maintenance;
 mod public_url;
 mod render;
 mod routes;
+pub use routes::repositories::repository_view;
 mod state;
 pub mod tls;
 
@@ -58,7 +59,7 @@ pub fn app(state: AppState) -> Router {
 /// Every route, grouped by the limits that apply to it.
 fn routes(state: &AppState) -> Router<AppState> {
     use axum::extract::DefaultBodyLimit;
-    use routes::{admin, agents, upload};
+    use routes::{admin, agents, repositories, upload};
 
     let downloads = Router::new()
         .route("/agent/binary", get(routes::assets::agent_binary))
@@ -73,6 +74,11 @@ fn routes(state: &AppState) -> Router<AppState> {
         .route("/api/v1/tokens", get(admin::list_tokens).post(admin::create_token))
         .route("/api/v1/tokens/{id}", delete(admin::revoke_token))
         .route("/api/v1/audit", get(admin::list_audit))
+        .route("/api/v1/repositories", get(repositories::list).post(repositories::create))
+        .route(
+            "/api/v1/repositories/{name}",
+            get(repositories::get).patch(repositories::update).delete(repositories::delete),
+        )
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         // Small requests with small answers: bounded in time, body included. Downloads and uploads are not: a slow
         // but live transfer of a large agent must finish.

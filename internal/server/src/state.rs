@@ -111,6 +111,8 @@ pub enum StartupError {
     Db(#[from] DbError),
     #[error("admin token: {0}")]
     AdminToken(String),
+    #[error("secret key: {0}")]
+    SecretKey(#[from] rm_fleet::KeyError),
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
 }
@@ -124,6 +126,7 @@ struct Inner {
     store: AssetStore,
     fleet: Db,
     admin_token: AdminToken,
+    secret_key: rm_fleet::SecretKey,
     public_url: Option<PublicUrl>,
     settings: Settings,
     render_cache: crate::render::RenderCache,
@@ -134,7 +137,7 @@ struct Inner {
 
 impl AppState {
     /// Checks the directories (see [`AssetStore::new`]), opens and migrates the database, loads or creates the admin
-    /// token, and builds the state.
+    /// token, loads or creates the secret key (checked against the sealed secrets), and builds the state.
     pub fn new(config: Config) -> Result<AppState, StartupError> {
         let store = AssetStore::new(&config.data_dir, &config.bundled_dir)?;
         match store.remove_stale_staging() {
@@ -160,11 +163,20 @@ impl AppState {
             }
             AdminTokenOrigin::File { path, created: false } => info!(path = %path.display(), "admin token loaded"),
         }
+        // Created on first start, refused if missing or wrong while sealed secrets exist: never a silent new key.
+        let (secret_key, origin) = rm_fleet::unlock(&fleet, store.data_dir(), true)?;
+        match origin {
+            rm_fleet::KeyOrigin::Created => {
+                info!("generated the secret key that encrypts repository secrets (mode 0600)")
+            }
+            rm_fleet::KeyOrigin::Loaded => info!("secret key loaded"),
+        }
         Ok(AppState {
             inner: Arc::new(Inner {
                 store,
                 fleet,
                 admin_token,
+                secret_key,
                 public_url: config.public_url,
                 downloads: crate::maintenance::DownloadSampler::new(config.settings.download_audit_interval),
                 tls,
@@ -185,6 +197,11 @@ impl AppState {
 
     pub fn admin_token(&self) -> &AdminToken {
         &self.inner.admin_token
+    }
+
+    /// The key that seals repository passwords and secret environment values.
+    pub fn secret_key(&self) -> &rm_fleet::SecretKey {
+        &self.inner.secret_key
     }
 
     pub fn settings(&self) -> &Settings {

@@ -278,6 +278,8 @@ async fn every_admin_route_rejects_missing_and_wrong_tokens() {
     }
     assert_eq!(fs::read(f.data.join("install/x.sh")).unwrap(), b"original\n");
     assert!(!f.data.join("install/new.sh").exists());
+    let r = f.admin(Method::GET, "/api/v1/repositories", Value::Null).await;
+    assert_eq!(r.json()["repositories"], json!([]), "no repository was created");
 }
 
 #[tokio::test]
@@ -439,4 +441,228 @@ async fn only_platform_errors_list_the_supported_platforms() {
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{platform_query}");
         assert_eq!(r.json()["supported"].as_array().map(Vec::len), Some(3), "{platform_query}: {}", r.json());
     }
+}
+
+const REPO_PASSWORD: &str = "repo-pw-Axolotl-8675309";
+const REPO_ENV_SECRET: &str = "env-secret-Narwhal-31337";
+
+fn ca_pem() -> String {
+    let key = rcgen::KeyPair::generate().unwrap();
+    rcgen::CertificateParams::new(vec!["minio.internal".into()]).unwrap().self_signed(&key).unwrap().pem()
+}
+
+/// Every byte an API answer carried, for the "no secret in any response" check.
+struct Seen(Vec<u8>);
+
+impl Seen {
+    async fn admin(&mut self, f: &Fixture, method: Method, uri: &str, body: Value) -> Reply {
+        let r = f.admin(method, uri, body).await;
+        self.0.extend_from_slice(&r.body);
+        for (name, value) in &r.headers {
+            self.0.extend_from_slice(name.as_str().as_bytes());
+            self.0.extend_from_slice(value.as_bytes());
+        }
+        r
+    }
+
+    fn assert_clean(&self, secrets: &[&str]) {
+        for secret in secrets {
+            assert!(!self.0.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret} in a response");
+        }
+    }
+}
+
+#[tokio::test]
+async fn repositories_are_created_listed_patched_and_deleted_without_showing_secrets() {
+    let f = Fixture::new();
+    let mut seen = Seen(Vec::new());
+    let r = seen
+        .admin(
+            &f,
+            Method::POST,
+            "/api/v1/repositories",
+            json!({
+                "name": "offsite", "url": "s3:s3.example.com/backups", "password": REPO_PASSWORD,
+                "env": {"AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": REPO_ENV_SECRET},
+                "ca_cert": ca_pem(), "auto_init": true
+            }),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.json());
+    let view = r.json();
+    assert_eq!(view["name"], "offsite");
+    assert_eq!(view["url"], "s3:s3.example.com/backups");
+    assert_eq!(view["password_set"], true);
+    assert_eq!(view["env_names"], json!(["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]));
+    assert_eq!(view["ca_cert_set"], true);
+    assert_eq!(view["auto_init"], true);
+    assert!(view.get("password").is_none() && view.get("env").is_none());
+
+    let r = seen
+        .admin(
+            &f,
+            Method::POST,
+            "/api/v1/repositories",
+            json!({"name": "local", "url": "/srv/restic", "password": "x"}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(r.json()["auto_init"], false);
+    assert_eq!(r.json()["env_names"], json!([]));
+    assert_eq!(r.json()["ca_cert_set"], false);
+
+    // Duplicate: 409, and the stored password is unchanged.
+    let r = seen
+        .admin(&f, Method::POST, "/api/v1/repositories", json!({"name": "offsite", "url": "/other", "password": "y"}))
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT);
+    assert_eq!(r.json()["error"], "conflict");
+
+    let r = seen.admin(&f, Method::GET, "/api/v1/repositories", Value::Null).await;
+    let names: Vec<_> = r.json()["repositories"].as_array().unwrap().iter().map(|v| v["name"].clone()).collect();
+    assert_eq!(names, vec![json!("local"), json!("offsite")]);
+    let r = seen.admin(&f, Method::GET, "/api/v1/repositories/offsite", Value::Null).await;
+    assert_eq!(r.json(), view);
+
+    // The stored secrets decrypt to what was sent.
+    let key = f.state.secret_key().clone();
+    let secrets = f
+        .state
+        .fleet()
+        .call(move |c| rm_fleet::repository_secrets(c, &key, "offsite"))
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(secrets.password, REPO_PASSWORD);
+    assert_eq!(secrets.env["AWS_SECRET_ACCESS_KEY"], REPO_ENV_SECRET);
+
+    // PATCH: replace the password and the environment, clear the certificate; other fields are kept.
+    let r = seen
+        .admin(
+            &f,
+            Method::PATCH,
+            "/api/v1/repositories/offsite",
+            json!({"password": "replaced-Pangolin", "env": {"B2_ACCOUNT_KEY": "k"}, "ca_cert": null}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.json());
+    let patched = r.json();
+    assert_eq!(patched["env_names"], json!(["B2_ACCOUNT_KEY"]));
+    assert_eq!(patched["ca_cert_set"], false);
+    assert_eq!(patched["auto_init"], true);
+    assert_eq!(patched["url"], view["url"]);
+    assert_eq!(patched["created"], view["created"]);
+    let key = f.state.secret_key().clone();
+    let secrets =
+        f.state.fleet().call(move |c| rm_fleet::repository_secrets(c, &key, "offsite")).await.unwrap().unwrap();
+    assert_eq!(secrets.unwrap().password, "replaced-Pangolin");
+    // Absent fields are kept; an empty PATCH is refused.
+    let r = seen.admin(&f, Method::PATCH, "/api/v1/repositories/offsite", json!({"auto_init": false})).await;
+    assert_eq!(r.json()["env_names"], json!(["B2_ACCOUNT_KEY"]));
+    let r = seen.admin(&f, Method::PATCH, "/api/v1/repositories/offsite", json!({})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // Unknown names: 404 everywhere.
+    for method in [Method::GET, Method::PATCH, Method::DELETE] {
+        let r = seen.admin(&f, method.clone(), "/api/v1/repositories/nope", json!({"auto_init": true})).await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{method}");
+        assert_eq!(r.json()["error"], "not_found");
+    }
+    let r = seen.admin(&f, Method::GET, "/api/v1/repositories/BAD%20NAME", Value::Null).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    let r = seen.admin(&f, Method::DELETE, "/api/v1/repositories/offsite", Value::Null).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = seen.admin(&f, Method::GET, "/api/v1/repositories/offsite", Value::Null).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    // Audited without secrets.
+    let r = seen.admin(&f, Method::GET, "/api/v1/audit?kind=repository", Value::Null).await;
+    let details: Vec<String> =
+        r.json()["events"].as_array().unwrap().iter().map(|e| e["detail"].as_str().unwrap().to_string()).collect();
+    assert_eq!(details.len(), 5, "{details:?}");
+    assert!(details[0].starts_with("deleted offsite"), "{details:?}");
+    assert!(details.iter().any(|d| d.contains("password replaced")), "{details:?}");
+    assert!(details.last().unwrap().contains("created offsite"), "{details:?}");
+    seen.assert_clean(&[REPO_PASSWORD, REPO_ENV_SECRET, "replaced-Pangolin", "AKIAEXAMPLE"]);
+}
+
+#[tokio::test]
+async fn repository_input_is_validated_and_refusals_write_nothing() {
+    let f = Fixture::new();
+    let ok = json!({"name": "r", "url": "/srv/restic", "password": "p"});
+    let with = |field: &str, value: Value| {
+        let mut body = ok.clone();
+        body[field] = value;
+        body
+    };
+    let cases = [
+        ("empty name", with("name", json!(""))),
+        ("upper-case name", with("name", json!("Repo"))),
+        ("name with a slash", with("name", json!("a/b"))),
+        ("name too long", with("name", json!("a".repeat(64)))),
+        ("relative path", with("url", json!("srv/restic"))),
+        ("unknown scheme", with("url", json!("ftp://host/r"))),
+        ("empty url", with("url", json!(""))),
+        ("scheme only", with("url", json!("s3:"))),
+        ("control character", with("url", json!("/srv/\u{7}r"))),
+        ("bidi character", with("url", json!("/srv/\u{202e}r"))),
+        ("password in a rest URL", with("url", json!("rest:https://u:pw@host/"))),
+        ("empty password", with("password", json!(""))),
+        ("password too long", with("password", json!("p".repeat(4097)))),
+        ("lower-case env name", with("env", json!({"aws_key": "v"}))),
+        ("env name with a dash", with("env", json!({"A-B": "v"}))),
+        ("env name starting with a digit", with("env", json!({"1A": "v"}))),
+        (
+            "too many env variables",
+            with("env", Value::Object((0..65).map(|i| (format!("V{i}"), json!("v"))).collect())),
+        ),
+        ("not PEM", with("ca_cert", json!("hello"))),
+        ("a key, not a certificate", with("ca_cert", json!(rcgen::KeyPair::generate().unwrap().serialize_pem()))),
+        (
+            "PEM that is not X.509",
+            with("ca_cert", json!("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")),
+        ),
+        ("unknown field", with("passwd", json!("p"))),
+        ("missing password", json!({"name": "r", "url": "/srv/restic"})),
+        ("wrong type", with("auto_init", json!("yes"))),
+    ];
+    for (what, body) in cases {
+        let r = f.admin(Method::POST, "/api/v1/repositories", body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{what}: {:?}", r.json());
+        assert_eq!(r.json()["error"], "invalid_request", "{what}");
+        assert!(!r.json()["message"].as_str().unwrap_or("").is_empty(), "{what}: {:?}", r.json());
+    }
+    let r = f.admin(Method::GET, "/api/v1/repositories", Value::Null).await;
+    assert_eq!(r.json()["repositories"], json!([]));
+    let r = f.admin(Method::GET, "/api/v1/audit?kind=repository", Value::Null).await;
+    assert_eq!(r.json()["events"], json!([]));
+
+    // PATCH validates the same way and leaves the row alone.
+    assert_eq!(f.admin(Method::POST, "/api/v1/repositories", ok.clone()).await.status, StatusCode::CREATED);
+    for (what, body) in [
+        ("relative path", json!({"url": "x"})),
+        ("empty password", json!({"password": ""})),
+        ("bad env", json!({"env": {"a": "b"}})),
+        ("bad ca_cert", json!({"ca_cert": "x"})),
+        ("rename", json!({"name": "s"})),
+    ] {
+        let r = f.admin(Method::PATCH, "/api/v1/repositories/r", body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{what}: {:?}", r.json());
+    }
+    let r = f.admin(Method::GET, "/api/v1/repositories/r", Value::Null).await;
+    assert_eq!(r.json()["url"], "/srv/restic");
+    assert_eq!(r.json()["created"], r.json()["updated"]);
+}
+
+#[tokio::test]
+async fn the_secret_key_file_is_0600_and_32_bytes() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Fixture::new();
+    let path = f.data.join("secret.key");
+    assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let text = fs::read_to_string(&path).unwrap();
+    assert_eq!(text.trim_end().len(), 64);
+    assert!(text.trim_end().bytes().all(|b| b.is_ascii_hexdigit()));
 }

@@ -1,0 +1,114 @@
+//! `restic-manager-server repo …`: restic repositories from the command line, straight against the database like
+//! `token`. Secrets are sealed with the data dir's `secret.key`, which must exist (the server creates it); secrets
+//! never come from argv: the password from standard input or `RM_REPO_PASSWORD`, environment values from this
+//! command's own environment.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+
+use anyhow::{Context, bail};
+use rm_fleet::{AuditEvent, NewRepository};
+use rm_protocol::admin::RepositoryList;
+
+use crate::cli::{RepoCommand, ServeArgs};
+use crate::token::open_existing_db;
+
+pub async fn run(args: &ServeArgs, command: RepoCommand) -> anyhow::Result<()> {
+    let db = open_existing_db(args)?;
+    let now = rm_fleet::now();
+    let audit = |detail: String| AuditEvent {
+        at: now,
+        kind: "repository".into(),
+        source: Some("cli".into()),
+        detail: Some(detail),
+        ..Default::default()
+    };
+    match command {
+        RepoCommand::Add { name, url, password_stdin, env, ca_cert, auto_init } => {
+            let (key, _) = rm_fleet::unlock(&db, &args.data_dir, false).context("cannot use the secret key")?;
+            let password = if password_stdin {
+                let mut line = String::new();
+                std::io::stdin().lock().read_line(&mut line).context("cannot read the password from stdin")?;
+                line.strip_suffix('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)).unwrap_or(&line).to_owned()
+            } else {
+                match std::env::var("RM_REPO_PASSWORD") {
+                    Ok(password) => password,
+                    Err(_) => bail!("no password: pipe it with --password-stdin or set RM_REPO_PASSWORD"),
+                }
+            };
+            let mut values = BTreeMap::new();
+            for var in env {
+                let Ok(value) = std::env::var(&var) else {
+                    bail!("--env {var}: the variable is not set in this command's environment");
+                };
+                values.insert(var, value);
+            }
+            let ca_cert = match ca_cert {
+                Some(path) => {
+                    Some(std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?)
+                }
+                None => None,
+            };
+            let new = NewRepository { name, url, password, env: values, ca_cert, auto_init };
+            new.validate().map_err(anyhow::Error::msg)?;
+            let env_names = new.env.keys().cloned().collect::<Vec<_>>().join(",");
+            let event = audit(format!("created {} env=[{env_names}] auto_init={}", new.name, new.auto_init));
+            let created = db
+                .call(move |c| {
+                    let created = rm_fleet::create_repository(c, &key, now, &new)?;
+                    if created.is_ok() {
+                        rm_fleet::record_audit(c, &event)?;
+                    }
+                    Ok(created.map_err(|_| new.name))
+                })
+                .await?;
+            match created {
+                Ok(info) => println!("{}", describe(&info)),
+                Err(name) => bail!("a repository named {name:?} already exists"),
+            }
+        }
+        RepoCommand::List { json } => {
+            let rows = db.call(rm_fleet::list_repositories).await?;
+            if json {
+                let list = RepositoryList { repositories: rows.into_iter().map(rm_server::repository_view).collect() };
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            if rows.is_empty() {
+                eprintln!("no repositories");
+            }
+            for info in rows {
+                println!("{}", describe(&info));
+            }
+        }
+        RepoCommand::Rm { name } => {
+            let event = audit(format!("deleted {name}"));
+            let lookup = name.clone();
+            let deleted = db
+                .call(move |c| {
+                    let deleted = rm_fleet::delete_repository(c, &lookup)?;
+                    if deleted {
+                        rm_fleet::record_audit(c, &event)?;
+                    }
+                    Ok(deleted)
+                })
+                .await?;
+            if !deleted {
+                bail!("no repository named {name:?}");
+            }
+            println!("deleted {name}");
+        }
+    }
+    Ok(())
+}
+
+fn describe(info: &rm_fleet::RepositoryInfo) -> String {
+    let env = if info.env_names.is_empty() { "-".to_owned() } else { info.env_names.join(",") };
+    format!(
+        "{}\t{}\tpassword set\tenv {env}\tca_cert {}\tauto_init {}",
+        info.name,
+        info.url,
+        if info.ca_cert.is_some() { "set" } else { "-" },
+        info.auto_init
+    )
+}

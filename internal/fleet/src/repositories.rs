@@ -1,0 +1,498 @@
+//! The `repositories` table: restic repositories defined on the server. The password and the environment values are
+//! sealed ([`crate::sealing`]) under the data dir's key; the environment's variable *names* are kept in clear so
+//! they can be listed. Rows never carry plaintext secrets out of this module except through
+//! [`repository_secrets`].
+
+use std::collections::BTreeMap;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::DbError;
+use crate::sealing::{OpenError, SecretKey};
+use crate::time::Timestamp;
+
+/// The URL schemes restic understands besides a local path.
+pub const URL_SCHEMES: &[&str] = &["sftp:", "s3:", "rest:", "b2:", "azure:", "gs:", "rclone:"];
+pub const MAX_PASSWORD: usize = 4096;
+pub const MAX_ENV: usize = 64;
+const MAX_URL: usize = 2048;
+const MAX_ENV_VALUE: usize = 16 * 1024;
+const MAX_CA_CERT: usize = 64 * 1024;
+
+/// A row of `repositories`, without its secrets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepositoryInfo {
+    pub name: String,
+    pub url: String,
+    pub env_names: Vec<String>,
+    pub ca_cert: Option<String>,
+    pub auto_init: bool,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+/// A repository's decrypted secrets, for the code that hands them to restic.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RepositorySecrets {
+    pub password: String,
+    pub env: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for RepositorySecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RepositorySecrets").field("env", &self.env.keys().collect::<Vec<_>>()).finish_non_exhaustive()
+    }
+}
+
+/// A checked new repository (API and command line alike).
+#[derive(Clone)]
+pub struct NewRepository {
+    pub name: String,
+    pub url: String,
+    pub password: String,
+    pub env: BTreeMap<String, String>,
+    pub ca_cert: Option<String>,
+    pub auto_init: bool,
+}
+
+/// A checked change: each `Some` replaces the stored value; `ca_cert: Some(None)` removes the certificate.
+#[derive(Clone, Default)]
+pub struct RepositoryChanges {
+    pub url: Option<String>,
+    pub password: Option<String>,
+    pub env: Option<BTreeMap<String, String>>,
+    pub ca_cert: Option<Option<String>>,
+    pub auto_init: Option<bool>,
+}
+
+pub fn validate_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && matches!(b, b'.' | b'_' | b'-')));
+    if ok {
+        Ok(())
+    } else {
+        Err("name must be 1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit".into())
+    }
+}
+
+pub fn validate_url(url: &str) -> Result<(), String> {
+    if url.is_empty() || !rm_protocol::validate::is_printable(url, MAX_URL) || url.chars().any(char::is_whitespace) {
+        return Err(format!("url must be 1-{MAX_URL} printable characters without white space"));
+    }
+    if url.starts_with('/') {
+        return Ok(());
+    }
+    let Some(scheme) = URL_SCHEMES.iter().find(|s| url.starts_with(**s)) else {
+        return Err(format!("url must be an absolute local path or start with one of {}", URL_SCHEMES.join(" ")));
+    };
+    if url.len() == scheme.len() {
+        return Err(format!("url {scheme} needs a location after the scheme"));
+    }
+    // `rest:https://user:password@host/`: a password in the URL would be shown by every listing and audit entry.
+    if *scheme == "rest:" {
+        let authority = url[scheme.len()..].split("://").nth(1).unwrap_or("").split('/').next().unwrap_or("");
+        if authority.rsplit_once('@').is_some_and(|(userinfo, _)| userinfo.contains(':')) {
+            return Err("url must not contain a password; put it in env as RESTIC_REST_PASSWORD".into());
+        }
+    }
+    Ok(())
+}
+
+pub fn validate_password(password: &str) -> Result<(), String> {
+    if password.is_empty() || password.len() > MAX_PASSWORD {
+        return Err(format!("password must be 1-{MAX_PASSWORD} bytes"));
+    }
+    Ok(())
+}
+
+pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), String> {
+    if env.len() > MAX_ENV {
+        return Err(format!("env may have at most {MAX_ENV} variables"));
+    }
+    for (name, value) in env {
+        let ok = !name.is_empty()
+            && name.len() <= 128
+            && name
+                .bytes()
+                .enumerate()
+                .all(|(i, b)| b.is_ascii_uppercase() || b == b'_' || (i > 0 && b.is_ascii_digit()));
+        if !ok {
+            return Err(format!(
+                "env name {:?} must match [A-Z_][A-Z0-9_]* (at most 128 characters)",
+                name.chars().take(64).collect::<String>()
+            ));
+        }
+        if value.len() > MAX_ENV_VALUE || value.contains('\0') {
+            return Err(format!("env {name}: the value must be at most {MAX_ENV_VALUE} bytes without NUL"));
+        }
+    }
+    Ok(())
+}
+
+/// One or more PEM certificates and nothing else; each must parse as X.509.
+pub fn validate_ca_cert(pem: &str) -> Result<(), String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::{PemObject, SectionKind};
+    if pem.len() > MAX_CA_CERT {
+        return Err(format!("ca_cert must be at most {MAX_CA_CERT} bytes"));
+    }
+    let mut certificates = 0;
+    for section in <(SectionKind, Vec<u8>)>::pem_slice_iter(pem.as_bytes()) {
+        match section {
+            Ok((SectionKind::Certificate, der)) => {
+                rm_protocol::pin::pin_of_certificate(CertificateDer::from(der).as_ref())
+                    .map_err(|e| format!("ca_cert: certificate {} does not parse: {e}", certificates + 1))?;
+                certificates += 1;
+            }
+            Ok((kind, _)) => return Err(format!("ca_cert may contain only certificates, not {kind:?}")),
+            Err(e) => return Err(format!("ca_cert is not valid PEM: {e}")),
+        }
+    }
+    if certificates == 0 {
+        return Err("ca_cert must contain at least one PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+    }
+    Ok(())
+}
+
+impl NewRepository {
+    pub fn validate(&self) -> Result<(), String> {
+        validate_name(&self.name)?;
+        validate_url(&self.url)?;
+        validate_password(&self.password)?;
+        validate_env(&self.env)?;
+        self.ca_cert.as_deref().map_or(Ok(()), validate_ca_cert)
+    }
+}
+
+impl RepositoryChanges {
+    pub fn validate(&self) -> Result<(), String> {
+        self.url.as_deref().map_or(Ok(()), validate_url)?;
+        self.password.as_deref().map_or(Ok(()), validate_password)?;
+        self.env.as_ref().map_or(Ok(()), validate_env)?;
+        self.ca_cert.as_ref().and_then(Option::as_deref).map_or(Ok(()), validate_ca_cert)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.url.is_none()
+            && self.password.is_none()
+            && self.env.is_none()
+            && self.ca_cert.is_none()
+            && self.auto_init.is_none()
+    }
+}
+
+fn password_context(name: &str) -> String {
+    format!("repo-password:{name}")
+}
+
+fn env_context(name: &str) -> String {
+    format!("repo-env:{name}")
+}
+
+/// The sealed environment and its names (`None` for an empty one).
+fn seal_env(key: &SecretKey, name: &str, env: &BTreeMap<String, String>) -> (Option<Vec<u8>>, Option<String>) {
+    if env.is_empty() {
+        return (None, None);
+    }
+    let json = serde_json::to_vec(env).expect("a string map serialises");
+    let names = env.keys().map(String::as_str).collect::<Vec<_>>().join(",");
+    (Some(key.seal(&env_context(name), &json)), Some(names))
+}
+
+const COLUMNS: &str = "name, url, env_names, ca_cert, auto_init, created_at, updated_at";
+
+fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RepositoryInfo> {
+    let names: Option<String> = r.get(2)?;
+    Ok(RepositoryInfo {
+        name: r.get(0)?,
+        url: r.get(1)?,
+        env_names: names.map(|n| n.split(',').map(str::to_owned).collect()).unwrap_or_default(),
+        ca_cert: r.get(3)?,
+        auto_init: r.get(4)?,
+        created_at: r.get(5)?,
+        updated_at: r.get(6)?,
+    })
+}
+
+/// The outcome of a create when the name is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NameTaken;
+
+/// Inserts a validated repository; `Ok(Err(NameTaken))` when the name exists (nothing written).
+pub fn create_repository(
+    conn: &Connection,
+    key: &SecretKey,
+    now: Timestamp,
+    new: &NewRepository,
+) -> Result<Result<RepositoryInfo, NameTaken>, DbError> {
+    let password = key.seal(&password_context(&new.name), new.password.as_bytes());
+    let (env, env_names) = seal_env(key, &new.name, &new.env);
+    let inserted = conn.execute(
+        "INSERT INTO repositories (name, url, password, env, env_names, ca_cert, auto_init, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8) ON CONFLICT (name) DO NOTHING",
+        params![new.name, new.url, password, env, env_names, new.ca_cert, new.auto_init, now],
+    )?;
+    if inserted == 0 {
+        return Ok(Err(NameTaken));
+    }
+    Ok(Ok(get_repository(conn, &new.name)?.expect("the row was just inserted")))
+}
+
+pub fn list_repositories(conn: &Connection) -> Result<Vec<RepositoryInfo>, DbError> {
+    let mut stmt = conn.prepare(&format!("SELECT {COLUMNS} FROM repositories ORDER BY name"))?;
+    Ok(stmt.query_map([], row)?.collect::<Result<_, _>>()?)
+}
+
+pub fn get_repository(conn: &Connection, name: &str) -> Result<Option<RepositoryInfo>, DbError> {
+    Ok(conn.query_row(&format!("SELECT {COLUMNS} FROM repositories WHERE name = ?1"), [name], row).optional()?)
+}
+
+/// Applies validated changes; `Ok(None)` when there is no such repository.
+pub fn update_repository(
+    conn: &Connection,
+    key: &SecretKey,
+    now: Timestamp,
+    name: &str,
+    changes: &RepositoryChanges,
+) -> Result<Option<RepositoryInfo>, DbError> {
+    if get_repository(conn, name)?.is_none() {
+        return Ok(None);
+    }
+    if let Some(url) = &changes.url {
+        conn.execute("UPDATE repositories SET url = ?2 WHERE name = ?1", params![name, url])?;
+    }
+    if let Some(password) = &changes.password {
+        let sealed = key.seal(&password_context(name), password.as_bytes());
+        conn.execute("UPDATE repositories SET password = ?2 WHERE name = ?1", params![name, sealed])?;
+    }
+    if let Some(env) = &changes.env {
+        let (sealed, names) = seal_env(key, name, env);
+        conn.execute("UPDATE repositories SET env = ?2, env_names = ?3 WHERE name = ?1", params![name, sealed, names])?;
+    }
+    if let Some(ca_cert) = &changes.ca_cert {
+        conn.execute("UPDATE repositories SET ca_cert = ?2 WHERE name = ?1", params![name, ca_cert])?;
+    }
+    if let Some(auto_init) = changes.auto_init {
+        conn.execute("UPDATE repositories SET auto_init = ?2 WHERE name = ?1", params![name, auto_init])?;
+    }
+    conn.execute("UPDATE repositories SET updated_at = ?2 WHERE name = ?1", params![name, now])?;
+    get_repository(conn, name)
+}
+
+/// Deletes a repository; `false` when there was none.
+pub fn delete_repository(conn: &Connection, name: &str) -> Result<bool, DbError> {
+    Ok(conn.execute("DELETE FROM repositories WHERE name = ?1", [name])? > 0)
+}
+
+/// Decrypts a repository's password and environment: `Ok(None)` for an unknown name, `Ok(Some(Err))` when a stored
+/// value does not open (damaged, moved or sealed under another key).
+pub fn repository_secrets(
+    conn: &Connection,
+    key: &SecretKey,
+    name: &str,
+) -> Result<Option<Result<RepositorySecrets, OpenError>>, DbError> {
+    let sealed: Option<(Vec<u8>, Option<Vec<u8>>)> = conn
+        .query_row("SELECT password, env FROM repositories WHERE name = ?1", [name], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    let Some((password, env)) = sealed else { return Ok(None) };
+    Ok(Some(open_secrets(key, name, &password, env.as_deref())))
+}
+
+fn open_secrets(
+    key: &SecretKey,
+    name: &str,
+    password: &[u8],
+    env: Option<&[u8]>,
+) -> Result<RepositorySecrets, OpenError> {
+    let context = password_context(name);
+    let password = String::from_utf8(key.open(&context, password)?).map_err(|_| OpenError(context))?;
+    let env = match env {
+        None => BTreeMap::new(),
+        Some(sealed) => {
+            let context = env_context(name);
+            serde_json::from_slice(&key.open(&context, sealed)?).map_err(|_| OpenError(context))?
+        }
+    };
+    Ok(RepositorySecrets { password, env })
+}
+
+/// How many rows hold sealed secrets.
+pub fn count_sealed(conn: &Connection) -> Result<u64, DbError> {
+    let count: i64 = conn.query_row("SELECT count(*) FROM repositories", [], |r| r.get(0))?;
+    Ok(count.max(0) as u64)
+}
+
+/// (rows, rows whose secrets `key` opens).
+pub fn check_key(conn: &Connection, key: &SecretKey) -> Result<(u64, u64), DbError> {
+    let mut stmt = conn.prepare("SELECT name, password, env FROM repositories")?;
+    let mut rows = stmt.query([])?;
+    let (mut count, mut opened) = (0, 0);
+    while let Some(r) = rows.next()? {
+        let (name, password, env): (String, Vec<u8>, Option<Vec<u8>>) = (r.get(0)?, r.get(1)?, r.get(2)?);
+        count += 1;
+        if open_secrets(key, &name, &password, env.as_deref()).is_ok() {
+            opened += 1;
+        }
+    }
+    Ok((count, opened))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Db;
+
+    fn new_repo(name: &str) -> NewRepository {
+        NewRepository {
+            name: name.into(),
+            url: "s3:s3.amazonaws.com/bucket".into(),
+            password: "pw-Zebra-42".into(),
+            env: BTreeMap::from([("AWS_SECRET_ACCESS_KEY".into(), "env-Quokka-7".into())]),
+            ca_cert: None,
+            auto_init: true,
+        }
+    }
+
+    #[test]
+    fn names_urls_and_env_are_checked() {
+        for good in ["a", "0", "prod-db.v2_x", &"a".repeat(63)] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "-a", ".a", "A", "a b", "a/b", &"a".repeat(64), "é"] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+        for good in [
+            "/srv/restic",
+            "sftp:u@h:/r",
+            "s3:host/b",
+            "rest:https://h:8000/",
+            "rest:https://u@h/",
+            "b2:b:p",
+            "azure:c:/",
+            "gs:b:/",
+            "rclone:r:p",
+        ] {
+            assert!(validate_url(good).is_ok(), "{good}");
+        }
+        for bad in ["", "relative/path", "ftp://x", "s3:", "/a b", "/a\u{202e}", "rest:https://u:p@h/"] {
+            assert!(validate_url(bad).is_err(), "{bad}");
+        }
+        let env = |k: &str| BTreeMap::from([(k.to_string(), "v".to_string())]);
+        assert!(validate_env(&env("AWS_ACCESS_KEY_ID")).is_ok() && validate_env(&env("_X1")).is_ok());
+        for bad in ["", "1A", "aws", "A-B", "A B"] {
+            assert!(validate_env(&env(bad)).is_err(), "{bad}");
+        }
+        let many: BTreeMap<_, _> = (0..=MAX_ENV).map(|i| (format!("V{i}"), String::new())).collect();
+        assert!(validate_env(&many).is_err());
+        assert!(validate_password("").is_err() && validate_password(&"x".repeat(MAX_PASSWORD + 1)).is_err());
+        assert!(validate_ca_cert("not pem").is_err());
+        assert!(validate_ca_cert("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").is_err());
+    }
+
+    #[tokio::test]
+    async fn secrets_are_sealed_in_the_row_and_bound_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).unwrap();
+        let key = SecretKey::from_bytes(&[1; 32]);
+        let k = key.clone();
+        let (a, again) = db
+            .call(move |c| {
+                let a = create_repository(c, &k, 10, &new_repo("a"))?.unwrap();
+                let again = create_repository(c, &k, 11, &new_repo("a"))?;
+                create_repository(c, &k, 12, &new_repo("b"))?.unwrap();
+                Ok((a, again))
+            })
+            .await
+            .unwrap();
+        assert_eq!(again, Err(NameTaken));
+        assert_eq!(a.env_names, vec!["AWS_SECRET_ACCESS_KEY"]);
+        assert!(a.auto_init && a.created_at == 10 && a.updated_at == 10);
+        // No plaintext anywhere in the row.
+        let raw: Vec<Vec<u8>> = db
+            .call(|c| {
+                let mut s = c.prepare("SELECT password, env FROM repositories")?;
+                let rows = s.query_map([], |r| Ok([r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?].concat()))?;
+                Ok(rows.collect::<Result<_, _>>()?)
+            })
+            .await
+            .unwrap();
+        for bytes in &raw {
+            assert!(!bytes.windows(5).any(|w| w == b"Zebra" || w == b"Quokk"));
+        }
+        let k = key.clone();
+        let secrets = db.call(move |c| repository_secrets(c, &k, "a")).await.unwrap().unwrap().unwrap();
+        assert_eq!(secrets.password, "pw-Zebra-42");
+        assert_eq!(secrets.env["AWS_SECRET_ACCESS_KEY"], "env-Quokka-7");
+        assert!(!format!("{secrets:?}").contains("Zebra") && !format!("{secrets:?}").contains("Quokka"));
+        // A ciphertext moved to another row, or one flipped byte, does not open.
+        let k = key.clone();
+        let (moved, flipped, check) = db
+            .call(move |c| {
+                c.execute("UPDATE repositories SET password = (SELECT password FROM repositories WHERE name = 'a') WHERE name = 'b'", [])?;
+                let moved = repository_secrets(c, &k, "b")?.unwrap();
+                c.execute("UPDATE repositories SET env = (SELECT env FROM repositories WHERE name = 'b') WHERE name = 'a'", [])?;
+                let flipped = repository_secrets(c, &k, "a")?.unwrap();
+                Ok((moved, flipped, check_key(c, &k)?))
+            })
+            .await
+            .unwrap();
+        assert!(moved.is_err() && flipped.is_err());
+        assert_eq!(check, (2, 0));
+        // Replacing the password repairs the row; another key opens nothing.
+        let k = key.clone();
+        let changes = RepositoryChanges {
+            password: Some("new-pw".into()),
+            env: Some(BTreeMap::new()),
+            auto_init: Some(false),
+            ..Default::default()
+        };
+        let (updated, secrets, missing) = db
+            .call(move |c| {
+                let updated = update_repository(c, &k, 20, "a", &changes)?.unwrap();
+                let missing = update_repository(c, &k, 20, "nope", &changes)?;
+                Ok((updated, repository_secrets(c, &k, "a")?.unwrap(), missing))
+            })
+            .await
+            .unwrap();
+        assert!(missing.is_none());
+        assert!(
+            updated.env_names.is_empty() && !updated.auto_init && updated.updated_at == 20 && updated.created_at == 10
+        );
+        assert_eq!(secrets.unwrap(), RepositorySecrets { password: "new-pw".into(), env: BTreeMap::new() });
+        let other = SecretKey::from_bytes(&[2; 32]);
+        assert_eq!(db.call(move |c| check_key(c, &other)).await.unwrap(), (2, 0));
+        assert_eq!(db.call(move |c| check_key(c, &key)).await.unwrap(), (2, 1));
+        assert!(db.call(|c| delete_repository(c, "a")).await.unwrap());
+        assert!(!db.call(|c| delete_repository(c, "a")).await.unwrap());
+        assert_eq!(db.call(list_repositories).await.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn unlock_creates_a_key_only_while_nothing_is_sealed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("t.db")).unwrap();
+        let err = crate::unlock(&db, dir.path(), false).unwrap_err().to_string();
+        assert!(err.contains("secret.key is missing"), "{err}");
+        let (key, origin) = crate::unlock(&db, dir.path(), true).unwrap();
+        assert_eq!(origin, crate::KeyOrigin::Created);
+        db.call_blocking(move |c| create_repository(c, &key, 1, &new_repo("a")).map(|_| ())).unwrap();
+        assert_eq!(crate::unlock(&db, dir.path(), false).unwrap().1, crate::KeyOrigin::Loaded);
+        let path = dir.path().join(crate::sealing::SECRET_KEY_FILE);
+        let original = std::fs::read(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let err = crate::unlock(&db, dir.path(), true).unwrap_err().to_string();
+        assert!(err.contains("missing") && err.contains("1 repositories") && err.contains("restore"), "{err}");
+        assert!(!path.exists(), "no new key was made");
+        let mut other = tempfile::NamedTempFile::new_in(dir.path()).unwrap();
+        std::io::Write::write_all(&mut other, "ab".repeat(32).as_bytes()).unwrap();
+        other.persist(&path).unwrap();
+        let err = crate::unlock(&db, dir.path(), true).unwrap_err().to_string();
+        assert!(err.contains("does not decrypt"), "{err}");
+        std::fs::write(&path, original).unwrap();
+        assert!(crate::unlock(&db, dir.path(), true).is_ok());
+    }
+}
