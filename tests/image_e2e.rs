@@ -370,8 +370,12 @@ fn read_only_container_serves_the_bundled_assets_and_data_dir_overrides() {
     assert_eq!(served.replace(&url, "__RM_SERVER_URL__"), original);
 
     // The server created its state in the volume as the non-root user, private.
-    let listing = on_volume(&fx, &volume, "stat -c '%n %u %a' /data/restic-manager.db /data/admin.token");
-    assert_eq!(listing, "/data/restic-manager.db 65532 600\n/data/admin.token 65532 600".to_string());
+    let listing =
+        on_volume(&fx, &volume, "stat -c '%n %u %a' /data/restic-manager.db /data/admin.token /data/secret.key");
+    assert_eq!(
+        listing,
+        "/data/restic-manager.db 65532 600\n/data/admin.token 65532 600\n/data/secret.key 65532 600".to_string()
+    );
 
     // An operator drops an override into the volume: it shadows the bundled file; removing it restores the bundled.
     on_volume(
