@@ -53,6 +53,9 @@ usage: install.sh [options]
   --pin PIN       trust the https server whose certificate has this key: sha256//<44 characters of base64>, as
                   the server prints it (also RM_PIN). Every download checks it (needs curl) and the agent keeps
                   the pinned certificate as its only root
+  --allow-plain-http  let the agent talk to a plain http:// server that is not on this host (a trusted network
+                  only: the token, the agent's credential and its updates cross it unencrypted; also
+                  RM_ALLOW_PLAIN_HTTP=1)
   -h, --help      this help
 EOF
 }
@@ -75,6 +78,8 @@ parse_args() {
     cacert=""
     insecure=0
     pin="${RM_PIN:-}"
+    allow_plain_http=0
+    case "${RM_ALLOW_PLAIN_HTTP:-}" in 1 | true | yes) allow_plain_http=1 ;; esac
     while [ $# -gt 0 ]; do
         case "$1" in
             --server) [ $# -ge 2 ] || die "--server needs a value"; server=$2; shift 2 ;;
@@ -90,6 +95,7 @@ parse_args() {
             --no-service) no_service=1; shift ;;
             --dry-run) dry_run=1; shift ;;
             --insecure) insecure=1; shift ;;
+            --allow-plain-http) allow_plain_http=1; shift ;;
             -h | --help) usage; exit 0 ;;
             *) usage; die "unknown option: $1" ;;
         esac
@@ -340,6 +346,7 @@ enroll() {
     if [ -n "$cacert" ]; then set -- "$@" --cacert "$cacert"; fi
     if [ "$insecure" = 1 ]; then set -- "$@" --insecure; fi
     if [ -n "$pin" ]; then set -- "$@" --pin "$pin"; fi
+    if [ "$allow_plain_http" = 1 ]; then set -- "$@" --allow-plain-http; fi
     RM_ENROLL_TOKEN=$token
     export RM_ENROLL_TOKEN
     run "$dest" "$@" || die "enrollment failed (see the message above)"

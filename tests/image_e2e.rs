@@ -421,6 +421,7 @@ fn a_host_container_installs_with_curl_pipe_sh_and_enrolls() {
 
     let script = format!(
         "curl -fsSL http://{name}:8080/install/install.sh | sh -s -- --token '{token}' --prefix /opt/rm --no-service \
+         --allow-plain-http \
          && /opt/rm/bin/restic-manager-agent run --once --config /opt/rm/etc/restic-manager/agent.json \
          && /opt/rm/bin/restic-manager-agent --version"
     );
