@@ -125,6 +125,16 @@ pub fn parse_head(head: &str) -> io::Result<(u16, Vec<(String, String)>)> {
 }
 
 /// Message framing over a stream; bytes read beyond the current message stay in `buf`.
+/// One `read`, retried when a signal interrupted it (EINTR: tests that signal child processes see these).
+fn read_retrying(stream: &mut TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 struct ByteReader<'a> {
     stream: &'a mut TcpStream,
     buf: &'a mut Vec<u8>,
@@ -134,7 +144,7 @@ impl ByteReader<'_> {
     /// Reads once more from the stream into `buf`; an error at the end of the connection.
     fn more(&mut self) -> io::Result<()> {
         let mut chunk = [0u8; 64 * 1024];
-        let n = self.stream.read(&mut chunk)?;
+        let n = read_retrying(self.stream, &mut chunk)?;
         if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed mid-response"));
         }
@@ -311,7 +321,7 @@ impl Download {
     /// Reads up to `buf.len()` body bytes; 0 means the server closed the connection.
     pub fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = if self.pending.is_empty() {
-            self.stream.read(buf)?
+            read_retrying(&mut self.stream, buf)?
         } else {
             let n = self.pending.len().min(buf.len());
             buf[..n].copy_from_slice(&self.pending[..n]);
