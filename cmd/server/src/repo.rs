@@ -16,13 +16,8 @@ use crate::token::open_existing_db;
 pub async fn run(args: &ServeArgs, command: RepoCommand) -> anyhow::Result<()> {
     let db = open_existing_db(args)?;
     let now = rm_fleet::now();
-    let audit = |detail: String| AuditEvent {
-        at: now,
-        kind: "repository".into(),
-        source: Some("cli".into()),
-        detail: Some(detail),
-        ..Default::default()
-    };
+    // Who made the change (the detail is filled in by rm_fleet).
+    let audit = || AuditEvent { at: now, source: Some("cli".into()), ..Default::default() };
     match command {
         RepoCommand::Add { name, url, password_stdin, env, ca_cert, auto_init } => {
             let (key, _) = rm_fleet::unlock(&db, &args.data_dir, false).context("cannot use the secret key")?;
@@ -51,16 +46,9 @@ pub async fn run(args: &ServeArgs, command: RepoCommand) -> anyhow::Result<()> {
             };
             let new = NewRepository { name, url, password, env: values, ca_cert, auto_init };
             new.validate().map_err(anyhow::Error::msg)?;
-            let env_names = new.env.keys().cloned().collect::<Vec<_>>().join(",");
-            let event = audit(format!("created {} env=[{env_names}] auto_init={}", new.name, new.auto_init));
+            let event = audit();
             let created = db
-                .call(move |c| {
-                    let created = rm_fleet::create_repository(c, &key, now, &new)?;
-                    if created.is_ok() {
-                        rm_fleet::record_audit(c, &event)?;
-                    }
-                    Ok(created.map_err(|_| new.name))
-                })
+                .call(move |c| Ok(rm_fleet::create_repository(c, &key, now, &new, event)?.map_err(|_| new.name)))
                 .await?;
             match created {
                 Ok(info) => println!("{}", describe(&info)),
@@ -82,17 +70,8 @@ pub async fn run(args: &ServeArgs, command: RepoCommand) -> anyhow::Result<()> {
             }
         }
         RepoCommand::Rm { name } => {
-            let event = audit(format!("deleted {name}"));
-            let lookup = name.clone();
-            let deleted = db
-                .call(move |c| {
-                    let deleted = rm_fleet::delete_repository(c, &lookup)?;
-                    if deleted {
-                        rm_fleet::record_audit(c, &event)?;
-                    }
-                    Ok(deleted)
-                })
-                .await?;
+            let (event, lookup) = (audit(), name.clone());
+            let deleted = db.call(move |c| rm_fleet::delete_repository(c, &lookup, event)).await?;
             if !deleted {
                 bail!("no repository named {name:?}");
             }

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::DbError;
+use crate::audit::{AuditEvent, record_audit};
 use crate::sealing::{OpenError, SecretKey};
 use crate::time::Timestamp;
 
@@ -176,6 +177,27 @@ impl RepositoryChanges {
         self.ca_cert.as_ref().and_then(Option::as_deref).map_or(Ok(()), validate_ca_cert)
     }
 
+    /// What the changes replace, for the audit log (names, never secret values).
+    pub fn describe(&self) -> String {
+        let mut what = Vec::new();
+        if let Some(url) = &self.url {
+            what.push(format!("url={url}"));
+        }
+        if self.password.is_some() {
+            what.push("password replaced".into());
+        }
+        if let Some(env) = &self.env {
+            what.push(format!("env=[{}]", env.keys().cloned().collect::<Vec<_>>().join(",")));
+        }
+        if let Some(ca) = &self.ca_cert {
+            what.push(if ca.is_some() { "ca_cert replaced" } else { "ca_cert removed" }.into());
+        }
+        if let Some(auto_init) = self.auto_init {
+            what.push(format!("auto_init={auto_init}"));
+        }
+        what.join(", ")
+    }
+
     pub fn is_empty(&self) -> bool {
         self.url.is_none()
             && self.password.is_none()
@@ -222,12 +244,14 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RepositoryInfo> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NameTaken;
 
-/// Inserts a validated repository; `Ok(Err(NameTaken))` when the name exists (nothing written).
+/// Inserts a validated repository and records `audit` (who and where; the detail, never a secret, is filled in
+/// here) in the same operation; `Ok(Err(NameTaken))` when the name exists (nothing written).
 pub fn create_repository(
     conn: &Connection,
     key: &SecretKey,
     now: Timestamp,
     new: &NewRepository,
+    audit: AuditEvent,
 ) -> Result<Result<RepositoryInfo, NameTaken>, DbError> {
     let password = key.seal(&password_context(&new.name), new.password.as_bytes());
     let (env, env_names) = seal_env(key, &new.name, &new.env);
@@ -239,6 +263,8 @@ pub fn create_repository(
     if inserted == 0 {
         return Ok(Err(NameTaken));
     }
+    let env_names = new.env.keys().cloned().collect::<Vec<_>>().join(",");
+    record(conn, audit, format!("created {} env=[{env_names}] auto_init={}", new.name, new.auto_init))?;
     Ok(Ok(get_repository(conn, &new.name)?.expect("the row was just inserted")))
 }
 
@@ -251,17 +277,20 @@ pub fn get_repository(conn: &Connection, name: &str) -> Result<Option<Repository
     Ok(conn.query_row(&format!("SELECT {COLUMNS} FROM repositories WHERE name = ?1"), [name], row).optional()?)
 }
 
-/// Applies validated changes; `Ok(None)` when there is no such repository.
+/// Applies validated changes and records `audit` (the detail names what changed, never a value of a secret);
+/// `Ok(None)` when there is no such repository (nothing written).
 pub fn update_repository(
     conn: &Connection,
     key: &SecretKey,
     now: Timestamp,
     name: &str,
     changes: &RepositoryChanges,
+    audit: AuditEvent,
 ) -> Result<Option<RepositoryInfo>, DbError> {
     if get_repository(conn, name)?.is_none() {
         return Ok(None);
     }
+    record(conn, audit, format!("updated {name}: {}", changes.describe()))?;
     if let Some(url) = &changes.url {
         conn.execute("UPDATE repositories SET url = ?2 WHERE name = ?1", params![name, url])?;
     }
@@ -283,9 +312,18 @@ pub fn update_repository(
     get_repository(conn, name)
 }
 
-/// Deletes a repository; `false` when there was none.
-pub fn delete_repository(conn: &Connection, name: &str) -> Result<bool, DbError> {
-    Ok(conn.execute("DELETE FROM repositories WHERE name = ?1", [name])? > 0)
+/// Deletes a repository and records `audit`; `false` when there was none (nothing written).
+pub fn delete_repository(conn: &Connection, name: &str, audit: AuditEvent) -> Result<bool, DbError> {
+    let deleted = conn.execute("DELETE FROM repositories WHERE name = ?1", [name])? > 0;
+    if deleted {
+        record(conn, audit, format!("deleted {name}"))?;
+    }
+    Ok(deleted)
+}
+
+/// Records a repository change: `audit` says who and where, `detail` what.
+fn record(conn: &Connection, audit: AuditEvent, detail: String) -> Result<(), DbError> {
+    record_audit(conn, &AuditEvent { kind: "repository".into(), detail: Some(detail), ..audit })
 }
 
 /// Decrypts a repository's password and environment: `Ok(None)` for an unknown name, `Ok(Some(Err))` when a stored
@@ -401,9 +439,9 @@ mod tests {
         let k = key.clone();
         let (a, again) = db
             .call(move |c| {
-                let a = create_repository(c, &k, 10, &new_repo("a"))?.unwrap();
-                let again = create_repository(c, &k, 11, &new_repo("a"))?;
-                create_repository(c, &k, 12, &new_repo("b"))?.unwrap();
+                let a = create_repository(c, &k, 10, &new_repo("a"), AuditEvent::default())?.unwrap();
+                let again = create_repository(c, &k, 11, &new_repo("a"), AuditEvent::default())?;
+                create_repository(c, &k, 12, &new_repo("b"), AuditEvent::default())?.unwrap();
                 Ok((a, again))
             })
             .await
@@ -452,8 +490,8 @@ mod tests {
         };
         let (updated, secrets, missing) = db
             .call(move |c| {
-                let updated = update_repository(c, &k, 20, "a", &changes)?.unwrap();
-                let missing = update_repository(c, &k, 20, "nope", &changes)?;
+                let updated = update_repository(c, &k, 20, "a", &changes, AuditEvent::default())?.unwrap();
+                let missing = update_repository(c, &k, 20, "nope", &changes, AuditEvent::default())?;
                 Ok((updated, repository_secrets(c, &k, "a")?.unwrap(), missing))
             })
             .await
@@ -466,8 +504,8 @@ mod tests {
         let other = SecretKey::from_bytes(&[2; 32]);
         assert_eq!(db.call(move |c| check_key(c, &other)).await.unwrap(), (2, 0));
         assert_eq!(db.call(move |c| check_key(c, &key)).await.unwrap(), (2, 1));
-        assert!(db.call(|c| delete_repository(c, "a")).await.unwrap());
-        assert!(!db.call(|c| delete_repository(c, "a")).await.unwrap());
+        assert!(db.call(|c| delete_repository(c, "a", AuditEvent::default())).await.unwrap());
+        assert!(!db.call(|c| delete_repository(c, "a", AuditEvent::default())).await.unwrap());
         assert_eq!(db.call(list_repositories).await.unwrap().len(), 1);
     }
 
@@ -479,7 +517,8 @@ mod tests {
         assert!(err.contains("secret.key is missing"), "{err}");
         let (key, origin) = crate::unlock(&db, dir.path(), true).unwrap();
         assert_eq!(origin, crate::KeyOrigin::Created);
-        db.call_blocking(move |c| create_repository(c, &key, 1, &new_repo("a")).map(|_| ())).unwrap();
+        db.call_blocking(move |c| create_repository(c, &key, 1, &new_repo("a"), AuditEvent::default()).map(|_| ()))
+            .unwrap();
         assert_eq!(crate::unlock(&db, dir.path(), false).unwrap().1, crate::KeyOrigin::Loaded);
         let path = dir.path().join(crate::sealing::SECRET_KEY_FILE);
         let original = std::fs::read(&path).unwrap();

@@ -43,7 +43,10 @@ async fn probe_inner(url: &str, pin: Option<&str>) -> Result<(), String> {
                     .with_safe_default_protocol_versions()
                     .map_err(|e| e.to_string())?
                     .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(PinnedKey { pin }))
+                    .with_custom_certificate_verifier(Arc::new(PinnedKey {
+                        pin,
+                        algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+                    }))
                     .with_no_client_auth();
             let name = rustls::pki_types::ServerName::try_from("localhost").expect("a valid name").to_owned();
             let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -86,6 +89,8 @@ where
 #[derive(Debug)]
 struct PinnedKey {
     pin: String,
+    /// The handshake signatures ring verifies (taken from the provider once).
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
 }
 
 impl ServerCertVerifier for PinnedKey {
@@ -110,8 +115,7 @@ impl ServerCertVerifier for PinnedKey {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms;
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -120,11 +124,10 @@ impl ServerCertVerifier for PinnedKey {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let algorithms = rustls::crypto::ring::default_provider().signature_verification_algorithms;
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider().signature_verification_algorithms.supported_schemes()
+        self.algorithms.supported_schemes()
     }
 }

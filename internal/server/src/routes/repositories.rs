@@ -7,7 +7,7 @@ use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
-use rm_fleet::{AuditEvent, NewRepository, RepositoryChanges, RepositoryInfo, rfc3339};
+use rm_fleet::{NewRepository, RepositoryChanges, RepositoryInfo, rfc3339};
 use rm_protocol::admin::{CreateRepository, RepositoryList, RepositoryView, UpdateRepository};
 
 use crate::auth::{Admin, Peer};
@@ -34,16 +34,6 @@ fn name_param(path: Result<Path<String>, PathRejection>) -> Result<String, ApiEr
     Ok(name)
 }
 
-fn audit(
-    action: &str,
-    name: &str,
-    what: String,
-    peer: Option<std::net::SocketAddr>,
-    headers: &HeaderMap,
-) -> AuditEvent {
-    AuditEvent { detail: Some(format!("{action} {name}{what}")), ..super::audit_event("repository", peer, headers) }
-}
-
 /// `POST /api/v1/repositories`
 pub async fn create(
     _: Admin,
@@ -64,17 +54,10 @@ pub async fn create(
     new.validate().map_err(ApiError::InvalidRequest)?;
     let now = rm_fleet::now();
     let key = state.secret_key().clone();
-    let env_names = new.env.keys().cloned().collect::<Vec<_>>().join(",");
-    let event = audit("created", &new.name, format!(" env=[{env_names}] auto_init={}", new.auto_init), peer, &headers);
+    let event = super::audit_event("repository", peer, &headers);
     let created = state
         .fleet()
-        .call(move |c| {
-            let created = rm_fleet::create_repository(c, &key, now, &new)?;
-            if created.is_ok() {
-                rm_fleet::record_audit(c, &event)?;
-            }
-            Ok(created.map_err(|_| new.name))
-        })
+        .call(move |c| Ok(rm_fleet::create_repository(c, &key, now, &new, event)?.map_err(|_| new.name)))
         .await?
         .map_err(|name| ApiError::Conflict(format!("a repository named {name:?} already exists")))?;
     tracing::info!(name = created.name, "repository created");
@@ -116,35 +99,13 @@ pub async fn update(
     if changes.is_empty() {
         return Err(ApiError::InvalidRequest("nothing to change: give at least one field".into()));
     }
-    let mut what = Vec::new();
-    if let Some(url) = &changes.url {
-        what.push(format!("url={url}"));
-    }
-    if changes.password.is_some() {
-        what.push("password replaced".into());
-    }
-    if let Some(env) = &changes.env {
-        what.push(format!("env=[{}]", env.keys().cloned().collect::<Vec<_>>().join(",")));
-    }
-    if let Some(ca) = &changes.ca_cert {
-        what.push(if ca.is_some() { "ca_cert replaced" } else { "ca_cert removed" }.into());
-    }
-    if let Some(auto_init) = changes.auto_init {
-        what.push(format!("auto_init={auto_init}"));
-    }
-    let event = audit("updated", &name, format!(": {}", what.join(", ")), peer, &headers);
+    let event = super::audit_event("repository", peer, &headers);
     let now = rm_fleet::now();
     let key = state.secret_key().clone();
     let lookup = name.clone();
     let updated = state
         .fleet()
-        .call(move |c| {
-            let updated = rm_fleet::update_repository(c, &key, now, &lookup, &changes)?;
-            if updated.is_some() {
-                rm_fleet::record_audit(c, &event)?;
-            }
-            Ok(updated)
-        })
+        .call(move |c| rm_fleet::update_repository(c, &key, now, &lookup, &changes, event))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("repository {name:?}")))?;
     tracing::info!(name, "repository updated");
@@ -160,18 +121,9 @@ pub async fn delete(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let name = name_param(path)?;
-    let event = audit("deleted", &name, String::new(), peer, &headers);
+    let event = super::audit_event("repository", peer, &headers);
     let lookup = name.clone();
-    let deleted = state
-        .fleet()
-        .call(move |c| {
-            let deleted = rm_fleet::delete_repository(c, &lookup)?;
-            if deleted {
-                rm_fleet::record_audit(c, &event)?;
-            }
-            Ok(deleted)
-        })
-        .await?;
+    let deleted = state.fleet().call(move |c| rm_fleet::delete_repository(c, &lookup, event)).await?;
     if !deleted {
         return Err(ApiError::NotFound(format!("repository {name:?}")));
     }
