@@ -138,6 +138,8 @@ impl Loop {
             binary_sha256: Some(own_sha.to_string()),
             last_update_error: self.last_update_error(),
             seq: self.seq,
+            restic: None,
+            config_revision: None,
         }
     }
 }

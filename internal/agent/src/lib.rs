@@ -12,6 +12,7 @@ pub mod anchor;
 pub mod client;
 pub mod commands;
 pub mod config;
+pub mod restic;
 pub mod state;
 pub mod update;
 

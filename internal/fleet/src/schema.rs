@@ -66,6 +66,87 @@ pub const MIGRATIONS: &[&str] = &[
         created_at INTEGER NOT NULL,
         updated_at INTEGER NOT NULL
     ) STRICT;",
+    // Backups (issue 14). `config_revision` is one fleet-wide counter, bumped by every change to plans, repositories
+    // or labels: an agent whose applied revision differs refetches its configuration. Plans keep their list-valued
+    // fields as JSON (they are read and written whole). Operations are keyed by their id (`op_` + 32 hex) so a
+    // repeated report changes nothing; `seq` orders them for keyset paging. `plan_status` keeps, per agent and plan,
+    // what the health state needs, updated with every final report. `snapshots` is what agents last reported.
+    // `leases` lets one agent at a time run restic on a repository.
+    "ALTER TABLE enrollment_tokens ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE agents ADD COLUMN labels TEXT NOT NULL DEFAULT '{}';
+    ALTER TABLE agents ADD COLUMN restic_version TEXT;
+    ALTER TABLE agents ADD COLUMN restic_path TEXT;
+    ALTER TABLE agents ADD COLUMN restic_error TEXT;
+    ALTER TABLE agents ADD COLUMN config_revision INTEGER;
+    CREATE TABLE config_revision (
+        id       INTEGER PRIMARY KEY CHECK (id = 1),
+        revision INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO config_revision (id, revision) VALUES (1, 1);
+    CREATE TABLE plans (
+        name            TEXT PRIMARY KEY,
+        repository      TEXT NOT NULL REFERENCES repositories(name) ON DELETE RESTRICT ON UPDATE CASCADE,
+        paths           TEXT NOT NULL,
+        excludes        TEXT NOT NULL,
+        schedule        TEXT NOT NULL,
+        timezone        TEXT NOT NULL,
+        tags            TEXT NOT NULL,
+        one_file_system INTEGER NOT NULL,
+        exclude_caches  INTEGER NOT NULL,
+        agents          TEXT NOT NULL,
+        selector        TEXT NOT NULL,
+        timeout_secs    INTEGER NOT NULL,
+        jitter_secs     INTEGER NOT NULL,
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE operations (
+        seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+        id          TEXT NOT NULL UNIQUE,
+        agent_id    TEXT NOT NULL,
+        plan        TEXT NOT NULL,
+        kind        TEXT NOT NULL,
+        trigger     TEXT NOT NULL,
+        status      TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        started_at  INTEGER,
+        finished_at INTEGER,
+        duration_ms INTEGER,
+        summary     TEXT,
+        progress    TEXT,
+        message     TEXT,
+        reason      TEXT,
+        exit_code   INTEGER
+    ) STRICT;
+    CREATE INDEX operations_agent ON operations(agent_id, seq);
+    CREATE INDEX operations_plan ON operations(plan, seq);
+    CREATE INDEX operations_status ON operations(status, seq);
+    CREATE TABLE plan_status (
+        agent_id        TEXT NOT NULL,
+        plan            TEXT NOT NULL,
+        last_operation  TEXT NOT NULL,
+        last_status     TEXT NOT NULL,
+        last_finished_at INTEGER NOT NULL,
+        last_success_at INTEGER,
+        PRIMARY KEY (agent_id, plan)
+    ) STRICT;
+    CREATE TABLE snapshots (
+        agent_id TEXT NOT NULL,
+        plan     TEXT NOT NULL,
+        id       TEXT NOT NULL,
+        short_id TEXT NOT NULL,
+        time     TEXT NOT NULL,
+        hostname TEXT NOT NULL,
+        paths    TEXT NOT NULL,
+        tags     TEXT NOT NULL,
+        PRIMARY KEY (agent_id, plan, id)
+    ) STRICT;
+    CREATE TABLE leases (
+        repository   TEXT PRIMARY KEY,
+        agent_id     TEXT NOT NULL,
+        operation_id TEXT NOT NULL,
+        expires_at   INTEGER NOT NULL
+    ) STRICT;",
 ];
 
 pub fn migrations() -> Migrations<'static> {

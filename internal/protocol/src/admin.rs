@@ -1,4 +1,5 @@
-//! The operator API (`/api/v1/tokens`, `/api/v1/agents`, `/api/v1/audit`, `/api/v1/repositories`): request and
+//! The operator API (`/api/v1/tokens`, `/api/v1/agents`, `/api/v1/audit`, `/api/v1/repositories`; plans and
+//! operations are in [`crate::backup`]): request and
 //! response bodies. These are API shapes, separate from the database rows they are built from, so a schema change
 //! never leaks into the JSON.
 
@@ -21,6 +22,9 @@ pub struct CreateToken {
     pub expires_in: Option<String>,
     #[serde(default)]
     pub note: String,
+    /// Labels every agent enrolled with this token starts with (`env=prod`); plans select agents by label.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Where an enrollment token stands.
@@ -65,6 +69,9 @@ pub struct TokenView {
     /// `created_at` and `expires_at` as RFC 3339.
     pub created: String,
     pub expires: Option<String>,
+    /// Labels given to the agents it enrolls.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// The answer to `POST /api/v1/tokens` (201): the token's secret, shown this once.
@@ -132,10 +139,13 @@ impl std::str::FromStr for AgentState {
 pub struct AgentFilter {
     #[serde(default)]
     pub state: Option<AgentState>,
+    /// Only agents whose backup health (their worst plan's) is this.
+    #[serde(default)]
+    pub health: Option<crate::backup::Health>,
 }
 
 /// One enrolled agent in the fleet view.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentView {
     pub id: String,
     pub hostname: String,
@@ -154,14 +164,28 @@ pub struct AgentView {
     pub last_seen: String,
     /// SHA-256 of the build served for the agent's platform.
     pub served_sha256: Option<String>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The host's restic as the agent last reported it.
+    #[serde(default)]
+    pub restic: Option<crate::backup::ResticInfo>,
+    /// The worst health of the agent's plans (`null` when no plan applies to it).
+    #[serde(default)]
+    pub health: Option<crate::backup::Health>,
+    /// Every plan that applies to the agent, with its last run and health.
+    #[serde(default)]
+    pub backups: Vec<crate::backup::PlanHealth>,
 }
 
 /// `GET /api/v1/agents`
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentList {
     pub agents: Vec<AgentView>,
     /// Agents per state (states without agents are absent).
     pub counts: BTreeMap<AgentState, usize>,
+    /// Agents per backup health (agents without plans are not counted).
+    #[serde(default)]
+    pub health_counts: BTreeMap<crate::backup::Health, usize>,
     pub stale_after_secs: u64,
 }
 

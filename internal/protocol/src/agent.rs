@@ -3,6 +3,7 @@
 use rm_buildinfo::BuildInfo;
 use serde::{Deserialize, Serialize};
 
+use crate::backup::{ResticInfo, RunNow};
 use crate::manifest::PlatformEntry;
 use crate::{PROTOCOL_VERSION, protocol_v1};
 
@@ -62,6 +63,12 @@ pub struct HeartbeatRequest {
     /// The agent's heartbeat counter (per process lifetime).
     #[serde(default)]
     pub seq: u64,
+    /// The host's restic (absent from agents older than backups).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restic: Option<ResticInfo>,
+    /// The backup configuration revision the agent has applied (absent: none yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_revision: Option<u64>,
 }
 
 /// The answer to a heartbeat.
@@ -77,4 +84,11 @@ pub struct HeartbeatResponse {
     /// The agent build the server serves for the agent's platform (`null` when none is published).
     #[serde(default)]
     pub update: Option<PlatformEntry>,
+    /// The agent's desired backup configuration revision: when it differs from the one the agent applied, the agent
+    /// fetches `GET /api/v1/agents/config`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_revision: Option<u64>,
+    /// Run-now requests not yet reported by the agent (repeated until they are).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub run_now: Vec<RunNow>,
 }

@@ -11,15 +11,19 @@
 //! * [`agent`]: enrollment and heartbeats.
 //! * [`manifest`]: the published agent builds.
 //! * [`admin`]: the operator API's bodies.
+//! * [`backup`]: plans, repositories as agents receive them, operation reports, leases, snapshots, health.
+//! * [`schedule`]: cron and `@every` schedules, read the same way by server and agent.
 //! * [`error`]: the JSON error body every 4xx/5xx carries.
 //! * [`pin`]: public key pins (`sha256//…`) for servers without a publicly trusted certificate.
 
 pub mod admin;
 pub mod agent;
+pub mod backup;
 pub mod error;
 pub mod manifest;
 pub mod pin;
 pub mod platform;
+pub mod schedule;
 pub mod validate;
 
 pub use agent::{EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, HostFacts};

@@ -127,7 +127,7 @@ pub fn fleet_view(
         })
         .filter(|v| only.is_none_or(|s| s == v.state))
         .collect();
-    AgentList { agents: views, counts, stale_after_secs: stale_after.as_secs() }
+    AgentList { agents: views, counts, health_counts: Default::default(), stale_after_secs: stale_after.as_secs() }
 }
 
 fn agent_view(record: AgentRecord, state: AgentState, served_sha256: Option<String>) -> AgentView {
@@ -147,5 +147,9 @@ fn agent_view(record: AgentRecord, state: AgentState, served_sha256: Option<Stri
         last_seq: record.last_seq,
         state,
         served_sha256,
+        labels: Default::default(),
+        restic: None,
+        health: None,
+        backups: Vec::new(),
     }
 }

@@ -27,6 +27,7 @@ fn token_view(info: TokenInfo, now: Timestamp) -> TokenView {
         max_uses: info.max_uses,
         uses: info.uses,
         revoked_at: info.revoked_at,
+        labels: Default::default(),
     }
 }
 

@@ -163,5 +163,7 @@ pub async fn heartbeat(
         heartbeat_interval_secs: state.settings().heartbeat_interval.as_secs(),
         server: Some(rm_buildinfo::current()),
         update: Some(update).filter(|e| e.published),
+        config_revision: None,
+        run_now: Vec::new(),
     }))
 }

@@ -1,0 +1,573 @@
+//! Backups on the wire: what the server tells an agent to back up (`GET /api/v1/agents/config`), what the agent
+//! reports about each run (`POST /api/v1/agents/reports`), the repository leases that keep two agents from running
+//! restic on one repository at the same time (`POST/DELETE /api/v1/agents/leases`), and the operator API's plan,
+//! operation and snapshot bodies (`/api/v1/plans`, `/api/v1/operations`, `/api/v1/agents/{id}/snapshots`).
+//!
+//! Agent-facing bodies never refuse unknown fields (see the crate's compatibility rule); operator input does.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::admin::Timestamp;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shared vocabulary
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Which clock a plan's cron expression reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Timezone {
+    #[default]
+    Utc,
+    /// The agent host's local time.
+    Local,
+}
+
+/// What an operation does. Issue 14 runs backups; the rest are named so later kinds need no protocol change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationKind {
+    Backup,
+    Forget,
+    Prune,
+    Check,
+    Restore,
+}
+
+/// Why an operation ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// The plan's schedule fired.
+    Schedule,
+    /// A run the schedule missed while the host was off, run once at start.
+    CatchUp,
+    /// `POST /api/v1/plans/{name}/run`.
+    RunNow,
+}
+
+/// Where an operation stands. `queued` exists only on the server (a run-now request not yet taken by the agent);
+/// `success`, `warning`, `failed` and `cancelled` are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationStatus {
+    Queued,
+    Running,
+    Success,
+    /// restic exit code 3: a snapshot was made but some files could not be read.
+    Warning,
+    Failed,
+    Cancelled,
+}
+
+impl OperationStatus {
+    pub const ALL: [OperationStatus; 6] = [
+        OperationStatus::Queued,
+        OperationStatus::Running,
+        OperationStatus::Success,
+        OperationStatus::Warning,
+        OperationStatus::Failed,
+        OperationStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OperationStatus::Queued => "queued",
+            OperationStatus::Running => "running",
+            OperationStatus::Success => "success",
+            OperationStatus::Warning => "warning",
+            OperationStatus::Failed => "failed",
+            OperationStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether nothing more will happen to the operation.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            OperationStatus::Success | OperationStatus::Warning | OperationStatus::Failed | OperationStatus::Cancelled
+        )
+    }
+}
+
+impl std::fmt::Display for OperationStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for OperationStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<OperationStatus, String> {
+        OperationStatus::ALL.into_iter().find(|a| a.as_str() == s).ok_or_else(|| {
+            format!("unknown status {s:?}; one of {}", OperationStatus::ALL.map(OperationStatus::as_str).join(", "))
+        })
+    }
+}
+
+/// Why a failed operation failed, when the agent could tell (from restic's exit code or its message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    /// No repository at the URL (and `auto_init` is off, or init failed).
+    RepositoryMissing,
+    WrongPassword,
+    /// The repository is locked by another process and the lock is not stale.
+    Locked,
+    /// The plan's run timeout passed; restic was stopped.
+    Timeout,
+    /// restic is not installed, or not runnable, or older than 0.14.
+    ResticUnavailable,
+    /// Anything else; `message` says what restic said.
+    Other,
+}
+
+/// A plan's or a host's backup health, worst first when ordered by [`Health::severity`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// The last run succeeded, within twice the schedule's interval.
+    Ok,
+    /// The last run ended with a warning (some files unreadable), within twice the schedule's interval.
+    Warning,
+    /// The last run failed (or was cancelled).
+    Failed,
+    /// No successful run within twice the schedule's interval.
+    Overdue,
+    /// The plan never ran on this host.
+    Never,
+}
+
+impl Health {
+    pub const ALL: [Health; 5] = [Health::Ok, Health::Warning, Health::Failed, Health::Overdue, Health::Never];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ok => "ok",
+            Health::Warning => "warning",
+            Health::Failed => "failed",
+            Health::Overdue => "overdue",
+            Health::Never => "never",
+        }
+    }
+
+    /// Higher is worse: a host's health is its worst plan's.
+    pub fn severity(self) -> u8 {
+        match self {
+            Health::Ok => 0,
+            Health::Never => 1,
+            Health::Warning => 2,
+            Health::Overdue => 3,
+            Health::Failed => 4,
+        }
+    }
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Health {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Health, String> {
+        Health::ALL
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| format!("unknown health {s:?}; one of {}", Health::ALL.map(Health::as_str).join(", ")))
+    }
+}
+
+/// restic's `summary` message of a backup, as far as restic 0.14 already prints it. Unknown fields are ignored so
+/// newer restic versions parse too.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct BackupSummary {
+    pub files_new: u64,
+    pub files_changed: u64,
+    pub files_unmodified: u64,
+    pub dirs_new: u64,
+    pub dirs_changed: u64,
+    pub dirs_unmodified: u64,
+    pub data_blobs: i64,
+    pub tree_blobs: i64,
+    pub data_added: u64,
+    pub total_files_processed: u64,
+    pub total_bytes_processed: u64,
+    /// Seconds, as restic reports it.
+    pub total_duration: f64,
+    pub snapshot_id: Option<String>,
+}
+
+/// restic's latest `status` message of a running backup (sent to the server throttled).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Progress {
+    /// 0.0 ..= 1.0
+    pub percent_done: f64,
+    pub total_files: u64,
+    pub files_done: u64,
+    pub total_bytes: u64,
+    pub bytes_done: u64,
+    pub seconds_elapsed: u64,
+    pub seconds_remaining: Option<u64>,
+}
+
+/// One snapshot, as `restic snapshots --json` describes it (the fields we keep).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Snapshot {
+    /// The full snapshot id (64 hex).
+    pub id: String,
+    pub short_id: String,
+    /// RFC 3339, as restic prints it.
+    pub time: String,
+    pub hostname: String,
+    pub paths: Vec<String>,
+    pub tags: Vec<String>,
+}
+
+/// The tag every snapshot of a plan carries, so snapshots can be told apart by plan: `rm-plan:<name>`.
+pub fn plan_tag(plan: &str) -> String {
+    format!("rm-plan:{plan}")
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Agent ⇄ server
+// ---------------------------------------------------------------------------------------------------------------
+
+/// What an agent knows about the host's restic, in every heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResticInfo {
+    /// `0.14.0`; absent when restic could not be run.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// The executable the agent runs.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Why restic is unusable (not found, not runnable, older than 0.14), in words.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// A run-now request riding a heartbeat answer. The server repeats it in every answer until the agent reports the
+/// operation (at least once); the agent runs each `operation_id` at most once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunNow {
+    pub operation_id: String,
+    pub plan: String,
+}
+
+/// A repository as an agent receives it: with its secrets (sent only over TLS or to a loopback peer).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRepository {
+    pub name: String,
+    pub url: String,
+    pub password: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub ca_cert: Option<String>,
+    #[serde(default)]
+    pub auto_init: bool,
+}
+
+impl std::fmt::Debug for AgentRepository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentRepository")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("env", &self.env.keys().collect::<Vec<_>>())
+            .field("auto_init", &self.auto_init)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A plan as an agent receives it: everything needed to run it without asking the server again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentPlan {
+    pub name: String,
+    /// The name of one of [`AgentConfigBody::repositories`].
+    pub repository: String,
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub excludes: Vec<String>,
+    /// A cron expression (5 or 6 fields, `@daily` …) or `@every <duration>`; see [`crate::schedule`].
+    pub schedule: String,
+    #[serde(default)]
+    pub timezone: Timezone,
+    /// Extra tags (the plan tag [`plan_tag`] is always added).
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub one_file_system: bool,
+    #[serde(default)]
+    pub exclude_caches: bool,
+    /// restic is stopped (SIGINT, then killed) after this long.
+    pub timeout_secs: u64,
+    /// Each host delays every scheduled run by a fixed offset in `0..jitter_secs`, derived from its agent id and the
+    /// plan, so a fleet sharing a repository does not start together.
+    #[serde(default)]
+    pub jitter_secs: u64,
+}
+
+/// `GET /api/v1/agents/config` (agent credential): the agent's plans and their repositories.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentConfigBody {
+    /// Matches the `config_revision` of heartbeat answers; the agent sends back the one it applied.
+    pub revision: u64,
+    pub plans: Vec<AgentPlan>,
+    pub repositories: Vec<AgentRepository>,
+}
+
+/// One operation's state, sent by the agent when it starts, while it runs (throttled progress) and when it ends.
+/// The server keys reports by `id`: a repeated report changes nothing, a final status is never overwritten, so an
+/// agent may resend its on-disk queue after any failure without a run being counted twice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationReport {
+    /// `op_` + 32 hex: the server's id for run-now, the agent's own for scheduled runs.
+    pub id: String,
+    pub plan: String,
+    pub kind: OperationKind,
+    pub trigger: Trigger,
+    pub status: OperationStatus,
+    pub started_at: Timestamp,
+    #[serde(default)]
+    pub finished_at: Option<Timestamp>,
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
+    #[serde(default)]
+    pub summary: Option<BackupSummary>,
+    #[serde(default)]
+    pub progress: Option<Progress>,
+    /// restic's message (its last error lines) for warnings and failures; a short note otherwise.
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub reason: Option<FailureReason>,
+    #[serde(default)]
+    pub exit_code: Option<i32>,
+    /// After a successful backup: every snapshot of this plan on this host (replaces what the server had).
+    #[serde(default)]
+    pub snapshots: Option<Vec<Snapshot>>,
+}
+
+/// `POST /api/v1/agents/reports`: the agent's queued reports, oldest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReportBatch {
+    pub reports: Vec<OperationReport>,
+}
+
+/// The answer to a [`ReportBatch`] (200): every report is stored (or was already); the agent drops them from its
+/// queue. A batch is all or nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReportAck {
+    pub accepted: usize,
+}
+
+/// `POST /api/v1/agents/leases`: take (or renew, with the same `operation_id`) the run lease of a repository.
+/// 200 [`LeaseGranted`]; 409 `repository_busy` with `details.retry_after_secs` while another agent holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRequest {
+    pub repository: String,
+    pub operation_id: String,
+    /// The lease lapses this long after the last renewal (an agent that died stops blocking others).
+    pub ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseGranted {
+    pub repository: String,
+    pub operation_id: String,
+    pub expires_at: Timestamp,
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Operator API
+// ---------------------------------------------------------------------------------------------------------------
+
+/// `POST /api/v1/plans`. Operator input: unknown fields are refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreatePlan {
+    pub name: String,
+    pub repository: String,
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub excludes: Vec<String>,
+    /// Cron (`0 3 * * *`, `@daily`) or `@every 6h`.
+    pub schedule: String,
+    #[serde(default)]
+    pub timezone: Timezone,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub one_file_system: bool,
+    #[serde(default)]
+    pub exclude_caches: bool,
+    /// Agent ids the plan applies to.
+    #[serde(default)]
+    pub agents: Vec<String>,
+    /// Labels an agent must all carry for the plan to apply to it (in addition to `agents`). Empty: no selector.
+    #[serde(default)]
+    pub selector: BTreeMap<String, String>,
+    /// Run timeout such as `2h` (default 24h).
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Spread of scheduled starts across hosts such as `5m` (default: a twentieth of the interval, at most 10m).
+    #[serde(default)]
+    pub jitter: Option<String>,
+}
+
+/// `PATCH /api/v1/plans/{name}`: each field present replaces the stored value.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdatePlan {
+    #[serde(default)]
+    pub repository: Option<String>,
+    #[serde(default)]
+    pub paths: Option<Vec<String>>,
+    #[serde(default)]
+    pub excludes: Option<Vec<String>>,
+    #[serde(default)]
+    pub schedule: Option<String>,
+    #[serde(default)]
+    pub timezone: Option<Timezone>,
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    #[serde(default)]
+    pub one_file_system: Option<bool>,
+    #[serde(default)]
+    pub exclude_caches: Option<bool>,
+    #[serde(default)]
+    pub agents: Option<Vec<String>>,
+    #[serde(default)]
+    pub selector: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub jitter: Option<String>,
+}
+
+/// A plan as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanView {
+    pub name: String,
+    pub repository: String,
+    pub paths: Vec<String>,
+    pub excludes: Vec<String>,
+    pub schedule: String,
+    pub timezone: Timezone,
+    pub tags: Vec<String>,
+    pub one_file_system: bool,
+    pub exclude_caches: bool,
+    pub agents: Vec<String>,
+    pub selector: BTreeMap<String, String>,
+    pub timeout_secs: u64,
+    pub jitter_secs: u64,
+    /// The agents the plan applies to now (explicit ids and selector matches).
+    pub applies_to: Vec<String>,
+    /// RFC 3339.
+    pub created: String,
+    pub updated: String,
+}
+
+/// `GET /api/v1/plans`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanList {
+    pub plans: Vec<PlanView>,
+}
+
+/// `POST /api/v1/plans/{name}/run`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunPlan {
+    pub agent: String,
+}
+
+/// The answer to [`RunPlan`] (202).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperationCreated {
+    pub operation_id: String,
+}
+
+/// `GET /api/v1/operations?agent=&plan=&status=&before=&limit=`
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperationQuery {
+    #[serde(default)]
+    pub agent: Option<String>,
+    #[serde(default)]
+    pub plan: Option<String>,
+    #[serde(default)]
+    pub status: Option<OperationStatus>,
+    /// Page below this cursor (the previous page's `next_before`).
+    #[serde(default)]
+    pub before: Option<i64>,
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// One operation as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationView {
+    pub id: String,
+    pub agent_id: String,
+    pub hostname: Option<String>,
+    pub plan: String,
+    pub kind: OperationKind,
+    pub trigger: Trigger,
+    pub status: OperationStatus,
+    pub created_at: Timestamp,
+    pub started_at: Option<Timestamp>,
+    pub finished_at: Option<Timestamp>,
+    pub duration_ms: Option<u64>,
+    pub summary: Option<BackupSummary>,
+    pub progress: Option<Progress>,
+    pub message: Option<String>,
+    pub reason: Option<FailureReason>,
+    pub exit_code: Option<i32>,
+}
+
+/// `GET /api/v1/operations`: newest first; `next_before` pages on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationPage {
+    pub operations: Vec<OperationView>,
+    pub next_before: Option<i64>,
+}
+
+/// `GET /api/v1/agents/{id}/snapshots`: what the agent last reported, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotList {
+    pub agent_id: String,
+    pub snapshots: Vec<PlanSnapshot>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanSnapshot {
+    pub plan: String,
+    #[serde(flatten)]
+    pub snapshot: Snapshot,
+}
+
+/// `PUT /api/v1/agents/{id}/labels`: replaces the agent's labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetLabels {
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One plan on one host in the fleet view.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanHealth {
+    pub plan: String,
+    pub health: Health,
+    /// The newest finished operation of the plan on the host.
+    pub last_run: Option<OperationView>,
+    pub last_success_at: Option<Timestamp>,
+}
