@@ -571,3 +571,65 @@ pub struct PlanHealth {
     pub last_run: Option<OperationView>,
     pub last_success_at: Option<Timestamp>,
 }
+
+/// Whether a plan applies to an agent: the agent is named in `agents`, or `selector` is not empty and the agent
+/// carries every one of its labels.
+pub fn plan_applies(
+    agents: &[String],
+    selector: &BTreeMap<String, String>,
+    agent_id: &str,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    agents.iter().any(|a| a == agent_id)
+        || (!selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v)))
+}
+
+/// A plan's health on one host. `last` is the newest finished run's status and time; `last_success_at` the newest
+/// success or warning (both made a snapshot); `interval` the schedule's interval; `assigned_at` when the plan began
+/// to apply (its creation or last change), so a plan that never ran becomes `overdue` after two intervals rather than
+/// staying `never` forever.
+pub fn health(
+    last: Option<(OperationStatus, Timestamp)>,
+    last_success_at: Option<Timestamp>,
+    now: Timestamp,
+    interval_secs: u64,
+    assigned_at: Timestamp,
+) -> Health {
+    let window = 2 * interval_secs as i64;
+    match last {
+        None if now - assigned_at > window => Health::Overdue,
+        None => Health::Never,
+        Some((OperationStatus::Failed | OperationStatus::Cancelled, _)) => Health::Failed,
+        Some(_) if last_success_at.is_none_or(|t| now - t > window) => Health::Overdue,
+        Some((OperationStatus::Warning, _)) => Health::Warning,
+        Some(_) => Health::Ok,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_apply_by_id_or_by_every_label() {
+        let labels: BTreeMap<_, _> = [("env".to_string(), "prod".to_string()), ("db".into(), "pg".into())].into();
+        let sel = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert!(plan_applies(&["a1".into()], &BTreeMap::new(), "a1", &BTreeMap::new()));
+        assert!(!plan_applies(&[], &BTreeMap::new(), "a1", &labels));
+        assert!(plan_applies(&[], &sel(&[("env", "prod")]), "a1", &labels));
+        assert!(!plan_applies(&[], &sel(&[("env", "prod"), ("db", "mysql")]), "a1", &labels));
+    }
+
+    #[test]
+    fn health_follows_the_last_run_and_the_interval() {
+        use OperationStatus::*;
+        let h = |last, success, now| health(last, success, now, 100, 0);
+        assert_eq!(h(None, None, 150), Health::Never);
+        assert_eq!(h(None, None, 250), Health::Overdue);
+        assert_eq!(h(Some((Success, 1000)), Some(1000), 1100), Health::Ok);
+        assert_eq!(h(Some((Warning, 1000)), Some(1000), 1100), Health::Warning);
+        assert_eq!(h(Some((Failed, 1100)), Some(1000), 1150), Health::Failed);
+        assert_eq!(h(Some((Success, 1000)), Some(1000), 1201), Health::Overdue);
+        assert_eq!(h(Some((Cancelled, 1000)), None, 1001), Health::Failed);
+    }
+}
