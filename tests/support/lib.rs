@@ -10,9 +10,11 @@
 //! - `skip`: [`skip`], how a test that cannot run here is recorded as skipped (never under CI).
 //! - `tls`: [`TlsProxy`], a TLS-terminating proxy (rcgen certificates) that also answers `/tls/cert.pem`.
 //! - `tools`: external tools ([`tool`], [`wine_shim`]).
+//! - `backup`: real restic ([`Repo`]), an S3 server on loopback ([`S3Server`]), enrolled agents as processes ([`Agent`]).
 //! - [`admin_auth`]: the admin-auth matrix (also used by `internal/server/tests/api.rs`).
 
 pub mod admin_auth;
+mod backup;
 mod bin;
 mod fake;
 mod files;
@@ -23,6 +25,7 @@ mod skip;
 mod tls;
 mod tools;
 
+pub use backup::*;
 pub use bin::*;
 pub use fake::*;
 pub use files::*;
