@@ -91,19 +91,6 @@ pub enum PlanRefused {
     NotAssigned { plan: String, agent: String },
 }
 
-impl PlanRefused {
-    /// The API error code.
-    pub fn code(&self) -> &'static str {
-        match self {
-            PlanRefused::Invalid(_) | PlanRefused::UnknownRepository(_) => "invalid_request",
-            PlanRefused::UnknownAgent(_) => "invalid_request",
-            PlanRefused::NameTaken(_) => "conflict",
-            PlanRefused::NotFound(_) => "plan_not_found",
-            PlanRefused::NotAssigned { .. } => "plan_not_assigned",
-        }
-    }
-}
-
 fn interval_of(schedule: &str, tz: Timezone) -> Duration {
     Schedule::parse(schedule).map(|s| s.interval(chrono::Utc::now(), tz)).unwrap_or(Duration::from_secs(86_400))
 }
