@@ -316,7 +316,10 @@ pub fn update_repository(
 
 /// A repository that plans still use cannot be deleted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("repository {name:?} is used by the plans {}; delete those plans or move them to another repository first", plans.join(", "))]
+#[error(
+    "repository {name:?} is used by the plans {}; delete those plans or move them to another repository first",
+    plans.join(", ")
+)]
 pub struct RepositoryInUse {
     pub name: String,
     pub plans: Vec<String>,

@@ -503,7 +503,9 @@ pub(crate) async fn serve(
                     let handshake = tokio::time::timeout(net.header_read_timeout, acceptor.accept(stream));
                     tokio::select! {
                         result = handshake => match result {
-                            Ok(Ok(tls_stream)) => serve_connection(tls_stream, fd, (peer, ConnTls(true)), state, router, &net, stop).await,
+                            Ok(Ok(tls_stream)) => {
+                                serve_connection(tls_stream, fd, (peer, ConnTls(true)), state, router, &net, stop).await
+                            }
                             Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                             Err(_) => debug!(%peer, "TLS handshake timed out"),
                         },

@@ -1,5 +1,6 @@
-//! `/api/v1/agents/enroll`, `/api/v1/agents/heartbeat` and `/api/v1/agents/config`: what agents call. The bodies are `rm_protocol`'s, read
-//! leniently (unknown fields from newer agents are ignored) and validated here before anything is stored.
+//! `/api/v1/agents/enroll`, `/api/v1/agents/heartbeat` and `/api/v1/agents/config`: what agents call. The bodies
+//! are `rm_protocol`'s, read leniently (unknown fields from newer agents are ignored) and validated here before
+//! anything is stored.
 
 use axum::Json;
 use axum::extract::State;
@@ -138,10 +139,9 @@ fn checked_heartbeat(request: HeartbeatRequest) -> Result<(rm_fleet::Heartbeat, 
     Ok((hb, platform))
 }
 
-/// What a heartbeat answer tells the agent besides updates: the desired configuration revision and its queued
-/// run-now requests (reads only, so the full-volume fallback can answer them too).
-fn directives(revision: u64, runs: Vec<rm_fleet::QueuedRun>) -> (u64, Vec<RunNow>) {
-    (revision, runs.into_iter().map(|r| RunNow { operation_id: r.operation_id, plan: r.plan }).collect())
+/// The agent's queued run-now requests as the heartbeat answer carries them.
+fn run_now(runs: Vec<rm_fleet::QueuedRun>) -> Vec<RunNow> {
+    runs.into_iter().map(|r| RunNow { operation_id: r.operation_id, plan: r.plan }).collect()
 }
 
 /// `POST /api/v1/agents/heartbeat` with `Authorization: Bearer <agent credential>`. The credential is checked
@@ -189,7 +189,6 @@ pub async fn heartbeat(
         }
         (recorded, _) => recorded??,
     };
-    let (revision, run_now) = directives(revision, queued);
     let update = catalog::entry(&state, platform, base.or_relative()).await?;
     Ok(Json(HeartbeatResponse {
         protocol: PROTOCOL_VERSION,
@@ -198,7 +197,7 @@ pub async fn heartbeat(
         server: Some(rm_buildinfo::current()),
         update: Some(update).filter(|e| e.published),
         config_revision: Some(revision),
-        run_now,
+        run_now: run_now(queued),
     }))
 }
 
@@ -255,7 +254,8 @@ pub async fn config(
         }
         Err(refused) => {
             if matches!(refused, ApiError::Refused { code: "secrets_need_tls", .. }) {
-                warn!(peer = %peer.map(|p| p.to_string()).unwrap_or_default(), "refused to send repository secrets over plain HTTP");
+                let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+                warn!(%peer, "refused to send repository secrets over plain HTTP");
             }
             Err(refused)
         }
