@@ -328,7 +328,9 @@ fn downloads_cannot_fill_the_data_volume_and_a_full_volume_keeps_agents_served()
         }
     }
     assert!(saw_full, "200 token creations fit on a full volume?");
-    assert_eq!(heartbeat(&server, &credential, &[], &beat_body()).status, 200);
+    let r = heartbeat(&server, &credential, &[], &beat_body());
+    assert_eq!(r.status, 200);
+    assert!(r.json()["config_revision"].is_u64(), "the unrecorded answer still carries the revision: {}", r.text());
     let r = server.get("/agent/binary?os=linux&arch=amd64");
     assert_eq!((r.status, r.body.as_slice()), (200, &b"agent build one"[..]));
 

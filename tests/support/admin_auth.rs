@@ -24,6 +24,13 @@ pub const ADMIN_ROUTES: &[(&str, &str, &[u8])] = &[
     ("GET", "/api/v1/repositories/x", b""),
     ("PATCH", "/api/v1/repositories/x", br#"{"auto_init":true}"#),
     ("DELETE", "/api/v1/repositories/x", b""),
+    ("GET", "/api/v1/plans", b""),
+    ("POST", "/api/v1/plans", br#"{"name":"x","repository":"x","paths":["/srv"],"schedule":"@daily"}"#),
+    ("GET", "/api/v1/plans/x", b""),
+    ("PATCH", "/api/v1/plans/x", br#"{"tags":["t"]}"#),
+    ("POST", "/api/v1/plans/x/run", br#"{"agent":"x"}"#),
+    ("DELETE", "/api/v1/plans/x", b""),
+    ("PUT", "/api/v1/agents/x/labels", br#"{"labels":{"env":"prod"}}"#),
 ];
 
 /// `Authorization` values that are not the admin token (`None`: no header), each with a description: near misses

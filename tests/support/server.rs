@@ -4,7 +4,7 @@
 
 use std::fs;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus, Stdio};
 use std::time::Duration;
@@ -25,6 +25,8 @@ pub struct ServerBuilder {
     env: Vec<(String, String)>,
     /// `RLIMIT_NOFILE` (soft and hard) for the server process.
     fd_limit: Option<u64>,
+    /// The address to listen on instead of 127.0.0.1 (e.g. 0.0.0.0, to be reached on a non-loopback address).
+    listen_ip: Option<IpAddr>,
 }
 
 impl Default for ServerBuilder {
@@ -46,7 +48,7 @@ impl ServerBuilder {
             }
         }
         fs::create_dir_all(tmp.path().join("outside")).unwrap();
-        ServerBuilder { tmp, data_dir, bundled_dir, env: Vec::new(), fd_limit: None }
+        ServerBuilder { tmp, data_dir, bundled_dir, env: Vec::new(), fd_limit: None, listen_ip: None }
     }
 
     pub fn root(&self) -> &Path {
@@ -81,6 +83,13 @@ impl ServerBuilder {
     /// Any extra environment variable (applied after the defaults, so it can override them).
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Listens on `ip` (a free port) instead of 127.0.0.1; the harness still talks to it over 127.0.0.1 when `ip` is
+    /// unspecified (0.0.0.0).
+    pub fn listen_on(mut self, ip: IpAddr) -> Self {
+        self.listen_ip = Some(ip);
         self
     }
 
@@ -130,7 +139,10 @@ impl ServerBuilder {
     fn launch(&self) -> (Child, SocketAddr) {
         const ATTEMPTS: usize = 5;
         for _ in 0..ATTEMPTS {
-            let addr = free_port();
+            let addr = match (free_port(), self.listen_ip) {
+                (free, Some(ip)) => SocketAddr::new(ip, free.port()),
+                (free, None) => free,
+            };
             let mut child = self.spawn(addr);
             match self.wait_ready(&mut child, addr) {
                 Ready::Yes => return (child, addr),
@@ -143,6 +155,7 @@ impl ServerBuilder {
 
     fn wait_ready(&self, child: &mut Child, addr: SocketAddr) -> Ready {
         let listening = addr.to_string();
+        let addr = connectable(addr);
         let ready = poll(READY_TIMEOUT, || {
             if let Some(status) = child.try_wait().expect("try_wait") {
                 if self.log().to_ascii_lowercase().contains("address already in use") {
@@ -226,8 +239,9 @@ impl Server {
         ServerBuilder::new()
     }
 
+    /// Where to connect: the listen address (127.0.0.1 for an unspecified one).
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        connectable(self.addr)
     }
 
     pub fn port(&self) -> u16 {
@@ -235,7 +249,7 @@ impl Server {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("http://{}{path}", self.addr())
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -319,7 +333,7 @@ impl Server {
     }
 
     pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> Response {
-        http_request(self.addr, method, path, headers)
+        http_request(self.addr(), method, path, headers)
             .unwrap_or_else(|e| panic!("{method} {path} failed: {e}\n{}", self.log_tail()))
     }
 
@@ -353,7 +367,7 @@ impl Server {
         if body.is_some() {
             headers.push(("Content-Type", "application/json"));
         }
-        http_request_with_body(self.addr, method, path, &headers, body.as_deref().unwrap_or_default())
+        http_request_with_body(self.addr(), method, path, &headers, body.as_deref().unwrap_or_default())
             .unwrap_or_else(|e| panic!("{method} {path} failed: {e}\n{}", self.log_tail()))
     }
 
@@ -411,6 +425,11 @@ impl Drop for Server {
             eprintln!("{}", self.log_tail());
         }
     }
+}
+
+/// 127.0.0.1 for an unspecified address (0.0.0.0): where a server listening there is reached locally.
+fn connectable(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() { SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()) } else { addr }
 }
 
 /// A port on 127.0.0.1 that was free a moment ago (bound to :0, read, released).

@@ -1,8 +1,9 @@
-//! `restic-manager-server agents list`: the fleet view from the command line, straight from the data dir's database
-//! and the asset roots (works with the server running or stopped).
+//! `restic-manager-server agents list|label`: the fleet view from the command line, straight from the data dir's
+//! database and the asset roots (works with the server running or stopped), and agents' labels.
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use rm_assets::AssetStore;
+use rm_fleet::AuditEvent;
 use rm_protocol::admin::{AgentList, AgentState};
 
 use crate::cli::ServeArgs;
@@ -22,6 +23,20 @@ pub async fn list(args: &ServeArgs, state: Option<AgentState>, json: bool) -> an
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {
         print!("{}", table(&view));
+    }
+    Ok(())
+}
+
+/// `agents label ID [k=v …]`: replaces the agent's labels (no pairs: removes them all).
+pub async fn label(args: &ServeArgs, id: String, pairs: Vec<(String, String)>) -> anyhow::Result<()> {
+    let db = open_existing_db(args)?;
+    let labels: rm_fleet::Labels = pairs.into_iter().collect();
+    rm_fleet::validate_labels("labels", &labels).map_err(anyhow::Error::msg)?;
+    let audit = AuditEvent { at: rm_fleet::now(), source: Some("cli".into()), ..Default::default() };
+    let lookup = id.clone();
+    match db.call(move |c| rm_fleet::set_labels(c, &lookup, &labels, audit)).await? {
+        Some(record) => println!("{}\t{}", record.id, rm_fleet::labels::describe(&record.labels)),
+        None => bail!("no agent with id {id:?} (see `agents list`)"),
     }
     Ok(())
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use rm_protocol::admin::AgentState;
+use rm_protocol::backup::Timezone;
 use rm_server::tls::{TlsConfig, TlsMode};
 use rm_server::{PublicUrl, TrustedProxies};
 
@@ -38,6 +39,88 @@ pub enum Command {
     /// Manage restic repositories in the data dir's database (works while the server runs; needs secret.key).
     #[command(subcommand)]
     Repo(RepoCommand),
+    /// Manage backup plans in the data dir's database (works while the server runs) and request runs.
+    #[command(subcommand)]
+    Plan(PlanCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PlanCommand {
+    /// Define a backup plan: what (--path, --exclude), where (--repo), when (--schedule) and on which agents
+    /// (--agent ids and/or --selector labels).
+    Add {
+        /// Lower-case name: a-z, 0-9, '.', '_', '-'.
+        #[arg(env = "RM_PLAN_NAME")]
+        name: String,
+        /// The repository (see `repo list`).
+        #[arg(long, env = "RM_PLAN_REPO")]
+        repo: String,
+        /// An absolute path to back up on the agent's host (/… or C:\…); repeat for more.
+        #[arg(long = "path", env = "RM_PLAN_PATH", required = true)]
+        paths: Vec<String>,
+        /// A restic exclude pattern; repeat for more.
+        #[arg(long = "exclude", env = "RM_PLAN_EXCLUDE")]
+        excludes: Vec<String>,
+        /// A cron expression ("0 3 * * *", "@daily") or "@every 6h".
+        #[arg(long, env = "RM_PLAN_SCHEDULE")]
+        schedule: String,
+        /// The clock the cron expression reads: utc or local (the agent host's).
+        #[arg(long, env = "RM_PLAN_TIMEZONE", default_value = "utc", value_parser = parse_timezone)]
+        timezone: Timezone,
+        /// An extra snapshot tag (no commas); repeat for more.
+        #[arg(long = "tag", env = "RM_PLAN_TAG", value_delimiter = ',')]
+        tags: Vec<String>,
+        /// restic --one-file-system.
+        #[arg(long, env = "RM_PLAN_ONE_FILE_SYSTEM")]
+        one_file_system: bool,
+        /// restic --exclude-caches.
+        #[arg(long, env = "RM_PLAN_EXCLUDE_CACHES")]
+        exclude_caches: bool,
+        /// An agent id the plan applies to; repeat for more.
+        #[arg(long = "agent", env = "RM_PLAN_AGENT", value_delimiter = ',')]
+        agents: Vec<String>,
+        /// A label key=value every selected agent must carry; repeat for more (all must match).
+        #[arg(long = "selector", env = "RM_PLAN_SELECTOR", value_parser = parse_label)]
+        selector: Vec<(String, String)>,
+        /// Run timeout, e.g. 2h (default 24h).
+        #[arg(long, env = "RM_PLAN_TIMEOUT")]
+        timeout: Option<String>,
+        /// Spread of scheduled starts across hosts, e.g. 5m (default: a twentieth of the interval, at most 10m).
+        #[arg(long, env = "RM_PLAN_JITTER")]
+        jitter: Option<String>,
+    },
+    /// List plans and the agents each applies to.
+    List {
+        /// JSON (the same shape as GET /api/v1/plans) instead of lines.
+        #[arg(long, env = "RM_PLAN_JSON")]
+        json: bool,
+    },
+    /// Delete a plan (its snapshots are not touched; its queued run-now requests are cancelled).
+    Rm {
+        #[arg(env = "RM_PLAN_NAME")]
+        name: String,
+    },
+    /// Run a plan now on one agent; prints the operation id.
+    Run {
+        #[arg(env = "RM_PLAN_NAME")]
+        name: String,
+        /// The agent id (see `agents list`).
+        #[arg(long, env = "RM_PLAN_AGENT")]
+        agent: String,
+    },
+}
+
+/// `key=value` by the label rules.
+pub fn parse_label(raw: &str) -> Result<(String, String), String> {
+    rm_fleet::labels::parse_pair(raw)
+}
+
+fn parse_timezone(raw: &str) -> Result<Timezone, String> {
+    match raw {
+        "utc" | "UTC" => Ok(Timezone::Utc),
+        "local" => Ok(Timezone::Local),
+        other => Err(format!("{other:?}: use utc or local")),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -89,6 +172,15 @@ pub enum AgentsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Replace an agent's labels with the given key=value pairs (none: remove them all).
+    Label {
+        /// The agent id (see `agents list`).
+        #[arg(env = "RM_AGENT_ID")]
+        id: String,
+        /// key=value pairs (keys: a-z 0-9 . _ / -).
+        #[arg(env = "RM_AGENT_LABELS", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -104,6 +196,10 @@ pub enum TokenCommand {
         /// Free text shown in listings.
         #[arg(long, env = "RM_TOKEN_NOTE", default_value = "")]
         note: String,
+        /// A label key=value every agent enrolled with the token starts with (plans select agents by label); repeat
+        /// for more.
+        #[arg(long = "label", env = "RM_TOKEN_LABEL", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
     },
     /// List enrollment tokens (never their secrets).
     List,

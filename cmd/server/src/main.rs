@@ -2,6 +2,7 @@
 
 mod agents;
 mod cli;
+mod plan;
 mod repo;
 mod token;
 
@@ -48,6 +49,10 @@ async fn run(cli: Cli) -> ExitCode {
         Some(Command::Agents(cli::AgentsCommand::List { state, json })) => {
             exit_code(agents::list(&cli.serve, state, json).await)
         }
+        Some(Command::Agents(cli::AgentsCommand::Label { id, labels })) => {
+            exit_code(agents::label(&cli.serve, id, labels).await)
+        }
+        Some(Command::Plan(command)) => exit_code(plan::run(&cli.serve, command).await),
         Some(Command::Token(command)) => exit_code(token::run(&cli.serve, command).await),
         Some(Command::Repo(command)) => exit_code(repo::run(&cli.serve, command).await),
         None | Some(Command::Serve) => match serve(cli.serve).await {

@@ -71,7 +71,8 @@ pub async fn run(args: &ServeArgs, command: RepoCommand) -> anyhow::Result<()> {
         }
         RepoCommand::Rm { name } => {
             let (event, lookup) = (audit(), name.clone());
-            let deleted = db.call(move |c| rm_fleet::delete_repository(c, &lookup, event)).await?;
+            let deleted =
+                db.call(move |c| rm_fleet::delete_repository(c, &lookup, event)).await?.map_err(anyhow::Error::msg)?;
             if !deleted {
                 bail!("no repository named {name:?}");
             }

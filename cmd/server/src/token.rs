@@ -24,8 +24,9 @@ pub async fn run(args: &ServeArgs, command: TokenCommand) -> anyhow::Result<()> 
     let db = open_existing_db(args)?;
     let now = rm_fleet::now();
     match command {
-        TokenCommand::Create { uses, expires, note } => {
-            let new = NewToken::validated(uses, expires, note, now).map_err(anyhow::Error::msg)?;
+        TokenCommand::Create { uses, expires, note, labels } => {
+            let labels = labels.into_iter().collect();
+            let new = NewToken::validated(uses, expires, note, labels, now).map_err(anyhow::Error::msg)?;
             let (info, token) = db.call(move |c| rm_fleet::create_token(c, now, &new)).await?;
             println!("{token}");
             eprintln!("{}", describe(&info, now));
@@ -110,5 +111,10 @@ fn describe(info: &TokenInfo, now: rm_fleet::Timestamp) -> String {
         None => format!("{}/unlimited", info.uses),
     };
     let expires = info.expires_at.map_or("never".to_string(), rm_fleet::rfc3339);
-    format!("id={} status={} uses={uses} expires={expires} note={:?}", info.id, info.status(now), info.note)
+    let mut line =
+        format!("id={} status={} uses={uses} expires={expires} note={:?}", info.id, info.status(now), info.note);
+    if !info.labels.is_empty() {
+        line += &format!(" labels={}", rm_fleet::labels::describe(&info.labels));
+    }
+    line
 }

@@ -1,9 +1,12 @@
 //! The `agents` table: enrollment (which consumes a token), credential checks and heartbeats.
 
 use rm_protocol::HostFacts;
+use rm_protocol::backup::ResticInfo;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::DbError;
+use crate::audit::{AuditEvent, record_audit};
+use crate::labels::{self, Labels};
 use crate::secrets;
 use crate::time::Timestamp;
 use crate::tokens::{EnrollError, check_enrollment_token};
@@ -38,8 +41,8 @@ pub fn enroll(
     let credential = format!("{}{agent_id}_{}", secrets::AGENT_PREFIX, secrets::random_secret());
     conn.execute(
         "INSERT INTO agents (id, secret_hash, hostname, os, arch, agent_version, agent_commit, enrolled_at,
-                             enrollment_token_id, last_seen_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8)",
+                             enrollment_token_id, last_seen_at, labels)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?10)",
         params![
             agent_id,
             secrets::hash_secret(&credential).as_slice(),
@@ -49,7 +52,8 @@ pub fn enroll(
             facts.version,
             facts.commit,
             now,
-            info.id
+            info.id,
+            labels::to_json(&info.labels)
         ],
     )?;
     Ok(Ok(Enrolled { agent_id, credential }))
@@ -72,6 +76,10 @@ pub struct Heartbeat {
     pub last_update_error: Option<String>,
     /// The agent's own heartbeat counter (monotonic per agent process lifetime).
     pub seq: u64,
+    /// The host's restic (`None`: the agent did not say; what was stored stays).
+    pub restic: Option<ResticInfo>,
+    /// The configuration revision the agent has applied (`None`: what was stored stays).
+    pub config_revision: Option<u64>,
 }
 
 /// Records a heartbeat of the agent `id` (authenticated with [`authenticate_agent`] in the same operation).
@@ -79,7 +87,11 @@ pub fn record_heartbeat(conn: &Connection, now: Timestamp, id: &str, hb: &Heartb
     conn.execute(
         "UPDATE agents SET hostname = ?2, os = ?3, arch = ?4, agent_version = ?5, agent_commit = ?6,
                 binary_sha256 = ?7, last_update_error = ?8, last_seen_at = ?9, heartbeats = heartbeats + 1,
-                last_seq = ?10
+                last_seq = ?10,
+                restic_version = CASE WHEN ?11 THEN ?12 ELSE restic_version END,
+                restic_path = CASE WHEN ?11 THEN ?13 ELSE restic_path END,
+                restic_error = CASE WHEN ?11 THEN ?14 ELSE restic_error END,
+                config_revision = coalesce(?15, config_revision)
          WHERE id = ?1",
         params![
             id,
@@ -91,7 +103,12 @@ pub fn record_heartbeat(conn: &Connection, now: Timestamp, id: &str, hb: &Heartb
             hb.binary_sha256,
             hb.last_update_error,
             now,
-            hb.seq as i64
+            hb.seq as i64,
+            hb.restic.is_some(),
+            hb.restic.as_ref().and_then(|r| r.version.as_deref()),
+            hb.restic.as_ref().and_then(|r| r.path.as_deref()),
+            hb.restic.as_ref().and_then(|r| r.error.as_deref()),
+            hb.config_revision.map(|r| r.min(i64::MAX as u64) as i64)
         ],
     )?;
     Ok(())
@@ -124,31 +141,67 @@ pub struct AgentRecord {
     pub last_seen_at: Timestamp,
     pub heartbeats: u64,
     pub last_seq: u64,
+    pub labels: Labels,
+    /// The host's restic as last reported (`None`: never reported).
+    pub restic: Option<ResticInfo>,
+    /// The configuration revision the agent last said it applied.
+    pub config_revision: Option<u64>,
+}
+
+const AGENT_COLUMNS: &str = "id, hostname, os, arch, agent_version, agent_commit, binary_sha256, last_update_error,
+                             enrolled_at, last_seen_at, heartbeats, last_seq, labels, restic_version, restic_path,
+                             restic_error, config_revision";
+
+fn agent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRecord> {
+    let (version, path, error): (Option<String>, Option<String>, Option<String>) = (r.get(13)?, r.get(14)?, r.get(15)?);
+    let restic =
+        (version.is_some() || path.is_some() || error.is_some()).then_some(ResticInfo { version, path, error });
+    Ok(AgentRecord {
+        id: r.get(0)?,
+        hostname: r.get(1)?,
+        os: r.get(2)?,
+        arch: r.get(3)?,
+        agent_version: r.get(4)?,
+        agent_commit: r.get(5)?,
+        binary_sha256: r.get(6)?,
+        last_update_error: r.get(7)?,
+        enrolled_at: r.get(8)?,
+        last_seen_at: r.get(9)?,
+        heartbeats: r.get::<_, i64>(10)? as u64,
+        last_seq: r.get::<_, i64>(11)? as u64,
+        labels: labels::from_json(&r.get::<_, String>(12)?),
+        restic,
+        config_revision: r.get::<_, Option<i64>>(16)?.map(|v| v.max(0) as u64),
+    })
 }
 
 pub fn list_agents(conn: &Connection) -> Result<Vec<AgentRecord>, DbError> {
-    let mut stmt = conn.prepare(
-        "SELECT id, hostname, os, arch, agent_version, agent_commit, binary_sha256, last_update_error,
-                enrolled_at, last_seen_at, heartbeats, last_seq
-         FROM agents ORDER BY hostname, id",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok(AgentRecord {
-            id: r.get(0)?,
-            hostname: r.get(1)?,
-            os: r.get(2)?,
-            arch: r.get(3)?,
-            agent_version: r.get(4)?,
-            agent_commit: r.get(5)?,
-            binary_sha256: r.get(6)?,
-            last_update_error: r.get(7)?,
-            enrolled_at: r.get(8)?,
-            last_seen_at: r.get(9)?,
-            heartbeats: r.get::<_, i64>(10)? as u64,
-            last_seq: r.get::<_, i64>(11)? as u64,
-        })
-    })?;
+    let mut stmt = conn.prepare(&format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY hostname, id"))?;
+    let rows = stmt.query_map([], agent_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn get_agent(conn: &Connection, id: &str) -> Result<Option<AgentRecord>, DbError> {
+    Ok(conn.query_row(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1"), [id], agent_row).optional()?)
+}
+
+/// Replaces an agent's labels (validated with [`crate::labels::validate_labels`]), bumps the configuration revision
+/// and records `audit` (kind `agent_labels`); `Ok(None)` when there is no such agent (nothing written).
+pub fn set_labels(
+    conn: &Connection,
+    id: &str,
+    new: &Labels,
+    audit: AuditEvent,
+) -> Result<Option<AgentRecord>, DbError> {
+    let Some(before) = get_agent(conn, id)? else { return Ok(None) };
+    conn.execute("UPDATE agents SET labels = ?2 WHERE id = ?1", params![id, labels::to_json(new)])?;
+    crate::plans::bump_config_revision(conn)?;
+    let detail = format!("labels of {id}: {{{}}} -> {{{}}}", labels::describe(&before.labels), labels::describe(new));
+    record_audit(
+        conn,
+        &AuditEvent { kind: "agent_labels".into(), agent_id: Some(id.to_owned()), detail: Some(detail), ..audit },
+    )?;
+    get_agent(conn, id)
 }
 
 #[cfg(test)]
@@ -220,7 +273,14 @@ mod tests {
             for bad in [forged.as_str(), &a.credential[..a.credential.len() - 1], "rmagt_x_y", ""] {
                 assert_eq!(authenticate_agent(c, bad)?, None, "{bad:?}");
             }
-            let hb = Heartbeat { facts: facts(), binary_sha256: Some("ff".into()), last_update_error: None, seq: 7 };
+            let hb = Heartbeat {
+                facts: facts(),
+                binary_sha256: Some("ff".into()),
+                last_update_error: None,
+                seq: 7,
+                restic: None,
+                config_revision: None,
+            };
             assert_eq!(heartbeat(c, 50, &a.credential, &hb)?, Some(a.agent_id.clone()));
             assert_eq!(heartbeat(c, 50, "rmagt_x_y", &hb)?, None);
             let agents = list_agents(c)?;

@@ -5,11 +5,14 @@
 //! All database work runs on one dedicated thread ([`db::Db`]) that commits queued operations together (group commit):
 //! the async runtime never blocks on SQLite, and an operation is acknowledged only after its transaction committed.
 //!
-//! One module per table: [`tokens`], [`agents`], [`audit`], [`repositories`] (whose secrets [`sealing`] encrypts).
+//! One module per table: [`tokens`], [`agents`], [`audit`], [`repositories`] (whose secrets [`sealing`] encrypts),
+//! [`plans`] (with the configuration revision and run-now requests); [`labels`] are the agents' labels.
 
 pub mod agents;
 pub mod audit;
 pub mod db;
+pub mod labels;
+pub mod plans;
 pub mod repositories;
 pub mod schema;
 pub mod sealing;
@@ -18,12 +21,18 @@ pub mod time;
 pub mod tokens;
 
 pub use agents::{
-    AgentRecord, Enrolled, Heartbeat, authenticate_agent, enroll, heartbeat, list_agents, record_heartbeat,
+    AgentRecord, Enrolled, Heartbeat, authenticate_agent, enroll, get_agent, heartbeat, list_agents, record_heartbeat,
+    set_labels,
 };
 pub use audit::{AuditEvent, list_audit, probe_write, prune_audit, record_audit};
 pub use db::{Db, DbError};
+pub use labels::{Labels, validate_labels};
+pub use plans::{
+    NewPlan, PlanInfo, PlanRefused, QueuedRun, bump_config_revision, config_revision, create_plan, delete_plan,
+    get_plan, list_plans, plans_for_agent, queued_runs, request_run, update_plan,
+};
 pub use repositories::{
-    NameTaken, NewRepository, RepositoryChanges, RepositoryInfo, RepositorySecrets, create_repository,
+    NameTaken, NewRepository, RepositoryChanges, RepositoryInUse, RepositoryInfo, RepositorySecrets, create_repository,
     delete_repository, get_repository, list_repositories, repository_secrets, update_repository,
 };
 pub use sealing::{KeyError, KeyOrigin, SecretKey, unlock};

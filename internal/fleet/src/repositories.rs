@@ -263,6 +263,7 @@ pub fn create_repository(
     if inserted == 0 {
         return Ok(Err(NameTaken));
     }
+    crate::plans::bump_config_revision(conn)?;
     let env_names = new.env.keys().cloned().collect::<Vec<_>>().join(",");
     record(conn, audit, format!("created {} env=[{env_names}] auto_init={}", new.name, new.auto_init))?;
     Ok(Ok(get_repository(conn, &new.name)?.expect("the row was just inserted")))
@@ -309,16 +310,38 @@ pub fn update_repository(
         conn.execute("UPDATE repositories SET auto_init = ?2 WHERE name = ?1", params![name, auto_init])?;
     }
     conn.execute("UPDATE repositories SET updated_at = ?2 WHERE name = ?1", params![name, now])?;
+    crate::plans::bump_config_revision(conn)?;
     get_repository(conn, name)
 }
 
-/// Deletes a repository and records `audit`; `false` when there was none (nothing written).
-pub fn delete_repository(conn: &Connection, name: &str, audit: AuditEvent) -> Result<bool, DbError> {
+/// A repository that plans still use cannot be deleted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "repository {name:?} is used by the plans {}; delete those plans or move them to another repository first",
+    plans.join(", ")
+)]
+pub struct RepositoryInUse {
+    pub name: String,
+    pub plans: Vec<String>,
+}
+
+/// Deletes a repository and records `audit`; `Ok(false)` when there was none, `Err(RepositoryInUse)` when plans
+/// use it (nothing written either way).
+pub fn delete_repository(
+    conn: &Connection,
+    name: &str,
+    audit: AuditEvent,
+) -> Result<Result<bool, RepositoryInUse>, DbError> {
+    let plans = crate::plans::plans_using(conn, name)?;
+    if !plans.is_empty() {
+        return Ok(Err(RepositoryInUse { name: name.to_owned(), plans }));
+    }
     let deleted = conn.execute("DELETE FROM repositories WHERE name = ?1", [name])? > 0;
     if deleted {
+        crate::plans::bump_config_revision(conn)?;
         record(conn, audit, format!("deleted {name}"))?;
     }
-    Ok(deleted)
+    Ok(Ok(deleted))
 }
 
 /// Records a repository change: `audit` says who and where, `detail` what.
@@ -504,8 +527,8 @@ mod tests {
         let other = SecretKey::from_bytes(&[2; 32]);
         assert_eq!(db.call(move |c| check_key(c, &other)).await.unwrap(), (2, 0));
         assert_eq!(db.call(move |c| check_key(c, &key)).await.unwrap(), (2, 1));
-        assert!(db.call(|c| delete_repository(c, "a", AuditEvent::default())).await.unwrap());
-        assert!(!db.call(|c| delete_repository(c, "a", AuditEvent::default())).await.unwrap());
+        assert_eq!(db.call(|c| delete_repository(c, "a", AuditEvent::default())).await.unwrap(), Ok(true));
+        assert_eq!(db.call(|c| delete_repository(c, "a", AuditEvent::default())).await.unwrap(), Ok(false));
         assert_eq!(db.call(list_repositories).await.unwrap().len(), 1);
     }
 

@@ -5,6 +5,7 @@ use rm_protocol::admin::TokenStatus;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::DbError;
+use crate::labels::Labels;
 use crate::secrets::{self, ENROLL_PREFIX};
 use crate::time::Timestamp;
 
@@ -13,6 +14,8 @@ pub struct NewToken {
     pub max_uses: Option<u32>,
     pub expires_at: Option<Timestamp>,
     pub note: String,
+    /// Labels every agent enrolled with the token starts with.
+    pub labels: Labels,
 }
 
 impl NewToken {
@@ -21,6 +24,7 @@ impl NewToken {
         uses: Option<u32>,
         expires_in: Option<std::time::Duration>,
         note: String,
+        labels: Labels,
         now: Timestamp,
     ) -> Result<NewToken, String> {
         if uses == Some(0) {
@@ -34,7 +38,8 @@ impl NewToken {
             Some(d) if d.is_zero() => return Err("expires must be a positive duration".into()),
             Some(d) => Some(now.saturating_add(i64::try_from(d.as_secs()).map_err(|_| "expires is too long")?)),
         };
-        Ok(NewToken { max_uses: uses, expires_at, note })
+        crate::labels::validate_labels("labels", &labels)?;
+        Ok(NewToken { max_uses: uses, expires_at, note, labels })
     }
 }
 
@@ -48,6 +53,7 @@ pub struct TokenInfo {
     pub max_uses: Option<u32>,
     pub uses: u32,
     pub revoked_at: Option<Timestamp>,
+    pub labels: Labels,
 }
 
 impl TokenInfo {
@@ -69,8 +75,17 @@ pub fn create_token(conn: &Connection, now: Timestamp, new: &NewToken) -> Result
     let id = secrets::random_id();
     let secret = format!("{ENROLL_PREFIX}{}", secrets::random_secret());
     conn.execute(
-        "INSERT INTO enrollment_tokens (id, token_hash, note, created_at, expires_at, max_uses) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![id, secrets::hash_secret(&secret).as_slice(), new.note, now, new.expires_at, new.max_uses],
+        "INSERT INTO enrollment_tokens (id, token_hash, note, created_at, expires_at, max_uses, labels)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            id,
+            secrets::hash_secret(&secret).as_slice(),
+            new.note,
+            now,
+            new.expires_at,
+            new.max_uses,
+            crate::labels::to_json(&new.labels)
+        ],
     )?;
     let info = TokenInfo {
         id,
@@ -80,11 +95,12 @@ pub fn create_token(conn: &Connection, now: Timestamp, new: &NewToken) -> Result
         max_uses: new.max_uses,
         uses: 0,
         revoked_at: None,
+        labels: new.labels.clone(),
     };
     Ok((info, secret))
 }
 
-const TOKEN_COLUMNS: &str = "id, note, created_at, expires_at, max_uses, uses, revoked_at";
+const TOKEN_COLUMNS: &str = "id, note, created_at, expires_at, max_uses, uses, revoked_at, labels";
 
 fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenInfo> {
     Ok(TokenInfo {
@@ -95,6 +111,7 @@ fn token_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<TokenInfo> {
         max_uses: r.get(4)?,
         uses: r.get(5)?,
         revoked_at: r.get(6)?,
+        labels: crate::labels::from_json(&r.get::<_, String>(7)?),
     })
 }
 
@@ -148,7 +165,7 @@ pub fn check_enrollment_token(
         .query_row(
             &format!("SELECT {TOKEN_COLUMNS}, token_hash FROM enrollment_tokens WHERE token_hash = ?1"),
             [hash.as_slice()],
-            |r| Ok((token_row(r)?, r.get(7)?)),
+            |r| Ok((token_row(r)?, r.get(8)?)),
         )
         .optional()?;
     let Some((info, stored)) = row else { return Ok(Err(EnrollError::Unknown)) };

@@ -45,6 +45,30 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
     }
 }
 
+/// Whether the connection a request arrived on speaks TLS (set by the connection loop for every request; absent in
+/// in-process tests, where the server's own TLS setting decides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnTls(pub bool);
+
+/// Whether secrets may be put in the answer to this request (`GET /api/v1/agents/config`): it arrived over TLS, or
+/// from a loopback peer that is not a proxy, or from a `--trusted-proxies` proxy that says the client used https.
+pub struct SecretsAllowed(pub bool);
+
+impl FromRequestParts<AppState> for SecretsAllowed {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let tls = parts.extensions.get::<ConnTls>().map_or(state.tls().is_some(), |t| t.0);
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        Ok(SecretsAllowed(crate::public_url::secure_transport(
+            tls,
+            peer,
+            &state.settings().trusted_proxies,
+            &parts.headers,
+        )))
+    }
+}
+
 /// With `--require-download-auth`, downloads need a valid agent credential or an active enrollment token.
 pub async fn require_download_auth(
     State(state): State<AppState>,

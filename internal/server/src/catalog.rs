@@ -147,8 +147,8 @@ fn agent_view(record: AgentRecord, state: AgentState, served_sha256: Option<Stri
         last_seq: record.last_seq,
         state,
         served_sha256,
-        labels: Default::default(),
-        restic: None,
+        labels: record.labels,
+        restic: record.restic,
         health: None,
         backups: Vec::new(),
     }

@@ -42,6 +42,7 @@ use tower::ServiceExt;
 use tracing::{debug, info, warn};
 
 use crate::NetSettings;
+use crate::auth::ConnTls;
 
 /// Connections served at once when `--max-connections` is not given (capped by the file-descriptor limit).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
@@ -496,13 +497,15 @@ pub(crate) async fn serve(
             let _ = stream.set_nodelay(true);
             let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
             match tls {
-                None => serve_connection(stream, fd, peer, state, router, &net, stop).await,
+                None => serve_connection(stream, fd, (peer, ConnTls(false)), state, router, &net, stop).await,
                 Some(acceptor) => {
                     // The handshake counts as reading the request head: same deadline, and it can be evicted.
                     let handshake = tokio::time::timeout(net.header_read_timeout, acceptor.accept(stream));
                     tokio::select! {
                         result = handshake => match result {
-                            Ok(Ok(tls_stream)) => serve_connection(tls_stream, fd, peer, state, router, &net, stop).await,
+                            Ok(Ok(tls_stream)) => {
+                                serve_connection(tls_stream, fd, (peer, ConnTls(true)), state, router, &net, stop).await
+                            }
                             Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                             Err(_) => debug!(%peer, "TLS handshake timed out"),
                         },
@@ -525,7 +528,7 @@ pub(crate) async fn serve(
 async fn serve_connection<S>(
     stream: S,
     fd: std::os::fd::RawFd,
-    peer: SocketAddr,
+    (peer, tls): (SocketAddr, ConnTls),
     state: Arc<ConnState>,
     router: Router,
     net: &NetSettings,
@@ -541,6 +544,7 @@ async fn serve_connection<S>(
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
         let guard = ActiveGuard::new(service_state.clone());
         request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(tls);
         let request = request.map(|body| Body::new(MinRate::new(body, min_bytes, window)));
         let router = router.clone();
         async move {

@@ -50,6 +50,29 @@ pub enum ApiError {
     Conflict(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A refusal with its own error code (`plan_not_found`, `repository_in_use`, `secrets_need_tls` …) and details.
+    #[error("{message}")]
+    Refused {
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+        details: serde_json::Map<String, serde_json::Value>,
+    },
+}
+
+impl ApiError {
+    /// A refusal with a specific status and error code.
+    pub fn refused(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::Refused { status, code, message: message.into(), details: Default::default() }
+    }
+
+    /// Adds a detail field to a [`ApiError::Refused`] (other variants are returned unchanged).
+    pub fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> ApiError {
+        if let ApiError::Refused { details, .. } = &mut self {
+            details.insert(key.to_owned(), value.into());
+        }
+        self
+    }
 }
 
 impl ApiError {
@@ -118,6 +141,11 @@ impl ApiError {
                 ErrorBody::new("range_not_satisfiable", message).with("size", *len),
             ),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, None, ErrorBody::new("conflict", message)),
+            ApiError::Refused { status, code, details, .. } => {
+                let mut body = ErrorBody::new(*code, message);
+                body.details.extend(details.clone());
+                (*status, None, body)
+            }
             ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, None, ErrorBody::new("timeout", message)),
             // The database thread logs this once a minute; no log line per request.
             ApiError::Db(DbError::Full) => (

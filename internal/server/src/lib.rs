@@ -13,6 +13,7 @@ mod maintenance;
 mod public_url;
 mod render;
 mod routes;
+pub use routes::plans::plan_view;
 pub use routes::repositories::repository_view;
 mod state;
 pub mod tls;
@@ -59,7 +60,7 @@ pub fn app(state: AppState) -> Router {
 /// Every route, grouped by the limits that apply to it.
 fn routes(state: &AppState) -> Router<AppState> {
     use axum::extract::DefaultBodyLimit;
-    use routes::{admin, agents, repositories, upload};
+    use routes::{admin, agents, plans, repositories, upload};
 
     let downloads = Router::new()
         .route("/agent/binary", get(routes::assets::agent_binary))
@@ -70,7 +71,9 @@ fn routes(state: &AppState) -> Router<AppState> {
     let api = Router::new()
         .route("/api/v1/agents/enroll", post(agents::enroll))
         .route("/api/v1/agents/heartbeat", post(agents::heartbeat))
+        .route("/api/v1/agents/config", get(agents::config))
         .route("/api/v1/agents", get(admin::list_agents))
+        .route("/api/v1/agents/{id}/labels", put(admin::set_labels))
         .route("/api/v1/tokens", get(admin::list_tokens).post(admin::create_token))
         .route("/api/v1/tokens/{id}", delete(admin::revoke_token))
         .route("/api/v1/audit", get(admin::list_audit))
@@ -79,6 +82,9 @@ fn routes(state: &AppState) -> Router<AppState> {
             "/api/v1/repositories/{name}",
             get(repositories::get).patch(repositories::update).delete(repositories::delete),
         )
+        .route("/api/v1/plans", get(plans::list).post(plans::create))
+        .route("/api/v1/plans/{name}", get(plans::get).patch(plans::update).delete(plans::delete))
+        .route("/api/v1/plans/{name}/run", post(plans::run))
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         // Small requests with small answers: bounded in time, body included. Downloads and uploads are not: a slow
         // but live transfer of a large agent must finish.

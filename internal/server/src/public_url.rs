@@ -194,6 +194,29 @@ pub fn base_url(
     plain_host(host_header?).map(|host| format!("{own_scheme}://{host}"))
 }
 
+/// Whether a request reached the client's side over an encrypted or local channel, so secrets may go in the answer:
+/// the connection speaks TLS; or it comes from a `--trusted-proxies` peer whose forwarded scheme (`X-Forwarded-Proto`,
+/// else `Forwarded: proto=`) is https; or it comes from a loopback peer that forwards nothing (a loopback peer that
+/// sends forwarding headers is a proxy, and the client behind it is not local).
+pub fn secure_transport(tls: bool, peer: Option<IpAddr>, trusted: &TrustedProxies, headers: &HeaderMap) -> bool {
+    if tls {
+        return true;
+    }
+    let Some(ip) = peer.map(|ip| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }) else {
+        return false;
+    };
+    if trusted.contains(ip) {
+        let proto = last_value(headers, "x-forwarded-proto").map(str::to_owned).or_else(|| forwarded(headers).0);
+        if let Some(proto) = proto {
+            return proto.eq_ignore_ascii_case("https");
+        }
+    }
+    ip.is_loopback() && !FORWARDING_HEADERS.iter().any(|name| headers.contains_key(*name))
+}
+
 /// The base URL of this request (see [`base_url`]), as a handler argument.
 pub struct BaseUrl(pub Option<String>);
 
@@ -235,6 +258,40 @@ mod tests {
         ] {
             assert!(bad.parse::<PublicUrl>().is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn secrets_need_tls_loopback_or_a_trusted_https_proxy() {
+        let trusted: TrustedProxies = "10.0.0.5".parse().unwrap();
+        let h = |pairs: &[(&str, &str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(http::header::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+            }
+            m
+        };
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let none = h(&[]);
+        assert!(secure_transport(true, ip("192.0.2.9"), &trusted, &none));
+        assert!(secure_transport(false, ip("127.0.0.1"), &trusted, &none));
+        assert!(secure_transport(false, ip("::1"), &trusted, &none));
+        assert!(secure_transport(false, ip("::ffff:127.0.0.1"), &trusted, &none));
+        assert!(!secure_transport(false, ip("192.0.2.9"), &trusted, &none));
+        assert!(!secure_transport(false, None, &trusted, &none));
+        // A client's own claim counts for nothing; a loopback proxy that is not trusted is not local.
+        assert!(!secure_transport(false, ip("192.0.2.9"), &trusted, &h(&[("x-forwarded-proto", "https")])));
+        assert!(!secure_transport(false, ip("127.0.0.1"), &trusted, &h(&[("x-forwarded-proto", "https")])));
+        // The trusted proxy's word: https yes, http no; X-Forwarded-Proto before Forwarded.
+        assert!(secure_transport(false, ip("10.0.0.5"), &trusted, &h(&[("x-forwarded-proto", "https")])));
+        assert!(secure_transport(false, ip("10.0.0.5"), &trusted, &h(&[("forwarded", "for=1.2.3.4;proto=https")])));
+        assert!(!secure_transport(false, ip("10.0.0.5"), &trusted, &h(&[("x-forwarded-proto", "http")])));
+        assert!(!secure_transport(
+            false,
+            ip("10.0.0.5"),
+            &trusted,
+            &h(&[("x-forwarded-proto", "http"), ("forwarded", "proto=https")])
+        ));
+        assert!(!secure_transport(false, ip("10.0.0.5"), &trusted, &none));
     }
 
     #[test]

@@ -5,13 +5,14 @@ use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use http::StatusCode;
+use http::{HeaderMap, StatusCode};
 use rm_fleet::{AuditEvent, NewToken, Timestamp, TokenInfo, rfc3339};
 use rm_protocol::admin::{
     AgentFilter, AgentList, AuditEntry, AuditPage, AuditQuery, CreateToken, TokenCreated, TokenList, TokenView,
 };
+use rm_protocol::backup::SetLabels;
 
-use crate::auth::Admin;
+use crate::auth::{Admin, Peer};
 use crate::public_url::BaseUrl;
 use crate::{ApiError, AppState, catalog};
 
@@ -27,7 +28,7 @@ fn token_view(info: TokenInfo, now: Timestamp) -> TokenView {
         max_uses: info.max_uses,
         uses: info.uses,
         revoked_at: info.revoked_at,
-        labels: Default::default(),
+        labels: info.labels,
     }
 }
 
@@ -45,7 +46,8 @@ pub async fn create_token(
         .transpose()
         .map_err(|e| ApiError::InvalidRequest(format!("expires_in: {e}")))?;
     let now = rm_fleet::now();
-    let new = NewToken::validated(request.uses, expires_in, request.note, now).map_err(ApiError::InvalidRequest)?;
+    let new = NewToken::validated(request.uses, expires_in, request.note, request.labels, now)
+        .map_err(ApiError::InvalidRequest)?;
     let (info, token) = state.fleet().call(move |c| rm_fleet::create_token(c, now, &new)).await?;
     Ok((StatusCode::CREATED, Json(TokenCreated { view: token_view(info, now), token })).into_response())
 }
@@ -87,6 +89,28 @@ pub async fn list_agents(
     let served = catalog::entries(&state, base.or_relative()).await?;
     let agents = state.fleet().call(rm_fleet::list_agents).await?;
     Ok(Json(catalog::fleet_view(agents, &served, rm_fleet::now(), state.settings().stale_after, filter.state)))
+}
+
+/// `PUT /api/v1/agents/{id}/labels`: replaces the agent's labels (every plan selector is matched against them);
+/// answers the stored labels.
+pub async fn set_labels(
+    _: Admin,
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Json<SetLabels>, JsonRejection>,
+) -> Result<Json<SetLabels>, ApiError> {
+    let Path(id) = id?;
+    let Json(request) = body?;
+    rm_fleet::validate_labels("labels", &request.labels).map_err(ApiError::InvalidRequest)?;
+    let event = super::audit_event("agent_labels", peer, &headers);
+    let lookup = id.clone();
+    let record = state.fleet().call(move |c| rm_fleet::set_labels(c, &lookup, &request.labels, event)).await?;
+    let record =
+        record.ok_or_else(|| ApiError::NotFound(format!("agent {:?}", id.chars().take(64).collect::<String>())))?;
+    tracing::info!(agent_id = record.id, labels = rm_fleet::labels::describe(&record.labels), "agent labels set");
+    Ok(Json(SetLabels { labels: record.labels }))
 }
 
 fn audit_entry(e: AuditEvent) -> AuditEntry {

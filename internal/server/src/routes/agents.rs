@@ -1,5 +1,6 @@
-//! `/api/v1/agents/enroll` and `/api/v1/agents/heartbeat`: what agents call. The bodies are `rm_protocol`'s, read
-//! leniently (unknown fields from newer agents are ignored) and validated here before anything is stored.
+//! `/api/v1/agents/enroll`, `/api/v1/agents/heartbeat` and `/api/v1/agents/config`: what agents call. The bodies
+//! are `rm_protocol`'s, read leniently (unknown fields from newer agents are ignored) and validated here before
+//! anything is stored.
 
 use axum::Json;
 use axum::extract::State;
@@ -7,13 +8,14 @@ use axum::extract::rejection::JsonRejection;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
 use rm_fleet::{AuditEvent, DbError};
+use rm_protocol::backup::{AgentConfigBody, AgentPlan, AgentRepository, ResticInfo, RunNow};
 use rm_protocol::validate::{MAX_HOSTNAME_LEN, clean_text, is_hostname, is_printable, is_sha256_hex};
 use rm_protocol::{
     EnrollRequest, EnrollResponse, HeartbeatRequest, HeartbeatResponse, HostFacts, PROTOCOL_VERSION, Platform,
 };
 use tracing::warn;
 
-use crate::auth::{Peer, bearer};
+use crate::auth::{Peer, SecretsAllowed, bearer};
 use crate::public_url::BaseUrl;
 use crate::{ApiError, AppState, catalog};
 
@@ -21,6 +23,10 @@ use crate::{ApiError, AppState, catalog};
 const MAX_BUILD_TEXT: usize = 128;
 /// Longest `last_update_error` stored (longer ones are cut).
 const MAX_UPDATE_ERROR: usize = 1024;
+/// Longest restic version, path and error stored (longer ones are cut).
+const MAX_RESTIC_VERSION: usize = 128;
+const MAX_RESTIC_PATH: usize = 4096;
+const MAX_RESTIC_ERROR: usize = 1024;
 
 fn text(field: &str, value: String, max: usize) -> Result<String, ApiError> {
     if is_printable(&value, max) {
@@ -116,7 +122,26 @@ fn checked_heartbeat(request: HeartbeatRequest) -> Result<(rm_fleet::Heartbeat, 
         None => None,
     };
     let last_update_error = request.last_update_error.map(|e| clean_text(&e, MAX_UPDATE_ERROR));
-    Ok((rm_fleet::Heartbeat { facts, binary_sha256, last_update_error, seq: request.seq }, platform))
+    // What the agent says about restic is free text from a peer: stored cleaned and cut, never refused.
+    let restic = request.restic.map(|r| ResticInfo {
+        version: r.version.map(|v| clean_text(&v, MAX_RESTIC_VERSION)),
+        path: r.path.map(|p| clean_text(&p, MAX_RESTIC_PATH)),
+        error: r.error.map(|e| clean_text(&e, MAX_RESTIC_ERROR)),
+    });
+    let hb = rm_fleet::Heartbeat {
+        facts,
+        binary_sha256,
+        last_update_error,
+        seq: request.seq,
+        restic,
+        config_revision: request.config_revision,
+    };
+    Ok((hb, platform))
+}
+
+/// The agent's queued run-now requests as the heartbeat answer carries them.
+fn run_now(runs: Vec<rm_fleet::QueuedRun>) -> Vec<RunNow> {
+    runs.into_iter().map(|r| RunNow { operation_id: r.operation_id, plan: r.plan }).collect()
 }
 
 /// `POST /api/v1/agents/heartbeat` with `Authorization: Bearer <agent credential>`. The credential is checked
@@ -140,19 +165,27 @@ pub async fn heartbeat(
             match checked {
                 Ok((hb, platform)) => {
                     rm_fleet::record_heartbeat(c, rm_fleet::now(), &id, &hb)?;
-                    Ok(Ok((id, platform)))
+                    let (revision, runs) = rm_fleet::plans::heartbeat_directives(c, &id)?;
+                    Ok(Ok((id, platform, revision, runs)))
                 }
                 Err(refused) => Ok(Err(refused)),
             }
         })
         .await;
-    let (agent_id, platform) = match (recorded, fallback_platform) {
+    let (agent_id, platform, revision, queued) = match (recorded, fallback_platform) {
         // A full data volume must not cut agents off from their updates: answer an authenticated agent anyway.
         (Err(DbError::Full), Some(platform)) => {
-            let id = state.fleet().call(move |c| rm_fleet::authenticate_agent(c, &fallback_credential)).await?;
-            let id = id.ok_or(ApiError::Unauthorized("the agent credential is not valid"))?;
+            let found = state
+                .fleet()
+                .call(move |c| {
+                    let Some(id) = rm_fleet::authenticate_agent(c, &fallback_credential)? else { return Ok(None) };
+                    let (revision, runs) = rm_fleet::plans::heartbeat_directives(c, &id)?;
+                    Ok(Some((id, revision, runs)))
+                })
+                .await?;
+            let (id, revision, runs) = found.ok_or(ApiError::Unauthorized("the agent credential is not valid"))?;
             warn_unrecorded();
-            (id, platform)
+            (id, platform, revision, runs)
         }
         (recorded, _) => recorded??,
     };
@@ -163,7 +196,94 @@ pub async fn heartbeat(
         heartbeat_interval_secs: state.settings().heartbeat_interval.as_secs(),
         server: Some(rm_buildinfo::current()),
         update: Some(update).filter(|e| e.published),
-        config_revision: None,
-        run_now: Vec::new(),
+        config_revision: Some(revision),
+        run_now: run_now(queued),
     }))
+}
+
+/// `GET /api/v1/agents/config` with `Authorization: Bearer <agent credential>`: every plan that applies to the
+/// agent and the repositories they use, with decrypted secrets. Secrets go only over TLS, to a loopback peer, or
+/// through a `--trusted-proxies` proxy that says the client used https (403 `secrets_need_tls` otherwise). The
+/// revision and the plans are read in one transaction, so they match.
+pub async fn config(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    SecretsAllowed(allowed): SecretsAllowed,
+    headers: HeaderMap,
+) -> Result<Json<AgentConfigBody>, ApiError> {
+    let credential = bearer(&headers).ok_or(ApiError::Unauthorized("an agent credential is required"))?.to_owned();
+    let key = state.secret_key().clone();
+    let answer = state
+        .fleet()
+        .call(move |c| {
+            let Some(id) = rm_fleet::authenticate_agent(c, &credential)? else {
+                return Ok(Err(ApiError::Unauthorized("the agent credential is not valid")));
+            };
+            if !allowed {
+                return Ok(Err(secrets_need_tls()));
+            }
+            let revision = rm_fleet::config_revision(c)?;
+            let plans = rm_fleet::plans_for_agent(c, &id)?.unwrap_or_default();
+            let mut repositories = Vec::new();
+            for name in rm_fleet::plans::repositories_of(&plans) {
+                let (Some(info), Some(secrets)) =
+                    (rm_fleet::get_repository(c, &name)?, rm_fleet::repository_secrets(c, &key, &name)?)
+                else {
+                    return Ok(Err(ApiError::Internal(format!("repository {name:?} of a plan is missing"))));
+                };
+                let Ok(secrets) = secrets else {
+                    return Ok(Err(ApiError::Internal(format!("the secrets of repository {name:?} do not decrypt"))));
+                };
+                repositories.push(AgentRepository {
+                    name: info.name,
+                    url: info.url,
+                    password: secrets.password,
+                    env: secrets.env,
+                    ca_cert: info.ca_cert,
+                    auto_init: info.auto_init,
+                });
+            }
+            let plans = plans.into_iter().map(|p| agent_plan(p.plan)).collect();
+            Ok(Ok((id, AgentConfigBody { revision, plans, repositories })))
+        })
+        .await?;
+    match answer {
+        Ok((agent_id, body)) => {
+            tracing::debug!(agent_id, revision = body.revision, plans = body.plans.len(), "configuration sent");
+            Ok(Json(body))
+        }
+        Err(refused) => {
+            if matches!(refused, ApiError::Refused { code: "secrets_need_tls", .. }) {
+                let peer = peer.map(|p| p.to_string()).unwrap_or_default();
+                warn!(%peer, "refused to send repository secrets over plain HTTP");
+            }
+            Err(refused)
+        }
+    }
+}
+
+fn secrets_need_tls() -> ApiError {
+    ApiError::refused(
+        StatusCode::FORBIDDEN,
+        "secrets_need_tls",
+        "repository secrets are sent only over TLS or to a loopback address: enable TLS on the server (--tls, see \
+         README \"TLS\") or put it behind a TLS-terminating proxy listed in --trusted-proxies (RM_TRUSTED_PROXIES) \
+         that sets X-Forwarded-Proto: https",
+    )
+}
+
+fn agent_plan(p: rm_fleet::NewPlan) -> AgentPlan {
+    AgentPlan {
+        name: p.name,
+        repository: p.repository,
+        paths: p.paths,
+        excludes: p.excludes,
+        schedule: p.schedule,
+        timezone: p.timezone,
+        tags: p.tags,
+        one_file_system: p.one_file_system,
+        exclude_caches: p.exclude_caches,
+        timeout_secs: p.timeout_secs,
+        jitter_secs: p.jitter_secs,
+    }
 }

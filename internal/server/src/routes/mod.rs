@@ -4,6 +4,7 @@ pub mod admin;
 pub mod agents;
 pub mod assets;
 pub mod ops;
+pub mod plans;
 pub mod repositories;
 pub mod upload;
 

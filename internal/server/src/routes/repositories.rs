@@ -1,6 +1,7 @@
 //! `/api/v1/repositories` (admin): restic repositories defined on the server. Passwords and environment values go in
 //! sealed under the data dir's secret key and never come out through the API: views say which secrets are set.
 //! Create, update and delete are audited (kind `repository`) without secrets, in the same transaction as the change.
+//! A repository that plans use cannot be deleted (409 `repository_in_use`, naming the plans).
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
@@ -123,7 +124,10 @@ pub async fn delete(
     let name = name_param(path)?;
     let event = super::audit_event("repository", peer, &headers);
     let lookup = name.clone();
-    let deleted = state.fleet().call(move |c| rm_fleet::delete_repository(c, &lookup, event)).await?;
+    let deleted =
+        state.fleet().call(move |c| rm_fleet::delete_repository(c, &lookup, event)).await?.map_err(|in_use| {
+            ApiError::refused(StatusCode::CONFLICT, "repository_in_use", in_use.to_string()).with("plans", in_use.plans)
+        })?;
     if !deleted {
         return Err(ApiError::NotFound(format!("repository {name:?}")));
     }

@@ -1,0 +1,112 @@
+//! `restic-manager-server plan …`: backup plans from the command line, straight against the database like `repo`
+//! (works through `docker exec` beside a running server). Changes bump the configuration revision and are audited
+//! with source `cli`, exactly as through the API.
+
+use anyhow::bail;
+use rm_fleet::{AuditEvent, NewPlan, PlanInfo, PlanRefused};
+use rm_protocol::backup::{CreatePlan, PlanList};
+
+use crate::cli::{PlanCommand, ServeArgs};
+use crate::token::open_existing_db;
+
+pub async fn run(args: &ServeArgs, command: PlanCommand) -> anyhow::Result<()> {
+    let db = open_existing_db(args)?;
+    let now = rm_fleet::now();
+    let audit = || AuditEvent { at: now, source: Some("cli".into()), ..Default::default() };
+    match command {
+        PlanCommand::Add {
+            name,
+            repo,
+            paths,
+            excludes,
+            schedule,
+            timezone,
+            tags,
+            one_file_system,
+            exclude_caches,
+            agents,
+            selector,
+            timeout,
+            jitter,
+        } => {
+            let spec = CreatePlan {
+                name,
+                repository: repo,
+                paths,
+                excludes,
+                schedule,
+                timezone,
+                tags,
+                one_file_system,
+                exclude_caches,
+                agents,
+                selector: selector.into_iter().collect(),
+                timeout,
+                jitter,
+            };
+            let plan = NewPlan::validated(spec).map_err(anyhow::Error::msg)?;
+            let event = audit();
+            let created = db
+                .call(move |c| {
+                    Ok(match rm_fleet::create_plan(c, now, &plan, event)? {
+                        Ok(info) => Ok((info, rm_fleet::plans::agent_labels(c)?)),
+                        Err(r) => Err(r),
+                    })
+                })
+                .await?;
+            match created {
+                Ok((info, agents)) => println!("{}", describe(&info, &agents)),
+                Err(refused) => bail!("{refused}"),
+            }
+        }
+        PlanCommand::List { json } => {
+            let (plans, agents) =
+                db.call(|c| Ok((rm_fleet::list_plans(c)?, rm_fleet::plans::agent_labels(c)?))).await?;
+            if json {
+                let list = PlanList { plans: plans.into_iter().map(|p| rm_server::plan_view(p, &agents)).collect() };
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            if plans.is_empty() {
+                eprintln!("no plans");
+            }
+            for info in plans {
+                println!("{}", describe(&info, &agents));
+            }
+        }
+        PlanCommand::Rm { name } => {
+            let (event, lookup) = (audit(), name.clone());
+            if !db.call(move |c| rm_fleet::delete_plan(c, now, &lookup, event)).await? {
+                bail!("no plan named {name:?}");
+            }
+            println!("deleted {name}");
+        }
+        PlanCommand::Run { name, agent } => {
+            let event = audit();
+            let outcome = db.call(move |c| rm_fleet::request_run(c, now, &name, &agent, event)).await?;
+            match outcome {
+                Ok(operation_id) => println!("{operation_id}"),
+                Err(PlanRefused::UnknownAgent(id)) => bail!("no agent with id {id:?} (see `agents list`)"),
+                Err(refused) => bail!("{refused}"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One line per plan: name, repository, schedule, paths, and whom it applies to.
+fn describe(info: &PlanInfo, agents: &[(String, rm_fleet::Labels)]) -> String {
+    let p = &info.plan;
+    let applies = rm_fleet::plans::applies_to(info, agents);
+    let selector = if p.selector.is_empty() { "-".into() } else { rm_fleet::labels::describe(&p.selector) };
+    format!(
+        "{}\trepo {}\tschedule {:?} ({:?})\tpaths {}\tagents {}\tselector {selector}\tapplies to {}",
+        p.name,
+        p.repository,
+        p.schedule,
+        p.timezone,
+        p.paths.join(","),
+        if p.agents.is_empty() { "-".into() } else { p.agents.join(",") },
+        if applies.is_empty() { "none".into() } else { applies.join(",") }
+    )
+}
