@@ -414,9 +414,10 @@ impl<'a> Runner<'a> {
     }
 
     fn finish(&self, end: End, run: Run, notes: Vec<String>) -> Outcome {
+        // restic's words first (its `Fatal:` line leads), then what the runner did about them.
         let message = |run: &Run, fallback: &str| {
-            let mut parts = notes.clone();
-            parts.push(run.message_or(|| fallback.to_string()));
+            let mut parts = vec![run.message_or(|| fallback.to_string())];
+            parts.extend(notes.iter().cloned());
             parts.join("\n")
         };
         let code = run.exit.code;
@@ -435,8 +436,8 @@ impl<'a> Runner<'a> {
                 let text = if warning {
                     Some(message(&run, "restic could not read some files"))
                 } else {
-                    let mut parts = notes.clone();
-                    parts.extend(run.tail.message());
+                    let mut parts: Vec<String> = run.tail.message().into_iter().collect();
+                    parts.extend(notes.iter().cloned());
                     (!parts.is_empty()).then(|| parts.join("\n"))
                 };
                 return Outcome {

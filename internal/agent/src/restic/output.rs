@@ -42,11 +42,17 @@ pub(crate) enum Line {
     Fatal(String),
     /// JSON we have no use for (`verbose_status`, …).
     Ignored,
+    /// `\t/path/file.go:123` (or `.s:`): a line of a Go stack trace (restic 0.14 prints one with some errors); together with
+    /// the function name above it, left out of messages.
+    Trace,
     /// Anything else: restic's words (0.14 prints its warnings and fatal errors as text, even with `--json`).
     Text(String),
 }
 
 pub(crate) fn parse_line(line: &str) -> Line {
+    if line.starts_with('\t') && (line.contains(".go:") || line.contains(".s:")) {
+        return Line::Trace;
+    }
     let trimmed = line.trim();
     if trimmed.is_empty() {
         return Line::Ignored;
@@ -293,6 +299,14 @@ impl Tail {
         match line {
             Line::Fatal(text) => self.push_fatal(text),
             Line::Error(text) | Line::Text(text) => self.push(text),
+            // The function name of this stack frame was the line before.
+            Line::Trace => {
+                if self.lines.back().is_some_and(|l| !l.contains(char::is_whitespace)) {
+                    if let Some(old) = self.lines.pop_back() {
+                        self.bytes -= old.len();
+                    }
+                }
+            }
             Line::Status(_) | Line::Summary(_) | Line::Ignored => {}
         }
     }
@@ -497,5 +511,27 @@ mod tests {
         let message = tail.message().unwrap();
         assert!(message.len() <= Tail::MAX_BYTES + 2 * Tail::MAX_LINE, "{}", message.len());
         assert!(message.contains('…'));
+    }
+
+    #[test]
+    fn go_stack_traces_are_left_out() {
+        let printed = "cannot parse root certificate from \"/x/ca.pem\"\n\
+                       github.com/restic/restic/internal/backend.Transport\n\
+                       \tgithub.com/restic/restic/internal/backend/http_transport.go:113\n\
+                       main.open\n\
+                       \tgithub.com/restic/restic/cmd/restic/global.go:703\n\
+                       github.com/spf13/cobra.(*Command).execute\n\
+                       \tgithub.com/spf13/cobra/command.go:916\n\
+                       runtime.goexit\n\
+                       \truntime/asm_amd64.s:1594\n\
+                       s3:http://127.0.0.1:1/b";
+        let mut tail = Tail::default();
+        for line in printed.lines() {
+            tail.push_line(&parse_line(line));
+        }
+        assert_eq!(
+            tail.message().unwrap(),
+            "cannot parse root certificate from \"/x/ca.pem\"\ns3:http://127.0.0.1:1/b"
+        );
     }
 }
