@@ -417,6 +417,9 @@ impl<'a> Runner<'a> {
         // restic's words first (its `Fatal:` line leads), then what the runner did about them.
         let message = |run: &Run, fallback: &str| {
             let mut parts = vec![run.message_or(|| fallback.to_string())];
+            if run.exit.code.is_none() && !run.tail.is_empty() {
+                parts.push(format!("restic {}", ended(&run.exit)));
+            }
             parts.extend(notes.iter().cloned());
             parts.join("\n")
         };

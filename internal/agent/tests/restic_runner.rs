@@ -657,3 +657,68 @@ exec '{restic}' "$@"
     assert_eq!(std::env::var("RESTIC_PASSWORD").unwrap(), "inherited-wrong-password");
     assert!(std::env::var_os("RESTIC_PASSWORD_FILE").is_none());
 }
+
+/// A restic that reports progress, records its pid and then ignores SIGINT.
+fn stubborn_restic(w: &World) -> Restic {
+    let path = w.path("stubborn-restic");
+    write_script(
+        &path,
+        &format!(
+            "#!/bin/sh\n[ -n \"$RM_PROBE\" ] && exit 0\necho $$ > '{}'\n\
+             echo '{{\"message_type\":\"status\",\"percent_done\":0.5,\"total_files\":2}}'\n\
+             trap '' INT\nexec sleep 30\n",
+            w.path("stubborn.pid").display()
+        ),
+    );
+    Restic { path, version: MIN_VERSION }
+}
+
+fn is_running(pid_file: &Path) -> bool {
+    let pid: libc::pid_t = std::fs::read_to_string(pid_file).unwrap().trim().parse().unwrap();
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+#[test]
+fn restic_that_ignores_sigint_is_killed_after_the_grace_period() {
+    let w = World::new(&Restic { path: PathBuf::from("/bin/false"), version: MIN_VERSION });
+    let stubborn = stubborn_restic(&w);
+    let plan = w.plan("p");
+    let repository = w.repository(&w.repo(), PASSWORD);
+    let cancel = Cancel::default();
+    let mut seen = Vec::new();
+    let started = Instant::now();
+    let outcome = w.backup_with(&stubborn, &plan, &repository, cancel.clone(), Duration::from_secs(60), &mut |p| {
+        seen.push(p.percent_done);
+        cancel.cancel();
+    });
+    let took = started.elapsed();
+    assert_outcome(&outcome, OperationStatus::Cancelled, None);
+    assert_eq!(seen, [0.5]);
+    assert!(outcome.message.unwrap().contains("killed after it ignored SIGINT for 10 s"));
+    assert!(took >= Duration::from_secs(10) && took < Duration::from_secs(20), "{took:?}");
+    assert!(!is_running(&w.path("stubborn.pid")));
+}
+
+#[test]
+fn a_panicking_progress_callback_kills_restic_and_removes_the_password_file() {
+    let w = World::new(&Restic { path: PathBuf::from("/bin/false"), version: MIN_VERSION });
+    let stubborn = stubborn_restic(&w);
+    let plan = w.plan("p");
+    let repository = w.repository(&w.repo(), PASSWORD);
+    let state = w.state();
+    let job = Job {
+        plan: &plan,
+        repository: &repository,
+        hostname: HOST,
+        state_dir: &state,
+        cancel: Cancel::default(),
+        timeout: Duration::from_secs(60),
+    };
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        restic::backup(&stubborn, &job, &mut |_| panic!("the caller's callback failed"))
+    }));
+    assert!(panicked.is_err());
+    assert_no_secret_files(&state);
+    assert!(!is_running(&w.path("stubborn.pid")), "restic was killed when the runner unwound");
+}
