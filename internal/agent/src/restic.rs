@@ -1,12 +1,21 @@
 //! Running the host's restic: finding it and its version, one backup with `--json` (progress, summary, errors,
 //! exit codes), `init` when the repository is missing and the plan allows it, and the plan's snapshots afterwards.
 //!
-//! INTERFACE ONLY in this commit: the bodies are being written (issue 14); every call reports restic as unavailable.
+//! * `output`: restic's words and JSON lines, parsed without trusting them; exit codes and messages → endings.
+//! * `process`: the child process: environment without inherited `RESTIC_*`, 0600 secret files, pipes read on
+//!   threads, SIGINT-then-kill on cancel or timeout.
 
+mod output;
+mod process;
+
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use output::{Ending, Line};
+use process::{Stop, Stream};
 
 use rm_protocol::backup::{
     AgentPlan, AgentRepository, BackupSummary, FailureReason, OperationStatus, Progress, ResticInfo, Snapshot,
@@ -35,11 +44,125 @@ pub struct Restic {
     pub version: Version,
 }
 
+/// How long `restic version` may take.
+const VERSION_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Finds restic (`explicit`, else `restic` on `PATH`), runs `restic version` and checks it is at least
 /// [`MIN_VERSION`]. The error says in words what is wrong (not found, not runnable, too old).
 pub fn detect(explicit: Option<&Path>) -> Result<Restic, String> {
-    let _ = explicit;
-    Err("restic support is not built yet".into())
+    let path = match explicit {
+        Some(path) => check_explicit(path)?,
+        None => find_on_path()?,
+    };
+    let version = run_version(&path)?;
+    if version < MIN_VERSION {
+        return Err(format!(
+            "restic {version} at {} is too old: restic-manager needs restic {MIN_VERSION} or newer",
+            path.display()
+        ));
+    }
+    Ok(Restic { path, version })
+}
+
+/// The executable's file name: `restic`, on Windows `restic.exe`.
+const EXE_NAME: &str = if cfg!(windows) { "restic.exe" } else { "restic" };
+
+fn check_explicit(path: &Path) -> Result<PathBuf, String> {
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("restic not found at {} (the --restic path)", path.display()),
+        _ => format!("cannot use restic at {}: {e}", path.display()),
+    })?;
+    if meta.is_dir() {
+        return Err(format!("{} is a directory, not the restic executable (the --restic path)", path.display()));
+    }
+    if !is_executable(&meta) {
+        return Err(format!("{} is not executable (no execute permission); chmod +x it", path.display()));
+    }
+    Ok(path.to_path_buf())
+}
+
+fn find_on_path() -> Result<PathBuf, String> {
+    let dirs = std::env::var_os("PATH").unwrap_or_default();
+    let mut not_executable = None;
+    for dir in std::env::split_paths(&dirs).filter(|d| !d.as_os_str().is_empty()) {
+        let candidate = dir.join(EXE_NAME);
+        match std::fs::metadata(&candidate) {
+            Ok(meta) if meta.is_file() && is_executable(&meta) => return Ok(candidate),
+            Ok(meta) if meta.is_file() => {
+                not_executable.get_or_insert(candidate);
+            }
+            _ => {}
+        }
+    }
+    Err(match not_executable {
+        Some(found) => format!("found {} on PATH, but it is not executable (no execute permission)", found.display()),
+        None => format!(
+            "restic is not installed: no {EXE_NAME} in any directory of PATH; install restic {MIN_VERSION} or newer, \
+             or give its path with --restic"
+        ),
+    })
+}
+
+#[cfg(unix)]
+fn is_executable(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o111 != 0
+}
+
+#[cfg(not(unix))]
+fn is_executable(_meta: &std::fs::Metadata) -> bool {
+    true
+}
+
+/// Why restic could not be started, in words.
+fn spawn_error(path: &Path, e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => format!("restic not found at {} (is it still installed?)", path.display()),
+        std::io::ErrorKind::PermissionDenied => {
+            format!("cannot run restic at {}: not executable (permission denied)", path.display())
+        }
+        _ => format!("cannot run restic at {}: {e}", path.display()),
+    }
+}
+
+fn run_version(path: &Path) -> Result<Version, String> {
+    let cmd = process::command(path, &["version".into()], &[]);
+    let mut stdout = String::new();
+    let mut tail = output::Tail::default();
+    let deadline = Instant::now().checked_add(VERSION_TIMEOUT);
+    let exit = process::run(cmd, &Cancel::default(), deadline, 4096, &mut |stream, line| match stream {
+        Stream::Stdout if stdout.len() < 16 * 1024 => {
+            stdout.push_str(&line);
+            stdout.push('\n');
+        }
+        _ => tail.push(&line),
+    })
+    .map_err(|e| spawn_error(path, &e))?;
+    if exit.stopped.is_some() {
+        return Err(format!(
+            "{} did not answer `restic version` within {} s",
+            path.display(),
+            VERSION_TIMEOUT.as_secs()
+        ));
+    }
+    if exit.code != Some(0) {
+        let said = tail.message().map(|m| format!(": {m}")).unwrap_or_default();
+        return Err(format!("`{} version` failed ({}){said}", path.display(), ended(&exit)));
+    }
+    output::parse_version(&stdout).ok_or_else(|| {
+        let first = stdout.lines().find(|l| !l.trim().is_empty()).unwrap_or("nothing");
+        let first: String = crate::printable(first).chars().take(200).collect();
+        format!("{} does not look like restic: `restic version` printed {first:?}", path.display())
+    })
+}
+
+/// "exit code 1", "killed by signal 9".
+fn ended(exit: &process::Exit) -> String {
+    match (exit.code, exit.signal) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        (None, None) => "no exit code".to_string(),
+    }
 }
 
 /// What heartbeats say about the host's restic.
@@ -94,17 +217,406 @@ pub struct Outcome {
     pub snapshots: Option<Vec<Snapshot>>,
 }
 
+impl Outcome {
+    fn failed(reason: FailureReason, message: String, exit_code: Option<i32>) -> Outcome {
+        Outcome {
+            status: OperationStatus::Failed,
+            summary: None,
+            message: Some(message),
+            reason: Some(reason),
+            exit_code,
+            snapshots: None,
+        }
+    }
+
+    fn cancelled(message: String, exit_code: Option<i32>) -> Outcome {
+        Outcome {
+            status: OperationStatus::Cancelled,
+            summary: None,
+            message: Some(message),
+            reason: None,
+            exit_code,
+            snapshots: None,
+        }
+    }
+}
+
+/// Removes the 0600 secret files (password, CA certificate) a killed agent left under `<state_dir>/tmp`. Call it
+/// once at start, before any backup runs (it would remove a running backup's files). Returns how many it removed.
+pub fn remove_stale_secrets(state_dir: &Path) -> std::io::Result<usize> {
+    process::remove_stale(state_dir)
+}
+
 /// Runs one backup of `job.plan` into `job.repository`, calling `on_progress` for each restic `status` line
 /// (unthrottled: the caller throttles what it sends). Never panics on restic's output; every way it can end is an
 /// [`Outcome`].
+///
+/// When restic says the repository is missing and the repository has `auto_init`, `restic init` runs and the
+/// backup is tried once more; when restic says the repository is locked, `restic unlock` (which removes only stale
+/// locks) runs and the backup is tried once more. `job.timeout` bounds all of it. After a success or warning the
+/// plan's snapshots on this host are listed, and the summary's snapshot id (short in restic 0.14) is completed to the
+/// full id from that list.
 pub fn backup(restic: &Restic, job: &Job<'_>, on_progress: &mut dyn FnMut(&Progress)) -> Outcome {
-    let _ = (restic, job, on_progress);
-    Outcome {
-        status: OperationStatus::Failed,
-        summary: None,
-        message: Some("restic support is not built yet".into()),
-        reason: Some(FailureReason::ResticUnavailable),
-        exit_code: None,
-        snapshots: None,
+    if job.cancel.is_cancelled() {
+        return Outcome::cancelled("cancelled before restic started".into(), None);
+    }
+    let deadline = Instant::now().checked_add(job.timeout);
+    match Runner::new(restic, job, deadline) {
+        Ok(runner) => runner.backup(on_progress),
+        Err(message) => Outcome::failed(FailureReason::Other, message, None),
+    }
+}
+
+/// Outputs kept per line: `status` lines with many `current_files` are the longest restic prints.
+const MAX_LINE: usize = 256 * 1024;
+/// `snapshots --json` prints one line for all snapshots.
+const MAX_SNAPSHOTS_OUTPUT: usize = 64 * 1024 * 1024;
+
+/// Repository variables that would contradict the repository's own URL and password.
+const RESERVED_ENV: &[&str] = &[
+    "RESTIC_REPOSITORY",
+    "RESTIC_REPOSITORY_FILE",
+    "RESTIC_PASSWORD",
+    "RESTIC_PASSWORD_FILE",
+    "RESTIC_PASSWORD_COMMAND",
+];
+
+/// One job's restic invocations: shared environment, global flags and secret files (removed when dropped).
+struct Runner<'a> {
+    restic: &'a Restic,
+    job: &'a Job<'a>,
+    deadline: Option<Instant>,
+    env: Vec<(OsString, OsString)>,
+    /// `--cache-dir=…` and `--cacert=…`, given to every command.
+    global: Vec<OsString>,
+    _password: process::SecretFile,
+    _cacert: Option<process::SecretFile>,
+}
+
+/// restic could not be started: why, in words.
+struct Unavailable(String);
+
+impl From<Unavailable> for Outcome {
+    fn from(Unavailable(message): Unavailable) -> Outcome {
+        Outcome::failed(FailureReason::ResticUnavailable, message, None)
+    }
+}
+
+/// One restic run, read.
+struct Run {
+    exit: process::Exit,
+    tail: output::Tail,
+    summary: Option<BackupSummary>,
+}
+
+/// What a run came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Restic(Ending),
+    Stopped(Stop),
+}
+
+impl Run {
+    fn end(&self) -> End {
+        match (self.exit.code, self.exit.stopped) {
+            // restic finished just as it was stopped: what it made counts.
+            (Some(0 | 3), _) | (_, None) => End::Restic(output::classify(self.exit.code, &self.tail.words())),
+            (_, Some(stop)) => End::Stopped(stop),
+        }
+    }
+
+    fn message_or(&self, fallback: impl FnOnce() -> String) -> String {
+        self.tail.message().unwrap_or_else(fallback)
+    }
+}
+
+impl<'a> Runner<'a> {
+    fn new(restic: &'a Restic, job: &'a Job<'a>, deadline: Option<Instant>) -> Result<Runner<'a>, String> {
+        let plan_tag = rm_protocol::backup::plan_tag(&job.plan.name);
+        if let Some(tag) = std::iter::once(&plan_tag).chain(&job.plan.tags).find(|t| t.contains(',')) {
+            return Err(format!("the tag {tag:?} contains a comma, which restic reads as two tags"));
+        }
+        let dir = process::secret_dir(job.state_dir)
+            .map_err(|e| format!("cannot create {}: {e}", job.state_dir.join("tmp").display()))?;
+        let password = process::SecretFile::create(&dir, job.repository.password.as_bytes())
+            .map_err(|e| format!("cannot write the password file in {}: {e}", dir.display()))?;
+        let cacert = match &job.repository.ca_cert {
+            Some(pem) if !pem.trim().is_empty() => Some(
+                process::SecretFile::create(&dir, pem.as_bytes())
+                    .map_err(|e| format!("cannot write the CA certificate file in {}: {e}", dir.display()))?,
+            ),
+            _ => None,
+        };
+
+        let mut env: Vec<(OsString, OsString)> = job
+            .repository
+            .env
+            .iter()
+            .filter(|(k, v)| {
+                !k.is_empty()
+                    && !k.contains(['=', '\0'])
+                    && !v.contains('\0')
+                    && !RESERVED_ENV.iter().any(|r| k.eq_ignore_ascii_case(r))
+            })
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        env.push(("RESTIC_REPOSITORY".into(), job.repository.url.clone().into()));
+        env.push(("RESTIC_PASSWORD_FILE".into(), password.path().into()));
+
+        let mut global = vec![flag("--cache-dir=", job.state_dir.join("restic-cache").as_os_str())];
+        if let Some(ca) = &cacert {
+            global.push(flag("--cacert=", ca.path().as_os_str()));
+        }
+        Ok(Runner { restic, job, deadline, env, global, _password: password, _cacert: cacert })
+    }
+
+    fn backup(&self, on_progress: &mut dyn FnMut(&Progress)) -> Outcome {
+        let mut notes: Vec<String> = Vec::new();
+        let mut init_tried = false;
+        let mut unlock_tried = false;
+        loop {
+            let run = match self.run(self.backup_args(), MAX_LINE, Some(on_progress)) {
+                Ok(run) => run,
+                Err(unavailable) => return unavailable.into(),
+            };
+            match run.end() {
+                End::Restic(Ending::RepositoryMissing) if self.job.repository.auto_init && !init_tried => {
+                    init_tried = true;
+                    let init = match self.run(self.args("init", &[]), MAX_LINE, None) {
+                        Ok(init) => init,
+                        Err(unavailable) => return unavailable.into(),
+                    };
+                    match init.end() {
+                        End::Stopped(stop) => return self.stopped(stop, &init),
+                        // Another host may have initialised it in the meantime: the retry tells.
+                        End::Restic(Ending::Success) => notes.push("initialised the repository (auto_init)".into()),
+                        End::Restic(_) => {
+                            notes.push(format!("restic init failed: {}", init.message_or(|| ended(&init.exit))))
+                        }
+                    }
+                }
+                End::Restic(Ending::Locked) if !unlock_tried => {
+                    unlock_tried = true;
+                    let unlock = match self.run(self.args("unlock", &[]), MAX_LINE, None) {
+                        Ok(unlock) => unlock,
+                        Err(unavailable) => return unavailable.into(),
+                    };
+                    match unlock.end() {
+                        End::Stopped(stop) => return self.stopped(stop, &unlock),
+                        End::Restic(_) => {
+                            notes.push("the repository was locked; ran restic unlock (stale locks only)".into())
+                        }
+                    }
+                }
+                end => return self.finish(end, run, notes),
+            }
+        }
+    }
+
+    fn finish(&self, end: End, run: Run, notes: Vec<String>) -> Outcome {
+        // restic's words first (its `Fatal:` line leads), then what the runner did about them.
+        let message = |run: &Run, fallback: &str| {
+            let mut parts = vec![run.message_or(|| fallback.to_string())];
+            if run.exit.code.is_none() && !run.tail.is_empty() {
+                parts.push(format!("restic {}", ended(&run.exit)));
+            }
+            parts.extend(notes.iter().cloned());
+            parts.join("\n")
+        };
+        let code = run.exit.code;
+        let ending = match end {
+            End::Stopped(stop) => return self.stopped(stop, &run),
+            End::Restic(ending) => ending,
+        };
+        let reason = match ending {
+            Ending::Success | Ending::Warning => {
+                let warning = ending == Ending::Warning;
+                let mut summary = run.summary.clone();
+                let snapshots = self.snapshots();
+                if let (Some(summary), Some(snapshots)) = (&mut summary, &snapshots) {
+                    complete_snapshot_id(summary, snapshots);
+                }
+                let text = if warning {
+                    Some(message(&run, "restic could not read some files"))
+                } else {
+                    let mut parts: Vec<String> = run.tail.message().into_iter().collect();
+                    parts.extend(notes.iter().cloned());
+                    (!parts.is_empty()).then(|| parts.join("\n"))
+                };
+                return Outcome {
+                    status: if warning { OperationStatus::Warning } else { OperationStatus::Success },
+                    summary,
+                    message: text,
+                    reason: None,
+                    exit_code: code,
+                    snapshots,
+                };
+            }
+            Ending::Interrupted => {
+                return Outcome::cancelled(message(&run, "restic was interrupted (SIGINT)"), code);
+            }
+            Ending::RepositoryMissing => FailureReason::RepositoryMissing,
+            Ending::WrongPassword => FailureReason::WrongPassword,
+            Ending::Locked => FailureReason::Locked,
+            Ending::Other => FailureReason::Other,
+        };
+        let fallback = format!("restic failed ({})", ended(&run.exit));
+        Outcome::failed(reason, message(&run, &fallback), code)
+    }
+
+    fn stopped(&self, stop: Stop, run: &Run) -> Outcome {
+        let killed = if run.exit.killed {
+            format!(", and killed after it ignored SIGINT for {} s", process::GRACE.as_secs())
+        } else {
+            String::new()
+        };
+        match stop {
+            Stop::Cancelled => Outcome::cancelled(format!("cancelled: restic was stopped{killed}"), run.exit.code),
+            Stop::TimedOut => Outcome::failed(
+                FailureReason::Timeout,
+                format!(
+                    "restic ran longer than the plan's timeout of {} and was stopped{killed}",
+                    human_duration(self.job.timeout)
+                ),
+                run.exit.code,
+            ),
+        }
+    }
+
+    /// The plan's snapshots on this host, or `None` if restic could not list them.
+    fn snapshots(&self) -> Option<Vec<Snapshot>> {
+        let tag = rm_protocol::backup::plan_tag(&self.job.plan.name);
+        let args = self.args(
+            "snapshots",
+            &[
+                "--json".into(),
+                "--no-lock".into(),
+                flag("--host=", self.job.hostname.as_ref()),
+                flag("--tag=", tag.as_ref()),
+            ],
+        );
+        let mut stdout = String::new();
+        let mut on_line = |stream: Stream, line: String| {
+            if stream == Stream::Stdout && stdout.len() + line.len() < MAX_SNAPSHOTS_OUTPUT {
+                stdout.push_str(&line);
+                stdout.push('\n');
+            }
+        };
+        let cmd = process::command(&self.restic.path, &args, &self.env);
+        let exit = process::run(cmd, &self.job.cancel, self.deadline, MAX_SNAPSHOTS_OUTPUT, &mut on_line).ok()?;
+        if exit.code != Some(0) {
+            return None;
+        }
+        output::parse_snapshots(&stdout)
+    }
+
+    fn backup_args(&self) -> Vec<OsString> {
+        let plan = self.job.plan;
+        let mut args: Vec<OsString> = vec![
+            "--json".into(),
+            flag("--host=", self.job.hostname.as_ref()),
+            flag("--tag=", rm_protocol::backup::plan_tag(&plan.name).as_ref()),
+        ];
+        args.extend(plan.tags.iter().map(|t| flag("--tag=", t.as_ref())));
+        if plan.one_file_system {
+            args.push("--one-file-system".into());
+        }
+        if plan.exclude_caches {
+            args.push("--exclude-caches".into());
+        }
+        args.extend(plan.excludes.iter().map(|x| flag("--exclude=", x.as_ref())));
+        let mut args = self.args("backup", &args);
+        args.push("--".into());
+        args.extend(plan.paths.iter().map(OsString::from));
+        args
+    }
+
+    /// `<command> <args> --cache-dir=… [--cacert=…]`
+    fn args(&self, command: &str, args: &[OsString]) -> Vec<OsString> {
+        let mut all: Vec<OsString> = vec![command.into()];
+        all.extend(args.iter().cloned());
+        all.extend(self.global.iter().cloned());
+        all
+    }
+
+    /// Runs restic with `args`, reading its output: `status` lines go to `on_progress`, the summary is kept, the
+    /// rest of what it says goes to the tail. `Err` is the outcome when restic cannot be started.
+    fn run(
+        &self,
+        args: Vec<OsString>,
+        max_line: usize,
+        mut on_progress: Option<&mut dyn FnMut(&Progress)>,
+    ) -> Result<Run, Unavailable> {
+        let mut tail = output::Tail::default();
+        let mut summary = None;
+        let mut on_line = |_stream: Stream, line: String| match output::parse_line(&line) {
+            Line::Status(progress) => {
+                if let Some(f) = on_progress.as_mut() {
+                    f(&progress);
+                }
+            }
+            Line::Summary(s) => summary = Some(s),
+            other => tail.push_line(&other),
+        };
+        let cmd = process::command(&self.restic.path, &args, &self.env);
+        let exit = process::run(cmd, &self.job.cancel, self.deadline, max_line, &mut on_line)
+            .map_err(|e| Unavailable(spawn_error(&self.restic.path, &e)))?;
+        Ok(Run { exit, tail, summary })
+    }
+}
+
+/// `prefix` followed by `value`, as one argument (`--exclude=-x` cannot be mistaken for a flag).
+fn flag(prefix: &str, value: &OsStr) -> OsString {
+    let mut arg = OsString::from(prefix);
+    arg.push(value);
+    arg
+}
+
+/// restic 0.14's summary names the snapshot by its short id; newer versions by the full one. Use the full id when
+/// exactly one listed snapshot has it as a prefix.
+fn complete_snapshot_id(summary: &mut BackupSummary, snapshots: &[Snapshot]) {
+    let Some(id) = summary.snapshot_id.as_deref().filter(|id| !id.is_empty()) else {
+        return;
+    };
+    let mut matching = snapshots.iter().filter(|s| s.id.starts_with(id));
+    if let (Some(one), None) = (matching.next(), matching.next()) {
+        summary.snapshot_id = Some(one.id.clone());
+    }
+}
+
+/// `90 s`, `15 min`, `2 h 5 min`.
+fn human_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    match secs {
+        0 => format!("{} ms", d.as_millis()),
+        s if s < 120 => format!("{s} s"),
+        s if s < 7200 => format!("{} min", s / 60),
+        s if s % 3600 / 60 == 0 => format!("{} h", s / 3600),
+        s => format!("{} h {} min", s / 3600, s % 3600 / 60),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_snapshot_ids_are_completed_when_unambiguous() {
+        let snap = |id: &str| Snapshot { id: id.into(), ..Snapshot::default() };
+        let mut summary = BackupSummary { snapshot_id: Some("90a410e6".into()), ..BackupSummary::default() };
+        complete_snapshot_id(&mut summary, &[snap("11aa"), snap("90a410e6ffff")]);
+        assert_eq!(summary.snapshot_id.as_deref(), Some("90a410e6ffff"));
+        let mut summary = BackupSummary { snapshot_id: Some("90".into()), ..BackupSummary::default() };
+        complete_snapshot_id(&mut summary, &[snap("90aa"), snap("90bb")]);
+        assert_eq!(summary.snapshot_id.as_deref(), Some("90"), "ambiguous: left as restic said");
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(human_duration(Duration::from_millis(300)), "300 ms");
+        assert_eq!(human_duration(Duration::from_secs(90)), "90 s");
+        assert_eq!(human_duration(Duration::from_secs(900)), "15 min");
+        assert_eq!(human_duration(Duration::from_secs(86400)), "24 h");
+        assert_eq!(human_duration(Duration::from_secs(7500)), "2 h 5 min");
     }
 }
