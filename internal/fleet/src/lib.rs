@@ -5,11 +5,13 @@
 //! All database work runs on one dedicated thread ([`db::Db`]) that commits queued operations together (group commit):
 //! the async runtime never blocks on SQLite, and an operation is acknowledged only after its transaction committed.
 //!
-//! One module per table: [`tokens`], [`agents`], [`audit`], [`repositories`] (whose secrets [`sealing`] encrypts).
+//! One module per table: [`tokens`], [`agents`], [`audit`], [`repositories`] (whose secrets [`sealing`] encrypts),
+//! [`operations`] (operation reports, plan status, snapshots, leases and backup health).
 
 pub mod agents;
 pub mod audit;
 pub mod db;
+pub mod operations;
 pub mod repositories;
 pub mod schema;
 pub mod sealing;
@@ -22,6 +24,10 @@ pub use agents::{
 };
 pub use audit::{AuditEvent, list_audit, probe_write, prune_audit, record_audit};
 pub use db::{Db, DbError};
+pub use operations::{
+    IngestError, Lease, backup_health, get_operation, ingest_reports, list_operations, list_snapshots, release_lease,
+    take_lease, worst_health,
+};
 pub use repositories::{
     NameTaken, NewRepository, RepositoryChanges, RepositoryInfo, RepositorySecrets, create_repository,
     delete_repository, get_repository, list_repositories, repository_secrets, update_repository,
