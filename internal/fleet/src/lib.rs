@@ -32,6 +32,8 @@ pub use repositories::{
     NameTaken, NewRepository, RepositoryChanges, RepositoryInfo, RepositorySecrets, create_repository,
     delete_repository, get_repository, list_repositories, repository_secrets, update_repository,
 };
+/// The connection type database operations receive.
+pub use rusqlite::Connection;
 pub use sealing::{KeyError, KeyOrigin, SecretKey, unlock};
 pub use time::{Timestamp, now, rfc3339};
 pub use tokens::{EnrollError, NewToken, TokenInfo, check_enrollment_token, create_token, list_tokens, revoke_token};
