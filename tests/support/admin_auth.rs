@@ -24,6 +24,9 @@ pub const ADMIN_ROUTES: &[(&str, &str, &[u8])] = &[
     ("GET", "/api/v1/repositories/x", b""),
     ("PATCH", "/api/v1/repositories/x", br#"{"auto_init":true}"#),
     ("DELETE", "/api/v1/repositories/x", b""),
+    ("GET", "/api/v1/operations", b""),
+    ("GET", "/api/v1/agents/x/snapshots", b""),
+    ("GET", "/metrics", b""),
 ];
 
 /// `Authorization` values that are not the admin token (`None`: no header), each with a description: near misses
