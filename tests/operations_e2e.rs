@@ -492,3 +492,38 @@ fn metrics_can_be_public() {
     assert_eq!(one(&samples, "restic_manager_agents", &[("state", "stale")]), 0.0);
     assert!(find(&samples, "restic_manager_backup_health", &[]).is_empty());
 }
+
+#[test]
+fn a_report_may_list_ten_thousand_snapshots_but_bodies_are_bounded() {
+    let server = Server::start();
+    let agent = enroll(&server, "big-host");
+    let t = now();
+    let snapshot = |i: usize| {
+        json!({"id": format!("{i:064x}"), "short_id": format!("{i:08x}"),
+               "time": format!("2026-01-01T00:{:02}:{:02}Z", (i / 60) % 60, i % 60),
+               "hostname": "big-host", "paths": ["/srv/data"], "tags": ["rm-plan:big"]})
+    };
+    let mut big = report(1, "big", "success", t - 60);
+    big["snapshots"] = Value::Array((0..10_000).map(snapshot).collect());
+    let r = send_reports(&server, &agent, &[big]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let list = server.admin("GET", &format!("/api/v1/agents/{}/snapshots", agent.id), None).json();
+    assert_eq!(list["snapshots"].as_array().unwrap().len(), 10_000);
+    // One more is refused, and so is a body over 8 MiB; neither stores anything.
+    let mut over = report(2, "big", "success", t - 30);
+    over["snapshots"] = Value::Array((0..10_001).map(snapshot).collect());
+    let r = send_reports(&server, &agent, &[over]);
+    assert_eq!(r.status, 400, "{}", r.text());
+    let mut huge = report(3, "big", "failed", t - 20);
+    huge["message"] = json!("x".repeat(9 * 1024 * 1024));
+    let r = send_reports(&server, &agent, &[huge]);
+    assert_eq!((r.status, r.json()["error"].as_str()), (413, Some("payload_too_large")), "{}", r.text());
+    let ops = server.admin("GET", "/api/v1/operations", None).json();
+    assert_eq!(ops["operations"].as_array().unwrap().len(), 1, "{ops}");
+    // A long message within the body limit is kept, cut to 8 KiB.
+    let mut long = report(4, "big", "failed", t - 10);
+    long["message"] = json!("y".repeat(100_000));
+    assert_eq!(send_reports(&server, &agent, &[long]).status, 200);
+    let ops = server.admin("GET", "/api/v1/operations?status=failed", None).json();
+    assert_eq!(ops["operations"][0]["message"].as_str().unwrap().len(), 8 * 1024);
+}
