@@ -31,6 +31,9 @@ pub const ADMIN_ROUTES: &[(&str, &str, &[u8])] = &[
     ("POST", "/api/v1/plans/x/run", br#"{"agent":"x"}"#),
     ("DELETE", "/api/v1/plans/x", b""),
     ("PUT", "/api/v1/agents/x/labels", br#"{"labels":{"env":"prod"}}"#),
+    ("GET", "/api/v1/operations", b""),
+    ("GET", "/api/v1/agents/x/snapshots", b""),
+    ("GET", "/metrics", b""),
 ];
 
 /// `Authorization` values that are not the admin token (`None`: no header), each with a description: near misses

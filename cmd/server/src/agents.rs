@@ -4,12 +4,18 @@
 use anyhow::{Context, bail};
 use rm_assets::AssetStore;
 use rm_fleet::AuditEvent;
-use rm_protocol::admin::{AgentList, AgentState};
+use rm_protocol::admin::{AgentFilter, AgentList, AgentState};
+use rm_protocol::backup::Health;
 
 use crate::cli::ServeArgs;
 use crate::token::open_existing_db;
 
-pub async fn list(args: &ServeArgs, state: Option<AgentState>, json: bool) -> anyhow::Result<()> {
+pub async fn list(
+    args: &ServeArgs,
+    state: Option<AgentState>,
+    health: Option<Health>,
+    json: bool,
+) -> anyhow::Result<()> {
     let db = open_existing_db(args)?;
     let store = AssetStore::new(&args.data_dir, &args.bundled_assets_dir).context("cannot read the asset roots")?;
     let served: Vec<_> = rm_server::catalog::entries_blocking(&store, "")
@@ -17,8 +23,10 @@ pub async fn list(args: &ServeArgs, state: Option<AgentState>, json: bool) -> an
         .map(|(_, entry)| entry)
         .collect::<Result<_, _>>()
         .context("cannot inspect the published agent builds")?;
-    let agents = db.call(rm_fleet::list_agents).await?;
-    let view = rm_server::catalog::fleet_view(agents, &served, rm_fleet::now(), args.stale_after, state);
+    let now = rm_fleet::now();
+    let (agents, backups) = db.call(move |c| Ok((rm_fleet::list_agents(c)?, rm_fleet::backup_health(c, now)?))).await?;
+    let filter = AgentFilter { state, health };
+    let view = rm_server::catalog::fleet_view(agents, &served, now, args.stale_after, &filter, backups);
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {
@@ -41,10 +49,10 @@ pub async fn label(args: &ServeArgs, id: String, pairs: Vec<(String, String)>) -
     Ok(())
 }
 
-/// One line per agent under a header, then the counts per state.
+/// One line per agent under a header, then the counts per state and per backup health.
 fn table(view: &AgentList) -> String {
-    let header = ["HOSTNAME", "ID", "PLATFORM", "VERSION", "STATE", "LAST SEEN"];
-    let rows: Vec<[String; 6]> = view
+    let header = ["HOSTNAME", "ID", "PLATFORM", "VERSION", "STATE", "HEALTH", "LAST SEEN"];
+    let rows: Vec<[String; 7]> = view
         .agents
         .iter()
         .map(|a| {
@@ -54,6 +62,7 @@ fn table(view: &AgentList) -> String {
                 format!("{}/{}", a.os, a.arch),
                 a.agent_version.clone(),
                 a.state.to_string(),
+                a.health.map_or_else(|| "-".to_owned(), |h| h.to_string()),
                 a.last_seen.clone(),
             ]
         })
@@ -77,5 +86,9 @@ fn table(view: &AgentList) -> String {
     let shown =
         if view.agents.len() == total { total.to_string() } else { format!("{} of {total}", view.agents.len()) };
     out += &format!("{shown} agents ({})\n", if counts.is_empty() { "none".into() } else { counts.join(" ") });
+    if !view.health_counts.is_empty() {
+        let health: Vec<String> = view.health_counts.iter().map(|(h, n)| format!("{h}={n}")).collect();
+        out += &format!("backup health: {}\n", health.join(" "));
+    }
     out
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use rm_protocol::admin::AgentState;
-use rm_protocol::backup::Timezone;
+use rm_protocol::backup::{Health, OperationStatus, Timezone};
 use rm_server::tls::{TlsConfig, TlsMode};
 use rm_server::{PublicUrl, TrustedProxies};
 
@@ -42,6 +42,27 @@ pub enum Command {
     /// Manage backup plans in the data dir's database (works while the server runs) and request runs.
     #[command(subcommand)]
     Plan(PlanCommand),
+    /// Backup operations the agents reported, newest first (the same as GET /api/v1/operations).
+    Operations(OperationsArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct OperationsArgs {
+    /// Only this agent's operations (its id).
+    #[arg(long, env = "RM_OPERATIONS_AGENT")]
+    pub agent: Option<String>,
+    /// Only this plan's operations.
+    #[arg(long, env = "RM_OPERATIONS_PLAN")]
+    pub plan: Option<String>,
+    /// Only operations in this status: queued, running, success, warning, failed or cancelled.
+    #[arg(long, env = "RM_OPERATIONS_STATUS")]
+    pub status: Option<OperationStatus>,
+    /// At most this many (1-500).
+    #[arg(long, env = "RM_OPERATIONS_LIMIT", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=500))]
+    pub limit: u32,
+    /// JSON (the same shape as GET /api/v1/operations) instead of a table.
+    #[arg(long, env = "RM_OPERATIONS_JSON")]
+    pub json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -168,6 +189,9 @@ pub enum AgentsCommand {
         /// Only agents in this state: current, out_of_date, stale or unknown.
         #[arg(long, env = "RM_AGENTS_STATE")]
         state: Option<AgentState>,
+        /// Only agents whose backup health (their worst plan's) is this: ok, warning, failed, overdue or never.
+        #[arg(long, env = "RM_AGENTS_HEALTH")]
+        health: Option<Health>,
         /// JSON (the same shape as GET /api/v1/agents) instead of a table.
         #[arg(long)]
         json: bool,
@@ -330,6 +354,11 @@ pub struct ServeArgs {
     /// waiting longest for a request is closed to make room.
     #[arg(long, env = "RM_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: Option<u32>,
+
+    /// Serve GET /metrics without the admin token (for a Prometheus on a trusted network). By default a scrape needs
+    /// `Authorization: Bearer <admin token>`.
+    #[arg(long, env = "RM_METRICS_PUBLIC")]
+    pub metrics_public: bool,
 }
 
 #[derive(clap::Args, Debug)]

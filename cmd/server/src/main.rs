@@ -2,6 +2,7 @@
 
 mod agents;
 mod cli;
+mod operations;
 mod plan;
 mod repo;
 mod token;
@@ -46,13 +47,14 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Some(Command::Agents(cli::AgentsCommand::List { state, json })) => {
-            exit_code(agents::list(&cli.serve, state, json).await)
+        Some(Command::Agents(cli::AgentsCommand::List { state, health, json })) => {
+            exit_code(agents::list(&cli.serve, state, health, json).await)
         }
         Some(Command::Agents(cli::AgentsCommand::Label { id, labels })) => {
             exit_code(agents::label(&cli.serve, id, labels).await)
         }
         Some(Command::Plan(command)) => exit_code(plan::run(&cli.serve, command).await),
+        Some(Command::Operations(ref args)) => exit_code(operations::run(&cli.serve, args).await),
         Some(Command::Token(command)) => exit_code(token::run(&cli.serve, command).await),
         Some(Command::Repo(command)) => exit_code(repo::run(&cli.serve, command).await),
         None | Some(Command::Serve) => match serve(cli.serve).await {
@@ -122,6 +124,7 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
                 body_rate_window: args.body_rate_window,
                 max_connections: args.max_connections.map(|n| n as usize),
             },
+            metrics_public: args.metrics_public,
         },
     })
     .context("cannot start")?;

@@ -6,12 +6,14 @@
 //! the async runtime never blocks on SQLite, and an operation is acknowledged only after its transaction committed.
 //!
 //! One module per table: [`tokens`], [`agents`], [`audit`], [`repositories`] (whose secrets [`sealing`] encrypts),
-//! [`plans`] (with the configuration revision and run-now requests); [`labels`] are the agents' labels.
+//! [`plans`] (with the configuration revision and run-now requests), [`operations`] (operation reports, plan status,
+//! snapshots, leases and backup health); [`labels`] are the agents' labels.
 
 pub mod agents;
 pub mod audit;
 pub mod db;
 pub mod labels;
+pub mod operations;
 pub mod plans;
 pub mod repositories;
 pub mod schema;
@@ -27,6 +29,10 @@ pub use agents::{
 pub use audit::{AuditEvent, list_audit, probe_write, prune_audit, record_audit};
 pub use db::{Db, DbError};
 pub use labels::{Labels, validate_labels};
+pub use operations::{
+    IngestError, Lease, backup_health, get_operation, ingest_reports, list_operations, list_snapshots, release_lease,
+    take_lease, worst_health,
+};
 pub use plans::{
     NewPlan, PlanInfo, PlanRefused, QueuedRun, bump_config_revision, config_revision, create_plan, delete_plan,
     get_plan, list_plans, plans_for_agent, queued_runs, request_run, update_plan,
@@ -35,6 +41,8 @@ pub use repositories::{
     NameTaken, NewRepository, RepositoryChanges, RepositoryInUse, RepositoryInfo, RepositorySecrets, create_repository,
     delete_repository, get_repository, list_repositories, repository_secrets, update_repository,
 };
+/// The connection type database operations receive.
+pub use rusqlite::Connection;
 pub use sealing::{KeyError, KeyOrigin, SecretKey, unlock};
 pub use time::{Timestamp, now, rfc3339};
 pub use tokens::{EnrollError, NewToken, TokenInfo, check_enrollment_token, create_token, list_tokens, revoke_token};

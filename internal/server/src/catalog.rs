@@ -2,13 +2,15 @@
 //! dir first) and how an agent compares with it. The manifest, `SHA256SUMS`, heartbeat answers, the fleet view and
 //! the start-up warm-up all ask here; nothing else decides what "published" or "current" means.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rm_assets::store::StoreError;
 use rm_assets::{AssetKind, AssetStore, Digest, Source};
 use rm_fleet::{AgentRecord, Timestamp};
-use rm_protocol::admin::{AgentList, AgentState, AgentView};
+use rm_protocol::admin::{AgentFilter, AgentList, AgentState, AgentView};
+use rm_protocol::backup::PlanHealth;
 use rm_protocol::{PLATFORMS, Platform, PlatformEntry};
 
 use crate::{ApiError, AppState};
@@ -107,27 +109,44 @@ pub fn classify(agent: &AgentRecord, served: &[PlatformEntry], now: Timestamp, s
     if same { AgentState::Current } else { AgentState::OutOfDate }
 }
 
-/// The fleet view: every agent classified against the served builds, with counts per state, optionally filtered.
-/// The admin API and `restic-manager-server agents list` both build it here.
+/// The fleet view: every agent classified against the served builds and with its backup health (`backups`, from
+/// `rm_fleet::backup_health`), with counts per state and per health, optionally filtered by both. The admin API,
+/// `/metrics` and `restic-manager-server agents list` all build it here.
 pub fn fleet_view(
     agents: Vec<AgentRecord>,
     served: &[PlatformEntry],
     now: Timestamp,
     stale_after: Duration,
-    only: Option<AgentState>,
+    filter: &AgentFilter,
+    mut backups: HashMap<String, Vec<PlanHealth>>,
 ) -> AgentList {
     let mut counts = std::collections::BTreeMap::new();
+    let mut health_counts = std::collections::BTreeMap::new();
     let views = agents
         .into_iter()
         .map(|record| {
             let state = classify(&record, served, now, stale_after);
             *counts.entry(state).or_default() += 1;
             let served_sha256 = served_for(&record, served).and_then(|e| e.sha256.clone());
-            agent_view(record, state, served_sha256)
+            let plans = backups.remove(&record.id).unwrap_or_default();
+            let health = rm_fleet::worst_health(&plans);
+            if let Some(h) = health {
+                *health_counts.entry(h).or_default() += 1;
+            }
+            AgentView { health, backups: plans, ..agent_view(record, state, served_sha256) }
         })
-        .filter(|v| only.is_none_or(|s| s == v.state))
+        .filter(|v| filter.state.is_none_or(|s| s == v.state) && filter.health.is_none_or(|h| v.health == Some(h)))
         .collect();
-    AgentList { agents: views, counts, health_counts: Default::default(), stale_after_secs: stale_after.as_secs() }
+    AgentList { agents: views, counts, health_counts, stale_after_secs: stale_after.as_secs() }
+}
+
+/// The fleet view as of now: the served builds, then the agents and their backup health in one database read.
+pub async fn fleet_view_now(state: &AppState, base: String, filter: &AgentFilter) -> Result<AgentList, ApiError> {
+    let served = entries(state, base).await?;
+    let now = rm_fleet::now();
+    let (agents, backups) =
+        state.fleet().call(move |c| Ok((rm_fleet::list_agents(c)?, rm_fleet::backup_health(c, now)?))).await?;
+    Ok(fleet_view(agents, &served, now, state.settings().stale_after, filter, backups))
 }
 
 fn agent_view(record: AgentRecord, state: AgentState, served_sha256: Option<String>) -> AgentView {

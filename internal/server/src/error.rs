@@ -48,6 +48,9 @@ pub enum ApiError {
     RangeNotSatisfiable(u64),
     #[error("{0}")]
     Conflict(String),
+    /// Another agent's run holds the repository's lease.
+    #[error("repository {repository:?} is in use by agent {holder_agent}; retry in {retry_after_secs} s")]
+    RepositoryBusy { repository: String, holder_agent: String, retry_after_secs: u64 },
     #[error("internal error: {0}")]
     Internal(String),
     /// A refusal with its own error code (`plan_not_found`, `repository_in_use`, `secrets_need_tls` …) and details.
@@ -146,6 +149,14 @@ impl ApiError {
                 body.details.extend(details.clone());
                 (*status, None, body)
             }
+            ApiError::RepositoryBusy { repository, holder_agent, retry_after_secs } => (
+                StatusCode::CONFLICT,
+                Some((header::RETRY_AFTER, HeaderValue::from(*retry_after_secs))),
+                ErrorBody::new("repository_busy", message)
+                    .with("repository", repository.as_str())
+                    .with("holder_agent", holder_agent.as_str())
+                    .with("retry_after_secs", *retry_after_secs),
+            ),
             ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, None, ErrorBody::new("timeout", message)),
             // The database thread logs this once a minute; no log line per request.
             ApiError::Db(DbError::Full) => (

@@ -60,7 +60,7 @@ pub fn app(state: AppState) -> Router {
 /// Every route, grouped by the limits that apply to it.
 fn routes(state: &AppState) -> Router<AppState> {
     use axum::extract::DefaultBodyLimit;
-    use routes::{admin, agents, plans, repositories, upload};
+    use routes::{admin, agents, metrics, operations, plans, repositories, upload};
 
     let downloads = Router::new()
         .route("/agent/binary", get(routes::assets::agent_binary))
@@ -74,6 +74,11 @@ fn routes(state: &AppState) -> Router<AppState> {
         .route("/api/v1/agents/config", get(agents::config))
         .route("/api/v1/agents", get(admin::list_agents))
         .route("/api/v1/agents/{id}/labels", put(admin::set_labels))
+        .route("/api/v1/agents/leases", post(operations::take_lease))
+        .route("/api/v1/agents/leases/{repository}", delete(operations::release_lease))
+        .route("/api/v1/agents/{id}/snapshots", get(operations::list_snapshots))
+        .route("/api/v1/operations", get(operations::list_operations))
+        .route("/metrics", get(metrics::metrics))
         .route("/api/v1/tokens", get(admin::list_tokens).post(admin::create_token))
         .route("/api/v1/tokens/{id}", delete(admin::revoke_token))
         .route("/api/v1/audit", get(admin::list_audit))
@@ -90,6 +95,12 @@ fn routes(state: &AppState) -> Router<AppState> {
         // but live transfer of a large agent must finish.
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.settings().api_timeout))
         .layer(axum::middleware::map_response_with_state(state.clone(), timeout_as_json));
+    // Report batches may list many snapshots: a larger body limit, the same time limit.
+    let reports = Router::new()
+        .route("/api/v1/agents/reports", post(operations::reports))
+        .layer(DefaultBodyLimit::max(operations::REPORTS_BODY_LIMIT))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.settings().api_timeout))
+        .layer(axum::middleware::map_response_with_state(state.clone(), timeout_as_json));
     // Uploads enforce their own, configurable limit while streaming.
     let uploads = Router::new()
         .route("/api/v1/assets/{kind}/{name}", put(upload::put_asset).delete(upload::delete_asset))
@@ -98,6 +109,7 @@ fn routes(state: &AppState) -> Router<AppState> {
     Router::new()
         .merge(downloads)
         .merge(api)
+        .merge(reports)
         .merge(uploads)
         .route("/healthz", get(routes::ops::healthz))
         .route("/readyz", get(routes::ops::readyz))

@@ -52,6 +52,8 @@ pub struct Settings {
     pub api_timeout: Duration,
     /// Connection limits and timeouts (see [`crate::conn`]).
     pub net: NetSettings,
+    /// `GET /metrics` answers without the admin token.
+    pub metrics_public: bool,
 }
 
 /// How long a connection may take to send a request head, stay idle, stall a response or trickle a request body, and
@@ -99,6 +101,7 @@ impl Default for Settings {
             audit_max_events: 100_000,
             download_audit_interval: Duration::from_secs(600),
             net: NetSettings::default(),
+            metrics_public: false,
         }
     }
 }

@@ -75,7 +75,7 @@ pub async fn revoke_token(
     Ok(Json(token_view(info, now)))
 }
 
-/// `GET /api/v1/agents[?state=current|out_of_date|stale|unknown]`
+/// `GET /api/v1/agents[?state=current|out_of_date|stale|unknown][&health=ok|warning|failed|overdue|never]`
 pub async fn list_agents(
     _: Admin,
     State(state): State<AppState>,
@@ -86,9 +86,7 @@ pub async fn list_agents(
         // serde's message already names the valid states ("unknown variant `x`, expected one of …").
         ApiError::InvalidRequest(e.body_text())
     })?;
-    let served = catalog::entries(&state, base.or_relative()).await?;
-    let agents = state.fleet().call(rm_fleet::list_agents).await?;
-    Ok(Json(catalog::fleet_view(agents, &served, rm_fleet::now(), state.settings().stale_after, filter.state)))
+    Ok(Json(catalog::fleet_view_now(&state, base.or_relative(), &filter).await?))
 }
 
 /// `PUT /api/v1/agents/{id}/labels`: replaces the agent's labels (every plan selector is matched against them);

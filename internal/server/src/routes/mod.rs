@@ -3,6 +3,8 @@
 pub mod admin;
 pub mod agents;
 pub mod assets;
+pub mod metrics;
+pub mod operations;
 pub mod ops;
 pub mod plans;
 pub mod repositories;

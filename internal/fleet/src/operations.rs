@@ -1,0 +1,934 @@
+//! The `operations`, `plan_status`, `snapshots` and `leases` tables: what agents report about each run, what the
+//! operator lists, the per-host backup health, and the repository leases that keep two agents from running restic on
+//! one repository at the same time.
+//!
+//! Reports are keyed by their operation id: a repeated report changes nothing and a final status is never overwritten,
+//! so an agent may resend its on-disk queue after any failure. A batch is all or nothing (its own savepoint).
+//!
+//! The views returned here are `rm_protocol::backup`'s (`OperationView`, `PlanHealth`, `PlanSnapshot`): they are
+//! plain data built from rows, shared by the API, the command line and the metrics.
+
+use std::collections::{BTreeMap, HashMap};
+
+use rm_protocol::backup::{
+    self, BackupSummary, FailureReason, Health, OperationKind, OperationQuery, OperationReport, OperationStatus,
+    OperationView, PlanHealth, PlanSnapshot, Progress, Snapshot, Timezone, Trigger,
+};
+use rm_protocol::schedule::Schedule;
+use rm_protocol::validate::{is_printable, is_unsafe_char};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::DbError;
+use crate::time::Timestamp;
+
+/// Longest plan name a report may carry.
+pub const MAX_PLAN_NAME: usize = 128;
+/// Messages longer than this (bytes) are cut.
+pub const MAX_MESSAGE: usize = 8 * 1024;
+/// Most snapshots one report may list.
+pub const MAX_SNAPSHOTS: usize = 10_000;
+/// Most reports in one batch.
+pub const MAX_BATCH: usize = 1_000;
+/// How far in the future (agent clock skew) a report's times may lie.
+const MAX_CLOCK_SKEW: i64 = 86_400;
+/// Default and largest page of [`list_operations`].
+pub const DEFAULT_PAGE: u32 = 50;
+pub const MAX_PAGE: u32 = 500;
+/// Lease lifetimes are clamped to this range (seconds).
+pub const LEASE_TTL: std::ops::RangeInclusive<u64> = 10..=3600;
+
+/// Why a batch of reports was refused; nothing of it was stored.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("report {index}: {reason}")]
+    Invalid { index: usize, reason: String },
+    #[error("operation {id} belongs to another agent")]
+    ForeignOperation { id: String },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<rusqlite::Error> for IngestError {
+    fn from(e: rusqlite::Error) -> IngestError {
+        IngestError::Db(e.into())
+    }
+}
+
+/// `op_` followed by 32 lowercase hex digits.
+pub fn is_operation_id(id: &str) -> bool {
+    id.len() == 35 && id.starts_with("op_") && id[3..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A message from restic, made safe to store and show: line breaks and tabs kept, other unsafe characters blanked,
+/// cut to [`MAX_MESSAGE`] bytes on a character boundary.
+fn clean_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len().min(MAX_MESSAGE));
+    for c in text.chars() {
+        if out.len() + c.len_utf8() > MAX_MESSAGE {
+            break;
+        }
+        out.push(if c == '\n' || c == '\t' || !is_unsafe_char(c) { c } else { ' ' });
+    }
+    out
+}
+
+fn check_snapshot(s: &Snapshot) -> Result<(), String> {
+    let hex = |v: &str, max: usize| !v.is_empty() && v.len() <= max && v.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex(&s.id, 64) {
+        return Err(format!("snapshot id {:?} is not 1..=64 hex digits", s.id.chars().take(80).collect::<String>()));
+    }
+    if !s.short_id.is_empty() && !hex(&s.short_id, 64) {
+        return Err(format!("snapshot {}: short_id is not hex", s.id));
+    }
+    if !is_printable(&s.time, 64) {
+        return Err(format!("snapshot {}: time must be 1..=64 printable characters", s.id));
+    }
+    if !s.hostname.is_empty() && !is_printable(&s.hostname, 253) {
+        return Err(format!("snapshot {}: hostname is not printable", s.id));
+    }
+    if s.paths.len() > 1_000 || s.paths.iter().any(|p| !is_printable(p, 4096)) {
+        return Err(format!("snapshot {}: at most 1000 printable paths of at most 4096 bytes", s.id));
+    }
+    if s.tags.len() > 100 || s.tags.iter().any(|t| !is_printable(t, 256)) {
+        return Err(format!("snapshot {}: at most 100 printable tags of at most 256 bytes", s.id));
+    }
+    Ok(())
+}
+
+/// A report, checked and normalised (message cleaned).
+fn checked(now: Timestamp, r: &OperationReport) -> Result<OperationReport, String> {
+    if !is_operation_id(&r.id) {
+        return Err(format!("id {:?} is not op_ + 32 lowercase hex digits", r.id.chars().take(64).collect::<String>()));
+    }
+    if !is_printable(&r.plan, MAX_PLAN_NAME) {
+        return Err(format!("{}: plan must be 1..={MAX_PLAN_NAME} printable characters", r.id));
+    }
+    if r.status == OperationStatus::Queued {
+        return Err(format!("{}: status queued is the server's, not a report", r.id));
+    }
+    let latest = now + MAX_CLOCK_SKEW;
+    if r.started_at <= 0 || r.started_at > latest {
+        return Err(format!("{}: started_at {} is not a time up to a day ahead of the server's", r.id, r.started_at));
+    }
+    if let Some(f) = r.finished_at {
+        if f < r.started_at || f > latest {
+            return Err(format!("{}: finished_at {f} is before started_at or more than a day ahead", r.id));
+        }
+    }
+    if r.finished_at.is_some() && !r.status.is_final() {
+        return Err(format!("{}: finished_at is set but status {} is not final", r.id, r.status));
+    }
+    if let Some(d) = r.duration_ms {
+        if d > i64::MAX as u64 {
+            return Err(format!("{}: duration_ms is out of range", r.id));
+        }
+    }
+    if let Some(id) = r.summary.as_ref().and_then(|s| s.snapshot_id.as_deref()) {
+        if id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("{}: summary.snapshot_id is not hex", r.id));
+        }
+    }
+    if let Some(p) = &r.progress {
+        if !p.percent_done.is_finite() {
+            return Err(format!("{}: progress.percent_done is not a number", r.id));
+        }
+    }
+    if let Some(s) = &r.summary {
+        if !s.total_duration.is_finite() {
+            return Err(format!("{}: summary.total_duration is not a number", r.id));
+        }
+    }
+    if let Some(list) = &r.snapshots {
+        if list.len() > MAX_SNAPSHOTS {
+            return Err(format!("{}: at most {MAX_SNAPSHOTS} snapshots per report", r.id));
+        }
+        for s in list {
+            check_snapshot(s).map_err(|e| format!("{}: {e}", r.id))?;
+        }
+    }
+    let mut r = r.clone();
+    r.message = r.message.as_deref().map(clean_message);
+    Ok(r)
+}
+
+/// The JSON spelling of a unit enum (`"run_now"` → `run_now`).
+fn word<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => other.map(|v| v.to_string()).unwrap_or_default(),
+    }
+}
+
+fn from_word<T: DeserializeOwned>(s: &str) -> Option<T> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).ok()
+}
+
+fn json<T: Serialize>(v: &Option<T>) -> Option<String> {
+    v.as_ref().and_then(|v| serde_json::to_string(v).ok())
+}
+
+/// Stores a batch of reports from `agent_id` (authenticated by the caller). All or nothing: an invalid report or an
+/// operation id of another agent refuses the whole batch and nothing is written. A new id is inserted; an id whose
+/// operation is final is left as it is (a resent report changes nothing); a queued or running one is updated. A final
+/// report updates the plan's status on the host, and a report with `snapshots` replaces the host's snapshots of that
+/// plan. Returns how many reports the batch had (stored or already stored).
+pub fn ingest_reports(
+    conn: &Connection,
+    now: Timestamp,
+    agent_id: &str,
+    reports: &[OperationReport],
+) -> Result<usize, IngestError> {
+    if reports.len() > MAX_BATCH {
+        return Err(IngestError::Invalid { index: MAX_BATCH, reason: format!("at most {MAX_BATCH} reports a batch") });
+    }
+    let reports: Vec<OperationReport> = reports
+        .iter()
+        .enumerate()
+        .map(|(index, r)| checked(now, r).map_err(|reason| IngestError::Invalid { index, reason }))
+        .collect::<Result<_, _>>()?;
+    conn.execute_batch("SAVEPOINT ingest")?;
+    match store_reports(conn, now, agent_id, &reports) {
+        Ok(()) => {
+            conn.execute_batch("RELEASE ingest")?;
+            Ok(reports.len())
+        }
+        Err(e) => {
+            conn.execute_batch("ROLLBACK TO ingest; RELEASE ingest")?;
+            Err(e)
+        }
+    }
+}
+
+fn store_reports(
+    conn: &Connection,
+    now: Timestamp,
+    agent_id: &str,
+    reports: &[OperationReport],
+) -> Result<(), IngestError> {
+    let mut find = conn.prepare_cached("SELECT agent_id, plan, status FROM operations WHERE id = ?1")?;
+    for (index, r) in reports.iter().enumerate() {
+        let existing: Option<(String, String, String)> =
+            find.query_row([&r.id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?))).optional()?;
+        let finished_at = r.finished_at.or(r.status.is_final().then_some(now));
+        match existing {
+            Some((owner, _, _)) if owner != agent_id => return Err(IngestError::ForeignOperation { id: r.id.clone() }),
+            Some((_, plan, _)) if plan != r.plan => {
+                return Err(IngestError::Invalid {
+                    index,
+                    reason: format!("{}: the operation is of plan {plan:?}, not {:?}", r.id, r.plan),
+                });
+            }
+            Some((_, _, status)) if from_word::<OperationStatus>(&status).is_none_or(|s| s.is_final()) => continue,
+            Some(_) => {
+                conn.prepare_cached(
+                    "UPDATE operations SET status = ?2, started_at = ?3, finished_at = ?4, duration_ms = ?5,
+                            summary = coalesce(?6, summary), progress = coalesce(?7, progress), message = ?8,
+                            reason = ?9, exit_code = ?10
+                     WHERE id = ?1",
+                )?
+                .execute(params![
+                    r.id,
+                    r.status.as_str(),
+                    r.started_at,
+                    finished_at,
+                    r.duration_ms.map(|d| d as i64),
+                    json(&r.summary),
+                    json(&r.progress),
+                    r.message,
+                    r.reason.as_ref().map(word),
+                    r.exit_code,
+                ])?;
+            }
+            None => {
+                conn.prepare_cached(
+                    "INSERT INTO operations (id, agent_id, plan, kind, trigger, status, created_at, started_at,
+                                             finished_at, duration_ms, summary, progress, message, reason, exit_code)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                )?
+                .execute(params![
+                    r.id,
+                    agent_id,
+                    r.plan,
+                    word(&r.kind),
+                    word(&r.trigger),
+                    r.status.as_str(),
+                    now,
+                    r.started_at,
+                    finished_at,
+                    r.duration_ms.map(|d| d as i64),
+                    json(&r.summary),
+                    json(&r.progress),
+                    r.message,
+                    r.reason.as_ref().map(word),
+                    r.exit_code,
+                ])?;
+            }
+        }
+        if let (true, Some(finished_at)) = (r.status.is_final(), finished_at) {
+            let success = matches!(r.status, OperationStatus::Success | OperationStatus::Warning);
+            // An older run's report arriving after a newer one's does not move the status back.
+            conn.prepare_cached(
+                "INSERT INTO plan_status (agent_id, plan, last_operation, last_status, last_finished_at,
+                                          last_success_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (agent_id, plan) DO UPDATE SET
+                    last_operation = CASE WHEN excluded.last_finished_at >= last_finished_at
+                                          THEN excluded.last_operation ELSE last_operation END,
+                    last_status = CASE WHEN excluded.last_finished_at >= last_finished_at
+                                       THEN excluded.last_status ELSE last_status END,
+                    last_success_at = CASE WHEN excluded.last_success_at IS NULL THEN last_success_at
+                                           WHEN last_success_at IS NULL
+                                                OR excluded.last_success_at > last_success_at
+                                           THEN excluded.last_success_at ELSE last_success_at END,
+                    last_finished_at = max(last_finished_at, excluded.last_finished_at)",
+            )?
+            .execute(params![
+                agent_id,
+                r.plan,
+                r.id,
+                r.status.as_str(),
+                finished_at,
+                success.then_some(finished_at)
+            ])?;
+        }
+        if let Some(list) = &r.snapshots {
+            conn.prepare_cached("DELETE FROM snapshots WHERE agent_id = ?1 AND plan = ?2")?
+                .execute(params![agent_id, r.plan])?;
+            let mut insert = conn.prepare_cached(
+                "INSERT OR REPLACE INTO snapshots (agent_id, plan, id, short_id, time, hostname, paths, tags)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for s in list {
+                insert.execute(params![
+                    agent_id,
+                    r.plan,
+                    s.id.to_ascii_lowercase(),
+                    s.short_id.to_ascii_lowercase(),
+                    s.time,
+                    s.hostname,
+                    serde_json::to_string(&s.paths).unwrap_or_else(|_| "[]".into()),
+                    serde_json::to_string(&s.tags).unwrap_or_else(|_| "[]".into()),
+                ])?;
+            }
+        }
+    }
+    Ok(())
+}
+
+const VIEW_COLUMNS: &str = "o.seq, o.id, o.agent_id, a.hostname, o.plan, o.kind, o.trigger, o.status, o.created_at,
+     o.started_at, o.finished_at, o.duration_ms, o.summary, o.progress, o.message, o.reason, o.exit_code";
+
+/// An operation row (selected with [`VIEW_COLUMNS`] from `operations o LEFT JOIN agents a`) and its `seq`.
+fn view_of(row: &Row<'_>) -> rusqlite::Result<(i64, OperationView)> {
+    let text = |i: usize| row.get::<_, Option<String>>(i);
+    let bad = |i: usize, what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, format!("unknown {what}").into())
+    };
+    let kind: String = row.get(5)?;
+    let trigger: String = row.get(6)?;
+    let status: String = row.get(7)?;
+    Ok((
+        row.get(0)?,
+        OperationView {
+            id: row.get(1)?,
+            agent_id: row.get(2)?,
+            hostname: row.get(3)?,
+            plan: row.get(4)?,
+            kind: from_word::<OperationKind>(&kind).ok_or_else(|| bad(5, "kind"))?,
+            trigger: from_word::<Trigger>(&trigger).ok_or_else(|| bad(6, "trigger"))?,
+            status: from_word::<OperationStatus>(&status).ok_or_else(|| bad(7, "status"))?,
+            created_at: row.get(8)?,
+            started_at: row.get(9)?,
+            finished_at: row.get(10)?,
+            duration_ms: row.get::<_, Option<i64>>(11)?.map(|d| d.max(0) as u64),
+            summary: text(12)?.and_then(|s| serde_json::from_str::<BackupSummary>(&s).ok()),
+            progress: text(13)?.and_then(|s| serde_json::from_str::<Progress>(&s).ok()),
+            message: row.get(14)?,
+            reason: text(15)?.and_then(|s| from_word::<FailureReason>(&s)),
+            exit_code: row.get(16)?,
+        },
+    ))
+}
+
+/// One page of operations, newest first (by `seq`), filtered by agent, plan and status, below the `before` cursor.
+/// `limit` defaults to [`DEFAULT_PAGE`] and is capped at [`MAX_PAGE`]. The second value is the cursor of the next
+/// page when this one is full.
+pub fn list_operations(
+    conn: &Connection,
+    query: &OperationQuery,
+) -> Result<(Vec<OperationView>, Option<i64>), DbError> {
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE).clamp(1, MAX_PAGE);
+    let mut sql = format!("SELECT {VIEW_COLUMNS} FROM operations o LEFT JOIN agents a ON a.id = o.agent_id WHERE 1");
+    // Only the filters given are in the statement, so SQLite can use the matching index; one cached statement each.
+    if query.agent.is_some() {
+        sql += " AND o.agent_id = :agent";
+    }
+    if query.plan.is_some() {
+        sql += " AND o.plan = :plan";
+    }
+    if query.status.is_some() {
+        sql += " AND o.status = :status";
+    }
+    if query.before.is_some() {
+        sql += " AND o.seq < :before";
+    }
+    sql += " ORDER BY o.seq DESC LIMIT :limit";
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let status = query.status.map(OperationStatus::as_str);
+    let mut named: Vec<(&str, &dyn rusqlite::ToSql)> = vec![(":limit", &limit)];
+    if let Some(agent) = &query.agent {
+        named.push((":agent", agent));
+    }
+    if let Some(plan) = &query.plan {
+        named.push((":plan", plan));
+    }
+    if let Some(status) = &status {
+        named.push((":status", status));
+    }
+    if let Some(before) = &query.before {
+        named.push((":before", before));
+    }
+    let rows: Vec<(i64, OperationView)> = stmt.query_map(named.as_slice(), view_of)?.collect::<Result<_, _>>()?;
+    let next = (rows.len() == limit as usize).then(|| rows.last().map(|(seq, _)| *seq)).flatten();
+    Ok((rows.into_iter().map(|(_, v)| v).collect(), next))
+}
+
+/// One operation by id.
+pub fn get_operation(conn: &Connection, id: &str) -> Result<Option<OperationView>, DbError> {
+    let sql =
+        format!("SELECT {VIEW_COLUMNS} FROM operations o LEFT JOIN agents a ON a.id = o.agent_id WHERE o.id = ?1");
+    Ok(conn.prepare_cached(&sql)?.query_row([id], view_of).optional()?.map(|(_, v)| v))
+}
+
+/// What an agent last reported about its snapshots, newest first; `None` for an unknown agent.
+pub fn list_snapshots(conn: &Connection, agent_id: &str) -> Result<Option<Vec<PlanSnapshot>>, DbError> {
+    let known = conn.prepare_cached("SELECT 1 FROM agents WHERE id = ?1")?.exists([agent_id])?;
+    if !known {
+        return Ok(None);
+    }
+    let mut stmt = conn
+        .prepare_cached("SELECT plan, id, short_id, time, hostname, paths, tags FROM snapshots WHERE agent_id = ?1")?;
+    let mut list: Vec<PlanSnapshot> = stmt
+        .query_map([agent_id], |r| {
+            let paths: String = r.get(5)?;
+            let tags: String = r.get(6)?;
+            Ok(PlanSnapshot {
+                plan: r.get(0)?,
+                snapshot: Snapshot {
+                    id: r.get(1)?,
+                    short_id: r.get(2)?,
+                    time: r.get(3)?,
+                    hostname: r.get(4)?,
+                    paths: serde_json::from_str(&paths).unwrap_or_default(),
+                    tags: serde_json::from_str(&tags).unwrap_or_default(),
+                },
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    // restic prints local times with their offset (and nanoseconds): compare instants, not strings.
+    let instant = |s: &PlanSnapshot| chrono::DateTime::parse_from_rfc3339(&s.snapshot.time).ok();
+    list.sort_by(|a, b| instant(b).cmp(&instant(a)).then_with(|| b.snapshot.time.cmp(&a.snapshot.time)));
+    Ok(Some(list))
+}
+
+/// The answer to a lease request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lease {
+    /// The caller holds the repository's lease until `expires_at`.
+    Granted { expires_at: Timestamp },
+    /// Another run holds it; try again in `retry_after_secs`.
+    Busy { holder_agent: String, holder_operation: String, retry_after_secs: u64 },
+}
+
+/// Takes or renews the run lease of `repository` for `agent_id`'s operation `operation_id`: granted when the lease is
+/// free, expired, or already this operation's; `expires_at = now + ttl` with the ttl clamped to [`LEASE_TTL`].
+pub fn take_lease(
+    conn: &Connection,
+    now: Timestamp,
+    agent_id: &str,
+    repository: &str,
+    operation_id: &str,
+    ttl_secs: u64,
+) -> Result<Lease, DbError> {
+    let held: Option<(String, String, Timestamp)> = conn
+        .prepare_cached("SELECT agent_id, operation_id, expires_at FROM leases WHERE repository = ?1")?
+        .query_row([repository], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    if let Some((holder_agent, holder_operation, expires_at)) = held {
+        let ours = holder_agent == agent_id && holder_operation == operation_id;
+        if !ours && expires_at > now {
+            return Ok(Lease::Busy {
+                holder_agent,
+                holder_operation,
+                retry_after_secs: (expires_at - now).max(1) as u64,
+            });
+        }
+    }
+    let ttl = ttl_secs.clamp(*LEASE_TTL.start(), *LEASE_TTL.end()) as i64;
+    let expires_at = now + ttl;
+    conn.prepare_cached(
+        "INSERT INTO leases (repository, agent_id, operation_id, expires_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (repository) DO UPDATE SET agent_id = excluded.agent_id,
+            operation_id = excluded.operation_id, expires_at = excluded.expires_at",
+    )?
+    .execute(params![repository, agent_id, operation_id, expires_at])?;
+    Ok(Lease::Granted { expires_at })
+}
+
+/// Releases the lease of `repository` if `agent_id`'s `operation_id` holds it; whether it did.
+pub fn release_lease(conn: &Connection, agent_id: &str, repository: &str, operation_id: &str) -> Result<bool, DbError> {
+    let n = conn
+        .prepare_cached("DELETE FROM leases WHERE repository = ?1 AND agent_id = ?2 AND operation_id = ?3")?
+        .execute(params![repository, agent_id, operation_id])?;
+    Ok(n == 1)
+}
+
+/// What the health rule needs of a plan.
+struct PlanRule {
+    name: String,
+    agents: Vec<String>,
+    selector: BTreeMap<String, String>,
+    interval_secs: u64,
+    updated_at: Timestamp,
+}
+
+/// Every plan, with its schedule's interval as of `now` (a schedule that does not parse counts as daily).
+fn plan_rules(conn: &Connection, now: Timestamp) -> Result<Vec<PlanRule>, DbError> {
+    let at = chrono::DateTime::from_timestamp(now, 0).unwrap_or_default();
+    let mut stmt =
+        conn.prepare_cached("SELECT name, schedule, timezone, agents, selector, updated_at FROM plans ORDER BY name")?;
+    let rows = stmt.query_map([], |r| {
+        let schedule: String = r.get(1)?;
+        let timezone: String = r.get(2)?;
+        let agents: String = r.get(3)?;
+        let selector: String = r.get(4)?;
+        let tz = from_word::<Timezone>(&timezone).unwrap_or_default();
+        let interval_secs = Schedule::parse(&schedule).map(|s| s.interval(at, tz).as_secs()).unwrap_or(86_400);
+        Ok(PlanRule {
+            name: r.get(0)?,
+            agents: serde_json::from_str(&agents).unwrap_or_default(),
+            selector: serde_json::from_str(&selector).unwrap_or_default(),
+            interval_secs: interval_secs.max(1),
+            updated_at: r.get(5)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A `plan_status` row with its operation.
+struct LastRun {
+    view: Option<OperationView>,
+    status: OperationStatus,
+    finished_at: Timestamp,
+    success_at: Option<Timestamp>,
+}
+
+/// Per agent (every enrolled one, by id), the plans that apply to it with their last finished run, last success and
+/// health, in plan name order. An agent no plan applies to has an empty list.
+pub fn backup_health(conn: &Connection, now: Timestamp) -> Result<HashMap<String, Vec<PlanHealth>>, DbError> {
+    let plans = plan_rules(conn, now)?;
+    let mut status: HashMap<(String, String), LastRun> = HashMap::new();
+    let sql = format!(
+        "SELECT {VIEW_COLUMNS}, ps.agent_id, ps.plan, ps.last_status, ps.last_finished_at, ps.last_success_at
+         FROM plan_status ps LEFT JOIN operations o ON o.id = ps.last_operation
+         LEFT JOIN agents a ON a.id = o.agent_id"
+    );
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let view = row.get::<_, Option<String>>(1)?.is_some().then(|| view_of(row)).transpose()?.map(|(_, v)| v);
+        let last: String = row.get(19)?;
+        let Some(last) = from_word::<OperationStatus>(&last) else { continue };
+        let run = LastRun { view, status: last, finished_at: row.get(20)?, success_at: row.get(21)? };
+        status.insert((row.get(17)?, row.get(18)?), run);
+    }
+    let mut out = HashMap::new();
+    let mut agents = conn.prepare_cached("SELECT id, labels FROM agents")?;
+    let mut rows = agents.query([])?;
+    while let Some(row) = rows.next()? {
+        let id: String = row.get(0)?;
+        let labels: String = row.get(1)?;
+        let labels: BTreeMap<String, String> = serde_json::from_str(&labels).unwrap_or_default();
+        let list: Vec<PlanHealth> = plans
+            .iter()
+            .filter(|p| backup::plan_applies(&p.agents, &p.selector, &id, &labels))
+            .map(|p| {
+                let known = status.get(&(id.clone(), p.name.clone()));
+                let last = known.map(|k| (k.status, k.finished_at));
+                let last_success_at = known.and_then(|k| k.success_at);
+                PlanHealth {
+                    plan: p.name.clone(),
+                    health: backup::health(last, last_success_at, now, p.interval_secs, p.updated_at),
+                    last_run: known.and_then(|k| k.view.clone()),
+                    last_success_at,
+                }
+            })
+            .collect();
+        out.insert(id, list);
+    }
+    Ok(out)
+}
+
+/// A host's health: its worst plan's ([`Health::severity`]); `None` when no plan applies to it.
+pub fn worst_health(plans: &[PlanHealth]) -> Option<Health> {
+    plans.iter().map(|p| p.health).max_by_key(|h| h.severity())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Db;
+
+    const T0: Timestamp = 1_700_000_000;
+
+    fn setup() -> (tempfile::TempDir, Connection) {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Db::open(&dir.path().join("f.db")).unwrap());
+        let conn = Connection::open(dir.path().join("f.db")).unwrap();
+        for (id, host, labels) in [("a1", "web-1", r#"{"env":"prod"}"#), ("a2", "web-2", "{}"), ("a3", "db-1", "{}")] {
+            conn.execute(
+                "INSERT INTO agents (id, secret_hash, hostname, os, arch, agent_version, agent_commit, enrolled_at,
+                                     last_seen_at, labels)
+                 VALUES (?1, x'00', ?2, 'linux', 'amd64', '1', 'c', 1, 1, ?3)",
+                params![id, host, labels],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "INSERT INTO repositories (name, url, password, auto_init, created_at, updated_at)
+             VALUES ('r', '/srv/r', x'00', 0, 1, 1)",
+            [],
+        )
+        .unwrap();
+        (dir, conn)
+    }
+
+    fn add_plan(conn: &Connection, name: &str, schedule: &str, agents: &str, selector: &str, updated_at: Timestamp) {
+        conn.execute(
+            "INSERT INTO plans (name, repository, paths, excludes, schedule, timezone, tags, one_file_system,
+                                exclude_caches, agents, selector, timeout_secs, jitter_secs, created_at, updated_at)
+             VALUES (?1, 'r', '[\"/etc\"]', '[]', ?2, 'utc', '[]', 0, 0, ?3, ?4, 3600, 0, ?5, ?5)",
+            params![name, schedule, agents, selector, updated_at],
+        )
+        .unwrap();
+    }
+
+    fn op_id(n: u32) -> String {
+        format!("op_{n:032x}")
+    }
+
+    fn report(n: u32, plan: &str, status: OperationStatus, at: Timestamp) -> OperationReport {
+        OperationReport {
+            id: op_id(n),
+            plan: plan.into(),
+            kind: OperationKind::Backup,
+            trigger: Trigger::Schedule,
+            status,
+            started_at: at,
+            finished_at: status.is_final().then_some(at + 10),
+            duration_ms: status.is_final().then_some(10_000),
+            summary: None,
+            progress: None,
+            message: None,
+            reason: None,
+            exit_code: None,
+            snapshots: None,
+        }
+    }
+
+    fn snapshot(id: char, time: &str) -> Snapshot {
+        Snapshot {
+            id: id.to_string().repeat(64),
+            short_id: id.to_string().repeat(8),
+            time: time.into(),
+            hostname: "web-1".into(),
+            paths: vec!["/etc".into()],
+            tags: vec!["rm-plan:daily".into()],
+        }
+    }
+
+    fn dump(conn: &Connection) -> String {
+        let mut out = String::new();
+        for table in ["operations", "plan_status", "snapshots"] {
+            let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY 1, 2")).unwrap();
+            let n = stmt.column_count();
+            let rows = stmt
+                .query_map([], |r| {
+                    Ok((0..n).map(|i| format!("{:?}", r.get_ref(i).unwrap())).collect::<Vec<_>>().join("|"))
+                })
+                .unwrap();
+            for row in rows {
+                out += &format!("{table}: {}\n", row.unwrap());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_resent_batch_changes_nothing_and_final_is_never_overwritten() {
+        let (_d, c) = setup();
+        let mut done = report(1, "daily", OperationStatus::Success, T0);
+        done.summary = Some(BackupSummary { data_added: 42, snapshot_id: Some("ab".repeat(32)), ..Default::default() });
+        done.snapshots = Some(vec![snapshot('a', "2023-11-14T22:13:30Z")]);
+        let batch = vec![report(1, "daily", OperationStatus::Running, T0), done.clone()];
+        assert_eq!(ingest_reports(&c, T0 + 20, "a1", &batch).unwrap(), 2);
+        let before = dump(&c);
+        assert_eq!(ingest_reports(&c, T0 + 99, "a1", &batch).unwrap(), 2);
+        assert_eq!(dump(&c), before, "a resent batch changes nothing");
+        // A late "running" or a different final for the same id is ignored too.
+        let mut failed = report(1, "daily", OperationStatus::Failed, T0 + 50);
+        failed.message = Some("late".into());
+        ingest_reports(&c, T0 + 99, "a1", &[report(1, "daily", OperationStatus::Running, T0), failed]).unwrap();
+        assert_eq!(dump(&c), before);
+        let op = get_operation(&c, &op_id(1)).unwrap().unwrap();
+        assert_eq!(
+            (op.status, op.hostname.as_deref(), op.summary.unwrap().data_added),
+            (OperationStatus::Success, Some("web-1"), 42)
+        );
+    }
+
+    #[test]
+    fn a_batch_is_all_or_nothing() {
+        let (_d, c) = setup();
+        ingest_reports(&c, T0, "a2", &[report(9, "daily", OperationStatus::Running, T0)]).unwrap();
+        let before = dump(&c);
+        // An invalid report anywhere refuses the batch before anything is written.
+        let mut bad = report(3, "daily", OperationStatus::Success, T0);
+        bad.id = "op_XYZ".into();
+        let err = ingest_reports(&c, T0, "a1", &[report(2, "daily", OperationStatus::Success, T0), bad]).unwrap_err();
+        assert!(matches!(err, IngestError::Invalid { index: 1, .. }), "{err}");
+        // An id owned by another agent refuses the batch after earlier reports were written: rolled back.
+        let err = ingest_reports(
+            &c,
+            T0,
+            "a1",
+            &[report(2, "daily", OperationStatus::Success, T0), report(9, "daily", OperationStatus::Success, T0)],
+        )
+        .unwrap_err();
+        assert!(matches!(&err, IngestError::ForeignOperation { id } if *id == op_id(9)), "{err}");
+        assert!(err.to_string().contains("another agent"));
+        assert_eq!(dump(&c), before);
+        // Each refusal kind.
+        let cases: Vec<(OperationReport, &str)> = vec![
+            (OperationReport { plan: String::new(), ..report(4, "x", OperationStatus::Running, T0) }, "plan"),
+            (OperationReport { plan: "a\u{1b}[31m".into(), ..report(4, "x", OperationStatus::Running, T0) }, "plan"),
+            (report(4, "daily", OperationStatus::Queued, T0), "queued"),
+            (report(4, "daily", OperationStatus::Running, T0 + 10 * 86_400), "started_at"),
+            (OperationReport { finished_at: Some(T0 - 5), ..report(4, "d", OperationStatus::Success, T0) }, "finished"),
+            (
+                OperationReport {
+                    id: "op_".to_string() + &"A".repeat(32),
+                    ..report(4, "d", OperationStatus::Running, T0)
+                },
+                "id",
+            ),
+            (
+                OperationReport {
+                    snapshots: Some(vec![snapshot('a', "t"); MAX_SNAPSHOTS + 1]),
+                    ..report(4, "d", OperationStatus::Success, T0)
+                },
+                "snapshots",
+            ),
+            (
+                OperationReport {
+                    snapshots: Some(vec![Snapshot { id: "../x".into(), ..snapshot('a', "t") }]),
+                    ..report(4, "d", OperationStatus::Success, T0)
+                },
+                "snapshot id",
+            ),
+        ];
+        for (r, want) in cases {
+            let err = ingest_reports(&c, T0, "a1", &[r]).unwrap_err().to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        assert_eq!(dump(&c), before);
+    }
+
+    #[test]
+    fn long_messages_are_cut_and_cleaned() {
+        let (_d, c) = setup();
+        let mut r = report(5, "daily", OperationStatus::Failed, T0);
+        r.message = Some(format!("line one\n\u{1b}[2Jline two\u{202e}{}", "é".repeat(10_000)));
+        r.reason = Some(FailureReason::WrongPassword);
+        r.exit_code = Some(12);
+        ingest_reports(&c, T0 + 20, "a1", &[r]).unwrap();
+        let op = get_operation(&c, &op_id(5)).unwrap().unwrap();
+        let m = op.message.unwrap();
+        assert!(m.len() <= MAX_MESSAGE && m.starts_with("line one\n [2Jline two "), "{:?}", &m[..30]);
+        assert_eq!((op.reason, op.exit_code), (Some(FailureReason::WrongPassword), Some(12)));
+    }
+
+    #[test]
+    fn plan_status_follows_the_newest_final_and_snapshots_are_replaced() {
+        let (_d, c) = setup();
+        let mut first = report(1, "daily", OperationStatus::Success, T0);
+        first.snapshots = Some(vec![snapshot('a', "2023-11-14T22:13:30Z"), snapshot('b', "2023-11-15T00:13:30+02:00")]);
+        ingest_reports(&c, T0 + 20, "a1", &[first]).unwrap();
+        let status = |c: &Connection| -> (String, String, i64, Option<i64>) {
+            c.query_row(
+                "SELECT last_operation, last_status, last_finished_at, last_success_at FROM plan_status
+                 WHERE agent_id = 'a1' AND plan = 'daily'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap()
+        };
+        assert_eq!(status(&c), (op_id(1), "success".into(), T0 + 10, Some(T0 + 10)));
+        let snaps = list_snapshots(&c, "a1").unwrap().unwrap();
+        // 00:13:30+02:00 is 22:13:30Z: equal instants; a (later string) first among equals is fine, both present.
+        assert_eq!(snaps.len(), 2);
+        // A failure later: status failed, last success kept.
+        ingest_reports(&c, T0 + 200, "a1", &[report(2, "daily", OperationStatus::Failed, T0 + 100)]).unwrap();
+        assert_eq!(status(&c), (op_id(2), "failed".into(), T0 + 110, Some(T0 + 10)));
+        // An older run's final report arriving late does not move the status back, but its success counts.
+        ingest_reports(&c, T0 + 300, "a1", &[report(3, "daily", OperationStatus::Warning, T0 + 50)]).unwrap();
+        assert_eq!(status(&c), (op_id(2), "failed".into(), T0 + 110, Some(T0 + 60)));
+        // A new snapshot list replaces the old one (for this plan only).
+        let mut other = report(4, "weekly", OperationStatus::Success, T0 + 400);
+        other.snapshots = Some(vec![snapshot('c', "2023-11-20T00:00:00Z")]);
+        let mut next = report(5, "daily", OperationStatus::Success, T0 + 400);
+        next.snapshots = Some(vec![snapshot('d', "2023-11-21T00:00:00Z"), snapshot('a', "2023-11-14T22:13:30Z")]);
+        ingest_reports(&c, T0 + 500, "a1", &[other, next]).unwrap();
+        let ids: Vec<(String, char)> = list_snapshots(&c, "a1")
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.plan, s.snapshot.id.chars().next().unwrap()))
+            .collect();
+        assert_eq!(ids, [("daily".into(), 'd'), ("weekly".into(), 'c'), ("daily".into(), 'a')]);
+        assert_eq!(list_snapshots(&c, "a2").unwrap().unwrap(), []);
+        assert_eq!(list_snapshots(&c, "nobody").unwrap(), None);
+    }
+
+    #[test]
+    fn queued_operations_are_updated_by_their_agent_only() {
+        let (_d, c) = setup();
+        c.execute(
+            "INSERT INTO operations (id, agent_id, plan, kind, trigger, status, created_at)
+             VALUES (?1, 'a1', 'daily', 'backup', 'run_now', 'queued', ?2)",
+            params![op_id(7), T0],
+        )
+        .unwrap();
+        let err = ingest_reports(&c, T0, "a2", &[report(7, "daily", OperationStatus::Running, T0)]).unwrap_err();
+        assert!(matches!(err, IngestError::ForeignOperation { .. }));
+        let err = ingest_reports(&c, T0, "a1", &[report(7, "weekly", OperationStatus::Running, T0)]).unwrap_err();
+        assert!(err.to_string().contains("plan"), "{err}");
+        let mut running = report(7, "daily", OperationStatus::Running, T0 + 1);
+        running.progress = Some(Progress { percent_done: 0.5, ..Default::default() });
+        ingest_reports(&c, T0 + 2, "a1", &[running]).unwrap();
+        let op = get_operation(&c, &op_id(7)).unwrap().unwrap();
+        assert_eq!(
+            (op.status, op.trigger, op.started_at, op.created_at),
+            (OperationStatus::Running, Trigger::RunNow, Some(T0 + 1), T0)
+        );
+        assert_eq!(op.progress.unwrap().percent_done, 0.5);
+        ingest_reports(&c, T0 + 30, "a1", &[report(7, "daily", OperationStatus::Cancelled, T0 + 1)]).unwrap();
+        let op = get_operation(&c, &op_id(7)).unwrap().unwrap();
+        assert_eq!((op.status, op.finished_at), (OperationStatus::Cancelled, Some(T0 + 11)));
+        assert_eq!(op.progress.unwrap().percent_done, 0.5, "progress kept when a report has none");
+    }
+
+    #[test]
+    fn operations_page_newest_first_with_filters() {
+        let (_d, c) = setup();
+        let mut batch = Vec::new();
+        for n in 0..25u32 {
+            let plan = if n % 2 == 0 { "daily" } else { "weekly" };
+            let status = if n % 5 == 0 { OperationStatus::Failed } else { OperationStatus::Success };
+            batch.push(report(n, plan, status, T0 + n as i64));
+        }
+        ingest_reports(&c, T0 + 100, "a1", &batch).unwrap();
+        ingest_reports(&c, T0 + 100, "a2", &[report(100, "daily", OperationStatus::Running, T0)]).unwrap();
+        let q = |agent: Option<&str>, plan: Option<&str>, status, before, limit| OperationQuery {
+            agent: agent.map(Into::into),
+            plan: plan.map(Into::into),
+            status,
+            before,
+            limit,
+        };
+        let (all, next) = list_operations(&c, &q(None, None, None, None, None)).unwrap();
+        assert_eq!((all.len(), next), (26, None));
+        assert_eq!(all[0].id, op_id(100));
+        assert_eq!(all[0].hostname.as_deref(), Some("web-2"));
+        // Keyset paging through a1's operations, 10 at a time.
+        let mut seen = Vec::new();
+        let mut before = None;
+        loop {
+            let (page, next) = list_operations(&c, &q(Some("a1"), None, None, before, Some(10))).unwrap();
+            seen.extend(page.into_iter().map(|o| o.id));
+            match next {
+                Some(n) => before = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(seen, (0..25u32).rev().map(op_id).collect::<Vec<_>>());
+        let (failed, _) =
+            list_operations(&c, &q(None, Some("daily"), Some(OperationStatus::Failed), None, None)).unwrap();
+        assert_eq!(failed.iter().map(|o| o.id.clone()).collect::<Vec<_>>(), [op_id(20), op_id(10), op_id(0)]);
+        let (capped, _) = list_operations(&c, &q(None, None, None, None, Some(100_000))).unwrap();
+        assert_eq!(capped.len(), 26);
+    }
+
+    #[test]
+    fn leases_are_exclusive_renewable_expire_and_release() {
+        let (_d, c) = setup();
+        let (a, b) = (op_id(1), op_id(2));
+        assert_eq!(take_lease(&c, T0, "a1", "r", &a, 60).unwrap(), Lease::Granted { expires_at: T0 + 60 });
+        assert_eq!(
+            take_lease(&c, T0 + 20, "a2", "r", &b, 60).unwrap(),
+            Lease::Busy { holder_agent: "a1".into(), holder_operation: a.clone(), retry_after_secs: 40 }
+        );
+        // The same agent with another operation waits too; the holder renews.
+        assert!(matches!(take_lease(&c, T0 + 20, "a1", "r", &b, 60).unwrap(), Lease::Busy { .. }));
+        assert_eq!(take_lease(&c, T0 + 30, "a1", "r", &a, 60).unwrap(), Lease::Granted { expires_at: T0 + 90 });
+        // Other repositories are independent; ttl is clamped.
+        assert_eq!(take_lease(&c, T0, "a2", "s", &b, 1).unwrap(), Lease::Granted { expires_at: T0 + 10 });
+        assert_eq!(take_lease(&c, T0, "a2", "t", &b, 999_999).unwrap(), Lease::Granted { expires_at: T0 + 3600 });
+        // Expired: another agent takes it.
+        assert_eq!(take_lease(&c, T0 + 90, "a2", "r", &b, 60).unwrap(), Lease::Granted { expires_at: T0 + 150 });
+        // Only the holder's release counts.
+        assert!(!release_lease(&c, "a1", "r", &a).unwrap());
+        assert!(!release_lease(&c, "a2", "r", &a).unwrap());
+        assert!(matches!(take_lease(&c, T0 + 100, "a1", "r", &a, 60).unwrap(), Lease::Busy { .. }));
+        assert!(release_lease(&c, "a2", "r", &b).unwrap());
+        assert!(matches!(take_lease(&c, T0 + 100, "a1", "r", &a, 60).unwrap(), Lease::Granted { .. }));
+    }
+
+    #[test]
+    fn health_per_agent_and_plan() {
+        let (_d, c) = setup();
+        let hour = 3600;
+        // "hourly" applies to a1 (label) and a2 (id); "daily" to a1 only; nothing to a3.
+        add_plan(&c, "hourly", "@every 1h", r#"["a2"]"#, r#"{"env":"prod"}"#, T0);
+        add_plan(&c, "daily", "0 3 * * *", r#"["a1"]"#, "{}", T0);
+        let now = T0 + hour;
+        let h = backup_health(&c, now).unwrap();
+        let names = |h: &HashMap<String, Vec<PlanHealth>>, id: &str| {
+            h[id].iter().map(|p| (p.plan.clone(), p.health)).collect::<Vec<_>>()
+        };
+        assert_eq!(names(&h, "a1"), [("daily".into(), Health::Never), ("hourly".into(), Health::Never)]);
+        assert_eq!(names(&h, "a3"), []);
+        assert_eq!(worst_health(&h["a3"]), None);
+        // a1: hourly succeeded with a warning, daily succeeded; a2: hourly failed.
+        ingest_reports(&c, now, "a1", &[report(1, "hourly", OperationStatus::Warning, now - 100)]).unwrap();
+        ingest_reports(&c, now, "a1", &[report(2, "daily", OperationStatus::Success, now - 100)]).unwrap();
+        ingest_reports(&c, now, "a2", &[report(3, "hourly", OperationStatus::Failed, now - 100)]).unwrap();
+        let h = backup_health(&c, now).unwrap();
+        assert_eq!(names(&h, "a1"), [("daily".into(), Health::Ok), ("hourly".into(), Health::Warning)]);
+        assert_eq!(worst_health(&h["a1"]), Some(Health::Warning));
+        assert_eq!(worst_health(&h["a2"]), Some(Health::Failed));
+        let last = h["a1"][1].last_run.as_ref().unwrap();
+        assert_eq!((last.id.as_str(), last.hostname.as_deref()), (op_id(1).as_str(), Some("web-1")));
+        assert_eq!(h["a1"][1].last_success_at, Some(now - 90));
+        // Three hours later the hourly plan is overdue on a1, the daily one is not.
+        let later = now + 3 * hour;
+        let h = backup_health(&c, later).unwrap();
+        assert_eq!(names(&h, "a1"), [("daily".into(), Health::Ok), ("hourly".into(), Health::Overdue)]);
+        // A plan that never ran becomes overdue after two intervals from its assignment.
+        add_plan(&c, "fresh", "@every 1h", r#"["a3"]"#, "{}", later);
+        assert_eq!(backup_health(&c, later + 60).unwrap()["a3"][0].health, Health::Never);
+        assert_eq!(backup_health(&c, later + 3 * hour).unwrap()["a3"][0].health, Health::Overdue);
+    }
+}
