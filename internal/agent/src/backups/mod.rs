@@ -525,12 +525,13 @@ impl Backups {
         });
         // Operations a killed agent left running end now, with a report saying so.
         for (_, mut report) in open.operations {
+            let started = report.started_at;
             report.status = OperationStatus::Failed;
             report.reason = Some(FailureReason::Other);
             report.message =
                 Some("the agent stopped before this run finished (killed, crashed or the host went down)".into());
             report.progress = None;
-            report.finished_at = Some(runner::now_secs());
+            report.finished_at = Some(runner::now_secs().max(started));
             crate::log(format_args!(
                 "operation {} of plan {} was interrupted; reported failed",
                 report.id,
@@ -538,7 +539,9 @@ impl Backups {
             ));
             inner.finish_operation(&report);
         }
-        let _ = store::save_json(&inner.paths.open_operations(), &OpenOperations::default());
+        if inner.paths.open_operations().exists() {
+            let _ = store::save_json(&inner.paths.open_operations(), &OpenOperations::default());
+        }
         {
             let mut d = lock(&inner.restic);
             inner.detect(&mut d);
