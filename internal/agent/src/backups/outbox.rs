@@ -312,8 +312,8 @@ impl Outbox {
                 Err(e) => {
                     if !failing {
                         crate::log(format_args!(
-                            "cannot deliver operation reports ({e}); {} kept on disk, retrying with backoff",
-                            self.len()
+                            "cannot deliver operation reports ({e}); retrying with backoff (final reports wait in {})",
+                            self.dir.display()
                         ));
                         failing = true;
                     }
