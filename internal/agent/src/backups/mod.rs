@@ -1004,6 +1004,82 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_changed_or_removed_plan_cancels_its_run_and_busy_plans_are_not_stacked() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Arc::new(FakeServer::default());
+        let backups = start(dir.path(), &server);
+        let inner = &backups.inner;
+        inner.apply(config(1), false);
+        let cancel = Cancel::default();
+        assert!(matches!(inner.claim("home", OP1, &cancel, false), Claimed::Run));
+        assert!(inner.snapshot_plan("home", OP1).is_some());
+        // A scheduled firing while the plan runs is skipped, not queued.
+        assert!(matches!(inner.claim("home", "op_other", &Cancel::default(), false), Claimed::Busy(id) if id == OP1));
+        // Another plan added: this run goes on.
+        let mut more = config(2);
+        let mut other = more.plans[0].clone();
+        other.name = "other".into();
+        more.plans.push(other);
+        inner.apply(more.clone(), false);
+        assert!(!cancel.is_cancelled());
+        // Its repository's password changed: cancelled, and the report will say why.
+        let mut changed = more.clone();
+        changed.revision = 3;
+        changed.repositories[0].password = "new".into();
+        inner.apply(changed, false);
+        assert!(cancel.is_cancelled());
+        assert!(inner.cancel_reason("home", OP1).unwrap().contains("changed"));
+        inner.release("home", OP1);
+
+        // A run-now waits for the running plan; removing the plan cancels the waiter.
+        let running = Cancel::default();
+        assert!(matches!(inner.claim("other", OP1, &running, false), Claimed::Run));
+        inner.snapshot_plan("other", OP1).unwrap();
+        let waiter = {
+            let inner = inner.clone();
+            std::thread::spawn(move || match inner.claim("other", OP2, &Cancel::default(), true) {
+                Claimed::Cancelled(why) => why,
+                _ => "not cancelled".into(),
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(matches!(inner.claim("other", "op_third", &Cancel::default(), true), Claimed::Busy(id) if id == OP2));
+        inner.apply(config(4), false);
+        assert!(running.is_cancelled());
+        assert!(waiter.join().unwrap().contains("removed"));
+    }
+
+    #[test]
+    fn one_run_per_repository_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let backups = start(dir.path(), &Arc::new(FakeServer::default()));
+        let inner = backups.inner.clone();
+        assert!(inner.lock_repository("r", &Cancel::default()));
+        assert!(inner.lock_repository("s", &Cancel::default()), "other repositories run in parallel");
+        let second = {
+            let inner = inner.clone();
+            std::thread::spawn(move || {
+                let got = inner.lock_repository("r", &Cancel::default());
+                (got, Instant::now())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let released = Instant::now();
+        inner.unlock_repository("r");
+        let (got, at) = second.join().unwrap();
+        assert!(got && at >= released, "the second run started only after the first released the repository");
+        // A waiter that is cancelled gives up.
+        let cancel = Cancel::default();
+        let waiter = {
+            let (inner, cancel) = (inner.clone(), cancel.clone());
+            std::thread::spawn(move || inner.lock_repository("r", &cancel))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        cancel.cancel();
+        assert!(!waiter.join().unwrap());
+    }
+
+    #[test]
     fn operation_ids_are_checked() {
         assert!(valid_operation_id(OP1));
         assert!(valid_operation_id(&store::new_operation_id()));
