@@ -784,6 +784,9 @@ pub(crate) mod tests {
         refuse: HashSet<String>,
         config: Option<AgentConfigBody>,
         config_fetches: usize,
+        /// How many lease requests still answer 409 `repository_busy`.
+        busy: u32,
+        lease_requests: usize,
     }
 
     impl FakeServer {
@@ -798,6 +801,12 @@ pub(crate) mod tests {
         }
         pub(crate) fn stored(&self) -> BTreeMap<String, OperationStatus> {
             lock(&self.state).stored.clone()
+        }
+        pub(crate) fn busy(&self, times: u32) {
+            lock(&self.state).busy = times;
+        }
+        pub(crate) fn lease_requests(&self) -> usize {
+            lock(&self.state).lease_requests
         }
         pub(crate) fn serve(&self, config: AgentConfigBody) {
             lock(&self.state).config = Some(config);
@@ -834,8 +843,14 @@ pub(crate) mod tests {
             Ok(ReportAck { accepted: batch.reports.len() })
         }
         fn take_lease(&self, request: &LeaseRequest) -> Result<Lease, AgentError> {
-            if lock(&self.state).down {
+            let mut s = lock(&self.state);
+            s.lease_requests += 1;
+            if s.down {
                 return Err(Self::unreachable());
+            }
+            if s.busy > 0 {
+                s.busy -= 1;
+                return Ok(Lease::Busy { retry_after_secs: 1 });
             }
             Ok(Lease::Granted(LeaseGranted {
                 repository: request.repository.clone(),
@@ -890,7 +905,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn start(dir: &Path, server: &Arc<FakeServer>) -> Backups {
+    pub(crate) fn start(dir: &Path, server: &Arc<FakeServer>) -> Backups {
         let settings = Settings {
             config_path: dir.join("agent.json"),
             agent_id: "agent-1".into(),

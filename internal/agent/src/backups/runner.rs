@@ -378,6 +378,43 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_repository_is_waited_for_and_an_unreachable_server_does_not_block() {
+        use crate::backups::tests::{FakeServer, start};
+        let dir = tempfile::tempdir().unwrap();
+        let server = Arc::new(FakeServer::default());
+        let backups = start(dir.path(), &server);
+        let inner = &backups.inner;
+        server.busy(1);
+        let started = Instant::now();
+        let lease = LeaseHold::acquire(inner, "r", "op_a", &Cancel::default()).expect("granted");
+        assert!(lease.held.is_some());
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(1) && waited < Duration::from_secs(4), "{waited:?}");
+        assert_eq!(server.lease_requests(), 2);
+        drop(lease);
+
+        // Busy, then cancelled while waiting: no lease, promptly.
+        server.busy(100);
+        let cancel = Cancel::default();
+        let c = cancel.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            c.cancel();
+        });
+        let started = Instant::now();
+        assert!(LeaseHold::acquire(inner, "r", "op_b", &cancel).is_none());
+        assert!(started.elapsed() < Duration::from_secs(2));
+        t.join().unwrap();
+
+        // The server is down: the run goes on without a lease.
+        server.busy(0);
+        server.down(true);
+        let lease = LeaseHold::acquire(inner, "r", "op_c", &Cancel::default()).expect("runs anyway");
+        assert!(lease.held.is_none());
+        assert!(inner.lease_unreachable.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[test]
     fn a_cancelled_wait_returns_promptly() {
         let cancel = Cancel::default();
         let c = cancel.clone();
