@@ -151,36 +151,34 @@ impl Loop {
 /// What heartbeats say about backups: the host's restic and the applied config revision.
 type Extras = (Option<ResticInfo>, Option<u64>);
 
+/// What every heartbeat is sent with.
+struct Peer<'a> {
+    client: &'a Client,
+    config: &'a AgentConfig,
+    facts: &'a HostFacts,
+    exe: &'a Path,
+}
+
 /// One heartbeat, and a self-update if the server serves a different build. Returns the answer, the next interval
 /// and whether the binary was replaced (the caller restarts then).
-fn beat(
-    client: &Client,
-    config: &AgentConfig,
-    facts: &HostFacts,
-    exe: &Path,
-    state: &mut Loop,
-    extras: &Extras,
-) -> Result<(HeartbeatResponse, Duration, bool), AgentError> {
-    let own_sha = crate::sha256_file(exe)?;
-    let answer = client.heartbeat(&config.credential, &state.request(facts, &own_sha, extras))?;
+fn beat(peer: &Peer<'_>, state: &mut Loop, extras: &Extras) -> Result<(HeartbeatResponse, Duration, bool), AgentError> {
+    let own_sha = crate::sha256_file(peer.exe)?;
+    let answer = peer.client.heartbeat(&peer.config.credential, &state.request(peer.facts, &own_sha, extras))?;
     let interval = Duration::from_secs(answer.heartbeat_interval_secs.clamp(1, 24 * 3600));
-    let updated = self_update(client, config, facts, exe, state, extras, &answer, &own_sha)?;
+    let updated = self_update(peer, state, extras, &answer, &own_sha)?;
     Ok((answer, interval, updated))
 }
 
 /// Installs the build a heartbeat answer names, unless it is this one or was refused before; true if the binary was
 /// replaced.
-#[allow(clippy::too_many_arguments)]
 fn self_update(
-    client: &Client,
-    config: &AgentConfig,
-    facts: &HostFacts,
-    exe: &Path,
+    peer: &Peer<'_>,
     state: &mut Loop,
     extras: &Extras,
     answer: &HeartbeatResponse,
     own_sha: &str,
 ) -> Result<bool, AgentError> {
+    let Peer { client, config, facts, exe } = *peer;
     let Some(served) = answer.update.clone() else { return Ok(false) };
     let Some(served_sha) = served.sha256.as_deref().map(str::to_ascii_lowercase) else {
         return Ok(false);
@@ -347,7 +345,8 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
             return stopped(&backups);
         }
         let extras = backups.heartbeat_fields();
-        let wait = match beat(&client, &config, &facts, &exe, &mut state, &extras) {
+        let peer = Peer { client: &client, config: &config, facts: &facts, exe: &exe };
+        let wait = match beat(&peer, &mut state, &extras) {
             Ok((_, _, true)) => {
                 backups.shutdown();
                 return restart(&exe);
