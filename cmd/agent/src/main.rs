@@ -23,6 +23,9 @@ struct Cli {
     #[arg(long, global = true, env = "RM_AGENT_CONFIG", value_name = "FILE",
           default_value_os_t = rm_agent::config::default_path())]
     config: PathBuf,
+    /// The restic executable backups run (default: `restic` on PATH). Version 0.14 or newer.
+    #[arg(long, global = true, env = "RM_RESTIC", value_name = "PATH")]
+    restic: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -58,9 +61,10 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Send heartbeats and follow the build the server serves.
+    /// Send heartbeats, follow the build the server serves, and run the server's backup plans on schedule.
     Run {
-        /// One heartbeat (and update if needed), then exit.
+        /// One heartbeat (and update if needed), the backup config sync and the run-now requests it carries, then
+        /// deliver every queued report and exit. No scheduled runs.
         #[arg(long)]
         once: bool,
     },
@@ -70,7 +74,8 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
-    /// Show this agent's build, identity and whether it matches the served build.
+    /// Show this agent's build, identity, backups (restic, plans, next runs, queued reports) and whether it matches
+    /// the served build.
     Status,
 }
 
@@ -81,9 +86,9 @@ fn main() -> ExitCode {
         Command::Enroll { server, token, cacert, insecure, pin, allow_plain_http, force } => {
             commands::enroll(&server, &token, &config, Tls { cacert, insecure, pin, allow_plain_http }, force)
         }
-        Command::Run { once } => commands::run(&config, once),
+        Command::Run { once } => commands::run(&config, once, cli.restic),
         Command::Update { check } => commands::update(&config, check),
-        Command::Status => commands::status(&config),
+        Command::Status => commands::status(&config, cli.restic.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 use std::time::Duration;
 
+use rm_protocol::backup::{AgentConfigBody, LeaseGranted, LeaseRequest, ReportAck, ReportBatch};
 use rm_protocol::validate::sanitize_hostname;
 use rm_protocol::{
     EnrollRequest, EnrollResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse, HostFacts, Manifest, Platform,
@@ -395,6 +396,56 @@ impl Client {
         Self::check(&url, response)?.body_mut().read_json().map_err(Self::network(&url))
     }
 
+    /// `GET /api/v1/agents/config`: the plans and repositories (with their secrets) this agent runs.
+    pub fn agent_config(&self, credential: &str) -> Result<AgentConfigBody, AgentError> {
+        let url = self.url("/api/v1/agents/config")?;
+        let response =
+            self.send(&url, |http| http.get(&url).header("authorization", format!("Bearer {credential}")).call())?;
+        Self::check(&url, response)?.body_mut().read_json().map_err(Self::network(&url))
+    }
+
+    /// `POST /api/v1/agents/reports`: a batch of operation reports, all stored (or already stored) on a 200.
+    pub fn post_reports(&self, credential: &str, batch: &ReportBatch) -> Result<ReportAck, AgentError> {
+        let url = self.url("/api/v1/agents/reports")?;
+        let response = self.send(&url, |http| {
+            http.post(&url).header("authorization", format!("Bearer {credential}")).send_json(batch)
+        })?;
+        Self::check(&url, response)?.body_mut().read_json().map_err(Self::network(&url))
+    }
+
+    /// `POST /api/v1/agents/leases`: takes or renews a repository's run lease. A 409 `repository_busy` is
+    /// [`Lease::Busy`] with the server's `retry_after_secs` (default 30 s when it names none).
+    pub fn take_lease(&self, credential: &str, request: &LeaseRequest) -> Result<Lease, AgentError> {
+        let url = self.url("/api/v1/agents/leases")?;
+        let mut response = self.send(&url, |http| {
+            http.post(&url).header("authorization", format!("Bearer {credential}")).send_json(request)
+        })?;
+        if response.status().as_u16() == 409 {
+            let body: Option<ErrorBody> = response.body_mut().read_json().ok();
+            if let Some(body) = body.filter(|b| b.error == "repository_busy") {
+                return Ok(Lease::Busy { retry_after_secs: retry_after(&body).unwrap_or(30) });
+            }
+            return Err(AgentError::Server {
+                status: 409,
+                code: "unknown".into(),
+                message: format!("unexpected answer from {}", crate::printable(&url)),
+            });
+        }
+        Self::check(&url, response)?.body_mut().read_json().map(Lease::Granted).map_err(Self::network(&url))
+    }
+
+    /// `DELETE /api/v1/agents/leases/{repository}?operation_id=`: gives the lease back.
+    pub fn release_lease(&self, credential: &str, repository: &str, operation_id: &str) -> Result<(), AgentError> {
+        let url = self.url(&format!(
+            "/api/v1/agents/leases/{}?operation_id={}",
+            percent_encode(repository),
+            percent_encode(operation_id)
+        ))?;
+        let response =
+            self.send(&url, |http| http.delete(&url).header("authorization", format!("Bearer {credential}")).call())?;
+        Self::check(&url, response).map(drop)
+    }
+
     /// The published manifest entry for one platform. The credential is sent because a server started with
     /// `--require-download-auth` answers 401 without it.
     pub fn served_build(&self, platform: Platform, credential: &str) -> Result<Option<PlatformEntry>, AgentError> {
@@ -452,6 +503,36 @@ impl Client {
         }
         Ok(done)
     }
+}
+
+/// The answer to a lease request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lease {
+    Granted(LeaseGranted),
+    /// Another agent runs restic on the repository; ask again after this long.
+    Busy {
+        retry_after_secs: u64,
+    },
+}
+
+/// `retry_after_secs` of an error body: a top-level detail (the protocol's flattened details), or inside `details`.
+fn retry_after(body: &ErrorBody) -> Option<u64> {
+    let top = body.details.get("retry_after_secs");
+    let nested = body.details.get("details").and_then(|d| d.get("retry_after_secs"));
+    top.or(nested).and_then(serde_json::Value::as_u64)
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters (a path segment or a query value).
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -512,6 +593,20 @@ mod tests {
         // Refused before any connection: a name that cannot resolve fails on the gate, not on DNS.
         let e = Client::new("http://rm.invalid:1", &Trust::System, Some(false)).err().unwrap().to_string();
         assert!(e.contains("refusing plain http"), "{e}");
+    }
+
+    #[test]
+    fn lease_details_and_encoding() {
+        let top: ErrorBody =
+            serde_json::from_str(r#"{"error":"repository_busy","message":"m","retry_after_secs":7}"#).unwrap();
+        assert_eq!(retry_after(&top), Some(7));
+        let nested: ErrorBody =
+            serde_json::from_str(r#"{"error":"repository_busy","message":"m","details":{"retry_after_secs":9}}"#)
+                .unwrap();
+        assert_eq!(retry_after(&nested), Some(9));
+        assert_eq!(retry_after(&ErrorBody::new("repository_busy", "m")), None);
+        assert_eq!(percent_encode("repo-1_a.b~"), "repo-1_a.b~");
+        assert_eq!(percent_encode("a b/c?d"), "a%20b%2Fc%3Fd");
     }
 
     #[test]

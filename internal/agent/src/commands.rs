@@ -1,20 +1,24 @@
 //! The agent's subcommands.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::AgentError;
-use rm_protocol::{HeartbeatRequest, HostFacts, PROTOCOL_VERSION};
+use rm_protocol::backup::ResticInfo;
+use rm_protocol::{HeartbeatRequest, HeartbeatResponse, HostFacts, PROTOCOL_VERSION};
 
 use crate::anchor;
+use crate::backups::{self, Backups, Stop};
 use crate::client::{Client, Trust, check_plain_http, host_facts, host_platform};
 use crate::config::{self, AgentConfig};
 use crate::state::{self, AgentState, FailedUpdate};
 use crate::update::{self, Outcome};
 
-fn log(message: impl std::fmt::Display) {
-    eprintln!("restic-manager-agent: {message}");
-}
+use crate::log;
+
+/// How long `run --once` tries to deliver the reports of its runs before it fails.
+const ONCE_FLUSH: Duration = Duration::from_secs(20);
 
 /// Options shared by the commands that talk to a server.
 #[derive(Default)]
@@ -130,7 +134,7 @@ impl Loop {
         }
     }
 
-    fn request(&mut self, facts: &HostFacts, own_sha: &str) -> HeartbeatRequest {
+    fn request(&mut self, facts: &HostFacts, own_sha: &str, backups: &Extras) -> HeartbeatRequest {
         self.seq += 1;
         HeartbeatRequest {
             protocol: PROTOCOL_VERSION,
@@ -138,31 +142,50 @@ impl Loop {
             binary_sha256: Some(own_sha.to_string()),
             last_update_error: self.last_update_error(),
             seq: self.seq,
-            restic: None,
-            config_revision: None,
+            restic: backups.0.clone(),
+            config_revision: backups.1,
         }
     }
 }
 
-/// One heartbeat, and a self-update if the server serves a different build. Returns the next interval and whether
-/// the binary was replaced (the caller restarts then).
-fn beat(
-    client: &Client,
-    config: &AgentConfig,
-    facts: &HostFacts,
-    exe: &Path,
-    state: &mut Loop,
-) -> Result<(Duration, bool), AgentError> {
-    let own_sha = crate::sha256_file(exe)?;
-    let answer = client.heartbeat(&config.credential, &state.request(facts, &own_sha))?;
+/// What heartbeats say about backups: the host's restic and the applied config revision.
+type Extras = (Option<ResticInfo>, Option<u64>);
+
+/// What every heartbeat is sent with.
+struct Peer<'a> {
+    client: &'a Client,
+    config: &'a AgentConfig,
+    facts: &'a HostFacts,
+    exe: &'a Path,
+}
+
+/// One heartbeat, and a self-update if the server serves a different build. Returns the answer, the next interval
+/// and whether the binary was replaced (the caller restarts then).
+fn beat(peer: &Peer<'_>, state: &mut Loop, extras: &Extras) -> Result<(HeartbeatResponse, Duration, bool), AgentError> {
+    let own_sha = crate::sha256_file(peer.exe)?;
+    let answer = peer.client.heartbeat(&peer.config.credential, &state.request(peer.facts, &own_sha, extras))?;
     let interval = Duration::from_secs(answer.heartbeat_interval_secs.clamp(1, 24 * 3600));
-    let Some(served) = answer.update else { return Ok((interval, false)) };
+    let updated = self_update(peer, state, extras, &answer, &own_sha)?;
+    Ok((answer, interval, updated))
+}
+
+/// Installs the build a heartbeat answer names, unless it is this one or was refused before; true if the binary was
+/// replaced.
+fn self_update(
+    peer: &Peer<'_>,
+    state: &mut Loop,
+    extras: &Extras,
+    answer: &HeartbeatResponse,
+    own_sha: &str,
+) -> Result<bool, AgentError> {
+    let Peer { client, config, facts, exe } = *peer;
+    let Some(served) = answer.update.clone() else { return Ok(false) };
     let Some(served_sha) = served.sha256.as_deref().map(str::to_ascii_lowercase) else {
-        return Ok((interval, false));
+        return Ok(false);
     };
     let failed_sha = state.saved.failed_update.as_ref().map(|f| f.sha256.clone());
     if failed_sha.as_deref() == Some(served_sha.as_str()) {
-        return Ok((interval, false)); // refused before: not again until the server serves another build
+        return Ok(false); // refused before: not again until the server serves another build
     }
     if let Some(failed) = failed_sha {
         // The server moved on from the build that failed: that failure no longer describes anything.
@@ -173,16 +196,16 @@ fn beat(
         state.remember(None);
     }
     if served_sha == own_sha {
-        return Ok((interval, false));
+        return Ok(false);
     }
     let shown = crate::printable(&served_sha);
     log(format_args!("update found: the server serves a different build ({shown}); updating"));
     match update::apply(client, Some(&config.credential), &served, exe, false) {
         Ok(Outcome::Updated { previous, version }) => {
             log(format_args!("updated to {version}; previous binary kept at {}", previous.display()));
-            Ok((interval, true))
+            Ok(true)
         }
-        Ok(Outcome::UpToDate) => Ok((interval, false)),
+        Ok(Outcome::UpToDate) => Ok(false),
         Err(e) => {
             log(format_args!(
                 "update refused, keeping the running agent (not retried until the server serves another build): {e}"
@@ -190,8 +213,8 @@ fn beat(
             state.remember(Some(FailedUpdate { sha256: served_sha, error: format!("update to {shown} failed: {e}") }));
             // Tell the server now rather than at the next heartbeat (which `run --once` never sends). If this one
             // does not get through, the next heartbeat carries the error anyway.
-            let _ = client.heartbeat(&config.credential, &state.request(facts, &own_sha));
-            Ok((interval, false))
+            let _ = client.heartbeat(&config.credential, &state.request(facts, own_sha, extras));
+            Ok(false)
         }
     }
 }
@@ -258,10 +281,12 @@ impl Link {
     }
 }
 
-/// `run`: heartbeats forever (or once), with backoff on errors and self-update on a new served build.
-pub fn run(config_path: &Path, once: bool) -> Result<(), AgentError> {
+/// `run`: heartbeats forever (or once), with backoff on errors and self-update on a new served build; backups on the
+/// server's plans (see [`crate::backups`]). SIGTERM/SIGINT (Ctrl-C, console close on Windows) cancel running backups,
+/// flush the report outbox for up to 5 s and return.
+pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<(), AgentError> {
     let config = config::load(config_path)?;
-    let client = client_for(config_path, &config)?;
+    let client = Arc::new(client_for(config_path, &config)?);
     let facts = host_facts()?;
     let exe = update::current_exe()?;
     let state_path = state::path_for(config_path);
@@ -284,19 +309,60 @@ pub fn run(config_path: &Path, once: bool) -> Result<(), AgentError> {
             crate::printable(&failed.sha256)
         ));
     }
+    let stop = Arc::new(Stop::default());
+    {
+        let stop = stop.clone();
+        // A second signal while stopping exits at once.
+        let handler = ctrlc::set_handler(move || {
+            if stop.is_stopped() {
+                std::process::exit(130);
+            }
+            stop.stop();
+        });
+        if let Err(e) = handler {
+            log(format_args!("cannot handle SIGTERM/SIGINT ({e}); stopping will not be graceful"));
+        }
+    }
+    let server = backups::Authenticated { client: client.clone(), credential: config.credential.clone() };
+    let settings = backups::Settings {
+        config_path: config_path.to_path_buf(),
+        agent_id: config.agent_id.clone(),
+        hostname: facts.hostname.clone(),
+        restic,
+    };
+    let backups = Backups::start(Arc::new(server), settings)?;
+    if !once {
+        backups.start_scheduler();
+    }
+    let stopped = |backups: &Backups| {
+        log("stopping");
+        backups.shutdown();
+        log("stopped");
+        Ok(())
+    };
     loop {
-        let wait = match beat(&client, &config, &facts, &exe, &mut state) {
-            Ok((_, true)) => return restart(&exe),
-            Ok((interval, false)) => {
+        if stop.is_stopped() {
+            return stopped(&backups);
+        }
+        let extras = backups.heartbeat_fields();
+        let peer = Peer { client: &client, config: &config, facts: &facts, exe: &exe };
+        let wait = match beat(&peer, &mut state, &extras) {
+            Ok((_, _, true)) => {
+                backups.shutdown();
+                return restart(&exe);
+            }
+            Ok((answer, interval, false)) => {
                 backoff = Duration::from_secs(1);
+                backups.on_answer(&answer);
                 if once {
-                    return Ok(());
+                    return finish_once(&backups, &stop);
                 }
                 link.answered(interval);
                 jitter(interval)
             }
             Err(e) => {
                 if once {
+                    backups.close();
                     return Err(e);
                 }
                 link.failed(&e, backoff);
@@ -305,8 +371,24 @@ pub fn run(config_path: &Path, once: bool) -> Result<(), AgentError> {
                 wait
             }
         };
-        std::thread::sleep(wait);
+        if stop.wait(wait) {
+            return stopped(&backups);
+        }
     }
+}
+
+/// `run --once` after its heartbeat: waits for the run-now requests it started, then delivers every queued report
+/// (failing if it cannot). A stop signal cancels the runs instead.
+fn finish_once(backups: &Backups, stop: &Stop) -> Result<(), AgentError> {
+    while !backups.wait_runs(Some(Duration::from_millis(200))) {
+        if stop.is_stopped() {
+            backups.shutdown();
+            return Ok(());
+        }
+    }
+    let flushed = backups.flush(ONCE_FLUSH);
+    backups.close();
+    flushed
 }
 
 /// After a successful self-update: under systemd (or another supervisor that sets INVOCATION_ID) exit with 75 so
@@ -360,8 +442,9 @@ pub fn update(config_path: &Path, check: bool) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// `status`: this binary, its identity, and whether it matches what the server serves.
-pub fn status(config_path: &Path) -> Result<(), AgentError> {
+/// `status`: this binary, its identity, its backups (restic, config revision, plans and their next run, queued
+/// reports), and whether it matches what the server serves.
+pub fn status(config_path: &Path, restic: Option<&Path>) -> Result<(), AgentError> {
     let exe = update::current_exe()?;
     let own = crate::sha256_file(&exe)?;
     println!("{}", rm_buildinfo::version_text("restic-manager-agent"));
@@ -375,6 +458,9 @@ pub fn status(config_path: &Path) -> Result<(), AgentError> {
             "last update error: {} (not retried until the server serves another build)",
             crate::printable(&failed.error)
         );
+    }
+    for line in backups::status_lines(config_path, restic, &config.agent_id) {
+        println!("{line}");
     }
     let platform = host_platform()?;
     match client_for(config_path, &config)?.served_build(platform, &config.credential) {

@@ -6,15 +6,23 @@
 //! * [`update`]: verified self-update: download beside the executable, check size and SHA-256, smoke-run
 //!   `--version`, keep the previous binary, swap atomically.
 //! * [`state`]: what `run` remembers between runs (the last failed self-update), next to the config.
+//! * [`restic`]: the host's restic: detection and one backup.
+//! * [`backups`]: backup config sync, schedules, runs, leases and the report outbox.
 //! * [`commands`]: `enroll`, `run`, `update`, `status`.
 
 pub mod anchor;
+pub mod backups;
 pub mod client;
 pub mod commands;
 pub mod config;
 pub mod restic;
 pub mod state;
 pub mod update;
+
+/// One line on stderr, the agent's log.
+pub(crate) fn log(message: impl std::fmt::Display) {
+    eprintln!("restic-manager-agent: {message}");
+}
 
 /// Everything that can go wrong, with messages written for the operator reading them.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,1105 @@
+//! Backups on the agent: the server's plans applied and kept on disk, schedules fired here (so backups run while the
+//! server is down), run-now requests run at most once, one restic per repository, and every run reported.
+//!
+//! * [`store`]: `backup-config.json`, `run-now.json`, `open-operations.json` beside the agent config, and operation
+//!   ids.
+//! * [`scheduler`]: next firings with the per-host jitter offset, catch-up after downtime, `schedule-state.json`.
+//! * [`outbox`]: final reports on disk until the server has them; `running`/progress reports in memory.
+//! * [`runner`]: one operation: plan slot, repository lock, server lease, restic, final report.
+//!
+//! [`Backups`] ties them together for `commands::run`: [`Backups::heartbeat_fields`] for each heartbeat,
+//! [`Backups::on_answer`] for each answer (config sync, run-now), the scheduler thread, and shutdown.
+
+pub mod outbox;
+pub mod runner;
+pub mod scheduler;
+pub mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rm_protocol::HeartbeatResponse;
+use rm_protocol::backup::{
+    AgentConfigBody, AgentPlan, AgentRepository, FailureReason, LeaseRequest, OperationReport, OperationStatus,
+    ReportAck, ReportBatch, ResticInfo, RunNow, Trigger,
+};
+
+use crate::AgentError;
+use crate::client::{Client, Lease};
+use crate::restic::{self, Cancel, Restic};
+use outbox::Outbox;
+use runner::Operation;
+use scheduler::ScheduleState;
+use store::{Accepted, OpenOperations, Paths};
+
+/// How often restic is looked for again while it works (a failed detection is retried before every run).
+pub const DETECT_EVERY: Duration = Duration::from_secs(600);
+/// On shutdown: how long running backups get to stop and be reported, and how long the outbox gets to flush.
+const SHUTDOWN_RUNS: Duration = Duration::from_secs(30);
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(5);
+
+/// The server's backup endpoints, as the agent uses them (a trait so tests can stand in for the server).
+pub trait Server: Send + Sync {
+    fn agent_config(&self) -> Result<AgentConfigBody, AgentError>;
+    fn post_reports(&self, batch: &ReportBatch) -> Result<ReportAck, AgentError>;
+    fn take_lease(&self, request: &LeaseRequest) -> Result<Lease, AgentError>;
+    fn release_lease(&self, repository: &str, operation_id: &str) -> Result<(), AgentError>;
+}
+
+/// The real server: the agent's client and credential.
+pub struct Authenticated {
+    pub client: Arc<Client>,
+    pub credential: String,
+}
+
+impl Server for Authenticated {
+    fn agent_config(&self) -> Result<AgentConfigBody, AgentError> {
+        self.client.agent_config(&self.credential)
+    }
+    fn post_reports(&self, batch: &ReportBatch) -> Result<ReportAck, AgentError> {
+        self.client.post_reports(&self.credential, batch)
+    }
+    fn take_lease(&self, request: &LeaseRequest) -> Result<Lease, AgentError> {
+        self.client.take_lease(&self.credential, request)
+    }
+    fn release_lease(&self, repository: &str, operation_id: &str) -> Result<(), AgentError> {
+        self.client.release_lease(&self.credential, repository, operation_id)
+    }
+}
+
+/// A stop request that sleepers notice at once (the heartbeat loop waits on it instead of `thread::sleep`).
+#[derive(Default)]
+pub struct Stop {
+    stopped: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Stop {
+    pub fn stop(&self) {
+        *lock(&self.stopped) = true;
+        self.cv.notify_all();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        *lock(&self.stopped)
+    }
+
+    /// Sleeps up to `d`; true if stopped (at once when already stopped).
+    pub fn wait(&self, d: Duration) -> bool {
+        let guard = lock(&self.stopped);
+        let (guard, _) = self.cv.wait_timeout_while(guard, d, |s| !*s).unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What `run` needs to know to run backups.
+pub struct Settings {
+    pub config_path: PathBuf,
+    pub agent_id: String,
+    /// restic's `--host`: the host name the agent enrolled with.
+    pub hostname: String,
+    /// `--restic`; `None`: `restic` on `PATH`.
+    pub restic: Option<PathBuf>,
+}
+
+struct Detection {
+    result: Result<Restic, String>,
+    at: Instant,
+}
+
+/// A run holding (or waiting for) a plan's slot.
+struct Claim {
+    id: String,
+    cancel: Cancel,
+    /// The plan and repository the run uses, once it has read them: a config that changes either cancels it.
+    uses: Option<(AgentPlan, AgentRepository)>,
+    /// Why it was cancelled, for its report.
+    reason: Option<String>,
+}
+
+impl Claim {
+    fn new(id: &str, cancel: &Cancel) -> Claim {
+        Claim { id: id.to_string(), cancel: cancel.clone(), uses: None, reason: None }
+    }
+
+    fn cancel(&mut self, reason: &str) {
+        if self.reason.is_none() {
+            self.reason = Some(reason.to_string());
+        }
+        self.cancel.cancel();
+    }
+}
+
+/// A plan runs once at a time; one run-now request may wait for the current run.
+#[derive(Default)]
+struct Slot {
+    running: Option<Claim>,
+    waiting: Option<Claim>,
+}
+
+pub(crate) enum Claimed {
+    Run,
+    /// Not run: the plan is busy with this operation.
+    Busy(String),
+    /// Cancelled while waiting, with the reason.
+    Cancelled(String),
+}
+
+pub(crate) struct Inner {
+    server: Arc<dyn Server>,
+    paths: Paths,
+    agent_id: String,
+    hostname: String,
+    restic_path: Option<PathBuf>,
+    restic: Mutex<Detection>,
+    config: Mutex<Option<AgentConfigBody>>,
+    slots: Mutex<HashMap<String, Slot>>,
+    slots_cv: Condvar,
+    repositories: Mutex<HashSet<String>>,
+    repositories_cv: Condvar,
+    outbox: Arc<Outbox>,
+    accepted: Mutex<Accepted>,
+    open: Mutex<OpenOperations>,
+    schedule: Mutex<ScheduleState>,
+    poke: Mutex<bool>,
+    poke_cv: Condvar,
+    stopping: AtomicBool,
+    active: Mutex<usize>,
+    active_cv: Condvar,
+    /// Whether "cannot take leases" was logged (cleared when a lease is granted again).
+    lease_unreachable: AtomicBool,
+    /// The last config fetch error logged (each different error once).
+    config_error: Mutex<Option<String>>,
+    started: DateTime<Utc>,
+}
+
+const STOPPING: &str = "the agent is stopping";
+
+impl Inner {
+    fn applied_revision(&self) -> Option<u64> {
+        lock(&self.config).as_ref().map(|c| c.revision)
+    }
+
+    fn plans(&self) -> Option<Vec<AgentPlan>> {
+        lock(&self.config).as_ref().map(|c| c.plans.clone())
+    }
+
+    fn knows(&self, plan: &str) -> bool {
+        lock(&self.config).as_ref().is_some_and(|c| c.plans.iter().any(|p| p.name == plan))
+    }
+
+    /// Records a started operation on disk (so a crash still ends it with a report).
+    fn open_operation(&self, report: &OperationReport) {
+        let mut open = lock(&self.open);
+        open.operations.insert(report.id.clone(), report.clone());
+        if let Err(e) = store::save_json(&self.paths.open_operations(), &*open) {
+            crate::log(format_args!("cannot record the running operation {}: {e}", report.id));
+        }
+    }
+
+    /// Queues the final report durably, then forgets the operation as open.
+    fn finish_operation(&self, report: &OperationReport) {
+        if let Err(e) = self.outbox.push(report) {
+            crate::log(format_args!(
+                "cannot queue the report of operation {} on disk ({e}); sending it from memory only",
+                report.id
+            ));
+            self.outbox.set_live(report.clone());
+        }
+        let mut open = lock(&self.open);
+        if open.operations.remove(&report.id).is_some() {
+            if let Err(e) = store::save_json(&self.paths.open_operations(), &*open) {
+                crate::log(format_args!("cannot update {}: {e}", self.paths.open_operations().display()));
+            }
+        }
+    }
+
+    /// Takes the plan's slot. `may_wait`: wait (cancellably) for the current run instead of being skipped.
+    fn claim(&self, plan: &str, id: &str, cancel: &Cancel, may_wait: bool) -> Claimed {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Claimed::Cancelled(STOPPING.into());
+        }
+        let mut slots = lock(&self.slots);
+        let slot = slots.entry(plan.to_string()).or_default();
+        let Some(running) = &slot.running else {
+            slot.running = Some(Claim::new(id, cancel));
+            return Claimed::Run;
+        };
+        if let Some(waiting) = &slot.waiting {
+            return Claimed::Busy(waiting.id.clone());
+        }
+        if !may_wait {
+            return Claimed::Busy(running.id.clone());
+        }
+        slot.waiting = Some(Claim::new(id, cancel));
+        loop {
+            slots = self.slots_cv.wait_timeout(slots, Duration::from_secs(1)).unwrap_or_else(|p| p.into_inner()).0;
+            let slot = slots.get_mut(plan).expect("slots are never removed");
+            if cancel.is_cancelled() || self.stopping.load(Ordering::SeqCst) {
+                let reason = slot.waiting.take().and_then(|c| c.reason);
+                return Claimed::Cancelled(reason.unwrap_or_else(|| STOPPING.into()));
+            }
+            if slot.running.is_none() {
+                slot.running = slot.waiting.take();
+                return Claimed::Run;
+            }
+        }
+    }
+
+    fn release(&self, plan: &str, id: &str) {
+        let mut slots = lock(&self.slots);
+        if let Some(slot) = slots.get_mut(plan) {
+            if slot.running.as_ref().is_some_and(|c| c.id == id) {
+                slot.running = None;
+            }
+        }
+        drop(slots);
+        self.slots_cv.notify_all();
+    }
+
+    fn cancel_reason(&self, plan: &str, id: &str) -> Option<String> {
+        let slots = lock(&self.slots);
+        let slot = slots.get(plan)?;
+        [&slot.running, &slot.waiting].into_iter().flatten().find(|c| c.id == id).and_then(|c| c.reason.clone())
+    }
+
+    /// The plan and repository a claimed run uses, remembered in its slot (a later config that changes them cancels
+    /// the run).
+    fn snapshot_plan(&self, plan: &str, id: &str) -> Option<(AgentPlan, AgentRepository)> {
+        let config = lock(&self.config);
+        let uses = effective(config.as_ref()?, plan)?;
+        let mut slots = lock(&self.slots);
+        if let Some(claim) = slots.get_mut(plan).and_then(|s| s.running.as_mut()).filter(|c| c.id == id) {
+            claim.uses = Some(uses.clone());
+        }
+        Some(uses)
+    }
+
+    /// restic for a run: detected again first if the last detection failed.
+    fn restic_for_run(&self) -> Result<Restic, String> {
+        let mut d = lock(&self.restic);
+        if d.result.is_err() {
+            self.detect(&mut d);
+        }
+        d.result.clone()
+    }
+
+    fn detect(&self, d: &mut Detection) {
+        let result = restic::detect(self.restic_path.as_deref());
+        if result != d.result {
+            match &result {
+                Ok(r) => crate::log(format_args!("restic {} found at {}", r.version, r.path.display())),
+                Err(e) => crate::log(format_args!(
+                    "restic unavailable: {}; backups fail until it is installed (looked for again before each run)",
+                    crate::printable(e)
+                )),
+            }
+        }
+        *d = Detection { result, at: Instant::now() };
+    }
+
+    /// Waits (cancellably) until no other run of this agent uses `repository`, then holds it.
+    fn lock_repository(&self, repository: &str, cancel: &Cancel) -> bool {
+        let mut held = lock(&self.repositories);
+        let mut said = false;
+        loop {
+            if cancel.is_cancelled() {
+                return false;
+            }
+            if held.insert(repository.to_string()) {
+                return true;
+            }
+            if !said {
+                crate::log(format_args!(
+                    "repository {} is in use by another run of this agent; waiting",
+                    crate::printable(repository)
+                ));
+                said = true;
+            }
+            held = self
+                .repositories_cv
+                .wait_timeout(held, Duration::from_millis(500))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn unlock_repository(&self, repository: &str) {
+        lock(&self.repositories).remove(repository);
+        self.repositories_cv.notify_all();
+    }
+
+    /// Applies a backup config: saved first (when it came from the server), runs of changed or removed plans
+    /// cancelled, schedules brought in line.
+    fn apply(&self, config: AgentConfigBody, save: bool) {
+        let mut current = lock(&self.config);
+        if save {
+            if let Err(e) = store::save_config(&self.paths, &config) {
+                crate::log(format_args!("cannot save the backup config (applied in memory only): {e}"));
+            }
+        }
+        for plan in &config.plans {
+            let name = crate::printable(&plan.name);
+            if let Err(e) = rm_protocol::schedule::Schedule::parse(&plan.schedule) {
+                crate::log(format_args!("plan {name} is never scheduled: {}", crate::printable(&e)));
+            }
+            if !config.repositories.iter().any(|r| r.name == plan.repository) {
+                crate::log(format_args!(
+                    "plan {name} names repository {}, which the config does not contain; its runs fail",
+                    crate::printable(&plan.repository)
+                ));
+            }
+        }
+        {
+            let mut slots = lock(&self.slots);
+            for (name, slot) in slots.iter_mut() {
+                let now = effective(&config, name);
+                let why = if now.is_none() {
+                    "the plan was removed from this agent's backup config"
+                } else {
+                    "the plan was changed; the next run uses its new settings"
+                };
+                if let Some(c) = slot.running.as_mut() {
+                    if c.uses.as_ref().is_some_and(|used| now.as_ref() != Some(used)) {
+                        c.cancel(why);
+                    }
+                }
+                if let (None, Some(w)) = (&now, slot.waiting.as_mut()) {
+                    w.cancel(why);
+                }
+            }
+        }
+        let revision = config.revision;
+        let count = config.plans.len();
+        let plans = config.plans.clone();
+        *current = Some(config);
+        drop(current);
+        let mut schedule = lock(&self.schedule);
+        if schedule.reconcile(&plans, Utc::now()) {
+            self.save_schedule(&schedule);
+        }
+        drop(schedule);
+        *lock(&self.config_error) = None;
+        crate::log(format_args!("backup config revision {revision} applied: {count} plan(s)"));
+        self.wake_scheduler();
+    }
+
+    fn save_schedule(&self, schedule: &ScheduleState) {
+        if let Err(e) = store::save_json(&self.paths.schedule_state(), schedule) {
+            crate::log(format_args!("cannot save the schedule state: {e}"));
+        }
+    }
+
+    /// Fetches and applies the server's backup config; false (logged once per distinct error) if it cannot.
+    fn sync_config(&self) -> bool {
+        match self.server.agent_config() {
+            Ok(config) => {
+                self.apply(config, true);
+                true
+            }
+            Err(e) => {
+                let text = e.to_string();
+                let mut last = lock(&self.config_error);
+                if last.as_deref() != Some(text.as_str()) {
+                    crate::log(format_args!("cannot fetch the backup config (kept the applied one): {text}"));
+                    *last = Some(text);
+                }
+                false
+            }
+        }
+    }
+
+    fn wake_scheduler(&self) {
+        *lock(&self.poke) = true;
+        self.poke_cv.notify_all();
+    }
+
+    fn sleep_scheduler(&self, d: Duration) {
+        let guard = lock(&self.poke);
+        let (mut guard, _) = self
+            .poke_cv
+            .wait_timeout_while(guard, d, |poked| !*poked && !self.stopping.load(Ordering::SeqCst))
+            .unwrap_or_else(|p| p.into_inner());
+        *guard = false;
+    }
+}
+
+/// The plan named `plan` in `config` and its repository.
+fn effective(config: &AgentConfigBody, plan: &str) -> Option<(AgentPlan, AgentRepository)> {
+    let p = config.plans.iter().find(|p| p.name == plan)?;
+    let r = config.repositories.iter().find(|r| r.name == p.repository)?;
+    Some((p.clone(), r.clone()))
+}
+
+struct ActiveGuard<'a>(&'a Inner);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.active) -= 1;
+        self.0.active_cv.notify_all();
+    }
+}
+
+fn spawn_run(inner: &Arc<Inner>, plan: String, trigger: Trigger, op: Option<Operation>) {
+    *lock(&inner.active) += 1;
+    let runner = inner.clone();
+    let spawned = std::thread::Builder::new().name(format!("run-{plan}")).spawn(move || {
+        let _active = ActiveGuard(&runner);
+        runner::run(&runner, &plan, trigger, op);
+    });
+    if let Err(e) = spawned {
+        *lock(&inner.active) -= 1;
+        crate::log(format_args!("cannot start a run thread: {e}"));
+    }
+}
+
+/// The agent's backup machinery while `run` runs.
+pub struct Backups {
+    inner: Arc<Inner>,
+    sender: Mutex<Option<JoinHandle<()>>>,
+    scheduler: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Backups {
+    /// Loads what is on disk (applied config, schedule state, accepted run-now ids, queued reports), ends operations
+    /// a previous process left running with a `failed` report, detects restic and starts the report sender.
+    pub fn start(server: Arc<dyn Server>, settings: Settings) -> Result<Backups, AgentError> {
+        let paths = Paths::for_config(&settings.config_path);
+        let outbox = Arc::new(Outbox::open(&paths.outbox())?);
+        let or_default = |what: &str, e: AgentError| {
+            crate::log(format_args!("ignoring the saved {what}: {e}"));
+        };
+        let accepted = Accepted::load(&paths).unwrap_or_else(|e| {
+            or_default("run-now ids", e);
+            Accepted::default()
+        });
+        let schedule: ScheduleState = store::load_json(&paths.schedule_state())
+            .unwrap_or_else(|e| {
+                or_default("schedule state", e);
+                None
+            })
+            .unwrap_or_default();
+        let open: OpenOperations = store::load_json(&paths.open_operations())
+            .unwrap_or_else(|e| {
+                or_default("open operations", e);
+                None
+            })
+            .unwrap_or_default();
+        let saved = store::load_config(&paths).unwrap_or_else(|e| {
+            or_default("backup config", e);
+            None
+        });
+        let inner = Arc::new(Inner {
+            server,
+            paths,
+            agent_id: settings.agent_id,
+            hostname: settings.hostname,
+            restic_path: settings.restic,
+            restic: Mutex::new(Detection { result: Err("not looked for yet".into()), at: Instant::now() }),
+            config: Mutex::new(None),
+            slots: Mutex::new(HashMap::new()),
+            slots_cv: Condvar::new(),
+            repositories: Mutex::new(HashSet::new()),
+            repositories_cv: Condvar::new(),
+            outbox,
+            accepted: Mutex::new(accepted),
+            open: Mutex::new(OpenOperations::default()),
+            schedule: Mutex::new(schedule),
+            poke: Mutex::new(false),
+            poke_cv: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            active: Mutex::new(0),
+            active_cv: Condvar::new(),
+            lease_unreachable: AtomicBool::new(false),
+            config_error: Mutex::new(None),
+            started: Utc::now(),
+        });
+        // Operations a killed agent left running end now, with a report saying so.
+        for (_, mut report) in open.operations {
+            let started = report.started_at;
+            report.status = OperationStatus::Failed;
+            report.reason = Some(FailureReason::Other);
+            report.message =
+                Some("the agent stopped before this run finished (killed, crashed or the host went down)".into());
+            report.progress = None;
+            report.finished_at = Some(runner::now_secs().max(started));
+            crate::log(format_args!(
+                "operation {} of plan {} was interrupted; reported failed",
+                report.id,
+                crate::printable(&report.plan)
+            ));
+            inner.finish_operation(&report);
+        }
+        if inner.paths.open_operations().exists() {
+            let _ = store::save_json(&inner.paths.open_operations(), &OpenOperations::default());
+        }
+        {
+            let mut d = lock(&inner.restic);
+            inner.detect(&mut d);
+        }
+        if let Some(config) = saved {
+            inner.apply(config, false);
+        }
+        let sender = {
+            let inner = inner.clone();
+            std::thread::Builder::new()
+                .name("report-sender".into())
+                .spawn(move || inner.outbox.run_sender(&*inner.server))
+                .map_err(AgentError::io("starting the report sender"))?
+        };
+        Ok(Backups { inner, sender: Mutex::new(Some(sender)), scheduler: Mutex::new(None) })
+    }
+
+    /// What each heartbeat says about backups: the host's restic (detected again every [`DETECT_EVERY`]) and the
+    /// applied config revision.
+    pub fn heartbeat_fields(&self) -> (Option<ResticInfo>, Option<u64>) {
+        let info = {
+            let mut d = lock(&self.inner.restic);
+            if d.at.elapsed() >= DETECT_EVERY {
+                self.inner.detect(&mut d);
+            }
+            restic::info(&d.result)
+        };
+        (Some(info), self.inner.applied_revision())
+    }
+
+    /// Acts on a heartbeat answer: fetches the config when its revision moved, starts the run-now requests.
+    pub fn on_answer(&self, answer: &HeartbeatResponse) {
+        if let Some(revision) = answer.config_revision {
+            if self.inner.applied_revision() != Some(revision) {
+                self.inner.sync_config();
+            }
+        }
+        for request in &answer.run_now {
+            self.run_now(request);
+        }
+    }
+
+    /// A run-now request: accepted once (recorded on disk first), reported `running` at once, then run on its own
+    /// thread with the same plan and repository rules as scheduled runs.
+    fn run_now(&self, request: &RunNow) {
+        let inner = &self.inner;
+        if inner.stopping.load(Ordering::SeqCst) {
+            return; // not accepted: the server repeats it to the next process
+        }
+        let id = &request.operation_id;
+        if !valid_operation_id(id) {
+            crate::log(format_args!(
+                "ignoring a run-now request with an invalid operation id {}",
+                crate::printable(id)
+            ));
+            return;
+        }
+        let accepted = lock(&inner.accepted).accept(&inner.paths, id);
+        match accepted {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                crate::log(format_args!("cannot record run-now operation {id} ({e}); not running it"));
+                return;
+            }
+        }
+        let op = Operation::start(inner, id.clone(), &request.plan, Trigger::RunNow);
+        if !inner.knows(&request.plan) {
+            inner.sync_config();
+        }
+        if !inner.knows(&request.plan) {
+            let message = format!(
+                "plan {} is not in this agent's backup config (revision {}); it was removed or does not apply to \
+                 this agent",
+                request.plan,
+                inner.applied_revision().map_or_else(|| "none".to_string(), |r| r.to_string())
+            );
+            op.finish(inner, runner::outcome(OperationStatus::Failed, Some(FailureReason::Other), message));
+            return;
+        }
+        spawn_run(inner, request.plan.clone(), Trigger::RunNow, Some(op));
+    }
+
+    /// Starts the scheduler thread (not in `run --once`).
+    pub fn start_scheduler(&self) {
+        let inner = self.inner.clone();
+        let spawned = std::thread::Builder::new().name("scheduler".into()).spawn(move || scheduler_loop(&inner));
+        match spawned {
+            Ok(handle) => *lock(&self.scheduler) = Some(handle),
+            Err(e) => crate::log(format_args!("cannot start the scheduler: {e}")),
+        }
+    }
+
+    /// Waits until no run is in progress, at most `timeout` (`None`: no limit); true if none is.
+    pub fn wait_runs(&self, timeout: Option<Duration>) -> bool {
+        let active = lock(&self.inner.active);
+        let busy = |n: &mut usize| *n > 0;
+        match timeout {
+            None => {
+                let _idle = self.inner.active_cv.wait_while(active, busy).unwrap_or_else(|p| p.into_inner());
+                true
+            }
+            Some(t) => {
+                let (n, _) =
+                    self.inner.active_cv.wait_timeout_while(active, t, busy).unwrap_or_else(|p| p.into_inner());
+                *n == 0
+            }
+        }
+    }
+
+    /// Sends every queued report, waiting at most `timeout`; the error says how many stay queued.
+    pub fn flush(&self, timeout: Duration) -> Result<(), AgentError> {
+        self.inner.outbox.flush(&*self.inner.server, Instant::now() + timeout)
+    }
+
+    /// Stops: no new runs, running backups cancelled (their `cancelled` reports queued), the outbox flushed for up
+    /// to 5 s. What is not delivered stays on disk for the next start.
+    pub fn shutdown(&self) {
+        let inner = &self.inner;
+        if inner.stopping.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        inner.wake_scheduler();
+        {
+            let mut slots = lock(&inner.slots);
+            let mut cancelled = 0;
+            for slot in slots.values_mut() {
+                for claim in [&mut slot.running, &mut slot.waiting].into_iter().flatten() {
+                    claim.cancel(STOPPING);
+                    cancelled += 1;
+                }
+            }
+            if cancelled > 0 {
+                crate::log(format_args!("stopping: cancelling {cancelled} run(s)"));
+            }
+        }
+        inner.slots_cv.notify_all();
+        if !self.wait_runs(Some(SHUTDOWN_RUNS)) {
+            crate::log("runs still ending at shutdown; they are reported as interrupted at the next start");
+        }
+        if let Some(s) = lock(&self.scheduler).take() {
+            let _ = s.join();
+        }
+        self.close();
+        match self.flush(SHUTDOWN_FLUSH) {
+            Ok(()) => {}
+            Err(e) => crate::log(format_args!("at shutdown: {e}")),
+        }
+    }
+
+    /// Stops the report sender thread (after `run --once` has flushed).
+    pub fn close(&self) {
+        self.inner.outbox.stop();
+        if let Some(s) = lock(&self.sender).take() {
+            let _ = s.join();
+        }
+    }
+}
+
+/// `op_` + 32 lowercase hex, as the protocol names operations.
+fn valid_operation_id(id: &str) -> bool {
+    id.len() == 35 && id.starts_with("op_") && id[3..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn scheduler_loop(inner: &Arc<Inner>) {
+    loop {
+        if inner.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let now = Utc::now();
+        let mut wait = Duration::from_secs(60);
+        if let Some(plans) = inner.plans() {
+            let mut schedule = lock(&inner.schedule);
+            let changed = schedule.reconcile(&plans, now);
+            let due = schedule.take_due(&plans, &inner.agent_id, now, inner.started);
+            if changed || !due.is_empty() {
+                inner.save_schedule(&schedule);
+            }
+            if let Some(next) = schedule.next_wake(&plans, &inner.agent_id, now) {
+                wait = wait.min((next - now).to_std().unwrap_or(Duration::ZERO));
+            }
+            drop(schedule);
+            for d in due {
+                spawn_run(inner, d.plan, d.trigger, None);
+            }
+        }
+        inner.sleep_scheduler(wait);
+    }
+}
+
+/// `status`: restic, the applied config, each plan's next run and the outbox, as lines.
+pub fn status_lines(config_path: &Path, restic_path: Option<&Path>, agent_id: &str) -> Vec<String> {
+    let paths = Paths::for_config(config_path);
+    let mut lines = Vec::new();
+    lines.push(match restic::detect(restic_path) {
+        Ok(r) => format!("restic: {} ({})", r.version, r.path.display()),
+        Err(e) => format!("restic: unavailable ({})", crate::printable(&e)),
+    });
+    match store::load_config(&paths) {
+        Ok(Some(config)) => {
+            lines.push(format!("backup config: revision {} ({} plan(s))", config.revision, config.plans.len()));
+            let now = Utc::now();
+            for plan in &config.plans {
+                let next = scheduler::next_run(plan, agent_id, now)
+                    .map_or_else(|| "never (invalid schedule)".to_string(), |t| t.to_rfc3339());
+                lines.push(format!(
+                    "  plan {}: {} → {}, next run {next}",
+                    crate::printable(&plan.name),
+                    crate::printable(&plan.schedule),
+                    crate::printable(&plan.repository)
+                ));
+            }
+        }
+        Ok(None) => lines.push("backup config: none applied yet".into()),
+        Err(e) => lines.push(format!("backup config: unreadable ({e})")),
+    }
+    lines.push(format!("outbox: {} report(s) waiting", Outbox::count(&paths.outbox())));
+    lines
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use rm_protocol::backup::LeaseGranted;
+
+    /// A stand-in for the server: records every report batch (refused ones too), stores reports by id without
+    /// overwriting a final status, serves a config, grants leases.
+    #[derive(Default)]
+    pub(crate) struct FakeServer {
+        state: Mutex<FakeState>,
+    }
+
+    #[derive(Default)]
+    struct FakeState {
+        down: bool,
+        batches: Vec<ReportBatch>,
+        stored: BTreeMap<String, OperationStatus>,
+        refuse: HashSet<String>,
+        config: Option<AgentConfigBody>,
+        config_fetches: usize,
+        /// How many lease requests still answer 409 `repository_busy`.
+        busy: u32,
+        lease_requests: usize,
+    }
+
+    impl FakeServer {
+        pub(crate) fn down(&self, down: bool) {
+            lock(&self.state).down = down;
+        }
+        pub(crate) fn refuse(&self, id: &str) {
+            lock(&self.state).refuse.insert(id.into());
+        }
+        pub(crate) fn batches(&self) -> Vec<ReportBatch> {
+            lock(&self.state).batches.clone()
+        }
+        pub(crate) fn stored(&self) -> BTreeMap<String, OperationStatus> {
+            lock(&self.state).stored.clone()
+        }
+        pub(crate) fn busy(&self, times: u32) {
+            lock(&self.state).busy = times;
+        }
+        pub(crate) fn lease_requests(&self) -> usize {
+            lock(&self.state).lease_requests
+        }
+        pub(crate) fn serve(&self, config: AgentConfigBody) {
+            lock(&self.state).config = Some(config);
+        }
+        fn unreachable() -> AgentError {
+            AgentError::Network { url: "fake".into(), reason: "down".into() }
+        }
+    }
+
+    impl Server for FakeServer {
+        fn agent_config(&self) -> Result<AgentConfigBody, AgentError> {
+            let mut s = lock(&self.state);
+            s.config_fetches += 1;
+            if s.down {
+                return Err(Self::unreachable());
+            }
+            s.config.clone().ok_or(AgentError::Server { status: 404, code: "not_found".into(), message: "none".into() })
+        }
+        fn post_reports(&self, batch: &ReportBatch) -> Result<ReportAck, AgentError> {
+            let mut s = lock(&self.state);
+            s.batches.push(batch.clone());
+            if s.down {
+                return Err(Self::unreachable());
+            }
+            if batch.reports.iter().any(|r| s.refuse.contains(&r.id)) {
+                return Err(AgentError::Server { status: 400, code: "invalid".into(), message: "no".into() });
+            }
+            for r in &batch.reports {
+                let entry = s.stored.entry(r.id.clone()).or_insert(r.status);
+                if !entry.is_final() {
+                    *entry = r.status;
+                }
+            }
+            Ok(ReportAck { accepted: batch.reports.len() })
+        }
+        fn take_lease(&self, request: &LeaseRequest) -> Result<Lease, AgentError> {
+            let mut s = lock(&self.state);
+            s.lease_requests += 1;
+            if s.down {
+                return Err(Self::unreachable());
+            }
+            if s.busy > 0 {
+                s.busy -= 1;
+                return Ok(Lease::Busy { retry_after_secs: 1 });
+            }
+            Ok(Lease::Granted(LeaseGranted {
+                repository: request.repository.clone(),
+                operation_id: request.operation_id.clone(),
+                expires_at: 0,
+            }))
+        }
+        fn release_lease(&self, _: &str, _: &str) -> Result<(), AgentError> {
+            Ok(())
+        }
+    }
+
+    fn config(revision: u64) -> AgentConfigBody {
+        AgentConfigBody {
+            revision,
+            plans: vec![AgentPlan {
+                name: "home".into(),
+                repository: "local".into(),
+                paths: vec!["/home".into()],
+                excludes: vec![],
+                schedule: "@every 1h".into(),
+                timezone: Default::default(),
+                tags: vec![],
+                one_file_system: false,
+                exclude_caches: false,
+                timeout_secs: 60,
+                jitter_secs: 0,
+            }],
+            repositories: vec![AgentRepository {
+                name: "local".into(),
+                url: "/nonexistent/repo".into(),
+                password: "secret".into(),
+                env: BTreeMap::new(),
+                ca_cert: None,
+                auto_init: false,
+            }],
+        }
+    }
+
+    fn answer(revision: Option<u64>, run_now: &[(&str, &str)]) -> HeartbeatResponse {
+        HeartbeatResponse {
+            protocol: 1,
+            agent_id: "agent-1".into(),
+            heartbeat_interval_secs: 30,
+            server: None,
+            update: None,
+            config_revision: revision,
+            run_now: run_now
+                .iter()
+                .map(|(id, plan)| RunNow { operation_id: id.to_string(), plan: plan.to_string() })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn start(dir: &Path, server: &Arc<FakeServer>) -> Backups {
+        let settings = Settings {
+            config_path: dir.join("agent.json"),
+            agent_id: "agent-1".into(),
+            hostname: "host".into(),
+            // Never a real restic: these tests are about bookkeeping, whatever restic the machine has.
+            restic: Some(dir.join("no-such-restic")),
+        };
+        Backups::start(server.clone(), settings).unwrap()
+    }
+
+    const OP1: &str = "op_0123456789abcdef0123456789abcdef";
+    const OP2: &str = "op_fedcba9876543210fedcba9876543210";
+
+    #[test]
+    fn config_is_synced_saved_and_run_now_runs_once_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Arc::new(FakeServer::default());
+        server.serve(config(3));
+        let backups = start(dir.path(), &server);
+        assert_eq!(backups.heartbeat_fields().1, None, "no config applied yet");
+        backups.on_answer(&answer(Some(3), &[(OP1, "home")]));
+        assert_eq!(backups.heartbeat_fields().1, Some(3));
+        let info = backups.heartbeat_fields().0.unwrap();
+        assert!(info.error.is_some() && info.version.is_none(), "{info:?}");
+        let saved = store::load_config(&Paths::for_config(&dir.path().join("agent.json"))).unwrap().unwrap();
+        assert_eq!(saved, config(3));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("backup-config.json")).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert!(backups.wait_runs(Some(Duration::from_secs(20))));
+        backups.flush(Duration::from_secs(5)).unwrap();
+        backups.close();
+        let first = server.batches().len();
+        assert_eq!(server.stored()[OP1], OperationStatus::Failed, "no restic here: failed, reported");
+        let sent: Vec<_> = server.batches().iter().flat_map(|b| b.reports.clone()).filter(|r| r.id == OP1).collect();
+        let last = sent.last().unwrap();
+        assert_eq!(last.reason, Some(FailureReason::ResticUnavailable));
+        assert_eq!(last.trigger, Trigger::RunNow);
+        assert!(last.finished_at.is_some() && last.duration_ms.is_some());
+        drop(backups);
+
+        // The restarted agent gets the same request again (the server repeats until it sees the report): ignored.
+        let restarted = start(dir.path(), &server);
+        assert_eq!(restarted.heartbeat_fields().1, Some(3), "the saved config is applied at start");
+        restarted.on_answer(&answer(Some(3), &[(OP1, "home")]));
+        assert!(restarted.wait_runs(Some(Duration::from_secs(20))));
+        restarted.flush(Duration::from_secs(5)).unwrap();
+        restarted.close();
+        let again: usize = server.batches()[first..].iter().flat_map(|b| &b.reports).filter(|r| r.id == OP1).count();
+        assert_eq!(again, 0, "not run again");
+    }
+
+    #[test]
+    fn an_unknown_plan_fails_clearly_after_a_config_fetch() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Arc::new(FakeServer::default());
+        server.serve(config(1));
+        let backups = start(dir.path(), &server);
+        backups.on_answer(&answer(Some(1), &[(OP2, "nope")]));
+        backups.flush(Duration::from_secs(5)).unwrap();
+        backups.close();
+        let reports: Vec<_> = server.batches().iter().flat_map(|b| b.reports.clone()).collect();
+        let last = reports.iter().rev().find(|r| r.id == OP2).unwrap();
+        assert_eq!(last.status, OperationStatus::Failed);
+        assert!(last.message.as_deref().unwrap().contains("plan nope is not in this agent's backup config"));
+        assert_eq!(lock(&server.state).config_fetches, 2, "fetched once more before giving up");
+    }
+
+    #[test]
+    fn a_run_interrupted_by_a_kill_is_reported_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::for_config(&dir.path().join("agent.json"));
+        let mut open = OpenOperations::default();
+        open.operations.insert(OP1.into(), runner::report(OP1, "home", Trigger::Schedule, 5));
+        store::save_json(&paths.open_operations(), &open).unwrap();
+        let server = Arc::new(FakeServer::default());
+        server.down(true);
+        let backups = start(dir.path(), &server);
+        assert_eq!(Outbox::count(&paths.outbox()), 1, "queued on disk before anything else");
+        server.down(false);
+        backups.flush(Duration::from_secs(5)).unwrap();
+        backups.close();
+        assert_eq!(server.stored()[OP1], OperationStatus::Failed);
+        let left: OpenOperations = store::load_json(&paths.open_operations()).unwrap().unwrap();
+        assert!(left.operations.is_empty());
+    }
+
+    #[test]
+    fn shutdown_is_prompt_and_the_stop_wakes_sleepers() {
+        let stop = Arc::new(Stop::default());
+        let s = stop.clone();
+        let t = std::thread::spawn(move || s.wait(Duration::from_secs(60)));
+        std::thread::sleep(Duration::from_millis(50));
+        let started = Instant::now();
+        stop.stop();
+        assert!(t.join().unwrap());
+        assert!(started.elapsed() < Duration::from_secs(1));
+
+        let dir = tempfile::tempdir().unwrap();
+        let server = Arc::new(FakeServer::default());
+        server.serve(config(1));
+        let backups = start(dir.path(), &server);
+        backups.on_answer(&answer(Some(1), &[]));
+        backups.start_scheduler();
+        let started = Instant::now();
+        backups.shutdown();
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    }
+
+    #[test]
+    fn a_changed_or_removed_plan_cancels_its_run_and_busy_plans_are_not_stacked() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Arc::new(FakeServer::default());
+        let backups = start(dir.path(), &server);
+        let inner = &backups.inner;
+        inner.apply(config(1), false);
+        let cancel = Cancel::default();
+        assert!(matches!(inner.claim("home", OP1, &cancel, false), Claimed::Run));
+        assert!(inner.snapshot_plan("home", OP1).is_some());
+        // A scheduled firing while the plan runs is skipped, not queued.
+        assert!(matches!(inner.claim("home", "op_other", &Cancel::default(), false), Claimed::Busy(id) if id == OP1));
+        // Another plan added: this run goes on.
+        let mut more = config(2);
+        let mut other = more.plans[0].clone();
+        other.name = "other".into();
+        more.plans.push(other);
+        inner.apply(more.clone(), false);
+        assert!(!cancel.is_cancelled());
+        // Its repository's password changed: cancelled, and the report will say why.
+        let mut changed = more.clone();
+        changed.revision = 3;
+        changed.repositories[0].password = "new".into();
+        inner.apply(changed, false);
+        assert!(cancel.is_cancelled());
+        assert!(inner.cancel_reason("home", OP1).unwrap().contains("changed"));
+        inner.release("home", OP1);
+
+        // A run-now waits for the running plan; removing the plan cancels the waiter.
+        let running = Cancel::default();
+        assert!(matches!(inner.claim("other", OP1, &running, false), Claimed::Run));
+        inner.snapshot_plan("other", OP1).unwrap();
+        let waiter = {
+            let inner = inner.clone();
+            std::thread::spawn(move || match inner.claim("other", OP2, &Cancel::default(), true) {
+                Claimed::Cancelled(why) => why,
+                _ => "not cancelled".into(),
+            })
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(matches!(inner.claim("other", "op_third", &Cancel::default(), true), Claimed::Busy(id) if id == OP2));
+        inner.apply(config(4), false);
+        assert!(running.is_cancelled());
+        assert!(waiter.join().unwrap().contains("removed"));
+    }
+
+    #[test]
+    fn one_run_per_repository_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let backups = start(dir.path(), &Arc::new(FakeServer::default()));
+        let inner = backups.inner.clone();
+        assert!(inner.lock_repository("r", &Cancel::default()));
+        assert!(inner.lock_repository("s", &Cancel::default()), "other repositories run in parallel");
+        let second = {
+            let inner = inner.clone();
+            std::thread::spawn(move || {
+                let got = inner.lock_repository("r", &Cancel::default());
+                (got, Instant::now())
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        let released = Instant::now();
+        inner.unlock_repository("r");
+        let (got, at) = second.join().unwrap();
+        assert!(got && at >= released, "the second run started only after the first released the repository");
+        // A waiter that is cancelled gives up.
+        let cancel = Cancel::default();
+        let waiter = {
+            let (inner, cancel) = (inner.clone(), cancel.clone());
+            std::thread::spawn(move || inner.lock_repository("r", &cancel))
+        };
+        std::thread::sleep(Duration::from_millis(100));
+        cancel.cancel();
+        assert!(!waiter.join().unwrap());
+    }
+
+    #[test]
+    fn operation_ids_are_checked() {
+        assert!(valid_operation_id(OP1));
+        assert!(valid_operation_id(&store::new_operation_id()));
+        for bad in ["op_", "op_0123456789ABCDEF0123456789abcdef", "xx_0123456789abcdef0123456789abcdef", "../etc"] {
+            assert!(!valid_operation_id(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! One operation from start to final report: the plan's slot (a plan runs once at a time), this agent's lock on the
+//! repository (one restic per repository here), the server's lease on it (one restic per repository in the fleet),
+//! restic itself with throttled progress, and the final report, written to the outbox before anything is released.
+
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use rm_protocol::backup::{
+    FailureReason, LeaseRequest, OperationKind, OperationReport, OperationStatus, Progress, Trigger,
+};
+
+use super::{Claimed, Inner};
+use crate::client::Lease;
+use crate::restic::{self, Cancel, Outcome};
+
+/// Progress goes to the server at most this often.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// The lease lapses this long after its last renewal.
+pub const LEASE_TTL_SECS: u64 = 120;
+/// How often a held lease is renewed.
+pub const LEASE_RENEW: Duration = Duration::from_secs(30);
+/// A plan without a timeout (0) gets this one.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Lets one progress report through per interval.
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    every: Duration,
+    last: Instant,
+}
+
+impl Throttle {
+    /// The first report may go `every` after `start` (the `running` report was just sent).
+    pub fn new(every: Duration, start: Instant) -> Throttle {
+        Throttle { every, last: start }
+    }
+
+    pub fn ready(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.last) >= self.every {
+            self.last = now;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+pub(super) fn now_secs() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+pub(super) fn report(id: &str, plan: &str, trigger: Trigger, started_at: i64) -> OperationReport {
+    OperationReport {
+        id: id.to_string(),
+        plan: plan.to_string(),
+        kind: OperationKind::Backup,
+        trigger,
+        status: OperationStatus::Running,
+        started_at,
+        finished_at: None,
+        duration_ms: None,
+        summary: None,
+        progress: None,
+        message: None,
+        reason: None,
+        exit_code: None,
+        snapshots: None,
+    }
+}
+
+fn trigger_name(trigger: Trigger) -> &'static str {
+    match trigger {
+        Trigger::Schedule => "schedule",
+        Trigger::CatchUp => "catch_up",
+        Trigger::RunNow => "run_now",
+    }
+}
+
+/// An operation that has started (its `running` report is out): it ends with exactly one final report.
+pub(super) struct Operation {
+    pub report: OperationReport,
+    pub started: Instant,
+}
+
+impl Operation {
+    /// Starts an operation: recorded as open on disk (so a crash still ends it with a report), `running` queued.
+    pub fn start(inner: &Inner, id: String, plan: &str, trigger: Trigger) -> Operation {
+        let report = report(&id, plan, trigger, now_secs());
+        inner.open_operation(&report);
+        inner.outbox.set_live(report.clone());
+        crate::log(format_args!(
+            "run start: plan={} trigger={} operation={id}",
+            crate::printable(plan),
+            trigger_name(trigger)
+        ));
+        Operation { report, started: Instant::now() }
+    }
+
+    /// The final report: written to the outbox, the operation closed, one log line.
+    pub fn finish(mut self, inner: &Inner, outcome: Outcome) {
+        let r = &mut self.report;
+        r.status = outcome.status;
+        r.summary = outcome.summary;
+        r.message = outcome.message;
+        r.reason = outcome.reason;
+        r.exit_code = outcome.exit_code;
+        r.snapshots = outcome.snapshots;
+        r.progress = None;
+        r.finished_at = Some(now_secs());
+        r.duration_ms = Some(self.started.elapsed().as_millis() as u64);
+        inner.finish_operation(r);
+        let mut line = format!(
+            "run end: plan={} trigger={} status={} operation={} duration={:.1}s",
+            crate::printable(&r.plan),
+            trigger_name(r.trigger),
+            r.status,
+            r.id,
+            self.started.elapsed().as_secs_f64()
+        );
+        if let Some(m) = &r.message {
+            line.push_str(&format!(" message={}", crate::printable(m)));
+        }
+        crate::log(line);
+    }
+}
+
+pub(super) fn outcome(status: OperationStatus, reason: Option<FailureReason>, message: String) -> Outcome {
+    Outcome { status, summary: None, message: Some(message), reason, exit_code: None, snapshots: None }
+}
+
+/// Runs `plan` once. `run_now`: the server's operation id, already accepted and reported `running`; such a run waits
+/// for the plan's current run to end instead of being skipped.
+pub(super) fn run(inner: &Arc<Inner>, plan: &str, trigger: Trigger, run_now: Option<Operation>) {
+    let cancel = Cancel::default();
+    let id = run_now.as_ref().map_or_else(super::store::new_operation_id, |o| o.report.id.clone());
+    let claimed = inner.claim(plan, &id, &cancel, run_now.is_some());
+    let op = match (claimed, run_now) {
+        (Claimed::Busy(other), None) => {
+            crate::log(format_args!(
+                "run skipped: plan={} trigger={} (still running as operation {other})",
+                crate::printable(plan),
+                trigger_name(trigger)
+            ));
+            return;
+        }
+        (Claimed::Busy(other), Some(op)) => {
+            let message =
+                format!("plan {plan} already has a run waiting (operation {other}); this one was merged into it");
+            return op.finish(inner, outcome(OperationStatus::Cancelled, None, message));
+        }
+        (Claimed::Cancelled(why), Some(op)) => {
+            return op.finish(inner, outcome(OperationStatus::Cancelled, None, why));
+        }
+        (Claimed::Cancelled(_), None) => return,
+        (Claimed::Run, Some(op)) => op,
+        (Claimed::Run, None) => Operation::start(inner, id.clone(), plan, trigger),
+    };
+    let _slot = SlotGuard { inner, plan, id: &id };
+    let (end, held) = execute(inner, &op, plan, &id, &cancel);
+    op.finish(inner, end);
+    drop(held); // the lease and the repository only after the report is on disk
+}
+
+/// What a run holds until its final report is written: the server's lease (released first), then this agent's lock
+/// on the repository.
+#[derive(Default)]
+struct Held<'a> {
+    _lease: Option<LeaseHold>,
+    _repository: Option<RepoGuard<'a>>,
+}
+
+struct SlotGuard<'a> {
+    inner: &'a Inner,
+    plan: &'a str,
+    id: &'a str,
+}
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        self.inner.release(self.plan, self.id);
+    }
+}
+
+struct RepoGuard<'a> {
+    inner: &'a Inner,
+    repository: String,
+}
+
+impl Drop for RepoGuard<'_> {
+    fn drop(&mut self) {
+        self.inner.unlock_repository(&self.repository);
+    }
+}
+
+/// Everything between the claim and the final report; what it returns holds the repository (and its lease) until
+/// the caller has written the report.
+fn execute<'a>(inner: &'a Arc<Inner>, op: &Operation, plan: &str, id: &str, cancel: &Cancel) -> (Outcome, Held<'a>) {
+    let mut held = Held::default();
+    let cancelled = |inner: &Inner| {
+        let why = inner.cancel_reason(plan, id).unwrap_or_else(|| "cancelled".into());
+        outcome(OperationStatus::Cancelled, None, why)
+    };
+    let Some((plan_def, repository)) = inner.snapshot_plan(plan, id) else {
+        let message = format!("plan {plan} is not in this agent's backup config (removed?)");
+        return (outcome(OperationStatus::Cancelled, None, message), held);
+    };
+    let restic = match inner.restic_for_run() {
+        Ok(r) => r,
+        Err(e) => return (outcome(OperationStatus::Failed, Some(FailureReason::ResticUnavailable), e), held),
+    };
+    if !inner.lock_repository(&repository.name, cancel) {
+        return (cancelled(inner), held);
+    }
+    held._repository = Some(RepoGuard { inner, repository: repository.name.clone() });
+    let Some(lease) = LeaseHold::acquire(inner, &repository.name, id, cancel) else {
+        return (cancelled(inner), held);
+    };
+    held._lease = Some(lease);
+    if cancel.is_cancelled() {
+        return (cancelled(inner), held);
+    }
+    let timeout = match plan_def.timeout_secs {
+        0 => DEFAULT_TIMEOUT,
+        s => Duration::from_secs(s),
+    };
+    let job = restic::Job {
+        plan: &plan_def,
+        repository: &repository,
+        hostname: &inner.hostname,
+        state_dir: &inner.paths.dir,
+        cancel: cancel.clone(),
+        timeout,
+    };
+    let mut throttle = Throttle::new(PROGRESS_EVERY, op.started);
+    let mut on_progress = |p: &Progress| {
+        if throttle.ready(Instant::now()) {
+            let mut r = op.report.clone();
+            r.progress = Some(p.clone());
+            inner.outbox.set_live(r);
+        }
+    };
+    let mut end = restic::backup(&restic, &job, &mut on_progress);
+    if end.status == OperationStatus::Cancelled {
+        if let Some(why) = inner.cancel_reason(plan, id) {
+            end.message = Some(match end.message.take() {
+                Some(m) if !m.is_empty() => format!("{why} ({m})"),
+                _ => why,
+            });
+        }
+    }
+    (end, held)
+}
+
+/// The server's lease on a repository while restic runs: renewed on a thread, released on drop.
+struct LeaseHold {
+    held: Option<(mpsc::Sender<()>, std::thread::JoinHandle<()>)>,
+    inner: Arc<Inner>,
+    repository: String,
+    id: String,
+}
+
+impl LeaseHold {
+    /// Takes the lease, waiting while another agent holds it. `None`: cancelled while waiting. A server that cannot
+    /// be asked does not stop backups: the run goes on without the lease (said once in the log until a lease is
+    /// granted again); restic's own repository lock still protects the data.
+    fn acquire(inner: &Arc<Inner>, repository: &str, id: &str, cancel: &Cancel) -> Option<LeaseHold> {
+        let request =
+            LeaseRequest { repository: repository.to_string(), operation_id: id.to_string(), ttl_secs: LEASE_TTL_SECS };
+        let mut hold =
+            LeaseHold { held: None, inner: inner.clone(), repository: repository.to_string(), id: id.to_string() };
+        let mut said_busy = false;
+        loop {
+            if cancel.is_cancelled() {
+                return None;
+            }
+            match inner.server.take_lease(&request) {
+                Ok(Lease::Granted(_)) => {
+                    if inner.lease_unreachable.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        crate::log("repository leases granted again");
+                    }
+                    hold.held = Some(renewer(inner.clone(), request));
+                    return Some(hold);
+                }
+                Ok(Lease::Busy { retry_after_secs }) => {
+                    if !said_busy {
+                        crate::log(format_args!(
+                            "repository {} is busy (another agent runs restic on it); operation {id} waits",
+                            crate::printable(repository)
+                        ));
+                        said_busy = true;
+                    }
+                    let base = retry_after_secs.clamp(1, 300);
+                    let jitter = random_below((base / 4).clamp(1, 10) * 1000);
+                    let wait = Duration::from_secs(base) + Duration::from_millis(jitter);
+                    if !sleep_unless(cancel, wait) {
+                        return None;
+                    }
+                }
+                Err(e) => {
+                    if !inner.lease_unreachable.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        crate::log(format_args!(
+                            "cannot take repository leases ({e}); backups run without them while this lasts \
+                             (restic's own repository locks keep the data safe)"
+                        ));
+                    }
+                    return Some(hold);
+                }
+            }
+        }
+    }
+}
+
+fn renewer(inner: Arc<Inner>, request: LeaseRequest) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(LEASE_RENEW) {
+            match inner.server.take_lease(&request) {
+                Ok(Lease::Granted(_)) => {}
+                Ok(Lease::Busy { .. }) => crate::log(format_args!(
+                    "the lease on repository {} was taken by another agent while operation {} runs",
+                    crate::printable(&request.repository),
+                    request.operation_id
+                )),
+                Err(_) => {} // the server is down: the run goes on; the lease lapses by itself
+            }
+        }
+    });
+    (tx, thread)
+}
+
+impl Drop for LeaseHold {
+    fn drop(&mut self) {
+        if let Some((stop, thread)) = self.held.take() {
+            drop(stop);
+            let _ = thread.join();
+            let _ = self.inner.server.release_lease(&self.repository, &self.id);
+        }
+    }
+}
+
+/// Sleeps `d` in short steps; false as soon as `cancel` is set.
+fn sleep_unless(cancel: &Cancel, d: Duration) -> bool {
+    let end = Instant::now() + d;
+    while Instant::now() < end {
+        if cancel.is_cancelled() {
+            return false;
+        }
+        std::thread::sleep((end - Instant::now()).min(Duration::from_millis(200)));
+    }
+    !cancel.is_cancelled()
+}
+
+fn random_below(n: u64) -> u64 {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the OS random source is available");
+    u64::from_le_bytes(bytes) % n.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_is_throttled_to_one_report_per_interval() {
+        let start = Instant::now();
+        let mut t = Throttle::new(PROGRESS_EVERY, start);
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        assert!(!t.ready(at(0)), "the running report just went out");
+        assert!(!t.ready(at(4_999)));
+        assert!(t.ready(at(5_000)));
+        assert!(!t.ready(at(6_000)));
+        assert!(!t.ready(at(9_999)));
+        assert!(t.ready(at(10_000)));
+        // A status line every 100 ms for a minute: 12 reports at most.
+        let mut t = Throttle::new(PROGRESS_EVERY, start);
+        assert_eq!((0..600).filter(|i| t.ready(at(i * 100))).count(), 11);
+    }
+
+    #[test]
+    fn a_busy_repository_is_waited_for_and_an_unreachable_server_does_not_block() {
+        use crate::backups::tests::{FakeServer, start};
+        let dir = tempfile::tempdir().unwrap();
+        let server = Arc::new(FakeServer::default());
+        let backups = start(dir.path(), &server);
+        let inner = &backups.inner;
+        server.busy(1);
+        let started = Instant::now();
+        let lease = LeaseHold::acquire(inner, "r", "op_a", &Cancel::default()).expect("granted");
+        assert!(lease.held.is_some());
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(1) && waited < Duration::from_secs(4), "{waited:?}");
+        assert_eq!(server.lease_requests(), 2);
+        drop(lease);
+
+        // Busy, then cancelled while waiting: no lease, promptly.
+        server.busy(100);
+        let cancel = Cancel::default();
+        let c = cancel.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            c.cancel();
+        });
+        let started = Instant::now();
+        assert!(LeaseHold::acquire(inner, "r", "op_b", &cancel).is_none());
+        assert!(started.elapsed() < Duration::from_secs(2));
+        t.join().unwrap();
+
+        // The server is down: the run goes on without a lease.
+        server.busy(0);
+        server.down(true);
+        let lease = LeaseHold::acquire(inner, "r", "op_c", &Cancel::default()).expect("runs anyway");
+        assert!(lease.held.is_none());
+        assert!(inner.lease_unreachable.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_cancelled_wait_returns_promptly() {
+        let cancel = Cancel::default();
+        let c = cancel.clone();
+        let t = std::thread::spawn(move || sleep_unless(&c, Duration::from_secs(30)));
+        std::thread::sleep(Duration::from_millis(100));
+        let start = Instant::now();
+        cancel.cancel();
+        assert!(!t.join().unwrap());
+        assert!(start.elapsed() < Duration::from_secs(1));
+        assert!(sleep_unless(&Cancel::default(), Duration::from_millis(10)));
+    }
+}
