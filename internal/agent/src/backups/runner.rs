@@ -69,6 +69,9 @@ pub(super) fn report(id: &str, plan: &str, trigger: Trigger, started_at: i64) ->
     }
 }
 
+/// The longest wait between two attempts at a busy repository's lease.
+const LEASE_POLL_MAX_SECS: u64 = 5;
+
 fn trigger_name(trigger: Trigger) -> &'static str {
     match trigger {
         Trigger::Schedule => "schedule",
@@ -290,9 +293,10 @@ impl LeaseHold {
                         ));
                         said_busy = true;
                     }
-                    let base = retry_after_secs.clamp(1, 300);
-                    let jitter = random_below((base / 4).clamp(1, 10) * 1000);
-                    let wait = Duration::from_secs(base) + Duration::from_millis(jitter);
+                    // The server's retry_after is when the lease would lapse; a holder usually releases it
+                    // sooner, so ask again within a few seconds (with jitter, so waiting agents do not ask together).
+                    let base = retry_after_secs.clamp(1, LEASE_POLL_MAX_SECS);
+                    let wait = Duration::from_secs(base) + Duration::from_millis(random_below(1000));
                     if !sleep_unless(cancel, wait) {
                         return None;
                     }
