@@ -266,7 +266,10 @@ fn store_reports(
                 ])?;
             }
         }
-        if let (true, Some(finished_at)) = (r.status.is_final(), finished_at) {
+        // A cancelled run (the agent stopped, the plan changed, a run-now merged into another) says nothing about
+        // the plan's health: the status stays what the last run that ended on its own made it.
+        let counts = r.status.is_final() && r.status != OperationStatus::Cancelled;
+        if let (true, Some(finished_at)) = (counts, finished_at) {
             let success = matches!(r.status, OperationStatus::Success | OperationStatus::Warning);
             // An older run's report arriving after a newer one's does not move the status back.
             conn.prepare_cached(
@@ -784,6 +787,9 @@ mod tests {
         assert_eq!(status(&c), (op_id(2), "failed".into(), T0 + 110, Some(T0 + 10)));
         // An older run's final report arriving late does not move the status back, but its success counts.
         ingest_reports(&c, T0 + 300, "a1", &[report(3, "daily", OperationStatus::Warning, T0 + 50)]).unwrap();
+        assert_eq!(status(&c), (op_id(2), "failed".into(), T0 + 110, Some(T0 + 60)));
+        // A cancelled run (agent stopped, plan changed) leaves the status as it was.
+        ingest_reports(&c, T0 + 350, "a1", &[report(6, "daily", OperationStatus::Cancelled, T0 + 300)]).unwrap();
         assert_eq!(status(&c), (op_id(2), "failed".into(), T0 + 110, Some(T0 + 60)));
         // A new snapshot list replaces the old one (for this plan only).
         let mut other = report(4, "weekly", OperationStatus::Success, T0 + 400);

@@ -93,6 +93,13 @@ pub fn validate_url(url: &str) -> Result<(), String> {
     if url.len() == scheme.len() {
         return Err(format!("url {scheme} needs a location after the scheme"));
     }
+    // restic hands sftp and rclone locations to ssh/rclone as arguments: one starting with '-' would be an option.
+    let location = url[scheme.len()..].trim_start_matches('/');
+    if location.starts_with('-') || location.contains("@-") {
+        return Err(format!(
+            "url {scheme} location must not start with '-' (it would reach ssh or rclone as an option)"
+        ));
+    }
     // `rest:https://user:password@host/`: a password in the URL would be shown by every listing and audit entry.
     if *scheme == "rest:" {
         let authority = url[scheme.len()..].split("://").nth(1).unwrap_or("").split('/').next().unwrap_or("");
@@ -106,6 +113,10 @@ pub fn validate_url(url: &str) -> Result<(), String> {
 pub fn validate_password(password: &str) -> Result<(), String> {
     if password.is_empty() || password.len() > MAX_PASSWORD {
         return Err(format!("password must be 1-{MAX_PASSWORD} bytes"));
+    }
+    // Agents hand the password to restic in a file, and restic trims white space around what it reads from one.
+    if password.trim() != password {
+        return Err("password must not begin or end with white space (restic would trim it)".into());
     }
     Ok(())
 }
@@ -127,11 +138,35 @@ pub fn validate_env(env: &BTreeMap<String, String>) -> Result<(), String> {
                 name.chars().take(64).collect::<String>()
             ));
         }
+        if let Some(why) = reserved_env(name) {
+            return Err(format!("env {name} is not allowed: {why}"));
+        }
         if value.len() > MAX_ENV_VALUE || value.contains('\0') {
             return Err(format!("env {name}: the value must be at most {MAX_ENV_VALUE} bytes without NUL"));
         }
     }
     Ok(())
+}
+
+/// Why an environment variable may not be set for restic, if it may not: the agent sets the repository and its
+/// password itself, and variables that make the dynamic loader, the shell search path or ssh run other programs would
+/// turn a repository definition into code run as root on every host.
+fn reserved_env(name: &str) -> Option<&'static str> {
+    const OURS: [&str; 5] = [
+        "RESTIC_REPOSITORY",
+        "RESTIC_REPOSITORY_FILE",
+        "RESTIC_PASSWORD",
+        "RESTIC_PASSWORD_FILE",
+        "RESTIC_PASSWORD_COMMAND",
+    ];
+    if OURS.contains(&name) {
+        return Some("the repository's url and password set it");
+    }
+    let loader = ["LD_", "DYLD_"].iter().any(|p| name.starts_with(p));
+    if loader || ["PATH", "GCONV_PATH", "SSH_ASKPASS", "SSH_ASKPASS_REQUIRE", "SSH_AUTH_SOCK"].contains(&name) {
+        return Some("it would change which programs restic or ssh run");
+    }
+    None
 }
 
 /// One or more PEM certificates and nothing else; each must parse as X.509.
@@ -439,13 +474,32 @@ mod tests {
         ] {
             assert!(validate_url(good).is_ok(), "{good}");
         }
-        for bad in ["", "relative/path", "ftp://x", "s3:", "/a b", "/a\u{202e}", "rest:https://u:p@h/"] {
+        for bad in [
+            "",
+            "relative/path",
+            "ftp://x",
+            "s3:",
+            "/a b",
+            "/a\u{202e}",
+            "rest:https://u:p@h/",
+            "sftp:-oProxyCommand=x:/r",
+            "sftp://-oProxyCommand=x/r",
+            "sftp:u@-oProxyCommand=x:/r",
+            "rclone:--config=/x:p",
+        ] {
             assert!(validate_url(bad).is_err(), "{bad}");
         }
         let env = |k: &str| BTreeMap::from([(k.to_string(), "v".to_string())]);
         assert!(validate_env(&env("AWS_ACCESS_KEY_ID")).is_ok() && validate_env(&env("_X1")).is_ok());
-        for bad in ["", "1A", "aws", "A-B", "A B"] {
+        for bad in ["", "1A", "aws", "A-B", "A B", "LD_PRELOAD", "DYLD_INSERT_LIBRARIES", "PATH", "SSH_ASKPASS"] {
             assert!(validate_env(&env(bad)).is_err(), "{bad}");
+        }
+        for ours in ["RESTIC_PASSWORD", "RESTIC_PASSWORD_COMMAND", "RESTIC_REPOSITORY"] {
+            assert!(validate_env(&env(ours)).unwrap_err().contains("url and password"), "{ours}");
+        }
+        assert!(validate_env(&env("RESTIC_REST_PASSWORD")).is_ok());
+        for bad in [" pw", "pw ", "pw\n"] {
+            assert!(validate_password(bad).unwrap_err().contains("white space"), "{bad:?}");
         }
         let many: BTreeMap<_, _> = (0..=MAX_ENV).map(|i| (format!("V{i}"), String::new())).collect();
         assert!(validate_env(&many).is_err());

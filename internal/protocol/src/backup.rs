@@ -595,7 +595,7 @@ pub fn health(
     interval_secs: u64,
     assigned_at: Timestamp,
 ) -> Health {
-    let window = 2 * interval_secs as i64;
+    let window = i64::try_from(interval_secs).unwrap_or(i64::MAX / 2).saturating_mul(2);
     match last {
         None if now - assigned_at > window => Health::Overdue,
         None => Health::Never,

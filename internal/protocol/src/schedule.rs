@@ -10,6 +10,9 @@ use chrono::{DateTime, Local, Utc};
 
 use crate::backup::Timezone;
 
+/// The longest duration anything takes (`@every`, timeouts, jitter): time arithmetic then never overflows.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 86_400);
+
 /// The shortest `@every` interval: restic runs take seconds at least, and a shorter one is more likely a typo.
 pub const MIN_EVERY: Duration = Duration::from_secs(60);
 
@@ -133,6 +136,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     if total == 0 {
         return Err(format!("{text:?} is zero"));
     }
+    if total > MAX_DURATION.as_secs() {
+        return Err(format!("{text:?} is longer than 366 days"));
+    }
     Ok(Duration::from_secs(total))
 }
 
@@ -171,5 +177,8 @@ mod tests {
         }
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
         assert!(parse_duration("1.5h").is_err());
+        assert!(parse_duration("367d").unwrap_err().contains("366 days"));
+        assert!(parse_duration("100000000w").is_err() && parse_duration("99999999999999999999s").is_err());
+        assert!(Schedule::parse("@every 100000000w").is_err());
     }
 }

@@ -209,13 +209,21 @@ pub fn secure_transport(tls: bool, peer: Option<IpAddr>, trusted: &TrustedProxie
         return false;
     };
     if trusted.contains(ip) {
-        let proto = last_value(headers, "x-forwarded-proto").map(str::to_owned).or_else(|| forwarded(headers).0);
-        if let Some(proto) = proto {
-            return proto.eq_ignore_ascii_case("https");
+        // A trusted proxy vouches through whichever header it writes; a client may have sent the other one, which
+        // the proxy passed through. Both must say https when both are present.
+        let x_proto = last_value(headers, "x-forwarded-proto").map(str::to_owned);
+        let rfc_proto = forwarded(headers).0;
+        if x_proto.is_some() || rfc_proto.is_some() {
+            return [x_proto, rfc_proto].iter().flatten().all(|p| p.eq_ignore_ascii_case("https"));
         }
     }
-    ip.is_loopback() && !FORWARDING_HEADERS.iter().any(|name| headers.contains_key(*name))
+    // A loopback peer is this machine, unless it relays someone else: any sign of a proxy (a local nginx without
+    // `proxy_set_header`, say, still adds X-Forwarded-For or X-Real-IP) means the client is elsewhere.
+    ip.is_loopback() && !FORWARDING_HEADERS.iter().chain(RELAY_HEADERS.iter()).any(|name| headers.contains_key(*name))
 }
+
+/// Headers that show a request was relayed, beyond the ones that carry a scheme.
+const RELAY_HEADERS: [&str; 5] = ["x-forwarded-for", "x-real-ip", "via", "x-forwarded-port", "x-forwarded-server"];
 
 /// The base URL of this request (see [`base_url`]), as a handler argument.
 pub struct BaseUrl(pub Option<String>);
@@ -281,7 +289,12 @@ mod tests {
         // A client's own claim counts for nothing; a loopback proxy that is not trusted is not local.
         assert!(!secure_transport(false, ip("192.0.2.9"), &trusted, &h(&[("x-forwarded-proto", "https")])));
         assert!(!secure_transport(false, ip("127.0.0.1"), &trusted, &h(&[("x-forwarded-proto", "https")])));
-        // The trusted proxy's word: https yes, http no; X-Forwarded-Proto before Forwarded.
+        // A local relay that sets no scheme header (nginx without proxy_set_header) still shows it relays.
+        for relay in ["x-forwarded-for", "x-real-ip", "via"] {
+            assert!(!secure_transport(false, ip("127.0.0.1"), &trusted, &h(&[(relay, "192.0.2.9")])), "{relay}");
+        }
+        // The trusted proxy's word: https yes, http no; both headers, when both are present (the proxy may have
+        // passed a client's own through).
         assert!(secure_transport(false, ip("10.0.0.5"), &trusted, &h(&[("x-forwarded-proto", "https")])));
         assert!(secure_transport(false, ip("10.0.0.5"), &trusted, &h(&[("forwarded", "for=1.2.3.4;proto=https")])));
         assert!(!secure_transport(false, ip("10.0.0.5"), &trusted, &h(&[("x-forwarded-proto", "http")])));
@@ -290,6 +303,12 @@ mod tests {
             ip("10.0.0.5"),
             &trusted,
             &h(&[("x-forwarded-proto", "http"), ("forwarded", "proto=https")])
+        ));
+        assert!(!secure_transport(
+            false,
+            ip("10.0.0.5"),
+            &trusted,
+            &h(&[("x-forwarded-proto", "https"), ("forwarded", "for=1.2.3.4;proto=http")])
         ));
         assert!(!secure_transport(false, ip("10.0.0.5"), &trusted, &none));
     }
