@@ -781,7 +781,8 @@ pub(crate) mod tests {
         down: bool,
         batches: Vec<ReportBatch>,
         stored: BTreeMap<String, OperationStatus>,
-        refuse: HashSet<String>,
+        /// Report ids the server refuses, with the status it answers.
+        refuse: HashMap<String, u16>,
         config: Option<AgentConfigBody>,
         config_fetches: usize,
         /// How many lease requests still answer 409 `repository_busy`.
@@ -794,7 +795,10 @@ pub(crate) mod tests {
             lock(&self.state).down = down;
         }
         pub(crate) fn refuse(&self, id: &str) {
-            lock(&self.state).refuse.insert(id.into());
+            self.refuse_with(id, 400);
+        }
+        pub(crate) fn refuse_with(&self, id: &str, status: u16) {
+            lock(&self.state).refuse.insert(id.into(), status);
         }
         pub(crate) fn batches(&self) -> Vec<ReportBatch> {
             lock(&self.state).batches.clone()
@@ -831,8 +835,8 @@ pub(crate) mod tests {
             if s.down {
                 return Err(Self::unreachable());
             }
-            if batch.reports.iter().any(|r| s.refuse.contains(&r.id)) {
-                return Err(AgentError::Server { status: 400, code: "invalid".into(), message: "no".into() });
+            if let Some(status) = batch.reports.iter().find_map(|r| s.refuse.get(&r.id)) {
+                return Err(AgentError::Server { status: *status, code: "refused".into(), message: "no".into() });
             }
             for r in &batch.reports {
                 let entry = s.stored.entry(r.id.clone()).or_insert(r.status);
