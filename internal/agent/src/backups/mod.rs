@@ -523,8 +523,14 @@ impl Backups {
             config_error: Mutex::new(None),
             started: Utc::now(),
         });
-        // Operations a killed agent left running end now, with a report saying so.
+        // Operations a killed agent left running end now, with a report saying so. A run-now among them is accepted
+        // first, in case the agent died before it could record that (a repeated request must not run it again).
         for (_, mut report) in open.operations {
+            if report.trigger == Trigger::RunNow && valid_operation_id(&report.id) {
+                if let Err(e) = lock(&inner.accepted).accept(&inner.paths, &report.id) {
+                    crate::log(format_args!("cannot record run-now operation {} as accepted: {e}", report.id));
+                }
+            }
             let started = report.started_at;
             report.status = OperationStatus::Failed;
             report.reason = Some(FailureReason::Other);
@@ -584,7 +590,8 @@ impl Backups {
         }
     }
 
-    /// A run-now request: accepted once (recorded on disk first), reported `running` at once, then run on its own
+    /// A run-now request: recorded as an open operation and accepted on disk (in that order), reported `running`
+    /// at once, then run on its own
     /// thread with the same plan and repository rules as scheduled runs.
     fn run_now(&self, request: &RunNow) {
         let inner = &self.inner;
@@ -599,16 +606,22 @@ impl Backups {
             ));
             return;
         }
-        let accepted = lock(&inner.accepted).accept(&inner.paths, id);
-        match accepted {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(e) => {
-                crate::log(format_args!("cannot record run-now operation {id} ({e}); not running it"));
+        // The open operation is on disk before the id is accepted: a crash between the two writes leaves an open
+        // run-now operation, which the next start reports failed and accepts (so it is neither lost nor run twice).
+        let op = {
+            let mut accepted = lock(&inner.accepted);
+            if accepted.contains(id) {
                 return;
             }
-        }
-        let op = Operation::start(inner, id.clone(), &request.plan, Trigger::RunNow);
+            let op = Operation::start(inner, id.clone(), &request.plan, Trigger::RunNow);
+            if let Err(e) = accepted.accept(&inner.paths, id) {
+                drop(accepted);
+                let message = format!("the agent cannot record run-now requests on disk ({e}); not run");
+                op.finish(inner, runner::outcome(OperationStatus::Failed, Some(FailureReason::Other), message));
+                return;
+            }
+            op
+        };
         if !inner.knows(&request.plan) {
             inner.sync_config();
         }
@@ -996,6 +1009,51 @@ pub(crate) mod tests {
         backups.flush(Duration::from_secs(5)).unwrap();
         backups.close();
         assert_eq!(server.stored()[OP1], OperationStatus::Failed);
+        let left: OpenOperations = store::load_json(&paths.open_operations()).unwrap().unwrap();
+        assert!(left.operations.is_empty());
+    }
+
+    #[test]
+    fn a_run_now_interrupted_before_it_was_accepted_is_reported_once_and_not_run_again() {
+        // A crash after the open operation was recorded and before run-now.json was written.
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::for_config(&dir.path().join("agent.json"));
+        let mut open = OpenOperations::default();
+        open.operations.insert(OP1.into(), runner::report(OP1, "home", Trigger::RunNow, 5));
+        store::save_json(&paths.open_operations(), &open).unwrap();
+        assert!(!paths.run_now().exists());
+        let server = Arc::new(FakeServer::default());
+        server.serve(config(1));
+        let backups = start(dir.path(), &server);
+        assert!(Accepted::load(&paths).unwrap().contains(OP1), "accepted at start");
+        // The server repeats the request until it has the report: not run again.
+        backups.on_answer(&answer(Some(1), &[(OP1, "home")]));
+        assert!(backups.wait_runs(Some(Duration::from_secs(20))));
+        backups.flush(Duration::from_secs(5)).unwrap();
+        backups.close();
+        assert_eq!(server.stored()[OP1], OperationStatus::Failed);
+        let reports: Vec<_> = server.batches().iter().flat_map(|b| b.reports.clone()).filter(|r| r.id == OP1).collect();
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert!(reports[0].message.as_deref().unwrap().contains("the agent stopped before this run finished"));
+    }
+
+    #[test]
+    fn a_run_now_is_recorded_open_before_it_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::for_config(&dir.path().join("agent.json"));
+        // run-now.json cannot be written (a directory is in its place).
+        std::fs::create_dir(paths.run_now()).unwrap();
+        let server = Arc::new(FakeServer::default());
+        server.serve(config(1));
+        let backups = start(dir.path(), &server);
+        backups.on_answer(&answer(Some(1), &[(OP1, "home")]));
+        assert!(backups.wait_runs(Some(Duration::from_secs(20))));
+        backups.flush(Duration::from_secs(5)).unwrap();
+        backups.close();
+        // Not lost: the server hears it failed, and nothing is left open.
+        assert_eq!(server.stored()[OP1], OperationStatus::Failed);
+        let last = server.batches().iter().flat_map(|b| b.reports.clone()).rfind(|r| r.id == OP1).unwrap();
+        assert!(last.message.as_deref().unwrap().contains("cannot record run-now requests"), "{last:?}");
         let left: OpenOperations = store::load_json(&paths.open_operations()).unwrap().unwrap();
         assert!(left.operations.is_empty());
     }
