@@ -800,6 +800,8 @@ pub(crate) mod tests {
         config_fetches: usize,
         /// How many lease requests still answer 409 `repository_busy`.
         busy: u32,
+        /// Then how many lease requests still fail, and how: an HTTP status, or 0 for an unreachable server.
+        lease_fail: (u32, u16),
         lease_requests: usize,
     }
 
@@ -821,6 +823,10 @@ pub(crate) mod tests {
         }
         pub(crate) fn busy(&self, times: u32) {
             lock(&self.state).busy = times;
+        }
+        /// The next `times` lease requests (after the busy ones) fail with `status` (0: the server is unreachable).
+        pub(crate) fn lease_fail(&self, times: u32, status: u16) {
+            lock(&self.state).lease_fail = (times, status);
         }
         pub(crate) fn lease_requests(&self) -> usize {
             lock(&self.state).lease_requests
@@ -868,6 +874,13 @@ pub(crate) mod tests {
             if s.busy > 0 {
                 s.busy -= 1;
                 return Ok(Lease::Busy { retry_after_secs: 1 });
+            }
+            if s.lease_fail.0 > 0 {
+                s.lease_fail.0 -= 1;
+                return Err(match s.lease_fail.1 {
+                    0 => Self::unreachable(),
+                    status => AgentError::Server { status, code: "internal".into(), message: "no".into() },
+                });
             }
             Ok(Lease::Granted(LeaseGranted {
                 repository: request.repository.clone(),
