@@ -242,8 +242,9 @@ impl Outcome {
     }
 }
 
-/// Removes the 0600 secret files (password, CA certificate) a killed agent left under `<state_dir>/tmp`. Call it
-/// once at start, before any backup runs (it would remove a running backup's files). Returns how many it removed.
+/// Removes the 0600 secret files (password, CA certificate) a killed agent left under `<state_dir>/tmp`.
+/// `Backups::start` calls it once, before any backup runs (it would remove a running backup's files). Returns how
+/// many it removed.
 pub fn remove_stale_secrets(state_dir: &Path) -> std::io::Result<usize> {
     process::remove_stale(state_dir)
 }
@@ -526,6 +527,11 @@ impl<'a> Runner<'a> {
             args.push("--exclude-caches".into());
         }
         args.extend(plan.excludes.iter().map(|x| flag("--exclude=", x.as_ref())));
+        // restic's cache and the secret files are never backed up, also when a plan covers the state directory
+        // (`/var/lib`, or `/etc` when it is the config's directory).
+        for own in ["restic-cache", "tmp"] {
+            args.push(flag("--exclude=", exclude_pattern(&self.job.state_dir.join(own)).as_os_str()));
+        }
         let mut args = self.args("backup", &args);
         args.push("--".into());
         args.extend(plan.paths.iter().map(OsString::from));
@@ -579,6 +585,26 @@ fn newest_snapshots(mut snapshots: Vec<Snapshot>) -> Vec<Snapshot> {
     snapshots.sort_by_cached_key(|s| std::cmp::Reverse(time(s)));
     snapshots.truncate(REPORT_SNAPSHOTS_MAX);
     snapshots
+}
+
+/// An exclude pattern matching exactly `path` (made absolute): on Unix restic's pattern characters (`*`, `?`, `[`,
+/// `\`) are escaped with a backslash.
+fn exclude_pattern(path: &Path) -> OsString {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        let mut out = Vec::new();
+        for &b in path.as_os_str().as_bytes() {
+            if matches!(b, b'*' | b'?' | b'[' | b'\\') {
+                out.push(b'\\');
+            }
+            out.push(b);
+        }
+        OsString::from_vec(out)
+    }
+    #[cfg(not(unix))]
+    path.into_os_string()
 }
 
 /// `prefix` followed by `value`, as one argument (`--exclude=-x` cannot be mistaken for a flag).
@@ -652,6 +678,15 @@ mod tests {
         assert_eq!(ids, want, "the newest 1,000, newest first");
         let few = newest_snapshots(vec![snap(1, "2026-01-01T00:00:00Z".into()), snap(2, "x".into())]);
         assert_eq!(few.len(), 2, "fewer than the cap: all kept");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_state_directory_is_excluded_exactly() {
+        assert_eq!(exclude_pattern(Path::new("/var/lib/restic-manager/tmp")), "/var/lib/restic-manager/tmp");
+        assert_eq!(exclude_pattern(Path::new("/srv/a*b?[c]\\d/tmp")), "/srv/a\\*b\\?\\[c]\\\\d/tmp");
+        let relative = exclude_pattern(Path::new("state/tmp"));
+        assert!(Path::new(&relative).is_absolute() && relative.to_str().unwrap().ends_with("/state/tmp"));
     }
 
     #[test]

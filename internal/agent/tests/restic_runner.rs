@@ -331,6 +331,48 @@ fn a_backup_reports_progress_summary_and_its_snapshot_and_honours_excludes() {
     assert_eq!(again.summary.unwrap().files_unmodified, 10);
 }
 
+/// A plan that covers the agent's state directory (`/var/lib`, `/etc`) does not back up restic's cache or the
+/// short-lived secret files, and still backs up the rest of that directory.
+#[test]
+fn the_state_directorys_cache_and_secret_files_are_never_backed_up() {
+    let Some(restic) = restic_or_skip() else { return };
+    let w = World::new(&restic);
+    w.init();
+    let state = w.path("src/state");
+    std::fs::create_dir_all(state.join("restic-cache")).unwrap();
+    std::fs::write(state.join("restic-cache/earlier"), "a cache file").unwrap();
+    std::fs::write(state.join("agent.json"), "{}").unwrap();
+    std::fs::write(w.path("src/keep.txt"), "keep me").unwrap();
+    let plan = w.plan("p");
+    let repository = w.repository(&w.repo(), PASSWORD);
+    for _ in 0..2 {
+        let job = Job {
+            plan: &plan,
+            repository: &repository,
+            hostname: HOST,
+            state_dir: &state,
+            cancel: Cancel::default(),
+            timeout: Duration::from_secs(60),
+        };
+        let outcome = restic::backup(&restic, &job, &mut |_| {});
+        assert_outcome(&outcome, OperationStatus::Success, None);
+        assert_no_secret_files(&state);
+    }
+    assert!(std::fs::read_dir(state.join("restic-cache")).unwrap().count() > 1, "restic's cache is there");
+    let snapshots = w.snapshots(&w.repo());
+    assert_eq!(snapshots.len(), 2);
+    for snapshot in snapshots {
+        let files = w.ls(snapshot["id"].as_str().unwrap());
+        let src = w.src().display().to_string();
+        assert!(files.contains(&format!("{src}/keep.txt")), "{files:?}");
+        assert!(files.contains(&format!("{src}/state/agent.json")), "the rest of the state dir: {files:?}");
+        assert!(
+            !files.iter().any(|f| f.contains("/state/restic-cache") || f.contains("/state/tmp")),
+            "the cache and the secret files' directory are excluded: {files:?}"
+        );
+    }
+}
+
 #[test]
 fn a_wrong_password_is_reported_as_such() {
     let Some(restic) = restic_or_skip() else { return };
@@ -631,7 +673,13 @@ exec '{restic}' "$@"
 
     let log = std::fs::read_to_string(&log).unwrap();
     let calls: Vec<&str> = log.lines().filter(|l| l.starts_with("ARGV")).collect();
-    assert!(calls[0].starts_with("ARGV backup --json --host=rm-test-host --tag=rm-plan:p --cache-dir="), "{log}");
+    let own = |dir: &str| format!("--exclude={}", w.state().join(dir).display());
+    let backup = format!(
+        "ARGV backup --json --host=rm-test-host --tag=rm-plan:p {} {} --cache-dir=",
+        own("restic-cache"),
+        own("tmp")
+    );
+    assert!(calls[0].starts_with(&backup), "{log}");
     assert!(calls[0].ends_with(&format!(" -- {}", w.src().display())), "{log}");
     assert!(calls[1].starts_with("ARGV snapshots --json --no-lock --host=rm-test-host --tag=rm-plan:p"), "{log}");
     assert!(calls.iter().all(|c| c.contains(&format!("--cache-dir={}", w.state().join("restic-cache").display()))));

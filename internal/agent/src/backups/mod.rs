@@ -109,6 +109,29 @@ pub struct Settings {
     pub hostname: String,
     /// `--restic`; `None`: `restic` on `PATH`.
     pub restic: Option<PathBuf>,
+    /// Where restic's cache and the short-lived secret files go ([`state_dir_from_env`]); `None`: the config's
+    /// directory.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The agent's state directory from `$STATE_DIRECTORY`, which systemd sets from the unit's `StateDirectory=`
+/// (`/var/lib/restic-manager`; the first entry when it lists several, colon-separated). `None` when it is not set.
+pub fn state_dir_from_env() -> Option<PathBuf> {
+    state_dir_from(std::env::var_os("STATE_DIRECTORY"))
+}
+
+fn state_dir_from(value: Option<std::ffi::OsString>) -> Option<PathBuf> {
+    let value = value?;
+    #[cfg(unix)]
+    let first = {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = value.as_bytes();
+        let end = bytes.iter().position(|&b| b == b':').unwrap_or(bytes.len());
+        PathBuf::from(std::ffi::OsStr::from_bytes(&bytes[..end]))
+    };
+    #[cfg(not(unix))]
+    let first = PathBuf::from(value);
+    (!first.as_os_str().is_empty()).then_some(first)
 }
 
 struct Detection {
@@ -157,6 +180,9 @@ pub(crate) enum Claimed {
 pub(crate) struct Inner {
     server: Arc<dyn Server>,
     paths: Paths,
+    /// restic's cache (`restic-cache/`) and the short-lived secret files (`tmp/`): the state directory, else the
+    /// config's directory.
+    state_dir: PathBuf,
     agent_id: String,
     hostname: String,
     restic_path: Option<PathBuf>,
@@ -498,9 +524,27 @@ impl Backups {
             or_default("backup config", e);
             None
         });
+        let state_dir = settings.state_dir.clone().unwrap_or_else(|| paths.dir.clone());
+        // Before anything runs restic: the secret files a killed agent left, also under the config's directory,
+        // where an older agent kept them.
+        let mut dirs = vec![state_dir.clone()];
+        if paths.dir != state_dir {
+            dirs.push(paths.dir.clone());
+        }
+        for dir in dirs {
+            match restic::remove_stale_secrets(&dir) {
+                Ok(0) => {}
+                Ok(n) => crate::log(format_args!(
+                    "removed {n} secret file(s) a stopped agent left in {}",
+                    dir.join("tmp").display()
+                )),
+                Err(e) => crate::log(format_args!("cannot remove stale secret files in {}: {e}", dir.display())),
+            }
+        }
         let inner = Arc::new(Inner {
             server,
             paths,
+            state_dir,
             agent_id: settings.agent_id,
             hostname: settings.hostname,
             restic_path: settings.restic,
@@ -942,6 +986,7 @@ pub(crate) mod tests {
             hostname: "host".into(),
             // Never a real restic: these tests are about bookkeeping, whatever restic the machine has.
             restic: Some(dir.join("no-such-restic")),
+            state_dir: None,
         };
         Backups::start(server.clone(), settings).unwrap()
     }
@@ -1167,6 +1212,41 @@ pub(crate) mod tests {
         std::thread::sleep(Duration::from_millis(100));
         cancel.cancel();
         assert!(!waiter.join().unwrap());
+    }
+
+    #[test]
+    fn the_state_directory_comes_from_systemd() {
+        assert_eq!(state_dir_from(None), None);
+        assert_eq!(state_dir_from(Some("".into())), None);
+        assert_eq!(state_dir_from(Some("/var/lib/restic-manager".into())), Some("/var/lib/restic-manager".into()));
+        #[cfg(unix)]
+        assert_eq!(state_dir_from(Some("/var/lib/a:/var/lib/b".into())), Some("/var/lib/a".into()));
+        let dir = tempfile::tempdir().unwrap();
+        let backups = start(dir.path(), &Arc::new(FakeServer::default()));
+        assert_eq!(backups.inner.state_dir, dir.path(), "without it: the config's directory");
+    }
+
+    #[test]
+    fn secret_files_a_killed_agent_left_are_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        for d in [&state, dir.path()] {
+            std::fs::create_dir_all(d.join("tmp")).unwrap();
+            std::fs::write(d.join("tmp/restic-secret-left"), "hunter2").unwrap();
+        }
+        let server = Arc::new(FakeServer::default());
+        let settings = Settings {
+            config_path: dir.path().join("agent.json"),
+            agent_id: "agent-1".into(),
+            hostname: "host".into(),
+            restic: Some(dir.path().join("no-such-restic")),
+            state_dir: Some(state.clone()),
+        };
+        let backups = Backups::start(server, settings).unwrap();
+        assert_eq!(backups.inner.state_dir, state);
+        assert!(!state.join("tmp/restic-secret-left").exists());
+        assert!(!dir.path().join("tmp/restic-secret-left").exists(), "also where an older agent kept them");
+        backups.close();
     }
 
     #[test]

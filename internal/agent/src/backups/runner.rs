@@ -236,7 +236,7 @@ fn execute<'a>(inner: &'a Arc<Inner>, op: &Operation, plan: &str, id: &str, canc
         plan: &plan_def,
         repository: &repository,
         hostname: &inner.hostname,
-        state_dir: &inner.paths.dir,
+        state_dir: &inner.state_dir,
         cancel: cancel.clone(),
         timeout,
     };
