@@ -3,7 +3,7 @@
 //!
 //! * `output`: restic's words and JSON lines, parsed without trusting them; exit codes and messages → endings.
 //! * `process`: the child process: environment without inherited `RESTIC_*`, 0600 secret files, pipes read on
-//!   threads, SIGINT-then-kill on cancel or timeout.
+//!   threads, SIGINT-then-kill on cancel or timeout, SIGINT when the agent dies (Linux).
 
 mod output;
 mod process;
@@ -243,7 +243,8 @@ impl Outcome {
 }
 
 /// Removes the 0600 secret files (password, CA certificate) a killed agent left under `<state_dir>/tmp`.
-/// `Backups::start` calls it once, before any backup runs (it would remove a running backup's files). Returns how
+/// `Backups::start` calls it once, before any backup runs (it would remove a running backup's files); on Linux a
+/// restic the killed agent started cannot still be reading them, as it got SIGINT when the agent died. Returns how
 /// many it removed.
 pub fn remove_stale_secrets(state_dir: &Path) -> std::io::Result<usize> {
     process::remove_stale(state_dir)
