@@ -329,6 +329,7 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
         agent_id: config.agent_id.clone(),
         hostname: facts.hostname.clone(),
         restic,
+        state_dir: backups::state_dir_from_env(),
     };
     let backups = Backups::start(Arc::new(server), settings)?;
     if !once {

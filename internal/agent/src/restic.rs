@@ -3,7 +3,7 @@
 //!
 //! * `output`: restic's words and JSON lines, parsed without trusting them; exit codes and messages → endings.
 //! * `process`: the child process: environment without inherited `RESTIC_*`, 0600 secret files, pipes read on
-//!   threads, SIGINT-then-kill on cancel or timeout.
+//!   threads, SIGINT-then-kill on cancel or timeout, SIGINT when the agent dies (Linux).
 
 mod output;
 mod process;
@@ -213,7 +213,8 @@ pub struct Outcome {
     pub message: Option<String>,
     pub reason: Option<FailureReason>,
     pub exit_code: Option<i32>,
-    /// After a success or warning: the plan's snapshots on this host (`None` if listing them failed).
+    /// After a success or warning: the plan's snapshots on this host, the newest [`REPORT_SNAPSHOTS_MAX`], newest
+    /// first (`None` if listing them failed).
     pub snapshots: Option<Vec<Snapshot>>,
 }
 
@@ -241,8 +242,10 @@ impl Outcome {
     }
 }
 
-/// Removes the 0600 secret files (password, CA certificate) a killed agent left under `<state_dir>/tmp`. Call it
-/// once at start, before any backup runs (it would remove a running backup's files). Returns how many it removed.
+/// Removes the 0600 secret files (password, CA certificate) a killed agent left under `<state_dir>/tmp`.
+/// `Backups::start` calls it once, before any backup runs (it would remove a running backup's files); on Linux a
+/// restic the killed agent started cannot still be reading them, as it got SIGINT when the agent died. Returns how
+/// many it removed.
 pub fn remove_stale_secrets(state_dir: &Path) -> std::io::Result<usize> {
     process::remove_stale(state_dir)
 }
@@ -507,7 +510,7 @@ impl<'a> Runner<'a> {
         if exit.code != Some(0) {
             return None;
         }
-        output::parse_snapshots(&stdout)
+        output::parse_snapshots(&stdout).map(newest_snapshots)
     }
 
     fn backup_args(&self) -> Vec<OsString> {
@@ -525,6 +528,11 @@ impl<'a> Runner<'a> {
             args.push("--exclude-caches".into());
         }
         args.extend(plan.excludes.iter().map(|x| flag("--exclude=", x.as_ref())));
+        // restic's cache and the secret files are never backed up, also when a plan covers the state directory
+        // (`/var/lib`, or `/etc` when it is the config's directory).
+        for own in ["restic-cache", "tmp"] {
+            args.push(flag("--exclude=", exclude_pattern(&self.job.state_dir.join(own)).as_os_str()));
+        }
         let mut args = self.args("backup", &args);
         args.push("--".into());
         args.extend(plan.paths.iter().map(OsString::from));
@@ -563,6 +571,41 @@ impl<'a> Runner<'a> {
             .map_err(|e| Unavailable(spawn_error(&self.restic.path, &e)))?;
         Ok(Run { exit, tail, summary })
     }
+}
+
+/// The most snapshots a report carries. The server refuses a report with more than 10,000 snapshots (400) or a
+/// batch body over 8 MiB, and a refused final report is set aside for good; a plan that keeps more snapshots than
+/// this reports its newest [`REPORT_SNAPSHOTS_MAX`] (the server then lists those: they replace the plan's earlier
+/// list).
+pub const REPORT_SNAPSHOTS_MAX: usize = 1000;
+
+/// The newest [`REPORT_SNAPSHOTS_MAX`] of `snapshots`, newest first (by their RFC 3339 time; one whose time does not
+/// parse counts as the oldest).
+fn newest_snapshots(mut snapshots: Vec<Snapshot>) -> Vec<Snapshot> {
+    let time = |s: &Snapshot| chrono::DateTime::parse_from_rfc3339(&s.time).ok();
+    snapshots.sort_by_cached_key(|s| std::cmp::Reverse(time(s)));
+    snapshots.truncate(REPORT_SNAPSHOTS_MAX);
+    snapshots
+}
+
+/// An exclude pattern matching exactly `path` (made absolute): on Unix restic's pattern characters (`*`, `?`, `[`,
+/// `\`) are escaped with a backslash.
+fn exclude_pattern(path: &Path) -> OsString {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::{OsStrExt, OsStringExt};
+        let mut out = Vec::new();
+        for &b in path.as_os_str().as_bytes() {
+            if matches!(b, b'*' | b'?' | b'[' | b'\\') {
+                out.push(b'\\');
+            }
+            out.push(b);
+        }
+        OsString::from_vec(out)
+    }
+    #[cfg(not(unix))]
+    path.into_os_string()
 }
 
 /// `prefix` followed by `value`, as one argument (`--exclude=-x` cannot be mistaken for a flag).
@@ -609,6 +652,42 @@ mod tests {
         let mut summary = BackupSummary { snapshot_id: Some("90".into()), ..BackupSummary::default() };
         complete_snapshot_id(&mut summary, &[snap("90aa"), snap("90bb")]);
         assert_eq!(summary.snapshot_id.as_deref(), Some("90"), "ambiguous: left as restic said");
+    }
+
+    #[test]
+    fn a_report_carries_the_newest_snapshots_only() {
+        let snap = |i: usize, time: String| Snapshot { id: format!("{i:064x}"), time, ..Snapshot::default() };
+        // Shuffled times, some with another offset (the same instant written differently sorts by instant).
+        let mut all: Vec<Snapshot> = (0..2500)
+            .map(|i| {
+                let t = chrono::DateTime::from_timestamp(1_700_000_000 + (i as i64) * 60, 123_000_000).unwrap();
+                let time = if i % 3 == 0 {
+                    t.with_timezone(&chrono::FixedOffset::east_opt(2 * 3600).unwrap()).to_rfc3339()
+                } else {
+                    t.to_rfc3339()
+                };
+                snap(i, time)
+            })
+            .collect();
+        all.reverse();
+        all.swap(0, 1700);
+        all.push(snap(9999, "not a time".into()));
+        let kept = newest_snapshots(all);
+        assert_eq!(kept.len(), REPORT_SNAPSHOTS_MAX);
+        let ids: Vec<usize> = kept.iter().map(|s| usize::from_str_radix(&s.id, 16).unwrap()).collect();
+        let want: Vec<usize> = (1500..2500).rev().collect();
+        assert_eq!(ids, want, "the newest 1,000, newest first");
+        let few = newest_snapshots(vec![snap(1, "2026-01-01T00:00:00Z".into()), snap(2, "x".into())]);
+        assert_eq!(few.len(), 2, "fewer than the cap: all kept");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_state_directory_is_excluded_exactly() {
+        assert_eq!(exclude_pattern(Path::new("/var/lib/restic-manager/tmp")), "/var/lib/restic-manager/tmp");
+        assert_eq!(exclude_pattern(Path::new("/srv/a*b?[c]\\d/tmp")), "/srv/a\\*b\\?\\[c]\\\\d/tmp");
+        let relative = exclude_pattern(Path::new("state/tmp"));
+        assert!(Path::new(&relative).is_absolute() && relative.to_str().unwrap().ends_with("/state/tmp"));
     }
 
     #[test]

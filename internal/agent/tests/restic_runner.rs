@@ -331,6 +331,48 @@ fn a_backup_reports_progress_summary_and_its_snapshot_and_honours_excludes() {
     assert_eq!(again.summary.unwrap().files_unmodified, 10);
 }
 
+/// A plan that covers the agent's state directory (`/var/lib`, `/etc`) does not back up restic's cache or the
+/// short-lived secret files, and still backs up the rest of that directory.
+#[test]
+fn the_state_directorys_cache_and_secret_files_are_never_backed_up() {
+    let Some(restic) = restic_or_skip() else { return };
+    let w = World::new(&restic);
+    w.init();
+    let state = w.path("src/state");
+    std::fs::create_dir_all(state.join("restic-cache")).unwrap();
+    std::fs::write(state.join("restic-cache/earlier"), "a cache file").unwrap();
+    std::fs::write(state.join("agent.json"), "{}").unwrap();
+    std::fs::write(w.path("src/keep.txt"), "keep me").unwrap();
+    let plan = w.plan("p");
+    let repository = w.repository(&w.repo(), PASSWORD);
+    for _ in 0..2 {
+        let job = Job {
+            plan: &plan,
+            repository: &repository,
+            hostname: HOST,
+            state_dir: &state,
+            cancel: Cancel::default(),
+            timeout: Duration::from_secs(60),
+        };
+        let outcome = restic::backup(&restic, &job, &mut |_| {});
+        assert_outcome(&outcome, OperationStatus::Success, None);
+        assert_no_secret_files(&state);
+    }
+    assert!(std::fs::read_dir(state.join("restic-cache")).unwrap().count() > 1, "restic's cache is there");
+    let snapshots = w.snapshots(&w.repo());
+    assert_eq!(snapshots.len(), 2);
+    for snapshot in snapshots {
+        let files = w.ls(snapshot["id"].as_str().unwrap());
+        let src = w.src().display().to_string();
+        assert!(files.contains(&format!("{src}/keep.txt")), "{files:?}");
+        assert!(files.contains(&format!("{src}/state/agent.json")), "the rest of the state dir: {files:?}");
+        assert!(
+            !files.iter().any(|f| f.contains("/state/restic-cache") || f.contains("/state/tmp")),
+            "the cache and the secret files' directory are excluded: {files:?}"
+        );
+    }
+}
+
 #[test]
 fn a_wrong_password_is_reported_as_such() {
     let Some(restic) = restic_or_skip() else { return };
@@ -631,7 +673,13 @@ exec '{restic}' "$@"
 
     let log = std::fs::read_to_string(&log).unwrap();
     let calls: Vec<&str> = log.lines().filter(|l| l.starts_with("ARGV")).collect();
-    assert!(calls[0].starts_with("ARGV backup --json --host=rm-test-host --tag=rm-plan:p --cache-dir="), "{log}");
+    let own = |dir: &str| format!("--exclude={}", w.state().join(dir).display());
+    let backup = format!(
+        "ARGV backup --json --host=rm-test-host --tag=rm-plan:p {} {} --cache-dir=",
+        own("restic-cache"),
+        own("tmp")
+    );
+    assert!(calls[0].starts_with(&backup), "{log}");
     assert!(calls[0].ends_with(&format!(" -- {}", w.src().display())), "{log}");
     assert!(calls[1].starts_with("ARGV snapshots --json --no-lock --host=rm-test-host --tag=rm-plan:p"), "{log}");
     assert!(calls.iter().all(|c| c.contains(&format!("--cache-dir={}", w.state().join("restic-cache").display()))));
@@ -658,15 +706,16 @@ exec '{restic}' "$@"
     assert!(std::env::var_os("RESTIC_PASSWORD_FILE").is_none());
 }
 
-/// A restic that reports progress, records its pid and then ignores SIGINT.
+/// A restic that ignores SIGINT (from the start: the test's cancel follows its first progress line at once), records
+/// its pid and reports progress.
 fn stubborn_restic(w: &World) -> Restic {
     let path = w.path("stubborn-restic");
     write_script(
         &path,
         &format!(
-            "#!/bin/sh\n[ -n \"$RM_PROBE\" ] && exit 0\necho $$ > '{}'\n\
+            "#!/bin/sh\n[ -n \"$RM_PROBE\" ] && exit 0\ntrap '' INT\necho $$ > '{}'\n\
              echo '{{\"message_type\":\"status\",\"percent_done\":0.5,\"total_files\":2}}'\n\
-             trap '' INT\nexec sleep 30\n",
+             exec sleep 30\n",
             w.path("stubborn.pid").display()
         ),
     );
@@ -721,4 +770,75 @@ fn a_panicking_progress_callback_kills_restic_and_removes_the_password_file() {
     assert!(panicked.is_err());
     assert_no_secret_files(&state);
     assert!(!is_running(&w.path("stubborn.pid")), "restic was killed when the runner unwound");
+}
+
+/// Whether process `pid` still runs (a zombie waiting for its reaper counts as gone).
+#[cfg(target_os = "linux")]
+fn alive(pid: libc::pid_t) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with(['Z', 'X'])),
+        Err(_) => false,
+    }
+}
+
+/// Linux: a restic whose agent is SIGKILLed (outside systemd, nothing else stops it) gets SIGINT and ends, instead
+/// of running on without a lease. The agent is a child test process that starts a backup with a "restic" that
+/// records its pid and sleeps.
+#[cfg(target_os = "linux")]
+#[test]
+fn restic_ends_when_the_agent_is_killed() {
+    const CHILD: &str = "RM_RESTIC_PDEATH_PIDFILE";
+    let name = "restic_ends_when_the_agent_is_killed";
+    if let Some(pid_file) = std::env::var_os(CHILD) {
+        let w = World::new(&Restic { path: PathBuf::from("/bin/false"), version: MIN_VERSION });
+        let sleeper = w.path("sleepy-restic");
+        let pid_file = Path::new(&pid_file);
+        write_script(
+            &sleeper,
+            &format!(
+                "#!/bin/sh\n[ -n \"$RM_PROBE\" ] && exit 0\necho $$ > '{tmp}' && mv '{tmp}' '{file}'\nexec sleep 60\n",
+                tmp = pid_file.with_extension("tmp").display(),
+                file = pid_file.display()
+            ),
+        );
+        let restic = Restic { path: sleeper, version: MIN_VERSION };
+        let outcome = w.backup_with(
+            &restic,
+            &w.plan("p"),
+            &w.repository(&w.repo(), PASSWORD),
+            Cancel::default(),
+            Duration::from_secs(120),
+            &mut |_| {},
+        );
+        panic!("the parent kills this process before restic ends: {outcome:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("restic.pid");
+    let mut agent = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(CHILD, &pid_file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let until = Instant::now() + Duration::from_secs(30);
+    while !pid_file.exists() {
+        assert!(Instant::now() < until, "the child agent never started its restic");
+        assert!(agent.try_wait().unwrap().is_none(), "the child agent ended early");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid: libc::pid_t = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    assert!(alive(pid), "restic runs");
+    agent.kill().unwrap(); // SIGKILL: the agent cannot stop restic itself
+    agent.wait().unwrap();
+    let until = Instant::now() + Duration::from_secs(5);
+    while alive(pid) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let survived = alive(pid);
+    if survived {
+        // SAFETY: kill(2) with a plain signal; the pid is the orphaned sleep this test started.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    assert!(!survived, "restic outlived its agent");
 }

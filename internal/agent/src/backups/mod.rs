@@ -109,6 +109,29 @@ pub struct Settings {
     pub hostname: String,
     /// `--restic`; `None`: `restic` on `PATH`.
     pub restic: Option<PathBuf>,
+    /// Where restic's cache and the short-lived secret files go ([`state_dir_from_env`]); `None`: the config's
+    /// directory.
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The agent's state directory from `$STATE_DIRECTORY`, which systemd sets from the unit's `StateDirectory=`
+/// (`/var/lib/restic-manager`; the first entry when it lists several, colon-separated). `None` when it is not set.
+pub fn state_dir_from_env() -> Option<PathBuf> {
+    state_dir_from(std::env::var_os("STATE_DIRECTORY"))
+}
+
+fn state_dir_from(value: Option<std::ffi::OsString>) -> Option<PathBuf> {
+    let value = value?;
+    #[cfg(unix)]
+    let first = {
+        use std::os::unix::ffi::OsStrExt;
+        let bytes = value.as_bytes();
+        let end = bytes.iter().position(|&b| b == b':').unwrap_or(bytes.len());
+        PathBuf::from(std::ffi::OsStr::from_bytes(&bytes[..end]))
+    };
+    #[cfg(not(unix))]
+    let first = PathBuf::from(value);
+    (!first.as_os_str().is_empty()).then_some(first)
 }
 
 struct Detection {
@@ -157,6 +180,9 @@ pub(crate) enum Claimed {
 pub(crate) struct Inner {
     server: Arc<dyn Server>,
     paths: Paths,
+    /// restic's cache (`restic-cache/`) and the short-lived secret files (`tmp/`): the state directory, else the
+    /// config's directory.
+    state_dir: PathBuf,
     agent_id: String,
     hostname: String,
     restic_path: Option<PathBuf>,
@@ -498,9 +524,27 @@ impl Backups {
             or_default("backup config", e);
             None
         });
+        let state_dir = settings.state_dir.clone().unwrap_or_else(|| paths.dir.clone());
+        // Before anything runs restic: the secret files a killed agent left, also under the config's directory,
+        // where an older agent kept them.
+        let mut dirs = vec![state_dir.clone()];
+        if paths.dir != state_dir {
+            dirs.push(paths.dir.clone());
+        }
+        for dir in dirs {
+            match restic::remove_stale_secrets(&dir) {
+                Ok(0) => {}
+                Ok(n) => crate::log(format_args!(
+                    "removed {n} secret file(s) a stopped agent left in {}",
+                    dir.join("tmp").display()
+                )),
+                Err(e) => crate::log(format_args!("cannot remove stale secret files in {}: {e}", dir.display())),
+            }
+        }
         let inner = Arc::new(Inner {
             server,
             paths,
+            state_dir,
             agent_id: settings.agent_id,
             hostname: settings.hostname,
             restic_path: settings.restic,
@@ -523,8 +567,14 @@ impl Backups {
             config_error: Mutex::new(None),
             started: Utc::now(),
         });
-        // Operations a killed agent left running end now, with a report saying so.
+        // Operations a killed agent left running end now, with a report saying so. A run-now among them is accepted
+        // first, in case the agent died before it could record that (a repeated request must not run it again).
         for (_, mut report) in open.operations {
+            if report.trigger == Trigger::RunNow && valid_operation_id(&report.id) {
+                if let Err(e) = lock(&inner.accepted).accept(&inner.paths, &report.id) {
+                    crate::log(format_args!("cannot record run-now operation {} as accepted: {e}", report.id));
+                }
+            }
             let started = report.started_at;
             report.status = OperationStatus::Failed;
             report.reason = Some(FailureReason::Other);
@@ -584,7 +634,8 @@ impl Backups {
         }
     }
 
-    /// A run-now request: accepted once (recorded on disk first), reported `running` at once, then run on its own
+    /// A run-now request: recorded as an open operation and accepted on disk (in that order), reported `running`
+    /// at once, then run on its own
     /// thread with the same plan and repository rules as scheduled runs.
     fn run_now(&self, request: &RunNow) {
         let inner = &self.inner;
@@ -599,16 +650,22 @@ impl Backups {
             ));
             return;
         }
-        let accepted = lock(&inner.accepted).accept(&inner.paths, id);
-        match accepted {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(e) => {
-                crate::log(format_args!("cannot record run-now operation {id} ({e}); not running it"));
+        // The open operation is on disk before the id is accepted: a crash between the two writes leaves an open
+        // run-now operation, which the next start reports failed and accepts (so it is neither lost nor run twice).
+        let op = {
+            let mut accepted = lock(&inner.accepted);
+            if accepted.contains(id) {
                 return;
             }
-        }
-        let op = Operation::start(inner, id.clone(), &request.plan, Trigger::RunNow);
+            let op = Operation::start(inner, id.clone(), &request.plan, Trigger::RunNow);
+            if let Err(e) = accepted.accept(&inner.paths, id) {
+                drop(accepted);
+                let message = format!("the agent cannot record run-now requests on disk ({e}); not run");
+                op.finish(inner, runner::outcome(OperationStatus::Failed, Some(FailureReason::Other), message));
+                return;
+            }
+            op
+        };
         if !inner.knows(&request.plan) {
             inner.sync_config();
         }
@@ -781,11 +838,14 @@ pub(crate) mod tests {
         down: bool,
         batches: Vec<ReportBatch>,
         stored: BTreeMap<String, OperationStatus>,
-        refuse: HashSet<String>,
+        /// Report ids the server refuses, with the status it answers.
+        refuse: HashMap<String, u16>,
         config: Option<AgentConfigBody>,
         config_fetches: usize,
         /// How many lease requests still answer 409 `repository_busy`.
         busy: u32,
+        /// Then how many lease requests still fail, and how: an HTTP status, or 0 for an unreachable server.
+        lease_fail: (u32, u16),
         lease_requests: usize,
     }
 
@@ -794,7 +854,10 @@ pub(crate) mod tests {
             lock(&self.state).down = down;
         }
         pub(crate) fn refuse(&self, id: &str) {
-            lock(&self.state).refuse.insert(id.into());
+            self.refuse_with(id, 400);
+        }
+        pub(crate) fn refuse_with(&self, id: &str, status: u16) {
+            lock(&self.state).refuse.insert(id.into(), status);
         }
         pub(crate) fn batches(&self) -> Vec<ReportBatch> {
             lock(&self.state).batches.clone()
@@ -804,6 +867,10 @@ pub(crate) mod tests {
         }
         pub(crate) fn busy(&self, times: u32) {
             lock(&self.state).busy = times;
+        }
+        /// The next `times` lease requests (after the busy ones) fail with `status` (0: the server is unreachable).
+        pub(crate) fn lease_fail(&self, times: u32, status: u16) {
+            lock(&self.state).lease_fail = (times, status);
         }
         pub(crate) fn lease_requests(&self) -> usize {
             lock(&self.state).lease_requests
@@ -831,8 +898,8 @@ pub(crate) mod tests {
             if s.down {
                 return Err(Self::unreachable());
             }
-            if batch.reports.iter().any(|r| s.refuse.contains(&r.id)) {
-                return Err(AgentError::Server { status: 400, code: "invalid".into(), message: "no".into() });
+            if let Some(status) = batch.reports.iter().find_map(|r| s.refuse.get(&r.id)) {
+                return Err(AgentError::Server { status: *status, code: "refused".into(), message: "no".into() });
             }
             for r in &batch.reports {
                 let entry = s.stored.entry(r.id.clone()).or_insert(r.status);
@@ -851,6 +918,13 @@ pub(crate) mod tests {
             if s.busy > 0 {
                 s.busy -= 1;
                 return Ok(Lease::Busy { retry_after_secs: 1 });
+            }
+            if s.lease_fail.0 > 0 {
+                s.lease_fail.0 -= 1;
+                return Err(match s.lease_fail.1 {
+                    0 => Self::unreachable(),
+                    status => AgentError::Server { status, code: "internal".into(), message: "no".into() },
+                });
             }
             Ok(Lease::Granted(LeaseGranted {
                 repository: request.repository.clone(),
@@ -912,6 +986,7 @@ pub(crate) mod tests {
             hostname: "host".into(),
             // Never a real restic: these tests are about bookkeeping, whatever restic the machine has.
             restic: Some(dir.join("no-such-restic")),
+            state_dir: None,
         };
         Backups::start(server.clone(), settings).unwrap()
     }
@@ -992,6 +1067,51 @@ pub(crate) mod tests {
         backups.flush(Duration::from_secs(5)).unwrap();
         backups.close();
         assert_eq!(server.stored()[OP1], OperationStatus::Failed);
+        let left: OpenOperations = store::load_json(&paths.open_operations()).unwrap().unwrap();
+        assert!(left.operations.is_empty());
+    }
+
+    #[test]
+    fn a_run_now_interrupted_before_it_was_accepted_is_reported_once_and_not_run_again() {
+        // A crash after the open operation was recorded and before run-now.json was written.
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::for_config(&dir.path().join("agent.json"));
+        let mut open = OpenOperations::default();
+        open.operations.insert(OP1.into(), runner::report(OP1, "home", Trigger::RunNow, 5));
+        store::save_json(&paths.open_operations(), &open).unwrap();
+        assert!(!paths.run_now().exists());
+        let server = Arc::new(FakeServer::default());
+        server.serve(config(1));
+        let backups = start(dir.path(), &server);
+        assert!(Accepted::load(&paths).unwrap().contains(OP1), "accepted at start");
+        // The server repeats the request until it has the report: not run again.
+        backups.on_answer(&answer(Some(1), &[(OP1, "home")]));
+        assert!(backups.wait_runs(Some(Duration::from_secs(20))));
+        backups.flush(Duration::from_secs(5)).unwrap();
+        backups.close();
+        assert_eq!(server.stored()[OP1], OperationStatus::Failed);
+        let reports: Vec<_> = server.batches().iter().flat_map(|b| b.reports.clone()).filter(|r| r.id == OP1).collect();
+        assert_eq!(reports.len(), 1, "{reports:?}");
+        assert!(reports[0].message.as_deref().unwrap().contains("the agent stopped before this run finished"));
+    }
+
+    #[test]
+    fn a_run_now_is_recorded_open_before_it_is_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::for_config(&dir.path().join("agent.json"));
+        // run-now.json cannot be written (a directory is in its place).
+        std::fs::create_dir(paths.run_now()).unwrap();
+        let server = Arc::new(FakeServer::default());
+        server.serve(config(1));
+        let backups = start(dir.path(), &server);
+        backups.on_answer(&answer(Some(1), &[(OP1, "home")]));
+        assert!(backups.wait_runs(Some(Duration::from_secs(20))));
+        backups.flush(Duration::from_secs(5)).unwrap();
+        backups.close();
+        // Not lost: the server hears it failed, and nothing is left open.
+        assert_eq!(server.stored()[OP1], OperationStatus::Failed);
+        let last = server.batches().iter().flat_map(|b| b.reports.clone()).rfind(|r| r.id == OP1).unwrap();
+        assert!(last.message.as_deref().unwrap().contains("cannot record run-now requests"), "{last:?}");
         let left: OpenOperations = store::load_json(&paths.open_operations()).unwrap().unwrap();
         assert!(left.operations.is_empty());
     }
@@ -1092,6 +1212,41 @@ pub(crate) mod tests {
         std::thread::sleep(Duration::from_millis(100));
         cancel.cancel();
         assert!(!waiter.join().unwrap());
+    }
+
+    #[test]
+    fn the_state_directory_comes_from_systemd() {
+        assert_eq!(state_dir_from(None), None);
+        assert_eq!(state_dir_from(Some("".into())), None);
+        assert_eq!(state_dir_from(Some("/var/lib/restic-manager".into())), Some("/var/lib/restic-manager".into()));
+        #[cfg(unix)]
+        assert_eq!(state_dir_from(Some("/var/lib/a:/var/lib/b".into())), Some("/var/lib/a".into()));
+        let dir = tempfile::tempdir().unwrap();
+        let backups = start(dir.path(), &Arc::new(FakeServer::default()));
+        assert_eq!(backups.inner.state_dir, dir.path(), "without it: the config's directory");
+    }
+
+    #[test]
+    fn secret_files_a_killed_agent_left_are_removed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        for d in [&state, dir.path()] {
+            std::fs::create_dir_all(d.join("tmp")).unwrap();
+            std::fs::write(d.join("tmp/restic-secret-left"), "hunter2").unwrap();
+        }
+        let server = Arc::new(FakeServer::default());
+        let settings = Settings {
+            config_path: dir.path().join("agent.json"),
+            agent_id: "agent-1".into(),
+            hostname: "host".into(),
+            restic: Some(dir.path().join("no-such-restic")),
+            state_dir: Some(state.clone()),
+        };
+        let backups = Backups::start(server, settings).unwrap();
+        assert_eq!(backups.inner.state_dir, state);
+        assert!(!state.join("tmp/restic-secret-left").exists());
+        assert!(!dir.path().join("tmp/restic-secret-left").exists(), "also where an older agent kept them");
+        backups.close();
     }
 
     #[test]

@@ -33,8 +33,8 @@ pub struct Outbox {
     generation: AtomicU64,
     /// Held while a batch is being sent (the sender thread and a flush never send the same files at once).
     sending: Mutex<()>,
-    /// How many reports the next batch may hold: halved after the server refuses a batch as invalid, so one bad
-    /// report is isolated instead of blocking the queue.
+    /// How many reports the next batch may hold: halved after the server refuses a batch (400, 409, 413, 422), so
+    /// one bad report is isolated and set aside instead of blocking the queue.
     limit: AtomicUsize,
     /// Set on every new report and on stop; the sender waits on it.
     wake: Mutex<Wake>,
@@ -244,11 +244,13 @@ impl Outbox {
                 self.limit.store(BATCH_MAX, Ordering::SeqCst);
                 Ok(Sent { reports: count, more })
             }
-            Err(e @ AgentError::Server { status: 400 | 413 | 422, .. }) if count > 1 => {
+            // 400/413/422: a report the server finds invalid or too large; 409: one it will never take from this
+            // agent (an operation id another agent owns, e.g. after a re-enrolment that kept the state directory).
+            Err(e @ AgentError::Server { status: 400 | 409 | 413 | 422, .. }) if count > 1 => {
                 self.limit.store((count / 2).max(1), Ordering::SeqCst);
                 Err(e)
             }
-            Err(AgentError::Server { status: status @ (400 | 413 | 422), code, message }) => {
+            Err(AgentError::Server { status: status @ (400 | 409 | 413 | 422), code, message }) => {
                 // One report the server will never take: set it aside (kept on disk) rather than block the queue.
                 if let Some(path) = files.first() {
                     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("report");
@@ -444,6 +446,26 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(&outbox.dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left.len(), 1);
         assert!(left[0].to_str().unwrap().starts_with("rejected-"), "{left:?}");
+    }
+
+    #[test]
+    fn a_conflicting_report_is_set_aside_and_does_not_block_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let outbox = Outbox::open(&dir.path().join("outbox")).unwrap();
+        outbox.push(&report("op_1", OperationStatus::Success)).unwrap();
+        outbox.push(&report("op_theirs", OperationStatus::Success)).unwrap();
+        outbox.push(&report("op_3", OperationStatus::Failed)).unwrap();
+        let server = FakeServer::default();
+        // The operation id belongs to another agent (409 `conflict`): never accepted from this one.
+        server.refuse_with("op_theirs", 409);
+        outbox.flush(&server, Instant::now() + Duration::from_secs(10)).unwrap();
+        let stored = server.stored();
+        assert_eq!(stored.keys().collect::<Vec<_>>(), ["op_1", "op_3"]);
+        let left: Vec<_> = std::fs::read_dir(&outbox.dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 1);
+        let name = left[0].to_str().unwrap();
+        assert!(name.starts_with("rejected-") && name.ends_with("-op_theirs.json"), "{left:?}");
+        assert!(server.batches().len() <= 6, "halved down to the one report, not retried forever");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use rm_protocol::backup::{
 };
 
 use super::{Claimed, Inner};
+use crate::AgentError;
 use crate::client::Lease;
 use crate::restic::{self, Cancel, Outcome};
 
@@ -71,6 +72,10 @@ pub(super) fn report(id: &str, plan: &str, trigger: Trigger, started_at: i64) ->
 
 /// The longest wait between two attempts at a busy repository's lease.
 const LEASE_POLL_MAX_SECS: u64 = 5;
+/// A server answering lease requests with an error (before the repository was seen busy) is asked this many times,
+/// this far apart, before the run goes on without a lease.
+const LEASE_SERVER_ATTEMPTS: u32 = 3;
+const LEASE_SERVER_RETRY: Duration = if cfg!(test) { Duration::from_millis(300) } else { Duration::from_secs(6) };
 
 fn trigger_name(trigger: Trigger) -> &'static str {
     match trigger {
@@ -231,7 +236,7 @@ fn execute<'a>(inner: &'a Arc<Inner>, op: &Operation, plan: &str, id: &str, canc
         plan: &plan_def,
         repository: &repository,
         hostname: &inner.hostname,
-        state_dir: &inner.paths.dir,
+        state_dir: &inner.state_dir,
         cancel: cancel.clone(),
         timeout,
     };
@@ -264,20 +269,28 @@ struct LeaseHold {
 }
 
 impl LeaseHold {
-    /// Takes the lease, waiting while another agent holds it. `None`: cancelled while waiting. A server that cannot
-    /// be asked does not stop backups: the run goes on without the lease (said once in the log until a lease is
-    /// granted again); restic's own repository lock still protects the data.
+    /// Takes the lease, waiting while another agent holds it. `None`: cancelled while waiting.
+    ///
+    /// A server that cannot be asked does not stop backups: when it cannot be reached at all (network, TLS) the run
+    /// goes on without the lease at once; when it answers with an error (5xx, 401, …) the lease is asked for
+    /// [`LEASE_SERVER_ATTEMPTS`] times, [`LEASE_SERVER_RETRY`] apart, before the run goes on without it. Either is
+    /// said once in the log until a lease is granted again; restic's own repository lock still protects the data.
+    /// Once the repository was seen busy, though, another agent is known to use it: an error then only means ask
+    /// again at the same poll interval (cancellably), never run beside it.
     fn acquire(inner: &Arc<Inner>, repository: &str, id: &str, cancel: &Cancel) -> Option<LeaseHold> {
         let request =
             LeaseRequest { repository: repository.to_string(), operation_id: id.to_string(), ttl_secs: LEASE_TTL_SECS };
         let mut hold =
             LeaseHold { held: None, inner: inner.clone(), repository: repository.to_string(), id: id.to_string() };
-        let mut said_busy = false;
+        // Set once the repository was seen busy: the poll interval (seconds) to keep asking at.
+        let mut busy_poll: Option<u64> = None;
+        let mut said_error = false;
+        let mut server_errors = 0;
         loop {
             if cancel.is_cancelled() {
                 return None;
             }
-            match inner.server.take_lease(&request) {
+            let error = match inner.server.take_lease(&request) {
                 Ok(Lease::Granted(_)) => {
                     if inner.lease_unreachable.swap(false, std::sync::atomic::Ordering::SeqCst) {
                         crate::log("repository leases granted again");
@@ -286,33 +299,60 @@ impl LeaseHold {
                     return Some(hold);
                 }
                 Ok(Lease::Busy { retry_after_secs }) => {
-                    if !said_busy {
+                    if busy_poll.is_none() {
                         crate::log(format_args!(
                             "repository {} is busy (another agent runs restic on it); operation {id} waits",
                             crate::printable(repository)
                         ));
-                        said_busy = true;
                     }
                     // The server's retry_after is when the lease would lapse; a holder usually releases it
                     // sooner, so ask again within a few seconds (with jitter, so waiting agents do not ask together).
                     let base = retry_after_secs.clamp(1, LEASE_POLL_MAX_SECS);
-                    let wait = Duration::from_secs(base) + Duration::from_millis(random_below(1000));
-                    if !sleep_unless(cancel, wait) {
+                    busy_poll = Some(base);
+                    if !sleep_unless(cancel, poll_wait(base)) {
                         return None;
                     }
+                    continue;
                 }
-                Err(e) => {
-                    if !inner.lease_unreachable.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                        crate::log(format_args!(
-                            "cannot take repository leases ({e}); backups run without them while this lasts \
-                             (restic's own repository locks keep the data safe)"
-                        ));
+                Err(e) => e,
+            };
+            if let Some(base) = busy_poll {
+                if !said_error {
+                    crate::log(format_args!(
+                        "cannot ask for the lease on busy repository {} ({error}); operation {id} keeps waiting",
+                        crate::printable(repository)
+                    ));
+                    said_error = true;
+                }
+                if !sleep_unless(cancel, poll_wait(base)) {
+                    return None;
+                }
+                continue;
+            }
+            let unreachable = matches!(error, AgentError::Network { .. } | AgentError::Tls(_));
+            if !unreachable {
+                server_errors += 1;
+                if server_errors < LEASE_SERVER_ATTEMPTS {
+                    if !sleep_unless(cancel, LEASE_SERVER_RETRY) {
+                        return None;
                     }
-                    return Some(hold);
+                    continue;
                 }
             }
+            if !inner.lease_unreachable.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                crate::log(format_args!(
+                    "cannot take repository leases ({error}); backups run without them while this lasts \
+                     (restic's own repository locks keep the data safe)"
+                ));
+            }
+            return Some(hold);
         }
     }
+}
+
+/// The wait before asking again for a busy repository's lease: `base` seconds plus up to 1 s of jitter.
+fn poll_wait(base: u64) -> Duration {
+    Duration::from_secs(base) + Duration::from_millis(random_below(1000))
 }
 
 fn renewer(inner: Arc<Inner>, request: LeaseRequest) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
@@ -416,6 +456,65 @@ mod tests {
         let lease = LeaseHold::acquire(inner, "r", "op_c", &Cancel::default()).expect("runs anyway");
         assert!(lease.held.is_none());
         assert!(inner.lease_unreachable.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[test]
+    fn lease_errors_after_a_busy_answer_keep_the_run_waiting() {
+        use crate::backups::tests::{FakeServer, start};
+        let dir = tempfile::tempdir().unwrap();
+        let server = Arc::new(FakeServer::default());
+        let backups = start(dir.path(), &server);
+        let inner = &backups.inner;
+        // Busy, then unreachable twice (a timeout, say), then granted: it waited, and holds the lease.
+        server.busy(1);
+        server.lease_fail(2, 0);
+        let started = Instant::now();
+        let lease = LeaseHold::acquire(inner, "r", "op_a", &Cancel::default()).expect("granted");
+        assert!(lease.held.is_some(), "never ran beside the other agent");
+        assert_eq!(server.lease_requests(), 4);
+        assert!(started.elapsed() >= Duration::from_secs(3), "polled at the busy interval: {:?}", started.elapsed());
+        drop(lease);
+        // Busy, then server errors without end: waits until cancelled, never runs without the lease.
+        server.busy(1);
+        server.lease_fail(1000, 500);
+        let cancel = Cancel::default();
+        let c = cancel.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(3500));
+            c.cancel();
+        });
+        assert!(LeaseHold::acquire(inner, "r", "op_b", &cancel).is_none(), "cancelled, not run");
+        t.join().unwrap();
+        assert!(!inner.lease_unreachable.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_failing_lease_server_is_retried_a_few_times_then_the_run_goes_on() {
+        use crate::backups::tests::{FakeServer, start};
+        let dir = tempfile::tempdir().unwrap();
+        let server = Arc::new(FakeServer::default());
+        let backups = start(dir.path(), &server);
+        let inner = &backups.inner;
+        // Two 500s, then granted: the run holds the lease.
+        server.lease_fail(2, 500);
+        let started = Instant::now();
+        let lease = LeaseHold::acquire(inner, "r", "op_a", &Cancel::default()).expect("granted");
+        assert!(lease.held.is_some());
+        assert_eq!(server.lease_requests(), 3);
+        assert!(started.elapsed() >= LEASE_SERVER_RETRY * 2);
+        drop(lease);
+        // A server that keeps answering 401: after the bounded attempts, the run goes on without a lease.
+        server.lease_fail(1000, 401);
+        let lease = LeaseHold::acquire(inner, "r", "op_b", &Cancel::default()).expect("runs anyway");
+        assert!(lease.held.is_none());
+        assert_eq!(server.lease_requests(), 3 + LEASE_SERVER_ATTEMPTS as usize);
+        assert!(inner.lease_unreachable.load(std::sync::atomic::Ordering::SeqCst));
+        // Unreachable (connection refused, DNS, timeout): without a lease at once.
+        server.lease_fail(1000, 0);
+        let before = server.lease_requests();
+        let lease = LeaseHold::acquire(inner, "r", "op_c", &Cancel::default()).expect("runs anyway");
+        assert!(lease.held.is_none());
+        assert_eq!(server.lease_requests(), before + 1);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! restic as a child process: its environment (the agent's, minus every inherited `RESTIC_*`), the short-lived 0600
 //! secret files it reads, pipes read on their own threads so the child never blocks on a full pipe, and stopping it
-//! on cancel or timeout (SIGINT so restic removes its lock, then kill after a grace period; Windows: kill).
+//! on cancel or timeout (SIGINT so restic removes its lock, then kill after a grace period; Windows: kill). On Linux
+//! restic also gets SIGINT when the agent dies (parent-death signal).
 
 use std::ffi::{OsStr, OsString};
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -65,7 +66,36 @@ pub(crate) fn command(restic: &Path, args: &[OsString], env: &[(OsString, OsStri
         cmd.env(name, value);
     }
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    #[cfg(target_os = "linux")]
+    die_with_parent(&mut cmd);
     cmd
+}
+
+/// Linux: restic gets SIGINT (removes its lock and exits) when the agent dies, also from a SIGKILL outside systemd,
+/// instead of running on without a lease and with secret files the next start removes.
+///
+/// The parent-death signal fires when the *thread* that forked the child exits, not the process: [`run`] spawns
+/// restic and waits for it on the same thread (the run's), and returns only once restic has ended, so the signal
+/// cannot fire while the agent lives.
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid(2) has no preconditions.
+    let parent = unsafe { libc::getpid() };
+    // SAFETY: the closure runs in the forked child before exec and only makes async-signal-safe calls (prctl,
+    // getppid) and builds an io::Error from a raw code, which does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGINT as libc::c_ulong, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The agent died between fork and prctl: the signal will never come, so do not start restic at all.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Kills and reaps the child if the runner unwinds (a panicking progress callback) before it ended.
@@ -82,7 +112,8 @@ impl Drop for ChildGuard {
 
 /// Runs `cmd` to its end, handing each output line (without its line end, invalid UTF-8 replaced, cut at
 /// `max_line` bytes) to `on_line` on this thread. Stops restic when `cancel` is set or `deadline` passes. An error
-/// means restic could not be started (or waited for).
+/// means restic could not be started (or waited for). restic is spawned and waited for on the calling thread, which
+/// its parent-death signal depends on (see `die_with_parent`).
 pub(crate) fn run(
     mut cmd: Command,
     cancel: &Cancel,
