@@ -137,6 +137,9 @@ pub(crate) fn run(
     let mut stop_sent: Option<Instant> = None;
     let mut killed = false;
     let mut readers_done = false;
+    // Once both pipes are closed restic is exiting: look again soon rather than a whole POLL later (each restic call
+    // of a backup would otherwise add up to 100 ms).
+    let mut exiting_poll = Duration::from_millis(1);
     let status: ExitStatus = loop {
         if !readers_done {
             match rx.recv_timeout(POLL) {
@@ -145,7 +148,8 @@ pub(crate) fn run(
                 Err(RecvTimeoutError::Disconnected) => readers_done = true,
             }
         } else {
-            std::thread::sleep(POLL);
+            std::thread::sleep(exiting_poll);
+            exiting_poll = (exiting_poll * 2).min(POLL);
         }
         if let Some(status) = child.try_wait()? {
             break status;
