@@ -117,21 +117,7 @@ impl AgentState {
     }
 }
 
-impl std::fmt::Display for AgentState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for AgentState {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<AgentState, String> {
-        AgentState::ALL.into_iter().find(|a| a.as_str() == s).ok_or_else(|| {
-            format!("unknown state {s:?}; one of {}", AgentState::ALL.map(AgentState::as_str).join(", "))
-        })
-    }
-}
+spelled_enum!(AgentState, "state");
 
 /// `GET /api/v1/agents?state=`
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -92,21 +92,7 @@ impl OperationStatus {
     }
 }
 
-impl std::fmt::Display for OperationStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for OperationStatus {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<OperationStatus, String> {
-        OperationStatus::ALL.into_iter().find(|a| a.as_str() == s).ok_or_else(|| {
-            format!("unknown status {s:?}; one of {}", OperationStatus::ALL.map(OperationStatus::as_str).join(", "))
-        })
-    }
-}
+spelled_enum!(OperationStatus, "status");
 
 /// Why a failed operation failed, when the agent could tell (from restic's exit code or its message).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -166,22 +152,7 @@ impl Health {
     }
 }
 
-impl std::fmt::Display for Health {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Health {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Health, String> {
-        Health::ALL
-            .into_iter()
-            .find(|a| a.as_str() == s)
-            .ok_or_else(|| format!("unknown health {s:?}; one of {}", Health::ALL.map(Health::as_str).join(", ")))
-    }
-}
+spelled_enum!(Health, "health");
 
 /// restic's `summary` message of a backup, as far as restic 0.14 already prints it. Unknown fields are ignored so
 /// newer restic versions parse too.

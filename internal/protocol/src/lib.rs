@@ -16,6 +16,28 @@
 //! * [`error`]: the JSON error body every 4xx/5xx carries.
 //! * [`pin`]: public key pins (`sha256//…`) for servers without a publicly trusted certificate.
 
+/// `Display` and `FromStr` for an enum with `as_str` and `ALL`: the JSON spelling both ways, and a parse error that
+/// lists every spelling (`unknown <noun> "x"; one of a, b, c`).
+macro_rules! spelled_enum {
+    ($ty:ident, $noun:literal) => {
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = String;
+
+            fn from_str(s: &str) -> Result<$ty, String> {
+                $ty::ALL.into_iter().find(|a| a.as_str() == s).ok_or_else(|| {
+                    format!(concat!("unknown ", $noun, " {:?}; one of {}"), s, $ty::ALL.map($ty::as_str).join(", "))
+                })
+            }
+        }
+    };
+}
+
 pub mod admin;
 pub mod agent;
 pub mod backup;
