@@ -304,3 +304,75 @@ fn retention_policies_are_validated_set_and_cleared() {
     let (ok, out, _) = cli(&["plan", "list"]);
     assert!(ok && out.lines().any(|l| l.starts_with("p\t") && l.contains("keep all")), "{out}");
 }
+
+/// A forget that fails is its own failed operation: the backup before it stays a success, the plan's health stays
+/// `ok`, the snapshot list is the backup's, and the agent's next run forgets again.
+#[test]
+fn a_failed_forget_is_its_own_failure() {
+    let Some(restic) = restic_binary() else { return };
+    let server = Server::builder().start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("file.txt"), "kept\n").unwrap();
+    let repo_dir = work.path().join("repo");
+    // restic, except that `forget` fails the way restic does when it cannot lock the repository.
+    let wrapper = work.path().join("restic-no-forget");
+    let switch = work.path().join("forget-fails");
+    fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = forget ] && [ -e '{switch}' ]; then\n  echo 'Fatal: unable to create lock in \
+             backend: permission denied' >&2\n  exit 1\nfi\nexec '{restic}' \"$@\"\n",
+            switch = switch.display(),
+            restic = restic.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(&switch, "").unwrap();
+    let a = enroll(&server, &wrapper);
+    let r = server.admin(
+        "POST",
+        "/api/v1/repositories",
+        Some(&json!({"name": "r", "url": repo_dir.display().to_string(), "password": PASSWORD, "auto_init": true})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let body = json!({"name": "p", "repository": "r", "paths": [src.display().to_string()], "schedule": "@daily",
+                      "agents": [a.id], "retention": {"last": 1}});
+    let r = server.admin("POST", "/api/v1/plans", Some(&body));
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    let first = run(&server, &a, "p", None);
+    let second = run(&server, &a, "p", None);
+    assert_eq!((first["status"].as_str(), second["status"].as_str()), (Some("success"), Some("success")));
+    let forgets = operations(&server, "kind=forget");
+    assert_eq!(forgets.len(), 2, "{forgets:?}");
+    for f in &forgets {
+        assert_eq!(f["status"], "failed", "{f}");
+        assert!(f["message"].as_str().unwrap_or_default().contains("unable to create lock"), "{f}");
+        assert!(f.get("forget").is_none(), "{f}");
+    }
+    let repo = Repo::new(&restic, &repo_dir.display().to_string(), PASSWORD);
+    assert_eq!(repo.snapshots().len(), 2, "nothing was forgotten");
+    let listed = server.admin("GET", &format!("/api/v1/agents/{}/snapshots", a.id), None).json();
+    assert_eq!(listed["snapshots"].as_array().unwrap().len(), 2, "{listed}");
+    let r = server.admin("GET", "/api/v1/agents", None);
+    let view = r.json()["agents"].as_array().unwrap().iter().find(|x| x["id"] == a.id.as_str()).cloned().unwrap();
+    assert_eq!(view["backups"][0]["health"], "ok", "{view}");
+    assert_eq!(view["backups"][0]["last_run"]["id"], second["id"], "{view}");
+
+    // forget works again: the next run's forget leaves one snapshot, and the server's list follows.
+    fs::remove_file(&switch).unwrap();
+    run(&server, &a, "p", None);
+    let forgets = operations(&server, "kind=forget");
+    assert_eq!(forgets[0]["status"], "success", "{forgets:?}");
+    assert_eq!((forgets[0]["forget"]["removed"].as_u64(), forgets[0]["forget"]["kept"].as_u64()), (Some(2), Some(1)));
+    let left = repo.snapshots();
+    assert_eq!(left.len(), 1);
+    let listed = server.admin("GET", &format!("/api/v1/agents/{}/snapshots", a.id), None).json();
+    let listed = listed["snapshots"].as_array().unwrap().clone();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0]["id"], left[0]["id"]);
+}

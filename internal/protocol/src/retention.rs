@@ -248,6 +248,22 @@ mod tests {
     }
 
     #[test]
+    fn agents_read_plans_with_and_without_retention_and_with_fields_they_do_not_know() {
+        let plan = |retention: &str| {
+            let json = format!(
+                r#"{{"name":"p","repository":"r","paths":["/x"],"schedule":"@daily","timeout_secs":60{retention}}}"#
+            );
+            serde_json::from_str::<crate::backup::AgentPlan>(&json).unwrap()
+        };
+        assert_eq!(plan("").retention, None, "a server from before retention");
+        let newer = plan(r#","retention":{"last":3,"keep_within_daily":"7d"}"#).retention.unwrap();
+        assert_eq!(newer.last, Some(3));
+        assert_eq!(newer.restic_args(), ["--keep-last=3"], "what it does not know it does not pass on");
+        let written = serde_json::to_value(plan("")).unwrap();
+        assert!(written.get("retention").is_none(), "older agents' view unchanged: {written}");
+    }
+
+    #[test]
     fn double_option_tells_absent_from_null() {
         #[derive(Deserialize)]
         struct Patch {
