@@ -178,6 +178,12 @@ fn keep_last_3_after_7_backups_touches_only_this_host_and_plan() {
         removed.extend(f["forget"]["removed_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()));
     }
     assert_eq!(removed, made[..4].to_vec(), "each forget removed the oldest, in order");
+    let ms = |ops: &[Value]| ops.iter().filter_map(|o| o["duration_ms"].as_u64()).collect::<Vec<_>>();
+    eprintln!(
+        "figures: backups of docs on A (ms) {:?}; their forgets (ms) {:?}",
+        ms(&operations(&server, &format!("kind=backup&agent={}&plan=docs", a.id))),
+        ms(&forgets)
+    );
     assert!(operations(&server, "kind=forget&plan=other").is_empty(), "no retention, no forget");
     let backups = operations(&server, &format!("kind=backup&agent={}&plan=docs", a.id));
     assert_eq!(backups.len(), 7);
