@@ -315,3 +315,50 @@ pub fn timing_restic(dir: &Path, restic: &Path, log: &Path) -> PathBuf {
     fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
     path
 }
+
+impl Agent {
+    /// `run --once` as if on another host: in its own UTS namespace whose hostname is `hostname` (`unshare --uts` as
+    /// root, else `unshare --user --map-root-user --uts`), so restic's `--host` differs from this machine's. `None`
+    /// when this machine allows neither (the caller then makes the other host's snapshots another way).
+    pub fn run_once_as(&self, hostname: &str) -> Option<Output> {
+        let prefix: &[&str] = if uts_namespace(&["--uts"]) {
+            &["--uts"]
+        } else if uts_namespace(&["--user", "--map-root-user", "--uts"]) {
+            &["--user", "--map-root-user", "--uts"]
+        } else {
+            return None;
+        };
+        let agent = command(AGENT_BIN);
+        let mut cmd = Command::new("unshare");
+        cmd.args(prefix).args(["sh", "-c", "hostname \"$0\" && exec \"$@\"", hostname]);
+        cmd.arg(agent.get_program()).arg("run").arg("--once").arg("--config").arg(self.config());
+        for (key, value) in agent.get_envs() {
+            match value {
+                Some(v) => cmd.env(key, v),
+                None => cmd.env_remove(key),
+            };
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null());
+        Some(run_bounded(cmd, Duration::from_secs(120)))
+    }
+}
+
+/// Whether [`Agent::run_once_as`] can run an agent under another hostname here.
+pub fn uts_namespace_available() -> bool {
+    uts_namespace(&["--uts"]) || uts_namespace(&["--user", "--map-root-user", "--uts"])
+}
+
+/// Whether `unshare <args> sh -c 'hostname x'` works here.
+fn uts_namespace(args: &[&str]) -> bool {
+    Command::new("unshare")
+        .args(args)
+        .args(["sh", "-c", "hostname rm-uts-probe && [ \"$(hostname)\" = rm-uts-probe ]"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use rm_protocol::admin::AgentState;
-use rm_protocol::backup::{Health, OperationStatus, Timezone};
+use rm_protocol::backup::{Health, OperationKind, OperationStatus, Timezone};
 use rm_server::tls::{TlsConfig, TlsMode};
 use rm_server::{PublicUrl, TrustedProxies};
 
@@ -24,6 +24,8 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+// Parsed once per process: the size of the largest variant (`plan add` and its flags) does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the server (the default when no command is given).
@@ -57,6 +59,9 @@ pub struct OperationsArgs {
     /// Only operations in this status: queued, running, success, warning, failed or cancelled.
     #[arg(long, env = "RM_OPERATIONS_STATUS")]
     pub status: Option<OperationStatus>,
+    /// Only operations of this kind: backup, forget, prune, check or restore.
+    #[arg(long, env = "RM_OPERATIONS_KIND", value_parser = parse_kind)]
+    pub kind: Option<OperationKind>,
     /// At most this many (1-500).
     #[arg(long, env = "RM_OPERATIONS_LIMIT", default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=500))]
     pub limit: u32,
@@ -65,6 +70,7 @@ pub struct OperationsArgs {
     pub json: bool,
 }
 
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum PlanCommand {
     /// Define a backup plan: what (--path, --exclude), where (--repo), when (--schedule) and on which agents
@@ -109,6 +115,31 @@ pub enum PlanCommand {
         /// Spread of scheduled starts across hosts, e.g. 5m (default: a twentieth of the interval, at most 10m).
         #[arg(long, env = "RM_PLAN_JITTER")]
         jitter: Option<String>,
+        /// Retention: after each backup, keep this host's newest N snapshots of the plan (restic forget
+        /// --keep-last); the other --keep-* flags add to it. Without any --keep-* flag every snapshot is kept.
+        #[arg(long, env = "RM_PLAN_KEEP_LAST", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        keep_last: Option<u32>,
+        /// Retention: keep the newest snapshot of each of the last N hours.
+        #[arg(long, env = "RM_PLAN_KEEP_HOURLY", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        keep_hourly: Option<u32>,
+        /// Retention: keep the newest snapshot of each of the last N days.
+        #[arg(long, env = "RM_PLAN_KEEP_DAILY", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        keep_daily: Option<u32>,
+        /// Retention: keep the newest snapshot of each of the last N weeks.
+        #[arg(long, env = "RM_PLAN_KEEP_WEEKLY", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        keep_weekly: Option<u32>,
+        /// Retention: keep the newest snapshot of each of the last N months.
+        #[arg(long, env = "RM_PLAN_KEEP_MONTHLY", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        keep_monthly: Option<u32>,
+        /// Retention: keep the newest snapshot of each of the last N years.
+        #[arg(long, env = "RM_PLAN_KEEP_YEARLY", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        keep_yearly: Option<u32>,
+        /// Retention: keep every snapshot newer than this (restic's spelling: 7d, 1y2m, 36h).
+        #[arg(long, env = "RM_PLAN_KEEP_WITHIN")]
+        keep_within: Option<String>,
+        /// Retention: keep every snapshot carrying this tag; repeat for more.
+        #[arg(long = "keep-tag", env = "RM_PLAN_KEEP_TAG", value_delimiter = ',')]
+        keep_tag: Vec<String>,
     },
     /// List plans and the agents each applies to.
     List {
@@ -142,6 +173,11 @@ fn parse_timezone(raw: &str) -> Result<Timezone, String> {
         "local" => Ok(Timezone::Local),
         other => Err(format!("{other:?}: use utc or local")),
     }
+}
+
+fn parse_kind(raw: &str) -> Result<OperationKind, String> {
+    serde_json::from_value(serde_json::Value::String(raw.to_owned()))
+        .map_err(|_| format!("{raw:?}: use backup, forget, prune, check or restore"))
 }
 
 #[derive(Subcommand, Debug)]

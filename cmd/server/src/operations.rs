@@ -12,6 +12,7 @@ pub async fn run(args: &ServeArgs, op: &OperationsArgs) -> anyhow::Result<()> {
         agent: op.agent.clone(),
         plan: op.plan.clone(),
         status: op.status,
+        kind: op.kind,
         before: None,
         limit: Some(op.limit),
     };
@@ -40,15 +41,20 @@ fn size(bytes: u64) -> String {
 
 /// One line per operation under a header; a failure's first message line last.
 fn table(operations: &[OperationView]) -> String {
-    let header = ["STARTED", "HOST", "PLAN", "TRIGGER", "STATUS", "DURATION", "ADDED", "SNAPSHOT", "ID", "MESSAGE"];
-    let rows: Vec<[String; 10]> = operations
+    let header =
+        ["STARTED", "HOST", "PLAN", "KIND", "TRIGGER", "STATUS", "DURATION", "ADDED", "SNAPSHOT", "ID", "MESSAGE"];
+    let word = |v: serde_json::Result<serde_json::Value>| {
+        v.ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+    };
+    let rows: Vec<[String; 11]> = operations
         .iter()
         .map(|o| {
             [
                 rm_fleet::rfc3339(o.started_at.unwrap_or(o.created_at)),
                 o.hostname.clone().unwrap_or_else(|| o.agent_id.clone()),
                 o.plan.clone(),
-                serde_json::to_value(o.trigger).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+                word(serde_json::to_value(o.kind)),
+                word(serde_json::to_value(o.trigger)),
                 o.status.to_string(),
                 o.duration_ms.map_or_else(|| "-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0)),
                 o.summary.as_ref().map_or_else(|| "-".into(), |s| size(s.data_added)),
@@ -57,7 +63,11 @@ fn table(operations: &[OperationView]) -> String {
                     .and_then(|s| s.snapshot_id.as_deref())
                     .map_or_else(|| "-".into(), |id| id.chars().take(8).collect()),
                 o.id.clone(),
-                o.message.as_deref().and_then(|m| m.lines().next()).unwrap_or("").chars().take(120).collect(),
+                match (&o.forget, o.message.as_deref().and_then(|m| m.lines().next())) {
+                    (_, Some(first)) => first.chars().take(120).collect(),
+                    (Some(f), None) => format!("removed {}, kept {}", f.removed, f.kept),
+                    (None, None) => String::new(),
+                },
             ]
         })
         .collect();

@@ -5,6 +5,7 @@
 use anyhow::bail;
 use rm_fleet::{AuditEvent, NewPlan, PlanInfo, PlanRefused};
 use rm_protocol::backup::{CreatePlan, PlanList};
+use rm_protocol::retention::Retention;
 
 use crate::cli::{PlanCommand, ServeArgs};
 use crate::token::open_existing_db;
@@ -28,7 +29,26 @@ pub async fn run(args: &ServeArgs, command: PlanCommand) -> anyhow::Result<()> {
             selector,
             timeout,
             jitter,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            keep_within,
+            keep_tag,
         } => {
+            let retention = Retention {
+                last: keep_last,
+                hourly: keep_hourly,
+                daily: keep_daily,
+                weekly: keep_weekly,
+                monthly: keep_monthly,
+                yearly: keep_yearly,
+                within: keep_within,
+                keep_tag,
+                ..Default::default()
+            };
             let spec = CreatePlan {
                 name,
                 repository: repo,
@@ -43,6 +63,7 @@ pub async fn run(args: &ServeArgs, command: PlanCommand) -> anyhow::Result<()> {
                 selector: selector.into_iter().collect(),
                 timeout,
                 jitter,
+                retention: (!retention.keeps_nothing()).then_some(retention),
             };
             let plan = NewPlan::validated(spec).map_err(anyhow::Error::msg)?;
             let event = audit();
@@ -94,18 +115,19 @@ pub async fn run(args: &ServeArgs, command: PlanCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One line per plan: name, repository, schedule, paths, and whom it applies to.
+/// One line per plan: name, repository, schedule, paths, retention, and whom it applies to.
 fn describe(info: &PlanInfo, agents: &[(String, rm_fleet::Labels)]) -> String {
     let p = &info.plan;
     let applies = rm_fleet::plans::applies_to(info, agents);
     let selector = if p.selector.is_empty() { "-".into() } else { rm_fleet::labels::describe(&p.selector) };
     format!(
-        "{}\trepo {}\tschedule {:?} ({:?})\tpaths {}\tagents {}\tselector {selector}\tapplies to {}",
+        "{}\trepo {}\tschedule {:?} ({:?})\tpaths {}\tkeep {}\tagents {}\tselector {selector}\tapplies to {}",
         p.name,
         p.repository,
         p.schedule,
         p.timezone,
         p.paths.join(","),
+        p.retention.as_ref().map_or_else(|| "all".into(), Retention::describe),
         if p.agents.is_empty() { "-".into() } else { p.agents.join(",") },
         if applies.is_empty() { "none".into() } else { applies.join(",") }
     )

@@ -20,6 +20,7 @@ use process::{Stop, Stream};
 use rm_protocol::backup::{
     AgentPlan, AgentRepository, BackupSummary, FailureReason, OperationStatus, Progress, ResticInfo, Snapshot,
 };
+use rm_protocol::retention::{ForgetSummary, MAX_REMOVED_IDS, Retention};
 
 /// The oldest restic the agent supports (Debian bookworm's).
 pub const MIN_VERSION: Version = Version { major: 0, minor: 14, patch: 0 };
@@ -214,8 +215,10 @@ pub struct Outcome {
     pub reason: Option<FailureReason>,
     pub exit_code: Option<i32>,
     /// After a success or warning: the plan's snapshots on this host, the newest [`REPORT_SNAPSHOTS_MAX`], newest
-    /// first (`None` if listing them failed).
+    /// first (`None` if listing them failed). After a forget: the ones it kept.
     pub snapshots: Option<Vec<Snapshot>>,
+    /// A forget's counts and removed ids.
+    pub forget: Option<ForgetSummary>,
 }
 
 impl Outcome {
@@ -227,6 +230,7 @@ impl Outcome {
             reason: Some(reason),
             exit_code,
             snapshots: None,
+            forget: None,
         }
     }
 
@@ -238,6 +242,7 @@ impl Outcome {
             reason: None,
             exit_code,
             snapshots: None,
+            forget: None,
         }
     }
 }
@@ -268,6 +273,38 @@ pub fn backup(restic: &Restic, job: &Job<'_>, on_progress: &mut dyn FnMut(&Progr
         Ok(runner) => runner.backup(on_progress),
         Err(message) => Outcome::failed(FailureReason::Other, message, None),
     }
+}
+
+/// Applies the plan's retention policy: `restic forget --json` for this host's snapshots of this plan only
+/// ([`forget_filter_args`]: `--host`, the plan tag, and `--group-by host` so they form one group whatever their paths
+/// and extra tags), with the policy's keep flags, never `--prune`. A locked repository gets one `restic unlock` (stale
+/// locks only) and one more try. A success carries the [`ForgetSummary`] and, as `snapshots`, the ones restic kept
+/// (the plan's snapshots on this host now). `job.timeout` bounds it.
+pub fn forget(restic: &Restic, job: &Job<'_>) -> Outcome {
+    let Some(retention) = job.plan.retention.as_ref().filter(|r| !r.keeps_nothing()) else {
+        // Never run forget without a keep option: restic would refuse, and a future one might remove everything.
+        return Outcome::failed(FailureReason::Other, "the plan has no retention policy to apply".into(), None);
+    };
+    if job.cancel.is_cancelled() {
+        return Outcome::cancelled("cancelled before restic started".into(), None);
+    }
+    let deadline = Instant::now().checked_add(job.timeout);
+    match Runner::new(restic, job, deadline) {
+        Ok(runner) => runner.forget(retention),
+        Err(message) => Outcome::failed(FailureReason::Other, message, None),
+    }
+}
+
+/// What selects the snapshots a forget may touch: this host (`--host`), this plan (its `rm-plan:` tag), all of them
+/// one group (`--group-by host`: the host is fixed by the filter, so paths or extra tags that changed over time do not
+/// split them into groups that would each keep their own).
+pub fn forget_filter_args(hostname: &str, plan: &str) -> Vec<OsString> {
+    vec![
+        "--json".into(),
+        flag("--host=", hostname.as_ref()),
+        flag("--tag=", rm_protocol::backup::plan_tag(plan).as_ref()),
+        "--group-by=host".into(),
+    ]
 }
 
 /// Outputs kept per line: `status` lines with many `current_files` are the longest restic prints.
@@ -453,6 +490,7 @@ impl<'a> Runner<'a> {
                     reason: None,
                     exit_code: code,
                     snapshots,
+                    forget: None,
                 };
             }
             Ending::Interrupted => {
@@ -465,6 +503,119 @@ impl<'a> Runner<'a> {
         };
         let fallback = format!("restic failed ({})", ended(&run.exit));
         Outcome::failed(reason, message(&run, &fallback), code)
+    }
+
+    fn forget_args(&self, retention: &Retention) -> Vec<OsString> {
+        let mut args = forget_filter_args(self.job.hostname, &self.job.plan.name);
+        args.extend(retention.restic_args().into_iter().map(OsString::from));
+        self.args("forget", &args)
+    }
+
+    fn forget(&self, retention: &Retention) -> Outcome {
+        let mut notes: Vec<String> = Vec::new();
+        let mut unlock_tried = false;
+        loop {
+            let mut stdout = String::new();
+            let run = match self.run_collect(self.forget_args(retention), &mut stdout) {
+                Ok(run) => run,
+                Err(unavailable) => return unavailable.into(),
+            };
+            let ending = match run.end() {
+                End::Stopped(stop) => return self.stopped(stop, &run),
+                End::Restic(ending) => ending,
+            };
+            let message = |run: &Run, fallback: String| {
+                let mut parts = vec![run.message_or(|| fallback)];
+                parts.extend(notes.iter().cloned());
+                parts.join("\n")
+            };
+            let reason = match ending {
+                Ending::Success => return self.forgotten(&stdout, &run, notes),
+                Ending::Locked if !unlock_tried => {
+                    unlock_tried = true;
+                    let unlock = match self.run(self.args("unlock", &[]), MAX_LINE, None) {
+                        Ok(unlock) => unlock,
+                        Err(unavailable) => return unavailable.into(),
+                    };
+                    if let End::Stopped(stop) = unlock.end() {
+                        return self.stopped(stop, &unlock);
+                    }
+                    notes.push("the repository was locked; ran restic unlock (stale locks only)".into());
+                    continue;
+                }
+                Ending::Interrupted => {
+                    return Outcome::cancelled(message(&run, "restic was interrupted (SIGINT)".into()), run.exit.code);
+                }
+                Ending::RepositoryMissing => FailureReason::RepositoryMissing,
+                Ending::WrongPassword => FailureReason::WrongPassword,
+                Ending::Locked => FailureReason::Locked,
+                Ending::Warning | Ending::Other => FailureReason::Other,
+            };
+            let fallback = format!("restic forget failed ({})", ended(&run.exit));
+            return Outcome::failed(reason, message(&run, fallback), run.exit.code);
+        }
+    }
+
+    /// A forget that exited 0: its JSON read, and checked to have stayed within this host's snapshots of the plan.
+    fn forgotten(&self, stdout: &str, run: &Run, notes: Vec<String>) -> Outcome {
+        let Some(result) = output::parse_forget(stdout) else {
+            let first = stdout.lines().find(|l| !l.trim().is_empty()).unwrap_or("nothing");
+            let first: String = crate::printable(first).chars().take(200).collect();
+            let message = format!("restic forget exited 0 but did not print its JSON result (printed {first:?})");
+            return Outcome::failed(FailureReason::Other, message, run.exit.code);
+        };
+        let tag = rm_protocol::backup::plan_tag(&self.job.plan.name);
+        let foreign: Vec<&str> = result
+            .removed
+            .iter()
+            .chain(&result.kept)
+            .filter(|s| s.hostname != self.job.hostname || !s.tags.contains(&tag))
+            .map(|s| s.short_id.as_str())
+            .collect();
+        if !foreign.is_empty() {
+            // Cannot happen with restic's filters; said loudly if a restic version ever reads them differently.
+            let message = format!(
+                "restic forget's result lists snapshots that are not this host's snapshots of plan {} ({}); check the \
+                 repository",
+                self.job.plan.name,
+                foreign.join(", ")
+            );
+            return Outcome::failed(FailureReason::Other, message, run.exit.code);
+        }
+        let summary = ForgetSummary {
+            removed: result.removed.len() as u64,
+            kept: result.kept.len() as u64,
+            removed_ids: result.removed.iter().take(MAX_REMOVED_IDS).map(|s| s.id.to_ascii_lowercase()).collect(),
+        };
+        let mut parts: Vec<String> = run.tail.message().into_iter().collect();
+        parts.extend(notes);
+        Outcome {
+            status: OperationStatus::Success,
+            summary: None,
+            message: (!parts.is_empty()).then(|| parts.join("\n")),
+            reason: None,
+            exit_code: run.exit.code,
+            snapshots: Some(newest_snapshots(result.kept)),
+            forget: Some(summary),
+        }
+    }
+
+    /// Runs restic with `args`, keeping its stdout whole in `stdout` (up to [`MAX_SNAPSHOTS_OUTPUT`]) and its stderr
+    /// in the tail.
+    fn run_collect(&self, args: Vec<OsString>, stdout: &mut String) -> Result<Run, Unavailable> {
+        let mut tail = output::Tail::default();
+        let mut on_line = |stream: Stream, line: String| match stream {
+            Stream::Stdout if stdout.len() + line.len() < MAX_SNAPSHOTS_OUTPUT => {
+                stdout.push_str(&line);
+                stdout.push('\n');
+            }
+            Stream::Stdout => {}
+            _ => tail.push_line(&output::parse_line(&line)),
+        };
+        let cmd = process::command(&self.restic.path, &args, &self.env);
+        let exit = process::run(cmd, &self.job.cancel, self.deadline, MAX_SNAPSHOTS_OUTPUT, &mut on_line)
+            .map_err(|e| Unavailable(spawn_error(&self.restic.path, &e)))?;
+        Ok(Run { exit, tail, summary: None })
     }
 
     fn stopped(&self, stop: Stop, run: &Run) -> Outcome {
@@ -688,6 +839,81 @@ mod tests {
         assert_eq!(exclude_pattern(Path::new("/srv/a*b?[c]\\d/tmp")), "/srv/a\\*b\\?\\[c]\\\\d/tmp");
         let relative = exclude_pattern(Path::new("state/tmp"));
         assert!(Path::new(&relative).is_absolute() && relative.to_str().unwrap().ends_with("/state/tmp"));
+    }
+
+    #[test]
+    fn forget_argv_selects_this_host_and_plan_only_and_carries_no_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = AgentPlan {
+            name: "home".into(),
+            repository: "r".into(),
+            paths: vec!["/home".into()],
+            excludes: vec![],
+            schedule: "@daily".into(),
+            timezone: Default::default(),
+            tags: vec!["extra".into()],
+            one_file_system: false,
+            exclude_caches: false,
+            timeout_secs: 60,
+            jitter_secs: 0,
+            retention: Some(Retention {
+                last: Some(3),
+                weekly: Some(4),
+                within: Some("1y2m".into()),
+                keep_tag: vec!["gold".into()],
+                ..Default::default()
+            }),
+        };
+        let repository = AgentRepository {
+            name: "r".into(),
+            url: "/srv/restic".into(),
+            password: "sw0rdfish-secret".into(),
+            env: Default::default(),
+            ca_cert: None,
+            auto_init: false,
+        };
+        let job = Job {
+            plan: &plan,
+            repository: &repository,
+            hostname: "web-1",
+            state_dir: dir.path(),
+            cancel: Cancel::default(),
+            timeout: Duration::from_secs(60),
+        };
+        let restic = Restic { path: "/usr/bin/restic".into(), version: MIN_VERSION };
+        let runner = Runner::new(&restic, &job, None).unwrap();
+        let args: Vec<String> = runner
+            .forget_args(plan.retention.as_ref().unwrap())
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let cache = format!("--cache-dir={}", dir.path().join("restic-cache").display());
+        assert_eq!(
+            args,
+            [
+                "forget",
+                "--json",
+                "--host=web-1",
+                "--tag=rm-plan:home",
+                "--group-by=host",
+                "--keep-last=3",
+                "--keep-weekly=4",
+                "--keep-within=1y2m",
+                "--keep-tag=gold",
+                cache.as_str(),
+            ]
+        );
+        assert!(!args.iter().any(|a| a.contains("--prune")), "prune is never part of forget");
+        assert!(!args.iter().any(|a| a.contains("extra")), "the plan's extra tags do not narrow or split the groups");
+        assert!(!args.iter().any(|a| a.contains("sw0rdfish")), "the password goes through a 0600 file");
+        let env: Vec<String> = runner.env.iter().map(|(k, _)| k.to_string_lossy().into_owned()).collect();
+        assert!(env.contains(&"RESTIC_PASSWORD_FILE".to_string()) && !env.contains(&"RESTIC_PASSWORD".to_string()));
+
+        // A plan without a policy, or an empty one, never runs forget.
+        let bare = AgentPlan { retention: Some(Retention::default()), ..plan.clone() };
+        let out = forget(&restic, &Job { plan: &bare, ..job });
+        assert_eq!(out.status, OperationStatus::Failed);
+        assert!(out.message.unwrap().contains("no retention policy"));
     }
 
     #[test]

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use rm_agent::restic::{self, Cancel, Job, MIN_VERSION, Outcome, Restic, Version};
 use rm_protocol::backup::{AgentPlan, AgentRepository, FailureReason, OperationStatus, Progress, Snapshot, plan_tag};
+use rm_protocol::retention::Retention;
 
 const HOST: &str = "rm-test-host";
 const PASSWORD: &str = "correct horse battery staple";
@@ -148,6 +149,7 @@ impl World {
             exclude_caches: false,
             timeout_secs: 3600,
             jitter_secs: 0,
+            retention: None,
         }
     }
 
@@ -841,4 +843,85 @@ fn restic_ends_when_the_agent_is_killed() {
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     assert!(!survived, "restic outlived its agent");
+}
+
+#[test]
+fn forget_removes_only_this_hosts_snapshots_of_the_plan_whatever_their_paths() {
+    let Some(restic) = restic_or_skip() else { return };
+    let w = World::new(&restic);
+    w.init();
+    std::fs::write(w.path("src/a.txt"), "a").unwrap();
+    std::fs::create_dir(w.path("other")).unwrap();
+    std::fs::write(w.path("other/b.txt"), "b").unwrap();
+    let repository = w.repository(&w.repo(), PASSWORD);
+    let mut plan = w.plan("home");
+    let mut ours = Vec::new();
+    for i in 0..4 {
+        // The plan's paths and extra tags change halfway: still one group for retention.
+        if i == 2 {
+            plan.paths.push(w.path("other").display().to_string());
+            plan.tags = vec!["moved".into()];
+        }
+        let out = w.backup(&plan, &repository);
+        assert_outcome(&out, OperationStatus::Success, None);
+        ours.push(out.summary.unwrap().snapshot_id.unwrap());
+    }
+    // Another host with the same plan tag, and this host's other plan: never touched.
+    let src = w.src().display().to_string();
+    for _ in 0..2 {
+        let out = w.cli(&w.repo(), PASSWORD, &["backup", "-q", "--host", "other-host", "--tag", "rm-plan:home", &src]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_outcome(&w.backup(&w.plan("other-plan"), &repository), OperationStatus::Success, None);
+    }
+    assert_eq!(w.snapshots(&w.repo()).len(), 8);
+
+    plan.retention = Some(Retention { last: Some(2), ..Default::default() });
+    let state = w.state();
+    let job = Job {
+        plan: &plan,
+        repository: &repository,
+        hostname: HOST,
+        state_dir: &state,
+        cancel: Cancel::default(),
+        timeout: Duration::from_secs(60),
+    };
+    let out = restic::forget(&restic, &job);
+    assert_no_secret_files(&state);
+    assert_outcome(&out, OperationStatus::Success, None);
+    let summary = out.forget.clone().expect("a forget summary");
+    assert_eq!((summary.removed, summary.kept), (2, 2), "{out:#?}");
+    let mut removed = summary.removed_ids.clone();
+    removed.sort();
+    let mut want = vec![ours[0].clone(), ours[1].clone()];
+    want.sort();
+    assert_eq!(removed, want, "the two oldest of this host's plan went");
+    let kept: Vec<String> = out.snapshots.clone().unwrap().into_iter().map(|s| s.id).collect();
+    assert_eq!(kept, vec![ours[3].clone(), ours[2].clone()], "the kept ones, newest first, are the report's list");
+
+    // Checked with the restic CLI: 2 of ours, both of the other host's, both of the other plan's.
+    let left = w.snapshots(&w.repo());
+    let count = |host: &str, tag: &str| {
+        left.iter().filter(|s| s["hostname"] == host && s["tags"].as_array().unwrap().iter().any(|t| t == tag)).count()
+    };
+    assert_eq!(left.len(), 6);
+    assert_eq!(count(HOST, "rm-plan:home"), 2);
+    assert_eq!(count("other-host", "rm-plan:home"), 2);
+    assert_eq!(count(HOST, "rm-plan:other-plan"), 2);
+
+    // Again: nothing more to remove.
+    let again = restic::forget(&restic, &job);
+    assert_outcome(&again, OperationStatus::Success, None);
+    assert_eq!(again.forget.map(|f| (f.removed, f.kept)), Some((0, 2)));
+    // A host with no snapshot of the plan: restic prints nothing, which is zero removed.
+    let job = Job { hostname: "nobody", ..job };
+    let none = restic::forget(&restic, &job);
+    assert_outcome(&none, OperationStatus::Success, None);
+    assert_eq!(none.forget.map(|f| (f.removed, f.kept)), Some((0, 0)));
+    assert_eq!(w.snapshots(&w.repo()).len(), 6);
+
+    // A wrong password: a failed forget, in restic's words.
+    let wrong = w.repository(&w.repo(), "not the password");
+    let failed = restic::forget(&restic, &Job { repository: &wrong, hostname: HOST, ..job });
+    assert_outcome(&failed, OperationStatus::Failed, Some(FailureReason::WrongPassword));
+    assert_eq!(w.snapshots(&w.repo()).len(), 6);
 }

@@ -14,6 +14,7 @@ use rm_protocol::backup::{
     self, BackupSummary, FailureReason, Health, OperationKind, OperationQuery, OperationReport, OperationStatus,
     OperationView, PlanHealth, PlanSnapshot, Progress, Snapshot, Timezone, Trigger,
 };
+use rm_protocol::retention::{ForgetSummary, MAX_REMOVED_IDS};
 use rm_protocol::schedule::Schedule;
 use rm_protocol::validate::{is_printable, is_unsafe_char};
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -140,6 +141,26 @@ fn checked(now: Timestamp, r: &OperationReport) -> Result<OperationReport, Strin
             return Err(format!("{}: summary.total_duration is not a number", r.id));
         }
     }
+    if let Some(f) = &r.forget {
+        if r.kind != OperationKind::Forget {
+            return Err(format!("{}: forget is only for operations of kind forget", r.id));
+        }
+        if f.removed_ids.len() > MAX_REMOVED_IDS {
+            return Err(format!("{}: forget.removed_ids lists at most {MAX_REMOVED_IDS} ids", r.id));
+        }
+        if let Some(bad) =
+            f.removed_ids.iter().find(|id| id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(format!(
+                "{}: forget.removed_ids: {:?} is not 1..=64 hex digits",
+                r.id,
+                bad.chars().take(80).collect::<String>()
+            ));
+        }
+        if (f.removed_ids.len() as u64) > f.removed {
+            return Err(format!("{}: forget.removed_ids lists more ids than forget.removed counts", r.id));
+        }
+    }
     if let Some(list) = &r.snapshots {
         if list.len() > MAX_SNAPSHOTS {
             return Err(format!("{}: at most {MAX_SNAPSHOTS} snapshots per report", r.id));
@@ -225,7 +246,7 @@ fn store_reports(
                 conn.prepare_cached(
                     "UPDATE operations SET status = ?2, started_at = ?3, finished_at = ?4, duration_ms = ?5,
                             summary = coalesce(?6, summary), progress = coalesce(?7, progress), message = ?8,
-                            reason = ?9, exit_code = ?10
+                            reason = ?9, exit_code = ?10, forget = coalesce(?11, forget)
                      WHERE id = ?1",
                 )?
                 .execute(params![
@@ -239,13 +260,15 @@ fn store_reports(
                     r.message,
                     r.reason.as_ref().map(word),
                     r.exit_code,
+                    json(&r.forget),
                 ])?;
             }
             None => {
                 conn.prepare_cached(
                     "INSERT INTO operations (id, agent_id, plan, kind, trigger, status, created_at, started_at,
-                                             finished_at, duration_ms, summary, progress, message, reason, exit_code)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                                             finished_at, duration_ms, summary, progress, message, reason, exit_code,
+                                             forget)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
                 )?
                 .execute(params![
                     r.id,
@@ -263,12 +286,15 @@ fn store_reports(
                     r.message,
                     r.reason.as_ref().map(word),
                     r.exit_code,
+                    json(&r.forget),
                 ])?;
             }
         }
         // A cancelled run (the agent stopped, the plan changed, a run-now merged into another) says nothing about
         // the plan's health: the status stays what the last run that ended on its own made it.
-        let counts = r.status.is_final() && r.status != OperationStatus::Cancelled;
+        // Only backups make a plan's health: a forget (retention after a backup) is its own operation, listed and
+        // counted in the operations, but its failure does not undo the snapshot the backup made.
+        let counts = r.kind == OperationKind::Backup && r.status.is_final() && r.status != OperationStatus::Cancelled;
         if let (true, Some(finished_at)) = (counts, finished_at) {
             let success = matches!(r.status, OperationStatus::Success | OperationStatus::Warning);
             // An older run's report arriving after a newer one's does not move the status back.
@@ -321,7 +347,7 @@ fn store_reports(
 }
 
 const VIEW_COLUMNS: &str = "o.seq, o.id, o.agent_id, a.hostname, o.plan, o.kind, o.trigger, o.status, o.created_at,
-     o.started_at, o.finished_at, o.duration_ms, o.summary, o.progress, o.message, o.reason, o.exit_code";
+     o.started_at, o.finished_at, o.duration_ms, o.summary, o.progress, o.message, o.reason, o.exit_code, o.forget";
 
 /// An operation row (selected with [`VIEW_COLUMNS`] from `operations o LEFT JOIN agents a`) and its `seq`.
 fn view_of(row: &Row<'_>) -> rusqlite::Result<(i64, OperationView)> {
@@ -351,6 +377,7 @@ fn view_of(row: &Row<'_>) -> rusqlite::Result<(i64, OperationView)> {
             message: row.get(14)?,
             reason: text(15)?.and_then(|s| from_word::<FailureReason>(&s)),
             exit_code: row.get(16)?,
+            forget: text(17)?.and_then(|s| serde_json::from_str::<ForgetSummary>(&s).ok()),
         },
     ))
 }
@@ -374,12 +401,16 @@ pub fn list_operations(
     if query.status.is_some() {
         sql += " AND o.status = :status";
     }
+    if query.kind.is_some() {
+        sql += " AND o.kind = :kind";
+    }
     if query.before.is_some() {
         sql += " AND o.seq < :before";
     }
     sql += " ORDER BY o.seq DESC LIMIT :limit";
     let mut stmt = conn.prepare_cached(&sql)?;
     let status = query.status.map(OperationStatus::as_str);
+    let kind = query.kind.as_ref().map(word);
     let mut named: Vec<(&str, &dyn rusqlite::ToSql)> = vec![(":limit", &limit)];
     if let Some(agent) = &query.agent {
         named.push((":agent", agent));
@@ -389,6 +420,9 @@ pub fn list_operations(
     }
     if let Some(status) = &status {
         named.push((":status", status));
+    }
+    if let Some(kind) = &kind {
+        named.push((":kind", kind));
     }
     if let Some(before) = &query.before {
         named.push((":before", before));
@@ -542,10 +576,10 @@ pub fn backup_health(conn: &Connection, now: Timestamp) -> Result<HashMap<String
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
         let view = row.get::<_, Option<String>>(1)?.is_some().then(|| view_of(row)).transpose()?.map(|(_, v)| v);
-        let last: String = row.get(19)?;
+        let last: String = row.get(20)?;
         let Some(last) = from_word::<OperationStatus>(&last) else { continue };
-        let run = LastRun { view, status: last, finished_at: row.get(20)?, success_at: row.get(21)? };
-        status.insert((row.get(17)?, row.get(18)?), run);
+        let run = LastRun { view, status: last, finished_at: row.get(21)?, success_at: row.get(22)? };
+        status.insert((row.get(18)?, row.get(19)?), run);
     }
     let mut out = HashMap::new();
     let mut agents = conn.prepare_cached("SELECT id, labels FROM agents")?;
@@ -638,6 +672,7 @@ mod tests {
             reason: None,
             exit_code: None,
             snapshots: None,
+            forget: None,
         }
     }
 
@@ -650,6 +685,61 @@ mod tests {
             paths: vec!["/etc".into()],
             tags: vec!["rm-plan:daily".into()],
         }
+    }
+
+    #[test]
+    fn forget_reports_replace_snapshots_but_leave_the_plans_health_alone() {
+        let (_dir, c) = setup();
+        add_plan(&c, "daily", "@daily", r#"["a1"]"#, "{}", T0 - 10);
+        let mut backup = report(1, "daily", OperationStatus::Success, T0);
+        backup.snapshots = Some(vec![snapshot('a', "2026-01-01T00:00:00Z"), snapshot('b', "2026-01-02T00:00:00Z")]);
+        ingest_reports(&c, T0 + 20, "a1", &[backup]).unwrap();
+        let health = || backup_health(&c, T0 + 100).unwrap()["a1"][0].clone();
+        assert_eq!(health().health, Health::Ok);
+
+        // A failed forget: listed, but the plan stays ok and its last run stays the backup.
+        let mut failed = report(2, "daily", OperationStatus::Failed, T0 + 30);
+        failed.kind = OperationKind::Forget;
+        failed.message = Some("Fatal: unable to create lock".into());
+        ingest_reports(&c, T0 + 50, "a1", &[failed]).unwrap();
+        let h = health();
+        assert_eq!((h.health, h.last_run.unwrap().id), (Health::Ok, op_id(1)));
+
+        // A successful forget replaces the snapshot list with what it kept and stores what it removed.
+        let mut forget = report(3, "daily", OperationStatus::Success, T0 + 60);
+        forget.kind = OperationKind::Forget;
+        forget.trigger = Trigger::RunNow;
+        let summary = ForgetSummary { removed: 1, kept: 1, removed_ids: vec!["a".repeat(64)] };
+        forget.forget = Some(summary.clone());
+        forget.snapshots = Some(vec![snapshot('b', "2026-01-02T00:00:00Z")]);
+        ingest_reports(&c, T0 + 80, "a1", &[forget.clone()]).unwrap();
+        let listed = list_snapshots(&c, "a1").unwrap().unwrap();
+        assert_eq!(listed.iter().map(|s| s.snapshot.id.clone()).collect::<Vec<_>>(), vec!["b".repeat(64)]);
+        assert_eq!(health().last_run.unwrap().id, op_id(1));
+        let view = get_operation(&c, &op_id(3)).unwrap().unwrap();
+        assert_eq!((view.kind, view.trigger, view.forget), (OperationKind::Forget, Trigger::RunNow, Some(summary)));
+
+        // The kind filter.
+        let by_kind = |kind| {
+            let q = OperationQuery { kind: Some(kind), ..Default::default() };
+            list_operations(&c, &q).unwrap().0.into_iter().map(|v| v.id).collect::<Vec<_>>()
+        };
+        assert_eq!(by_kind(OperationKind::Forget), vec![op_id(3), op_id(2)]);
+        assert_eq!(by_kind(OperationKind::Backup), vec![op_id(1)]);
+        assert!(by_kind(OperationKind::Prune).is_empty());
+
+        // A forget summary that does not add up, or on a backup, refuses the batch.
+        let before = dump(&c);
+        let mut bad = forget.clone();
+        bad.id = op_id(4);
+        bad.forget = Some(ForgetSummary { removed: 0, kept: 0, removed_ids: vec!["a".repeat(64)] });
+        assert!(ingest_reports(&c, T0 + 90, "a1", &[bad.clone()]).unwrap_err().to_string().contains("forget.removed"));
+        bad.forget = Some(ForgetSummary { removed: 1, kept: 0, removed_ids: vec!["x; drop".into()] });
+        assert!(ingest_reports(&c, T0 + 90, "a1", &[bad.clone()]).unwrap_err().to_string().contains("hex"));
+        bad.kind = OperationKind::Backup;
+        bad.forget = Some(ForgetSummary::default());
+        assert!(ingest_reports(&c, T0 + 90, "a1", &[bad]).unwrap_err().to_string().contains("kind forget"));
+        assert_eq!(dump(&c), before, "nothing written");
     }
 
     fn dump(conn: &Connection) -> String {
@@ -851,6 +941,7 @@ mod tests {
             agent: agent.map(Into::into),
             plan: plan.map(Into::into),
             status,
+            kind: None,
             before,
             limit,
         };

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use rm_protocol::backup::{CreatePlan, OperationStatus, Timezone, UpdatePlan, plan_applies};
+use rm_protocol::retention::Retention;
 use rm_protocol::schedule::{Schedule, parse_duration};
 use rm_protocol::validate::{is_printable, is_unsafe_char};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -48,6 +49,8 @@ pub struct NewPlan {
     pub selector: Labels,
     pub timeout_secs: u64,
     pub jitter_secs: u64,
+    /// `None`: every snapshot is kept (no forget runs).
+    pub retention: Option<Retention>,
 }
 
 /// A row of `plans`.
@@ -193,6 +196,9 @@ impl NewPlan {
             ));
         }
         labels::validate_labels("selector", &spec.selector)?;
+        if let Some(retention) = &spec.retention {
+            retention.validate()?;
+        }
         let mut agents = spec.agents;
         if agents.len() > MAX_AGENTS {
             return Err(format!("agents: at most {MAX_AGENTS} agent ids"));
@@ -216,6 +222,7 @@ impl NewPlan {
             selector: spec.selector,
             timeout_secs: timeout.as_secs(),
             jitter_secs: jitter.as_secs(),
+            retention: spec.retention,
         })
     }
 
@@ -243,19 +250,21 @@ impl NewPlan {
             selector: c.selector.unwrap_or_else(|| self.selector.clone()),
             timeout: Some(c.timeout.unwrap_or_else(|| format!("{}s", self.timeout_secs))),
             jitter,
+            retention: c.retention.unwrap_or_else(|| self.retention.clone()),
         })
     }
 
     /// For the audit log.
     fn describe(&self) -> String {
         format!(
-            "repository={} paths=[{}] schedule={:?} timezone={:?} agents=[{}] selector={{{}}}",
+            "repository={} paths=[{}] schedule={:?} timezone={:?} agents=[{}] selector={{{}}} retention={}",
             self.repository,
             self.paths.join(","),
             self.schedule,
             self.timezone,
             self.agents.join(","),
-            labels::describe(&self.selector)
+            labels::describe(&self.selector),
+            self.retention.as_ref().map_or_else(|| "none".to_string(), |r| format!("{{{}}}", r.describe()))
         )
     }
 }
@@ -281,7 +290,7 @@ fn timezone_text(tz: Timezone) -> &'static str {
 }
 
 const COLUMNS: &str = "name, repository, paths, excludes, schedule, timezone, tags, one_file_system, exclude_caches, \
-                       agents, selector, timeout_secs, jitter_secs, created_at, updated_at";
+                       agents, selector, timeout_secs, jitter_secs, created_at, updated_at, retention";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PlanInfo> {
     let list = |i: usize| -> rusqlite::Result<Vec<String>> {
@@ -290,6 +299,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PlanInfo> {
     };
     let selector: String = r.get(10)?;
     let timezone: String = r.get(5)?;
+    let retention: Option<String> = r.get(15)?;
     Ok(PlanInfo {
         plan: NewPlan {
             name: r.get(0)?,
@@ -305,9 +315,15 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PlanInfo> {
             selector: labels::from_json(&selector),
             timeout_secs: r.get::<_, i64>(11)?.max(0) as u64,
             jitter_secs: r.get::<_, i64>(12)?.max(0) as u64,
+            retention: None,
         },
         created_at: r.get(13)?,
         updated_at: r.get(14)?,
+    })
+    .map(|mut info| {
+        // A policy that no longer reads (written by a newer server, say) counts as none rather than hiding the plan.
+        info.plan.retention = retention.as_deref().and_then(|t| serde_json::from_str(t).ok());
+        info
     })
 }
 
@@ -354,12 +370,13 @@ fn check_references(conn: &Connection, plan: &NewPlan) -> Result<Result<(), Plan
 fn write_row(conn: &Connection, plan: &NewPlan, now: Timestamp, insert: bool) -> Result<usize, DbError> {
     let sql = if insert {
         "INSERT INTO plans (name, repository, paths, excludes, schedule, timezone, tags, one_file_system,
-                            exclude_caches, agents, selector, timeout_secs, jitter_secs, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14) ON CONFLICT (name) DO NOTHING"
+                            exclude_caches, agents, selector, timeout_secs, jitter_secs, created_at, updated_at,
+                            retention)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?15) ON CONFLICT (name) DO NOTHING"
     } else {
         "UPDATE plans SET repository = ?2, paths = ?3, excludes = ?4, schedule = ?5, timezone = ?6, tags = ?7,
                 one_file_system = ?8, exclude_caches = ?9, agents = ?10, selector = ?11, timeout_secs = ?12,
-                jitter_secs = ?13, updated_at = ?14
+                jitter_secs = ?13, updated_at = ?14, retention = ?15
          WHERE name = ?1"
     };
     Ok(conn.execute(
@@ -378,7 +395,8 @@ fn write_row(conn: &Connection, plan: &NewPlan, now: Timestamp, insert: bool) ->
             labels::to_json(&plan.selector),
             plan.timeout_secs as i64,
             plan.jitter_secs as i64,
-            now
+            now,
+            plan.retention.as_ref().map(|r| serde_json::to_string(r).expect("a retention policy serialises")),
         ],
     )?)
 }
@@ -638,6 +656,32 @@ mod tests {
         );
     }
 
+    #[test]
+    fn retention_is_validated_set_kept_and_cleared_by_updates() {
+        let keep3 = Retention { last: Some(3), ..Default::default() };
+        let plan = NewPlan::validated(CreatePlan { retention: Some(keep3.clone()), ..spec("p") }).unwrap();
+        assert_eq!(plan.retention, Some(keep3.clone()));
+        let nothing = CreatePlan { retention: Some(Retention::default()), ..spec("p") };
+        assert!(invalid(nothing).starts_with("retention: the policy keeps nothing"));
+        let bad = CreatePlan {
+            retention: Some(Retention { within: Some("7 days".into()), ..Default::default() }),
+            ..spec("p")
+        };
+        assert!(invalid(bad).starts_with("retention.within"));
+        // Absent: unchanged; a policy: replaced; null: cleared.
+        let same = plan.changed(&UpdatePlan { tags: Some(vec!["x".into()]), ..Default::default() }).unwrap();
+        assert_eq!(same.retention, Some(keep3));
+        let daily = Retention { daily: Some(7), ..Default::default() };
+        let replaced =
+            plan.changed(&UpdatePlan { retention: Some(Some(daily.clone())), ..Default::default() }).unwrap();
+        assert_eq!(replaced.retention, Some(daily));
+        let cleared = plan.changed(&UpdatePlan { retention: Some(None), ..Default::default() }).unwrap();
+        assert_eq!(cleared.retention, None);
+        let refused = plan.changed(&UpdatePlan { retention: Some(Some(Retention::default())), ..Default::default() });
+        assert!(refused.unwrap_err().contains("keeps nothing"));
+        assert!(!is_empty_update(&UpdatePlan { retention: Some(None), ..Default::default() }));
+    }
+
     fn repo(name: &str) -> NewRepository {
         NewRepository {
             name: name.into(),
@@ -691,9 +735,11 @@ mod tests {
             assert!(list_plans(c)?.is_empty());
             assert_eq!(config_revision(c)?, 2);
 
-            let by_label = CreatePlan { selector: labels.clone(), ..spec("nightly") };
+            let keep = Retention { last: Some(3), within: Some("7d".into()), ..Default::default() };
+            let by_label = CreatePlan { selector: labels.clone(), retention: Some(keep.clone()), ..spec("nightly") };
             let plan = create_plan(c, 3, &NewPlan::validated(by_label.clone()).unwrap(), a())?.unwrap();
             assert_eq!(config_revision(c)?, 3);
+            assert_eq!(get_plan(c, "nightly")?.unwrap().plan.retention, Some(keep), "stored and read back");
             assert_eq!(
                 create_plan(c, 4, &NewPlan::validated(by_label).unwrap(), a())?,
                 Err(PlanRefused::NameTaken("nightly".into()))
@@ -721,6 +767,9 @@ mod tests {
             assert_eq!(update_plan(c, 6, "nightly", &bad, a())?, Err(PlanRefused::UnknownRepository("nope".into())));
             assert_eq!(update_plan(c, 6, "other", &changes, a())?, Err(PlanRefused::NotFound("other".into())));
             assert_eq!(config_revision(c)?, 6);
+            let cleared = UpdatePlan { retention: Some(None), ..Default::default() };
+            assert_eq!(update_plan(c, 5, "nightly", &cleared, a())?.unwrap().plan.retention, None);
+            assert_eq!(config_revision(c)?, 7, "a retention change bumps");
 
             // The repository cannot go while the plan uses it.
             let in_use = delete_repository(c, "repo", a())?.unwrap_err();

@@ -147,6 +147,9 @@ pub const MIGRATIONS: &[&str] = &[
         operation_id TEXT NOT NULL,
         expires_at   INTEGER NOT NULL
     ) STRICT;",
+    // retention: a plan's retention policy (JSON, NULL: keep every snapshot) and what a forget operation removed.
+    "ALTER TABLE plans ADD COLUMN retention TEXT;
+    ALTER TABLE operations ADD COLUMN forget TEXT;",
 ];
 
 pub fn migrations() -> Migrations<'static> {

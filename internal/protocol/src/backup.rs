@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::admin::Timestamp;
+use crate::retention::{ForgetSummary, Retention, double_option};
 
 // ---------------------------------------------------------------------------------------------------------------
 // Shared vocabulary
@@ -285,6 +286,9 @@ pub struct AgentPlan {
     /// plan, so a fleet sharing a repository does not start together.
     #[serde(default)]
     pub jitter_secs: u64,
+    /// After each backup that made a snapshot, `restic forget` with this policy for this host's snapshots of the plan.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
 }
 
 /// `GET /api/v1/agents/config` (agent credential): the agent's plans and their repositories.
@@ -326,6 +330,9 @@ pub struct OperationReport {
     /// After a successful backup: every snapshot of this plan on this host (replaces what the server had).
     #[serde(default)]
     pub snapshots: Option<Vec<Snapshot>>,
+    /// A `forget` operation's result: what it removed and kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forget: Option<ForgetSummary>,
 }
 
 /// `POST /api/v1/agents/reports`: the agent's queued reports, oldest first.
@@ -393,6 +400,9 @@ pub struct CreatePlan {
     /// Spread of scheduled starts across hosts such as `5m` (default: a twentieth of the interval, at most 10m).
     #[serde(default)]
     pub jitter: Option<String>,
+    /// Which snapshots each host keeps (`restic forget` after each backup). Absent: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
 }
 
 /// `PATCH /api/v1/plans/{name}`: each field present replaces the stored value.
@@ -423,6 +433,9 @@ pub struct UpdatePlan {
     pub timeout: Option<String>,
     #[serde(default)]
     pub jitter: Option<String>,
+    /// A policy replaces the plan's; `null` removes it (keep every snapshot); absent leaves it.
+    #[serde(default, deserialize_with = "double_option", skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Option<Retention>>,
 }
 
 /// A plan as the API shows it.
@@ -441,6 +454,8 @@ pub struct PlanView {
     pub selector: BTreeMap<String, String>,
     pub timeout_secs: u64,
     pub jitter_secs: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
     /// The agents the plan applies to now (explicit ids and selector matches).
     pub applies_to: Vec<String>,
     /// RFC 3339.
@@ -467,7 +482,7 @@ pub struct OperationCreated {
     pub operation_id: String,
 }
 
-/// `GET /api/v1/operations?agent=&plan=&status=&before=&limit=`
+/// `GET /api/v1/operations?agent=&plan=&status=&kind=&before=&limit=`
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperationQuery {
@@ -477,6 +492,8 @@ pub struct OperationQuery {
     pub plan: Option<String>,
     #[serde(default)]
     pub status: Option<OperationStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<OperationKind>,
     /// Page below this cursor (the previous page's `next_before`).
     #[serde(default)]
     pub before: Option<i64>,
@@ -503,6 +520,9 @@ pub struct OperationView {
     pub message: Option<String>,
     pub reason: Option<FailureReason>,
     pub exit_code: Option<i32>,
+    /// What a `forget` operation removed and kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forget: Option<ForgetSummary>,
 }
 
 /// `GET /api/v1/operations`: newest first; `next_before` pages on.

@@ -952,6 +952,7 @@ pub(crate) mod tests {
                 exclude_caches: false,
                 timeout_secs: 60,
                 jitter_secs: 0,
+                retention: None,
             }],
             repositories: vec![AgentRepository {
                 name: "local".into(),

@@ -1,19 +1,22 @@
 //! One operation from start to final report: the plan's slot (a plan runs once at a time), this agent's lock on the
 //! repository (one restic per repository here), the server's lease on it (one restic per repository in the fleet),
 //! restic itself with throttled progress, and the final report, written to the outbox before anything is released.
+//! A plan with a retention policy then runs `restic forget` as its own operation (kind `forget`, same trigger), still
+//! holding the repository and its lease, after a backup that made a snapshot (success or warning).
 
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use rm_protocol::backup::{
-    FailureReason, LeaseRequest, OperationKind, OperationReport, OperationStatus, Progress, Trigger,
+    AgentPlan, AgentRepository, FailureReason, LeaseRequest, OperationKind, OperationReport, OperationStatus, Progress,
+    Trigger,
 };
 
 use super::{Claimed, Inner};
 use crate::AgentError;
 use crate::client::Lease;
-use crate::restic::{self, Cancel, Outcome};
+use crate::restic::{self, Cancel, Outcome, Restic};
 
 /// Progress goes to the server at most this often.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -67,6 +70,7 @@ pub(super) fn report(id: &str, plan: &str, trigger: Trigger, started_at: i64) ->
         reason: None,
         exit_code: None,
         snapshots: None,
+        forget: None,
     }
 }
 
@@ -94,11 +98,18 @@ pub(super) struct Operation {
 impl Operation {
     /// Starts an operation: recorded as open on disk (so a crash still ends it with a report), `running` queued.
     pub fn start(inner: &Inner, id: String, plan: &str, trigger: Trigger) -> Operation {
-        let report = report(&id, plan, trigger, now_secs());
+        Operation::start_kind(inner, id, plan, trigger, OperationKind::Backup)
+    }
+
+    /// [`Operation::start`] of another kind than backup.
+    pub fn start_kind(inner: &Inner, id: String, plan: &str, trigger: Trigger, kind: OperationKind) -> Operation {
+        let mut report = report(&id, plan, trigger, now_secs());
+        report.kind = kind;
         inner.open_operation(&report);
         inner.outbox.set_live(report.clone());
         crate::log(format_args!(
-            "run start: plan={} trigger={} operation={id}",
+            "{} start: plan={} trigger={} operation={id}",
+            kind_word(kind),
             crate::printable(plan),
             trigger_name(trigger)
         ));
@@ -114,18 +125,23 @@ impl Operation {
         r.reason = outcome.reason;
         r.exit_code = outcome.exit_code;
         r.snapshots = outcome.snapshots;
+        r.forget = outcome.forget;
         r.progress = None;
         r.finished_at = Some(now_secs());
         r.duration_ms = Some(self.started.elapsed().as_millis() as u64);
         inner.finish_operation(r);
         let mut line = format!(
-            "run end: plan={} trigger={} status={} operation={} duration={:.1}s",
+            "{} end: plan={} trigger={} status={} operation={} duration={:.1}s",
+            kind_word(r.kind),
             crate::printable(&r.plan),
             trigger_name(r.trigger),
             r.status,
             r.id,
             self.started.elapsed().as_secs_f64()
         );
+        if let Some(f) = &r.forget {
+            line.push_str(&format!(" removed={} kept={}", f.removed, f.kept));
+        }
         if let Some(m) = &r.message {
             line.push_str(&format!(" message={}", crate::printable(m)));
         }
@@ -134,7 +150,18 @@ impl Operation {
 }
 
 pub(super) fn outcome(status: OperationStatus, reason: Option<FailureReason>, message: String) -> Outcome {
-    Outcome { status, summary: None, message: Some(message), reason, exit_code: None, snapshots: None }
+    Outcome { status, summary: None, message: Some(message), reason, exit_code: None, snapshots: None, forget: None }
+}
+
+/// `run` for backups (the log's words since issue 14), else the kind's name.
+fn kind_word(kind: OperationKind) -> &'static str {
+    match kind {
+        OperationKind::Backup => "run",
+        OperationKind::Forget => "forget",
+        OperationKind::Prune => "prune",
+        OperationKind::Check => "check",
+        OperationKind::Restore => "restore",
+    }
 }
 
 /// Runs `plan` once. `run_now`: the server's operation id, already accepted and reported `running`; such a run waits
@@ -165,9 +192,47 @@ pub(super) fn run(inner: &Arc<Inner>, plan: &str, trigger: Trigger, run_now: Opt
         (Claimed::Run, None) => Operation::start(inner, id.clone(), plan, trigger),
     };
     let _slot = SlotGuard { inner, plan, id: &id };
-    let (end, held) = execute(inner, &op, plan, &id, &cancel);
+    let (end, held, ran) = execute(inner, &op, plan, &id, &cancel);
+    let made_snapshot = matches!(end.status, OperationStatus::Success | OperationStatus::Warning);
     op.finish(inner, end);
-    drop(held); // the lease and the repository only after the report is on disk
+    // Retention, in the same hold of the repository and its lease as the backup (forget changes the repository).
+    if let Some(ran) = ran.filter(|r| made_snapshot && r.plan.retention.is_some()) {
+        forget(inner, &ran, trigger, &cancel, &id);
+    }
+    drop(held); // the lease and the repository only after the reports are on disk
+}
+
+/// What a backup ran with, for the forget after it.
+struct Ran {
+    plan: AgentPlan,
+    repository: AgentRepository,
+    restic: Restic,
+    timeout: Duration,
+}
+
+/// The forget after a backup of `ran.plan` (operation `backup_id`): its own operation, reported like a backup;
+/// its failure is its own and leaves the backup's report as it is.
+fn forget(inner: &Arc<Inner>, ran: &Ran, trigger: Trigger, cancel: &Cancel, backup_id: &str) {
+    let plan = ran.plan.name.as_str();
+    let op = Operation::start_kind(inner, super::store::new_operation_id(), plan, trigger, OperationKind::Forget);
+    let job = restic::Job {
+        plan: &ran.plan,
+        repository: &ran.repository,
+        hostname: &inner.hostname,
+        state_dir: &inner.state_dir,
+        cancel: cancel.clone(),
+        timeout: ran.timeout,
+    };
+    let mut end = restic::forget(&ran.restic, &job);
+    if end.status == OperationStatus::Cancelled {
+        if let Some(why) = inner.cancel_reason(plan, backup_id) {
+            end.message = Some(match end.message.take() {
+                Some(m) if !m.is_empty() => format!("{why} ({m})"),
+                _ => why,
+            });
+        }
+    }
+    op.finish(inner, end);
 }
 
 /// What a run holds until its final report is written: the server's lease (released first), then this agent's lock
@@ -203,7 +268,13 @@ impl Drop for RepoGuard<'_> {
 
 /// Everything between the claim and the final report; what it returns holds the repository (and its lease) until
 /// the caller has written the report.
-fn execute<'a>(inner: &'a Arc<Inner>, op: &Operation, plan: &str, id: &str, cancel: &Cancel) -> (Outcome, Held<'a>) {
+fn execute<'a>(
+    inner: &'a Arc<Inner>,
+    op: &Operation,
+    plan: &str,
+    id: &str,
+    cancel: &Cancel,
+) -> (Outcome, Held<'a>, Option<Ran>) {
     let mut held = Held::default();
     let cancelled = |inner: &Inner| {
         let why = inner.cancel_reason(plan, id).unwrap_or_else(|| "cancelled".into());
@@ -211,22 +282,22 @@ fn execute<'a>(inner: &'a Arc<Inner>, op: &Operation, plan: &str, id: &str, canc
     };
     let Some((plan_def, repository)) = inner.snapshot_plan(plan, id) else {
         let message = format!("plan {plan} is not in this agent's backup config (removed?)");
-        return (outcome(OperationStatus::Cancelled, None, message), held);
+        return (outcome(OperationStatus::Cancelled, None, message), held, None);
     };
     let restic = match inner.restic_for_run() {
         Ok(r) => r,
-        Err(e) => return (outcome(OperationStatus::Failed, Some(FailureReason::ResticUnavailable), e), held),
+        Err(e) => return (outcome(OperationStatus::Failed, Some(FailureReason::ResticUnavailable), e), held, None),
     };
     if !inner.lock_repository(&repository.name, cancel) {
-        return (cancelled(inner), held);
+        return (cancelled(inner), held, None);
     }
     held._repository = Some(RepoGuard { inner, repository: repository.name.clone() });
     let Some(lease) = LeaseHold::acquire(inner, &repository.name, id, cancel) else {
-        return (cancelled(inner), held);
+        return (cancelled(inner), held, None);
     };
     held._lease = Some(lease);
     if cancel.is_cancelled() {
-        return (cancelled(inner), held);
+        return (cancelled(inner), held, None);
     }
     let timeout = match plan_def.timeout_secs {
         0 => DEFAULT_TIMEOUT,
@@ -257,7 +328,8 @@ fn execute<'a>(inner: &'a Arc<Inner>, op: &Operation, plan: &str, id: &str, canc
             });
         }
     }
-    (end, held)
+    let ran = Ran { plan: plan_def, repository, restic, timeout };
+    (end, held, Some(ran))
 }
 
 /// The server's lease on a repository while restic runs: renewed on a thread, released on drop.

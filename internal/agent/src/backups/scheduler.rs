@@ -131,6 +131,7 @@ mod tests {
             exclude_caches: false,
             timeout_secs: 3600,
             jitter_secs,
+            retention: None,
         }
     }
 

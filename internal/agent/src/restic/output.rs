@@ -179,30 +179,65 @@ pub(crate) fn parse_snapshots(text: &str) -> Option<Vec<Snapshot>> {
     let Ok(Value::Array(items)) = serde_json::from_str::<Value>(text.trim()) else {
         return None;
     };
-    Some(
-        items
-            .iter()
-            .filter(|v| v.is_object())
-            .filter_map(|v| {
-                let id = str_of(v, "id");
-                if id.is_empty() {
-                    return None;
-                }
-                let mut short_id = str_of(v, "short_id");
-                if short_id.is_empty() {
-                    short_id = id.chars().take(8).collect();
-                }
-                Some(Snapshot {
-                    short_id,
-                    time: str_of(v, "time"),
-                    hostname: str_of(v, "hostname"),
-                    paths: strings_of(v, "paths"),
-                    tags: strings_of(v, "tags"),
-                    id,
-                })
-            })
-            .collect(),
-    )
+    Some(snapshot_list(&items))
+}
+
+fn snapshot_list(items: &[Value]) -> Vec<Snapshot> {
+    items.iter().filter_map(snapshot_of).collect()
+}
+
+fn snapshot_of(v: &Value) -> Option<Snapshot> {
+    if !v.is_object() {
+        return None;
+    }
+    let id = str_of(v, "id");
+    if id.is_empty() {
+        return None;
+    }
+    let mut short_id = str_of(v, "short_id");
+    if short_id.is_empty() {
+        short_id = id.chars().take(8).collect();
+    }
+    Some(Snapshot {
+        short_id,
+        time: str_of(v, "time"),
+        hostname: str_of(v, "hostname"),
+        paths: strings_of(v, "paths"),
+        tags: strings_of(v, "tags"),
+        id,
+    })
+}
+
+/// What `forget --json` said it kept and removed, over all its groups.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Forgotten {
+    pub kept: Vec<Snapshot>,
+    pub removed: Vec<Snapshot>,
+    /// How many groups restic formed (the agent's filters and `--group-by host` make it 0 or 1).
+    pub groups: usize,
+}
+
+/// `forget --json` (restic 0.14 and later): one JSON array of groups, each `{"tags","host","paths","keep":[…],
+/// "remove":[…]|null,"reasons":[…]}`, the snapshots as `snapshots --json` prints them. restic prints nothing at all
+/// when no snapshot matched the filters: that is zero groups. `None` if the output is neither.
+pub(crate) fn parse_forget(text: &str) -> Option<Forgotten> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Some(Forgotten::default());
+    }
+    let Ok(Value::Array(groups)) = serde_json::from_str::<Value>(text) else {
+        return None;
+    };
+    let mut out = Forgotten::default();
+    for group in groups.iter().filter(|g| g.is_object()) {
+        out.groups += 1;
+        for (key, list) in [("keep", &mut out.kept), ("remove", &mut out.removed)] {
+            if let Some(Value::Array(items)) = group.get(key) {
+                list.extend(snapshot_list(items));
+            }
+        }
+    }
+    Some(out)
 }
 
 /// How restic ended, read from its exit code and, for restic before 0.17 (which exits 1 for every failure), from
@@ -462,6 +497,30 @@ mod tests {
         assert_eq!(parse_snapshots("[]\n"), Some(vec![]));
         assert_eq!(parse_snapshots("null"), None);
         assert_eq!(parse_snapshots("Fatal: x"), None);
+    }
+
+    #[test]
+    fn forget_output_of_restic_0_14() {
+        // Recorded from restic 0.14.0: `forget --json --host h1 --tag rm-plan:p --group-by host --keep-last 1`.
+        let recorded = r#"[{"tags":null,"host":"h1","paths":null,"keep":[{"time":"2026-12-02T13:17:31.192268404Z","parent":"e8297211c8243291f9c855221d70d2ba2e8675ebaa3acbb75dd080214ccb8c1a","tree":"d10db45aa3d7438d3af8c8c2f76b0cd01e9f156e55a6616bda5f20fed257bc2f","paths":["/tmp/rtest/d"],"hostname":"h1","username":"root","tags":["rm-plan:p"],"id":"8682c54730d1c0d65081f0a162fce0cac859223af21bac31b4acaba5c7d3af7e","short_id":"8682c547"}],"remove":[{"time":"2026-12-02T13:17:30.493471632Z","tree":"d10db45aa3d7438d3af8c8c2f76b0cd01e9f156e55a6616bda5f20fed257bc2f","paths":["/tmp/rtest/d"],"hostname":"h1","username":"root","tags":["rm-plan:p"],"id":"e8297211c8243291f9c855221d70d2ba2e8675ebaa3acbb75dd080214ccb8c1a","short_id":"e8297211"}],"reasons":[{"snapshot":{"time":"2026-12-02T13:17:31.192268404Z","paths":["/tmp/rtest/d"],"hostname":"h1","tags":["rm-plan:p"]},"matches":["last snapshot"],"counters":{"last":1}}]}]"#;
+        let f = parse_forget(&format!("{recorded}\n")).unwrap();
+        assert_eq!((f.groups, f.kept.len(), f.removed.len()), (1, 1, 1));
+        assert_eq!(f.kept[0].id, "8682c54730d1c0d65081f0a162fce0cac859223af21bac31b4acaba5c7d3af7e");
+        assert_eq!(f.kept[0].hostname, "h1");
+        assert_eq!(f.kept[0].tags, ["rm-plan:p"]);
+        assert_eq!(f.removed[0].short_id, "e8297211");
+        // Nothing removed: restic writes null.
+        let none =
+            parse_forget(r#"[{"host":"h1","keep":[{"id":"ab","time":"t"}],"remove":null,"reasons":[]}]"#).unwrap();
+        assert_eq!((none.kept.len(), none.removed.len()), (1, 0));
+        // No snapshot matched: restic prints nothing.
+        assert_eq!(parse_forget(""), Some(Forgotten::default()));
+        assert_eq!(parse_forget("[]").unwrap().groups, 0);
+        // Not forget's JSON: refused rather than read as "nothing removed".
+        assert_eq!(parse_forget("Applying Policy: keep 3 latest snapshots"), None);
+        assert_eq!(parse_forget(r#"{"keep":[]}"#), None);
+        let odd = parse_forget(r#"[1, {"keep":"x","remove":[{"no":"id"},{"id":"cd"}]}]"#).unwrap();
+        assert_eq!((odd.groups, odd.kept.len(), odd.removed.len()), (1, 0, 1));
     }
 
     #[test]

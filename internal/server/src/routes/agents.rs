@@ -285,5 +285,6 @@ fn agent_plan(p: rm_fleet::NewPlan) -> AgentPlan {
         exclude_caches: p.exclude_caches,
         timeout_secs: p.timeout_secs,
         jitter_secs: p.jitter_secs,
+        retention: p.retention,
     }
 }

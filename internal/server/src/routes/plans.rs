@@ -31,6 +31,7 @@ pub fn plan_view(info: PlanInfo, agents: &[(String, Labels)]) -> PlanView {
         selector: p.selector,
         timeout_secs: p.timeout_secs,
         jitter_secs: p.jitter_secs,
+        retention: p.retention,
         applies_to,
         created: rfc3339(info.created_at),
         updated: rfc3339(info.updated_at),
