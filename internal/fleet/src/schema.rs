@@ -147,6 +147,20 @@ pub const MIGRATIONS: &[&str] = &[
         operation_id TEXT NOT NULL,
         expires_at   INTEGER NOT NULL
     ) STRICT;",
+    // Restores (issue 15): what an operator asked for, beside its `operations` row (kind `restore`, queued until the
+    // agent reports it), and what the agent reported about it (`result`, JSON: target directory and counts).
+    "CREATE TABLE restores (
+        operation_id TEXT PRIMARY KEY,
+        agent_id     TEXT NOT NULL,
+        source_agent TEXT,
+        plan         TEXT NOT NULL,
+        repository   TEXT NOT NULL,
+        snapshot     TEXT NOT NULL,
+        include      TEXT NOT NULL,
+        target       TEXT,
+        overwrite    INTEGER NOT NULL,
+        result       TEXT
+    ) STRICT;",
 ];
 
 pub fn migrations() -> Migrations<'static> {

@@ -326,6 +326,9 @@ pub struct OperationReport {
     /// After a successful backup: every snapshot of this plan on this host (replaces what the server had).
     #[serde(default)]
     pub snapshots: Option<Vec<Snapshot>>,
+    /// A restore's target directory and what it restored (kind `restore` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<crate::restore::RestoreResult>,
 }
 
 /// `POST /api/v1/agents/reports`: the agent's queued reports, oldest first.
@@ -503,6 +506,9 @@ pub struct OperationView {
     pub message: Option<String>,
     pub reason: Option<FailureReason>,
     pub exit_code: Option<i32>,
+    /// A restore's target directory and what it restored (kind `restore` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<crate::restore::RestoreResult>,
 }
 
 /// `GET /api/v1/operations`: newest first; `next_before` pages on.

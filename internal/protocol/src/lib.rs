@@ -12,6 +12,7 @@
 //! * [`manifest`]: the published agent builds.
 //! * [`admin`]: the operator API's bodies.
 //! * [`backup`]: plans, repositories as agents receive them, operation reports, leases, snapshots, health.
+//! * [`restore`]: restore requests, snapshot listings, the agent's task long-poll.
 //! * [`schedule`]: cron and `@every` schedules, read the same way by server and agent.
 //! * [`error`]: the JSON error body every 4xx/5xx carries.
 //! * [`pin`]: public key pins (`sha256//…`) for servers without a publicly trusted certificate.
@@ -45,6 +46,7 @@ pub mod error;
 pub mod manifest;
 pub mod pin;
 pub mod platform;
+pub mod restore;
 pub mod schedule;
 pub mod validate;
 

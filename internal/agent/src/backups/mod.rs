@@ -976,6 +976,7 @@ pub(crate) mod tests {
                 .iter()
                 .map(|(id, plan)| RunNow { operation_id: id.to_string(), plan: plan.to_string() })
                 .collect(),
+            restore: Vec::new(),
         }
     }
 

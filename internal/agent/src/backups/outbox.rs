@@ -356,6 +356,7 @@ mod tests {
             reason: None,
             exit_code: None,
             snapshots: None,
+            restore: None,
         }
     }
 

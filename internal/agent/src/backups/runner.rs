@@ -67,6 +67,7 @@ pub(super) fn report(id: &str, plan: &str, trigger: Trigger, started_at: i64) ->
         reason: None,
         exit_code: None,
         snapshots: None,
+        restore: None,
     }
 }
 
