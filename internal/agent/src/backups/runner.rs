@@ -95,12 +95,23 @@ pub(super) struct Operation {
 impl Operation {
     /// Starts an operation: recorded as open on disk (so a crash still ends it with a report), `running` queued.
     pub fn start(inner: &Inner, id: String, plan: &str, trigger: Trigger) -> Operation {
-        let report = report(&id, plan, trigger, now_secs());
+        Operation::start_as(inner, id, plan, trigger, OperationKind::Backup)
+    }
+
+    /// [`Operation::start`] of another kind (a restore).
+    pub fn start_as(inner: &Inner, id: String, plan: &str, trigger: Trigger, kind: OperationKind) -> Operation {
+        let mut report = report(&id, plan, trigger, now_secs());
+        report.kind = kind;
         inner.open_operation(&report);
         inner.outbox.set_live(report.clone());
         crate::log(format_args!(
-            "run start: plan={} trigger={} operation={id}",
+            "run start: plan={} kind={} trigger={} operation={id}",
             crate::printable(plan),
+            match kind {
+                OperationKind::Backup => "backup",
+                OperationKind::Restore => "restore",
+                _ => "other",
+            },
             trigger_name(trigger)
         ));
         Operation { report, started: Instant::now() }
