@@ -186,6 +186,7 @@ fn restore_into_fresh_and_existing_directories_and_list_files() {
     let backup = run_now(&server, "files", &agent);
     let took = time_to_take(&server, &agent, &backup, asked);
     assert!(took < Duration::from_secs(10), "run-now took {took:?} (heartbeat interval {HEARTBEAT:?})");
+    eprintln!("figure: run-now taken by the agent {took:?} after the request (heartbeat interval {HEARTBEAT:?})");
     let done = wait_final(&server, &agent, &backup, Duration::from_secs(120));
     assert_eq!(done["status"], "success", "{done}\n{}", agent.log());
     let snaps = Repo::new(&restic, &repo_dir.display().to_string(), PASSWORD).snapshots();
@@ -198,7 +199,9 @@ fn restore_into_fresh_and_existing_directories_and_list_files() {
     let op = restore(&server, &agent, json!({"snapshot": short_id}));
     let took = time_to_take(&server, &agent, &op, asked);
     assert!(took < Duration::from_secs(10), "restore took {took:?} to start");
+    eprintln!("figure: restore taken by the agent {took:?} after the request");
     let done = wait_final(&server, &agent, &op, Duration::from_secs(120));
+    eprintln!("figure: restore of {} into the default directory: {} ms", done["restore"]["bytes"], done["duration_ms"]);
     assert_eq!(done["status"], "success", "{done}\n{}", agent.log());
     assert_eq!((done["kind"].as_str(), done["plan"].as_str()), (Some("restore"), Some("files")), "{done}");
     assert!(done["duration_ms"].as_u64().is_some(), "{done}");
@@ -270,6 +273,7 @@ fn restore_into_fresh_and_existing_directories_and_list_files() {
     let (r, took) = list(&src.display().to_string());
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(took < Duration::from_secs(10), "listing took {took:?} (heartbeat interval {HEARTBEAT:?})");
+    eprintln!("figure: files listing answered in {took:?} (heartbeat interval {HEARTBEAT:?})");
     let body = r.json();
     assert_eq!(body["snapshot"], full_id.as_str());
     let mut got: Vec<(String, String, Option<u64>)> = body["entries"]
