@@ -343,6 +343,72 @@ fn restore_into_fresh_and_existing_directories_and_list_files() {
     let r = server.request("POST", &path, &[("authorization", "Bearer wrong")]);
     assert_eq!(r.status, 401);
     assert_eq!(agent.stop().code(), Some(0), "{}", agent.log());
+
+    // Without the long-poll (`run --once` has none), a restore rides the heartbeat answer; it runs once.
+    let target = work.path().join("by heartbeat");
+    let op = restore(&server, &agent, json!({"snapshot": short_id, "target": target.display().to_string()}));
+    assert_eq!(operation(&server, &agent.id, &op).unwrap()["status"], "queued");
+    let out = agent.run_once();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let done = operation(&server, &agent.id, &op).unwrap();
+    assert_eq!(done["status"], "success", "{done}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_same_tree(&under(&target, &src), &src);
+    let restores = restore_count(&server, &agent);
+    let out = agent.run_once();
+    assert!(out.status.success());
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(&op), "not run again");
+    assert_eq!(restore_count(&server, &agent), restores);
+}
+
+/// The long-poll itself: answered at once for a new `seen`, held while nothing is new, woken by a request.
+#[test]
+fn the_task_long_poll_waits_and_wakes() {
+    let Some(restic) = restic_binary() else { return };
+    let server = server(&[]);
+    let agent = enroll(&server, &token(&server), &restic);
+    let saved: Value = serde_json::from_slice(&fs::read(agent.config()).unwrap()).unwrap();
+    let bearer = format!("Bearer {}", saved["credential"].as_str().unwrap());
+    let get = |query: &str| {
+        let started = Instant::now();
+        let r = server.request("GET", &format!("/api/v1/agents/tasks?{query}"), &[("authorization", bearer.as_str())]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        (r.json(), started.elapsed())
+    };
+    let (first, took) = get("wait=20");
+    assert!(took < Duration::from_secs(2), "no seen: answered at once ({took:?})");
+    assert_eq!(first["run_now"], json!([]));
+    let generation = first["generation"].as_u64().unwrap();
+    let (same, took) = get(&format!("wait=2&seen={generation}"));
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(5), "held for wait ({took:?})");
+    assert_eq!(same["generation"], generation);
+    let (_, took) = get(&format!("wait=2&seen={}", generation + 7));
+    assert!(took < Duration::from_secs(1), "another generation: at once ({took:?})");
+
+    // A run-now request wakes a waiting long-poll at once.
+    let work = tempfile::tempdir().unwrap();
+    created(
+        &server,
+        "/api/v1/repositories",
+        json!({"name": "r", "url": work.path().join("repo").display().to_string(), "password": PASSWORD}),
+    );
+    created(
+        &server,
+        "/api/v1/plans",
+        json!({"name": "p", "repository": "r", "paths": ["/srv"], "schedule": "@daily", "agents": [agent.id]}),
+    );
+    let (woken, took) = std::thread::scope(|s| {
+        let waiting = s.spawn(|| get(&format!("wait=20&seen={generation}")));
+        std::thread::sleep(Duration::from_millis(500));
+        let op = run_now(&server, "p", &agent);
+        let (body, took) = waiting.join().unwrap();
+        assert_eq!(body["run_now"][0]["operation_id"], op.as_str(), "{body}");
+        (body, took)
+    });
+    assert!(took < Duration::from_secs(3), "woken by the request ({took:?})");
+    assert_ne!(woken["generation"], generation);
+    assert_eq!(server.request("GET", "/api/v1/agents/tasks", &[]).status, 401);
+    let r = server.request("POST", "/api/v1/agents/tasks/ls_unknown", &[("authorization", bearer.as_str())]);
+    assert!(r.status == 404 || r.status == 400, "{}", r.text());
 }
 
 /// Percent-encodes a query value.
