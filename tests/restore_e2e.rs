@@ -358,6 +358,16 @@ fn restore_into_fresh_and_existing_directories_and_list_files() {
     assert!(out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains(&op), "not run again");
     assert_eq!(restore_count(&server, &agent), restores);
+
+    // A snapshot the server still knows but that is gone from the repository: the restore fails with restic's words.
+    Repo::new(&restic, &repo_dir.display().to_string(), PASSWORD).run(&["forget", &full_id]);
+    let gone = work.path().join("gone");
+    let op = restore(&server, &agent, json!({"snapshot": short_id, "target": gone.display().to_string()}));
+    let out = agent.run_once();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let done = operation(&server, &agent.id, &op).unwrap();
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(done["message"].as_str().unwrap().contains("no matching ID found"), "{done}");
 }
 
 /// The long-poll itself: answered at once for a new `seen`, held while nothing is new, woken by a request.

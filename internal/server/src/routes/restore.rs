@@ -124,9 +124,10 @@ pub async fn files(
             "too many snapshot listings are pending; retry shortly",
         ));
     };
+    // Removed however this ends, also when the operator's connection goes away while it waits.
+    let _pending = PendingGuard { state: &state, request_id: &request_id };
     let wait = ls_wait(&state);
     let answer = tokio::time::timeout(wait, reply).await;
-    state.tasks().remove_ls(&request_id);
     let result = match answer {
         Ok(Ok(result)) => result,
         _ => {
@@ -155,6 +156,18 @@ pub async fn files(
         e.mtime = e.mtime.as_deref().map(|m| clean_text(m, 64));
     }
     Ok(Json(FileList { snapshot: snapshot.id, path: dir, entries, truncated }))
+}
+
+/// Drops a pending listing when its request ends.
+struct PendingGuard<'a> {
+    state: &'a AppState,
+    request_id: &'a str,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.state.tasks().remove_ls(self.request_id);
+    }
 }
 
 #[derive(Debug, Deserialize)]
