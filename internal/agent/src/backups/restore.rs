@@ -427,6 +427,141 @@ mod tests {
         assert_eq!(count_files(&explicit), Some((2, 6)));
     }
 
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
+
+    use rm_protocol::backup::{AgentConfigBody, LeaseRequest, ReportAck, ReportBatch, RunNow};
+    use rm_protocol::restore::AgentTasks;
+
+    use crate::AgentError;
+    use crate::backups::tests::FakeServer;
+    use crate::backups::{Server, Settings};
+    use crate::client::Lease;
+
+    /// The fake server plus the long-poll: `answer` is what every tasks call gets (`None`: 404, an older server).
+    struct PollServer {
+        fake: Arc<FakeServer>,
+        answer: Option<AgentTasks>,
+        calls: AtomicUsize,
+        ls_posts: Mutex<Vec<(String, LsResult)>>,
+    }
+
+    impl Server for PollServer {
+        fn agent_config(&self) -> Result<AgentConfigBody, AgentError> {
+            self.fake.agent_config()
+        }
+        fn post_reports(&self, batch: &ReportBatch) -> Result<ReportAck, AgentError> {
+            self.fake.post_reports(batch)
+        }
+        fn take_lease(&self, request: &LeaseRequest) -> Result<Lease, AgentError> {
+            self.fake.take_lease(request)
+        }
+        fn release_lease(&self, repository: &str, id: &str) -> Result<(), AgentError> {
+            self.fake.release_lease(repository, id)
+        }
+        fn tasks(&self, _seen: Option<u64>, _wait: u64) -> Result<Option<AgentTasks>, AgentError> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) > 0 {
+                // A held long-poll: the same answer again after a while.
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Ok(self.answer.clone())
+        }
+        fn post_ls_result(&self, request_id: &str, result: &LsResult) -> Result<(), AgentError> {
+            lock(&self.ls_posts).push((request_id.to_string(), result.clone()));
+            Ok(())
+        }
+    }
+
+    fn started(dir: &Path, answer: Option<AgentTasks>) -> (Backups, Arc<PollServer>) {
+        let server = Arc::new(PollServer {
+            fake: Arc::new(FakeServer::default()),
+            answer,
+            calls: AtomicUsize::new(0),
+            ls_posts: Mutex::new(Vec::new()),
+        });
+        let settings = Settings {
+            config_path: dir.join("agent.json"),
+            agent_id: "agent-1".into(),
+            hostname: "host".into(),
+            restic: Some(dir.join("no-such-restic")),
+            state_dir: None,
+        };
+        let backups = Backups::start(server.clone(), settings).unwrap();
+        backups.start_task_poll();
+        (backups, server)
+    }
+
+    #[test]
+    fn an_older_server_without_the_long_poll_is_not_asked_in_a_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backups, server) = started(dir.path(), None);
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(server.calls.load(Ordering::SeqCst), 1, "asked once, then left to heartbeats");
+        backups.shutdown();
+    }
+
+    #[test]
+    fn long_poll_tasks_run_once_however_often_they_are_repeated() {
+        const RUN: &str = "op_0123456789abcdef0123456789abcdef";
+        const RESTORE: &str = "op_fedcba9876543210fedcba9876543210";
+        let dir = tempfile::tempdir().unwrap();
+        let tasks = AgentTasks {
+            generation: 7,
+            run_now: vec![RunNow { operation_id: RUN.into(), plan: "ghost".into() }],
+            restore: vec![RestoreTask {
+                operation_id: RESTORE.into(),
+                plan: "ghost".into(),
+                repository: "nope".into(),
+                snapshot: "90a410e6".into(),
+                include: vec![],
+                target: None,
+                overwrite: false,
+            }],
+            ls: vec![LsTask {
+                request_id: "ls_1".into(),
+                repository: "nope".into(),
+                snapshot: "90a410e6".into(),
+                path: "/".into(),
+            }],
+        };
+        let (backups, server) = started(dir.path(), Some(tasks));
+        let finals = |id: &str| {
+            server
+                .fake
+                .batches()
+                .iter()
+                .flat_map(|b| b.reports.clone())
+                .filter(|r| r.id == id && r.status.is_final())
+                .count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while (finals(RUN) == 0 || finals(RESTORE) == 0 || lock(&server.ls_posts).is_empty())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_millis(700)); // several more identical answers
+        assert!(server.calls.load(Ordering::SeqCst) >= 5, "the long-poll kept asking");
+        assert_eq!((finals(RUN), finals(RESTORE)), (1, 1), "each operation ran and was reported once");
+        let stored = server.fake.stored();
+        assert_eq!(stored.get(RESTORE), Some(&OperationStatus::Failed));
+        let restore_report = server
+            .fake
+            .batches()
+            .iter()
+            .flat_map(|b| b.reports.clone())
+            .find(|r| r.id == RESTORE && r.status.is_final())
+            .unwrap();
+        assert_eq!(restore_report.kind, OperationKind::Restore);
+        assert!(restore_report.message.as_deref().unwrap().contains("repository nope"), "{restore_report:?}");
+        let target = restore_report.restore.expect("the report names the target").target;
+        assert!(target.ends_with(&format!("restores/{RESTORE}")), "{target}");
+        let posts = lock(&server.ls_posts).clone();
+        assert_eq!(posts.len(), 1, "the listing ran once: {posts:?}");
+        assert!(posts[0].1.error.as_deref().unwrap().contains("nope"), "{posts:?}");
+        backups.shutdown();
+    }
+
     #[test]
     fn tasks_are_checked_by_the_agent_too() {
         let task = RestoreTask {
