@@ -375,11 +375,14 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        // Two snapshots share the prefix aaaa: ambiguous.
-        let a0 = ids[0].clone();
+        // Another host reported a snapshot with the same short id: ambiguous, unless the source agent is named.
+        let full_c = format!("aaaa2222{}", "3".repeat(56));
+        report_snapshots(&db, &ids[1], "db-files", &[&full_c]);
+        let (a0, fb) = (ids[0].clone(), full_b.clone());
         db.call_blocking(move |c| {
-            let r = find_snapshot(c, "aaaa0000", Some(&a0))?;
-            assert!(matches!(r, Err(RestoreRefused::SnapshotNotFound(_))));
+            assert!(matches!(find_snapshot(c, "aaaa2222", None)?, Err(RestoreRefused::AmbiguousSnapshot(_))));
+            assert_eq!(find_snapshot(c, "aaaa2222", Some(&a0))?.unwrap().id, fb);
+            assert_eq!(find_snapshot(c, &full_c, None)?.unwrap().plan, "db-files");
             Ok(())
         })
         .unwrap();
