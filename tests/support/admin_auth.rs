@@ -34,6 +34,8 @@ pub const ADMIN_ROUTES: &[(&str, &str, &[u8])] = &[
     ("GET", "/api/v1/operations", b""),
     ("GET", "/api/v1/agents/x/snapshots", b""),
     ("GET", "/metrics", b""),
+    ("POST", "/api/v1/agents/x/restore", br#"{"snapshot":"0123456789abcdef"}"#),
+    ("GET", "/api/v1/agents/x/snapshots/0123456789abcdef/files?path=/", b""),
 ];
 
 /// `Authorization` values that are not the admin token (`None`: no header), each with a description: near misses

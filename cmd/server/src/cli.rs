@@ -46,6 +46,31 @@ pub enum Command {
     Plan(PlanCommand),
     /// Backup operations the agents reported, newest first (the same as GET /api/v1/operations).
     Operations(OperationsArgs),
+    /// Restore a snapshot onto an agent's host (the same as POST /api/v1/agents/{id}/restore); prints the operation
+    /// id. The agent takes it at its next heartbeat.
+    Restore(RestoreArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RestoreArgs {
+    /// The agent to restore onto (its id, see `agents list`); it needs a plan on the snapshot's repository.
+    #[arg(long, env = "RM_RESTORE_AGENT")]
+    pub agent: String,
+    /// The snapshot: its id or a unique prefix of at least 8 hex digits (see GET /api/v1/agents/{id}/snapshots).
+    #[arg(long, env = "RM_RESTORE_SNAPSHOT")]
+    pub snapshot: String,
+    /// An absolute path inside the snapshot to restore; repeat for more (default: everything).
+    #[arg(long = "include", env = "RM_RESTORE_INCLUDE", value_delimiter = ',')]
+    pub include: Vec<String>,
+    /// An absolute directory on the agent's host (default: <agent state dir>/restores/<operation id>).
+    #[arg(long, env = "RM_RESTORE_TARGET")]
+    pub target: Option<String>,
+    /// Restore into a directory that is not empty (otherwise the agent refuses).
+    #[arg(long, env = "RM_RESTORE_OVERWRITE")]
+    pub overwrite: bool,
+    /// Look the snapshot up among this agent's reported snapshots only (default: every agent's).
+    #[arg(long, env = "RM_RESTORE_SOURCE_AGENT")]
+    pub source_agent: Option<String>,
 }
 
 #[derive(clap::Args, Debug)]

@@ -5,6 +5,7 @@ mod cli;
 mod operations;
 mod plan;
 mod repo;
+mod restore;
 mod token;
 
 use std::process::ExitCode;
@@ -55,6 +56,7 @@ async fn run(cli: Cli) -> ExitCode {
         }
         Some(Command::Plan(command)) => exit_code(plan::run(&cli.serve, command).await),
         Some(Command::Operations(ref args)) => exit_code(operations::run(&cli.serve, args).await),
+        Some(Command::Restore(ref args)) => exit_code(restore::run(&cli.serve, args).await),
         Some(Command::Token(command)) => exit_code(token::run(&cli.serve, command).await),
         Some(Command::Repo(command)) => exit_code(repo::run(&cli.serve, command).await),
         None | Some(Command::Serve) => match serve(cli.serve).await {

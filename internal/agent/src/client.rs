@@ -6,6 +6,7 @@ use std::sync::RwLock;
 use std::time::Duration;
 
 use rm_protocol::backup::{AgentConfigBody, LeaseGranted, LeaseRequest, ReportAck, ReportBatch};
+use rm_protocol::restore::{AgentTasks, LsResult};
 use rm_protocol::validate::sanitize_hostname;
 use rm_protocol::{
     EnrollRequest, EnrollResponse, ErrorBody, HeartbeatRequest, HeartbeatResponse, HostFacts, Manifest, Platform,
@@ -443,6 +444,31 @@ impl Client {
         ))?;
         let response =
             self.send(&url, |http| http.delete(&url).header("authorization", format!("Bearer {credential}")).call())?;
+        Self::check(&url, response).map(drop)
+    }
+
+    /// `GET /api/v1/agents/tasks?wait=&seen=`: what the server has for this agent, once something new arrives or
+    /// after `wait_secs`. `Ok(None)`: the server answers 404 (it is older than the long-poll).
+    pub fn tasks(&self, credential: &str, seen: Option<u64>, wait_secs: u64) -> Result<Option<AgentTasks>, AgentError> {
+        let query = match seen {
+            Some(seen) => format!("?wait={wait_secs}&seen={seen}"),
+            None => format!("?wait={wait_secs}"),
+        };
+        let url = self.url(&format!("/api/v1/agents/tasks{query}"))?;
+        let response =
+            self.send(&url, |http| http.get(&url).header("authorization", format!("Bearer {credential}")).call())?;
+        if response.status().as_u16() == 404 {
+            return Ok(None);
+        }
+        Self::check(&url, response)?.body_mut().read_json().map(Some).map_err(Self::network(&url))
+    }
+
+    /// `POST /api/v1/agents/tasks/{request_id}`: the answer to a listing task.
+    pub fn post_ls_result(&self, credential: &str, request_id: &str, result: &LsResult) -> Result<(), AgentError> {
+        let url = self.url(&format!("/api/v1/agents/tasks/{}", percent_encode(request_id)))?;
+        let response = self.send(&url, |http| {
+            http.post(&url).header("authorization", format!("Bearer {credential}")).send_json(result)
+        })?;
         Self::check(&url, response).map(drop)
     }
 

@@ -334,6 +334,7 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
     let backups = Backups::start(Arc::new(server), settings)?;
     if !once {
         backups.start_scheduler();
+        backups.start_task_poll();
     }
     let stopped = |backups: &Backups| {
         log("stopping");

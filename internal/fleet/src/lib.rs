@@ -7,7 +7,7 @@
 //!
 //! One module per table: [`tokens`], [`agents`], [`audit`], [`repositories`] (whose secrets [`sealing`] encrypts),
 //! [`plans`] (with the configuration revision and run-now requests), [`operations`] (operation reports, plan status,
-//! snapshots, leases and backup health); [`labels`] are the agents' labels.
+//! snapshots, leases and backup health), [`restores`] (restore requests and snapshot lookups); [`labels`] are the agents' labels.
 
 pub mod agents;
 pub mod audit;
@@ -16,6 +16,7 @@ pub mod labels;
 pub mod operations;
 pub mod plans;
 pub mod repositories;
+pub mod restores;
 pub mod schema;
 pub mod sealing;
 pub mod secrets;

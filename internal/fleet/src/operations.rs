@@ -294,6 +294,7 @@ fn store_reports(
         // the plan's health: the status stays what the last run that ended on its own made it.
         // Only backups make a plan's health: a forget (retention after a backup) is its own operation, listed and
         // counted in the operations, but its failure does not undo the snapshot the backup made.
+        // Only backups make a plan's health: a restore (reported under the snapshot's plan) says nothing about it.
         let counts = r.kind == OperationKind::Backup && r.status.is_final() && r.status != OperationStatus::Cancelled;
         if let (true, Some(finished_at)) = (counts, finished_at) {
             let success = matches!(r.status, OperationStatus::Success | OperationStatus::Warning);
@@ -321,6 +322,9 @@ fn store_reports(
                 finished_at,
                 success.then_some(finished_at)
             ])?;
+        }
+        if let (OperationKind::Restore, Some(result)) = (r.kind, &r.restore) {
+            crate::restores::store_result(conn, &r.id, result)?;
         }
         if let Some(list) = &r.snapshots {
             conn.prepare_cached("DELETE FROM snapshots WHERE agent_id = ?1 AND plan = ?2")?
@@ -378,6 +382,7 @@ fn view_of(row: &Row<'_>) -> rusqlite::Result<(i64, OperationView)> {
             reason: text(15)?.and_then(|s| from_word::<FailureReason>(&s)),
             exit_code: row.get(16)?,
             forget: text(17)?.and_then(|s| serde_json::from_str::<ForgetSummary>(&s).ok()),
+            restore: None, // filled in by `with_restore` where restores are shown
         },
     ))
 }
@@ -429,14 +434,23 @@ pub fn list_operations(
     }
     let rows: Vec<(i64, OperationView)> = stmt.query_map(named.as_slice(), view_of)?.collect::<Result<_, _>>()?;
     let next = (rows.len() == limit as usize).then(|| rows.last().map(|(seq, _)| *seq)).flatten();
-    Ok((rows.into_iter().map(|(_, v)| v).collect(), next))
+    let views = rows.into_iter().map(|(_, v)| with_restore(conn, v)).collect::<Result<_, _>>()?;
+    Ok((views, next))
 }
 
 /// One operation by id.
 pub fn get_operation(conn: &Connection, id: &str) -> Result<Option<OperationView>, DbError> {
     let sql =
         format!("SELECT {VIEW_COLUMNS} FROM operations o LEFT JOIN agents a ON a.id = o.agent_id WHERE o.id = ?1");
-    Ok(conn.prepare_cached(&sql)?.query_row([id], view_of).optional()?.map(|(_, v)| v))
+    conn.prepare_cached(&sql)?.query_row([id], view_of).optional()?.map(|(_, v)| with_restore(conn, v)).transpose()
+}
+
+/// A restore operation's view with what its agent reported about the restore (target, counts).
+fn with_restore(conn: &Connection, mut view: OperationView) -> Result<OperationView, DbError> {
+    if view.kind == OperationKind::Restore {
+        view.restore = crate::restores::result_of(conn, &view.id)?;
+    }
+    Ok(view)
 }
 
 /// What an agent last reported about its snapshots, newest first; `None` for an unknown agent.
@@ -673,6 +687,7 @@ mod tests {
             exit_code: None,
             snapshots: None,
             forget: None,
+            restore: None,
         }
     }
 

@@ -553,7 +553,8 @@ pub struct QueuedRun {
 /// The agent's queued run-now requests, oldest first, at most [`MAX_RUN_NOW`].
 pub fn queued_runs(conn: &Connection, agent_id: &str) -> Result<Vec<QueuedRun>, DbError> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, plan FROM operations WHERE agent_id = ?1 AND status = 'queued' ORDER BY seq LIMIT ?2",
+        "SELECT id, plan FROM operations WHERE agent_id = ?1 AND status = 'queued' AND kind = 'backup'
+         ORDER BY seq LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![agent_id, MAX_RUN_NOW as i64], |r| {
         Ok(QueuedRun { operation_id: r.get(0)?, plan: r.get(1)? })

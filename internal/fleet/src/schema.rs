@@ -150,6 +150,20 @@ pub const MIGRATIONS: &[&str] = &[
     // retention: a plan's retention policy (JSON, NULL: keep every snapshot) and what a forget operation removed.
     "ALTER TABLE plans ADD COLUMN retention TEXT;
     ALTER TABLE operations ADD COLUMN forget TEXT;",
+    // Restores (issue 15): what an operator asked for, beside its `operations` row (kind `restore`, queued until the
+    // agent reports it), and what the agent reported about it (`result`, JSON: target directory and counts).
+    "CREATE TABLE restores (
+        operation_id TEXT PRIMARY KEY,
+        agent_id     TEXT NOT NULL,
+        source_agent TEXT,
+        plan         TEXT NOT NULL,
+        repository   TEXT NOT NULL,
+        snapshot     TEXT NOT NULL,
+        include      TEXT NOT NULL,
+        target       TEXT,
+        overwrite    INTEGER NOT NULL,
+        result       TEXT
+    ) STRICT;",
 ];
 
 pub fn migrations() -> Migrations<'static> {

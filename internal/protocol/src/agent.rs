@@ -91,4 +91,7 @@ pub struct HeartbeatResponse {
     /// Run-now requests not yet reported by the agent (repeated until they are).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub run_now: Vec<RunNow>,
+    /// Restore requests not yet reported by the agent (repeated until they are; absent from older servers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restore: Vec<crate::restore::RestoreTask>,
 }

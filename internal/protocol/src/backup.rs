@@ -333,6 +333,9 @@ pub struct OperationReport {
     /// A `forget` operation's result: what it removed and kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forget: Option<ForgetSummary>,
+    /// A restore's target directory and what it restored (kind `restore` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<crate::restore::RestoreResult>,
 }
 
 /// `POST /api/v1/agents/reports`: the agent's queued reports, oldest first.
@@ -523,6 +526,9 @@ pub struct OperationView {
     /// What a `forget` operation removed and kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forget: Option<ForgetSummary>,
+    /// A restore's target directory and what it restored (kind `restore` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<crate::restore::RestoreResult>,
 }
 
 /// `GET /api/v1/operations`: newest first; `next_before` pages on.

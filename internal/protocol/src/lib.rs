@@ -13,6 +13,7 @@
 //! * [`admin`]: the operator API's bodies.
 //! * [`backup`]: plans, repositories as agents receive them, operation reports, leases, snapshots, health.
 //! * [`retention`]: plans' retention policies (restic's keep options) and what `forget` removed.
+//! * [`restore`]: restore requests, snapshot listings, the agent's task long-poll.
 //! * [`schedule`]: cron and `@every` schedules, read the same way by server and agent.
 //! * [`error`]: the JSON error body every 4xx/5xx carries.
 //! * [`pin`]: public key pins (`sha256//…`) for servers without a publicly trusted certificate.
@@ -46,6 +47,7 @@ pub mod error;
 pub mod manifest;
 pub mod pin;
 pub mod platform;
+pub mod restore;
 pub mod retention;
 pub mod schedule;
 pub mod validate;

@@ -16,6 +16,7 @@ mod routes;
 pub use routes::plans::plan_view;
 pub use routes::repositories::repository_view;
 mod state;
+mod tasks;
 pub mod tls;
 
 use std::future::Future;
@@ -60,7 +61,7 @@ pub fn app(state: AppState) -> Router {
 /// Every route, grouped by the limits that apply to it.
 fn routes(state: &AppState) -> Router<AppState> {
     use axum::extract::DefaultBodyLimit;
-    use routes::{admin, agents, metrics, operations, plans, repositories, upload};
+    use routes::{admin, agents, metrics, operations, plans, repositories, restore, upload};
 
     let downloads = Router::new()
         .route("/agent/binary", get(routes::assets::agent_binary))
@@ -77,6 +78,9 @@ fn routes(state: &AppState) -> Router<AppState> {
         .route("/api/v1/agents/leases", post(operations::take_lease))
         .route("/api/v1/agents/leases/{repository}", delete(operations::release_lease))
         .route("/api/v1/agents/{id}/snapshots", get(operations::list_snapshots))
+        .route("/api/v1/agents/{id}/restore", post(restore::create))
+        .route("/api/v1/agents/{id}/snapshots/{snapshot}/files", get(restore::files))
+        .route("/api/v1/agents/tasks", get(restore::tasks))
         .route("/api/v1/operations", get(operations::list_operations))
         .route("/metrics", get(metrics::metrics))
         .route("/api/v1/tokens", get(admin::list_tokens).post(admin::create_token))
@@ -101,6 +105,12 @@ fn routes(state: &AppState) -> Router<AppState> {
         .layer(DefaultBodyLimit::max(operations::REPORTS_BODY_LIMIT))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.settings().api_timeout))
         .layer(axum::middleware::map_response_with_state(state.clone(), timeout_as_json));
+    // A listing answer may carry 10,000 entries.
+    let listings = Router::new()
+        .route("/api/v1/agents/tasks/{request_id}", post(restore::answer))
+        .layer(DefaultBodyLimit::max(restore::LS_BODY_LIMIT))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.settings().api_timeout))
+        .layer(axum::middleware::map_response_with_state(state.clone(), timeout_as_json));
     // Uploads enforce their own, configurable limit while streaming.
     let uploads = Router::new()
         .route("/api/v1/assets/{kind}/{name}", put(upload::put_asset).delete(upload::delete_asset))
@@ -110,6 +120,7 @@ fn routes(state: &AppState) -> Router<AppState> {
         .merge(downloads)
         .merge(api)
         .merge(reports)
+        .merge(listings)
         .merge(uploads)
         .route("/healthz", get(routes::ops::healthz))
         .route("/readyz", get(routes::ops::readyz))

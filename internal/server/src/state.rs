@@ -136,6 +136,7 @@ struct Inner {
     downloads: crate::maintenance::DownloadSampler,
     tls: Option<Arc<crate::tls::Certificates>>,
     shutting_down: AtomicBool,
+    tasks: crate::tasks::Tasks,
 }
 
 impl AppState {
@@ -186,6 +187,7 @@ impl AppState {
                 settings: config.settings,
                 render_cache: Default::default(),
                 shutting_down: AtomicBool::new(false),
+                tasks: Default::default(),
             }),
         })
     }
@@ -218,6 +220,11 @@ impl AppState {
 
     pub(crate) fn downloads(&self) -> &crate::maintenance::DownloadSampler {
         &self.inner.downloads
+    }
+
+    /// What each agent's long-poll waits for, and the pending snapshot listings.
+    pub(crate) fn tasks(&self) -> &crate::tasks::Tasks {
+        &self.inner.tasks
     }
 
     pub(crate) fn render_cache(&self) -> &crate::render::RenderCache {

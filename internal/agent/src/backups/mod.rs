@@ -6,11 +6,13 @@
 //! * [`scheduler`]: next firings with the per-host jitter offset, catch-up after downtime, `schedule-state.json`.
 //! * [`outbox`]: final reports on disk until the server has them; `running`/progress reports in memory.
 //! * [`runner`]: one operation: plan slot, repository lock, server lease, restic, final report.
+//! * [`restore`]: restore and listing tasks, and the long-poll that brings them (and run-now requests) at once.
 //!
 //! [`Backups`] ties them together for `commands::run`: [`Backups::heartbeat_fields`] for each heartbeat,
 //! [`Backups::on_answer`] for each answer (config sync, run-now), the scheduler thread, and shutdown.
 
 pub mod outbox;
+pub mod restore;
 pub mod runner;
 pub mod scheduler;
 pub mod store;
@@ -28,6 +30,7 @@ use rm_protocol::backup::{
     AgentConfigBody, AgentPlan, AgentRepository, FailureReason, LeaseRequest, OperationReport, OperationStatus,
     ReportAck, ReportBatch, ResticInfo, RunNow, Trigger,
 };
+use rm_protocol::restore::{AgentTasks, LsResult};
 
 use crate::AgentError;
 use crate::client::{Client, Lease};
@@ -49,6 +52,14 @@ pub trait Server: Send + Sync {
     fn post_reports(&self, batch: &ReportBatch) -> Result<ReportAck, AgentError>;
     fn take_lease(&self, request: &LeaseRequest) -> Result<Lease, AgentError>;
     fn release_lease(&self, repository: &str, operation_id: &str) -> Result<(), AgentError>;
+    /// `GET /api/v1/agents/tasks` (long-poll); `Ok(None)`: the server has no such endpoint (older than restores).
+    fn tasks(&self, _seen: Option<u64>, _wait_secs: u64) -> Result<Option<AgentTasks>, AgentError> {
+        Ok(None)
+    }
+    /// `POST /api/v1/agents/tasks/{request_id}`: a listing's answer.
+    fn post_ls_result(&self, _request_id: &str, _result: &LsResult) -> Result<(), AgentError> {
+        Err(AgentError::Usage("this server takes no listings".into()))
+    }
 }
 
 /// The real server: the agent's client and credential.
@@ -69,6 +80,12 @@ impl Server for Authenticated {
     }
     fn release_lease(&self, repository: &str, operation_id: &str) -> Result<(), AgentError> {
         self.client.release_lease(&self.credential, repository, operation_id)
+    }
+    fn tasks(&self, seen: Option<u64>, wait_secs: u64) -> Result<Option<AgentTasks>, AgentError> {
+        self.client.tasks(&self.credential, seen, wait_secs)
+    }
+    fn post_ls_result(&self, request_id: &str, result: &LsResult) -> Result<(), AgentError> {
+        self.client.post_ls_result(&self.credential, request_id, result)
     }
 }
 
@@ -206,6 +223,8 @@ pub(crate) struct Inner {
     /// The last config fetch error logged (each different error once).
     config_error: Mutex<Option<String>>,
     started: DateTime<Utc>,
+    /// Listing ids already taken (a repeated tasks answer runs each once).
+    tasks: restore::TaskState,
 }
 
 const STOPPING: &str = "the agent is stopping";
@@ -566,6 +585,7 @@ impl Backups {
             lease_unreachable: AtomicBool::new(false),
             config_error: Mutex::new(None),
             started: Utc::now(),
+            tasks: Default::default(),
         });
         // Operations a killed agent left running end now, with a report saying so. A run-now among them is accepted
         // first, in case the agent died before it could record that (a repeated request must not run it again).
@@ -630,15 +650,28 @@ impl Backups {
             }
         }
         for request in &answer.run_now {
-            self.run_now(request);
+            Backups::run_now(&self.inner, request);
+        }
+        for task in &answer.restore {
+            restore::accept(&self.inner, task);
+        }
+    }
+
+    /// Starts the thread that keeps one `GET /api/v1/agents/tasks` open (not in `run --once`): run-now, restore and
+    /// listing requests arrive at once instead of at the next heartbeat. A server without it (404) leaves them to
+    /// heartbeats.
+    pub fn start_task_poll(&self) {
+        let inner = self.inner.clone();
+        let spawned = std::thread::Builder::new().name("task-poll".into()).spawn(move || restore::poll(&inner));
+        if let Err(e) = spawned {
+            crate::log(format_args!("cannot start the task long-poll ({e}); tasks arrive with heartbeats"));
         }
     }
 
     /// A run-now request: recorded as an open operation and accepted on disk (in that order), reported `running`
     /// at once, then run on its own
     /// thread with the same plan and repository rules as scheduled runs.
-    fn run_now(&self, request: &RunNow) {
-        let inner = &self.inner;
+    fn run_now(inner: &Arc<Inner>, request: &RunNow) {
         if inner.stopping.load(Ordering::SeqCst) {
             return; // not accepted: the server repeats it to the next process
         }
@@ -977,6 +1010,7 @@ pub(crate) mod tests {
                 .iter()
                 .map(|(id, plan)| RunNow { operation_id: id.to_string(), plan: plan.to_string() })
                 .collect(),
+            restore: Vec::new(),
         }
     }
 

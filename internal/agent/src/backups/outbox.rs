@@ -357,6 +357,7 @@ mod tests {
             exit_code: None,
             snapshots: None,
             forget: None,
+            restore: None,
         }
     }
 

@@ -71,6 +71,7 @@ pub(super) fn report(id: &str, plan: &str, trigger: Trigger, started_at: i64) ->
         exit_code: None,
         snapshots: None,
         forget: None,
+        restore: None,
     }
 }
 

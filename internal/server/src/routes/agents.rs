@@ -166,13 +166,14 @@ pub async fn heartbeat(
                 Ok((hb, platform)) => {
                     rm_fleet::record_heartbeat(c, rm_fleet::now(), &id, &hb)?;
                     let (revision, runs) = rm_fleet::plans::heartbeat_directives(c, &id)?;
-                    Ok(Ok((id, platform, revision, runs)))
+                    let restores = rm_fleet::restores::queued_restores(c, &id)?;
+                    Ok(Ok((id, platform, revision, runs, restores)))
                 }
                 Err(refused) => Ok(Err(refused)),
             }
         })
         .await;
-    let (agent_id, platform, revision, queued) = match (recorded, fallback_platform) {
+    let (agent_id, platform, revision, queued, restores) = match (recorded, fallback_platform) {
         // A full data volume must not cut agents off from their updates: answer an authenticated agent anyway.
         (Err(DbError::Full), Some(platform)) => {
             let found = state
@@ -180,12 +181,14 @@ pub async fn heartbeat(
                 .call(move |c| {
                     let Some(id) = rm_fleet::authenticate_agent(c, &fallback_credential)? else { return Ok(None) };
                     let (revision, runs) = rm_fleet::plans::heartbeat_directives(c, &id)?;
-                    Ok(Some((id, revision, runs)))
+                    let restores = rm_fleet::restores::queued_restores(c, &id)?;
+                    Ok(Some((id, revision, runs, restores)))
                 })
                 .await?;
-            let (id, revision, runs) = found.ok_or(ApiError::Unauthorized("the agent credential is not valid"))?;
+            let (id, revision, runs, restores) =
+                found.ok_or(ApiError::Unauthorized("the agent credential is not valid"))?;
             warn_unrecorded();
-            (id, platform, revision, runs)
+            (id, platform, revision, runs, restores)
         }
         (recorded, _) => recorded??,
     };
@@ -198,6 +201,7 @@ pub async fn heartbeat(
         update: Some(update).filter(|e| e.published),
         config_revision: Some(revision),
         run_now: run_now(queued),
+        restore: restores,
     }))
 }
 

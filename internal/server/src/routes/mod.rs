@@ -8,6 +8,7 @@ pub mod operations;
 pub mod ops;
 pub mod plans;
 pub mod repositories;
+pub mod restore;
 pub mod upload;
 
 /// An audit record for this request: time, client address, user agent (bounded).

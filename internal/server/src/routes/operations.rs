@@ -24,12 +24,12 @@ use crate::{ApiError, AppState};
 /// Largest report batch body: a report may list up to 10,000 snapshots.
 pub(crate) const REPORTS_BODY_LIMIT: usize = 8 * 1024 * 1024;
 
-fn credential(headers: &HeaderMap) -> Result<String, ApiError> {
+pub(crate) fn credential(headers: &HeaderMap) -> Result<String, ApiError> {
     Ok(bearer(headers).ok_or(ApiError::Unauthorized("an agent credential is required"))?.to_owned())
 }
 
 /// Runs `op` for the agent whose credential this is, in one database operation; 401 when it is not valid.
-async fn as_agent<T, F>(state: &AppState, credential: String, op: F) -> Result<T, ApiError>
+pub(crate) async fn as_agent<T, F>(state: &AppState, credential: String, op: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
     F: FnOnce(&Connection, String) -> Result<Result<T, ApiError>, rm_fleet::DbError> + Send + 'static,
@@ -43,7 +43,7 @@ where
         .await?
 }
 
-fn body<T>(body: Result<Json<T>, JsonRejection>, limit: usize) -> Result<T, ApiError> {
+pub(crate) fn body<T>(body: Result<Json<T>, JsonRejection>, limit: usize) -> Result<T, ApiError> {
     body.map(|Json(v)| v).map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::PayloadTooLarge(limit as u64)

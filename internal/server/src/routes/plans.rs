@@ -177,6 +177,7 @@ pub async fn run(
         }
         other => refused(other),
     })?;
+    state.tasks().wake(&agent);
     tracing::info!(plan = name, agent_id = agent, operation_id, "run requested");
     Ok((StatusCode::ACCEPTED, Json(OperationCreated { operation_id })).into_response())
 }
