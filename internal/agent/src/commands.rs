@@ -12,6 +12,7 @@ use crate::anchor;
 use crate::backups::{self, Backups, Stop};
 use crate::client::{Client, Trust, check_plain_http, host_facts, host_platform};
 use crate::config::{self, AgentConfig};
+use crate::restic_install;
 use crate::state::{self, AgentState, FailedUpdate};
 use crate::update::{self, Outcome};
 
@@ -329,8 +330,10 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
         agent_id: config.agent_id.clone(),
         hostname: facts.hostname.clone(),
         restic,
+        managed_restic: Some(restic_install::managed_path(&exe)),
         state_dir: backups::state_dir_from_env(),
     };
+    let mut refused_restic: Option<String> = None;
     let backups = Backups::start(Arc::new(server), settings)?;
     if !once {
         backups.start_scheduler();
@@ -354,6 +357,7 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
             }
             Ok((answer, interval, false)) => {
                 backoff = Duration::from_secs(1);
+                ensure_restic(&peer, &backups, &answer, &mut refused_restic);
                 backups.on_answer(&answer);
                 if once {
                     return finish_once(&backups, &stop);
@@ -376,6 +380,66 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
             return stopped(&backups);
         }
     }
+}
+
+/// Installs the restic the heartbeat answer names when the host needs it ([`restic_install::reason_to_install`]):
+/// not with `--restic`, and not a build refused before (`refused`: its SHA-256) until the server serves another.
+fn ensure_restic(peer: &Peer<'_>, backups: &Backups, answer: &HeartbeatResponse, refused: &mut Option<String>) {
+    let Some(served) = &answer.restic else { return };
+    if backups.restic_is_explicit() {
+        return;
+    }
+    let served_sha = served.sha256.as_deref().map(str::to_ascii_lowercase);
+    if refused.is_some() && *refused == served_sha {
+        return;
+    }
+    if refused.take().is_some() {
+        backups.set_restic_install_error(None); // the server moved on from the refused build
+    }
+    let managed = backups.managed_restic();
+    let Some(reason) =
+        restic_install::reason_to_install(&backups.restic(), managed.as_ref(), served, backups.required_restic())
+    else {
+        return;
+    };
+    let dest = restic_install::managed_path(peer.exe);
+    log(format_args!("installing the server's restic at {} ({reason})", dest.display()));
+    match restic_install::install(peer.client, Some(&peer.config.credential), served, &dest, false) {
+        Ok(restic_install::Installed::Installed { version, .. }) => {
+            log(format_args!("installed restic {version} at {}", dest.display()));
+            backups.set_restic_install_error(None);
+        }
+        Ok(restic_install::Installed::UpToDate) => {}
+        Err(e) => {
+            let shown = crate::printable(served_sha.as_deref().unwrap_or("?"));
+            log(format_args!(
+                "restic install refused, keeping the restic in use (not retried until the server serves another build): {e}"
+            ));
+            backups.set_restic_install_error(Some(format!("install of restic {shown} refused: {e}")));
+            *refused = served_sha;
+        }
+    }
+    backups.redetect_restic();
+}
+
+/// `restic install`: installs (or replaces) the managed restic beside the agent with the server's build for this
+/// platform, verified like a self-update.
+pub fn restic_install(config_path: &Path) -> Result<(), AgentError> {
+    let config = config::load(config_path)?;
+    let client = client_for(config_path, &config)?;
+    let platform = host_platform()?;
+    let exe = update::current_exe()?;
+    let served = client
+        .served_restic(platform, &config.credential)?
+        .ok_or_else(|| AgentError::Usage(format!("the server publishes no restic for {platform}")))?;
+    let dest = restic_install::managed_path(&exe);
+    match restic_install::install(&client, Some(&config.credential), &served, &dest, true)? {
+        restic_install::Installed::UpToDate => println!("restic at {} is the served build", dest.display()),
+        restic_install::Installed::Installed { path, version } => {
+            println!("installed restic {version} at {}", path.display())
+        }
+    }
+    Ok(())
 }
 
 /// `run --once` after its heartbeat: waits for the run-now requests it started, then delivers every queued report

@@ -91,4 +91,7 @@ pub struct HeartbeatResponse {
     /// Run-now requests not yet reported by the agent (repeated until they are).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub run_now: Vec<RunNow>,
+    /// The restic build the server serves for the agent's platform, when one is published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restic: Option<crate::restic_dist::ResticEntry>,
 }
