@@ -12,9 +12,9 @@ use crate::anchor;
 use crate::backups::{self, Backups, Stop};
 use crate::client::{Client, Trust, check_plain_http, host_facts, host_platform};
 use crate::config::{self, AgentConfig};
-use crate::restic_install;
 use crate::state::{self, AgentState, FailedUpdate};
 use crate::update::{self, Outcome};
+use crate::{restic, restic_install};
 
 use crate::log;
 
@@ -333,7 +333,7 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
         managed_restic: Some(restic_install::managed_path(&exe)),
         state_dir: backups::state_dir_from_env(),
     };
-    let mut refused_restic: Option<String> = None;
+    let mut restic_installs = ResticInstalls::default();
     let backups = Backups::start(Arc::new(server), settings)?;
     if !once {
         backups.start_scheduler();
@@ -357,8 +357,7 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
             }
             Ok((answer, interval, false)) => {
                 backoff = Duration::from_secs(1);
-                ensure_restic(&peer, &backups, &answer, &mut refused_restic);
-                backups.on_answer(&answer);
+                backups.on_answer_then(&answer, |b| ensure_restic(&peer, b, &answer, &mut restic_installs));
                 if once {
                     return finish_once(&backups, &stop);
                 }
@@ -382,44 +381,60 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
     }
 }
 
+/// What `run` remembers about the served restic between heartbeats.
+#[derive(Default)]
+struct ResticInstalls {
+    /// The SHA-256 of a refused build: not tried again until the server serves another.
+    refused: Option<String>,
+    /// The (served SHA-256, required version, restic in use) last looked at with nothing (more) to do: skipped
+    /// until one of them changes, so a heartbeat does not hash or run restic for nothing.
+    settled: Option<(String, Option<restic::Version>, Result<restic::Restic, String>)>,
+}
+
 /// Installs the restic the heartbeat answer names when the host needs it ([`restic_install::reason_to_install`]):
-/// not with `--restic`, and not a build refused before (`refused`: its SHA-256) until the server serves another.
-fn ensure_restic(peer: &Peer<'_>, backups: &Backups, answer: &HeartbeatResponse, refused: &mut Option<String>) {
+/// not with `--restic`, and not a build refused before until the server serves another.
+fn ensure_restic(peer: &Peer<'_>, backups: &Backups, answer: &HeartbeatResponse, memo: &mut ResticInstalls) {
     let Some(served) = &answer.restic else { return };
+    let Some(served_sha) = served.sha256.as_deref().map(str::to_ascii_lowercase) else { return };
     if backups.restic_is_explicit() {
         return;
     }
-    let served_sha = served.sha256.as_deref().map(str::to_ascii_lowercase);
-    if refused.is_some() && *refused == served_sha {
+    if memo.refused.as_deref() == Some(served_sha.as_str()) {
         return;
     }
-    if refused.take().is_some() {
+    if memo.refused.take().is_some() {
         backups.set_restic_install_error(None); // the server moved on from the refused build
     }
+    let key = (served_sha.clone(), backups.required_restic(), backups.restic());
+    if memo.settled.as_ref() == Some(&key) {
+        return;
+    }
     let managed = backups.managed_restic();
-    let Some(reason) =
-        restic_install::reason_to_install(&backups.restic(), managed.as_ref(), served, backups.required_restic())
-    else {
+    let Some(reason) = restic_install::reason_to_install(&key.2, managed.as_ref(), served, key.1) else {
+        memo.settled = Some(key);
         return;
     };
     let dest = restic_install::managed_path(peer.exe);
     log(format_args!("installing the server's restic at {} ({reason})", dest.display()));
     match restic_install::install(peer.client, Some(&peer.config.credential), served, &dest, false) {
-        Ok(restic_install::Installed::Installed { version, .. }) => {
-            log(format_args!("installed restic {version} at {}", dest.display()));
+        Ok(installed) => {
+            if let restic_install::Installed::Installed { version, .. } = installed {
+                log(format_args!("installed restic {version} at {}", dest.display()));
+            }
             backups.set_restic_install_error(None);
+            backups.redetect_restic();
+            memo.settled = Some((served_sha, key.1, backups.restic()));
         }
-        Ok(restic_install::Installed::UpToDate) => {}
         Err(e) => {
-            let shown = crate::printable(served_sha.as_deref().unwrap_or("?"));
             log(format_args!(
-                "restic install refused, keeping the restic in use (not retried until the server serves another build): {e}"
+                "restic install refused, keeping the restic in use (not retried until the server serves another \
+                 build): {e}"
             ));
+            let shown = crate::printable(&served_sha);
             backups.set_restic_install_error(Some(format!("install of restic {shown} refused: {e}")));
-            *refused = served_sha;
+            memo.refused = Some(served_sha);
         }
     }
-    backups.redetect_restic();
 }
 
 /// `restic install`: installs (or replaces) the managed restic beside the agent with the server's build for this

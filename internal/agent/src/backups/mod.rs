@@ -672,11 +672,18 @@ impl Backups {
 
     /// Acts on a heartbeat answer: fetches the config when its revision moved, starts the run-now requests.
     pub fn on_answer(&self, answer: &HeartbeatResponse) {
+        self.on_answer_then(answer, |_| {});
+    }
+
+    /// [`Backups::on_answer`], calling `between` after the config sync and before the run-now requests start (the
+    /// restic install, which depends on the repositories' requirements and must precede the runs).
+    pub fn on_answer_then(&self, answer: &HeartbeatResponse, between: impl FnOnce(&Backups)) {
         if let Some(revision) = answer.config_revision {
             if self.inner.applied_revision() != Some(revision) {
                 self.inner.sync_config();
             }
         }
+        between(self);
         for request in &answer.run_now {
             self.run_now(request);
         }

@@ -217,6 +217,18 @@ fn execute<'a>(inner: &'a Arc<Inner>, op: &Operation, plan: &str, id: &str, canc
         Ok(r) => r,
         Err(e) => return (outcome(OperationStatus::Failed, Some(FailureReason::ResticUnavailable), e), held),
     };
+    if let Some(required) = repository.min_restic_version.as_deref()
+        && let Some((major, minor, patch)) = rm_protocol::restic_dist::parse_version(required)
+        && restic.version < (restic::Version { major, minor, patch })
+    {
+        let message = format!(
+            "repository {} requires restic {required} or newer; this host runs restic {} ({}) and the server serves              none newer that installed",
+            repository.name,
+            restic.version,
+            restic.path.display()
+        );
+        return (outcome(OperationStatus::Failed, Some(FailureReason::ResticUnavailable), message), held);
+    }
     if !inner.lock_repository(&repository.name, cancel) {
         return (cancelled(inner), held);
     }
