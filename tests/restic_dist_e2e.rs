@@ -43,6 +43,15 @@ fn publish_restic(server: &Server, bytes: &[u8]) -> String {
     sha256_hex(bytes)
 }
 
+/// `PUT /api/v1/assets/restic-binaries/<name>` with the admin token.
+fn upload_restic(server: &Server, name: &str, bytes: &[u8]) -> Response {
+    let auth = format!("Bearer {}", server.admin_token());
+    let sha = sha256_hex(bytes);
+    let headers = [("Authorization", auth.as_str()), ("X-Checksum-Sha256", sha.as_str())];
+    http_request_with_body(server.addr(), "PUT", &format!("/api/v1/assets/restic-binaries/{name}"), &headers, bytes)
+        .unwrap()
+}
+
 /// Writes the sidecar into the data dir: `version` for the file with `sha256`.
 fn publish_sidecar(server: &Server, sha256: &str, version: &str) {
     let dir = server.data_dir().join("restic-binaries");
@@ -188,6 +197,9 @@ fn served_restic_is_listed_installed_reported_and_runs_a_backup() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(table.lines().next().unwrap().ends_with("RESTIC"), "{table}");
     assert!(table.contains("0.14.0 (current)"), "{table}");
+    let metrics = server.admin("GET", "/metrics", None).text();
+    assert!(metrics.contains("restic_manager_agents_restic{drift=\"current\"} 1"), "{metrics}");
+    assert!(metrics.contains("restic_manager_agents_restic{drift=\"missing\"} 0"), "{metrics}");
 
     // A real backup with the installed restic.
     let work = tempfile::tempdir().unwrap();
@@ -235,6 +247,10 @@ fn refused_builds_leave_the_previous_restic_in_place() {
     let real = fs::read(&restic).unwrap();
     let real_sha = publish_restic(&server, &real);
     let agent = HostAgent::enroll(&server);
+    // The upload API takes only the platform table's names (and the sidecar).
+    let r = upload_restic(&server, "restic-linux-x86_64", b"x");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("restic-linux-amd64, restic-linux-arm64, restic-windows-amd64.exe"), "{}", r.text());
 
     let out = agent.restic_install();
     assert!(out.status.success(), "{}", stderr(&out));
@@ -249,7 +265,11 @@ fn refused_builds_leave_the_previous_restic_in_place() {
     let cases: [(&str, Vec<u8>, &str); 2] =
         [("a script", script, "not restic's version"), ("random bytes", random_bytes(99, 200_000), "cannot run it")];
     for (what, bytes, says) in cases {
-        publish_restic(&server, &bytes);
+        // Through the upload API (an operator's override, 0755 in the data dir).
+        let r = upload_restic(&server, host_restic_name(), &bytes);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let uploaded = server.data_dir().join("restic-binaries").join(host_restic_name());
+        assert_eq!(fs::metadata(&uploaded).unwrap().permissions().mode() & 0o777, 0o755);
         let out = agent.restic_install();
         let err = stderr(&out);
         assert!(!out.status.success(), "{what} was installed: {err}");
