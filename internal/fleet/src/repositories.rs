@@ -471,6 +471,17 @@ pub fn check_key(conn: &Connection, key: &SecretKey) -> Result<(u64, u64), DbErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn min_restic_version_is_a_supported_version() {
+        for ok in ["0.14.0", "0.16", "0.17.3", "1.0.0"] {
+            assert_eq!(validate_min_restic_version(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "latest", "v0.16.0", "0.16.0-rc1", "1.2.3.4", "0.13.9", "0 .16"] {
+            let e = validate_min_restic_version(bad).unwrap_err();
+            assert!(e.contains("min_restic_version"), "{bad}: {e}");
+        }
+    }
     use crate::Db;
 
     fn new_repo(name: &str) -> NewRepository {
