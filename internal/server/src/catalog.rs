@@ -282,13 +282,36 @@ pub async fn restic_entries(state: &AppState, base: String) -> Result<Vec<Restic
     .map_err(ApiError::from)
 }
 
-/// The restic entry for one platform (each heartbeat asks): inline when remembered, else on a blocking thread.
+/// Entries found by a full lookup, reused by heartbeats for [`LOOKED_UP_FOR`]: with no restic or no sidecar
+/// published there is nothing to remember, and a heartbeat should not cost a blocking lookup each.
+type LookedUp = HashMap<(Platform, String), (std::time::Instant, ResticEntry)>;
+static LOOKED_UP: std::sync::Mutex<Option<LookedUp>> = std::sync::Mutex::new(None);
+const LOOKED_UP_FOR: Duration = Duration::from_secs(1);
+
+/// The restic entry for one platform (each heartbeat asks): inline when remembered (or looked up within the last
+/// second), else on a blocking thread.
 pub async fn restic_entry(state: &AppState, platform: Platform, base: String) -> Result<ResticEntry, ApiError> {
     if let Some(entry) = restic_remembered(state.store(), platform, &base) {
         return Ok(entry);
     }
+    let key = (platform, base.clone());
+    {
+        let looked = LOOKED_UP.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, entry)) = looked.as_ref().and_then(|m| m.get(&key))
+            && at.elapsed() < LOOKED_UP_FOR
+        {
+            return Ok(entry.clone());
+        }
+    }
     let state = state.clone();
-    Ok(blocking(move || restic_entry_blocking(state.store(), platform, &base)).await??)
+    let entry = blocking(move || restic_entry_blocking(state.store(), platform, &base)).await??;
+    let mut looked = LOOKED_UP.lock().unwrap_or_else(|p| p.into_inner());
+    let map = looked.get_or_insert_with(HashMap::new);
+    if map.len() > 64 {
+        map.clear(); // bounded: one entry per platform and base URL in practice
+    }
+    map.insert(key, (std::time::Instant::now(), entry.clone()));
+    Ok(entry)
 }
 
 /// Fills each view's served restic version and drift (the fleet view's restic columns).
