@@ -174,11 +174,17 @@ fn served_restic_is_listed_installed_reported_and_runs_a_backup() {
     // An agent on a host without restic installs the served one beside itself and reports it.
     let mut agent = HostAgent::enroll(&server);
     assert!(!agent.managed().exists());
+    let started = std::time::Instant::now();
     agent.start();
     let view = eventually(Duration::from_secs(60), "the agent reports the installed restic", || {
         let v = agent_view(&server, &agent.id);
         (v["restic"]["version"] == "0.14.0" && v["restic"]["managed"] == true).then_some(v)
     });
+    eprintln!(
+        "FIGURE agent start -> served restic ({:.1} MiB) installed and reported: {:.2} s (1 s heartbeats)",
+        bytes.len() as f64 / (1 << 20) as f64,
+        started.elapsed().as_secs_f64()
+    );
     assert_eq!(view["restic"]["path"], agent.managed().display().to_string().as_str(), "{view}");
     assert!(view["restic"]["error"].is_null(), "{view}");
     assert_eq!(view["restic_served"], "0.14.0", "{view}");
