@@ -2,6 +2,8 @@
 # Stages a bundled-assets dir for local runs, laid out like /opt/restic-manager/dist in the image:
 #   <dev>/bundled/agent-binaries/restic-manager-agent-<os>-<arch>   (the host agent just built)
 #   <dev>/bundled/install/{install.sh,install.ps1,restic-manager-agent.service}   (when they exist)
+#   <dev>/bundled/restic-binaries/restic-<os>-<arch> and restic-binaries.json   (the host's restic, when it has one:
+#       $RESTIC, else restic on PATH; the sidecar records its version and SHA-256 as the image's does)
 # and creates <dev>/data, the local data dir. Files are copied to a temp name and renamed into place, so a running
 # server never serves a half-copied file.
 set -eu
@@ -40,4 +42,18 @@ for f in scripts/install.sh:0755 scripts/install.ps1:0644 deploy/restic-manager-
     src="$root/${f%%:*}"
     [ -f "$src" ] && place "$src" "$bundled/install/$(basename "$src")" "${f##*:}"
 done
-echo "dev-bundle: $bundled ready ($os/$arch agent: $("$agent" --version))"
+restic_bin=${RESTIC:-$(command -v restic || true)}
+restic_note="no restic on this host: none bundled"
+if [ -n "$restic_bin" ] && [ -x "$restic_bin" ]; then
+    restic_version=$("$restic_bin" version | sed -n '1s/^restic \([0-9][0-9.]*\).*/\1/p')
+    if [ -n "$restic_version" ]; then
+        mkdir -p "$bundled/restic-binaries"
+        place "$restic_bin" "$bundled/restic-binaries/restic-$os-$arch" 0755
+        restic_sha=$(sha256sum "$bundled/restic-binaries/restic-$os-$arch" | cut -d' ' -f1)
+        printf '{"origin":"host %s","files":{"restic-%s-%s":{"version":"%s","sha256":"%s"}}}\n' \
+            "$restic_bin" "$os" "$arch" "$restic_version" "$restic_sha" >"$bundled/restic-binaries/.sidecar.$$"
+        mv -f "$bundled/restic-binaries/.sidecar.$$" "$bundled/restic-binaries/restic-binaries.json"
+        restic_note="restic $restic_version from $restic_bin"
+    fi
+fi
+echo "dev-bundle: $bundled ready ($os/$arch agent: $("$agent" --version); $restic_note)"

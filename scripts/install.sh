@@ -8,7 +8,9 @@
 #   curl -fsSL --pinnedpubkey sha256//PIN -k https://SERVER/install/install.sh | RM_ENROLL_TOKEN=TOKEN sh -s -- --pin sha256//PIN
 #
 # Downloads the agent the server serves for this host, verifies its SHA-256 against the server's published checksum,
-# installs it atomically, enrolls it with the token and starts the systemd service. Safe to re-run: an up-to-date
+# installs it atomically, enrolls it with the token and starts the systemd service. With --with-restic it also
+# installs the server's restic for this host the same way, as restic-manager-restic beside the agent (the agent's
+# managed restic; a restic already on PATH is never touched). Safe to re-run: an up-to-date
 # binary is not downloaded again and an enrolled host is not enrolled twice.
 #
 # Credentials: the enrollment token goes to the server in an Authorization header on every download (servers started
@@ -46,6 +48,9 @@ usage: install.sh [options]
   --prefix DIR    install as DIR/bin/restic-manager-agent (default /usr/local); the identity goes to
                   DIR/etc/restic-manager/agent.json (/etc/restic-manager for /usr/local, /usr and /), where the
                   agent looks for it by default
+  --with-restic   also install the restic the server serves for this host as DIR/bin/restic-manager-restic
+                  (verified against the server's SHA256SUMS and smoke-run like the agent; also RM_WITH_RESTIC=1).
+                  The agent uses the newer of it and a restic on PATH; the one on PATH is never replaced
   --no-service    do not install or start the systemd service
   --dry-run       print the plan (download, enrollment, service, with their paths), change nothing
   --cacert FILE   trust this CA bundle for the server's TLS certificate
@@ -80,6 +85,8 @@ parse_args() {
     pin="${RM_PIN:-}"
     allow_plain_http=0
     case "${RM_ALLOW_PLAIN_HTTP:-}" in 1 | true | yes) allow_plain_http=1 ;; esac
+    with_restic=0
+    case "${RM_WITH_RESTIC:-}" in 1 | true | yes) with_restic=1 ;; esac
     while [ $# -gt 0 ]; do
         case "$1" in
             --server) [ $# -ge 2 ] || die "--server needs a value"; server=$2; shift 2 ;;
@@ -93,6 +100,7 @@ parse_args() {
             --pin) [ $# -ge 2 ] || die "--pin needs a value"; pin=$2; shift 2 ;;
             --pin=*) pin=${1#*=}; shift ;;
             --no-service) no_service=1; shift ;;
+            --with-restic) with_restic=1; shift ;;
             --dry-run) dry_run=1; shift ;;
             --insecure) insecure=1; shift ;;
             --allow-plain-http) allow_plain_http=1; shift ;;
@@ -163,6 +171,7 @@ detect_platform() {
         *) die "unsupported architecture '$arch_name'; supported: x86_64/amd64 and aarch64/arm64" ;;
     esac
     file="restic-manager-agent-$os-$arch"
+    restic_file="restic-$os-$arch"
 }
 
 pick_tools() {
@@ -256,6 +265,7 @@ check_permissions() {
     while [ "$prefix" != / ] && [ "${prefix%/}" != "$prefix" ]; do prefix=${prefix%/}; done
     bin_dir="${prefix%/}/bin"
     dest="$bin_dir/restic-manager-agent"
+    restic_dest="$bin_dir/restic-manager-restic"
     case "$prefix" in
         / | /usr/local | /usr) config_dir=/etc/restic-manager ;;
         *) config_dir="$prefix/etc/restic-manager" ;;
@@ -320,6 +330,49 @@ install_binary() {
     mv -f "$tmp" "$dest" || die "cannot move the agent into place at $dest"
     tmp=""
     say "installed $dest ($version)"
+}
+
+# install_restic: with --with-restic, the server's restic for this host as $restic_dest: the checksum from the same
+# SHA256SUMS, a temporary file beside the destination, `version` must print restic's version line (within 15 s where
+# `timeout` exists), then an atomic rename. A failure leaves any earlier restic-manager-restic as it was.
+install_restic() {
+    [ "$with_restic" = 1 ] || return 0
+    restic_expected=$(awk -v f="$restic_file" '$2 == f || $2 == "*" f { print $1; exit }' "$work/SHA256SUMS")
+    case "$restic_expected" in
+        "") die "the server publishes no restic for $os/$arch ($restic_file is not in its SHA256SUMS); install restic yourself or drop one into the server's restic-binaries/" ;;
+        *[!0-9a-f]*) die "the server's SHA256SUMS is malformed (got an HTML page?)" ;;
+    esac
+    [ ${#restic_expected} -eq 64 ] || die "the server's SHA256SUMS is malformed (got an HTML page?)"
+    if [ -f "$restic_dest" ] && [ "$(sha256_of "$restic_dest")" = "$restic_expected" ]; then
+        say "$restic_dest is already the served restic ($restic_expected)"
+        return 0
+    fi
+    if [ "$dry_run" = 1 ]; then
+        say "would download $server/restic/binary?os=$os&arch=$arch, verify sha256 $restic_expected, smoke-run it and install it as $restic_dest"
+        return 0
+    fi
+    mkdir -p "$bin_dir" || die "cannot create $bin_dir"
+    tmp=$(mktemp "$bin_dir/.restic-manager-restic.XXXXXX") || die "cannot create a temporary file in $bin_dir"
+    say "downloading the $os/$arch restic from $server"
+    fetch "$server/restic/binary?os=$os&arch=$arch" "$tmp" || die "restic download failed; $restic_dest (if any) is untouched"
+    actual=$(sha256_of "$tmp")
+    if [ "$actual" != "$restic_expected" ]; then
+        die "restic checksum mismatch: expected $restic_expected, got $actual; $restic_dest (if any) is untouched"
+    fi
+    chmod 0755 "$tmp" || die "cannot make $tmp executable"
+    if command -v timeout >/dev/null 2>&1; then
+        restic_version=$(timeout 15 "$tmp" version 2>/dev/null) || die "the downloaded restic does not run on this host; $restic_dest (if any) is untouched"
+    else
+        restic_version=$("$tmp" version 2>/dev/null) || die "the downloaded restic does not run on this host; $restic_dest (if any) is untouched"
+    fi
+    restic_version=$(printf '%s\n' "$restic_version" | head -n 1)
+    case "$restic_version" in
+        restic\ [0-9]*.[0-9]*) ;;
+        *) die "the downloaded file is not restic (its version printed something else); $restic_dest (if any) is untouched" ;;
+    esac
+    mv -f "$tmp" "$restic_dest" || die "cannot move restic into place at $restic_dest"
+    tmp=""
+    say "installed $restic_dest ($restic_version)"
 }
 
 enroll() {
@@ -419,6 +472,7 @@ main() {
     if [ "$dry_run" = 1 ]; then say "dry run: nothing is changed; the plan:"; fi
     expected_checksum
     install_binary
+    install_restic
     enroll
     install_service
     if [ "$dry_run" = 1 ]; then say "dry run: done, nothing was changed"; else say "done"; fi

@@ -1660,3 +1660,86 @@ fn running_agent_logs_state_changes_once() {
     let heartbeat_lines = log.lines().filter(|l| !backups.iter().any(|b| l.starts_with(b))).count();
     assert_eq!(heartbeat_lines, 4, "nothing logged per heartbeat (6+ heartbeats, several failed):\n{log}");
 }
+
+// ---------------------------------------------------------------------------------------------------------------
+// install.sh --with-restic
+// ---------------------------------------------------------------------------------------------------------------
+
+/// The host platform's restic file name on the server.
+fn host_restic_file() -> &'static str {
+    if std::env::consts::ARCH == "aarch64" { "restic-linux-arm64" } else { "restic-linux-amd64" }
+}
+
+fn curl_pipe_sh_with_restic_installs_a_working_restic(shell_name: &str, shell: &[&str]) {
+    let Some(restic) = restic_binary() else { return };
+    let builder = Server::builder();
+    let restic_dir = builder.bundled_dir().join("restic-binaries");
+    fs::create_dir_all(&restic_dir).unwrap();
+    fs::copy(&restic, restic_dir.join(host_restic_file())).unwrap();
+    let server = install_server(builder, true);
+    let restic_sha = sha256_file(&restic);
+    let token = create_token(&server, 5);
+    let prefix = Prefix::new();
+    let args =
+        ["--prefix".into(), prefix.arg(), "--no-service".into(), "--with-restic".into(), "--token".into(), token];
+
+    let out = curl_pipe(&server, shell, &args, &prefix.tmpdir);
+    assert_success(&out, &format!("{shell_name}: install --with-restic"));
+    let managed = prefix.bin_dir().join("restic-manager-restic");
+    assert_eq!(sha256_file(&managed), restic_sha, "{shell_name}: the installed restic is the served one");
+    assert_eq!(mode(&managed) & 0o777, 0o755);
+    assert_eq!(entries(&prefix.bin_dir()), [AGENT_BIN, "restic-manager-restic"], "{shell_name}: leftovers in bin/");
+    assert!(stderr_of(&out).contains("(restic 0.14"), "{shell_name}: {}", stderr_of(&out));
+    let version = run_bounded(clean_command(&managed, &prefix.tmpdir).tap_arg("version"), SCRIPT_TIMEOUT);
+    assert_success(&version, "the installed restic runs");
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("restic 0.14"), "{version:?}");
+    prefix.assert_tmpdir_clean(shell_name);
+
+    // The installed agent, on a PATH without restic, runs the installed restic and says so.
+    let empty = prefix.scratch().join("empty-path");
+    fs::create_dir_all(&empty).unwrap();
+    let mut run = clean_command(prefix.agent(), &prefix.tmpdir);
+    run.env("PATH", &empty).arg("--config").arg(prefix.config()).args(["run", "--once"]);
+    assert_success(&run_bounded(run, Duration::from_secs(30)), "agent run --once");
+    let agent = agents(&server).remove(0);
+    assert_eq!(agent["restic"]["version"], "0.14.0", "{agent}");
+    assert_eq!(agent["restic"]["managed"], true, "{agent}");
+
+    // Again: nothing downloaded. Then a non-restic build served (a data-dir override): refused, the restic stays.
+    let again = curl_pipe(&server, shell, &args, &prefix.tmpdir);
+    assert_success(&again, &format!("{shell_name}: second install"));
+    assert!(stderr_of(&again).contains("already the served restic"), "{}", stderr_of(&again));
+    let data_restic = server.data_dir().join("restic-binaries");
+    fs::create_dir_all(&data_restic).unwrap();
+    let fake = data_restic.join(host_restic_file());
+    fs::write(&fake, "#!/bin/sh\necho 'hello, not restic'\n").unwrap();
+    fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
+    let refused = curl_pipe(&server, shell, &args, &prefix.tmpdir);
+    assert!(!refused.status.success(), "{shell_name}: a script was installed as restic");
+    assert!(stderr_of(&refused).contains("is not restic"), "{}", stderr_of(&refused));
+    assert_eq!(sha256_file(&managed), restic_sha, "{shell_name}: the refused build replaced restic");
+    assert_eq!(entries(&prefix.bin_dir()), [AGENT_BIN, "restic-manager-restic"]);
+    prefix.assert_tmpdir_clean(shell_name);
+}
+
+/// `Command::arg` returning the command, for one-liners.
+trait TapArg {
+    fn tap_arg(self, arg: &str) -> Self;
+}
+
+impl TapArg for Command {
+    fn tap_arg(mut self, arg: &str) -> Command {
+        self.arg(arg);
+        self
+    }
+}
+
+#[test]
+fn curl_pipe_sh_with_restic_installs_a_working_restic_dash() {
+    curl_pipe_sh_with_restic_installs_a_working_restic(SHELLS[0].0, SHELLS[0].1);
+}
+
+#[test]
+fn curl_pipe_sh_with_restic_installs_a_working_restic_busybox() {
+    curl_pipe_sh_with_restic_installs_a_working_restic(SHELLS[1].0, SHELLS[1].1);
+}

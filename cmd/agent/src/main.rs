@@ -74,9 +74,20 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// The agent's managed restic.
+    #[command(subcommand)]
+    Restic(ResticCommand),
     /// Show this agent's build, identity, backups (restic, plans, next runs, queued reports) and whether it matches
     /// the served build.
     Status,
+}
+
+#[derive(Subcommand)]
+enum ResticCommand {
+    /// Install (or replace) the managed restic, restic-manager-restic beside this binary, with the server's build
+    /// for this host: size and SHA-256 checked against the server's manifest, `version` smoke-run, swapped in
+    /// atomically. The host's own restic on PATH is never touched; `run` prefers the newer of the two.
+    Install,
 }
 
 fn main() -> ExitCode {
@@ -89,6 +100,7 @@ fn main() -> ExitCode {
         Command::Run { once } => commands::run(&config, once, cli.restic),
         Command::Update { check } => commands::update(&config, check),
         Command::Status => commands::status(&config, cli.restic.as_deref()),
+        Command::Restic(ResticCommand::Install) => commands::restic_install(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -26,7 +26,13 @@ pub async fn list(
     let now = rm_fleet::now();
     let (agents, backups) = db.call(move |c| Ok((rm_fleet::list_agents(c)?, rm_fleet::backup_health(c, now)?))).await?;
     let filter = AgentFilter { state, health };
-    let view = rm_server::catalog::fleet_view(agents, &served, now, args.stale_after, &filter, backups);
+    let mut view = rm_server::catalog::fleet_view(agents, &served, now, args.stale_after, &filter, backups);
+    let restic: Vec<_> = rm_protocol::PLATFORMS
+        .iter()
+        .map(|&p| rm_server::catalog::restic_entry_blocking(&store, p, ""))
+        .collect::<Result<_, _>>()
+        .context("cannot inspect the published restic builds")?;
+    rm_server::catalog::fill_restic_drift(&mut view, &restic);
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {
@@ -49,10 +55,22 @@ pub async fn label(args: &ServeArgs, id: String, pairs: Vec<(String, String)>) -
     Ok(())
 }
 
+/// `0.14.0 (current)`, `0.14.0 (behind 0.16.4)`, `- (missing)`, `-`: the host's restic and its drift from the served one.
+fn restic_cell(a: &rm_protocol::admin::AgentView) -> String {
+    use rm_protocol::restic_dist::ResticDrift;
+    let version = a.restic.as_ref().filter(|r| r.error.is_none()).and_then(|r| r.version.clone());
+    let version = version.unwrap_or_else(|| "-".into());
+    match (a.restic_drift, &a.restic_served) {
+        (None, _) => version,
+        (Some(d @ (ResticDrift::Behind | ResticDrift::Ahead)), Some(served)) => format!("{version} ({d} {served})"),
+        (Some(d), _) => format!("{version} ({d})"),
+    }
+}
+
 /// One line per agent under a header, then the counts per state and per backup health.
 fn table(view: &AgentList) -> String {
-    let header = ["HOSTNAME", "ID", "PLATFORM", "VERSION", "STATE", "HEALTH", "LAST SEEN"];
-    let rows: Vec<[String; 7]> = view
+    let header = ["HOSTNAME", "ID", "PLATFORM", "VERSION", "STATE", "HEALTH", "LAST SEEN", "RESTIC"];
+    let rows: Vec<[String; 8]> = view
         .agents
         .iter()
         .map(|a| {
@@ -64,6 +82,7 @@ fn table(view: &AgentList) -> String {
                 a.state.to_string(),
                 a.health.map_or_else(|| "-".to_owned(), |h| h.to_string()),
                 a.last_seen.clone(),
+                restic_cell(a),
             ]
         })
         .collect();

@@ -229,6 +229,10 @@ pub enum RepoCommand {
         /// Let restic initialise the repository if it does not exist.
         #[arg(long, env = "RM_REPO_AUTO_INIT")]
         auto_init: bool,
+        /// The oldest restic agents may use this repository with (e.g. 0.16.0): an agent with an older restic
+        /// installs the server's restic (restic-binaries/) first.
+        #[arg(long, env = "RM_REPO_MIN_RESTIC_VERSION", value_name = "VERSION")]
+        min_restic_version: Option<String>,
     },
     /// List repositories (never their secrets).
     List {

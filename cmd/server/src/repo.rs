@@ -19,7 +19,7 @@ pub async fn run(args: &ServeArgs, command: RepoCommand) -> anyhow::Result<()> {
     // Who made the change (the detail is filled in by rm_fleet).
     let audit = || AuditEvent { at: now, source: Some("cli".into()), ..Default::default() };
     match command {
-        RepoCommand::Add { name, url, password_stdin, env, ca_cert, auto_init } => {
+        RepoCommand::Add { name, url, password_stdin, env, ca_cert, auto_init, min_restic_version } => {
             let (key, _) = rm_fleet::unlock(&db, &args.data_dir, false).context("cannot use the secret key")?;
             let password = if password_stdin {
                 let mut line = String::new();
@@ -44,7 +44,7 @@ pub async fn run(args: &ServeArgs, command: RepoCommand) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            let new = NewRepository { name, url, password, env: values, ca_cert, auto_init };
+            let new = NewRepository { name, url, password, env: values, ca_cert, auto_init, min_restic_version };
             new.validate().map_err(anyhow::Error::msg)?;
             let event = audit();
             let created = db

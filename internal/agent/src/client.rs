@@ -482,6 +482,20 @@ impl Client {
         Ok(manifest.published(platform).cloned())
     }
 
+    /// The published restic for one platform, from the manifest (`None`: none published, or a server older than
+    /// served restic).
+    pub fn served_restic(
+        &self,
+        platform: Platform,
+        credential: &str,
+    ) -> Result<Option<rm_protocol::restic_dist::ResticEntry>, AgentError> {
+        let url = self.url("/agent/manifest")?;
+        let response =
+            self.send(&url, |http| http.get(&url).header("authorization", format!("Bearer {credential}")).call())?;
+        let manifest: Manifest = Self::check(&url, response)?.body_mut().read_json().map_err(Self::network(&url))?;
+        Ok(manifest.restic.into_iter().find(|e| e.published && e.platform() == Some(platform)))
+    }
+
     /// Streams `url` (see [`Client::url`] for which URLs are accepted) into `out`, calling `progress(done, total)`;
     /// returns the byte count. At most `max` bytes are written: a larger `Content-Length`, or a body that goes on
     /// past `max`, is an error before anything beyond `max` reaches `out`.

@@ -14,6 +14,7 @@ use crate::client::{Client, Trust, check_plain_http, host_facts, host_platform};
 use crate::config::{self, AgentConfig};
 use crate::state::{self, AgentState, FailedUpdate};
 use crate::update::{self, Outcome};
+use crate::{restic, restic_install};
 
 use crate::log;
 
@@ -329,8 +330,10 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
         agent_id: config.agent_id.clone(),
         hostname: facts.hostname.clone(),
         restic,
+        managed_restic: Some(restic_install::managed_path(&exe)),
         state_dir: backups::state_dir_from_env(),
     };
+    let mut restic_installs = ResticInstalls::default();
     let backups = Backups::start(Arc::new(server), settings)?;
     if !once {
         backups.start_scheduler();
@@ -355,7 +358,7 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
             }
             Ok((answer, interval, false)) => {
                 backoff = Duration::from_secs(1);
-                backups.on_answer(&answer);
+                backups.on_answer_then(&answer, |b| ensure_restic(&peer, b, &answer, &mut restic_installs));
                 if once {
                     return finish_once(&backups, &stop);
                 }
@@ -377,6 +380,82 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
             return stopped(&backups);
         }
     }
+}
+
+/// What `run` remembers about the served restic between heartbeats.
+#[derive(Default)]
+struct ResticInstalls {
+    /// The SHA-256 of a refused build: not tried again until the server serves another.
+    refused: Option<String>,
+    /// The (served SHA-256, required version, restic in use) last looked at with nothing (more) to do: skipped
+    /// until one of them changes, so a heartbeat does not hash or run restic for nothing.
+    settled: Option<(String, Option<restic::Version>, Result<restic::Restic, String>)>,
+}
+
+/// Installs the restic the heartbeat answer names when the host needs it ([`restic_install::reason_to_install`]):
+/// not with `--restic`, and not a build refused before until the server serves another.
+fn ensure_restic(peer: &Peer<'_>, backups: &Backups, answer: &HeartbeatResponse, memo: &mut ResticInstalls) {
+    let Some(served) = &answer.restic else { return };
+    let Some(served_sha) = served.sha256.as_deref().map(str::to_ascii_lowercase) else { return };
+    if backups.restic_is_explicit() {
+        return;
+    }
+    if memo.refused.as_deref() == Some(served_sha.as_str()) {
+        return;
+    }
+    if memo.refused.take().is_some() {
+        backups.set_restic_install_error(None); // the server moved on from the refused build
+    }
+    let key = (served_sha.clone(), backups.required_restic(), backups.restic());
+    if memo.settled.as_ref() == Some(&key) {
+        return;
+    }
+    let managed = backups.managed_restic();
+    let Some(reason) = restic_install::reason_to_install(&key.2, managed.as_ref(), served, key.1) else {
+        memo.settled = Some(key);
+        return;
+    };
+    let dest = restic_install::managed_path(peer.exe);
+    log(format_args!("installing the server's restic at {} ({reason})", dest.display()));
+    match restic_install::install(peer.client, Some(&peer.config.credential), served, &dest, false) {
+        Ok(installed) => {
+            if let restic_install::Installed::Installed { version, .. } = installed {
+                log(format_args!("installed restic {version} at {}", dest.display()));
+            }
+            backups.set_restic_install_error(None);
+            backups.redetect_restic();
+            memo.settled = Some((served_sha, key.1, backups.restic()));
+        }
+        Err(e) => {
+            log(format_args!(
+                "restic install refused, keeping the restic in use (not retried until the server serves another \
+                 build): {e}"
+            ));
+            let shown = crate::printable(&served_sha);
+            backups.set_restic_install_error(Some(format!("install of restic {shown} refused: {e}")));
+            memo.refused = Some(served_sha);
+        }
+    }
+}
+
+/// `restic install`: installs (or replaces) the managed restic beside the agent with the server's build for this
+/// platform, verified like a self-update.
+pub fn restic_install(config_path: &Path) -> Result<(), AgentError> {
+    let config = config::load(config_path)?;
+    let client = client_for(config_path, &config)?;
+    let platform = host_platform()?;
+    let exe = update::current_exe()?;
+    let served = client
+        .served_restic(platform, &config.credential)?
+        .ok_or_else(|| AgentError::Usage(format!("the server publishes no restic for {platform}")))?;
+    let dest = restic_install::managed_path(&exe);
+    match restic_install::install(&client, Some(&config.credential), &served, &dest, true)? {
+        restic_install::Installed::UpToDate => println!("restic at {} is the served build", dest.display()),
+        restic_install::Installed::Installed { path, version } => {
+            println!("installed restic {version} at {}", path.display())
+        }
+    }
+    Ok(())
 }
 
 /// `run --once` after its heartbeat: waits for the run-now requests it started, then delivers every queued report

@@ -7,6 +7,7 @@
 //!   `--version`, keep the previous binary, swap atomically.
 //! * [`state`]: what `run` remembers between runs (the last failed self-update), next to the config.
 //! * [`restic`]: the host's restic: detection and one backup.
+//! * [`restic_install`]: the managed restic beside the agent, installed from the server like a self-update.
 //! * [`backups`]: backup config sync, schedules, runs, leases and the report outbox.
 //! * [`commands`]: `enroll`, `run`, `update`, `status`.
 
@@ -16,6 +17,7 @@ pub mod client;
 pub mod commands;
 pub mod config;
 pub mod restic;
+pub mod restic_install;
 pub mod state;
 pub mod update;
 
@@ -42,6 +44,9 @@ pub enum AgentError {
     Verification(String),
     #[error("the new agent failed its smoke test: {0}")]
     SmokeTest(String),
+    /// A restic build from the server refused (mismatch or failed smoke run), in words.
+    #[error("{0}")]
+    ResticRefused(String),
     /// A link from the server that would downgrade to http or send the credential to another origin.
     #[error("refused the server's link: {0}")]
     Untrusted(String),

@@ -168,13 +168,43 @@ fn ended(exit: &process::Exit) -> String {
     }
 }
 
+/// Finds the best restic: `explicit` (`--restic`) always wins; otherwise the newer of `restic` on `PATH` and the
+/// agent's managed restic at `managed` (installed from the server; PATH's on a tie, so a host's own restic is used
+/// while it is as good).
+pub fn detect_best(explicit: Option<&Path>, managed: Option<&Path>) -> Result<Restic, String> {
+    let Some(managed) = managed.filter(|_| explicit.is_none()) else { return detect(explicit) };
+    let host = detect(None);
+    if !managed.exists() {
+        return host;
+    }
+    match (host, detect(Some(managed))) {
+        (Ok(host), Ok(mine)) => Ok(if mine.version > host.version { mine } else { host }),
+        (Ok(host), Err(_)) => Ok(host),
+        (Err(_), Ok(mine)) => Ok(mine),
+        (Err(host), Err(mine)) => Err(format!("{host}; the managed restic: {mine}")),
+    }
+}
+
+/// Parses `restic version` output (`restic 0.14.0 compiled with …`).
+pub fn parse_version_output(text: &str) -> Option<Version> {
+    output::parse_version(text)
+}
+
 /// What heartbeats say about the host's restic.
 pub fn info(detected: &Result<Restic, String>) -> ResticInfo {
+    info_managed(detected, None)
+}
+
+/// [`info`], saying whether the restic found is the agent's managed one (at `managed`).
+pub fn info_managed(detected: &Result<Restic, String>, managed: Option<&Path>) -> ResticInfo {
     match detected {
-        Ok(r) => {
-            ResticInfo { version: Some(r.version.to_string()), path: Some(r.path.display().to_string()), error: None }
-        }
-        Err(e) => ResticInfo { version: None, path: None, error: Some(e.clone()) },
+        Ok(r) => ResticInfo {
+            version: Some(r.version.to_string()),
+            path: Some(r.path.display().to_string()),
+            managed: managed.is_some_and(|m| m == r.path),
+            ..ResticInfo::default()
+        },
+        Err(e) => ResticInfo { error: Some(e.clone()), ..ResticInfo::default() },
     }
 }
 
@@ -873,6 +903,7 @@ mod tests {
             env: Default::default(),
             ca_cert: None,
             auto_init: false,
+            min_restic_version: None,
         };
         let job = Job {
             plan: &plan,

@@ -1,4 +1,5 @@
-//! Verified self-update.
+//! Verified self-update, and the download-verify-smoke-swap steps it shares with installing restic
+//! ([`crate::restic_install`]).
 //!
 //! 1. Download the served build into a temporary file in the executable's own directory (same filesystem, so the
 //!    final swap is a rename).
@@ -43,8 +44,34 @@ pub fn apply(
     exe: &Path,
     show_progress: bool,
 ) -> Result<Outcome, AgentError> {
-    let (Some(want_sha), Some(want_size)) = (served.sha256.as_deref(), served.size) else {
-        return Err(AgentError::Verification("the server announced no checksum for its build".into()));
+    let (want_sha, want_size) = announced(served.sha256.as_deref(), served.size, "its build")?;
+    if crate::sha256_file(exe)? == want_sha {
+        return Ok(Outcome::UpToDate);
+    }
+    let dir = exe.parent().ok_or_else(|| AgentError::Usage(format!("{} has no parent directory", exe.display())))?;
+    let new = download_verified(
+        client,
+        credential,
+        &served.url,
+        (&want_sha, want_size),
+        dir,
+        ".restic-manager-agent-update-",
+        show_progress,
+    )?;
+    let version = smoke_test(&new)?;
+
+    let previous = previous_path(exe);
+    std::fs::copy(exe, &previous)
+        .and_then(|_| std::fs::File::open(&previous)?.sync_all())
+        .map_err(AgentError::io(format!("keeping the previous agent as {}", previous.display())))?;
+    swap(new, exe, dir)?;
+    Ok(Outcome::Updated { previous, version })
+}
+
+/// The SHA-256 (lowercase) and size a server announced for a file, checked to be there and well formed.
+pub(crate) fn announced(sha256: Option<&str>, size: Option<u64>, what: &str) -> Result<(String, u64), AgentError> {
+    let (Some(want_sha), Some(want_size)) = (sha256, size) else {
+        return Err(AgentError::Verification(format!("the server announced no checksum for {what}")));
     };
     if !rm_protocol::validate::is_sha256_hex(want_sha) {
         return Err(AgentError::Verification(format!(
@@ -52,17 +79,26 @@ pub fn apply(
             crate::printable(want_sha)
         )));
     }
-    let want_sha = want_sha.to_ascii_lowercase();
-    let want_sha = want_sha.as_str();
-    if crate::sha256_file(exe)? == want_sha {
-        return Ok(Outcome::UpToDate);
-    }
-    let dir = exe.parent().ok_or_else(|| AgentError::Usage(format!("{} has no parent directory", exe.display())))?;
+    Ok((want_sha.to_ascii_lowercase(), want_size))
+}
+
+/// Downloads `url` into a temporary file in `dir` (same filesystem as the file it will replace), checks its size
+/// and SHA-256 against `want` (the download stops at the announced size), syncs it, closes it and makes it
+/// executable. The temporary file is deleted on any failure and whenever the returned path is dropped.
+pub(crate) fn download_verified(
+    client: &Client,
+    credential: Option<&str>,
+    url: &str,
+    want: (&str, u64),
+    dir: &Path,
+    prefix: &str,
+    show_progress: bool,
+) -> Result<tempfile::TempPath, AgentError> {
+    let (want_sha, want_size) = want;
     let mut tmp = tempfile::Builder::new()
-        .prefix(".restic-manager-agent-update-")
+        .prefix(prefix)
         .tempfile_in(dir)
         .map_err(AgentError::io(format!("creating a temporary file in {}", dir.display())))?;
-
     let bar = (show_progress && std::io::stderr().is_terminal()).then(|| {
         let bar = indicatif::ProgressBar::new(want_size);
         bar.set_style(
@@ -72,9 +108,9 @@ pub fn apply(
         bar
     });
     let mut hashing = HashingWriter { inner: tmp.as_file_mut(), hasher: sha2::Sha256::new() };
-    // Never more than announced lands next to the executable: the download stops (and the temporary file is
-    // deleted) as soon as the server sends a byte past `want_size`.
-    let got_size = client.download(&served.url, credential, want_size, &mut hashing, |done, _| {
+    // Never more than announced lands on disk: the download stops (and the temporary file is deleted) as soon as
+    // the server sends a byte past `want_size`.
+    let got_size = client.download(url, credential, want_size, &mut hashing, |done, _| {
         if let Some(bar) = &bar {
             bar.set_position(done);
         }
@@ -96,16 +132,30 @@ pub fn apply(
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&new, std::fs::Permissions::from_mode(0o755))
-            .map_err(AgentError::io("chmod of the new agent"))?;
+            .map_err(AgentError::io("chmod of the download"))?;
     }
-    let version = smoke_test(&new)?;
+    Ok(new)
+}
 
-    let previous = previous_path(exe);
-    std::fs::copy(exe, &previous)
-        .and_then(|_| std::fs::File::open(&previous)?.sync_all())
-        .map_err(AgentError::io(format!("keeping the previous agent as {}", previous.display())))?;
-    swap(new, exe, dir)?;
-    Ok(Outcome::Updated { previous, version })
+/// Renames a verified download over `dest` (not a running executable) and syncs the directory: atomic, and the
+/// rename survives a power loss.
+pub(crate) fn install_file(new: tempfile::TempPath, dest: &Path, dir: &Path) -> Result<(), AgentError> {
+    new.persist(dest).map_err(|e| AgentError::io(format!("renaming the download to {}", dest.display()))(e.error))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), AgentError> {
+    #[cfg(unix)]
+    {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(AgentError::io(format!("syncing {}", dir.display())))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        Ok(())
+    }
 }
 
 /// Unix: rename the already-synced download over the executable (atomic; the running process keeps its inode), then
@@ -113,7 +163,7 @@ pub fn apply(
 #[cfg(unix)]
 fn swap(new: tempfile::TempPath, exe: &Path, dir: &Path) -> Result<(), AgentError> {
     new.persist(exe).map_err(|e| AgentError::io("swapping in the new agent")(e.error))?;
-    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(AgentError::io(format!("syncing {}", dir.display())))
+    sync_dir(dir)
 }
 
 /// Windows: a running executable cannot be overwritten; `self-replace` moves it aside first.
@@ -130,7 +180,7 @@ pub fn previous_path(exe: &Path) -> PathBuf {
 
 /// How long `<new> --version` may take: 15 s, or `RM_AGENT_SMOKE_TIMEOUT` (whole seconds). The variable exists for
 /// the end-to-end tests; operators have no reason to set it.
-fn smoke_timeout() -> Duration {
+pub(crate) fn smoke_timeout() -> Duration {
     std::env::var("RM_AGENT_SMOKE_TIMEOUT")
         .ok()
         .and_then(|v| v.trim().trim_end_matches('s').parse::<u64>().ok())
@@ -148,8 +198,20 @@ fn smoke_test(binary: &Path) -> Result<String, AgentError> {
 }
 
 fn smoke_test_within(binary: &Path, limit: Duration) -> Result<String, AgentError> {
+    let out = smoke_run(binary, "--version", limit)?;
+    let line = crate::printable(out.lines().next().unwrap_or_default().trim());
+    if !line.starts_with("restic-manager-agent version=") {
+        return Err(AgentError::SmokeTest(format!("--version printed {line:?}, not an agent version")));
+    }
+    Ok(line)
+}
+
+/// Runs `<binary> <arg>` as a smoke test and returns what it printed on stdout (at most 64 KiB): it must exit 0 and
+/// close its output within `limit`. The limit holds against the whole process tree: on Unix the candidate runs in
+/// its own process group, killed (SIGKILL) afterwards whatever happened, so nothing it starts outlives the check.
+pub(crate) fn smoke_run(binary: &Path, arg: &str, limit: Duration) -> Result<String, AgentError> {
     let mut command = Command::new(binary);
-    command.arg("--version").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    command.arg(arg).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
     #[cfg(unix)]
     {
         use std::os::unix::process::CommandExt;
@@ -173,22 +235,17 @@ fn smoke_test_within(binary: &Path, limit: Duration) -> Result<String, AgentErro
     let status = child.wait().map_err(|e| AgentError::SmokeTest(e.to_string()))?;
     let secs = limit.as_secs();
     if !exited {
-        return Err(AgentError::SmokeTest(format!("--version did not finish within {secs} s; killed")));
+        return Err(AgentError::SmokeTest(format!("{arg} did not finish within {secs} s; killed")));
     }
     let Some(out) = output else {
         return Err(AgentError::SmokeTest(format!(
-            "--version exited but its output stayed open for {secs} s (it left a process behind); killed"
+            "{arg} exited but its output stayed open for {secs} s (it left a process behind); killed"
         )));
     };
     if !status.success() {
-        return Err(AgentError::SmokeTest(format!("--version exited with {status}")));
+        return Err(AgentError::SmokeTest(format!("{arg} exited with {status}")));
     }
-    let out = String::from_utf8_lossy(&out);
-    let line = crate::printable(out.lines().next().unwrap_or_default().trim());
-    if !line.starts_with("restic-manager-agent version=") {
-        return Err(AgentError::SmokeTest(format!("--version printed {line:?}, not an agent version")));
-    }
-    Ok(line)
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// Waits until `child` exits or `deadline` passes, without reaping it on Unix (`waitid` with `WNOWAIT`), so its pid
@@ -205,7 +262,7 @@ fn wait_exit_unreaped(child: &mut std::process::Child, deadline: Instant) -> Res
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            return Err(AgentError::SmokeTest(format!("waiting for --version: {e}")));
+            return Err(AgentError::SmokeTest(format!("waiting for the smoke test: {e}")));
         }
         // SAFETY: si_pid is valid to read after a successful waitid.
         if unsafe { info.si_pid() } != 0 {

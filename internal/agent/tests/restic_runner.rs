@@ -161,6 +161,7 @@ impl World {
             env: BTreeMap::new(),
             ca_cert: None,
             auto_init: false,
+            min_restic_version: None,
         }
     }
 

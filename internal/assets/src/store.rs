@@ -24,34 +24,42 @@ use tracing::{debug, warn};
 pub enum AssetKind {
     AgentBinary,
     Install,
+    /// restic builds handed to agents (`/restic/binary`), with the same lookup, containment and digests.
+    ResticBinary,
 }
 
 impl AssetKind {
-    pub const ALL: [AssetKind; 2] = [AssetKind::AgentBinary, AssetKind::Install];
+    pub const ALL: [AssetKind; 3] = [AssetKind::AgentBinary, AssetKind::Install, AssetKind::ResticBinary];
 
     /// The directory under each root, and the URL segment of the upload API.
     pub fn subdir(self) -> &'static str {
         match self {
             AssetKind::AgentBinary => "agent-binaries",
             AssetKind::Install => "install",
+            AssetKind::ResticBinary => "restic-binaries",
         }
     }
 
-    /// The file mode an uploaded file gets: executables (agents, shell scripts) 0755, everything else 0644.
+    /// The file mode an uploaded file gets: executables (agents, restic, shell scripts) 0755, everything else 0644.
     pub fn mode_for(self, name: &str) -> u32 {
-        if self == AssetKind::AgentBinary || name.ends_with(".sh") { 0o755 } else { 0o644 }
+        let executable = match self {
+            AssetKind::AgentBinary => true,
+            AssetKind::ResticBinary => !name.ends_with(".json"),
+            AssetKind::Install => name.ends_with(".sh"),
+        };
+        if executable { 0o755 } else { 0o644 }
     }
 }
 
 /// A URL segment that names no asset kind.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("asset kind {0:?} (use agent-binaries or install)")]
+#[error("asset kind {0:?} (use agent-binaries, install or restic-binaries)")]
 pub struct UnknownKind(pub String);
 
 impl std::str::FromStr for AssetKind {
     type Err = UnknownKind;
 
-    /// Parses the subdir name (`agent-binaries`, `install`); anything else is an error naming the valid ones.
+    /// Parses the subdir name (`agent-binaries`, `install`, `restic-binaries`); anything else is an error naming the valid ones.
     fn from_str(segment: &str) -> Result<AssetKind, UnknownKind> {
         AssetKind::ALL
             .into_iter()

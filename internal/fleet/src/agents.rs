@@ -91,7 +91,9 @@ pub fn record_heartbeat(conn: &Connection, now: Timestamp, id: &str, hb: &Heartb
                 restic_version = CASE WHEN ?11 THEN ?12 ELSE restic_version END,
                 restic_path = CASE WHEN ?11 THEN ?13 ELSE restic_path END,
                 restic_error = CASE WHEN ?11 THEN ?14 ELSE restic_error END,
-                config_revision = coalesce(?15, config_revision)
+                config_revision = coalesce(?15, config_revision),
+                restic_managed = CASE WHEN ?11 THEN ?16 ELSE restic_managed END,
+                restic_install_error = CASE WHEN ?11 THEN ?17 ELSE restic_install_error END
          WHERE id = ?1",
         params![
             id,
@@ -108,7 +110,9 @@ pub fn record_heartbeat(conn: &Connection, now: Timestamp, id: &str, hb: &Heartb
             hb.restic.as_ref().and_then(|r| r.version.as_deref()),
             hb.restic.as_ref().and_then(|r| r.path.as_deref()),
             hb.restic.as_ref().and_then(|r| r.error.as_deref()),
-            hb.config_revision.map(|r| r.min(i64::MAX as u64) as i64)
+            hb.config_revision.map(|r| r.min(i64::MAX as u64) as i64),
+            hb.restic.as_ref().is_some_and(|r| r.managed),
+            hb.restic.as_ref().and_then(|r| r.install_error.as_deref()),
         ],
     )?;
     Ok(())
@@ -150,12 +154,13 @@ pub struct AgentRecord {
 
 const AGENT_COLUMNS: &str = "id, hostname, os, arch, agent_version, agent_commit, binary_sha256, last_update_error,
                              enrolled_at, last_seen_at, heartbeats, last_seq, labels, restic_version, restic_path,
-                             restic_error, config_revision";
+                             restic_error, config_revision, restic_managed, restic_install_error";
 
 fn agent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRecord> {
     let (version, path, error): (Option<String>, Option<String>, Option<String>) = (r.get(13)?, r.get(14)?, r.get(15)?);
-    let restic =
-        (version.is_some() || path.is_some() || error.is_some()).then_some(ResticInfo { version, path, error });
+    let (managed, install_error): (bool, Option<String>) = (r.get(17)?, r.get(18)?);
+    let restic = (version.is_some() || path.is_some() || error.is_some() || install_error.is_some())
+        .then_some(ResticInfo { version, path, error, managed, install_error });
     Ok(AgentRecord {
         id: r.get(0)?,
         hostname: r.get(1)?,

@@ -691,6 +691,7 @@ mod tests {
             env: BTreeMap::new(),
             ca_cert: None,
             auto_init: true,
+            min_restic_version: None,
         }
     }
 

@@ -28,6 +28,8 @@ pub struct RepositoryInfo {
     pub env_names: Vec<String>,
     pub ca_cert: Option<String>,
     pub auto_init: bool,
+    /// The oldest restic the repository may be used with (`0.16.0`).
+    pub min_restic_version: Option<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }
@@ -54,6 +56,7 @@ pub struct NewRepository {
     pub env: BTreeMap<String, String>,
     pub ca_cert: Option<String>,
     pub auto_init: bool,
+    pub min_restic_version: Option<String>,
 }
 
 /// A checked change: each `Some` replaces the stored value; `ca_cert: Some(None)` removes the certificate.
@@ -64,6 +67,23 @@ pub struct RepositoryChanges {
     pub env: Option<BTreeMap<String, String>>,
     pub ca_cert: Option<Option<String>>,
     pub auto_init: Option<bool>,
+    /// `Some(None)` removes the requirement.
+    pub min_restic_version: Option<Option<String>>,
+}
+
+/// `min_restic_version`: `major.minor[.patch]`, at least restic 0.14 (the oldest the agent runs).
+pub fn validate_min_restic_version(version: &str) -> Result<(), String> {
+    let parsed = rm_protocol::restic_dist::parse_version(version)
+        .filter(|_| version.chars().all(|c| c.is_ascii_digit() || c == '.'))
+        .ok_or_else(|| format!("min_restic_version must be a version like 0.16.4, not {:?}", clean(version)))?;
+    if parsed < (0, 14, 0) {
+        return Err("min_restic_version must be 0.14.0 or newer (the oldest restic the agent runs)".into());
+    }
+    Ok(())
+}
+
+fn clean(text: &str) -> String {
+    rm_protocol::validate::clean_text(text, 32)
 }
 
 pub fn validate_name(name: &str) -> Result<(), String> {
@@ -200,6 +220,7 @@ impl NewRepository {
         validate_url(&self.url)?;
         validate_password(&self.password)?;
         validate_env(&self.env)?;
+        self.min_restic_version.as_deref().map_or(Ok(()), validate_min_restic_version)?;
         self.ca_cert.as_deref().map_or(Ok(()), validate_ca_cert)
     }
 }
@@ -209,6 +230,7 @@ impl RepositoryChanges {
         self.url.as_deref().map_or(Ok(()), validate_url)?;
         self.password.as_deref().map_or(Ok(()), validate_password)?;
         self.env.as_ref().map_or(Ok(()), validate_env)?;
+        self.min_restic_version.as_ref().and_then(Option::as_deref).map_or(Ok(()), validate_min_restic_version)?;
         self.ca_cert.as_ref().and_then(Option::as_deref).map_or(Ok(()), validate_ca_cert)
     }
 
@@ -230,6 +252,9 @@ impl RepositoryChanges {
         if let Some(auto_init) = self.auto_init {
             what.push(format!("auto_init={auto_init}"));
         }
+        if let Some(min) = &self.min_restic_version {
+            what.push(format!("min_restic_version={}", min.as_deref().unwrap_or("none")));
+        }
         what.join(", ")
     }
 
@@ -239,6 +264,7 @@ impl RepositoryChanges {
             && self.env.is_none()
             && self.ca_cert.is_none()
             && self.auto_init.is_none()
+            && self.min_restic_version.is_none()
     }
 }
 
@@ -260,7 +286,7 @@ fn seal_env(key: &SecretKey, name: &str, env: &BTreeMap<String, String>) -> (Opt
     (Some(key.seal(&env_context(name), &json)), Some(names))
 }
 
-const COLUMNS: &str = "name, url, env_names, ca_cert, auto_init, created_at, updated_at";
+const COLUMNS: &str = "name, url, env_names, ca_cert, auto_init, created_at, updated_at, min_restic_version";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RepositoryInfo> {
     let names: Option<String> = r.get(2)?;
@@ -272,6 +298,7 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RepositoryInfo> {
         auto_init: r.get(4)?,
         created_at: r.get(5)?,
         updated_at: r.get(6)?,
+        min_restic_version: r.get(7)?,
     })
 }
 
@@ -291,9 +318,10 @@ pub fn create_repository(
     let password = key.seal(&password_context(&new.name), new.password.as_bytes());
     let (env, env_names) = seal_env(key, &new.name, &new.env);
     let inserted = conn.execute(
-        "INSERT INTO repositories (name, url, password, env, env_names, ca_cert, auto_init, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8) ON CONFLICT (name) DO NOTHING",
-        params![new.name, new.url, password, env, env_names, new.ca_cert, new.auto_init, now],
+        "INSERT INTO repositories (name, url, password, env, env_names, ca_cert, auto_init, created_at, updated_at,
+                                   min_restic_version)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9) ON CONFLICT (name) DO NOTHING",
+        params![new.name, new.url, password, env, env_names, new.ca_cert, new.auto_init, now, new.min_restic_version],
     )?;
     if inserted == 0 {
         return Ok(Err(NameTaken));
@@ -343,6 +371,9 @@ pub fn update_repository(
     }
     if let Some(auto_init) = changes.auto_init {
         conn.execute("UPDATE repositories SET auto_init = ?2 WHERE name = ?1", params![name, auto_init])?;
+    }
+    if let Some(min) = &changes.min_restic_version {
+        conn.execute("UPDATE repositories SET min_restic_version = ?2 WHERE name = ?1", params![name, min])?;
     }
     conn.execute("UPDATE repositories SET updated_at = ?2 WHERE name = ?1", params![name, now])?;
     crate::plans::bump_config_revision(conn)?;
@@ -440,6 +471,17 @@ pub fn check_key(conn: &Connection, key: &SecretKey) -> Result<(u64, u64), DbErr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn min_restic_version_is_a_supported_version() {
+        for ok in ["0.14.0", "0.16", "0.17.3", "1.0.0"] {
+            assert_eq!(validate_min_restic_version(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "latest", "v0.16.0", "0.16.0-rc1", "1.2.3.4", "0.13.9", "0 .16"] {
+            let e = validate_min_restic_version(bad).unwrap_err();
+            assert!(e.contains("min_restic_version"), "{bad}: {e}");
+        }
+    }
     use crate::Db;
 
     fn new_repo(name: &str) -> NewRepository {
@@ -450,6 +492,7 @@ mod tests {
             env: BTreeMap::from([("AWS_SECRET_ACCESS_KEY".into(), "env-Quokka-7".into())]),
             ca_cert: None,
             auto_init: true,
+            min_restic_version: None,
         }
     }
 

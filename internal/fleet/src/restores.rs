@@ -256,6 +256,7 @@ mod tests {
                         env: BTreeMap::new(),
                         ca_cert: None,
                         auto_init: true,
+                        min_restic_version: None,
                     };
                     create_repository(c, &key, T0, &repo, AuditEvent::default())?.unwrap();
                 }

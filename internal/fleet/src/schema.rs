@@ -164,6 +164,11 @@ pub const MIGRATIONS: &[&str] = &[
         overwrite    INTEGER NOT NULL,
         result       TEXT
     ) STRICT;",
+    // restic served by the server: whether an agent runs its managed restic and why its last install was refused;
+    // the restic version a repository requires.
+    "ALTER TABLE agents ADD COLUMN restic_managed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE agents ADD COLUMN restic_install_error TEXT;
+    ALTER TABLE repositories ADD COLUMN min_restic_version TEXT;",
 ];
 
 pub fn migrations() -> Migrations<'static> {

@@ -161,6 +161,12 @@ pub struct AgentView {
     /// Every plan that applies to the agent, with its last run and health.
     #[serde(default)]
     pub backups: Vec<crate::backup::PlanHealth>,
+    /// The version of the restic served for the agent's platform, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restic_served: Option<String>,
+    /// The host's restic against the served one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restic_drift: Option<crate::restic_dist::ResticDrift>,
 }
 
 /// `GET /api/v1/agents`
@@ -227,6 +233,10 @@ pub struct CreateRepository {
     pub ca_cert: Option<String>,
     #[serde(default)]
     pub auto_init: bool,
+    /// The oldest restic agents may use this repository with (`0.16.0`): an agent with an older one installs the
+    /// server's restic first.
+    #[serde(default)]
+    pub min_restic_version: Option<String>,
 }
 
 /// `PATCH /api/v1/repositories/{name}`: each field present replaces the stored value (`env` replaces the whole
@@ -245,6 +255,9 @@ pub struct UpdateRepository {
     pub ca_cert: Option<Option<String>>,
     #[serde(default)]
     pub auto_init: Option<bool>,
+    /// Absent: keep; `null`: remove; a string: replace.
+    #[serde(default, deserialize_with = "present")]
+    pub min_restic_version: Option<Option<String>>,
 }
 
 /// Tells a present `null` (`Some(None)`) from an absent field (`None`, via `default`).
@@ -285,6 +298,8 @@ pub struct RepositoryView {
     pub env_names: Vec<String>,
     pub ca_cert_set: bool,
     pub auto_init: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_restic_version: Option<String>,
     /// RFC 3339.
     pub created: String,
     pub updated: String,

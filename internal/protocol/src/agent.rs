@@ -94,4 +94,7 @@ pub struct HeartbeatResponse {
     /// Restore requests not yet reported by the agent (repeated until they are; absent from older servers).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub restore: Vec<crate::restore::RestoreTask>,
+    /// The restic build the server serves for the agent's platform, when one is published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restic: Option<crate::restic_dist::ResticEntry>,
 }

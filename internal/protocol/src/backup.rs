@@ -225,6 +225,12 @@ pub struct ResticInfo {
     /// Why restic is unusable (not found, not runnable, older than 0.14), in words.
     #[serde(default)]
     pub error: Option<String>,
+    /// The executable is the agent's managed restic (installed from the server), not the host's own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub managed: bool,
+    /// Why the last install of the served restic was refused (the restic in use stays), in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install_error: Option<String>,
 }
 
 /// A run-now request riding a heartbeat answer. The server repeats it in every answer until the agent reports the
@@ -247,6 +253,10 @@ pub struct AgentRepository {
     pub ca_cert: Option<String>,
     #[serde(default)]
     pub auto_init: bool,
+    /// The oldest restic this repository may be used with (`0.16.0`); an agent with an older one installs the
+    /// server's restic first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_restic_version: Option<String>,
 }
 
 impl std::fmt::Debug for AgentRepository {

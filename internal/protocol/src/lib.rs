@@ -16,6 +16,7 @@
 //! * [`restore`]: restore requests, snapshot listings, the agent's task long-poll.
 //! * [`schedule`]: cron and `@every` schedules, read the same way by server and agent.
 //! * [`error`]: the JSON error body every 4xx/5xx carries.
+//! * [`restic_dist`]: restic builds the server hands out, their sidecar, a host's drift from them.
 //! * [`pin`]: public key pins (`sha256//…`) for servers without a publicly trusted certificate.
 
 /// `Display` and `FromStr` for an enum with `as_str` and `ALL`: the JSON spelling both ways, and a parse error that
@@ -47,6 +48,7 @@ pub mod error;
 pub mod manifest;
 pub mod pin;
 pub mod platform;
+pub mod restic_dist;
 pub mod restore;
 pub mod retention;
 pub mod schedule;

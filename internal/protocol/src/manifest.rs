@@ -44,6 +44,9 @@ impl PlatformEntry {
 pub struct Manifest {
     pub server: BuildInfo,
     pub agents: Vec<PlatformEntry>,
+    /// The restic builds the server hands out, one entry per platform (absent from servers before restic was served).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub restic: Vec<crate::restic_dist::ResticEntry>,
 }
 
 impl Manifest {

@@ -79,6 +79,17 @@ impl Platform {
         }
     }
 
+    /// `restic-<os>-<arch>[.exe]`: the restic build the server hands out for this platform (`/restic/binary`), beside
+    /// the agent's own file in the same closed table.
+    pub fn restic_file_name(self) -> &'static str {
+        match (self.os, self.arch) {
+            (Os::Linux, Arch::Amd64) => "restic-linux-amd64",
+            (Os::Linux, Arch::Arm64) => "restic-linux-arm64",
+            (Os::Windows, Arch::Amd64) => "restic-windows-amd64.exe",
+            (Os::Windows, Arch::Arm64) => "restic-windows-arm64.exe",
+        }
+    }
+
     /// The platform this program was compiled for, if it is a supported one.
     pub fn host() -> Option<Platform> {
         let os = match std::env::consts::OS {
@@ -122,6 +133,8 @@ mod tests {
             ]
         );
         assert_eq!(Platform::parse("windows", "amd64").unwrap().file_name(), names[2]);
+        let restic: Vec<_> = PLATFORMS.iter().map(|p| p.restic_file_name()).collect();
+        assert_eq!(restic, ["restic-linux-amd64", "restic-linux-arm64", "restic-windows-amd64.exe"]);
     }
 
     #[test]

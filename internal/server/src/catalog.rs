@@ -11,6 +11,7 @@ use rm_assets::{AssetKind, AssetStore, Digest, Source};
 use rm_fleet::{AgentRecord, Timestamp};
 use rm_protocol::admin::{AgentFilter, AgentList, AgentState, AgentView};
 use rm_protocol::backup::PlanHealth;
+use rm_protocol::restic_dist::{ResticDrift, ResticEntry, ResticSidecar, SIDECAR_NAME};
 use rm_protocol::{PLATFORMS, Platform, PlatformEntry};
 
 use crate::{ApiError, AppState};
@@ -142,11 +143,14 @@ pub fn fleet_view(
 
 /// The fleet view as of now: the served builds, then the agents and their backup health in one database read.
 pub async fn fleet_view_now(state: &AppState, base: String, filter: &AgentFilter) -> Result<AgentList, ApiError> {
+    let base_restic = base.clone();
     let served = entries(state, base).await?;
     let now = rm_fleet::now();
     let (agents, backups) =
         state.fleet().call(move |c| Ok((rm_fleet::list_agents(c)?, rm_fleet::backup_health(c, now)?))).await?;
-    Ok(fleet_view(agents, &served, now, state.settings().stale_after, filter, backups))
+    let mut list = fleet_view(agents, &served, now, state.settings().stale_after, filter, backups);
+    fill_restic_drift(&mut list, &restic_entries(state, base_restic).await?);
+    Ok(list)
 }
 
 fn agent_view(record: AgentRecord, state: AgentState, served_sha256: Option<String>) -> AgentView {
@@ -170,5 +174,155 @@ fn agent_view(record: AgentRecord, state: AgentState, served_sha256: Option<Stri
         restic: record.restic,
         health: None,
         backups: Vec::new(),
+        restic_served: None,
+        restic_drift: None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// restic builds (`restic-binaries/`): the same lookup and digests as the agent's, plus the version from the sidecar
+// ---------------------------------------------------------------------------------------------------------------
+
+/// The last sidecar read, by its SHA-256: the heartbeat path asks for it without touching the disk.
+static SIDECAR: std::sync::Mutex<Option<(String, Arc<ResticSidecar>)>> = std::sync::Mutex::new(None);
+
+/// The largest sidecar read (it lists three files).
+const MAX_SIDECAR: u64 = 64 * 1024;
+
+fn sidecar_cached(sha256: &str) -> Option<Arc<ResticSidecar>> {
+    let cached = SIDECAR.lock().unwrap_or_else(|p| p.into_inner());
+    cached.as_ref().filter(|(sha, _)| sha == sha256).map(|(_, s)| s.clone())
+}
+
+/// The sidecar as the store finds it (data dir first), parsed; `None` when absent, too large or not valid JSON (said
+/// in the log: the versions are then unknown, the builds are still served).
+fn sidecar_blocking(store: &AssetStore) -> Result<Option<Arc<ResticSidecar>>, StoreError> {
+    let Some(asset) = store.open(AssetKind::ResticBinary, SIDECAR_NAME)? else { return Ok(None) };
+    let sha = asset.digest.sha256_hex();
+    if let Some(cached) = sidecar_cached(&sha) {
+        return Ok(Some(cached));
+    }
+    if asset.len > MAX_SIDECAR {
+        tracing::warn!(size = asset.len, "restic-binaries/{SIDECAR_NAME} is too large; restic versions unknown");
+        return Ok(None);
+    }
+    let mut text = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(&asset.file, MAX_SIDECAR), &mut text)
+        .map_err(|e| StoreError::Io { path: SIDECAR_NAME.into(), source: e })?;
+    match serde_json::from_slice::<ResticSidecar>(&text) {
+        Ok(sidecar) => {
+            let sidecar = Arc::new(sidecar);
+            *SIDECAR.lock().unwrap_or_else(|p| p.into_inner()) = Some((sha, sidecar.clone()));
+            Ok(Some(sidecar))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "restic-binaries/{SIDECAR_NAME} is not valid; restic versions unknown");
+            Ok(None)
+        }
+    }
+}
+
+fn restic_entry_from(
+    platform: Platform,
+    base: &str,
+    found: Option<Found>,
+    sidecar: Option<&ResticSidecar>,
+) -> ResticEntry {
+    let file = platform.restic_file_name();
+    let sha256 = found.as_ref().map(|f| f.digest.sha256_hex());
+    let described = match (sidecar, &sha256) {
+        (Some(s), Some(sha)) => s.describe(file, sha),
+        _ => None,
+    };
+    ResticEntry {
+        os: platform.os.as_str().into(),
+        arch: platform.arch.as_str().into(),
+        file: file.into(),
+        published: found.is_some(),
+        size: found.as_ref().map(|f| f.len),
+        source: found.as_ref().map(|f| f.source.as_str().into()),
+        last_modified: found.as_ref().map(|f| httpdate::fmt_http_date(f.modified)),
+        url: format!("{base}/restic/binary?os={}&arch={}", platform.os.as_str(), platform.arch.as_str()),
+        version: described.map(|d| d.version.clone()),
+        package_version: described.and_then(|d| d.package_version.clone()),
+        sha256,
+    }
+}
+
+/// The remembered restic of a platform and a remembered sidecar, if both are still current (no blocking I/O).
+fn restic_remembered(store: &AssetStore, platform: Platform, base: &str) -> Option<ResticEntry> {
+    let k = store.known(AssetKind::ResticBinary, platform.restic_file_name())?;
+    let sidecar = match store.known(AssetKind::ResticBinary, SIDECAR_NAME) {
+        Some(s) => Some(sidecar_cached(&s.digest.sha256_hex())?),
+        // Absent or never looked at: only a full lookup can tell.
+        None => return None,
+    };
+    let found = Found { len: k.len, modified: k.modified, source: k.source, digest: k.digest };
+    Some(restic_entry_from(platform, base, Some(found), sidecar.as_deref()))
+}
+
+/// One platform's restic entry. Blocking.
+pub fn restic_entry_blocking(store: &AssetStore, platform: Platform, base: &str) -> Result<ResticEntry, StoreError> {
+    if let Some(entry) = restic_remembered(store, platform, base) {
+        return Ok(entry);
+    }
+    let sidecar = sidecar_blocking(store)?;
+    let found = store.open(AssetKind::ResticBinary, platform.restic_file_name())?;
+    let found = found.map(|a| Found { len: a.len, modified: a.modified, source: a.source, digest: a.digest });
+    Ok(restic_entry_from(platform, base, found, sidecar.as_deref()))
+}
+
+/// Every platform's restic entry, in manifest order (manifest, `SHA256SUMS`, fleet view).
+pub async fn restic_entries(state: &AppState, base: String) -> Result<Vec<ResticEntry>, ApiError> {
+    let state = state.clone();
+    blocking(move || {
+        PLATFORMS.iter().map(|&p| restic_entry_blocking(state.store(), p, &base)).collect::<Result<Vec<_>, _>>()
+    })
+    .await?
+    .map_err(ApiError::from)
+}
+
+/// Entries found by a full lookup, reused by heartbeats for [`LOOKED_UP_FOR`]: with no restic or no sidecar
+/// published there is nothing to remember, and a heartbeat should not cost a blocking lookup each.
+type LookedUp = HashMap<(Platform, String), (std::time::Instant, ResticEntry)>;
+static LOOKED_UP: std::sync::Mutex<Option<LookedUp>> = std::sync::Mutex::new(None);
+const LOOKED_UP_FOR: Duration = Duration::from_secs(1);
+
+/// The restic entry for one platform (each heartbeat asks): inline when remembered (or looked up within the last
+/// second), else on a blocking thread.
+pub async fn restic_entry(state: &AppState, platform: Platform, base: String) -> Result<ResticEntry, ApiError> {
+    if let Some(entry) = restic_remembered(state.store(), platform, &base) {
+        return Ok(entry);
+    }
+    let key = (platform, base.clone());
+    {
+        let looked = LOOKED_UP.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, entry)) = looked.as_ref().and_then(|m| m.get(&key))
+            && at.elapsed() < LOOKED_UP_FOR
+        {
+            return Ok(entry.clone());
+        }
+    }
+    let state = state.clone();
+    let entry = blocking(move || restic_entry_blocking(state.store(), platform, &base)).await??;
+    let mut looked = LOOKED_UP.lock().unwrap_or_else(|p| p.into_inner());
+    let map = looked.get_or_insert_with(HashMap::new);
+    if map.len() > 64 {
+        map.clear(); // bounded: one entry per platform and base URL in practice
+    }
+    map.insert(key, (std::time::Instant::now(), entry.clone()));
+    Ok(entry)
+}
+
+/// Fills each view's served restic version and drift (the fleet view's restic columns).
+pub fn fill_restic_drift(list: &mut AgentList, served: &[ResticEntry]) {
+    for view in &mut list.agents {
+        let Ok(platform) = Platform::parse(&view.os, &view.arch) else { continue };
+        let entry = served.iter().find(|e| e.published && e.platform() == Some(platform));
+        view.restic_served = entry.and_then(|e| e.version.clone());
+        view.restic_drift = view.restic.as_ref().map(|r| {
+            let host = r.version.as_deref().filter(|_| r.error.is_none());
+            ResticDrift::of(host, view.restic_served.as_deref())
+        });
     }
 }

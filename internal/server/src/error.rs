@@ -22,6 +22,8 @@ pub enum ApiError {
     InvalidName(#[from] NameError),
     #[error("no agent binary is published for {0}")]
     BinaryNotPublished(Platform),
+    #[error("no restic binary is published for {0}")]
+    ResticNotPublished(Platform),
     #[error("{0} was not found")]
     NotFound(String),
     #[error("method not allowed")]
@@ -106,6 +108,14 @@ impl ApiError {
                     .with("os", p.os.as_str())
                     .with("arch", p.arch.as_str())
                     .with("file", p.file_name()),
+            ),
+            ApiError::ResticNotPublished(p) => (
+                StatusCode::NOT_FOUND,
+                None,
+                ErrorBody::new("binary_not_published", message)
+                    .with("os", p.os.as_str())
+                    .with("arch", p.arch.as_str())
+                    .with("file", p.restic_file_name()),
             ),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, None, ErrorBody::new("not_found", message)),
             ApiError::MethodNotAllowed => {

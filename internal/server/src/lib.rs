@@ -67,6 +67,7 @@ fn routes(state: &AppState) -> Router<AppState> {
         .route("/agent/binary", get(routes::assets::agent_binary))
         .route("/agent/manifest", get(routes::assets::manifest))
         .route("/agent/SHA256SUMS", get(routes::assets::sha256sums))
+        .route("/restic/binary", get(routes::assets::restic_binary))
         .route("/install/{name}", get(routes::assets::install_file))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_download_auth));
     let api = Router::new()

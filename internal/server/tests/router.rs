@@ -97,6 +97,10 @@ async fn hostile_paths_and_queries_never_escape_the_roots() {
     symlink("/etc/passwd", f.data.join("install/passwd")).unwrap();
     symlink(f.outside.join("secret"), f.bundled.join("agent-binaries/restic-manager-agent-linux-arm64")).unwrap();
     symlink(f.outside.join("secret"), f.data.join("agent-binaries/restic-manager-agent-windows-amd64.exe")).unwrap();
+    // restic builds: the same containment (a symlink out of either root, or into the data dir's state, is refused)
+    symlink(f.outside.join("secret"), f.data.join("restic-binaries/restic-linux-amd64")).unwrap();
+    symlink(f.outside.join("secret"), f.bundled.join("restic-binaries/restic-linux-arm64")).unwrap();
+    symlink("../restic-manager.db", f.data.join("restic-binaries/restic-windows-amd64.exe")).unwrap();
     let outside = f.outside.join("secret").display().to_string();
     let long = "a".repeat(300);
     let long_path = format!("/install/{long}");
@@ -175,6 +179,19 @@ async fn hostile_paths_and_queries_never_escape_the_roots() {
         "/agent/binary?os=linux&arch=amd64&arch=arm64",
         "/agent/binary?os=linux&arch=amd64&os=linux",
         "/agent/binary?os[]=linux&arch=amd64",
+        // restic: symlinks out of the data dir, out of the bundled root and
+        // to the database are refused; the query is mapped through the platform table like the agent's
+        "/restic/binary?os=linux&arch=amd64",
+        "/restic/binary?os=linux&arch=arm64",
+        "/restic/binary?os=windows&arch=amd64",
+        "/restic/binary?os=../../etc&arch=passwd",
+        "/restic/binary?os=linux&arch=amd64%00",
+        "/restic/binary?os=windows&arch=arm64",
+        "/restic/binary?os=linux",
+        "/restic/binary",
+        "/restic/binary/../../etc/passwd",
+        "/restic-binaries/restic-linux-amd64",
+        "/restic/binary?os=linux&arch=amd64&arch=arm64",
         // paths that never match a route
         "/install/",
         "/install/a/b",
@@ -716,4 +733,71 @@ async fn rendered_scripts_are_cached_per_version_and_url() {
     fs::rename(&tmp, f.bundled.join("install/install.sh")).unwrap();
     let r = f.request(Method::GET, "/install/install.sh", &[("host", "a.example")]).await;
     assert_eq!(r.body, b"#!/bin/sh\nNEW='http://a.example'\n");
+}
+
+// ---- restic builds ----
+
+#[tokio::test]
+async fn restic_builds_are_served_listed_and_versioned_from_the_sidecar() {
+    let f = Fixture::with_public_url(Some("https://rm.example.com/"));
+    let amd = pseudo_random(6000, 3);
+    let arm = pseudo_random(4000, 4);
+    let win = pseudo_random(3000, 5);
+    f.put(&f.bundled, "restic-binaries", "restic-linux-amd64", &amd);
+    f.put(&f.bundled, "restic-binaries", "restic-linux-arm64", &arm);
+    // The sidecar describes the bundled amd64 file and names arm64 with another checksum (a stale entry).
+    let sidecar = serde_json::json!({
+        "origin": "debian bookworm",
+        "files": {
+            "restic-linux-amd64": {"version": "0.14.0", "package_version": "0.14.0-1+b5", "sha256": sha_hex(&amd)},
+            "restic-linux-arm64": {"version": "0.14.0", "sha256": sha_hex(b"other")},
+        }
+    });
+    f.put(&f.bundled, "restic-binaries", "restic-binaries.json", sidecar.to_string().as_bytes());
+    // The operator's Windows build in the data dir: no sidecar entry, version unknown.
+    f.put(&f.data, "restic-binaries", "restic-windows-amd64.exe", &win);
+
+    let r = f.get("/restic/binary?os=linux&arch=amd64").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, amd);
+    assert_eq!(r.header("content-type"), "application/octet-stream");
+    assert_eq!(r.header("content-disposition"), "attachment; filename=\"restic-linux-amd64\"");
+    let head = f.request(Method::HEAD, "/restic/binary?os=windows&arch=amd64", &[]).await;
+    assert_eq!((head.status.as_u16(), head.body.len()), (200, 0));
+    assert_eq!(head.header("content-length"), "3000");
+
+    let m = f.get("/agent/manifest").await.json();
+    let restic = m["restic"].as_array().unwrap();
+    assert_eq!(restic.len(), 3, "{m}");
+    assert_eq!(restic[0]["file"], "restic-linux-amd64");
+    assert_eq!(restic[0]["sha256"], sha_hex(&amd));
+    assert_eq!(restic[0]["size"], 6000);
+    assert_eq!(restic[0]["version"], "0.14.0");
+    assert_eq!(restic[0]["package_version"], "0.14.0-1+b5");
+    assert_eq!(restic[0]["source"], "bundled");
+    assert_eq!(restic[0]["url"], "https://rm.example.com/restic/binary?os=linux&arch=amd64");
+    assert_eq!(restic[1]["sha256"], sha_hex(&arm));
+    assert!(restic[1]["version"].is_null(), "a sidecar entry for other bytes lends no version: {m}");
+    assert_eq!(restic[2]["file"], "restic-windows-amd64.exe");
+    assert_eq!(restic[2]["source"], "data-dir");
+    assert!(restic[2]["version"].is_null());
+
+    let sums = String::from_utf8(f.get("/agent/SHA256SUMS").await.body).unwrap();
+    let want = format!(
+        "{}  restic-linux-amd64\n{}  restic-linux-arm64\n{}  restic-windows-amd64.exe\n",
+        sha_hex(&amd),
+        sha_hex(&arm),
+        sha_hex(&win)
+    );
+    assert_eq!(sums, want, "no agent is published here, so the sums are restic's only");
+
+    // Nothing published for a platform: the same 404 JSON as the agent's binary, naming restic's file.
+    fs::remove_file(f.data.join("restic-binaries/restic-windows-amd64.exe")).unwrap();
+    let r = f.get("/restic/binary?os=windows&arch=amd64").await;
+    assert_eq!(r.status, 404);
+    let body = r.json();
+    assert_eq!(body["error"], "binary_not_published", "{body}");
+    assert_eq!(body["file"], "restic-windows-amd64.exe", "{body}");
+    let r = f.get("/restic/binary?os=darwin&arch=amd64").await;
+    assert_eq!(r.status, 400);
 }

@@ -124,8 +124,10 @@ pub struct Settings {
     pub agent_id: String,
     /// restic's `--host`: the host name the agent enrolled with.
     pub hostname: String,
-    /// `--restic`; `None`: `restic` on `PATH`.
+    /// `--restic`; `None`: `restic` on `PATH` or the managed restic, whichever is newer.
     pub restic: Option<PathBuf>,
+    /// The managed restic's path ([`crate::restic_install::managed_path`]); `None`: not considered.
+    pub managed_restic: Option<PathBuf>,
     /// Where restic's cache and the short-lived secret files go ([`state_dir_from_env`]); `None`: the config's
     /// directory.
     pub state_dir: Option<PathBuf>,
@@ -203,7 +205,10 @@ pub(crate) struct Inner {
     agent_id: String,
     hostname: String,
     restic_path: Option<PathBuf>,
+    managed_restic: Option<PathBuf>,
     restic: Mutex<Detection>,
+    /// Why the last install of the served restic was refused (`None`: none refused, or the last one worked).
+    restic_install_error: Mutex<Option<String>>,
     config: Mutex<Option<AgentConfigBody>>,
     slots: Mutex<HashMap<String, Slot>>,
     slots_cv: Condvar,
@@ -339,7 +344,7 @@ impl Inner {
     }
 
     fn detect(&self, d: &mut Detection) {
-        let result = restic::detect(self.restic_path.as_deref());
+        let result = restic::detect_best(self.restic_path.as_deref(), self.managed_restic.as_deref());
         if result != d.result {
             match &result {
                 Ok(r) => crate::log(format_args!("restic {} found at {}", r.version, r.path.display())),
@@ -567,6 +572,8 @@ impl Backups {
             agent_id: settings.agent_id,
             hostname: settings.hostname,
             restic_path: settings.restic,
+            managed_restic: settings.managed_restic,
+            restic_install_error: Mutex::new(None),
             restic: Mutex::new(Detection { result: Err("not looked for yet".into()), at: Instant::now() }),
             config: Mutex::new(None),
             slots: Mutex::new(HashMap::new()),
@@ -637,18 +644,66 @@ impl Backups {
             if d.at.elapsed() >= DETECT_EVERY {
                 self.inner.detect(&mut d);
             }
-            restic::info(&d.result)
+            restic::info_managed(&d.result, self.inner.managed_restic.as_deref())
         };
-        (Some(info), self.inner.applied_revision())
+        let install_error = lock(&self.inner.restic_install_error).clone();
+        (Some(ResticInfo { install_error, ..info }), self.inner.applied_revision())
+    }
+
+    /// The restic runs would use now (as last detected).
+    pub fn restic(&self) -> Result<Restic, String> {
+        lock(&self.inner.restic).result.clone()
+    }
+
+    /// The managed restic, if this agent considers one and it is installed and works.
+    pub fn managed_restic(&self) -> Option<Restic> {
+        let path = self.inner.managed_restic.as_deref().filter(|p| p.exists())?;
+        restic::detect(Some(path)).ok()
+    }
+
+    /// Whether `--restic` names the executable (then nothing is installed automatically).
+    pub fn restic_is_explicit(&self) -> bool {
+        self.inner.restic_path.is_some()
+    }
+
+    /// Looks for restic again now (after an install).
+    pub fn redetect_restic(&self) {
+        let mut d = lock(&self.inner.restic);
+        self.inner.detect(&mut d);
+    }
+
+    /// Records (or clears) why the last restic install was refused; every heartbeat says it.
+    pub fn set_restic_install_error(&self, error: Option<String>) {
+        *lock(&self.inner.restic_install_error) = error;
+    }
+
+    /// The highest restic version the applied plans' repositories require, if any.
+    pub fn required_restic(&self) -> Option<restic::Version> {
+        let config = lock(&self.inner.config);
+        config
+            .as_ref()?
+            .repositories
+            .iter()
+            .filter_map(|r| r.min_restic_version.as_deref())
+            .filter_map(rm_protocol::restic_dist::parse_version)
+            .map(|(major, minor, patch)| restic::Version { major, minor, patch })
+            .max()
     }
 
     /// Acts on a heartbeat answer: fetches the config when its revision moved, starts the run-now requests.
     pub fn on_answer(&self, answer: &HeartbeatResponse) {
+        self.on_answer_then(answer, |_| {});
+    }
+
+    /// [`Backups::on_answer`], calling `between` after the config sync and before the run-now requests start (the
+    /// restic install, which depends on the repositories' requirements and must precede the runs).
+    pub fn on_answer_then(&self, answer: &HeartbeatResponse, between: impl FnOnce(&Backups)) {
         if let Some(revision) = answer.config_revision {
             if self.inner.applied_revision() != Some(revision) {
                 self.inner.sync_config();
             }
         }
+        between(self);
         for request in &answer.run_now {
             Backups::run_now(&self.inner, request);
         }
@@ -826,7 +881,8 @@ fn scheduler_loop(inner: &Arc<Inner>) {
 pub fn status_lines(config_path: &Path, restic_path: Option<&Path>, agent_id: &str) -> Vec<String> {
     let paths = Paths::for_config(config_path);
     let mut lines = Vec::new();
-    lines.push(match restic::detect(restic_path) {
+    let managed = crate::update::current_exe().ok().map(|exe| crate::restic_install::managed_path(&exe));
+    lines.push(match restic::detect_best(restic_path, managed.as_deref()) {
         Ok(r) => format!("restic: {} ({})", r.version, r.path.display()),
         Err(e) => format!("restic: unavailable ({})", crate::printable(&e)),
     });
@@ -994,6 +1050,7 @@ pub(crate) mod tests {
                 env: BTreeMap::new(),
                 ca_cert: None,
                 auto_init: false,
+                min_restic_version: None,
             }],
         }
     }
@@ -1011,6 +1068,7 @@ pub(crate) mod tests {
                 .map(|(id, plan)| RunNow { operation_id: id.to_string(), plan: plan.to_string() })
                 .collect(),
             restore: Vec::new(),
+            restic: None,
         }
     }
 
@@ -1021,6 +1079,7 @@ pub(crate) mod tests {
             hostname: "host".into(),
             // Never a real restic: these tests are about bookkeeping, whatever restic the machine has.
             restic: Some(dir.join("no-such-restic")),
+            managed_restic: None,
             state_dir: None,
         };
         Backups::start(server.clone(), settings).unwrap()
@@ -1275,6 +1334,7 @@ pub(crate) mod tests {
             agent_id: "agent-1".into(),
             hostname: "host".into(),
             restic: Some(dir.path().join("no-such-restic")),
+            managed_restic: None,
             state_dir: Some(state.clone()),
         };
         let backups = Backups::start(server, settings).unwrap();

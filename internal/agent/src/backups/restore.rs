@@ -485,6 +485,7 @@ mod tests {
             hostname: "host".into(),
             restic: Some(dir.join("no-such-restic")),
             state_dir: None,
+            managed_restic: None,
         };
         let backups = Backups::start(server.clone(), settings).unwrap();
         backups.start_task_poll();

@@ -289,6 +289,18 @@ fn execute<'a>(
         Ok(r) => r,
         Err(e) => return (outcome(OperationStatus::Failed, Some(FailureReason::ResticUnavailable), e), held, None),
     };
+    if let Some(required) = repository.min_restic_version.as_deref()
+        && let Some((major, minor, patch)) = rm_protocol::restic_dist::parse_version(required)
+        && restic.version < (restic::Version { major, minor, patch })
+    {
+        let message = format!(
+            "repository {} requires restic {required} or newer; this host runs restic {} ({}) and no newer restic from the server could be installed",
+            repository.name,
+            restic.version,
+            restic.path.display()
+        );
+        return (outcome(OperationStatus::Failed, Some(FailureReason::ResticUnavailable), message), held, None);
+    }
     if !inner.lock_repository(&repository.name, cancel) {
         return (cancelled(inner), held, None);
     }

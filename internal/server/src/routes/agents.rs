@@ -127,6 +127,8 @@ fn checked_heartbeat(request: HeartbeatRequest) -> Result<(rm_fleet::Heartbeat, 
         version: r.version.map(|v| clean_text(&v, MAX_RESTIC_VERSION)),
         path: r.path.map(|p| clean_text(&p, MAX_RESTIC_PATH)),
         error: r.error.map(|e| clean_text(&e, MAX_RESTIC_ERROR)),
+        managed: r.managed,
+        install_error: r.install_error.map(|e| clean_text(&e, MAX_RESTIC_ERROR)),
     });
     let hb = rm_fleet::Heartbeat {
         facts,
@@ -192,7 +194,9 @@ pub async fn heartbeat(
         }
         (recorded, _) => recorded??,
     };
-    let update = catalog::entry(&state, platform, base.or_relative()).await?;
+    let base = base.or_relative();
+    let update = catalog::entry(&state, platform, base.clone()).await?;
+    let restic = catalog::restic_entry(&state, platform, base).await?;
     Ok(Json(HeartbeatResponse {
         protocol: PROTOCOL_VERSION,
         agent_id,
@@ -202,6 +206,7 @@ pub async fn heartbeat(
         config_revision: Some(revision),
         run_now: run_now(queued),
         restore: restores,
+        restic: Some(restic).filter(|e| e.published),
     }))
 }
 
@@ -245,6 +250,7 @@ pub async fn config(
                     env: secrets.env,
                     ca_cert: info.ca_cert,
                     auto_init: info.auto_init,
+                    min_restic_version: info.min_restic_version,
                 });
             }
             let plans = plans.into_iter().map(|p| agent_plan(p.plan)).collect();

@@ -51,6 +51,22 @@ pub async fn agent_binary(
     Ok(response)
 }
 
+/// `GET|HEAD /restic/binary?os=&arch=`: the restic build for a platform, found and verified like the agent's (no
+/// download audit: agents fetch it only when they install it, and the install is in their heartbeat).
+pub async fn restic_binary(
+    State(state): State<AppState>,
+    method: Method,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let platform = parse_platform_query(query.as_deref())?;
+    let (response, _, _) =
+        serve_asset(&state, AssetKind::ResticBinary, platform.restic_file_name(), &method, &headers, None)
+            .await?
+            .ok_or(ApiError::ResticNotPublished(platform))?;
+    Ok(response)
+}
+
 /// `GET|HEAD /install/<name>`
 pub async fn install_file(
     State(state): State<AppState>,
@@ -151,18 +167,24 @@ fn parse_platform_query(query: Option<&str>) -> Result<Platform, ApiError> {
 
 /// `GET /agent/manifest`
 pub async fn manifest(State(state): State<AppState>, base: BaseUrl) -> Result<Response, ApiError> {
-    let agents = catalog::entries(&state, base.or_relative()).await?;
-    let mut response = Json(Manifest { server: rm_buildinfo::current(), agents }).into_response();
+    let base = base.or_relative();
+    let agents = catalog::entries(&state, base.clone()).await?;
+    let restic = catalog::restic_entries(&state, base).await?;
+    let mut response = Json(Manifest { server: rm_buildinfo::current(), agents, restic }).into_response();
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     Ok(response)
 }
 
-/// `GET /agent/SHA256SUMS`: `sha256sum -c` input for every published binary.
+/// `GET /agent/SHA256SUMS`: `sha256sum -c` input for every published binary, the agents' and then restic's.
 pub async fn sha256sums(State(state): State<AppState>, base: BaseUrl) -> Result<Response, ApiError> {
-    let body: String = catalog::entries(&state, base.or_relative())
-        .await?
+    let base = base.or_relative();
+    let agents = catalog::entries(&state, base.clone()).await?;
+    let restic = catalog::restic_entries(&state, base).await?;
+    let body: String = agents
         .into_iter()
-        .filter_map(|e| Some(format!("{}  {}\n", e.sha256?, e.file)))
+        .map(|e| (e.sha256, e.file))
+        .chain(restic.into_iter().map(|e| (e.sha256, e.file)))
+        .filter_map(|(sha, file)| Some(format!("{}  {file}\n", sha?)))
         .collect();
     let headers = [
         (header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8")),

@@ -12,7 +12,8 @@
 //!   (absent before it).
 //!
 //! Fleet: `restic_manager_agents{state=…}` (every state, 0 included) and `restic_manager_agents_health{health=…}`
-//! (agents by their worst plan; agents without plans are not counted).
+//! (agents by their worst plan; agents without plans are not counted), `restic_manager_agents_restic{drift=…}`
+//! (every drift, 0 included: `current`, `behind`, `ahead`, `missing`, `unknown` against the served restic).
 
 use std::sync::atomic::AtomicU64;
 
@@ -24,6 +25,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use rm_protocol::admin::{AgentFilter, AgentList, AgentState};
 use rm_protocol::backup::{Health, OperationStatus};
+use rm_protocol::restic_dist::ResticDrift;
 
 use crate::auth::Admin;
 use crate::public_url::BaseUrl;
@@ -90,6 +92,11 @@ pub fn render(view: &AgentList) -> String {
         let n = view.health_counts.get(&h).copied().unwrap_or(0);
         agents_health.get_or_create(&vec![("health", h.as_str().to_owned())]).set(n as i64);
     }
+    let agents_restic = IntFamily::default();
+    for drift in ResticDrift::ALL {
+        let n = view.agents.iter().filter(|a| a.restic_drift == Some(drift)).count();
+        agents_restic.get_or_create(&vec![("drift", drift.as_str().to_owned())]).set(n as i64);
+    }
     let mut registry = Registry::default();
     registry.register(
         "restic_manager_backup_last_success_timestamp_seconds",
@@ -118,6 +125,11 @@ pub fn render(view: &AgentList) -> String {
     );
     registry.register("restic_manager_agents", "Enrolled agents by state", agents);
     registry.register("restic_manager_agents_health", "Agents by backup health (their worst plan)", agents_health);
+    registry.register(
+        "restic_manager_agents_restic",
+        "Agents by their restic against the one served for their platform (agents that never reported restic are not counted)",
+        agents_restic,
+    );
     let mut out = String::new();
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);

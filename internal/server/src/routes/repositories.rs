@@ -23,6 +23,7 @@ pub fn repository_view(info: RepositoryInfo) -> RepositoryView {
         env_names: info.env_names,
         ca_cert_set: info.ca_cert.is_some(),
         auto_init: info.auto_init,
+        min_restic_version: info.min_restic_version,
         created: rfc3339(info.created_at),
         updated: rfc3339(info.updated_at),
     }
@@ -51,6 +52,7 @@ pub async fn create(
         env: r.env,
         ca_cert: r.ca_cert,
         auto_init: r.auto_init,
+        min_restic_version: r.min_restic_version,
     };
     new.validate().map_err(ApiError::InvalidRequest)?;
     let now = rm_fleet::now();
@@ -94,8 +96,14 @@ pub async fn update(
 ) -> Result<Json<RepositoryView>, ApiError> {
     let name = name_param(path)?;
     let Json(r) = body?;
-    let changes =
-        RepositoryChanges { url: r.url, password: r.password, env: r.env, ca_cert: r.ca_cert, auto_init: r.auto_init };
+    let changes = RepositoryChanges {
+        url: r.url,
+        password: r.password,
+        env: r.env,
+        ca_cert: r.ca_cert,
+        auto_init: r.auto_init,
+        min_restic_version: r.min_restic_version,
+    };
     changes.validate().map_err(ApiError::InvalidRequest)?;
     if changes.is_empty() {
         return Err(ApiError::InvalidRequest("nothing to change: give at least one field".into()));

@@ -1,4 +1,4 @@
-//! Admin asset upload and removal: `PUT|DELETE /api/v1/assets/{agent-binaries|install}/<name>`.
+//! Admin asset upload and removal: `PUT|DELETE /api/v1/assets/{agent-binaries|install|restic-binaries}/<name>`.
 //!
 //! HTTP only: the names are checked here, the body is streamed into a file staged by the asset store
 //! ([`rm_assets::write`]) with the size limit enforced before and while writing, and an optional
@@ -36,6 +36,17 @@ fn target(kind: &str, name: &str) -> Result<(AssetKind, Option<Platform>), ApiEr
         AssetKind::Install => {
             validate_name(name)?;
             Ok((kind, None))
+        }
+        AssetKind::ResticBinary => {
+            if name == rm_protocol::restic_dist::SIDECAR_NAME {
+                return Ok((kind, None));
+            }
+            let platform = PLATFORMS.iter().find(|p| p.restic_file_name() == name).ok_or_else(|| {
+                let mut allowed: Vec<_> = PLATFORMS.iter().map(|p| p.restic_file_name()).collect();
+                allowed.push(rm_protocol::restic_dist::SIDECAR_NAME);
+                ApiError::InvalidRequest(format!("restic binaries must be named one of: {}", allowed.join(", ")))
+            })?;
+            Ok((kind, Some(*platform)))
         }
     }
 }

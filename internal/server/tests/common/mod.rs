@@ -42,6 +42,7 @@ impl Fixture {
         for dir in [&data, &bundled] {
             fs::create_dir_all(dir.join("agent-binaries")).unwrap();
             fs::create_dir_all(dir.join("install")).unwrap();
+            fs::create_dir_all(dir.join("restic-binaries")).unwrap();
         }
         fs::create_dir_all(&outside).unwrap();
         fs::write(outside.join("secret"), SECRET).unwrap();
