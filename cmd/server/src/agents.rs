@@ -24,9 +24,14 @@ pub async fn list(
         .collect::<Result<_, _>>()
         .context("cannot inspect the published agent builds")?;
     let now = rm_fleet::now();
-    let (agents, backups) = db.call(move |c| Ok((rm_fleet::list_agents(c)?, rm_fleet::backup_health(c, now)?))).await?;
+    let (agents, backups, repositories) = db
+        .call(move |c| {
+            Ok((rm_fleet::list_agents(c)?, rm_fleet::backup_health(c, now)?, rm_fleet::repository_health(c)?))
+        })
+        .await?;
     let filter = AgentFilter { state, health };
     let view = rm_server::catalog::fleet_view(agents, &served, now, args.stale_after, &filter, backups);
+    let view = AgentList { repositories: rm_server::catalog::sorted_repositories(repositories), ..view };
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {
@@ -89,6 +94,16 @@ fn table(view: &AgentList) -> String {
     if !view.health_counts.is_empty() {
         let health: Vec<String> = view.health_counts.iter().map(|(h, n)| format!("{h}={n}")).collect();
         out += &format!("backup health: {}\n", health.join(" "));
+    }
+    if !view.repositories.is_empty() {
+        out += "\nREPOSITORY  HEALTH  LAST PRUNE  LAST CHECK\n";
+        let last = |run: &Option<rm_protocol::maintenance::MaintenanceRun>| {
+            run.as_ref()
+                .map_or_else(|| "-".to_owned(), |r| format!("{} {}", r.status, rm_fleet::rfc3339(r.finished_at)))
+        };
+        for r in &view.repositories {
+            out += &format!("{}  {}  {}  {}\n", r.repository, r.health, last(&r.last_prune), last(&r.last_check));
+        }
     }
     out
 }

@@ -12,6 +12,7 @@ pub async fn run(args: &ServeArgs, op: &OperationsArgs) -> anyhow::Result<()> {
         agent: op.agent.clone(),
         plan: op.plan.clone(),
         status: op.status,
+        repository: None,
         before: None,
         limit: Some(op.limit),
     };

@@ -159,6 +159,8 @@ impl World {
             env: BTreeMap::new(),
             ca_cert: None,
             auto_init: false,
+            prune: None,
+            check: None,
         }
     }
 

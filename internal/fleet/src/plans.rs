@@ -646,6 +646,8 @@ mod tests {
             env: BTreeMap::new(),
             ca_cert: None,
             auto_init: true,
+            prune: None,
+            check: None,
         }
     }
 

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use rm_protocol::maintenance::{CheckPolicy, PrunePolicy};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::DbError;
@@ -30,6 +31,9 @@ pub struct RepositoryInfo {
     pub auto_init: bool,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    /// Maintenance policies (normalised, see [`crate::maintenance`]).
+    pub prune: Option<PrunePolicy>,
+    pub check: Option<CheckPolicy>,
 }
 
 /// A repository's decrypted secrets, for the code that hands them to restic.
@@ -54,6 +58,8 @@ pub struct NewRepository {
     pub env: BTreeMap<String, String>,
     pub ca_cert: Option<String>,
     pub auto_init: bool,
+    pub prune: Option<PrunePolicy>,
+    pub check: Option<CheckPolicy>,
 }
 
 /// A checked change: each `Some` replaces the stored value; `ca_cert: Some(None)` removes the certificate.
@@ -64,6 +70,9 @@ pub struct RepositoryChanges {
     pub env: Option<BTreeMap<String, String>>,
     pub ca_cert: Option<Option<String>>,
     pub auto_init: Option<bool>,
+    /// `Some(None)` removes the policy.
+    pub prune: Option<Option<PrunePolicy>>,
+    pub check: Option<Option<CheckPolicy>>,
 }
 
 pub fn validate_name(name: &str) -> Result<(), String> {
@@ -195,21 +204,33 @@ pub fn validate_ca_cert(pem: &str) -> Result<(), String> {
 }
 
 impl NewRepository {
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the repository; maintenance policies are normalised in place (timeouts in seconds).
+    pub fn validate(&mut self) -> Result<(), String> {
         validate_name(&self.name)?;
         validate_url(&self.url)?;
         validate_password(&self.password)?;
         validate_env(&self.env)?;
-        self.ca_cert.as_deref().map_or(Ok(()), validate_ca_cert)
+        self.ca_cert.as_deref().map_or(Ok(()), validate_ca_cert)?;
+        self.prune = self.prune.as_ref().map(crate::maintenance::validate_prune).transpose()?;
+        self.check = self.check.as_ref().map(crate::maintenance::validate_check).transpose()?;
+        Ok(())
     }
 }
 
 impl RepositoryChanges {
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks the changes; maintenance policies are normalised in place.
+    pub fn validate(&mut self) -> Result<(), String> {
         self.url.as_deref().map_or(Ok(()), validate_url)?;
         self.password.as_deref().map_or(Ok(()), validate_password)?;
         self.env.as_ref().map_or(Ok(()), validate_env)?;
-        self.ca_cert.as_ref().and_then(Option::as_deref).map_or(Ok(()), validate_ca_cert)
+        self.ca_cert.as_ref().and_then(Option::as_deref).map_or(Ok(()), validate_ca_cert)?;
+        if let Some(Some(p)) = &self.prune {
+            self.prune = Some(Some(crate::maintenance::validate_prune(p)?));
+        }
+        if let Some(Some(c)) = &self.check {
+            self.check = Some(Some(crate::maintenance::validate_check(c)?));
+        }
+        Ok(())
     }
 
     /// What the changes replace, for the audit log (names, never secret values).
@@ -230,6 +251,12 @@ impl RepositoryChanges {
         if let Some(auto_init) = self.auto_init {
             what.push(format!("auto_init={auto_init}"));
         }
+        if let Some(p) = &self.prune {
+            what.push(p.as_ref().map_or("prune removed".into(), |p| format!("prune={}", describe_prune(p))));
+        }
+        if let Some(c) = &self.check {
+            what.push(c.as_ref().map_or("check removed".into(), |c| format!("check={}", describe_check(c))));
+        }
         what.join(", ")
     }
 
@@ -239,7 +266,17 @@ impl RepositoryChanges {
             && self.env.is_none()
             && self.ca_cert.is_none()
             && self.auto_init.is_none()
+            && self.prune.is_none()
+            && self.check.is_none()
     }
+}
+
+fn describe_prune(p: &PrunePolicy) -> String {
+    format!("{:?} max_unused={}", p.schedule, p.max_unused.as_deref().unwrap_or("default"))
+}
+
+fn describe_check(c: &CheckPolicy) -> String {
+    format!("{:?} read_data_subset={}", c.schedule, c.read_data_subset.as_deref().unwrap_or("none"))
 }
 
 fn password_context(name: &str) -> String {
@@ -260,7 +297,7 @@ fn seal_env(key: &SecretKey, name: &str, env: &BTreeMap<String, String>) -> (Opt
     (Some(key.seal(&env_context(name), &json)), Some(names))
 }
 
-const COLUMNS: &str = "name, url, env_names, ca_cert, auto_init, created_at, updated_at";
+const COLUMNS: &str = "name, url, env_names, ca_cert, auto_init, created_at, updated_at, prune_policy, check_policy";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RepositoryInfo> {
     let names: Option<String> = r.get(2)?;
@@ -272,6 +309,8 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RepositoryInfo> {
         auto_init: r.get(4)?,
         created_at: r.get(5)?,
         updated_at: r.get(6)?,
+        prune: crate::maintenance::from_json(r.get(7)?),
+        check: crate::maintenance::from_json(r.get(8)?),
     })
 }
 
@@ -291,16 +330,35 @@ pub fn create_repository(
     let password = key.seal(&password_context(&new.name), new.password.as_bytes());
     let (env, env_names) = seal_env(key, &new.name, &new.env);
     let inserted = conn.execute(
-        "INSERT INTO repositories (name, url, password, env, env_names, ca_cert, auto_init, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8) ON CONFLICT (name) DO NOTHING",
-        params![new.name, new.url, password, env, env_names, new.ca_cert, new.auto_init, now],
+        "INSERT INTO repositories (name, url, password, env, env_names, ca_cert, auto_init, created_at, updated_at,
+                                   prune_policy, check_policy)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10) ON CONFLICT (name) DO NOTHING",
+        params![
+            new.name,
+            new.url,
+            password,
+            env,
+            env_names,
+            new.ca_cert,
+            new.auto_init,
+            now,
+            crate::maintenance::to_json(&new.prune),
+            crate::maintenance::to_json(&new.check)
+        ],
     )?;
     if inserted == 0 {
         return Ok(Err(NameTaken));
     }
     crate::plans::bump_config_revision(conn)?;
     let env_names = new.env.keys().cloned().collect::<Vec<_>>().join(",");
-    record(conn, audit, format!("created {} env=[{env_names}] auto_init={}", new.name, new.auto_init))?;
+    let mut detail = format!("created {} env=[{env_names}] auto_init={}", new.name, new.auto_init);
+    if let Some(p) = &new.prune {
+        detail += &format!(" prune={}", describe_prune(p));
+    }
+    if let Some(c) = &new.check {
+        detail += &format!(" check={}", describe_check(c));
+    }
+    record(conn, audit, detail)?;
     Ok(Ok(get_repository(conn, &new.name)?.expect("the row was just inserted")))
 }
 
@@ -344,6 +402,14 @@ pub fn update_repository(
     if let Some(auto_init) = changes.auto_init {
         conn.execute("UPDATE repositories SET auto_init = ?2 WHERE name = ?1", params![name, auto_init])?;
     }
+    if let Some(prune) = &changes.prune {
+        let json = crate::maintenance::to_json(prune);
+        conn.execute("UPDATE repositories SET prune_policy = ?2 WHERE name = ?1", params![name, json])?;
+    }
+    if let Some(check) = &changes.check {
+        let json = crate::maintenance::to_json(check);
+        conn.execute("UPDATE repositories SET check_policy = ?2 WHERE name = ?1", params![name, json])?;
+    }
     conn.execute("UPDATE repositories SET updated_at = ?2 WHERE name = ?1", params![name, now])?;
     crate::plans::bump_config_revision(conn)?;
     get_repository(conn, name)
@@ -373,6 +439,7 @@ pub fn delete_repository(
     }
     let deleted = conn.execute("DELETE FROM repositories WHERE name = ?1", [name])? > 0;
     if deleted {
+        crate::maintenance::forget_repository(conn, name)?;
         crate::plans::bump_config_revision(conn)?;
         record(conn, audit, format!("deleted {name}"))?;
     }
@@ -450,6 +517,8 @@ mod tests {
             env: BTreeMap::from([("AWS_SECRET_ACCESS_KEY".into(), "env-Quokka-7".into())]),
             ca_cert: None,
             auto_init: true,
+            prune: None,
+            check: None,
         }
     }
 

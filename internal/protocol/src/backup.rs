@@ -246,6 +246,12 @@ pub struct AgentRepository {
     pub ca_cert: Option<String>,
     #[serde(default)]
     pub auto_init: bool,
+    /// The repository's prune policy, for the agents whose plans use it (issue 15).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune: Option<crate::maintenance::AgentMaintenance>,
+    /// The repository's check policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<crate::maintenance::AgentMaintenance>,
 }
 
 impl std::fmt::Debug for AgentRepository {
@@ -255,6 +261,8 @@ impl std::fmt::Debug for AgentRepository {
             .field("url", &self.url)
             .field("env", &self.env.keys().collect::<Vec<_>>())
             .field("auto_init", &self.auto_init)
+            .field("prune", &self.prune)
+            .field("check", &self.check)
             .finish_non_exhaustive()
     }
 }
@@ -326,6 +334,12 @@ pub struct OperationReport {
     /// After a successful backup: every snapshot of this plan on this host (replaces what the server had).
     #[serde(default)]
     pub snapshots: Option<Vec<Snapshot>>,
+    /// A repository-level operation (prune, check) names its repository here; its `plan` is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// What a prune or check did (slot, space removed, check errors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<crate::maintenance::MaintenanceSummary>,
 }
 
 /// `POST /api/v1/agents/reports`: the agent's queued reports, oldest first.
@@ -349,6 +363,9 @@ pub struct LeaseRequest {
     pub operation_id: String,
     /// The lease lapses this long after the last renewal (an agent that died stops blocking others).
     pub ttl_secs: u64,
+    /// A maintenance lease (prune, check) for one scheduled firing; absent for a backup's run lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<crate::maintenance::MaintenanceLease>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -356,6 +373,9 @@ pub struct LeaseGranted {
     pub repository: String,
     pub operation_id: String,
     pub expires_at: Timestamp,
+    /// The lifetime granted (the server may cap the one asked for); the holder renews well within it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -477,6 +497,9 @@ pub struct OperationQuery {
     pub plan: Option<String>,
     #[serde(default)]
     pub status: Option<OperationStatus>,
+    /// Repository-level operations (prune, check) of this repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
     /// Page below this cursor (the previous page's `next_before`).
     #[serde(default)]
     pub before: Option<i64>,
@@ -503,6 +526,11 @@ pub struct OperationView {
     pub message: Option<String>,
     pub reason: Option<FailureReason>,
     pub exit_code: Option<i32>,
+    /// Set for repository-level operations (prune, check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<crate::maintenance::MaintenanceSummary>,
 }
 
 /// `GET /api/v1/operations`: newest first; `next_before` pages on.

@@ -12,6 +12,7 @@
 //! * [`manifest`]: the published agent builds.
 //! * [`admin`]: the operator API's bodies.
 //! * [`backup`]: plans, repositories as agents receive them, operation reports, leases, snapshots, health.
+//! * [`maintenance`]: repository prune and check policies, maintenance leases, repository health.
 //! * [`schedule`]: cron and `@every` schedules, read the same way by server and agent.
 //! * [`error`]: the JSON error body every 4xx/5xx carries.
 //! * [`pin`]: public key pins (`sha256//…`) for servers without a publicly trusted certificate.
@@ -42,6 +43,7 @@ pub mod admin;
 pub mod agent;
 pub mod backup;
 pub mod error;
+pub mod maintenance;
 pub mod manifest;
 pub mod pin;
 pub mod platform;

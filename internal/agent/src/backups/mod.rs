@@ -930,6 +930,7 @@ pub(crate) mod tests {
                 repository: request.repository.clone(),
                 operation_id: request.operation_id.clone(),
                 expires_at: 0,
+                ttl_secs: None,
             }))
         }
         fn release_lease(&self, _: &str, _: &str) -> Result<(), AgentError> {
@@ -960,6 +961,8 @@ pub(crate) mod tests {
                 env: BTreeMap::new(),
                 ca_cert: None,
                 auto_init: false,
+                prune: None,
+                check: None,
             }],
         }
     }

@@ -356,6 +356,8 @@ mod tests {
             reason: None,
             exit_code: None,
             snapshots: None,
+            repository: None,
+            maintenance: None,
         }
     }
 

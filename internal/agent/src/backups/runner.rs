@@ -67,6 +67,8 @@ pub(super) fn report(id: &str, plan: &str, trigger: Trigger, started_at: i64) ->
         reason: None,
         exit_code: None,
         snapshots: None,
+        repository: None,
+        maintenance: None,
     }
 }
 
@@ -278,8 +280,12 @@ impl LeaseHold {
     /// Once the repository was seen busy, though, another agent is known to use it: an error then only means ask
     /// again at the same poll interval (cancellably), never run beside it.
     fn acquire(inner: &Arc<Inner>, repository: &str, id: &str, cancel: &Cancel) -> Option<LeaseHold> {
-        let request =
-            LeaseRequest { repository: repository.to_string(), operation_id: id.to_string(), ttl_secs: LEASE_TTL_SECS };
+        let request = LeaseRequest {
+            repository: repository.to_string(),
+            operation_id: id.to_string(),
+            ttl_secs: LEASE_TTL_SECS,
+            maintenance: None,
+        };
         let mut hold =
             LeaseHold { held: None, inner: inner.clone(), repository: repository.to_string(), id: id.to_string() };
         // Set once the repository was seen busy: the poll interval (seconds) to keep asking at.
