@@ -2,11 +2,15 @@
 //! exit codes), `init` when the repository is missing and the plan allows it, and the plan's snapshots afterwards.
 //!
 //! * `output`: restic's words and JSON lines, parsed without trusting them; exit codes and messages → endings.
+//! * `maintenance`: `prune` and `check` (text output: prune's figures, check's errors).
 //! * `process`: the child process: environment without inherited `RESTIC_*`, 0600 secret files, pipes read on
 //!   threads, SIGINT-then-kill on cancel or timeout, SIGINT when the agent dies (Linux).
 
+mod maintenance;
 mod output;
 mod process;
+
+pub use maintenance::{MaintenanceJob, maintain};
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};

@@ -6,10 +6,13 @@
 //! * [`scheduler`]: next firings with the per-host jitter offset, catch-up after downtime, `schedule-state.json`.
 //! * [`outbox`]: final reports on disk until the server has them; `running`/progress reports in memory.
 //! * [`runner`]: one operation: plan slot, repository lock, server lease, restic, final report.
+//! * [`maintenance`]: the repositories' prune and check: scheduled per repository, run under the server's
+//!   maintenance lease, reported as operations of the repository.
 //!
 //! [`Backups`] ties them together for `commands::run`: [`Backups::heartbeat_fields`] for each heartbeat,
 //! [`Backups::on_answer`] for each answer (config sync, run-now), the scheduler thread, and shutdown.
 
+pub mod maintenance;
 pub mod outbox;
 pub mod runner;
 pub mod scheduler;
@@ -196,6 +199,7 @@ pub(crate) struct Inner {
     accepted: Mutex<Accepted>,
     open: Mutex<OpenOperations>,
     schedule: Mutex<ScheduleState>,
+    maintenance: Mutex<maintenance::MaintenanceState>,
     poke: Mutex<bool>,
     poke_cv: Condvar,
     stopping: AtomicBool,
@@ -359,6 +363,11 @@ impl Inner {
         }
     }
 
+    /// Holds `repository` if no other run of this agent uses it; false at once otherwise.
+    fn try_lock_repository(&self, repository: &str) -> bool {
+        lock(&self.repositories).insert(repository.to_string())
+    }
+
     fn unlock_repository(&self, repository: &str) {
         lock(&self.repositories).remove(repository);
         self.repositories_cv.notify_all();
@@ -387,7 +396,18 @@ impl Inner {
         }
         {
             let mut slots = lock(&self.slots);
+            let entries = maintenance::entries(&config);
             for (name, slot) in slots.iter_mut() {
+                if maintenance::is_key(name) {
+                    // A maintenance run goes on through policy changes; a removed policy (or repository) stops it.
+                    if !entries.iter().any(|e| &e.key == name) {
+                        let why = "the repository's maintenance policy was removed from this agent's config";
+                        for c in [&mut slot.running, &mut slot.waiting].into_iter().flatten() {
+                            c.cancel(why);
+                        }
+                    }
+                    continue;
+                }
                 let now = effective(&config, name);
                 let why = if now.is_none() {
                     "the plan was removed from this agent's backup config"
@@ -463,7 +483,7 @@ impl Inner {
 fn effective(config: &AgentConfigBody, plan: &str) -> Option<(AgentPlan, AgentRepository)> {
     let p = config.plans.iter().find(|p| p.name == plan)?;
     let r = config.repositories.iter().find(|r| r.name == p.repository)?;
-    Some((p.clone(), r.clone()))
+    Some((p.clone(), maintenance::without_policies(r.clone())))
 }
 
 struct ActiveGuard<'a>(&'a Inner);
@@ -514,6 +534,12 @@ impl Backups {
                 None
             })
             .unwrap_or_default();
+        let maintenance_state: maintenance::MaintenanceState = store::load_json(&maintenance::state_path(&paths))
+            .unwrap_or_else(|e| {
+                or_default("maintenance state", e);
+                None
+            })
+            .unwrap_or_default();
         let open: OpenOperations = store::load_json(&paths.open_operations())
             .unwrap_or_else(|e| {
                 or_default("open operations", e);
@@ -558,6 +584,7 @@ impl Backups {
             accepted: Mutex::new(accepted),
             open: Mutex::new(OpenOperations::default()),
             schedule: Mutex::new(schedule),
+            maintenance: Mutex::new(maintenance_state),
             poke: Mutex::new(false),
             poke_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
@@ -783,6 +810,23 @@ fn scheduler_loop(inner: &Arc<Inner>) {
             drop(schedule);
             for d in due {
                 spawn_run(inner, d.plan, d.trigger, None);
+            }
+        }
+        let entries = lock(&inner.config).as_ref().map(maintenance::entries);
+        if let Some(entries) = entries {
+            let mut state = lock(&inner.maintenance);
+            let (due, changed) = state.take_due(&entries, &inner.agent_id, now, inner.started);
+            if changed {
+                if let Err(e) = store::save_json(&maintenance::state_path(&inner.paths), &*state) {
+                    crate::log(format_args!("cannot save the maintenance state: {e}"));
+                }
+            }
+            if let Some(next) = state.schedule.next_wake(&entries, &inner.agent_id, now) {
+                wait = wait.min((next - now).to_std().unwrap_or(Duration::ZERO));
+            }
+            drop(state);
+            for (entry, trigger, slot) in due {
+                maintenance::spawn(inner, entry, trigger, slot);
             }
         }
         inner.sleep_scheduler(wait);

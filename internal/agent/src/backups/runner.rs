@@ -297,12 +297,19 @@ impl LeaseHold {
                 return None;
             }
             let error = match inner.server.take_lease(&request) {
-                Ok(Lease::Granted(_)) => {
+                Ok(Lease::Granted(granted)) => {
                     if inner.lease_unreachable.swap(false, std::sync::atomic::Ordering::SeqCst) {
                         crate::log("repository leases granted again");
                     }
-                    hold.held = Some(renewer(inner.clone(), request));
+                    hold.held = Some(renewer(inner.clone(), request, renew_every(granted.ttl_secs)));
                     return Some(hold);
+                }
+                // Only maintenance lease requests are answered "done"; a backup's never is. Ask again.
+                Ok(Lease::Done) => {
+                    if !sleep_unless(cancel, poll_wait(LEASE_POLL_MAX_SECS)) {
+                        return None;
+                    }
+                    continue;
                 }
                 Ok(Lease::Busy { retry_after_secs }) => {
                     if busy_poll.is_none() {
@@ -357,17 +364,30 @@ impl LeaseHold {
 }
 
 /// The wait before asking again for a busy repository's lease: `base` seconds plus up to 1 s of jitter.
-fn poll_wait(base: u64) -> Duration {
+pub(super) fn poll_wait(base: u64) -> Duration {
     Duration::from_secs(base) + Duration::from_millis(random_below(1000))
 }
 
-fn renewer(inner: Arc<Inner>, request: LeaseRequest) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+/// How often a lease of `ttl_secs` (as granted; `None` from servers that do not say) is renewed: every
+/// [`LEASE_RENEW`], or a third of a shorter lifetime the server granted, so two renewals may fail before it lapses.
+pub(super) fn renew_every(ttl_secs: Option<u64>) -> Duration {
+    match ttl_secs {
+        Some(ttl) => (Duration::from_secs(ttl) / 3).clamp(Duration::from_secs(1), LEASE_RENEW),
+        None => LEASE_RENEW,
+    }
+}
+
+pub(super) fn renewer(
+    inner: Arc<Inner>,
+    request: LeaseRequest,
+    every: Duration,
+) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel::<()>();
     let thread = std::thread::spawn(move || {
-        while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(LEASE_RENEW) {
+        while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
             match inner.server.take_lease(&request) {
                 Ok(Lease::Granted(_)) => {}
-                Ok(Lease::Busy { .. }) => crate::log(format_args!(
+                Ok(Lease::Busy { .. } | Lease::Done) => crate::log(format_args!(
                     "the lease on repository {} was taken by another agent while operation {} runs",
                     crate::printable(&request.repository),
                     request.operation_id
@@ -390,7 +410,7 @@ impl Drop for LeaseHold {
 }
 
 /// Sleeps `d` in short steps; false as soon as `cancel` is set.
-fn sleep_unless(cancel: &Cancel, d: Duration) -> bool {
+pub(super) fn sleep_unless(cancel: &Cancel, d: Duration) -> bool {
     let end = Instant::now() + d;
     while Instant::now() < end {
         if cancel.is_cancelled() {
