@@ -379,7 +379,15 @@ fn wait_for_lease<'a>(
                     }
                     wait = retry_after_secs.clamp(1, POLL_MAX_SECS);
                 }
-                Err(e) => last_error = Some(e.to_string()),
+                Err(e) => {
+                    if last_error.is_none() {
+                        crate::log(format_args!(
+                            "{} of slot {slot}: cannot ask for the maintenance lease ({e}); asking again",
+                            crate::printable(&entry.key)
+                        ));
+                    }
+                    last_error = Some(e.to_string());
+                }
             }
             drop(local);
         }
