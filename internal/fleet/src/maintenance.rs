@@ -388,6 +388,12 @@ pub fn repository_health(conn: &Connection) -> Result<HashMap<String, Repository
     Ok(out)
 }
 
+/// Whether a plan on `repository` applies to `agent_id`.
+pub(crate) fn agent_uses(conn: &Connection, agent_id: &str, repository: &str) -> Result<bool, DbError> {
+    let plans = crate::plans::plans_for_agent(conn, agent_id)?.unwrap_or_default();
+    Ok(plans.iter().any(|p| p.plan.repository == repository))
+}
+
 /// Forgets a deleted repository's maintenance state.
 pub(crate) fn forget_repository(conn: &Connection, repository: &str) -> Result<(), DbError> {
     conn.execute("DELETE FROM repository_maintenance WHERE repository = ?1", [repository])?;

@@ -296,9 +296,13 @@ fn store_reports(
             }
         }
         if let Some(repository) = &r.repository {
+            // Only an agent that uses the repository (a plan of it applies to the agent) moves its health and
+            // covered slots; another agent's report is stored as an operation and changes nothing else.
             if let (true, Some(finished_at)) = (r.status.is_final(), finished_at) {
-                let slot = r.maintenance.as_ref().and_then(|m| m.slot);
-                crate::maintenance::record_final(conn, repository, r.kind, &r.id, r.status, finished_at, slot)?;
+                if crate::maintenance::agent_uses(conn, agent_id, repository)? {
+                    let slot = r.maintenance.as_ref().and_then(|m| m.slot);
+                    crate::maintenance::record_final(conn, repository, r.kind, &r.id, r.status, finished_at, slot)?;
+                }
             }
             continue; // no plan status, no snapshots
         }
@@ -1008,6 +1012,7 @@ mod tests {
         use crate::maintenance::{BACKUP_WAIT_WINDOW, MaintLease, take_maintenance_lease};
         use rm_protocol::maintenance::MaintenanceKind::{Check, Prune};
         let (_d, c) = setup();
+        add_plan(&c, "daily", "@daily", r#"["a1", "a2"]"#, "{}", T0);
         let (a, b, x) = (op_id(1), op_id(2), op_id(3));
         let slot = T0 - 100;
         let take = |now, agent: &str, op: &str, kind, slot| {
@@ -1068,12 +1073,17 @@ mod tests {
     fn repository_health_follows_the_last_check() {
         use crate::maintenance::repository_health;
         let (_d, c) = setup();
-        // `setup` defines repository r.
+        // `setup` defines repository r; a plan on it applies to a1 and a2, not a3.
+        add_plan(&c, "daily", "@daily", r#"["a1", "a2"]"#, "{}", T0);
         assert_eq!(repository_health(&c).unwrap()["r"].health, Health::Never);
         let check = |n, status, at| OperationReport {
             kind: OperationKind::Check,
             ..maintenance_report(n, "r", status, at, at)
         };
+        // An agent without a plan on the repository cannot move its health (its report is still stored).
+        ingest_reports(&c, T0 + 10, "a3", &[check(8, OperationStatus::Failed, T0)]).unwrap();
+        assert_eq!(repository_health(&c).unwrap()["r"].health, Health::Never);
+        assert!(get_operation(&c, &op_id(8)).unwrap().is_some());
         ingest_reports(&c, T0 + 20, "a1", &[check(1, OperationStatus::Failed, T0)]).unwrap();
         let h = repository_health(&c).unwrap().remove("r").unwrap();
         assert_eq!(
@@ -1092,7 +1102,7 @@ mod tests {
         // and a maintenance kind.
         let q = OperationQuery { repository: Some("r".into()), ..Default::default() };
         let (ops, _) = list_operations(&c, &q).unwrap();
-        assert_eq!(ops.len(), 4);
+        assert_eq!(ops.len(), 5, "a3's included");
         assert!(ops.iter().all(|o| o.repository.as_deref() == Some("r") && o.plan.is_empty()));
         let bad = OperationReport {
             kind: OperationKind::Backup,
