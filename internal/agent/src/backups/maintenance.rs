@@ -418,6 +418,49 @@ mod tests {
     }
 
     #[test]
+    fn the_lease_is_waited_for_without_the_local_lock_and_never_skipped() {
+        use crate::backups::tests::{FakeServer, start};
+        let dir = tempfile::tempdir().unwrap();
+        let server = Arc::new(FakeServer::default());
+        let backups = start(dir.path(), &server);
+        let inner = &backups.inner;
+        let entry = Entry {
+            key: key(MaintenanceKind::Check, "r"),
+            kind: MaintenanceKind::Check,
+            repository: "r".into(),
+            policy: policy("@daily", None),
+        };
+        let soon = || Instant::now() + Duration::from_secs(4);
+        // Busy once, then granted: holds the lease and this agent's repository lock.
+        server.busy(1);
+        let (waited, local) = wait_for_lease(inner, &entry, "op_a", 100, &Cancel::default(), soon());
+        assert!(matches!(waited, Waited::Granted(_)) && local.is_some());
+        assert_eq!(server.lease_requests(), 2);
+        assert!(!inner.try_lock_repository("r"), "held while the lease is");
+        drop((waited, local));
+        assert!(inner.try_lock_repository("r"), "released with the lease");
+        // While this agent's own backup holds the repository, the server is not even asked; the wait gives up at its
+        // deadline rather than run.
+        let before = server.lease_requests();
+        let (waited, _) = wait_for_lease(inner, &entry, "op_b", 100, &Cancel::default(), Instant::now());
+        assert!(matches!(waited, Waited::GaveUp(_)));
+        assert_eq!(server.lease_requests(), before);
+        inner.unlock_repository("r");
+        // The slot is done elsewhere: skipped, the local lock given back.
+        server.slot_done(true);
+        let (waited, local) = wait_for_lease(inner, &entry, "op_c", 100, &Cancel::default(), soon());
+        assert!(matches!(waited, Waited::Done) && local.is_none());
+        assert!(inner.try_lock_repository("r"));
+        inner.unlock_repository("r");
+        server.slot_done(false);
+        // The server cannot be asked: maintenance never runs without the lease.
+        server.lease_fail(1000, 0);
+        let (waited, _) =
+            wait_for_lease(inner, &entry, "op_d", 100, &Cancel::default(), Instant::now() + Duration::from_secs(2));
+        assert!(matches!(&waited, Waited::GaveUp(why) if why.contains("could not be asked")));
+    }
+
+    #[test]
     fn scheduled_firings_and_requests_are_due_once_each() {
         let entry = |requested| Entry {
             key: key(MaintenanceKind::Prune, "r"),

@@ -891,6 +891,8 @@ pub(crate) mod tests {
         /// Then how many lease requests still fail, and how: an HTTP status, or 0 for an unreachable server.
         lease_fail: (u32, u16),
         lease_requests: usize,
+        /// Maintenance lease requests (after the busy ones) answer `maintenance_done`.
+        slot_done: bool,
     }
 
     impl FakeServer {
@@ -915,6 +917,9 @@ pub(crate) mod tests {
         /// The next `times` lease requests (after the busy ones) fail with `status` (0: the server is unreachable).
         pub(crate) fn lease_fail(&self, times: u32, status: u16) {
             lock(&self.state).lease_fail = (times, status);
+        }
+        pub(crate) fn slot_done(&self, done: bool) {
+            lock(&self.state).slot_done = done;
         }
         pub(crate) fn lease_requests(&self) -> usize {
             lock(&self.state).lease_requests
@@ -962,6 +967,9 @@ pub(crate) mod tests {
             if s.busy > 0 {
                 s.busy -= 1;
                 return Ok(Lease::Busy { retry_after_secs: 1 });
+            }
+            if s.slot_done && request.maintenance.is_some() {
+                return Ok(Lease::Done);
             }
             if s.lease_fail.0 > 0 {
                 s.lease_fail.0 -= 1;
