@@ -207,6 +207,13 @@ fn three_agents_one_prune_and_no_backup_lost() {
     assert_eq!(view["prune"], json!({"schedule": NEVER, "timezone": "utc", "max_unused": "0"}));
     assert_eq!(view["maintenance"]["last_prune"]["operation_id"], done["id"]);
     assert_eq!(view["maintenance"]["health"], "never");
+    // The command line lists the repository's operations.
+    let mut cmd = command(SERVER_BIN);
+    cmd.args(["operations", "--repository", "shared"]).env("RM_DATA_DIR", server.data_dir());
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(table.lines().filter(|l| l.contains("prune repo:shared")).count(), 1, "{table}");
 }
 
 /// A lease holder SIGKILLed mid-prune (S3 repository): its lease lapses after the server's short --max-lease-ttl and

@@ -54,6 +54,9 @@ pub struct OperationsArgs {
     /// Only this plan's operations.
     #[arg(long, env = "RM_OPERATIONS_PLAN")]
     pub plan: Option<String>,
+    /// Only this repository's prune and check operations.
+    #[arg(long, env = "RM_OPERATIONS_REPOSITORY")]
+    pub repository: Option<String>,
     /// Only operations in this status: queued, running, success, warning, failed or cancelled.
     #[arg(long, env = "RM_OPERATIONS_STATUS")]
     pub status: Option<OperationStatus>,

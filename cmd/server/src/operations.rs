@@ -12,7 +12,7 @@ pub async fn run(args: &ServeArgs, op: &OperationsArgs) -> anyhow::Result<()> {
         agent: op.agent.clone(),
         plan: op.plan.clone(),
         status: op.status,
-        repository: None,
+        repository: op.repository.clone(),
         before: None,
         limit: Some(op.limit),
     };
@@ -48,7 +48,19 @@ fn table(operations: &[OperationView]) -> String {
             [
                 rm_fleet::rfc3339(o.started_at.unwrap_or(o.created_at)),
                 o.hostname.clone().unwrap_or_else(|| o.agent_id.clone()),
-                o.plan.clone(),
+                // A repository's prune or check: `prune repo:<name>`.
+                o.repository.as_ref().map_or_else(
+                    || o.plan.clone(),
+                    |r| {
+                        format!(
+                            "{} repo:{r}",
+                            serde_json::to_value(o.kind)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_owned))
+                                .unwrap_or_default()
+                        )
+                    },
+                ),
                 serde_json::to_value(o.trigger).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
                 o.status.to_string(),
                 o.duration_ms.map_or_else(|| "-".into(), |ms| format!("{:.1}s", ms as f64 / 1000.0)),
