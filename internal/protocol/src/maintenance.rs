@@ -285,6 +285,35 @@ mod tests {
     }
 
     #[test]
+    fn bodies_without_the_maintenance_fields_read_and_write_as_before() {
+        use crate::backup::{AgentRepository, LeaseGranted, LeaseRequest, OperationReport};
+        let lease = r#"{"repository":"r","operation_id":"op_1","ttl_secs":120}"#;
+        let parsed: LeaseRequest = serde_json::from_str(lease).unwrap();
+        assert_eq!(parsed.maintenance, None);
+        assert_eq!(serde_json::to_string(&parsed).unwrap(), lease, "an issue-14 lease request, unchanged");
+        let granted = r#"{"repository":"r","operation_id":"op_1","expires_at":5}"#;
+        assert_eq!(serde_json::to_string(&serde_json::from_str::<LeaseGranted>(granted).unwrap()).unwrap(), granted);
+        let repo = r#"{"name":"r","url":"/r","password":"p","env":{},"ca_cert":null,"auto_init":false}"#;
+        let parsed: AgentRepository = serde_json::from_str(repo).unwrap();
+        assert_eq!((parsed.prune.is_none(), serde_json::to_string(&parsed).unwrap()), (true, repo.to_string()));
+        let report =
+            r#"{"id":"op_1","plan":"p","kind":"backup","trigger":"schedule","status":"running","started_at":1}"#;
+        let parsed: OperationReport = serde_json::from_str(report).unwrap();
+        let text = serde_json::to_string(&parsed).unwrap();
+        assert!(!text.contains("repository") && !text.contains("maintenance"), "{text}");
+        // A maintenance lease request as this version sends it.
+        let m = LeaseRequest {
+            maintenance: Some(MaintenanceLease { kind: MaintenanceKind::Prune, slot: 7 }),
+            ..parsed_lease()
+        };
+        assert!(serde_json::to_string(&m).unwrap().ends_with(r#""maintenance":{"kind":"prune","slot":7}}"#));
+    }
+
+    fn parsed_lease() -> crate::backup::LeaseRequest {
+        serde_json::from_str(r#"{"repository":"r","operation_id":"op_1","ttl_secs":120}"#).unwrap()
+    }
+
+    #[test]
     fn agent_policies_read_without_optional_fields() {
         let p: AgentMaintenance = serde_json::from_str(r#"{"schedule":"@daily","timeout_secs":60,"new":1}"#).unwrap();
         assert_eq!((p.timezone, p.jitter_secs, p.requested_at), (Timezone::Utc, 0, None));
