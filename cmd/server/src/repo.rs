@@ -66,7 +66,7 @@ pub async fn run(args: &ServeArgs, command: RepoCommand) -> anyhow::Result<()> {
                 read_data_subset: check_read_data_subset,
                 ..Default::default()
             });
-            let mut new = NewRepository { name, url, password, env: values, ca_cert, auto_init, prune, check };
+            let new = NewRepository { name, url, password, env: values, ca_cert, auto_init, prune, check };
             new.validate().map_err(anyhow::Error::msg)?;
             let event = audit();
             let created = db

@@ -78,8 +78,16 @@ pub fn validate_check(p: &CheckPolicy) -> Result<CheckPolicy, String> {
     })
 }
 
-pub(crate) fn to_json<T: serde::Serialize>(v: &Option<T>) -> Option<String> {
-    v.as_ref().map(|v| serde_json::to_string(v).expect("a policy serialises"))
+/// A validated prune policy as stored: normalised (timeout in seconds), JSON.
+pub(crate) fn prune_json(p: &Option<PrunePolicy>) -> Option<String> {
+    let p = p.as_ref().map(|p| validate_prune(p).unwrap_or_else(|_| p.clone()));
+    p.map(|p| serde_json::to_string(&p).expect("a policy serialises"))
+}
+
+/// A validated check policy as stored (see [`prune_json`]).
+pub(crate) fn check_json(c: &Option<CheckPolicy>) -> Option<String> {
+    let c = c.as_ref().map(|c| validate_check(c).unwrap_or_else(|_| c.clone()));
+    c.map(|c| serde_json::to_string(&c).expect("a policy serialises"))
 }
 
 pub(crate) fn from_json<T: serde::de::DeserializeOwned>(v: Option<String>) -> Option<T> {

@@ -204,32 +204,28 @@ pub fn validate_ca_cert(pem: &str) -> Result<(), String> {
 }
 
 impl NewRepository {
-    /// Checks the repository; maintenance policies are normalised in place (timeouts in seconds).
-    pub fn validate(&mut self) -> Result<(), String> {
+    /// Checks the repository (maintenance policies included; they are stored normalised).
+    pub fn validate(&self) -> Result<(), String> {
         validate_name(&self.name)?;
         validate_url(&self.url)?;
         validate_password(&self.password)?;
         validate_env(&self.env)?;
         self.ca_cert.as_deref().map_or(Ok(()), validate_ca_cert)?;
-        self.prune = self.prune.as_ref().map(crate::maintenance::validate_prune).transpose()?;
-        self.check = self.check.as_ref().map(crate::maintenance::validate_check).transpose()?;
+        self.prune.as_ref().map(crate::maintenance::validate_prune).transpose()?;
+        self.check.as_ref().map(crate::maintenance::validate_check).transpose()?;
         Ok(())
     }
 }
 
 impl RepositoryChanges {
-    /// Checks the changes; maintenance policies are normalised in place.
-    pub fn validate(&mut self) -> Result<(), String> {
+    /// Checks the changes (maintenance policies included; they are stored normalised).
+    pub fn validate(&self) -> Result<(), String> {
         self.url.as_deref().map_or(Ok(()), validate_url)?;
         self.password.as_deref().map_or(Ok(()), validate_password)?;
         self.env.as_ref().map_or(Ok(()), validate_env)?;
         self.ca_cert.as_ref().and_then(Option::as_deref).map_or(Ok(()), validate_ca_cert)?;
-        if let Some(Some(p)) = &self.prune {
-            self.prune = Some(Some(crate::maintenance::validate_prune(p)?));
-        }
-        if let Some(Some(c)) = &self.check {
-            self.check = Some(Some(crate::maintenance::validate_check(c)?));
-        }
+        self.prune.as_ref().and_then(Option::as_ref).map(crate::maintenance::validate_prune).transpose()?;
+        self.check.as_ref().and_then(Option::as_ref).map(crate::maintenance::validate_check).transpose()?;
         Ok(())
     }
 
@@ -342,8 +338,8 @@ pub fn create_repository(
             new.ca_cert,
             new.auto_init,
             now,
-            crate::maintenance::to_json(&new.prune),
-            crate::maintenance::to_json(&new.check)
+            crate::maintenance::prune_json(&new.prune),
+            crate::maintenance::check_json(&new.check)
         ],
     )?;
     if inserted == 0 {
@@ -403,11 +399,11 @@ pub fn update_repository(
         conn.execute("UPDATE repositories SET auto_init = ?2 WHERE name = ?1", params![name, auto_init])?;
     }
     if let Some(prune) = &changes.prune {
-        let json = crate::maintenance::to_json(prune);
+        let json = crate::maintenance::prune_json(prune);
         conn.execute("UPDATE repositories SET prune_policy = ?2 WHERE name = ?1", params![name, json])?;
     }
     if let Some(check) = &changes.check {
-        let json = crate::maintenance::to_json(check);
+        let json = crate::maintenance::check_json(check);
         conn.execute("UPDATE repositories SET check_policy = ?2 WHERE name = ?1", params![name, json])?;
     }
     conn.execute("UPDATE repositories SET updated_at = ?2 WHERE name = ?1", params![name, now])?;

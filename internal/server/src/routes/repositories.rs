@@ -58,7 +58,7 @@ pub async fn create(
     body: Result<Json<CreateRepository>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(r) = body?;
-    let mut new = NewRepository {
+    let new = NewRepository {
         prune: r.prune,
         check: r.check,
         name: r.name,
@@ -157,7 +157,7 @@ pub async fn update(
 ) -> Result<Json<RepositoryView>, ApiError> {
     let name = name_param(path)?;
     let Json(r) = body?;
-    let mut changes = RepositoryChanges {
+    let changes = RepositoryChanges {
         url: r.url,
         password: r.password,
         env: r.env,
