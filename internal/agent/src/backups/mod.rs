@@ -855,6 +855,16 @@ pub fn status_lines(config_path: &Path, restic_path: Option<&Path>, agent_id: &s
                     crate::printable(&plan.repository)
                 ));
             }
+            for entry in maintenance::entries(&config) {
+                let next = scheduler::next_run(&entry, agent_id, now)
+                    .map_or_else(|| "never (invalid schedule)".to_string(), |t| t.to_rfc3339());
+                lines.push(format!(
+                    "  {} of repository {}: {}, next run {next} (one agent of those using it runs each firing)",
+                    entry.kind,
+                    crate::printable(&entry.repository),
+                    crate::printable(&entry.policy.schedule)
+                ));
+            }
         }
         Ok(None) => lines.push("backup config: none applied yet".into()),
         Err(e) => lines.push(format!("backup config: unreadable ({e})")),
