@@ -23,6 +23,7 @@ pub const ADMIN_ROUTES: &[(&str, &str, &[u8])] = &[
     ("POST", "/api/v1/repositories", br#"{"name":"x","url":"/srv/restic","password":"matrix-password"}"#),
     ("GET", "/api/v1/repositories/x", b""),
     ("PATCH", "/api/v1/repositories/x", br#"{"auto_init":true}"#),
+    ("POST", "/api/v1/repositories/x/maintenance", br#"{"kind":"prune"}"#),
     ("DELETE", "/api/v1/repositories/x", b""),
     ("GET", "/api/v1/plans", b""),
     ("POST", "/api/v1/plans", br#"{"name":"x","repository":"x","paths":["/srv"],"schedule":"@daily"}"#),

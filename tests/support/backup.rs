@@ -362,3 +362,39 @@ fn uts_namespace(args: &[&str]) -> bool {
         .status()
         .is_ok_and(|s| s.success())
 }
+
+/// A wrapper script around the real restic that appends `<command> <pid>` to `log` for every `prune` and `check`
+/// and, for `prune`, first sleeps `prune_delay_secs` (interruptibly: SIGINT, as a dying agent sends, ends it), so a
+/// test can count how many hosts really ran maintenance and kill one mid-prune.
+pub fn maintenance_restic(dir: &Path, name: &str, restic: &Path, log: &Path, prune_delay_secs: u32) -> PathBuf {
+    let path = dir.join(name);
+    let script = format!(
+        "#!/bin/sh\ncase \"$1\" in\n  prune|check) echo \"$1 $$\" >> '{log}' ;;\nesac\nif [ \"$1\" = prune ] && [ {delay} -gt 0 ]; \
+         then\n  sleep {delay} &\n  wait $!\nfi\nexec '{restic}' \"$@\"\n",
+        log = log.display(),
+        delay = prune_delay_secs,
+        restic = restic.display()
+    );
+    fs::write(&path, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// The bytes of every file under `dir` (a local repository's size on disk, as far as restic's files go).
+pub fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.metadata() {
+                Ok(m) if m.is_dir() => stack.push(path),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}

@@ -24,7 +24,11 @@ pub async fn list(
         .collect::<Result<_, _>>()
         .context("cannot inspect the published agent builds")?;
     let now = rm_fleet::now();
-    let (agents, backups) = db.call(move |c| Ok((rm_fleet::list_agents(c)?, rm_fleet::backup_health(c, now)?))).await?;
+    let (agents, backups, repositories) = db
+        .call(move |c| {
+            Ok((rm_fleet::list_agents(c)?, rm_fleet::backup_health(c, now)?, rm_fleet::repository_health(c)?))
+        })
+        .await?;
     let filter = AgentFilter { state, health };
     let mut view = rm_server::catalog::fleet_view(agents, &served, now, args.stale_after, &filter, backups);
     let restic: Vec<_> = rm_protocol::PLATFORMS
@@ -33,6 +37,7 @@ pub async fn list(
         .collect::<Result<_, _>>()
         .context("cannot inspect the published restic builds")?;
     rm_server::catalog::fill_restic_drift(&mut view, &restic);
+    let view = AgentList { repositories: rm_server::catalog::sorted_repositories(repositories), ..view };
     if json {
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {
@@ -108,6 +113,16 @@ fn table(view: &AgentList) -> String {
     if !view.health_counts.is_empty() {
         let health: Vec<String> = view.health_counts.iter().map(|(h, n)| format!("{h}={n}")).collect();
         out += &format!("backup health: {}\n", health.join(" "));
+    }
+    if !view.repositories.is_empty() {
+        out += "\nREPOSITORY  HEALTH  LAST PRUNE  LAST CHECK\n";
+        let last = |run: &Option<rm_protocol::maintenance::MaintenanceRun>| {
+            run.as_ref()
+                .map_or_else(|| "-".to_owned(), |r| format!("{} {}", r.status, rm_fleet::rfc3339(r.finished_at)))
+        };
+        for r in &view.repositories {
+            out += &format!("{}  {}  {}  {}\n", r.repository, r.health, last(&r.last_prune), last(&r.last_check));
+        }
     }
     out
 }

@@ -81,6 +81,9 @@ pub struct OperationsArgs {
     /// Only this plan's operations.
     #[arg(long, env = "RM_OPERATIONS_PLAN")]
     pub plan: Option<String>,
+    /// Only this repository's prune and check operations.
+    #[arg(long, env = "RM_OPERATIONS_REPOSITORY")]
+    pub repository: Option<String>,
     /// Only operations in this status: queued, running, success, warning, failed or cancelled.
     #[arg(long, env = "RM_OPERATIONS_STATUS")]
     pub status: Option<OperationStatus>,
@@ -233,6 +236,18 @@ pub enum RepoCommand {
         /// installs the server's restic (restic-binaries/) first.
         #[arg(long, env = "RM_REPO_MIN_RESTIC_VERSION", value_name = "VERSION")]
         min_restic_version: Option<String>,
+        /// Prune the repository on this schedule (cron or @every; one agent using it runs each firing).
+        #[arg(long, env = "RM_REPO_PRUNE_SCHEDULE")]
+        prune_schedule: Option<String>,
+        /// restic prune's --max-unused: 10%, 5G, 0 or unlimited (needs --prune-schedule).
+        #[arg(long, env = "RM_REPO_PRUNE_MAX_UNUSED", requires = "prune_schedule")]
+        prune_max_unused: Option<String>,
+        /// Check the repository on this schedule (structure only unless --check-read-data-subset).
+        #[arg(long, env = "RM_REPO_CHECK_SCHEDULE")]
+        check_schedule: Option<String>,
+        /// restic check's --read-data-subset: n/t (1/5) or a percentage (10%) (needs --check-schedule).
+        #[arg(long, env = "RM_REPO_CHECK_READ_DATA_SUBSET", requires = "check_schedule")]
+        check_read_data_subset: Option<String>,
     },
     /// List repositories (never their secrets).
     List {
@@ -329,6 +344,11 @@ pub struct ServeArgs {
     /// Admin API bearer token (at least 16 characters); by default generated into <data-dir>/admin.token.
     #[arg(long, env = "RM_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// The longest repository lease granted to an agent (10s to 1h): a host that dies while it runs a backup, prune or
+    /// check blocks the repository for at most this long. Agents renew at a third of the lifetime granted.
+    #[arg(long, env = "RM_MAX_LEASE_TTL", default_value = "1h", value_parser = parse_lease_ttl)]
+    pub max_lease_ttl: Duration,
 
     /// How often agents are asked to send a heartbeat.
     #[arg(long, env = "RM_HEARTBEAT_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
@@ -498,6 +518,15 @@ impl ServeArgs {
         }
         TlsConfig { mode: self.tls.clone(), cert: self.tls_cert.clone(), key: self.tls_key.clone(), names }
     }
+}
+
+/// A lease lifetime: a duration from 10 s to 1 h.
+fn parse_lease_ttl(raw: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(raw).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(10) || d > Duration::from_secs(3600) {
+        return Err(format!("{raw:?} must be between 10s and 1h"));
+    }
+    Ok(d)
 }
 
 /// Bytes with an optional binary suffix: `1048576`, `64KiB`, `512MiB`, `2GiB`.

@@ -127,6 +127,7 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
                 max_connections: args.max_connections.map(|n| n as usize),
             },
             metrics_public: args.metrics_public,
+            max_lease_ttl: args.max_lease_ttl,
         },
     })
     .context("cannot start")?;

@@ -13,6 +13,7 @@ pub async fn run(args: &ServeArgs, op: &OperationsArgs) -> anyhow::Result<()> {
         plan: op.plan.clone(),
         status: op.status,
         kind: op.kind,
+        repository: op.repository.clone(),
         before: None,
         limit: Some(op.limit),
     };
@@ -52,7 +53,8 @@ fn table(operations: &[OperationView]) -> String {
             [
                 rm_fleet::rfc3339(o.started_at.unwrap_or(o.created_at)),
                 o.hostname.clone().unwrap_or_else(|| o.agent_id.clone()),
-                o.plan.clone(),
+                // A repository's prune or check names its repository: `repo:<name>`.
+                o.repository.as_ref().map_or_else(|| o.plan.clone(), |r| format!("repo:{r}")),
                 word(serde_json::to_value(o.kind)),
                 word(serde_json::to_value(o.trigger)),
                 o.status.to_string(),

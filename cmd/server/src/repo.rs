@@ -9,6 +9,7 @@ use std::io::BufRead;
 use anyhow::{Context, bail};
 use rm_fleet::{AuditEvent, NewRepository};
 use rm_protocol::admin::RepositoryList;
+use rm_protocol::maintenance::{CheckPolicy, PrunePolicy};
 
 use crate::cli::{RepoCommand, ServeArgs};
 use crate::token::open_existing_db;
@@ -19,7 +20,19 @@ pub async fn run(args: &ServeArgs, command: RepoCommand) -> anyhow::Result<()> {
     // Who made the change (the detail is filled in by rm_fleet).
     let audit = || AuditEvent { at: now, source: Some("cli".into()), ..Default::default() };
     match command {
-        RepoCommand::Add { name, url, password_stdin, env, ca_cert, auto_init, min_restic_version } => {
+        RepoCommand::Add {
+            name,
+            url,
+            password_stdin,
+            env,
+            ca_cert,
+            auto_init,
+            min_restic_version,
+            prune_schedule,
+            prune_max_unused,
+            check_schedule,
+            check_read_data_subset,
+        } => {
             let (key, _) = rm_fleet::unlock(&db, &args.data_dir, false).context("cannot use the secret key")?;
             let password = if password_stdin {
                 let mut line = String::new();
@@ -44,7 +57,27 @@ pub async fn run(args: &ServeArgs, command: RepoCommand) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            let new = NewRepository { name, url, password, env: values, ca_cert, auto_init, min_restic_version };
+            let prune = prune_schedule.map(|schedule| PrunePolicy {
+                schedule,
+                max_unused: prune_max_unused,
+                ..Default::default()
+            });
+            let check = check_schedule.map(|schedule| CheckPolicy {
+                schedule,
+                read_data_subset: check_read_data_subset,
+                ..Default::default()
+            });
+            let new = NewRepository {
+                name,
+                url,
+                password,
+                env: values,
+                ca_cert,
+                auto_init,
+                min_restic_version,
+                prune,
+                check,
+            };
             new.validate().map_err(anyhow::Error::msg)?;
             let event = audit();
             let created = db
@@ -84,11 +117,18 @@ pub async fn run(args: &ServeArgs, command: RepoCommand) -> anyhow::Result<()> {
 
 fn describe(info: &rm_fleet::RepositoryInfo) -> String {
     let env = if info.env_names.is_empty() { "-".to_owned() } else { info.env_names.join(",") };
-    format!(
+    let mut line = format!(
         "{}\t{}\tpassword set\tenv {env}\tca_cert {}\tauto_init {}",
         info.name,
         info.url,
         if info.ca_cert.is_some() { "set" } else { "-" },
         info.auto_init
-    )
+    );
+    if let Some(p) = &info.prune {
+        line += &format!("\tprune {:?} max_unused {}", p.schedule, p.max_unused.as_deref().unwrap_or("default"));
+    }
+    if let Some(c) = &info.check {
+        line += &format!("\tcheck {:?} read_data_subset {}", c.schedule, c.read_data_subset.as_deref().unwrap_or("-"));
+    }
+    line
 }

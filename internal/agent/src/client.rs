@@ -415,7 +415,8 @@ impl Client {
     }
 
     /// `POST /api/v1/agents/leases`: takes or renews a repository's run lease. A 409 `repository_busy` is
-    /// [`Lease::Busy`] with the server's `retry_after_secs` (default 30 s when it names none).
+    /// [`Lease::Busy`] with the server's `retry_after_secs` (default 30 s when it names none); a 409
+    /// `maintenance_done` is [`Lease::Done`].
     pub fn take_lease(&self, credential: &str, request: &LeaseRequest) -> Result<Lease, AgentError> {
         let url = self.url("/api/v1/agents/leases")?;
         let mut response = self.send(&url, |http| {
@@ -423,8 +424,12 @@ impl Client {
         })?;
         if response.status().as_u16() == 409 {
             let body: Option<ErrorBody> = response.body_mut().read_json().ok();
-            if let Some(body) = body.filter(|b| b.error == "repository_busy") {
-                return Ok(Lease::Busy { retry_after_secs: retry_after(&body).unwrap_or(30) });
+            match body {
+                Some(body) if body.error == "repository_busy" => {
+                    return Ok(Lease::Busy { retry_after_secs: retry_after(&body).unwrap_or(30) });
+                }
+                Some(body) if body.error == rm_protocol::maintenance::MAINTENANCE_DONE => return Ok(Lease::Done),
+                _ => {}
             }
             return Err(AgentError::Server {
                 status: 409,
@@ -553,6 +558,8 @@ pub enum Lease {
     Busy {
         retry_after_secs: u64,
     },
+    /// (Maintenance leases) a successful run already covered the slot asked for: skip it.
+    Done,
 }
 
 /// `retry_after_secs` of an error body: a top-level detail (the protocol's flattened details), or inside `details`.

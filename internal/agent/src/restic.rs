@@ -3,12 +3,16 @@
 //!
 //! * `output`: restic's words and JSON lines, parsed without trusting them; exit codes and messages → endings.
 //! * [`restore`]: `restic restore` and `restic ls` for the server's restore and listing tasks.
+//! * `maintenance`: `prune` and `check` (text output: prune's figures, check's errors).
 //! * `process`: the child process: environment without inherited `RESTIC_*`, 0600 secret files, pipes read on
 //!   threads, SIGINT-then-kill on cancel or timeout, SIGINT when the agent dies (Linux).
 
+mod maintenance;
 mod output;
 mod process;
 pub mod restore;
+
+pub use maintenance::{MaintenanceJob, maintain};
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
@@ -904,6 +908,8 @@ mod tests {
             ca_cert: None,
             auto_init: false,
             min_restic_version: None,
+            prune: None,
+            check: None,
         };
         let job = Job {
             plan: &plan,

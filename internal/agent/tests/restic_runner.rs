@@ -162,6 +162,8 @@ impl World {
             ca_cert: None,
             auto_init: false,
             min_restic_version: None,
+            prune: None,
+            check: None,
         }
     }
 

@@ -7,12 +7,14 @@
 //!
 //! One module per table: [`tokens`], [`agents`], [`audit`], [`repositories`] (whose secrets [`sealing`] encrypts),
 //! [`plans`] (with the configuration revision and run-now requests), [`operations`] (operation reports, plan status,
-//! snapshots, leases and backup health), [`restores`] (restore requests and snapshot lookups); [`labels`] are the agents' labels.
+//! snapshots, leases and backup health), [`restores`] (restore requests and snapshot lookups), [`maintenance`]
+//! (prune/check policies, maintenance leases, repository health); [`labels`] are the agents' labels.
 
 pub mod agents;
 pub mod audit;
 pub mod db;
 pub mod labels;
+pub mod maintenance;
 pub mod operations;
 pub mod plans;
 pub mod repositories;
@@ -30,9 +32,10 @@ pub use agents::{
 pub use audit::{AuditEvent, list_audit, probe_write, prune_audit, record_audit};
 pub use db::{Db, DbError};
 pub use labels::{Labels, validate_labels};
+pub use maintenance::{MaintLease, repository_health, request_maintenance, take_maintenance_lease};
 pub use operations::{
     IngestError, Lease, backup_health, get_operation, ingest_reports, list_operations, list_snapshots, release_lease,
-    take_lease, worst_health,
+    take_lease, take_lease_capped, worst_health,
 };
 pub use plans::{
     NewPlan, PlanInfo, PlanRefused, QueuedRun, bump_config_revision, config_revision, create_plan, delete_plan,

@@ -103,8 +103,30 @@ fn checked(now: Timestamp, r: &OperationReport) -> Result<OperationReport, Strin
     if !is_operation_id(&r.id) {
         return Err(format!("id {:?} is not op_ + 32 lowercase hex digits", r.id.chars().take(64).collect::<String>()));
     }
-    if !is_printable(&r.plan, MAX_PLAN_NAME) {
-        return Err(format!("{}: plan must be 1..={MAX_PLAN_NAME} printable characters", r.id));
+    match &r.repository {
+        // A repository-level operation (prune, check): no plan, a repository name.
+        Some(repository) => {
+            if !matches!(r.kind, OperationKind::Prune | OperationKind::Check) {
+                return Err(format!("{}: only prune and check operations name a repository", r.id));
+            }
+            crate::repositories::validate_name(repository).map_err(|e| format!("{}: repository: {e}", r.id))?;
+            if !r.plan.is_empty() && !is_printable(&r.plan, MAX_PLAN_NAME) {
+                return Err(format!("{}: plan must be empty or 1..={MAX_PLAN_NAME} printable characters", r.id));
+            }
+        }
+        None if !is_printable(&r.plan, MAX_PLAN_NAME) => {
+            return Err(format!("{}: plan must be 1..={MAX_PLAN_NAME} printable characters", r.id));
+        }
+        None => {}
+    }
+    if let Some(m) = &r.maintenance {
+        if m.errors.len() > 1_000 || m.errors.iter().any(|e| e.len() > MAX_MESSAGE) {
+            return Err(format!("{}: maintenance.errors: at most 1000 lines of at most {MAX_MESSAGE} bytes", r.id));
+        }
+        let texts = [&m.removed, &m.read_data_subset];
+        if texts.iter().any(|t| t.as_deref().is_some_and(|t| !is_printable(t, 256))) {
+            return Err(format!("{}: maintenance: removed and read_data_subset must be printable", r.id));
+        }
     }
     if r.status == OperationStatus::Queued {
         return Err(format!("{}: status queued is the server's, not a report", r.id));
@@ -171,6 +193,9 @@ fn checked(now: Timestamp, r: &OperationReport) -> Result<OperationReport, Strin
     }
     let mut r = r.clone();
     r.message = r.message.as_deref().map(clean_message);
+    if let Some(m) = &mut r.maintenance {
+        m.errors = m.errors.iter().map(|e| clean_message(e)).collect();
+    }
     Ok(r)
 }
 
@@ -246,7 +271,8 @@ fn store_reports(
                 conn.prepare_cached(
                     "UPDATE operations SET status = ?2, started_at = ?3, finished_at = ?4, duration_ms = ?5,
                             summary = coalesce(?6, summary), progress = coalesce(?7, progress), message = ?8,
-                            reason = ?9, exit_code = ?10, forget = coalesce(?11, forget)
+                            reason = ?9, exit_code = ?10, forget = coalesce(?11, forget),
+                            maintenance = coalesce(?12, maintenance)
                      WHERE id = ?1",
                 )?
                 .execute(params![
@@ -261,14 +287,15 @@ fn store_reports(
                     r.reason.as_ref().map(word),
                     r.exit_code,
                     json(&r.forget),
+                    json(&r.maintenance),
                 ])?;
             }
             None => {
                 conn.prepare_cached(
                     "INSERT INTO operations (id, agent_id, plan, kind, trigger, status, created_at, started_at,
                                              finished_at, duration_ms, summary, progress, message, reason, exit_code,
-                                             forget)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                                             forget, repository, maintenance)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
                 )?
                 .execute(params![
                     r.id,
@@ -287,14 +314,27 @@ fn store_reports(
                     r.reason.as_ref().map(word),
                     r.exit_code,
                     json(&r.forget),
+                    r.repository,
+                    json(&r.maintenance),
                 ])?;
             }
+        }
+        if let Some(repository) = &r.repository {
+            // Only an agent that uses the repository (a plan of it applies to the agent) moves its health and
+            // covered slots; another agent's report is stored as an operation and changes nothing else.
+            if let (true, Some(finished_at)) = (r.status.is_final(), finished_at) {
+                if crate::maintenance::agent_uses(conn, agent_id, repository)? {
+                    let slot = r.maintenance.as_ref().and_then(|m| m.slot);
+                    crate::maintenance::record_final(conn, repository, r.kind, &r.id, r.status, finished_at, slot)?;
+                }
+            }
+            continue; // no plan status, no snapshots
         }
         // A cancelled run (the agent stopped, the plan changed, a run-now merged into another) says nothing about
         // the plan's health: the status stays what the last run that ended on its own made it.
         // Only backups make a plan's health: a forget (retention after a backup) is its own operation, listed and
-        // counted in the operations, but its failure does not undo the snapshot the backup made.
-        // Only backups make a plan's health: a restore (reported under the snapshot's plan) says nothing about it.
+        // counted in the operations, but its failure does not undo the snapshot the backup made; a restore (reported
+        // under the snapshot's plan) says nothing about it either.
         let counts = r.kind == OperationKind::Backup && r.status.is_final() && r.status != OperationStatus::Cancelled;
         if let (true, Some(finished_at)) = (counts, finished_at) {
             let success = matches!(r.status, OperationStatus::Success | OperationStatus::Warning);
@@ -351,7 +391,8 @@ fn store_reports(
 }
 
 const VIEW_COLUMNS: &str = "o.seq, o.id, o.agent_id, a.hostname, o.plan, o.kind, o.trigger, o.status, o.created_at,
-     o.started_at, o.finished_at, o.duration_ms, o.summary, o.progress, o.message, o.reason, o.exit_code, o.forget";
+     o.started_at, o.finished_at, o.duration_ms, o.summary, o.progress, o.message, o.reason, o.exit_code, o.forget,
+     o.repository, o.maintenance";
 
 /// An operation row (selected with [`VIEW_COLUMNS`] from `operations o LEFT JOIN agents a`) and its `seq`.
 fn view_of(row: &Row<'_>) -> rusqlite::Result<(i64, OperationView)> {
@@ -383,6 +424,8 @@ fn view_of(row: &Row<'_>) -> rusqlite::Result<(i64, OperationView)> {
             exit_code: row.get(16)?,
             forget: text(17)?.and_then(|s| serde_json::from_str::<ForgetSummary>(&s).ok()),
             restore: None, // filled in by `with_restore` where restores are shown
+            repository: row.get(18)?,
+            maintenance: text(19)?.and_then(|s| serde_json::from_str(&s).ok()),
         },
     ))
 }
@@ -409,6 +452,9 @@ pub fn list_operations(
     if query.kind.is_some() {
         sql += " AND o.kind = :kind";
     }
+    if query.repository.is_some() {
+        sql += " AND o.repository = :repository";
+    }
     if query.before.is_some() {
         sql += " AND o.seq < :before";
     }
@@ -428,6 +474,9 @@ pub fn list_operations(
     }
     if let Some(kind) = &kind {
         named.push((":kind", kind));
+    }
+    if let Some(repository) = &query.repository {
+        named.push((":repository", repository));
     }
     if let Some(before) = &query.before {
         named.push((":before", before));
@@ -503,6 +552,34 @@ pub fn take_lease(
     operation_id: &str,
     ttl_secs: u64,
 ) -> Result<Lease, DbError> {
+    take_lease_capped(conn, now, agent_id, repository, operation_id, ttl_secs, *LEASE_TTL.end())
+}
+
+/// [`take_lease`] with the lifetime also capped at `max_ttl` (the server's `--max-lease-ttl`). A refused request is
+/// noted as a waiting backup, which maintenance yields to ([`crate::maintenance`]).
+pub fn take_lease_capped(
+    conn: &Connection,
+    now: Timestamp,
+    agent_id: &str,
+    repository: &str,
+    operation_id: &str,
+    ttl_secs: u64,
+    max_ttl: u64,
+) -> Result<Lease, DbError> {
+    let lease = take_backup_lease(conn, now, agent_id, repository, operation_id, ttl_secs, max_ttl)?;
+    crate::maintenance::note_backup_lease(conn, now, repository, &lease)?;
+    Ok(lease)
+}
+
+fn take_backup_lease(
+    conn: &Connection,
+    now: Timestamp,
+    agent_id: &str,
+    repository: &str,
+    operation_id: &str,
+    ttl_secs: u64,
+    max_ttl: u64,
+) -> Result<Lease, DbError> {
     let held: Option<(String, String, Timestamp)> = conn
         .prepare_cached("SELECT agent_id, operation_id, expires_at FROM leases WHERE repository = ?1")?
         .query_row([repository], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
@@ -517,12 +594,14 @@ pub fn take_lease(
             });
         }
     }
-    let ttl = ttl_secs.clamp(*LEASE_TTL.start(), *LEASE_TTL.end()) as i64;
+    let max_ttl = max_ttl.clamp(*LEASE_TTL.start(), *LEASE_TTL.end());
+    let ttl = ttl_secs.clamp(*LEASE_TTL.start(), max_ttl) as i64;
     let expires_at = now + ttl;
     conn.prepare_cached(
         "INSERT INTO leases (repository, agent_id, operation_id, expires_at) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (repository) DO UPDATE SET agent_id = excluded.agent_id,
-            operation_id = excluded.operation_id, expires_at = excluded.expires_at",
+            operation_id = excluded.operation_id, expires_at = excluded.expires_at,
+            maintenance_kind = NULL, maintenance_slot = NULL",
     )?
     .execute(params![repository, agent_id, operation_id, expires_at])?;
     Ok(Lease::Granted { expires_at })
@@ -590,10 +669,10 @@ pub fn backup_health(conn: &Connection, now: Timestamp) -> Result<HashMap<String
     let mut rows = stmt.query([])?;
     while let Some(row) = rows.next()? {
         let view = row.get::<_, Option<String>>(1)?.is_some().then(|| view_of(row)).transpose()?.map(|(_, v)| v);
-        let last: String = row.get(20)?;
+        let last: String = row.get(22)?;
         let Some(last) = from_word::<OperationStatus>(&last) else { continue };
-        let run = LastRun { view, status: last, finished_at: row.get(21)?, success_at: row.get(22)? };
-        status.insert((row.get(18)?, row.get(19)?), run);
+        let run = LastRun { view, status: last, finished_at: row.get(23)?, success_at: row.get(24)? };
+        status.insert((row.get(20)?, row.get(21)?), run);
     }
     let mut out = HashMap::new();
     let mut agents = conn.prepare_cached("SELECT id, labels FROM agents")?;
@@ -688,6 +767,8 @@ mod tests {
             snapshots: None,
             forget: None,
             restore: None,
+            repository: None,
+            maintenance: None,
         }
     }
 
@@ -957,6 +1038,7 @@ mod tests {
             plan: plan.map(Into::into),
             status,
             kind: None,
+            repository: None,
             before,
             limit,
         };
@@ -1006,6 +1088,135 @@ mod tests {
         assert!(matches!(take_lease(&c, T0 + 100, "a1", "r", &a, 60).unwrap(), Lease::Busy { .. }));
         assert!(release_lease(&c, "a2", "r", &b).unwrap());
         assert!(matches!(take_lease(&c, T0 + 100, "a1", "r", &a, 60).unwrap(), Lease::Granted { .. }));
+    }
+
+    fn maint(
+        kind: rm_protocol::maintenance::MaintenanceKind,
+        slot: Timestamp,
+    ) -> rm_protocol::maintenance::MaintenanceLease {
+        rm_protocol::maintenance::MaintenanceLease { kind, slot }
+    }
+
+    fn maintenance_report(
+        n: u32,
+        repository: &str,
+        status: OperationStatus,
+        at: Timestamp,
+        slot: Timestamp,
+    ) -> OperationReport {
+        OperationReport {
+            plan: String::new(),
+            kind: OperationKind::Prune,
+            repository: Some(repository.into()),
+            maintenance: Some(rm_protocol::maintenance::MaintenanceSummary { slot: Some(slot), ..Default::default() }),
+            ..report(n, "", status, at)
+        }
+    }
+
+    #[test]
+    fn maintenance_leases_run_each_slot_once_and_yield_to_waiting_backups() {
+        use crate::maintenance::{BACKUP_WAIT_WINDOW, MaintLease, take_maintenance_lease};
+        use rm_protocol::maintenance::MaintenanceKind::{Check, Prune};
+        let (_d, c) = setup();
+        add_plan(&c, "daily", "@daily", r#"["a1", "a2"]"#, "{}", T0);
+        let (a, b, x) = (op_id(1), op_id(2), op_id(3));
+        let slot = T0 - 100;
+        let take = |now, agent: &str, op: &str, kind, slot| {
+            take_maintenance_lease(&c, now, agent, "r", op, 60, 3600, &maint(kind, slot)).unwrap()
+        };
+        // Free: granted; the others are told busy; the holder renews.
+        assert_eq!(take(T0, "a1", &a, Prune, slot), MaintLease::Granted { expires_at: T0 + 60, ttl_secs: 60 });
+        assert_eq!(
+            take(T0 + 5, "a2", &b, Prune, slot),
+            MaintLease::Busy { holder_agent: "a1".into(), retry_after_secs: 55 }
+        );
+        assert!(
+            matches!(take(T0 + 20, "a1", &a, Prune, slot), MaintLease::Granted { expires_at, .. } if expires_at == T0 + 80)
+        );
+        // A backup asking meanwhile waits behind the maintenance lease (it is not preempted).
+        assert!(matches!(take_lease(&c, T0 + 21, "a3", "r", &x, 60).unwrap(), Lease::Busy { .. }));
+        // The holder succeeds: its slot is done for everyone, also for a request of an older slot.
+        ingest_reports(&c, T0 + 30, "a1", &[maintenance_report(1, "r", OperationStatus::Success, T0, slot)]).unwrap();
+        assert!(release_lease(&c, "a1", "r", &a).unwrap());
+        assert_eq!(take(T0 + 31, "a2", &b, Prune, slot), MaintLease::Done { done_slot: slot });
+        assert_eq!(take(T0 + 31, "a2", &b, Prune, slot - 3600), MaintLease::Done { done_slot: slot });
+        // The backup that waited recently goes first: no maintenance lease until it stopped asking for a while.
+        assert!(matches!(take(T0 + 31, "a2", &b, Check, slot), MaintLease::Busy { .. }));
+        assert!(matches!(take_lease(&c, T0 + 32, "a3", "r", &x, 60).unwrap(), Lease::Granted { .. }));
+        assert!(release_lease(&c, "a3", "r", &x).unwrap());
+        // Once granted, the backup is no longer waiting: maintenance of another kind (or a later slot) may run.
+        assert!(matches!(take(T0 + 33, "a2", &b, Check, slot), MaintLease::Granted { .. }));
+        // Its holder dies: after the lease lapses another agent takes the same slot over.
+        assert!(matches!(take(T0 + 40, "a1", &a, Check, slot), MaintLease::Busy { .. }));
+        assert!(matches!(take(T0 + 33 + 60, "a1", &a, Check, slot), MaintLease::Granted { .. }));
+        // A failed run does not cover its slot; the failure is the repository's health.
+        let mut failed = maintenance_report(4, "r", OperationStatus::Failed, T0 + 100, slot);
+        failed.kind = OperationKind::Check;
+        ingest_reports(&c, T0 + 120, "a1", &[failed]).unwrap();
+        release_lease(&c, "a1", "r", &a).unwrap();
+        assert!(matches!(take(T0 + 121, "a2", &op_id(5), Check, slot), MaintLease::Granted { .. }));
+        // A later slot is not covered by an earlier success; backups refused within the window hold maintenance off.
+        release_lease(&c, "a2", "r", &op_id(5)).unwrap();
+        take_lease(&c, T0 + 200, "a3", "r", &x, 60).unwrap();
+        assert!(matches!(take_lease(&c, T0 + 201, "a2", "r", &op_id(6), 60).unwrap(), Lease::Busy { .. }));
+        release_lease(&c, "a3", "r", &x).unwrap();
+        assert!(matches!(take(T0 + 202, "a1", &op_id(7), Prune, slot + 1), MaintLease::Busy { .. }));
+        assert!(matches!(
+            take(T0 + 201 + BACKUP_WAIT_WINDOW, "a1", &op_id(7), Prune, slot + 1),
+            MaintLease::Granted { .. }
+        ));
+        // The server's cap shortens a maintenance lease as it does a backup's.
+        release_lease(&c, "a1", "r", &op_id(7)).unwrap();
+        let capped =
+            take_maintenance_lease(&c, T0 + 300, "a1", "r", &op_id(8), 120, 10, &maint(Prune, slot + 2)).unwrap();
+        assert_eq!(capped, MaintLease::Granted { expires_at: T0 + 310, ttl_secs: 10 });
+        assert!(
+            matches!(take_lease_capped(&c, T0 + 311, "a2", "s", &x, 120, 15).unwrap(), Lease::Granted { expires_at } if expires_at == T0 + 326)
+        );
+    }
+
+    #[test]
+    fn repository_health_follows_the_last_check() {
+        use crate::maintenance::repository_health;
+        let (_d, c) = setup();
+        // `setup` defines repository r; a plan on it applies to a1 and a2, not a3.
+        add_plan(&c, "daily", "@daily", r#"["a1", "a2"]"#, "{}", T0);
+        assert_eq!(repository_health(&c).unwrap()["r"].health, Health::Never);
+        let check = |n, status, at| OperationReport {
+            kind: OperationKind::Check,
+            ..maintenance_report(n, "r", status, at, at)
+        };
+        // An agent without a plan on the repository cannot move its health (its report is still stored).
+        ingest_reports(&c, T0 + 10, "a3", &[check(8, OperationStatus::Failed, T0)]).unwrap();
+        assert_eq!(repository_health(&c).unwrap()["r"].health, Health::Never);
+        assert!(get_operation(&c, &op_id(8)).unwrap().is_some());
+        ingest_reports(&c, T0 + 20, "a1", &[check(1, OperationStatus::Failed, T0)]).unwrap();
+        let h = repository_health(&c).unwrap().remove("r").unwrap();
+        assert_eq!(
+            (h.health, h.last_check.as_ref().unwrap().operation_id.as_str()),
+            (Health::Failed, op_id(1).as_str())
+        );
+        // A cancelled check says nothing; a successful one clears the failure; a prune does not touch health.
+        ingest_reports(&c, T0 + 40, "a1", &[check(2, OperationStatus::Cancelled, T0 + 30)]).unwrap();
+        assert_eq!(repository_health(&c).unwrap()["r"].health, Health::Failed);
+        ingest_reports(&c, T0 + 60, "a2", &[maintenance_report(3, "r", OperationStatus::Failed, T0 + 50, T0)]).unwrap();
+        assert_eq!(repository_health(&c).unwrap()["r"].health, Health::Failed);
+        ingest_reports(&c, T0 + 90, "a2", &[check(4, OperationStatus::Success, T0 + 70)]).unwrap();
+        let h = repository_health(&c).unwrap().remove("r").unwrap();
+        assert_eq!((h.health, h.last_prune.unwrap().status), (Health::Ok, OperationStatus::Failed));
+        // The listing shows repository operations, filtered by repository; a repository report needs a valid name
+        // and a maintenance kind.
+        let q = OperationQuery { repository: Some("r".into()), ..Default::default() };
+        let (ops, _) = list_operations(&c, &q).unwrap();
+        assert_eq!(ops.len(), 5, "a3's included");
+        assert!(ops.iter().all(|o| o.repository.as_deref() == Some("r") && o.plan.is_empty()));
+        let bad = OperationReport {
+            kind: OperationKind::Backup,
+            ..maintenance_report(9, "r", OperationStatus::Success, T0, T0)
+        };
+        assert!(ingest_reports(&c, T0, "a1", &[bad]).unwrap_err().to_string().contains("only prune and check"));
+        let bad = maintenance_report(9, "../r", OperationStatus::Success, T0, T0);
+        assert!(ingest_reports(&c, T0, "a1", &[bad]).unwrap_err().to_string().contains("repository"));
     }
 
     #[test]

@@ -692,6 +692,8 @@ mod tests {
             ca_cert: None,
             auto_init: true,
             min_restic_version: None,
+            prune: None,
+            check: None,
         }
     }
 

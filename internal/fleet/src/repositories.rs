@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use rm_protocol::maintenance::{CheckPolicy, PrunePolicy};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::DbError;
@@ -32,6 +33,9 @@ pub struct RepositoryInfo {
     pub min_restic_version: Option<String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    /// Maintenance policies (normalised, see [`crate::maintenance`]).
+    pub prune: Option<PrunePolicy>,
+    pub check: Option<CheckPolicy>,
 }
 
 /// A repository's decrypted secrets, for the code that hands them to restic.
@@ -57,6 +61,8 @@ pub struct NewRepository {
     pub ca_cert: Option<String>,
     pub auto_init: bool,
     pub min_restic_version: Option<String>,
+    pub prune: Option<PrunePolicy>,
+    pub check: Option<CheckPolicy>,
 }
 
 /// A checked change: each `Some` replaces the stored value; `ca_cert: Some(None)` removes the certificate.
@@ -67,6 +73,9 @@ pub struct RepositoryChanges {
     pub env: Option<BTreeMap<String, String>>,
     pub ca_cert: Option<Option<String>>,
     pub auto_init: Option<bool>,
+    /// `Some(None)` removes the policy.
+    pub prune: Option<Option<PrunePolicy>>,
+    pub check: Option<Option<CheckPolicy>>,
     /// `Some(None)` removes the requirement.
     pub min_restic_version: Option<Option<String>>,
 }
@@ -215,23 +224,31 @@ pub fn validate_ca_cert(pem: &str) -> Result<(), String> {
 }
 
 impl NewRepository {
+    /// Checks the repository (maintenance policies included; they are stored normalised).
     pub fn validate(&self) -> Result<(), String> {
         validate_name(&self.name)?;
         validate_url(&self.url)?;
         validate_password(&self.password)?;
         validate_env(&self.env)?;
         self.min_restic_version.as_deref().map_or(Ok(()), validate_min_restic_version)?;
-        self.ca_cert.as_deref().map_or(Ok(()), validate_ca_cert)
+        self.ca_cert.as_deref().map_or(Ok(()), validate_ca_cert)?;
+        self.prune.as_ref().map(crate::maintenance::validate_prune).transpose()?;
+        self.check.as_ref().map(crate::maintenance::validate_check).transpose()?;
+        Ok(())
     }
 }
 
 impl RepositoryChanges {
+    /// Checks the changes (maintenance policies included; they are stored normalised).
     pub fn validate(&self) -> Result<(), String> {
         self.url.as_deref().map_or(Ok(()), validate_url)?;
         self.password.as_deref().map_or(Ok(()), validate_password)?;
         self.env.as_ref().map_or(Ok(()), validate_env)?;
         self.min_restic_version.as_ref().and_then(Option::as_deref).map_or(Ok(()), validate_min_restic_version)?;
-        self.ca_cert.as_ref().and_then(Option::as_deref).map_or(Ok(()), validate_ca_cert)
+        self.ca_cert.as_ref().and_then(Option::as_deref).map_or(Ok(()), validate_ca_cert)?;
+        self.prune.as_ref().and_then(Option::as_ref).map(crate::maintenance::validate_prune).transpose()?;
+        self.check.as_ref().and_then(Option::as_ref).map(crate::maintenance::validate_check).transpose()?;
+        Ok(())
     }
 
     /// What the changes replace, for the audit log (names, never secret values).
@@ -255,6 +272,12 @@ impl RepositoryChanges {
         if let Some(min) = &self.min_restic_version {
             what.push(format!("min_restic_version={}", min.as_deref().unwrap_or("none")));
         }
+        if let Some(p) = &self.prune {
+            what.push(p.as_ref().map_or("prune removed".into(), |p| format!("prune={}", describe_prune(p))));
+        }
+        if let Some(c) = &self.check {
+            what.push(c.as_ref().map_or("check removed".into(), |c| format!("check={}", describe_check(c))));
+        }
         what.join(", ")
     }
 
@@ -265,7 +288,17 @@ impl RepositoryChanges {
             && self.ca_cert.is_none()
             && self.auto_init.is_none()
             && self.min_restic_version.is_none()
+            && self.prune.is_none()
+            && self.check.is_none()
     }
+}
+
+fn describe_prune(p: &PrunePolicy) -> String {
+    format!("{:?} max_unused={}", p.schedule, p.max_unused.as_deref().unwrap_or("default"))
+}
+
+fn describe_check(c: &CheckPolicy) -> String {
+    format!("{:?} read_data_subset={}", c.schedule, c.read_data_subset.as_deref().unwrap_or("none"))
 }
 
 fn password_context(name: &str) -> String {
@@ -286,7 +319,8 @@ fn seal_env(key: &SecretKey, name: &str, env: &BTreeMap<String, String>) -> (Opt
     (Some(key.seal(&env_context(name), &json)), Some(names))
 }
 
-const COLUMNS: &str = "name, url, env_names, ca_cert, auto_init, created_at, updated_at, min_restic_version";
+const COLUMNS: &str =
+    "name, url, env_names, ca_cert, auto_init, created_at, updated_at, min_restic_version, prune_policy, check_policy";
 
 fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RepositoryInfo> {
     let names: Option<String> = r.get(2)?;
@@ -299,6 +333,8 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RepositoryInfo> {
         created_at: r.get(5)?,
         updated_at: r.get(6)?,
         min_restic_version: r.get(7)?,
+        prune: crate::maintenance::from_json(r.get(8)?),
+        check: crate::maintenance::from_json(r.get(9)?),
     })
 }
 
@@ -319,16 +355,35 @@ pub fn create_repository(
     let (env, env_names) = seal_env(key, &new.name, &new.env);
     let inserted = conn.execute(
         "INSERT INTO repositories (name, url, password, env, env_names, ca_cert, auto_init, created_at, updated_at,
-                                   min_restic_version)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9) ON CONFLICT (name) DO NOTHING",
-        params![new.name, new.url, password, env, env_names, new.ca_cert, new.auto_init, now, new.min_restic_version],
+                                   min_restic_version, prune_policy, check_policy)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11) ON CONFLICT (name) DO NOTHING",
+        params![
+            new.name,
+            new.url,
+            password,
+            env,
+            env_names,
+            new.ca_cert,
+            new.auto_init,
+            now,
+            new.min_restic_version,
+            crate::maintenance::prune_json(&new.prune),
+            crate::maintenance::check_json(&new.check)
+        ],
     )?;
     if inserted == 0 {
         return Ok(Err(NameTaken));
     }
     crate::plans::bump_config_revision(conn)?;
     let env_names = new.env.keys().cloned().collect::<Vec<_>>().join(",");
-    record(conn, audit, format!("created {} env=[{env_names}] auto_init={}", new.name, new.auto_init))?;
+    let mut detail = format!("created {} env=[{env_names}] auto_init={}", new.name, new.auto_init);
+    if let Some(p) = &new.prune {
+        detail += &format!(" prune={}", describe_prune(p));
+    }
+    if let Some(c) = &new.check {
+        detail += &format!(" check={}", describe_check(c));
+    }
+    record(conn, audit, detail)?;
     Ok(Ok(get_repository(conn, &new.name)?.expect("the row was just inserted")))
 }
 
@@ -375,6 +430,14 @@ pub fn update_repository(
     if let Some(min) = &changes.min_restic_version {
         conn.execute("UPDATE repositories SET min_restic_version = ?2 WHERE name = ?1", params![name, min])?;
     }
+    if let Some(prune) = &changes.prune {
+        let json = crate::maintenance::prune_json(prune);
+        conn.execute("UPDATE repositories SET prune_policy = ?2 WHERE name = ?1", params![name, json])?;
+    }
+    if let Some(check) = &changes.check {
+        let json = crate::maintenance::check_json(check);
+        conn.execute("UPDATE repositories SET check_policy = ?2 WHERE name = ?1", params![name, json])?;
+    }
     conn.execute("UPDATE repositories SET updated_at = ?2 WHERE name = ?1", params![name, now])?;
     crate::plans::bump_config_revision(conn)?;
     get_repository(conn, name)
@@ -404,6 +467,7 @@ pub fn delete_repository(
     }
     let deleted = conn.execute("DELETE FROM repositories WHERE name = ?1", [name])? > 0;
     if deleted {
+        crate::maintenance::forget_repository(conn, name)?;
         crate::plans::bump_config_revision(conn)?;
         record(conn, audit, format!("deleted {name}"))?;
     }
@@ -493,6 +557,8 @@ mod tests {
             ca_cert: None,
             auto_init: true,
             min_restic_version: None,
+            prune: None,
+            check: None,
         }
     }
 

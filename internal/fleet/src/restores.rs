@@ -257,6 +257,8 @@ mod tests {
                         ca_cert: None,
                         auto_init: true,
                         min_restic_version: None,
+                        prune: None,
+                        check: None,
                     };
                     create_repository(c, &key, T0, &repo, AuditEvent::default())?.unwrap();
                 }
@@ -321,6 +323,8 @@ mod tests {
             snapshots: Some(snapshots),
             restore: None,
             forget: None,
+            repository: None,
+            maintenance: None,
         };
         let agent = agent.to_owned();
         db.call_blocking(move |c| Ok(ingest_reports(c, T0 + 2, &agent, &[report]).unwrap())).unwrap();
@@ -417,6 +421,8 @@ mod tests {
                 exit_code: None,
                 snapshots: None,
                 forget: None,
+                repository: None,
+                maintenance: None,
                 restore: Some(RestoreResult {
                     target: "/var/x".into(),
                     snapshot: Some(full.clone()),

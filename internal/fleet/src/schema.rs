@@ -169,6 +169,34 @@ pub const MIGRATIONS: &[&str] = &[
     "ALTER TABLE agents ADD COLUMN restic_managed INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE agents ADD COLUMN restic_install_error TEXT;
     ALTER TABLE repositories ADD COLUMN min_restic_version TEXT;",
+    // Repository maintenance (issue 15). `prune_policy` / `check_policy` are the operator's policies as JSON
+    // (`rm_protocol::maintenance::{PrunePolicy, CheckPolicy}`, normalised). A lease with a `maintenance_kind` is a
+    // maintenance lease for the firing `maintenance_slot`. `lease_waits` is when a backup last asked for a busy
+    // repository's lease (maintenance is not granted while backups wait). `repository_maintenance` keeps, per
+    // repository and kind, the operator's run-now request, the last finished run and the newest slot a successful
+    // run covered. Operations of a repository (prune, check) name it in `operations.repository`.
+    "ALTER TABLE repositories ADD COLUMN prune_policy TEXT;
+    ALTER TABLE repositories ADD COLUMN check_policy TEXT;
+    ALTER TABLE leases ADD COLUMN maintenance_kind TEXT;
+    ALTER TABLE leases ADD COLUMN maintenance_slot INTEGER;
+    ALTER TABLE operations ADD COLUMN repository TEXT;
+    ALTER TABLE operations ADD COLUMN maintenance TEXT;
+    CREATE INDEX operations_repository ON operations(repository, seq) WHERE repository IS NOT NULL;
+    CREATE TABLE lease_waits (
+        repository TEXT PRIMARY KEY,
+        asked_at   INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE repository_maintenance (
+        repository        TEXT NOT NULL,
+        kind              TEXT NOT NULL,
+        requested_at      INTEGER,
+        last_operation    TEXT,
+        last_status       TEXT,
+        last_finished_at  INTEGER,
+        last_success_at   INTEGER,
+        done_slot         INTEGER,
+        PRIMARY KEY (repository, kind)
+    ) STRICT;",
 ];
 
 pub fn migrations() -> Migrations<'static> {

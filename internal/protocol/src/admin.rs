@@ -179,6 +179,9 @@ pub struct AgentList {
     #[serde(default)]
     pub health_counts: BTreeMap<crate::backup::Health, usize>,
     pub stale_after_secs: u64,
+    /// Every repository's maintenance health (from checks) and last prune and check, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub repositories: Vec<crate::maintenance::RepositoryHealth>,
 }
 
 /// `GET /api/v1/audit?kind=&before=&limit=`
@@ -237,6 +240,12 @@ pub struct CreateRepository {
     /// server's restic first.
     #[serde(default)]
     pub min_restic_version: Option<String>,
+    /// Prune on this schedule (one agent of those using the repository, under the server's maintenance lease).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune: Option<crate::maintenance::PrunePolicy>,
+    /// Check on this schedule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<crate::maintenance::CheckPolicy>,
 }
 
 /// `PATCH /api/v1/repositories/{name}`: each field present replaces the stored value (`env` replaces the whole
@@ -258,6 +267,15 @@ pub struct UpdateRepository {
     /// Absent: keep; `null`: remove; a string: replace.
     #[serde(default, deserialize_with = "present")]
     pub min_restic_version: Option<Option<String>>,
+    /// Absent: keep; `null`: remove the policy; an object: replace it.
+    #[serde(default, deserialize_with = "present_policy", skip_serializing_if = "Option::is_none")]
+    pub prune: Option<Option<crate::maintenance::PrunePolicy>>,
+    #[serde(default, deserialize_with = "present_policy", skip_serializing_if = "Option::is_none")]
+    pub check: Option<Option<crate::maintenance::CheckPolicy>>,
+}
+
+fn present_policy<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
 }
 
 /// Tells a present `null` (`Some(None)`) from an absent field (`None`, via `default`).
@@ -303,6 +321,13 @@ pub struct RepositoryView {
     /// RFC 3339.
     pub created: String,
     pub updated: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune: Option<crate::maintenance::PrunePolicy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<crate::maintenance::CheckPolicy>,
+    /// Health (from checks) and the last prune and check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<crate::maintenance::RepositoryHealth>,
 }
 
 /// `GET /api/v1/repositories`

@@ -257,6 +257,12 @@ pub struct AgentRepository {
     /// server's restic first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_restic_version: Option<String>,
+    /// The repository's prune policy, for the agents whose plans use it (issue 15).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prune: Option<crate::maintenance::AgentMaintenance>,
+    /// The repository's check policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<crate::maintenance::AgentMaintenance>,
 }
 
 impl std::fmt::Debug for AgentRepository {
@@ -266,6 +272,8 @@ impl std::fmt::Debug for AgentRepository {
             .field("url", &self.url)
             .field("env", &self.env.keys().collect::<Vec<_>>())
             .field("auto_init", &self.auto_init)
+            .field("prune", &self.prune)
+            .field("check", &self.check)
             .finish_non_exhaustive()
     }
 }
@@ -346,6 +354,12 @@ pub struct OperationReport {
     /// A restore's target directory and what it restored (kind `restore` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<crate::restore::RestoreResult>,
+    /// A repository-level operation (prune, check) names its repository here; its `plan` is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// What a prune or check did (slot, space removed, check errors).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<crate::maintenance::MaintenanceSummary>,
 }
 
 /// `POST /api/v1/agents/reports`: the agent's queued reports, oldest first.
@@ -369,6 +383,9 @@ pub struct LeaseRequest {
     pub operation_id: String,
     /// The lease lapses this long after the last renewal (an agent that died stops blocking others).
     pub ttl_secs: u64,
+    /// A maintenance lease (prune, check) for one scheduled firing; absent for a backup's run lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<crate::maintenance::MaintenanceLease>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -376,6 +393,9 @@ pub struct LeaseGranted {
     pub repository: String,
     pub operation_id: String,
     pub expires_at: Timestamp,
+    /// The lifetime granted (the server may cap the one asked for); the holder renews well within it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -507,6 +527,9 @@ pub struct OperationQuery {
     pub status: Option<OperationStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<OperationKind>,
+    /// Repository-level operations (prune, check) of this repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
     /// Page below this cursor (the previous page's `next_before`).
     #[serde(default)]
     pub before: Option<i64>,
@@ -539,6 +562,11 @@ pub struct OperationView {
     /// A restore's target directory and what it restored (kind `restore` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<crate::restore::RestoreResult>,
+    /// Set for repository-level operations (prune, check).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<crate::maintenance::MaintenanceSummary>,
 }
 
 /// `GET /api/v1/operations`: newest first; `next_before` pages on.

@@ -14,6 +14,7 @@
 //! * [`backup`]: plans, repositories as agents receive them, operation reports, leases, snapshots, health.
 //! * [`retention`]: plans' retention policies (restic's keep options) and what `forget` removed.
 //! * [`restore`]: restore requests, snapshot listings, the agent's task long-poll.
+//! * [`maintenance`]: repository prune and check policies, maintenance leases, repository health.
 //! * [`schedule`]: cron and `@every` schedules, read the same way by server and agent.
 //! * [`error`]: the JSON error body every 4xx/5xx carries.
 //! * [`restic_dist`]: restic builds the server hands out, their sidecar, a host's drift from them.
@@ -45,6 +46,7 @@ pub mod admin;
 pub mod agent;
 pub mod backup;
 pub mod error;
+pub mod maintenance;
 pub mod manifest;
 pub mod pin;
 pub mod platform;

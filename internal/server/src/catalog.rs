@@ -138,7 +138,13 @@ pub fn fleet_view(
         })
         .filter(|v| filter.state.is_none_or(|s| s == v.state) && filter.health.is_none_or(|h| v.health == Some(h)))
         .collect();
-    AgentList { agents: views, counts, health_counts, stale_after_secs: stale_after.as_secs() }
+    AgentList {
+        agents: views,
+        counts,
+        health_counts,
+        stale_after_secs: stale_after.as_secs(),
+        repositories: Vec::new(),
+    }
 }
 
 /// The fleet view as of now: the served builds, then the agents and their backup health in one database read.
@@ -146,11 +152,24 @@ pub async fn fleet_view_now(state: &AppState, base: String, filter: &AgentFilter
     let base_restic = base.clone();
     let served = entries(state, base).await?;
     let now = rm_fleet::now();
-    let (agents, backups) =
-        state.fleet().call(move |c| Ok((rm_fleet::list_agents(c)?, rm_fleet::backup_health(c, now)?))).await?;
-    let mut list = fleet_view(agents, &served, now, state.settings().stale_after, filter, backups);
-    fill_restic_drift(&mut list, &restic_entries(state, base_restic).await?);
-    Ok(list)
+    let (agents, backups, repositories) = state
+        .fleet()
+        .call(move |c| {
+            Ok((rm_fleet::list_agents(c)?, rm_fleet::backup_health(c, now)?, rm_fleet::repository_health(c)?))
+        })
+        .await?;
+    let mut view = fleet_view(agents, &served, now, state.settings().stale_after, filter, backups);
+    fill_restic_drift(&mut view, &restic_entries(state, base_restic).await?);
+    Ok(AgentList { repositories: sorted_repositories(repositories), ..view })
+}
+
+/// The repositories' maintenance health in name order, for the fleet view.
+pub fn sorted_repositories(
+    health: std::collections::HashMap<String, rm_protocol::maintenance::RepositoryHealth>,
+) -> Vec<rm_protocol::maintenance::RepositoryHealth> {
+    let mut list: Vec<_> = health.into_values().collect();
+    list.sort_by(|a, b| a.repository.cmp(&b.repository));
+    list
 }
 
 fn agent_view(record: AgentRecord, state: AgentState, served_sha256: Option<String>) -> AgentView {

@@ -92,6 +92,7 @@ fn routes(state: &AppState) -> Router<AppState> {
             "/api/v1/repositories/{name}",
             get(repositories::get).patch(repositories::update).delete(repositories::delete),
         )
+        .route("/api/v1/repositories/{name}/maintenance", post(repositories::run_maintenance))
         .route("/api/v1/plans", get(plans::list).post(plans::create))
         .route("/api/v1/plans/{name}", get(plans::get).patch(plans::update).delete(plans::delete))
         .route("/api/v1/plans/{name}/run", post(plans::run))

@@ -54,6 +54,9 @@ pub struct Settings {
     pub net: NetSettings,
     /// `GET /metrics` answers without the admin token.
     pub metrics_public: bool,
+    /// The longest repository lease granted (backup and maintenance); an agent that dies stops blocking the
+    /// repository after at most this long. Agents renew at a third of the lifetime granted.
+    pub max_lease_ttl: Duration,
 }
 
 /// How long a connection may take to send a request head, stay idle, stall a response or trickle a request body, and
@@ -102,6 +105,7 @@ impl Default for Settings {
             download_audit_interval: Duration::from_secs(600),
             net: NetSettings::default(),
             metrics_public: false,
+            max_lease_ttl: Duration::from_secs(3600),
         }
     }
 }

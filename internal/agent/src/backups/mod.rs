@@ -7,10 +7,13 @@
 //! * [`outbox`]: final reports on disk until the server has them; `running`/progress reports in memory.
 //! * [`runner`]: one operation: plan slot, repository lock, server lease, restic, final report.
 //! * [`restore`]: restore and listing tasks, and the long-poll that brings them (and run-now requests) at once.
+//! * [`maintenance`]: the repositories' prune and check: scheduled per repository, run under the server's
+//!   maintenance lease, reported as operations of the repository.
 //!
 //! [`Backups`] ties them together for `commands::run`: [`Backups::heartbeat_fields`] for each heartbeat,
 //! [`Backups::on_answer`] for each answer (config sync, run-now), the scheduler thread, and shutdown.
 
+pub mod maintenance;
 pub mod outbox;
 pub mod restore;
 pub mod runner;
@@ -218,6 +221,7 @@ pub(crate) struct Inner {
     accepted: Mutex<Accepted>,
     open: Mutex<OpenOperations>,
     schedule: Mutex<ScheduleState>,
+    maintenance: Mutex<maintenance::MaintenanceState>,
     poke: Mutex<bool>,
     poke_cv: Condvar,
     stopping: AtomicBool,
@@ -383,6 +387,11 @@ impl Inner {
         }
     }
 
+    /// Holds `repository` if no other run of this agent uses it; false at once otherwise.
+    fn try_lock_repository(&self, repository: &str) -> bool {
+        lock(&self.repositories).insert(repository.to_string())
+    }
+
     fn unlock_repository(&self, repository: &str) {
         lock(&self.repositories).remove(repository);
         self.repositories_cv.notify_all();
@@ -411,7 +420,18 @@ impl Inner {
         }
         {
             let mut slots = lock(&self.slots);
+            let entries = maintenance::entries(&config);
             for (name, slot) in slots.iter_mut() {
+                if maintenance::is_key(name) {
+                    // A maintenance run goes on through policy changes; a removed policy (or repository) stops it.
+                    if !entries.iter().any(|e| &e.key == name) {
+                        let why = "the repository's maintenance policy was removed from this agent's config";
+                        for c in [&mut slot.running, &mut slot.waiting].into_iter().flatten() {
+                            c.cancel(why);
+                        }
+                    }
+                    continue;
+                }
                 let now = effective(&config, name);
                 let why = if now.is_none() {
                     "the plan was removed from this agent's backup config"
@@ -487,7 +507,7 @@ impl Inner {
 fn effective(config: &AgentConfigBody, plan: &str) -> Option<(AgentPlan, AgentRepository)> {
     let p = config.plans.iter().find(|p| p.name == plan)?;
     let r = config.repositories.iter().find(|r| r.name == p.repository)?;
-    Some((p.clone(), r.clone()))
+    Some((p.clone(), maintenance::without_policies(r.clone())))
 }
 
 struct ActiveGuard<'a>(&'a Inner);
@@ -538,6 +558,12 @@ impl Backups {
                 None
             })
             .unwrap_or_default();
+        let maintenance_state: maintenance::MaintenanceState = store::load_json(&maintenance::state_path(&paths))
+            .unwrap_or_else(|e| {
+                or_default("maintenance state", e);
+                None
+            })
+            .unwrap_or_default();
         let open: OpenOperations = store::load_json(&paths.open_operations())
             .unwrap_or_else(|e| {
                 or_default("open operations", e);
@@ -584,6 +610,7 @@ impl Backups {
             accepted: Mutex::new(accepted),
             open: Mutex::new(OpenOperations::default()),
             schedule: Mutex::new(schedule),
+            maintenance: Mutex::new(maintenance_state),
             poke: Mutex::new(false),
             poke_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
@@ -873,6 +900,23 @@ fn scheduler_loop(inner: &Arc<Inner>) {
                 spawn_run(inner, d.plan, d.trigger, None);
             }
         }
+        let entries = lock(&inner.config).as_ref().map(maintenance::entries);
+        if let Some(entries) = entries {
+            let mut state = lock(&inner.maintenance);
+            let (due, changed) = state.take_due(&entries, &inner.agent_id, now, inner.started);
+            if changed {
+                if let Err(e) = store::save_json(&maintenance::state_path(&inner.paths), &*state) {
+                    crate::log(format_args!("cannot save the maintenance state: {e}"));
+                }
+            }
+            if let Some(next) = state.schedule.next_wake(&entries, &inner.agent_id, now) {
+                wait = wait.min((next - now).to_std().unwrap_or(Duration::ZERO));
+            }
+            drop(state);
+            for (entry, trigger, slot) in due {
+                maintenance::spawn(inner, entry, trigger, slot);
+            }
+        }
         inner.sleep_scheduler(wait);
     }
 }
@@ -898,6 +942,16 @@ pub fn status_lines(config_path: &Path, restic_path: Option<&Path>, agent_id: &s
                     crate::printable(&plan.name),
                     crate::printable(&plan.schedule),
                     crate::printable(&plan.repository)
+                ));
+            }
+            for entry in maintenance::entries(&config) {
+                let next = scheduler::next_run(&entry, agent_id, now)
+                    .map_or_else(|| "never (invalid schedule)".to_string(), |t| t.to_rfc3339());
+                lines.push(format!(
+                    "  {} of repository {}: {}, next run {next} (one agent of those using it runs each firing)",
+                    entry.kind,
+                    crate::printable(&entry.repository),
+                    crate::printable(&entry.policy.schedule)
                 ));
             }
         }
@@ -936,6 +990,8 @@ pub(crate) mod tests {
         /// Then how many lease requests still fail, and how: an HTTP status, or 0 for an unreachable server.
         lease_fail: (u32, u16),
         lease_requests: usize,
+        /// Maintenance lease requests (after the busy ones) answer `maintenance_done`.
+        slot_done: bool,
     }
 
     impl FakeServer {
@@ -960,6 +1016,9 @@ pub(crate) mod tests {
         /// The next `times` lease requests (after the busy ones) fail with `status` (0: the server is unreachable).
         pub(crate) fn lease_fail(&self, times: u32, status: u16) {
             lock(&self.state).lease_fail = (times, status);
+        }
+        pub(crate) fn slot_done(&self, done: bool) {
+            lock(&self.state).slot_done = done;
         }
         pub(crate) fn lease_requests(&self) -> usize {
             lock(&self.state).lease_requests
@@ -1008,6 +1067,9 @@ pub(crate) mod tests {
                 s.busy -= 1;
                 return Ok(Lease::Busy { retry_after_secs: 1 });
             }
+            if s.slot_done && request.maintenance.is_some() {
+                return Ok(Lease::Done);
+            }
             if s.lease_fail.0 > 0 {
                 s.lease_fail.0 -= 1;
                 return Err(match s.lease_fail.1 {
@@ -1019,6 +1081,7 @@ pub(crate) mod tests {
                 repository: request.repository.clone(),
                 operation_id: request.operation_id.clone(),
                 expires_at: 0,
+                ttl_secs: None,
             }))
         }
         fn release_lease(&self, _: &str, _: &str) -> Result<(), AgentError> {
@@ -1051,6 +1114,8 @@ pub(crate) mod tests {
                 ca_cert: None,
                 auto_init: false,
                 min_restic_version: None,
+                prune: None,
+                check: None,
             }],
         }
     }

@@ -358,6 +358,8 @@ mod tests {
             snapshots: None,
             forget: None,
             restore: None,
+            repository: None,
+            maintenance: None,
         }
     }
 

@@ -72,6 +72,8 @@ pub(super) fn report(id: &str, plan: &str, trigger: Trigger, started_at: i64) ->
         snapshots: None,
         forget: None,
         restore: None,
+        repository: None,
+        maintenance: None,
     }
 }
 
@@ -363,8 +365,12 @@ impl LeaseHold {
     /// Once the repository was seen busy, though, another agent is known to use it: an error then only means ask
     /// again at the same poll interval (cancellably), never run beside it.
     fn acquire(inner: &Arc<Inner>, repository: &str, id: &str, cancel: &Cancel) -> Option<LeaseHold> {
-        let request =
-            LeaseRequest { repository: repository.to_string(), operation_id: id.to_string(), ttl_secs: LEASE_TTL_SECS };
+        let request = LeaseRequest {
+            repository: repository.to_string(),
+            operation_id: id.to_string(),
+            ttl_secs: LEASE_TTL_SECS,
+            maintenance: None,
+        };
         let mut hold =
             LeaseHold { held: None, inner: inner.clone(), repository: repository.to_string(), id: id.to_string() };
         // Set once the repository was seen busy: the poll interval (seconds) to keep asking at.
@@ -376,12 +382,19 @@ impl LeaseHold {
                 return None;
             }
             let error = match inner.server.take_lease(&request) {
-                Ok(Lease::Granted(_)) => {
+                Ok(Lease::Granted(granted)) => {
                     if inner.lease_unreachable.swap(false, std::sync::atomic::Ordering::SeqCst) {
                         crate::log("repository leases granted again");
                     }
-                    hold.held = Some(renewer(inner.clone(), request));
+                    hold.held = Some(renewer(inner.clone(), request, renew_every(granted.ttl_secs)));
                     return Some(hold);
+                }
+                // Only maintenance lease requests are answered "done"; a backup's never is. Ask again.
+                Ok(Lease::Done) => {
+                    if !sleep_unless(cancel, poll_wait(LEASE_POLL_MAX_SECS)) {
+                        return None;
+                    }
+                    continue;
                 }
                 Ok(Lease::Busy { retry_after_secs }) => {
                     if busy_poll.is_none() {
@@ -436,17 +449,30 @@ impl LeaseHold {
 }
 
 /// The wait before asking again for a busy repository's lease: `base` seconds plus up to 1 s of jitter.
-fn poll_wait(base: u64) -> Duration {
+pub(super) fn poll_wait(base: u64) -> Duration {
     Duration::from_secs(base) + Duration::from_millis(random_below(1000))
 }
 
-fn renewer(inner: Arc<Inner>, request: LeaseRequest) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
+/// How often a lease of `ttl_secs` (as granted; `None` from servers that do not say) is renewed: every
+/// [`LEASE_RENEW`], or a third of a shorter lifetime the server granted, so two renewals may fail before it lapses.
+pub(super) fn renew_every(ttl_secs: Option<u64>) -> Duration {
+    match ttl_secs {
+        Some(ttl) => (Duration::from_secs(ttl) / 3).clamp(Duration::from_secs(1), LEASE_RENEW),
+        None => LEASE_RENEW,
+    }
+}
+
+pub(super) fn renewer(
+    inner: Arc<Inner>,
+    request: LeaseRequest,
+    every: Duration,
+) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel::<()>();
     let thread = std::thread::spawn(move || {
-        while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(LEASE_RENEW) {
+        while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
             match inner.server.take_lease(&request) {
                 Ok(Lease::Granted(_)) => {}
-                Ok(Lease::Busy { .. }) => crate::log(format_args!(
+                Ok(Lease::Busy { .. } | Lease::Done) => crate::log(format_args!(
                     "the lease on repository {} was taken by another agent while operation {} runs",
                     crate::printable(&request.repository),
                     request.operation_id
@@ -469,7 +495,7 @@ impl Drop for LeaseHold {
 }
 
 /// Sleeps `d` in short steps; false as soon as `cancel` is set.
-fn sleep_unless(cancel: &Cancel, d: Duration) -> bool {
+pub(super) fn sleep_unless(cancel: &Cancel, d: Duration) -> bool {
     let end = Instant::now() + d;
     while Instant::now() < end {
         if cancel.is_cancelled() {

@@ -56,22 +56,47 @@ pub struct Due {
     pub firing: DateTime<Utc>,
 }
 
-fn parse(plan: &AgentPlan) -> Option<Schedule> {
-    Schedule::parse(&plan.schedule).ok()
+/// Something that fires on a schedule: a plan, or a repository's prune or check (`backups::maintenance`).
+pub trait Scheduled {
+    /// Unique among the entries of one [`ScheduleState`].
+    fn name(&self) -> &str;
+    fn schedule(&self) -> &str;
+    fn timezone(&self) -> Timezone;
+    fn jitter_secs(&self) -> u64;
+}
+
+impl Scheduled for AgentPlan {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn schedule(&self) -> &str {
+        &self.schedule
+    }
+    fn timezone(&self) -> Timezone {
+        self.timezone
+    }
+    fn jitter_secs(&self) -> u64 {
+        self.jitter_secs
+    }
+}
+
+fn parse<P: Scheduled>(plan: &P) -> Option<Schedule> {
+    Schedule::parse(plan.schedule()).ok()
 }
 
 impl ScheduleState {
     /// Brings the state in line with `plans`: new plans (and plans whose schedule or timezone changed) record `now`,
     /// removed plans are dropped. Returns whether anything changed (the caller saves then).
-    pub fn reconcile(&mut self, plans: &[AgentPlan], now: DateTime<Utc>) -> bool {
+    pub fn reconcile<P: Scheduled>(&mut self, plans: &[P], now: DateTime<Utc>) -> bool {
         let before = self.plans.clone();
-        self.plans.retain(|name, _| plans.iter().any(|p| &p.name == name));
+        self.plans.retain(|name, _| plans.iter().any(|p| p.name() == name));
         for plan in plans {
-            let fresh = PlanState { schedule: plan.schedule.clone(), timezone: plan.timezone, last: now.timestamp() };
-            match self.plans.get(&plan.name) {
-                Some(s) if s.schedule == plan.schedule && s.timezone == plan.timezone => {}
+            let fresh =
+                PlanState { schedule: plan.schedule().to_string(), timezone: plan.timezone(), last: now.timestamp() };
+            match self.plans.get(plan.name()) {
+                Some(s) if s.schedule == plan.schedule() && s.timezone == plan.timezone() => {}
                 _ => {
-                    self.plans.insert(plan.name.clone(), fresh);
+                    self.plans.insert(plan.name().to_string(), fresh);
                 }
             }
         }
@@ -80,38 +105,38 @@ impl ScheduleState {
 
     /// The plans due at `now` (at most one run each), marked handled. `started` is when this process started:
     /// a firing that fell due before it is a catch-up. Call [`ScheduleState::reconcile`] first.
-    pub fn take_due(
+    pub fn take_due<P: Scheduled>(
         &mut self,
-        plans: &[AgentPlan],
+        plans: &[P],
         agent_id: &str,
         now: DateTime<Utc>,
         started: DateTime<Utc>,
     ) -> Vec<Due> {
         let mut due = Vec::new();
         for plan in plans {
-            let (Some(schedule), Some(state)) = (parse(plan), self.plans.get_mut(&plan.name)) else { continue };
-            let offset = offset(agent_id, &plan.name, plan.jitter_secs);
-            let Some(latest) = schedule.previous_at_or_before(now - offset, plan.timezone) else { continue };
+            let (Some(schedule), Some(state)) = (parse(plan), self.plans.get_mut(plan.name())) else { continue };
+            let offset = offset(agent_id, plan.name(), plan.jitter_secs());
+            let Some(latest) = schedule.previous_at_or_before(now - offset, plan.timezone()) else { continue };
             if latest.timestamp() <= state.last {
                 continue;
             }
             state.last = latest.timestamp();
             let trigger = if latest + offset < started { Trigger::CatchUp } else { Trigger::Schedule };
-            due.push(Due { plan: plan.name.clone(), trigger, firing: latest });
+            due.push(Due { plan: plan.name().to_string(), trigger, firing: latest });
         }
         due
     }
 
     /// When the next of `plans` falls due after `now` (offset included).
-    pub fn next_wake(&self, plans: &[AgentPlan], agent_id: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    pub fn next_wake<P: Scheduled>(&self, plans: &[P], agent_id: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         plans.iter().filter_map(|p| next_run(p, agent_id, now)).min()
     }
 }
 
 /// When `plan` next runs on this host after `now` (its next firing plus this host's offset).
-pub fn next_run(plan: &AgentPlan, agent_id: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-    let offset = offset(agent_id, &plan.name, plan.jitter_secs);
-    parse(plan)?.next_after(now - offset, plan.timezone).map(|t| t + offset)
+pub fn next_run<P: Scheduled>(plan: &P, agent_id: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    let offset = offset(agent_id, plan.name(), plan.jitter_secs());
+    parse(plan)?.next_after(now - offset, plan.timezone()).map(|t| t + offset)
 }
 
 #[cfg(test)]

@@ -243,7 +243,11 @@ pub async fn config(
                 let Ok(secrets) = secrets else {
                     return Ok(Err(ApiError::Internal(format!("the secrets of repository {name:?} do not decrypt"))));
                 };
+                let (prune, check) =
+                    rm_fleet::maintenance::agent_policies(c, rm_fleet::now(), &info.name, &info.prune, &info.check)?;
                 repositories.push(AgentRepository {
+                    prune,
+                    check,
                     name: info.name,
                     url: info.url,
                     password: secrets.password,

@@ -14,6 +14,10 @@
 //! Fleet: `restic_manager_agents{state=…}` (every state, 0 included) and `restic_manager_agents_health{health=…}`
 //! (agents by their worst plan; agents without plans are not counted), `restic_manager_agents_restic{drift=…}`
 //! (every drift, 0 included: `current`, `behind`, `ahead`, `missing`, `unknown` against the served restic).
+//!
+//! Per repository (label `repository`): `restic_manager_repository_health{health=…}` (from its last check: `ok`,
+//! `failed`, `never` …, one series per state as above) and `restic_manager_repository_last_maintenance_timestamp_
+//! seconds{kind="prune"|"check"}`: Unix time of the last successful prune or check (absent if none).
 
 use std::sync::atomic::AtomicU64;
 
@@ -50,6 +54,21 @@ pub fn render(view: &AgentList) -> String {
     let duration = FloatFamily::default();
     let agents = IntFamily::default();
     let agents_health = IntFamily::default();
+    let repository_health = IntFamily::default();
+    let last_maintenance = IntFamily::default();
+    for repo in &view.repositories {
+        for h in Health::ALL {
+            let labels = vec![("repository", repo.repository.clone()), ("health", h.as_str().to_owned())];
+            repository_health.get_or_create(&labels).set(i64::from(repo.health == h));
+        }
+        for (kind, at) in [("prune", repo.last_success_prune_at), ("check", repo.last_success_check_at)] {
+            if let Some(at) = at {
+                last_maintenance
+                    .get_or_create(&vec![("repository", repo.repository.clone()), ("kind", kind.to_owned())])
+                    .set(at);
+            }
+        }
+    }
     for agent in &view.agents {
         for plan in &agent.backups {
             let labels: Labels =
@@ -124,6 +143,16 @@ pub fn render(view: &AgentList) -> String {
         duration,
     );
     registry.register("restic_manager_agents", "Enrolled agents by state", agents);
+    registry.register(
+        "restic_manager_repository_health",
+        "1 for the maintenance health of a repository (from its last check), 0 for the other states",
+        repository_health,
+    );
+    registry.register(
+        "restic_manager_repository_last_maintenance_timestamp_seconds",
+        "Unix time of the last successful prune or check of a repository",
+        last_maintenance,
+    );
     registry.register("restic_manager_agents_health", "Agents by backup health (their worst plan)", agents_health);
     registry.register(
         "restic_manager_agents_restic",

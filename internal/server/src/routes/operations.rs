@@ -11,7 +11,7 @@ use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
 use rm_fleet::Connection;
-use rm_fleet::{IngestError, Lease};
+use rm_fleet::{IngestError, Lease, MaintLease};
 use rm_protocol::backup::{
     LeaseGranted, LeaseRequest, OperationPage, OperationQuery, ReportAck, ReportBatch, SnapshotList,
 };
@@ -91,7 +91,8 @@ fn check_lease_names(repository: &str, operation_id: &str) -> Result<(), ApiErro
     Ok(())
 }
 
-/// `POST /api/v1/agents/leases`: take or renew a repository's run lease.
+/// `POST /api/v1/agents/leases`: take or renew a repository's run lease, or (with `maintenance`) its maintenance
+/// lease for one firing: 409 `maintenance_done` when a successful run already covered that slot.
 pub async fn take_lease(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -100,29 +101,46 @@ pub async fn take_lease(
     let credential = credential(&headers)?;
     let request = body(request, crate::JSON_BODY_LIMIT)
         .and_then(|r| check_lease_names(&r.repository, &r.operation_id).map(|()| r));
+    let max_ttl = state.settings().max_lease_ttl.as_secs();
     let (request, lease) = as_agent(&state, credential, move |c, agent_id| {
         let request = match request {
             Ok(r) => r,
             Err(refused) => return Ok(Err(refused)),
         };
-        let lease = rm_fleet::take_lease(
-            c,
-            rm_fleet::now(),
-            &agent_id,
-            &request.repository,
-            &request.operation_id,
-            request.ttl_secs,
-        )?;
+        let now = rm_fleet::now();
+        let (repository, operation, ttl) = (&request.repository, &request.operation_id, request.ttl_secs);
+        let lease = match &request.maintenance {
+            None => match rm_fleet::take_lease_capped(c, now, &agent_id, repository, operation, ttl, max_ttl)? {
+                Lease::Granted { expires_at } => {
+                    let granted = (expires_at - now).max(0) as u64;
+                    MaintLease::Granted { expires_at, ttl_secs: granted }
+                }
+                Lease::Busy { holder_agent, retry_after_secs, .. } => {
+                    MaintLease::Busy { holder_agent, retry_after_secs }
+                }
+            },
+            Some(m) => rm_fleet::take_maintenance_lease(c, now, &agent_id, repository, operation, ttl, max_ttl, m)?,
+        };
         Ok(Ok((request, lease)))
     })
     .await?;
     match lease {
-        Lease::Granted { expires_at } => {
-            Ok(Json(LeaseGranted { repository: request.repository, operation_id: request.operation_id, expires_at }))
-        }
-        Lease::Busy { holder_agent, retry_after_secs, .. } => {
+        MaintLease::Granted { expires_at, ttl_secs } => Ok(Json(LeaseGranted {
+            repository: request.repository,
+            operation_id: request.operation_id,
+            expires_at,
+            ttl_secs: Some(ttl_secs),
+        })),
+        MaintLease::Busy { holder_agent, retry_after_secs } => {
             Err(ApiError::RepositoryBusy { repository: request.repository, holder_agent, retry_after_secs })
         }
+        MaintLease::Done { done_slot } => Err(ApiError::refused(
+            StatusCode::CONFLICT,
+            rm_protocol::maintenance::MAINTENANCE_DONE,
+            format!("a successful run already covered this slot of repository {}", request.repository),
+        )
+        .with("repository", request.repository)
+        .with("done_slot", done_slot)),
     }
 }
 

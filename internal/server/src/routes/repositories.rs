@@ -8,14 +8,19 @@ use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
+use rm_fleet::maintenance::RequestRefused;
 use rm_fleet::{NewRepository, RepositoryChanges, RepositoryInfo, rfc3339};
 use rm_protocol::admin::{CreateRepository, RepositoryList, RepositoryView, UpdateRepository};
+use rm_protocol::maintenance::{MaintenanceRequested, RunMaintenance};
 
 use crate::auth::{Admin, Peer};
 use crate::{ApiError, AppState};
 
 pub fn repository_view(info: RepositoryInfo) -> RepositoryView {
     RepositoryView {
+        prune: info.prune,
+        check: info.check,
+        maintenance: None,
         name: info.name,
         url: info.url,
         // The column is NOT NULL: every stored repository has a password.
@@ -27,6 +32,15 @@ pub fn repository_view(info: RepositoryInfo) -> RepositoryView {
         created: rfc3339(info.created_at),
         updated: rfc3339(info.updated_at),
     }
+}
+
+/// The view with the repository's maintenance health (API answers; the command line shows the stored fields).
+fn with_health(
+    info: RepositoryInfo,
+    mut health: std::collections::HashMap<String, rm_protocol::maintenance::RepositoryHealth>,
+) -> RepositoryView {
+    let maintenance = health.remove(&info.name);
+    RepositoryView { maintenance, ..repository_view(info) }
 }
 
 fn name_param(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
@@ -46,6 +60,8 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let Json(r) = body?;
     let new = NewRepository {
+        prune: r.prune,
+        check: r.check,
         name: r.name,
         url: r.url,
         password: r.password,
@@ -60,17 +76,59 @@ pub async fn create(
     let event = super::audit_event("repository", peer, &headers);
     let created = state
         .fleet()
-        .call(move |c| Ok(rm_fleet::create_repository(c, &key, now, &new, event)?.map_err(|_| new.name)))
+        .call(move |c| {
+            let created = rm_fleet::create_repository(c, &key, now, &new, event)?.map_err(|_| new.name);
+            Ok(created.map(|info| (info, rm_fleet::repository_health(c))))
+        })
         .await?
         .map_err(|name| ApiError::Conflict(format!("a repository named {name:?} already exists")))?;
-    tracing::info!(name = created.name, "repository created");
-    Ok((StatusCode::CREATED, Json(repository_view(created))).into_response())
+    let view = with_health(created.0, created.1?);
+    tracing::info!(name = view.name, "repository created");
+    Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
-/// `GET /api/v1/repositories`
+/// `GET /api/v1/repositories`: with each repository's health and last prune and check.
 pub async fn list(_: Admin, State(state): State<AppState>) -> Result<Json<RepositoryList>, ApiError> {
-    let rows = state.fleet().call(rm_fleet::list_repositories).await?;
-    Ok(Json(RepositoryList { repositories: rows.into_iter().map(repository_view).collect() }))
+    let (rows, mut health) =
+        state.fleet().call(|c| Ok((rm_fleet::list_repositories(c)?, rm_fleet::repository_health(c)?))).await?;
+    let repositories = rows
+        .into_iter()
+        .map(|info| {
+            let maintenance = health.remove(&info.name);
+            RepositoryView { maintenance, ..repository_view(info) }
+        })
+        .collect();
+    Ok(Json(RepositoryList { repositories }))
+}
+
+/// `POST /api/v1/repositories/{name}/maintenance` `{"kind": "prune"}`: the agents using the repository run its
+/// prune or check once now (one of them, under the maintenance lease). 202 with the slot; 404 for an unknown
+/// repository, 409 `no_maintenance_policy` when the repository has no policy of that kind.
+pub async fn run_maintenance(
+    _: Admin,
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<RunMaintenance>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let name = name_param(path)?;
+    let Json(RunMaintenance { kind }) = body?;
+    let event = super::audit_event("maintenance", peer, &headers);
+    let lookup = name.clone();
+    let at = state
+        .fleet()
+        .call(move |c| rm_fleet::request_maintenance(c, rm_fleet::now(), &lookup, kind, event))
+        .await?
+        .map_err(|refused| match refused {
+            RequestRefused::NoRepository(_) => ApiError::NotFound(refused.to_string()),
+            RequestRefused::NoPolicy { .. } => {
+                ApiError::refused(StatusCode::CONFLICT, "no_maintenance_policy", refused.to_string())
+            }
+        })?;
+    tracing::info!(name, %kind, slot = at, "maintenance requested");
+    let answer = MaintenanceRequested { repository: name, kind, requested_at: at };
+    Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
 }
 
 /// `GET /api/v1/repositories/{name}`
@@ -81,8 +139,13 @@ pub async fn get(
 ) -> Result<Json<RepositoryView>, ApiError> {
     let name = name_param(path)?;
     let lookup = name.clone();
-    let row = state.fleet().call(move |c| rm_fleet::get_repository(c, &lookup)).await?;
-    Ok(Json(repository_view(row.ok_or_else(|| ApiError::NotFound(format!("repository {name:?}")))?)))
+    let (row, mut health) = state
+        .fleet()
+        .call(move |c| Ok((rm_fleet::get_repository(c, &lookup)?, rm_fleet::repository_health(c)?)))
+        .await?;
+    let info = row.ok_or_else(|| ApiError::NotFound(format!("repository {name:?}")))?;
+    let maintenance = health.remove(&info.name);
+    Ok(Json(RepositoryView { maintenance, ..repository_view(info) }))
 }
 
 /// `PATCH /api/v1/repositories/{name}`
@@ -103,6 +166,8 @@ pub async fn update(
         ca_cert: r.ca_cert,
         auto_init: r.auto_init,
         min_restic_version: r.min_restic_version,
+        prune: r.prune,
+        check: r.check,
     };
     changes.validate().map_err(ApiError::InvalidRequest)?;
     if changes.is_empty() {
@@ -114,11 +179,14 @@ pub async fn update(
     let lookup = name.clone();
     let updated = state
         .fleet()
-        .call(move |c| rm_fleet::update_repository(c, &key, now, &lookup, &changes, event))
+        .call(move |c| {
+            let updated = rm_fleet::update_repository(c, &key, now, &lookup, &changes, event)?;
+            Ok(updated.map(|info| (info, rm_fleet::repository_health(c))))
+        })
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("repository {name:?}")))?;
     tracing::info!(name, "repository updated");
-    Ok(Json(repository_view(updated)))
+    Ok(Json(with_health(updated.0, updated.1?)))
 }
 
 /// `DELETE /api/v1/repositories/{name}`

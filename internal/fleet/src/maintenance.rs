@@ -1,0 +1,410 @@
+//! Repository maintenance: the prune and check policies (validated, stored as JSON on `repositories`), the
+//! operator's run-now requests, the maintenance lease, and what finished maintenance runs leave behind
+//! (`repository_maintenance`: last run per repository and kind, the newest slot a success covered, and so the
+//! repository's health).
+//!
+//! The lease rules (see ARCHITECTURE.md, "Maintenance runs once per firing and yields to backups"):
+//! * a maintenance lease is the repository's one run lease, marked with its kind and slot;
+//! * a slot already covered by a successful run of that kind (`done_slot >= slot`) is answered [`MaintLease::Done`];
+//! * it is not granted while another run holds the repository, nor while a backup asked for the repository's lease
+//!   and was refused within the last [`BACKUP_WAIT_WINDOW`] seconds (backups waiting go first);
+//! * backups never preempt a granted maintenance lease: they wait for it, as for any other holder.
+
+use std::collections::HashMap;
+
+use rm_protocol::backup::{Health, OperationKind, OperationStatus};
+use rm_protocol::maintenance::{
+    self, AgentMaintenance, CheckPolicy, MaintenanceKind, MaintenanceLease, MaintenanceRun, MaintenanceSummary,
+    PrunePolicy, RepositoryHealth,
+};
+use rm_protocol::schedule::{MAX_DURATION, Schedule, parse_duration};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::DbError;
+use crate::operations::{LEASE_TTL, Lease};
+use crate::time::Timestamp;
+
+/// A backup refused the lease this recently (seconds) counts as waiting: maintenance is not granted meanwhile.
+/// Agents ask again at most 6 s apart while they wait, so a waiting backup keeps this fresh.
+pub const BACKUP_WAIT_WINDOW: i64 = 15;
+/// A maintenance run without a timeout gets this one.
+pub const DEFAULT_TIMEOUT_SECS: u64 = 24 * 3600;
+/// The largest default jitter of a maintenance firing.
+const MAX_DEFAULT_JITTER_SECS: u64 = 600;
+
+fn checked_timeout(timeout: &Option<String>, field: &str) -> Result<Option<String>, String> {
+    match timeout {
+        None => Ok(None),
+        Some(t) => {
+            let d = parse_duration(t).map_err(|e| format!("{field}.timeout: {e}"))?;
+            if d.is_zero() || d > MAX_DURATION {
+                return Err(format!("{field}.timeout: must be above 0 and at most 366d"));
+            }
+            Ok(Some(format!("{}s", d.as_secs())))
+        }
+    }
+}
+
+fn checked_schedule(schedule: &str, field: &str) -> Result<String, String> {
+    Schedule::parse(schedule).map_err(|e| format!("{field}.schedule: {e}"))?;
+    Ok(schedule.trim().to_string())
+}
+
+/// Checks an operator's prune policy; the normalised policy (timeout in seconds) or an error naming the field.
+pub fn validate_prune(p: &PrunePolicy) -> Result<PrunePolicy, String> {
+    let schedule = checked_schedule(&p.schedule, "prune")?;
+    if let Some(m) = &p.max_unused {
+        maintenance::validate_max_unused(m).map_err(|e| format!("prune.{e}"))?;
+    }
+    Ok(PrunePolicy {
+        schedule,
+        timezone: p.timezone,
+        max_unused: p.max_unused.clone(),
+        timeout: checked_timeout(&p.timeout, "prune")?,
+    })
+}
+
+/// Checks an operator's check policy (see [`validate_prune`]).
+pub fn validate_check(p: &CheckPolicy) -> Result<CheckPolicy, String> {
+    let schedule = checked_schedule(&p.schedule, "check")?;
+    if let Some(s) = &p.read_data_subset {
+        maintenance::validate_read_data_subset(s).map_err(|e| format!("check.{e}"))?;
+    }
+    Ok(CheckPolicy {
+        schedule,
+        timezone: p.timezone,
+        read_data_subset: p.read_data_subset.clone(),
+        timeout: checked_timeout(&p.timeout, "check")?,
+    })
+}
+
+/// A validated prune policy as stored: normalised (timeout in seconds), JSON.
+pub(crate) fn prune_json(p: &Option<PrunePolicy>) -> Option<String> {
+    let p = p.as_ref().map(|p| validate_prune(p).unwrap_or_else(|_| p.clone()));
+    p.map(|p| serde_json::to_string(&p).expect("a policy serialises"))
+}
+
+/// A validated check policy as stored (see [`prune_json`]).
+pub(crate) fn check_json(c: &Option<CheckPolicy>) -> Option<String> {
+    let c = c.as_ref().map(|c| validate_check(c).unwrap_or_else(|_| c.clone()));
+    c.map(|c| serde_json::to_string(&c).expect("a policy serialises"))
+}
+
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(v: Option<String>) -> Option<T> {
+    v.and_then(|s| serde_json::from_str(&s).ok())
+}
+
+fn timeout_secs(t: &Option<String>) -> u64 {
+    t.as_deref().and_then(|t| parse_duration(t).ok()).map_or(DEFAULT_TIMEOUT_SECS, |d| d.as_secs())
+}
+
+fn default_jitter(schedule: &str, timezone: rm_protocol::backup::Timezone, now: Timestamp) -> u64 {
+    let at = chrono::DateTime::from_timestamp(now, 0).unwrap_or_default();
+    Schedule::parse(schedule)
+        .map(|s| (s.interval(at, timezone).as_secs() / 20).min(MAX_DEFAULT_JITTER_SECS))
+        .unwrap_or(0)
+}
+
+/// A repository's policies as agents receive them, with the operator's pending run-now requests.
+pub fn agent_policies(
+    conn: &Connection,
+    now: Timestamp,
+    repository: &str,
+    prune: &Option<PrunePolicy>,
+    check: &Option<CheckPolicy>,
+) -> Result<(Option<AgentMaintenance>, Option<AgentMaintenance>), DbError> {
+    let requested = |kind: MaintenanceKind| -> Result<Option<Timestamp>, DbError> {
+        Ok(conn
+            .prepare_cached("SELECT requested_at FROM repository_maintenance WHERE repository = ?1 AND kind = ?2")?
+            .query_row(params![repository, kind.as_str()], |r| r.get::<_, Option<i64>>(0))
+            .optional()?
+            .flatten())
+    };
+    let prune = match prune {
+        Some(p) => Some(AgentMaintenance {
+            schedule: p.schedule.clone(),
+            timezone: p.timezone,
+            max_unused: p.max_unused.clone(),
+            read_data_subset: None,
+            timeout_secs: timeout_secs(&p.timeout),
+            jitter_secs: default_jitter(&p.schedule, p.timezone, now),
+            requested_at: requested(MaintenanceKind::Prune)?,
+        }),
+        None => None,
+    };
+    let check = match check {
+        Some(c) => Some(AgentMaintenance {
+            schedule: c.schedule.clone(),
+            timezone: c.timezone,
+            max_unused: None,
+            read_data_subset: c.read_data_subset.clone(),
+            timeout_secs: timeout_secs(&c.timeout),
+            jitter_secs: default_jitter(&c.schedule, c.timezone, now),
+            requested_at: requested(MaintenanceKind::Check)?,
+        }),
+        None => None,
+    };
+    Ok((prune, check))
+}
+
+/// Why a run-now request for maintenance was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestRefused {
+    #[error("repository {0:?}")]
+    NoRepository(String),
+    #[error("repository {repository:?} has no {kind} policy; set one first (PATCH /api/v1/repositories/{repository})")]
+    NoPolicy { repository: String, kind: MaintenanceKind },
+}
+
+/// Records the operator's request to run `kind` on `repository` now (slot `now`) and bumps the configuration
+/// revision, so the agents using the repository fetch it and fire once. Audited (kind `maintenance`).
+pub fn request_maintenance(
+    conn: &Connection,
+    now: Timestamp,
+    repository: &str,
+    kind: MaintenanceKind,
+    audit: crate::AuditEvent,
+) -> Result<Result<Timestamp, RequestRefused>, DbError> {
+    let column = match kind {
+        MaintenanceKind::Prune => "prune_policy",
+        MaintenanceKind::Check => "check_policy",
+    };
+    let policy: Option<Option<String>> = conn
+        .query_row(&format!("SELECT {column} FROM repositories WHERE name = ?1"), [repository], |r| r.get(0))
+        .optional()?;
+    match policy {
+        None => return Ok(Err(RequestRefused::NoRepository(repository.to_string()))),
+        Some(None) => return Ok(Err(RequestRefused::NoPolicy { repository: repository.to_string(), kind })),
+        Some(Some(_)) => {}
+    }
+    // Two requests within one second would share a slot: the second one moves a second on.
+    let previous: Option<i64> = conn
+        .prepare_cached("SELECT requested_at FROM repository_maintenance WHERE repository = ?1 AND kind = ?2")?
+        .query_row(params![repository, kind.as_str()], |r| r.get::<_, Option<i64>>(0))
+        .optional()?
+        .flatten();
+    let at = previous.map_or(now, |p| now.max(p + 1));
+    conn.prepare_cached(
+        "INSERT INTO repository_maintenance (repository, kind, requested_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT (repository, kind) DO UPDATE SET requested_at = excluded.requested_at",
+    )?
+    .execute(params![repository, kind.as_str(), at])?;
+    crate::plans::bump_config_revision(conn)?;
+    crate::record_audit(
+        conn,
+        &crate::AuditEvent {
+            kind: "maintenance".into(),
+            detail: Some(format!("{kind} of {repository} requested (slot {at})")),
+            ..audit
+        },
+    )?;
+    Ok(Ok(at))
+}
+
+/// The answer to a maintenance lease request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MaintLease {
+    Granted {
+        expires_at: Timestamp,
+        ttl_secs: u64,
+    },
+    Busy {
+        holder_agent: String,
+        retry_after_secs: u64,
+    },
+    /// A successful run already covered this slot (or a later one): skip it.
+    Done {
+        done_slot: Timestamp,
+    },
+}
+
+/// Takes or renews a maintenance lease (rules in the module documentation). `max_ttl` caps the lifetime.
+#[allow(clippy::too_many_arguments)]
+pub fn take_maintenance_lease(
+    conn: &Connection,
+    now: Timestamp,
+    agent_id: &str,
+    repository: &str,
+    operation_id: &str,
+    ttl_secs: u64,
+    max_ttl: u64,
+    m: &MaintenanceLease,
+) -> Result<MaintLease, DbError> {
+    let held: Option<(String, String, Timestamp)> = conn
+        .prepare_cached("SELECT agent_id, operation_id, expires_at FROM leases WHERE repository = ?1")?
+        .query_row([repository], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let renewing = held.as_ref().is_some_and(|(a, o, e)| a == agent_id && o == operation_id && *e > now);
+    if !renewing {
+        let done: Option<i64> = conn
+            .prepare_cached("SELECT done_slot FROM repository_maintenance WHERE repository = ?1 AND kind = ?2")?
+            .query_row(params![repository, m.kind.as_str()], |r| r.get::<_, Option<i64>>(0))
+            .optional()?
+            .flatten();
+        if let Some(done_slot) = done.filter(|d| *d >= m.slot) {
+            return Ok(MaintLease::Done { done_slot });
+        }
+        if let Some((holder_agent, _, expires_at)) = held.filter(|(_, _, e)| *e > now) {
+            return Ok(MaintLease::Busy { holder_agent, retry_after_secs: (expires_at - now).max(1) as u64 });
+        }
+        let waited: Option<i64> = conn
+            .prepare_cached("SELECT asked_at FROM lease_waits WHERE repository = ?1")?
+            .query_row([repository], |r| r.get(0))
+            .optional()?;
+        if let Some(asked_at) = waited.filter(|t| now - *t < BACKUP_WAIT_WINDOW) {
+            return Ok(MaintLease::Busy {
+                holder_agent: String::new(),
+                retry_after_secs: (BACKUP_WAIT_WINDOW - (now - asked_at)).max(1) as u64,
+            });
+        }
+    }
+    let ttl = ttl_secs.clamp(*LEASE_TTL.start(), max_ttl.clamp(*LEASE_TTL.start(), *LEASE_TTL.end()));
+    let expires_at = now + ttl as i64;
+    conn.prepare_cached(
+        "INSERT INTO leases (repository, agent_id, operation_id, expires_at, maintenance_kind, maintenance_slot)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (repository) DO UPDATE SET agent_id = excluded.agent_id, operation_id = excluded.operation_id,
+            expires_at = excluded.expires_at, maintenance_kind = excluded.maintenance_kind,
+            maintenance_slot = excluded.maintenance_slot",
+    )?
+    .execute(params![repository, agent_id, operation_id, expires_at, m.kind.as_str(), m.slot])?;
+    Ok(MaintLease::Granted { expires_at, ttl_secs: ttl })
+}
+
+/// Notes what a backup's lease request was answered: a refused one is a waiting backup (maintenance yields to it),
+/// a granted one is no longer waiting.
+pub(crate) fn note_backup_lease(
+    conn: &Connection,
+    now: Timestamp,
+    repository: &str,
+    lease: &Lease,
+) -> Result<(), DbError> {
+    match lease {
+        Lease::Busy { .. } => conn
+            .prepare_cached(
+                "INSERT INTO lease_waits (repository, asked_at) VALUES (?1, ?2)
+                 ON CONFLICT (repository) DO UPDATE SET asked_at = excluded.asked_at",
+            )?
+            .execute(params![repository, now])?,
+        Lease::Granted { .. } => {
+            conn.prepare_cached("DELETE FROM lease_waits WHERE repository = ?1")?.execute([repository])?
+        }
+    };
+    Ok(())
+}
+
+/// Called for each stored final report of a repository-level operation: the last run per repository and kind, and
+/// on success the slot it covered. Cancelled runs change nothing (like plan status).
+pub(crate) fn record_final(
+    conn: &Connection,
+    repository: &str,
+    kind: OperationKind,
+    operation_id: &str,
+    status: OperationStatus,
+    finished_at: Timestamp,
+    slot: Option<Timestamp>,
+) -> Result<(), DbError> {
+    let kind = match kind {
+        OperationKind::Prune => MaintenanceKind::Prune,
+        OperationKind::Check => MaintenanceKind::Check,
+        _ => return Ok(()),
+    };
+    if status == OperationStatus::Cancelled || !status.is_final() {
+        return Ok(());
+    }
+    let success = matches!(status, OperationStatus::Success | OperationStatus::Warning);
+    conn.prepare_cached(
+        "INSERT INTO repository_maintenance (repository, kind, last_operation, last_status, last_finished_at,
+                                             last_success_at, done_slot)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (repository, kind) DO UPDATE SET
+            last_operation = CASE WHEN last_finished_at IS NULL OR excluded.last_finished_at >= last_finished_at
+                                  THEN excluded.last_operation ELSE last_operation END,
+            last_status = CASE WHEN last_finished_at IS NULL OR excluded.last_finished_at >= last_finished_at
+                               THEN excluded.last_status ELSE last_status END,
+            last_finished_at = max(coalesce(last_finished_at, 0), excluded.last_finished_at),
+            last_success_at = CASE WHEN excluded.last_success_at IS NULL THEN last_success_at
+                                   ELSE max(coalesce(last_success_at, 0), excluded.last_success_at) END,
+            done_slot = CASE WHEN excluded.done_slot IS NULL THEN done_slot
+                             ELSE max(coalesce(done_slot, excluded.done_slot), excluded.done_slot) END",
+    )?
+    .execute(params![
+        repository,
+        kind.as_str(),
+        operation_id,
+        status.as_str(),
+        finished_at,
+        success.then_some(finished_at),
+        if success { slot } else { None },
+    ])?;
+    Ok(())
+}
+
+/// Every repository's maintenance state, by name (every repository, with `never` when nothing ran).
+pub fn repository_health(conn: &Connection) -> Result<HashMap<String, RepositoryHealth>, DbError> {
+    let mut out: HashMap<String, RepositoryHealth> = HashMap::new();
+    let mut names = conn.prepare_cached("SELECT name FROM repositories")?;
+    for name in names.query_map([], |r| r.get::<_, String>(0))? {
+        let name = name?;
+        out.insert(
+            name.clone(),
+            RepositoryHealth {
+                repository: name,
+                health: Health::Never,
+                last_prune: None,
+                last_check: None,
+                last_success_prune_at: None,
+                last_success_check_at: None,
+            },
+        );
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT m.repository, m.kind, m.last_status, m.last_finished_at, m.last_success_at, o.id, o.agent_id,
+                o.message, o.maintenance
+         FROM repository_maintenance m LEFT JOIN operations o ON o.id = m.last_operation
+         WHERE m.last_status IS NOT NULL",
+    )?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        let repository: String = r.get(0)?;
+        let Some(entry) = out.get_mut(&repository) else { continue };
+        let kind: String = r.get(1)?;
+        let status: String = r.get(2)?;
+        let Ok(status) = status.parse::<OperationStatus>() else { continue };
+        let run = MaintenanceRun {
+            operation_id: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+            agent_id: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
+            status,
+            finished_at: r.get(3)?,
+            message: r.get(7)?,
+            summary: from_json::<MaintenanceSummary>(r.get(8)?),
+        };
+        let success_at: Option<i64> = r.get(4)?;
+        match kind.parse::<MaintenanceKind>() {
+            Ok(MaintenanceKind::Prune) => {
+                entry.last_prune = Some(run);
+                entry.last_success_prune_at = success_at;
+            }
+            Ok(MaintenanceKind::Check) => {
+                entry.health = maintenance::repository_health(Some(run.status));
+                entry.last_check = Some(run);
+                entry.last_success_check_at = success_at;
+            }
+            Err(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a plan on `repository` applies to `agent_id`.
+pub(crate) fn agent_uses(conn: &Connection, agent_id: &str, repository: &str) -> Result<bool, DbError> {
+    let plans = crate::plans::plans_for_agent(conn, agent_id)?.unwrap_or_default();
+    Ok(plans.iter().any(|p| p.plan.repository == repository))
+}
+
+/// Forgets a deleted repository's maintenance state.
+pub(crate) fn forget_repository(conn: &Connection, repository: &str) -> Result<(), DbError> {
+    conn.execute("DELETE FROM repository_maintenance WHERE repository = ?1", [repository])?;
+    conn.execute("DELETE FROM lease_waits WHERE repository = ?1", [repository])?;
+    Ok(())
+}
