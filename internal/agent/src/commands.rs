@@ -337,7 +337,7 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
     let backups = Backups::start(Arc::new(server), settings)?;
     if !once {
         backups.start_scheduler();
-        backups.start_task_poll();
+        backups.start_task_poll(Some(stop.clone()));
     }
     let stopped = |backups: &Backups| {
         log("stopping");

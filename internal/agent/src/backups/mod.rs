@@ -92,28 +92,43 @@ impl Server for Authenticated {
     }
 }
 
-/// A stop request that sleepers notice at once (the heartbeat loop waits on it instead of `thread::sleep`).
+/// A stop request that sleepers notice at once (the heartbeat loop waits on it instead of `thread::sleep`), and a
+/// wake-up that ends one wait early without stopping (the task long-poll asks for a heartbeat now).
 #[derive(Default)]
 pub struct Stop {
-    stopped: Mutex<bool>,
+    state: Mutex<StopState>,
     cv: Condvar,
+}
+
+#[derive(Default)]
+struct StopState {
+    stopped: bool,
+    woken: bool,
 }
 
 impl Stop {
     pub fn stop(&self) {
-        *lock(&self.stopped) = true;
+        lock(&self.state).stopped = true;
         self.cv.notify_all();
     }
 
     pub fn is_stopped(&self) -> bool {
-        *lock(&self.stopped)
+        lock(&self.state).stopped
     }
 
-    /// Sleeps up to `d`; true if stopped (at once when already stopped).
+    /// Ends the current (or next) [`Stop::wait`] early, as if its time had passed.
+    pub fn wake(&self) {
+        lock(&self.state).woken = true;
+        self.cv.notify_all();
+    }
+
+    /// Sleeps up to `d` or until [`Stop::wake`]; true if stopped (at once when already stopped).
     pub fn wait(&self, d: Duration) -> bool {
-        let guard = lock(&self.stopped);
-        let (guard, _) = self.cv.wait_timeout_while(guard, d, |s| !*s).unwrap_or_else(|p| p.into_inner());
-        *guard
+        let guard = lock(&self.state);
+        let (mut guard, _) =
+            self.cv.wait_timeout_while(guard, d, |s| !s.stopped && !s.woken).unwrap_or_else(|p| p.into_inner());
+        guard.woken = false;
+        guard.stopped
     }
 }
 
@@ -741,10 +756,12 @@ impl Backups {
 
     /// Starts the thread that keeps one `GET /api/v1/agents/tasks` open (not in `run --once`): run-now, restore and
     /// listing requests arrive at once instead of at the next heartbeat. A server without it (404) leaves them to
-    /// heartbeats.
-    pub fn start_task_poll(&self) {
+    /// heartbeats. With `heartbeat` (what `run` does), run-now and restore requests wake the heartbeat loop instead of
+    /// running from here, so the answer's new configuration and restic are applied first; listings run from here.
+    pub fn start_task_poll(&self, heartbeat: Option<Arc<Stop>>) {
         let inner = self.inner.clone();
-        let spawned = std::thread::Builder::new().name("task-poll".into()).spawn(move || restore::poll(&inner));
+        let spawned =
+            std::thread::Builder::new().name("task-poll".into()).spawn(move || restore::poll(&inner, heartbeat));
         if let Err(e) = spawned {
             crate::log(format_args!("cannot start the task long-poll ({e}); tasks arrive with heartbeats"));
         }

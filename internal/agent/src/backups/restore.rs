@@ -351,7 +351,7 @@ const POLL_UNSUPPORTED_RETRY: Duration = Duration::from_secs(600);
 
 /// The long-poll loop (its own thread while `run` runs): keeps one `GET /api/v1/agents/tasks` open and acts on
 /// each answer as on a heartbeat answer's run-now and restore requests, plus listings.
-pub(crate) fn poll(inner: &Arc<Inner>) {
+pub(crate) fn poll(inner: &Arc<Inner>, heartbeat: Option<Arc<super::Stop>>) {
     let mut seen: Option<u64> = None;
     let mut backoff = Duration::from_secs(1);
     let mut said_unsupported = false;
@@ -360,11 +360,20 @@ pub(crate) fn poll(inner: &Arc<Inner>) {
             Ok(Some(tasks)) => {
                 backoff = Duration::from_secs(1);
                 seen = Some(tasks.generation);
-                for request in &tasks.run_now {
-                    Backups::run_now(inner, request);
-                }
-                for task in &tasks.restore {
-                    accept(inner, task);
+                match &heartbeat {
+                    // Run-now and restore requests also ride the heartbeat answer, which brings the configuration
+                    // revision and the served restic with them: a heartbeat now applies a new plan (and installs a
+                    // restic it needs) before running the request, in the order an answer is handled.
+                    Some(heartbeat) if !tasks.run_now.is_empty() || !tasks.restore.is_empty() => heartbeat.wake(),
+                    Some(_) => {}
+                    None => {
+                        for request in &tasks.run_now {
+                            Backups::run_now(inner, request);
+                        }
+                        for task in &tasks.restore {
+                            accept(inner, task);
+                        }
+                    }
                 }
                 for task in &tasks.ls {
                     ls(inner, task);
@@ -488,7 +497,7 @@ mod tests {
             managed_restic: None,
         };
         let backups = Backups::start(server.clone(), settings).unwrap();
-        backups.start_task_poll();
+        backups.start_task_poll(None);
         (backups, server)
     }
 
