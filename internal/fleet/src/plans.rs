@@ -8,7 +8,9 @@
 
 use std::time::Duration;
 
-use rm_protocol::backup::{CreatePlan, OperationStatus, Timezone, UpdatePlan, plan_applies};
+use rm_protocol::backup::{
+    CreatePlan, OperationStatus, PLAN_TAG_PREFIX, RESERVED_TAG_PREFIX, Timezone, UpdatePlan, plan_applies,
+};
 use rm_protocol::retention::Retention;
 use rm_protocol::schedule::{Schedule, parse_duration};
 use rm_protocol::validate::{is_printable, is_unsafe_char};
@@ -147,6 +149,14 @@ fn validate_tags(tags: &[String]) -> Result<(), String> {
             return Err(format!(
                 "tags: {:?} must be 1-{MAX_TAG} printable characters without commas or white space (restic \
                  separates tags with commas)",
+                shown(tag)
+            ));
+        }
+        if tag.starts_with(RESERVED_TAG_PREFIX) {
+            return Err(format!(
+                "tags: {:?} starts with {RESERVED_TAG_PREFIX:?}, which is reserved for restic-manager's own tags \
+                 (every snapshot of a plan carries {PLAN_TAG_PREFIX}<plan>; another plan's tag would put these \
+                 snapshots under that plan's retention)",
                 shown(tag)
             ));
         }
@@ -631,6 +641,12 @@ mod tests {
         for bad in ["a,b", "", "a b", "x\u{202e}"] {
             assert!(invalid(CreatePlan { tags: vec![bad.into()], ..spec("p") }).starts_with("tags"), "{bad:?}");
         }
+        // Another plan's tag would put this plan's snapshots under that plan's retention: the rm- prefix is ours.
+        for reserved in ["rm-plan:other", "rm-plan:p", "rm-future"] {
+            let e = invalid(CreatePlan { tags: vec!["ok".into(), reserved.into()], ..spec("p") });
+            assert!(e.starts_with("tags:") && e.contains("reserved"), "{reserved:?}: {e}");
+        }
+        assert!(NewPlan::validated(CreatePlan { tags: vec!["RM-plan:x".into(), "rmx".into()], ..spec("p") }).is_ok());
         assert!(invalid(CreatePlan { schedule: "61 * * * *".into(), ..spec("p") }).starts_with("schedule"));
         assert!(invalid(CreatePlan { schedule: "@every 10s".into(), ..spec("p") }).starts_with("schedule"));
         assert!(invalid(CreatePlan { timeout: Some("soon".into()), ..spec("p") }).starts_with("timeout"));
