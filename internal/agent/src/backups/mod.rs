@@ -27,10 +27,11 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rm_protocol::HeartbeatResponse;
 use rm_protocol::backup::{
-    AgentConfigBody, AgentPlan, AgentRepository, FailureReason, LeaseRequest, OperationReport, OperationStatus,
-    ReportAck, ReportBatch, ResticInfo, RunNow, Trigger,
+    AgentConfigBody, AgentPlan, AgentRepository, FailureReason, LeaseRequest, OperationKind, OperationReport,
+    OperationStatus, ReportAck, ReportBatch, ResticInfo, RunNow, Trigger,
 };
 use rm_protocol::restore::{AgentTasks, LsResult};
+use rm_protocol::retention::Retention;
 
 use crate::AgentError;
 use crate::client::{Client, Lease};
@@ -311,6 +312,12 @@ impl Inner {
         self.slots_cv.notify_all();
     }
 
+    /// The plan's retention policy in the config applied now (`None`: no policy, or the plan is gone).
+    fn current_retention(&self, plan: &str) -> Option<Retention> {
+        let config = lock(&self.config);
+        config.as_ref()?.plans.iter().find(|p| p.name == plan)?.retention.clone()
+    }
+
     fn cancel_reason(&self, plan: &str, id: &str) -> Option<String> {
         let slots = lock(&self.slots);
         let slot = slots.get(plan)?;
@@ -414,7 +421,7 @@ impl Inner {
                     "the plan was changed; the next run uses its new settings"
                 };
                 if let Some(c) = slot.running.as_mut() {
-                    if c.uses.as_ref().is_some_and(|used| now.as_ref() != Some(used)) {
+                    if c.uses.as_ref().is_some_and(|used| !same_run(now.as_ref(), used)) {
                         c.cancel(why);
                     }
                 }
@@ -476,6 +483,15 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner());
         *guard = false;
     }
+}
+
+/// Whether a run that started with `used` may go on under the plan and repository `now`: all the same except,
+/// perhaps, the retention policy (read again just before the forget after the backup, so changing only the policy
+/// does not cancel backups fleet-wide).
+fn same_run(now: Option<&(AgentPlan, AgentRepository)>, used: &(AgentPlan, AgentRepository)) -> bool {
+    now.is_some_and(|(plan, repository)| {
+        repository == &used.1 && AgentPlan { retention: used.0.retention.clone(), ..plan.clone() } == used.0
+    })
 }
 
 /// The plan named `plan` in `config` and its repository.
@@ -590,7 +606,11 @@ impl Backups {
         // Operations a killed agent left running end now, with a report saying so. A run-now among them is accepted
         // first, in case the agent died before it could record that (a repeated request must not run it again).
         for (_, mut report) in open.operations {
-            if report.trigger == Trigger::RunNow && valid_operation_id(&report.id) {
+            // Only a backup has a run-now id from the server; a forget after it inherited the trigger, not the id.
+            if report.kind == OperationKind::Backup
+                && report.trigger == Trigger::RunNow
+                && valid_operation_id(&report.id)
+            {
                 if let Err(e) = lock(&inner.accepted).accept(&inner.paths, &report.id) {
                     crate::log(format_args!("cannot record run-now operation {} as accepted: {e}", report.id));
                 }
