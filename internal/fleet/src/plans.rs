@@ -6,6 +6,7 @@
 //! List-valued columns hold JSON (read and written whole). Every change records its own audit event
 //! (`plan_created`, `plan_updated`, `plan_deleted`, `plan_run_requested`) in the same operation.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rm_protocol::backup::{
@@ -492,6 +493,40 @@ pub fn agent_labels(conn: &Connection) -> Result<Vec<(String, Labels)>, DbError>
     let mut stmt = conn.prepare_cached("SELECT id, labels FROM agents ORDER BY id")?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, labels::from_json(&r.get::<_, String>(1)?))))?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Every enrolled agent's hostname (as it last reported it), by agent id.
+pub fn agent_hostnames(conn: &Connection) -> Result<BTreeMap<String, String>, DbError> {
+    let mut stmt = conn.prepare_cached("SELECT id, hostname FROM agents")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// What an operator should know about a plan: with a retention policy, agents it applies to that report the same
+/// hostname (restic's `--host` is the agent's hostname, so each one's forget treats the other's snapshots of the plan
+/// as its own). `applies_to`: the plan's agents ([`applies_to`]); `hostnames`: [`agent_hostnames`].
+pub fn plan_warnings(plan: &PlanInfo, applies_to: &[String], hostnames: &BTreeMap<String, String>) -> Vec<String> {
+    if plan.plan.retention.is_none() {
+        return Vec::new();
+    }
+    let mut by_host: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for id in applies_to {
+        if let Some(host) = hostnames.get(id) {
+            by_host.entry(host.as_str()).or_default().push(id.as_str());
+        }
+    }
+    by_host
+        .into_iter()
+        .filter(|(_, ids)| ids.len() > 1)
+        .map(|(host, ids)| {
+            format!(
+                "agents {} report the same hostname {host:?}: restic tells hosts apart by hostname, so this plan's \
+                 retention treats their snapshots as one host's and each one's forget may remove the others'; give \
+                 the machines distinct hostnames",
+                ids.join(", ")
+            )
+        })
+        .collect()
 }
 
 /// The enrolled agents a plan applies to now, in id order.

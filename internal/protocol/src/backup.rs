@@ -471,6 +471,10 @@ pub struct PlanView {
     /// RFC 3339.
     pub created: String,
     pub updated: String,
+    /// What the operator should know, in words: e.g. agents the plan applies to that report the same hostname while
+    /// the plan has a retention policy. Absent when there is nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// `GET /api/v1/plans`
