@@ -251,6 +251,9 @@ fn retention_policies_are_validated_set_and_cleared() {
         (json!({"within": "7 days"}), "retention.within"),
         (json!({"within": "1d1y"}), "retention.within"),
         (json!({"keep_tag": ["a,b"]}), "retention.keep_tag"),
+        (json!({"keep_tag": [""]}), "retention.keep_tag"),
+        (json!({"within": "0d"}), "retention.within"),
+        (json!({"within": "0y0h"}), "retention.within"),
         (json!({"keep_last": 3}), "retention.keep_last: unknown field"),
     ] {
         let r = server.admin("POST", "/api/v1/plans", Some(&with(retention.clone())));

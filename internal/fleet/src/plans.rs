@@ -506,8 +506,22 @@ pub fn agent_hostnames(conn: &Connection) -> Result<BTreeMap<String, String>, Db
 /// hostname (restic's `--host` is the agent's hostname, so each one's forget treats the other's snapshots of the plan
 /// as its own). `applies_to`: the plan's agents ([`applies_to`]); `hostnames`: [`agent_hostnames`].
 pub fn plan_warnings(plan: &PlanInfo, applies_to: &[String], hostnames: &BTreeMap<String, String>) -> Vec<String> {
+    // A plan stored before tags were checked: its agents refuse to forget for it until the tag is removed.
+    let mut warnings: Vec<String> = plan
+        .plan
+        .tags
+        .iter()
+        .filter(|t| t.starts_with(RESERVED_TAG_PREFIX))
+        .map(|t| {
+            format!(
+                "tags: {:?} starts with the reserved {RESERVED_TAG_PREFIX:?}; its snapshots may fall under another \
+                 plan's retention, and agents do not forget for this plan until the tag is removed",
+                shown(t)
+            )
+        })
+        .collect();
     if plan.plan.retention.is_none() {
-        return Vec::new();
+        return warnings;
     }
     let mut by_host: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for id in applies_to {
@@ -515,18 +529,15 @@ pub fn plan_warnings(plan: &PlanInfo, applies_to: &[String], hostnames: &BTreeMa
             by_host.entry(host.as_str()).or_default().push(id.as_str());
         }
     }
-    by_host
-        .into_iter()
-        .filter(|(_, ids)| ids.len() > 1)
-        .map(|(host, ids)| {
-            format!(
-                "agents {} report the same hostname {host:?}: restic tells hosts apart by hostname, so this plan's \
+    warnings.extend(by_host.into_iter().filter(|(_, ids)| ids.len() > 1).map(|(host, ids)| {
+        format!(
+            "agents {} report the same hostname {host:?}: restic tells hosts apart by hostname, so this plan's \
                  retention treats their snapshots as one host's and each one's forget may remove the others'; give \
                  the machines distinct hostnames",
-                ids.join(", ")
-            )
-        })
-        .collect()
+            ids.join(", ")
+        )
+    }));
+    warnings
 }
 
 /// The enrolled agents a plan applies to now, in id order.
@@ -692,6 +703,28 @@ mod tests {
         assert!(invalid(bad_selector).starts_with("selector"));
         let bad_value = CreatePlan { selector: BTreeMap::from([("env".into(), "a\tb".into())]), ..spec("p") };
         assert!(invalid(bad_value).starts_with("selector"));
+    }
+
+    #[test]
+    fn plans_with_retention_warn_about_agents_sharing_a_hostname_and_reserved_tags() {
+        let keep = Retention { last: Some(3), ..Default::default() };
+        let info = |retention: Option<Retention>, tags: Vec<String>| PlanInfo {
+            plan: NewPlan { retention, tags, ..NewPlan::validated(spec("p")).unwrap() },
+            created_at: 0,
+            updated_at: 0,
+        };
+        let hosts: BTreeMap<String, String> =
+            [("a1", "web"), ("a2", "db"), ("a3", "web"), ("a4", "web")].map(|(a, h)| (a.into(), h.into())).into();
+        let applies = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let warned = plan_warnings(&info(Some(keep.clone()), vec![]), &applies(&["a1", "a2", "a3"]), &hosts);
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned[0].starts_with("agents a1, a3 report the same hostname \"web\""), "{warned:?}");
+        assert!(plan_warnings(&info(Some(keep.clone()), vec![]), &applies(&["a1", "a2"]), &hosts).is_empty());
+        assert!(plan_warnings(&info(None, vec![]), &applies(&["a1", "a3", "a4"]), &hosts).is_empty(), "no retention");
+        // A tag stored before tags were checked is named, with or without retention.
+        let old = plan_warnings(&info(None, vec!["ok".into(), "rm-plan:q".into()]), &[], &hosts);
+        assert_eq!(old.len(), 1, "{old:?}");
+        assert!(old[0].starts_with("tags: \"rm-plan:q\""), "{old:?}");
     }
 
     #[test]
