@@ -251,6 +251,9 @@ fn retention_policies_are_validated_set_and_cleared() {
         (json!({"within": "7 days"}), "retention.within"),
         (json!({"within": "1d1y"}), "retention.within"),
         (json!({"keep_tag": ["a,b"]}), "retention.keep_tag"),
+        (json!({"keep_tag": [""]}), "retention.keep_tag"),
+        (json!({"within": "0d"}), "retention.within"),
+        (json!({"within": "0y0h"}), "retention.within"),
         (json!({"keep_last": 3}), "retention.keep_last: unknown field"),
     ] {
         let r = server.admin("POST", "/api/v1/plans", Some(&with(retention.clone())));
@@ -381,4 +384,180 @@ fn a_failed_forget_is_its_own_failure() {
     let listed = listed["snapshots"].as_array().unwrap().clone();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0]["id"], left[0]["id"]);
+}
+
+/// Queues a run of `plan` on `agent` and runs the agent once; returns the backup operation as it ended, whatever
+/// its status.
+fn run_any(server: &Server, agent: &Agent, plan: &str) -> Value {
+    let r = server.admin("POST", &format!("/api/v1/plans/{plan}/run"), Some(&json!({"agent": agent.id})));
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["operation_id"].as_str().unwrap().to_string();
+    let out = agent.run_once();
+    assert!(out.status.success(), "run --once failed: {}", String::from_utf8_lossy(&out.stderr));
+    operation(server, &id)
+}
+
+/// restic behind a switch file: `fail` makes `backup` fail without a snapshot, `warning` makes it exit 3 after a real
+/// backup (a snapshot made, some files unread), `foreign` makes `forget` (and its dry run) list a snapshot of this
+/// host carrying another plan's tag too, `empty` makes `forget` print nothing; anything else is restic itself.
+/// `foreign` prints `<dir>/foreign.json`.
+fn switched_restic(dir: &Path, restic: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = dir.join("mode");
+    let script = format!(
+        "#!/bin/sh\nmode=$(cat '{mode}' 2>/dev/null)\ncase \"$1:$mode\" in\n  backup:fail) echo 'Fatal: unable to open \
+         config file: permission denied' >&2; exit 1 ;;\n  backup:warning) '{restic}' \"$@\"; exit 3 ;;\n  \
+         forget:foreign) cat '{dir}/foreign.json'; exit 0 ;;\n  forget:empty) exit 0 ;;\nesac\nexec '{restic}' \"$@\"\n",
+        mode = mode.display(),
+        restic = restic.display(),
+        dir = dir.display()
+    );
+    let wrapper = dir.join("restic-switched");
+    fs::write(&wrapper, script).unwrap();
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755)).unwrap();
+    (wrapper, mode)
+}
+
+/// A warning backup (a snapshot was made) is followed by forget; a failed one is not. A forget whose dry run lists a
+/// snapshot carrying another plan's tag, or that prints nothing, fails without forgetting and leaves the server's
+/// snapshot list as the backup reported it.
+#[test]
+fn forget_follows_snapshots_only_and_refuses_foreign_or_empty_results() {
+    let Some(restic) = restic_binary() else { return };
+    let server = Server::builder().start();
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("file.txt"), "kept\n").unwrap();
+    let repo_dir = work.path().join("repo");
+    let (wrapper, mode) = switched_restic(work.path(), &restic);
+    let a = enroll(&server, &wrapper);
+    // What the agent reports as its hostname is restic's --host: the foreign snapshot is this host's, of plan p and q.
+    let agents = server.admin("GET", "/api/v1/agents", None).json();
+    let host = agents["agents"][0]["hostname"].as_str().unwrap().to_string();
+    let foreign = json!([{"tags": null, "host": host, "paths": null, "remove": null, "reasons": [],
+        "keep": [{"id": "ab".repeat(32), "short_id": "abababab", "time": "2026-12-02T10:00:00Z", "hostname": host,
+                  "paths": ["/srv"], "tags": ["rm-plan:p", "rm-plan:q"]}]}]);
+    fs::write(work.path().join("foreign.json"), foreign.to_string()).unwrap();
+    let r = server.admin(
+        "POST",
+        "/api/v1/repositories",
+        Some(&json!({"name": "r", "url": repo_dir.display().to_string(), "password": PASSWORD, "auto_init": true})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let body = json!({"name": "p", "repository": "r", "paths": [src.display().to_string()], "schedule": "@daily",
+                      "agents": [a.id], "retention": {"last": 1}});
+    assert_eq!(server.admin("POST", "/api/v1/plans", Some(&body)).status, 201);
+    let forgets = || operations(&server, "kind=forget");
+    let listed = || {
+        let r = server.admin("GET", &format!("/api/v1/agents/{}/snapshots", a.id), None);
+        let mut ids: Vec<String> =
+            r.json()["snapshots"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+        ids.sort();
+        ids
+    };
+    let repo = Repo::new(&restic, &repo_dir.display().to_string(), PASSWORD);
+    let in_repo = || {
+        let mut ids: Vec<String> = repo.snapshots().iter().map(|s| s["id"].as_str().unwrap().to_string()).collect();
+        ids.sort();
+        ids
+    };
+
+    // A backup (which initialises the repository), then a warning backup: each followed by a forget.
+    run(&server, &a, "p", None);
+    fs::write(&mode, "warning").unwrap();
+    let op = run_any(&server, &a, "p");
+    assert_eq!(op["status"], "warning", "{op}");
+    assert_eq!(forgets().len(), 2, "{:?}", forgets());
+    assert!(forgets().iter().all(|f| f["status"] == "success"), "{:?}", forgets());
+    assert_eq!(in_repo().len(), 1, "forget kept 1");
+
+    // A failed backup: no forget.
+    fs::write(&mode, "fail").unwrap();
+    let op = run_any(&server, &a, "p");
+    assert_eq!(op["status"], "failed", "{op}");
+    assert_eq!(forgets().len(), 2, "no forget after a failed backup: {:?}", forgets());
+
+    // The dry run lists a snapshot carrying another plan's tag: failed, nothing forgotten, the list is the backup's.
+    fs::write(src.join("file.txt"), "changed\n").unwrap();
+    fs::write(&mode, "foreign").unwrap();
+    run(&server, &a, "p", None);
+    let f = forgets()[0].clone();
+    assert_eq!(f["status"], "failed", "{f}");
+    let message = f["message"].as_str().unwrap_or_default();
+    assert!(message.contains("dry-run selected snapshots that are not only") && message.contains("rm-plan:q"), "{f}");
+    assert!(f.get("forget").is_none(), "{f}");
+    assert_eq!(in_repo().len(), 2, "nothing was forgotten");
+    assert_eq!(listed(), in_repo(), "the server lists what the backup reported");
+
+    // forget prints nothing (as restic 0.14 does for a policy it ignores): failed, and the list is not wiped.
+    fs::write(&mode, "empty").unwrap();
+    run(&server, &a, "p", None);
+    let f = forgets()[0].clone();
+    assert_eq!(f["status"], "failed", "{f}");
+    assert!(f["message"].as_str().unwrap_or_default().contains("printed no result"), "{f}");
+    assert_eq!(in_repo().len(), 3);
+    assert_eq!(listed(), in_repo(), "not an empty list");
+    assert_eq!(forgets().len(), 4, "{:?}", forgets());
+}
+
+/// The reserved `rm-` tag prefix is refused (API and command line, nothing stored); a plan with retention whose
+/// agents report the same hostname carries a warning in its view and in `plan list`.
+#[test]
+fn reserved_tags_are_refused_and_shared_hostnames_are_warned_about() {
+    let server = Server::builder().start();
+    let work = tempfile::tempdir().unwrap();
+    let r = server.admin(
+        "POST",
+        "/api/v1/repositories",
+        Some(&json!({"name": "r", "url": work.path().join("repo").display().to_string(), "password": PASSWORD})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let a = Agent::enroll(&server.url(""), &token(&server));
+    let b = Agent::enroll(&server.url(""), &token(&server));
+    for tag in ["rm-plan:q", "rm-anything"] {
+        let body = json!({"name": "p", "repository": "r", "paths": ["/srv"], "schedule": "@daily", "tags": [tag]});
+        let r = server.admin("POST", "/api/v1/plans", Some(&body));
+        assert_eq!(r.status, 400, "{}", r.text());
+        let message = r.json()["message"].as_str().unwrap_or_default().to_string();
+        assert!(message.starts_with("tags:") && message.contains("reserved"), "{message}");
+    }
+    assert!(server.admin("GET", "/api/v1/plans", None).json()["plans"].as_array().unwrap().is_empty());
+    let body = json!({"name": "p", "repository": "r", "paths": ["/srv"], "schedule": "@daily",
+                      "agents": [a.id, b.id], "retention": {"last": 3}});
+    let r = server.admin("POST", "/api/v1/plans", Some(&body));
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = server.admin("PATCH", "/api/v1/plans/p", Some(&json!({"tags": ["ok", "rm-plan:q"]})));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(server.admin("GET", "/api/v1/plans/p", None).json().get("tags").unwrap().as_array().unwrap().is_empty());
+
+    // Both agents run on this machine: the same hostname, and the plan has retention.
+    let view = server.admin("GET", "/api/v1/plans/p", None).json();
+    let warnings = view["warnings"].as_array().cloned().unwrap_or_default();
+    assert_eq!(warnings.len(), 1, "{view}");
+    let w = warnings[0].as_str().unwrap();
+    assert!(w.contains(&a.id) && w.contains(&b.id) && w.contains("same hostname"), "{w}");
+    let list = server.admin("GET", "/api/v1/plans", None).json();
+    assert_eq!(list["plans"][0]["warnings"], view["warnings"]);
+    let cli = |args: &[&str]| {
+        let mut cmd = command(SERVER_BIN);
+        cmd.args(args).env("RM_DATA_DIR", server.data_dir());
+        let out = run_bounded(cmd, Duration::from_secs(15));
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    };
+    let (ok, out, err) = cli(&["plan", "list"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 1, "one line per plan on standard output: {out}");
+    assert!(err.contains("warning: plan p: agents") && err.contains("same hostname"), "{err}");
+    let (ok, _, err) =
+        cli(&["plan", "add", "q", "--repo", "r", "--path", "/srv", "--schedule", "@daily", "--tag", "rm-plan:p"]);
+    assert!(!ok && err.contains("tags:") && err.contains("reserved"), "{err}");
+
+    // Without retention there is nothing to warn about.
+    let r = server.admin("PATCH", "/api/v1/plans/p", Some(&json!({"retention": null})));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json().get("warnings").is_none(), "{}", r.json());
+    let (_, _, err) = cli(&["plan", "list"]);
+    assert!(!err.contains("warning"), "{err}");
 }

@@ -70,21 +70,29 @@ pub async fn run(args: &ServeArgs, command: PlanCommand) -> anyhow::Result<()> {
             let created = db
                 .call(move |c| {
                     Ok(match rm_fleet::create_plan(c, now, &plan, event)? {
-                        Ok(info) => Ok((info, rm_fleet::plans::agent_labels(c)?)),
+                        Ok(info) => Ok((info, rm_fleet::plans::agent_labels(c)?, rm_fleet::plans::agent_hostnames(c)?)),
                         Err(r) => Err(r),
                     })
                 })
                 .await?;
             match created {
-                Ok((info, agents)) => println!("{}", describe(&info, &agents)),
+                Ok((info, agents, hosts)) => {
+                    println!("{}", describe(&info, &agents));
+                    warn(&info, &agents, &hosts);
+                }
                 Err(refused) => bail!("{refused}"),
             }
         }
         PlanCommand::List { json } => {
-            let (plans, agents) =
-                db.call(|c| Ok((rm_fleet::list_plans(c)?, rm_fleet::plans::agent_labels(c)?))).await?;
+            let (plans, agents, hosts) = db
+                .call(|c| {
+                    let hosts = rm_fleet::plans::agent_hostnames(c)?;
+                    Ok((rm_fleet::list_plans(c)?, rm_fleet::plans::agent_labels(c)?, hosts))
+                })
+                .await?;
             if json {
-                let list = PlanList { plans: plans.into_iter().map(|p| rm_server::plan_view(p, &agents)).collect() };
+                let views = plans.into_iter().map(|p| rm_server::plan_view(p, &agents, &hosts)).collect();
+                let list = PlanList { plans: views };
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(());
             }
@@ -93,6 +101,7 @@ pub async fn run(args: &ServeArgs, command: PlanCommand) -> anyhow::Result<()> {
             }
             for info in plans {
                 println!("{}", describe(&info, &agents));
+                warn(&info, &agents, &hosts);
             }
         }
         PlanCommand::Rm { name } => {
@@ -113,6 +122,15 @@ pub async fn run(args: &ServeArgs, command: PlanCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The plan's warnings (`PlanView::warnings`), one `warning: plan <name>: …` line each on standard error (standard
+/// output stays one line per plan).
+fn warn(info: &PlanInfo, agents: &[(String, rm_fleet::Labels)], hosts: &std::collections::BTreeMap<String, String>) {
+    let applies = rm_fleet::plans::applies_to(info, agents);
+    for warning in rm_fleet::plans::plan_warnings(info, &applies, hosts) {
+        eprintln!("warning: plan {}: {warning}", info.plan.name);
+    }
 }
 
 /// One line per plan: name, repository, schedule, paths, retention, and whom it applies to.

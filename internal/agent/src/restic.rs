@@ -231,7 +231,8 @@ impl Cancel {
 pub struct Job<'a> {
     pub plan: &'a AgentPlan,
     pub repository: &'a AgentRepository,
-    /// `--host`: the enrolled hostname.
+    /// `--host`: this machine's hostname as the agent read it when it started (`gethostname`, sanitised), which is
+    /// also what it reports to the server; not a name fixed at enrolment.
     pub hostname: &'a str,
     /// The agent's state directory: restic's cache (`restic-cache/`) and the short-lived 0600 password and CA files
     /// live under it.
@@ -313,14 +314,33 @@ pub fn backup(restic: &Restic, job: &Job<'_>, on_progress: &mut dyn FnMut(&Progr
 
 /// Applies the plan's retention policy: `restic forget --json` for this host's snapshots of this plan only
 /// ([`forget_filter_args`]: `--host`, the plan tag, and `--group-by host` so they form one group whatever their paths
-/// and extra tags), with the policy's keep flags, never `--prune`. A locked repository gets one `restic unlock` (stale
-/// locks only) and one more try. A success carries the [`ForgetSummary`] and, as `snapshots`, the ones restic kept
-/// (the plan's snapshots on this host now). `job.timeout` bounds it.
+/// and extra tags), with the policy's keep flags, never `--prune`.
+///
+/// Refused before restic runs: a policy with options this agent does not know (it would keep less than asked) or that
+/// fails validation (stored before a check existed), and a plan whose own tags include a plan tag (its snapshots
+/// carry another plan's tag). Then `forget --dry-run` first: only when every snapshot it lists is this host's and
+/// carries exactly this plan's tag (no other `rm-plan:` tag) does the real forget run, and its result is checked the
+/// same way. A forget that prints no group (no snapshot matched, or a policy restic 0.14 ignores) fails and never
+/// replaces the server's snapshot list. A locked repository gets one `restic unlock` (stale locks only) and one more
+/// try. A success carries the [`ForgetSummary`] and, as `snapshots`, the ones restic kept (the plan's snapshots on
+/// this host now). `job.timeout` bounds it all.
 pub fn forget(restic: &Restic, job: &Job<'_>) -> Outcome {
     let Some(retention) = job.plan.retention.as_ref().filter(|r| !r.keeps_nothing()) else {
         // Never run forget without a keep option: restic would refuse, and a future one might remove everything.
         return Outcome::failed(FailureReason::Other, "the plan has no retention policy to apply".into(), None);
     };
+    if let Err(e) = retention.check_known() {
+        return Outcome::failed(FailureReason::Other, format!("forget not run: {e}"), None);
+    }
+    let prefix = rm_protocol::backup::PLAN_TAG_PREFIX;
+    if let Some(tag) = job.plan.tags.iter().find(|t| t.starts_with(prefix)) {
+        let message = format!(
+            "forget not run: the plan's tags include {:?}; {prefix}… tags are restic-manager's own, and snapshots \
+             carrying another plan's tag could be forgotten by that plan's retention. Remove the tag from the plan",
+            crate::printable(tag)
+        );
+        return Outcome::failed(FailureReason::Other, message, None);
+    }
     if job.cancel.is_cancelled() {
         return Outcome::cancelled("cancelled before restic started".into(), None);
     }
@@ -341,6 +361,12 @@ pub fn forget_filter_args(hostname: &str, plan: &str) -> Vec<OsString> {
         flag("--tag=", rm_protocol::backup::plan_tag(plan).as_ref()),
         "--group-by=host".into(),
     ]
+}
+
+/// This host's snapshot of this plan: made under `hostname`, and its only plan tag (`rm-plan:…`) is `tag`.
+fn is_own_snapshot(s: &Snapshot, hostname: &str, tag: &str) -> bool {
+    let mut plan_tags = s.tags.iter().filter(|t| t.starts_with(rm_protocol::backup::PLAN_TAG_PREFIX)).peekable();
+    s.hostname == hostname && plan_tags.peek().is_some() && plan_tags.all(|t| t == tag)
 }
 
 /// Outputs kept per line: `status` lines with many `current_files` are the longest restic prints.
@@ -541,23 +567,51 @@ impl<'a> Runner<'a> {
         Outcome::failed(reason, message(&run, &fallback), code)
     }
 
-    fn forget_args(&self, retention: &Retention) -> Vec<OsString> {
+    fn forget_args(&self, retention: &Retention, dry_run: bool) -> Vec<OsString> {
         let mut args = forget_filter_args(self.job.hostname, &self.job.plan.name);
+        if dry_run {
+            args.insert(0, "--dry-run".into());
+        }
         args.extend(retention.restic_args().into_iter().map(OsString::from));
         self.args("forget", &args)
     }
 
+    /// The dry run, then (when it listed only this host's snapshots of this plan) the forget.
     fn forget(&self, retention: &Retention) -> Outcome {
         let mut notes: Vec<String> = Vec::new();
         let mut unlock_tried = false;
+        let (stdout, run) = match self.forget_once(retention, true, &mut notes, &mut unlock_tried) {
+            Ok(done) => done,
+            Err(outcome) => return *outcome,
+        };
+        if let Err(outcome) = self.forget_result(&stdout, &run, true) {
+            return *outcome;
+        }
+        let (stdout, run) = match self.forget_once(retention, false, &mut notes, &mut unlock_tried) {
+            Ok(done) => done,
+            Err(outcome) => return *outcome,
+        };
+        match self.forget_result(&stdout, &run, false) {
+            Ok(result) => self.forgotten(result, &run, notes),
+            Err(outcome) => *outcome,
+        }
+    }
+
+    /// One `forget` (or `forget --dry-run`) to its end: its stdout and run when restic exited 0, else the outcome.
+    fn forget_once(
+        &self,
+        retention: &Retention,
+        dry_run: bool,
+        notes: &mut Vec<String>,
+        unlock_tried: &mut bool,
+    ) -> Result<(String, Run), Box<Outcome>> {
         loop {
             let mut stdout = String::new();
-            let run = match self.run_collect(self.forget_args(retention), &mut stdout) {
-                Ok(run) => run,
-                Err(unavailable) => return unavailable.into(),
-            };
+            let run = self
+                .run_collect(self.forget_args(retention, dry_run), &mut stdout)
+                .map_err(|unavailable| Box::new(unavailable.into()))?;
             let ending = match run.end() {
-                End::Stopped(stop) => return self.stopped(stop, &run),
+                End::Stopped(stop) => return Err(Box::new(self.stopped(stop, &run))),
                 End::Restic(ending) => ending,
             };
             let message = |run: &Run, fallback: String| {
@@ -566,58 +620,80 @@ impl<'a> Runner<'a> {
                 parts.join("\n")
             };
             let reason = match ending {
-                Ending::Success => return self.forgotten(&stdout, &run, notes),
-                Ending::Locked if !unlock_tried => {
-                    unlock_tried = true;
-                    let unlock = match self.run(self.args("unlock", &[]), MAX_LINE, None) {
-                        Ok(unlock) => unlock,
-                        Err(unavailable) => return unavailable.into(),
-                    };
+                Ending::Success => return Ok((stdout, run)),
+                Ending::Locked if !*unlock_tried => {
+                    *unlock_tried = true;
+                    let unlock = self
+                        .run(self.args("unlock", &[]), MAX_LINE, None)
+                        .map_err(|unavailable| Box::new(unavailable.into()))?;
                     if let End::Stopped(stop) = unlock.end() {
-                        return self.stopped(stop, &unlock);
+                        return Err(Box::new(self.stopped(stop, &unlock)));
                     }
                     notes.push("the repository was locked; ran restic unlock (stale locks only)".into());
                     continue;
                 }
                 Ending::Interrupted => {
-                    return Outcome::cancelled(message(&run, "restic was interrupted (SIGINT)".into()), run.exit.code);
+                    let message = message(&run, "restic was interrupted (SIGINT)".into());
+                    return Err(Box::new(Outcome::cancelled(message, run.exit.code)));
                 }
                 Ending::RepositoryMissing => FailureReason::RepositoryMissing,
                 Ending::WrongPassword => FailureReason::WrongPassword,
                 Ending::Locked => FailureReason::Locked,
                 Ending::Warning | Ending::Other => FailureReason::Other,
             };
-            let fallback = format!("restic forget failed ({})", ended(&run.exit));
-            return Outcome::failed(reason, message(&run, fallback), run.exit.code);
+            let what = if dry_run { "restic forget --dry-run" } else { "restic forget" };
+            let fallback = format!("{what} failed ({})", ended(&run.exit));
+            return Err(Box::new(Outcome::failed(reason, message(&run, fallback), run.exit.code)));
         }
     }
 
-    /// A forget that exited 0: its JSON read, and checked to have stayed within this host's snapshots of the plan.
-    fn forgotten(&self, stdout: &str, run: &Run, notes: Vec<String>) -> Outcome {
+    /// A forget's (or dry run's) JSON, checked: it printed at least one group, and every snapshot in it is this
+    /// host's and carries this plan's tag and no other plan's.
+    fn forget_result(&self, stdout: &str, run: &Run, dry_run: bool) -> Result<output::Forgotten, Box<Outcome>> {
+        let what = if dry_run { "restic forget --dry-run" } else { "restic forget" };
+        let done = if dry_run { "nothing was forgotten" } else { "restic has already applied the policy" };
+        let fail = |message: String| Err(Box::new(Outcome::failed(FailureReason::Other, message, run.exit.code)));
         let Some(result) = output::parse_forget(stdout) else {
             let first = stdout.lines().find(|l| !l.trim().is_empty()).unwrap_or("nothing");
             let first: String = crate::printable(first).chars().take(200).collect();
-            let message = format!("restic forget exited 0 but did not print its JSON result (printed {first:?})");
-            return Outcome::failed(FailureReason::Other, message, run.exit.code);
+            return fail(format!("{what} exited 0 but did not print its JSON result (printed {first:?}); {done}"));
         };
+        if result.groups == 0 {
+            // After a backup that made a snapshot there is always one; restic 0.14 also prints nothing for a policy it
+            // ignores (`--keep-within=0d`). Either way the server's snapshot list must not be replaced by nothing.
+            return fail(format!(
+                "{what} printed no result: no snapshot of plan {} on host {} matched, or restic ignored the policy; \
+                 {done}",
+                self.job.plan.name, self.job.hostname
+            ));
+        }
         let tag = rm_protocol::backup::plan_tag(&self.job.plan.name);
-        let foreign: Vec<&str> = result
+        let foreign: Vec<String> = result
             .removed
             .iter()
             .chain(&result.kept)
-            .filter(|s| s.hostname != self.job.hostname || !s.tags.contains(&tag))
-            .map(|s| s.short_id.as_str())
+            .filter(|s| !is_own_snapshot(s, self.job.hostname, &tag))
+            .map(|s| {
+                let tags: Vec<&str> = s.tags.iter().map(String::as_str).filter(|t| t.starts_with("rm-")).collect();
+                format!("{} (host {}, tags {})", s.short_id, s.hostname, tags.join(","))
+            })
             .collect();
         if !foreign.is_empty() {
-            // Cannot happen with restic's filters; said loudly if a restic version ever reads them differently.
-            let message = format!(
-                "restic forget's result lists snapshots that are not this host's snapshots of plan {} ({}); check the \
-                 repository",
+            let shown: Vec<&str> = foreign.iter().take(10).map(String::as_str).collect();
+            let more = if foreign.len() > 10 { format!(" and {} more", foreign.len() - 10) } else { String::new() };
+            return fail(format!(
+                "{what} selected snapshots that are not only this host's snapshots of plan {}: {}{more}; {done}. A \
+                 snapshot carrying another plan's tag (from a plan whose tags included rm-plan:…) or made under this \
+                 hostname by another machine must be re-tagged or removed by hand",
                 self.job.plan.name,
-                foreign.join(", ")
-            );
-            return Outcome::failed(FailureReason::Other, message, run.exit.code);
+                shown.join(", ")
+            ));
         }
+        Ok(result)
+    }
+
+    /// A checked forget result as the outcome: its counts, and the snapshots restic kept.
+    fn forgotten(&self, result: output::Forgotten, run: &Run, notes: Vec<String>) -> Outcome {
         let summary = ForgetSummary {
             removed: result.removed.len() as u64,
             kept: result.kept.len() as u64,
@@ -922,7 +998,7 @@ mod tests {
         let restic = Restic { path: "/usr/bin/restic".into(), version: MIN_VERSION };
         let runner = Runner::new(&restic, &job, None).unwrap();
         let args: Vec<String> = runner
-            .forget_args(plan.retention.as_ref().unwrap())
+            .forget_args(plan.retention.as_ref().unwrap(), false)
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
@@ -953,6 +1029,170 @@ mod tests {
         let out = forget(&restic, &Job { plan: &bare, ..job });
         assert_eq!(out.status, OperationStatus::Failed);
         assert!(out.message.unwrap().contains("no retention policy"));
+    }
+
+    fn forget_plan(tags: Vec<String>, retention: Retention) -> AgentPlan {
+        AgentPlan {
+            name: "home".into(),
+            repository: "r".into(),
+            paths: vec!["/home".into()],
+            excludes: vec![],
+            schedule: "@daily".into(),
+            timezone: Default::default(),
+            tags,
+            one_file_system: false,
+            exclude_caches: false,
+            timeout_secs: 60,
+            jitter_secs: 0,
+            retention: Some(retention),
+        }
+    }
+
+    /// A snapshot as `forget --json` lists it.
+    fn listed(id: char, host: &str, tags: &[&str]) -> String {
+        serde_json::json!({"time": "2026-12-02T10:00:00Z", "paths": ["/home"], "hostname": host, "tags": tags,
+                           "id": id.to_string().repeat(64), "short_id": id.to_string().repeat(8)})
+        .to_string()
+    }
+
+    /// One group as restic 0.14 prints it.
+    fn group(keep: &[String], remove: &[String]) -> String {
+        format!(
+            r#"[{{"tags":null,"host":"web-1","paths":null,"keep":[{}],"remove":[{}],"reasons":[]}}]"#,
+            keep.join(","),
+            remove.join(",")
+        )
+    }
+
+    /// Runs the forget of `plan` with a fake restic printing `dry` for `forget --dry-run` and `real` for `forget`;
+    /// returns the outcome and the restic commands run (one line each).
+    #[cfg(unix)]
+    fn fake_forget(plan: &AgentPlan, dry: &str, real: &str) -> (Outcome, Vec<String>) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("calls");
+        let (dry_file, real_file) = (dir.path().join("dry.json"), dir.path().join("real.json"));
+        std::fs::write(&dry_file, dry).unwrap();
+        std::fs::write(&real_file, real).unwrap();
+        let script = dir.path().join("restic");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\necho \"$*\" >> '{log}'\nif [ \"$1\" = forget ] && [ \"$2\" = --dry-run ]; then cat \
+                 '{dry}'; else cat '{real}'; fi\n",
+                log = log.display(),
+                dry = dry_file.display(),
+                real = real_file.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let repository = AgentRepository {
+            name: "r".into(),
+            url: "/srv/restic".into(),
+            password: "pw".into(),
+            env: Default::default(),
+            ca_cert: None,
+            auto_init: false,
+        };
+        let job = Job {
+            plan,
+            repository: &repository,
+            hostname: "web-1",
+            state_dir: dir.path(),
+            cancel: Cancel::default(),
+            timeout: Duration::from_secs(30),
+        };
+        let out = forget(&Restic { path: script, version: MIN_VERSION }, &job);
+        let calls = std::fs::read_to_string(&log).unwrap_or_default().lines().map(str::to_owned).collect();
+        (out, calls)
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn forget_runs_only_after_a_clean_dry_run_and_its_result_is_checked() {
+        let keep2 = Retention { last: Some(2), ..Default::default() };
+        let plan = forget_plan(vec!["extra".into()], keep2.clone());
+        let own = |id| listed(id, "web-1", &["rm-plan:home", "extra"]);
+        let clean = group(&[own('a'), own('b')], &[own('c')]);
+
+        // Clean: the dry run, then the forget; its counts and kept snapshots are reported.
+        let (out, calls) = fake_forget(&plan, &clean, &clean);
+        assert_eq!(out.status, OperationStatus::Success, "{out:?}");
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert!(calls[0].starts_with("forget --dry-run --json --host=web-1 --tag=rm-plan:home"), "{calls:?}");
+        assert!(calls[1].starts_with("forget --json --host=web-1 --tag=rm-plan:home") && !calls[1].contains("dry"));
+        assert_eq!(out.forget, Some(ForgetSummary { removed: 1, kept: 2, removed_ids: vec!["c".repeat(64)] }));
+        assert_eq!(out.snapshots.unwrap().len(), 2);
+
+        // The dry run lists a snapshot that also carries another plan's tag (a plan whose tags were `rm-plan:home`),
+        // or another host's: nothing is forgotten.
+        let foreign_tag = listed('d', "web-1", &["rm-plan:other", "rm-plan:home"]);
+        let other_host = listed('e', "web-2", &["rm-plan:home"]);
+        let untagged = listed('f', "web-1", &["home"]);
+        for (intruder, says) in [
+            (&foreign_tag, "dddddddd (host web-1, tags rm-plan:other,rm-plan:home)"),
+            (&other_host, "eeeeeeee"),
+            (&untagged, "ffffffff"),
+        ] {
+            let dirty = group(&[own('a')], std::slice::from_ref(intruder));
+            let (out, calls) = fake_forget(&plan, &dirty, &clean);
+            assert_eq!(out.status, OperationStatus::Failed, "{out:?}");
+            assert_eq!(calls.len(), 1, "only the dry run ran: {calls:?}");
+            let message = out.message.unwrap();
+            assert!(message.starts_with("restic forget --dry-run selected snapshots that are not only"), "{message}");
+            assert!(message.contains(says) && message.contains("nothing was forgotten"), "{message}");
+            assert!(out.snapshots.is_none() && out.forget.is_none());
+        }
+
+        // A clean dry run, then a forget whose result is not (the repository changed in between): failed, and the
+        // server's snapshot list is left alone.
+        let (out, calls) = fake_forget(&plan, &clean, &group(&[own('a')], std::slice::from_ref(&foreign_tag)));
+        assert_eq!((out.status, calls.len()), (OperationStatus::Failed, 2));
+        assert!(out.message.unwrap().contains("restic has already applied the policy"));
+        assert!(out.snapshots.is_none());
+
+        // restic printed nothing (no snapshot matched, or restic 0.14 with --keep-within=0d): never "kept 0" and an
+        // empty snapshot list.
+        let (out, calls) = fake_forget(&plan, "", "");
+        assert_eq!((out.status, calls.len()), (OperationStatus::Failed, 1), "{out:?}");
+        assert!(out.message.unwrap().contains("printed no result"));
+        assert!(out.snapshots.is_none() && out.forget.is_none());
+        let (out, _) = fake_forget(&plan, &clean, "\n");
+        assert_eq!(out.status, OperationStatus::Failed);
+        assert!(out.snapshots.is_none() && out.forget.is_none(), "{out:?}");
+
+        // Refused before restic runs: a plan carrying a plan tag among its own tags, a policy with options this
+        // agent does not know, a policy that keeps nothing by restic's reading.
+        let tagged = forget_plan(vec!["rm-plan:other".into()], keep2.clone());
+        let (out, calls) = fake_forget(&tagged, &clean, &clean);
+        assert_eq!((out.status, calls.len()), (OperationStatus::Failed, 0));
+        assert!(out.message.unwrap().contains("the plan's tags include \"rm-plan:other\""));
+        let newer: Retention = serde_json::from_str(r#"{"last":2,"keep_size":"1G"}"#).unwrap();
+        let (out, calls) = fake_forget(&forget_plan(vec![], newer), &clean, &clean);
+        assert_eq!((out.status, calls.len()), (OperationStatus::Failed, 0));
+        let message = out.message.unwrap();
+        assert!(message.contains("the policy has options this agent does not know: keep_size; update the agent"));
+        for stored in [r#"{"keep_tag":[""]}"#, r#"{"within":"0d"}"#] {
+            let (out, calls) = fake_forget(&forget_plan(vec![], serde_json::from_str(stored).unwrap()), &clean, &clean);
+            assert_eq!((out.status, calls.len()), (OperationStatus::Failed, 0), "{stored}: {out:?}");
+        }
+    }
+
+    #[test]
+    fn own_snapshots_carry_exactly_this_plans_tag_and_this_host() {
+        let snap = |host: &str, tags: &[&str]| Snapshot {
+            hostname: host.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            ..Snapshot::default()
+        };
+        let own = |s: &Snapshot| is_own_snapshot(s, "h", "rm-plan:p");
+        assert!(own(&snap("h", &["rm-plan:p"])));
+        assert!(own(&snap("h", &["x", "rm-plan:p", "rm-plan:p"])));
+        assert!(!own(&snap("h", &["rm-plan:p", "rm-plan:q"])));
+        assert!(!own(&snap("h", &["rm-plan:pq"])));
+        assert!(!own(&snap("h", &["x"])));
+        assert!(!own(&snap("H", &["rm-plan:p"])));
     }
 
     #[test]

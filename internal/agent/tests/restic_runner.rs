@@ -915,11 +915,13 @@ fn forget_removes_only_this_hosts_snapshots_of_the_plan_whatever_their_paths() {
     let again = restic::forget(&restic, &job);
     assert_outcome(&again, OperationStatus::Success, None);
     assert_eq!(again.forget.map(|f| (f.removed, f.kept)), Some((0, 2)));
-    // A host with no snapshot of the plan: restic prints nothing, which is zero removed.
+    // A host with no snapshot of the plan: restic prints nothing. Not "kept 0" with an empty list that would wipe
+    // the server's snapshots of the plan: a failure, no list.
     let job = Job { hostname: "nobody", ..job };
     let none = restic::forget(&restic, &job);
-    assert_outcome(&none, OperationStatus::Success, None);
-    assert_eq!(none.forget.map(|f| (f.removed, f.kept)), Some((0, 0)));
+    assert_outcome(&none, OperationStatus::Failed, Some(FailureReason::Other));
+    assert!(none.message.as_deref().unwrap().contains("printed no result"), "{none:?}");
+    assert!(none.snapshots.is_none() && none.forget.is_none(), "{none:?}");
     assert_eq!(w.snapshots(&w.repo()).len(), 6);
 
     // A wrong password: a failed forget, in restic's words.
@@ -927,4 +929,47 @@ fn forget_removes_only_this_hosts_snapshots_of_the_plan_whatever_their_paths() {
     let failed = restic::forget(&restic, &Job { repository: &wrong, hostname: HOST, ..job });
     assert_outcome(&failed, OperationStatus::Failed, Some(FailureReason::WrongPassword));
     assert_eq!(w.snapshots(&w.repo()).len(), 6);
+}
+
+/// A plan whose extra tags named another plan's tag (possible before plans were checked for it) made snapshots that
+/// carry both plans' tags. restic 0.14 selects them for the other plan's forget; the dry run shows it, and nothing is
+/// forgotten. The plan carrying the tag does not forget at all.
+#[test]
+fn a_snapshot_carrying_another_plans_tag_stops_that_plans_forget_before_anything_is_removed() {
+    let Some(restic) = restic_or_skip() else { return };
+    let w = World::new(&restic);
+    w.init();
+    std::fs::write(w.path("src/a.txt"), "a").unwrap();
+    let repository = w.repository(&w.repo(), PASSWORD);
+    let mut a = w.plan("a");
+    a.tags = vec!["rm-plan:b".into()];
+    let b = AgentPlan { retention: Some(Retention { last: Some(1), ..Default::default() }), ..w.plan("b") };
+    for plan in [&a, &b, &b] {
+        assert_outcome(&w.backup(plan, &repository), OperationStatus::Success, None);
+    }
+    assert_eq!(w.snapshots(&w.repo()).len(), 3);
+    let state = w.state();
+    let job = |plan| Job {
+        plan,
+        repository: &repository,
+        hostname: HOST,
+        state_dir: &state,
+        cancel: Cancel::default(),
+        timeout: Duration::from_secs(60),
+    };
+    // b keeps 1: without the check its forget would remove a's snapshot and b's older one.
+    let out = restic::forget(&restic, &job(&b));
+    assert_outcome(&out, OperationStatus::Failed, Some(FailureReason::Other));
+    let message = out.message.clone().unwrap();
+    assert!(message.starts_with("restic forget --dry-run selected snapshots that are not only"), "{message}");
+    assert!(message.contains("rm-plan:a") && message.contains("nothing was forgotten"), "{message}");
+    assert!(out.snapshots.is_none() && out.forget.is_none());
+    assert_eq!(w.snapshots(&w.repo()).len(), 3, "nothing removed");
+    // a's own forget is refused before restic runs.
+    let a = AgentPlan { retention: Some(Retention { last: Some(1), ..Default::default() }), ..a };
+    let out = restic::forget(&restic, &job(&a));
+    assert_outcome(&out, OperationStatus::Failed, Some(FailureReason::Other));
+    assert!(out.message.unwrap().contains("the plan's tags include \"rm-plan:b\""));
+    assert_eq!(w.snapshots(&w.repo()).len(), 3);
+    assert_no_secret_files(&state);
 }

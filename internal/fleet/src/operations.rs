@@ -253,20 +253,28 @@ fn store_reports(
     agent_id: &str,
     reports: &[OperationReport],
 ) -> Result<(), IngestError> {
-    let mut find = conn.prepare_cached("SELECT agent_id, plan, status FROM operations WHERE id = ?1")?;
+    let mut find = conn.prepare_cached("SELECT agent_id, plan, status, kind FROM operations WHERE id = ?1")?;
     for (index, r) in reports.iter().enumerate() {
-        let existing: Option<(String, String, String)> =
-            find.query_row([&r.id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?))).optional()?;
+        let existing: Option<(String, String, String, String)> =
+            find.query_row([&r.id], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))).optional()?;
         let finished_at = r.finished_at.or(r.status.is_final().then_some(now));
         match existing {
-            Some((owner, _, _)) if owner != agent_id => return Err(IngestError::ForeignOperation { id: r.id.clone() }),
-            Some((_, plan, _)) if plan != r.plan => {
+            Some((owner, ..)) if owner != agent_id => return Err(IngestError::ForeignOperation { id: r.id.clone() }),
+            Some((_, plan, ..)) if plan != r.plan => {
                 return Err(IngestError::Invalid {
                     index,
                     reason: format!("{}: the operation is of plan {plan:?}, not {:?}", r.id, r.plan),
                 });
             }
-            Some((_, _, status)) if from_word::<OperationStatus>(&status).is_none_or(|s| s.is_final()) => continue,
+            // The stored row's kind is what the operation is (a queued run-now is a backup, a restore a restore): a
+            // report saying otherwise would, say, let a backup's snapshot list replace the plan's under another kind.
+            Some((_, _, _, kind)) if kind != word(&r.kind) => {
+                return Err(IngestError::Invalid {
+                    index,
+                    reason: format!("{}: the operation is of kind {kind}, not {}", r.id, word(&r.kind)),
+                });
+            }
+            Some((_, _, status, _)) if from_word::<OperationStatus>(&status).is_none_or(|s| s.is_final()) => continue,
             Some(_) => {
                 conn.prepare_cached(
                     "UPDATE operations SET status = ?2, started_at = ?3, finished_at = ?4, duration_ms = ?5,
@@ -836,6 +844,30 @@ mod tests {
         bad.forget = Some(ForgetSummary::default());
         assert!(ingest_reports(&c, T0 + 90, "a1", &[bad]).unwrap_err().to_string().contains("kind forget"));
         assert_eq!(dump(&c), before, "nothing written");
+    }
+
+    /// An update must match the stored row's plan and kind: a report claiming a queued run-now backup is a forget
+    /// (or of another plan) is refused whole, and the row is left as it is.
+    #[test]
+    fn an_update_of_another_kind_or_plan_than_stored_is_refused() {
+        let (_dir, c) = setup();
+        add_plan(&c, "daily", "@daily", r#"["a1"]"#, "{}", T0 - 10);
+        ingest_reports(&c, T0, "a1", &[report(1, "daily", OperationStatus::Running, T0)]).unwrap();
+        let before = dump(&c);
+        let mut as_forget = report(1, "daily", OperationStatus::Success, T0);
+        as_forget.kind = OperationKind::Forget;
+        as_forget.forget = Some(ForgetSummary::default());
+        as_forget.snapshots = Some(vec![]);
+        let err = ingest_reports(&c, T0 + 10, "a1", &[as_forget]).unwrap_err();
+        assert!(matches!(err, IngestError::Invalid { index: 0, .. }), "{err}");
+        assert!(err.to_string().contains("is of kind backup, not forget"), "{err}");
+        let other_plan = report(1, "weekly", OperationStatus::Success, T0);
+        assert!(ingest_reports(&c, T0 + 10, "a1", &[other_plan]).unwrap_err().to_string().contains("of plan"));
+        assert_eq!(dump(&c), before, "nothing written");
+        assert_eq!(get_operation(&c, &op_id(1)).unwrap().unwrap().kind, OperationKind::Backup);
+        // The same kind goes through.
+        ingest_reports(&c, T0 + 10, "a1", &[report(1, "daily", OperationStatus::Success, T0)]).unwrap();
+        assert_eq!(get_operation(&c, &op_id(1)).unwrap().unwrap().status, OperationStatus::Success);
     }
 
     fn dump(conn: &Connection) -> String {

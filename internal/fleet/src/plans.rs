@@ -6,9 +6,12 @@
 //! List-valued columns hold JSON (read and written whole). Every change records its own audit event
 //! (`plan_created`, `plan_updated`, `plan_deleted`, `plan_run_requested`) in the same operation.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use rm_protocol::backup::{CreatePlan, OperationStatus, Timezone, UpdatePlan, plan_applies};
+use rm_protocol::backup::{
+    CreatePlan, OperationStatus, PLAN_TAG_PREFIX, RESERVED_TAG_PREFIX, Timezone, UpdatePlan, plan_applies,
+};
 use rm_protocol::retention::Retention;
 use rm_protocol::schedule::{Schedule, parse_duration};
 use rm_protocol::validate::{is_printable, is_unsafe_char};
@@ -147,6 +150,14 @@ fn validate_tags(tags: &[String]) -> Result<(), String> {
             return Err(format!(
                 "tags: {:?} must be 1-{MAX_TAG} printable characters without commas or white space (restic \
                  separates tags with commas)",
+                shown(tag)
+            ));
+        }
+        if tag.starts_with(RESERVED_TAG_PREFIX) {
+            return Err(format!(
+                "tags: {:?} starts with {RESERVED_TAG_PREFIX:?}, which is reserved for restic-manager's own tags \
+                 (every snapshot of a plan carries {PLAN_TAG_PREFIX}<plan>; another plan's tag would put these \
+                 snapshots under that plan's retention)",
                 shown(tag)
             ));
         }
@@ -484,6 +495,51 @@ pub fn agent_labels(conn: &Connection) -> Result<Vec<(String, Labels)>, DbError>
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// Every enrolled agent's hostname (as it last reported it), by agent id.
+pub fn agent_hostnames(conn: &Connection) -> Result<BTreeMap<String, String>, DbError> {
+    let mut stmt = conn.prepare_cached("SELECT id, hostname FROM agents")?;
+    let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// What an operator should know about a plan: with a retention policy, agents it applies to that report the same
+/// hostname (restic's `--host` is the agent's hostname, so each one's forget treats the other's snapshots of the plan
+/// as its own). `applies_to`: the plan's agents ([`applies_to`]); `hostnames`: [`agent_hostnames`].
+pub fn plan_warnings(plan: &PlanInfo, applies_to: &[String], hostnames: &BTreeMap<String, String>) -> Vec<String> {
+    // A plan stored before tags were checked: its agents refuse to forget for it until the tag is removed.
+    let mut warnings: Vec<String> = plan
+        .plan
+        .tags
+        .iter()
+        .filter(|t| t.starts_with(RESERVED_TAG_PREFIX))
+        .map(|t| {
+            format!(
+                "tags: {:?} starts with the reserved {RESERVED_TAG_PREFIX:?}; its snapshots may fall under another \
+                 plan's retention, and agents do not forget for this plan until the tag is removed",
+                shown(t)
+            )
+        })
+        .collect();
+    if plan.plan.retention.is_none() {
+        return warnings;
+    }
+    let mut by_host: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for id in applies_to {
+        if let Some(host) = hostnames.get(id) {
+            by_host.entry(host.as_str()).or_default().push(id.as_str());
+        }
+    }
+    warnings.extend(by_host.into_iter().filter(|(_, ids)| ids.len() > 1).map(|(host, ids)| {
+        format!(
+            "agents {} report the same hostname {host:?}: restic tells hosts apart by hostname, so this plan's \
+                 retention treats their snapshots as one host's and each one's forget may remove the others'; give \
+                 the machines distinct hostnames",
+            ids.join(", ")
+        )
+    }));
+    warnings
+}
+
 /// The enrolled agents a plan applies to now, in id order.
 pub fn applies_to(plan: &PlanInfo, agents: &[(String, Labels)]) -> Vec<String> {
     agents.iter().filter(|(id, labels)| plan.applies_to(id, labels)).map(|(id, _)| id.clone()).collect()
@@ -631,6 +687,12 @@ mod tests {
         for bad in ["a,b", "", "a b", "x\u{202e}"] {
             assert!(invalid(CreatePlan { tags: vec![bad.into()], ..spec("p") }).starts_with("tags"), "{bad:?}");
         }
+        // Another plan's tag would put this plan's snapshots under that plan's retention: the rm- prefix is ours.
+        for reserved in ["rm-plan:other", "rm-plan:p", "rm-future"] {
+            let e = invalid(CreatePlan { tags: vec!["ok".into(), reserved.into()], ..spec("p") });
+            assert!(e.starts_with("tags:") && e.contains("reserved"), "{reserved:?}: {e}");
+        }
+        assert!(NewPlan::validated(CreatePlan { tags: vec!["RM-plan:x".into(), "rmx".into()], ..spec("p") }).is_ok());
         assert!(invalid(CreatePlan { schedule: "61 * * * *".into(), ..spec("p") }).starts_with("schedule"));
         assert!(invalid(CreatePlan { schedule: "@every 10s".into(), ..spec("p") }).starts_with("schedule"));
         assert!(invalid(CreatePlan { timeout: Some("soon".into()), ..spec("p") }).starts_with("timeout"));
@@ -641,6 +703,28 @@ mod tests {
         assert!(invalid(bad_selector).starts_with("selector"));
         let bad_value = CreatePlan { selector: BTreeMap::from([("env".into(), "a\tb".into())]), ..spec("p") };
         assert!(invalid(bad_value).starts_with("selector"));
+    }
+
+    #[test]
+    fn plans_with_retention_warn_about_agents_sharing_a_hostname_and_reserved_tags() {
+        let keep = Retention { last: Some(3), ..Default::default() };
+        let info = |retention: Option<Retention>, tags: Vec<String>| PlanInfo {
+            plan: NewPlan { retention, tags, ..NewPlan::validated(spec("p")).unwrap() },
+            created_at: 0,
+            updated_at: 0,
+        };
+        let hosts: BTreeMap<String, String> =
+            [("a1", "web"), ("a2", "db"), ("a3", "web"), ("a4", "web")].map(|(a, h)| (a.into(), h.into())).into();
+        let applies = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let warned = plan_warnings(&info(Some(keep.clone()), vec![]), &applies(&["a1", "a2", "a3"]), &hosts);
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(warned[0].starts_with("agents a1, a3 report the same hostname \"web\""), "{warned:?}");
+        assert!(plan_warnings(&info(Some(keep.clone()), vec![]), &applies(&["a1", "a2"]), &hosts).is_empty());
+        assert!(plan_warnings(&info(None, vec![]), &applies(&["a1", "a3", "a4"]), &hosts).is_empty(), "no retention");
+        // A tag stored before tags were checked is named, with or without retention.
+        let old = plan_warnings(&info(None, vec!["ok".into(), "rm-plan:q".into()]), &[], &hosts);
+        assert_eq!(old.len(), 1, "{old:?}");
+        assert!(old[0].starts_with("tags: \"rm-plan:q\""), "{old:?}");
     }
 
     #[test]

@@ -206,8 +206,15 @@ pub struct Snapshot {
 
 /// The tag every snapshot of a plan carries, so snapshots can be told apart by plan: `rm-plan:<name>`.
 pub fn plan_tag(plan: &str) -> String {
-    format!("rm-plan:{plan}")
+    format!("{PLAN_TAG_PREFIX}{plan}")
 }
+
+/// What every plan tag starts with ([`plan_tag`]).
+pub const PLAN_TAG_PREFIX: &str = "rm-plan:";
+
+/// Tags starting with this are restic-manager's own ([`plan_tag`] and any later ones): a plan's extra `tags` may not
+/// use it, or one plan's snapshots could carry another plan's tag and fall under that plan's retention.
+pub const RESERVED_TAG_PREFIX: &str = "rm-";
 
 // ---------------------------------------------------------------------------------------------------------------
 // Agent ⇄ server
@@ -494,6 +501,10 @@ pub struct PlanView {
     /// RFC 3339.
     pub created: String,
     pub updated: String,
+    /// What the operator should know, in words: e.g. agents the plan applies to that report the same hostname while
+    /// the plan has a retention policy. Absent when there is nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// `GET /api/v1/plans`

@@ -6,7 +6,10 @@
 //! reports it as its own operation of kind `forget` with a [`ForgetSummary`].
 //!
 //! [`Retention`] is read by agents too, so it never refuses unknown fields while parsing; operator input is checked
-//! by [`Retention::validate`], which refuses them (a misspelt `keep_lats` must not silently keep everything).
+//! by [`Retention::validate`], which refuses them (a misspelt `keep_lats` must not silently keep everything). An
+//! agent checks a policy with [`Retention::check_known`] before forget: keep options are additive, so a policy with
+//! one it does not know would keep less than the operator asked for; it refuses to forget instead, and keeps the
+//! unknown fields when it saves the plan (they are written back out).
 
 use std::collections::BTreeMap;
 
@@ -44,9 +47,10 @@ pub struct Retention {
     /// Snapshots carrying this tag are kept (each entry one tag).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keep_tag: Vec<String>,
-    /// Fields this version does not know: kept out of the way while parsing (agents must read newer servers'
-    /// plans), refused by [`Retention::validate`] (operator input), never written.
-    #[serde(flatten, default, skip_serializing)]
+    /// Fields this version does not know: kept while parsing (agents must read newer servers' plans) and written
+    /// back out (an agent's saved config still has them after a restart), refused by [`Retention::validate`]
+    /// (operator input) and by [`Retention::check_known`] (an agent about to forget).
+    #[serde(flatten, default)]
     pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
@@ -103,6 +107,21 @@ impl Retention {
                 .into());
         }
         Ok(())
+    }
+
+    /// An agent's check before it forgets with this policy: every field known (a keep option it does not know
+    /// would be dropped, and forget would keep less than asked), then [`Retention::validate`] (a policy stored
+    /// before a check existed, e.g. an empty `keep_tag` entry, which restic reads as "keep nothing").
+    pub fn check_known(&self) -> Result<(), String> {
+        if !self.unknown.is_empty() {
+            let names: Vec<String> = self.unknown.keys().take(8).map(|k| k.chars().take(64).collect()).collect();
+            return Err(format!(
+                "the policy has options this agent does not know: {}; update the agent (it does not forget with \
+                 fewer keep options than the plan has)",
+                names.join(", ")
+            ));
+        }
+        self.validate()
     }
 
     /// No keep option is set.
@@ -228,7 +247,7 @@ mod tests {
     }
 
     #[test]
-    fn restic_args_use_restics_spelling_and_unknown_fields_are_not_written() {
+    fn restic_args_use_restics_spelling_and_unknown_fields_are_written_back() {
         let policy = r(r#"{"last":3,"daily":7,"yearly":1,"within":"1y2m","keep_tag":["keep","gold"],"future":1}"#);
         assert_eq!(
             policy.restic_args(),
@@ -243,7 +262,8 @@ mod tests {
         );
         assert_eq!(policy.describe(), "last=3 daily=7 yearly=1 within=1y2m tag=keep tag=gold");
         let written = serde_json::to_string(&policy).unwrap();
-        assert!(!written.contains("future"), "{written}");
+        assert!(written.contains(r#""future":1"#), "an agent's saved config keeps what it does not know: {written}");
+        assert_eq!(serde_json::from_str::<Retention>(&written).unwrap(), policy, "and reads it back");
         assert_eq!(serde_json::to_string(&r(r#"{"last":3}"#)).unwrap(), r#"{"last":3}"#);
     }
 
@@ -256,9 +276,19 @@ mod tests {
             serde_json::from_str::<crate::backup::AgentPlan>(&json).unwrap()
         };
         assert_eq!(plan("").retention, None, "a server from before retention");
-        let newer = plan(r#","retention":{"last":3,"keep_within_daily":"7d"}"#).retention.unwrap();
+        let newer = plan(r#","retention":{"last":3,"keep_within_daily":"7d","keep_size":1}"#).retention.unwrap();
         assert_eq!(newer.last, Some(3));
-        assert_eq!(newer.restic_args(), ["--keep-last=3"], "what it does not know it does not pass on");
+        let refused = newer.check_known().unwrap_err();
+        assert_eq!(
+            refused,
+            "the policy has options this agent does not know: keep_size, keep_within_daily; update the agent (it \
+             does not forget with fewer keep options than the plan has)",
+            "never a forget that keeps less than asked"
+        );
+        assert!(r(r#"{"last":3}"#).check_known().is_ok());
+        for stored in [r#"{"keep_tag":[""]}"#, r#"{"within":"0d"}"#, r#"{"last":0}"#, "{}"] {
+            assert!(r(stored).check_known().is_err(), "{stored}: a policy stored before a check is checked again");
+        }
         let written = serde_json::to_value(plan("")).unwrap();
         assert!(written.get("retention").is_none(), "older agents' view unchanged: {written}");
     }

@@ -30,10 +30,11 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use rm_protocol::HeartbeatResponse;
 use rm_protocol::backup::{
-    AgentConfigBody, AgentPlan, AgentRepository, FailureReason, LeaseRequest, OperationReport, OperationStatus,
-    ReportAck, ReportBatch, ResticInfo, RunNow, Trigger,
+    AgentConfigBody, AgentPlan, AgentRepository, FailureReason, LeaseRequest, OperationKind, OperationReport,
+    OperationStatus, ReportAck, ReportBatch, ResticInfo, RunNow, Trigger,
 };
 use rm_protocol::restore::{AgentTasks, LsResult};
+use rm_protocol::retention::Retention;
 
 use crate::AgentError;
 use crate::client::{Client, Lease};
@@ -140,7 +141,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct Settings {
     pub config_path: PathBuf,
     pub agent_id: String,
-    /// restic's `--host`: the host name the agent enrolled with.
+    /// restic's `--host`: this machine's hostname as the agent read it when it started (`gethostname`, sanitised; the
+    /// name it reports to the server too), not a name fixed at enrolment.
     pub hostname: String,
     /// `--restic`; `None`: `restic` on `PATH` or the managed restic, whichever is newer.
     pub restic: Option<PathBuf>,
@@ -335,6 +337,12 @@ impl Inner {
         self.slots_cv.notify_all();
     }
 
+    /// The plan's retention policy in the config applied now (`None`: no policy, or the plan is gone).
+    fn current_retention(&self, plan: &str) -> Option<Retention> {
+        let config = lock(&self.config);
+        config.as_ref()?.plans.iter().find(|p| p.name == plan)?.retention.clone()
+    }
+
     fn cancel_reason(&self, plan: &str, id: &str) -> Option<String> {
         let slots = lock(&self.slots);
         let slot = slots.get(plan)?;
@@ -454,7 +462,7 @@ impl Inner {
                     "the plan was changed; the next run uses its new settings"
                 };
                 if let Some(c) = slot.running.as_mut() {
-                    if c.uses.as_ref().is_some_and(|used| now.as_ref() != Some(used)) {
+                    if c.uses.as_ref().is_some_and(|used| !same_run(now.as_ref(), used)) {
                         c.cancel(why);
                     }
                 }
@@ -516,6 +524,15 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner());
         *guard = false;
     }
+}
+
+/// Whether a run that started with `used` may go on under the plan and repository `now`: all the same except,
+/// perhaps, the retention policy (read again just before the forget after the backup, so changing only the policy
+/// does not cancel backups fleet-wide).
+fn same_run(now: Option<&(AgentPlan, AgentRepository)>, used: &(AgentPlan, AgentRepository)) -> bool {
+    now.is_some_and(|(plan, repository)| {
+        repository == &used.1 && AgentPlan { retention: used.0.retention.clone(), ..plan.clone() } == used.0
+    })
 }
 
 /// The plan named `plan` in `config` and its repository.
@@ -639,7 +656,11 @@ impl Backups {
         // Operations a killed agent left running end now, with a report saying so. A run-now among them is accepted
         // first, in case the agent died before it could record that (a repeated request must not run it again).
         for (_, mut report) in open.operations {
-            if report.trigger == Trigger::RunNow && valid_operation_id(&report.id) {
+            // Only a backup has a run-now id from the server; a forget after it inherited the trigger, not the id.
+            if report.kind == OperationKind::Backup
+                && report.trigger == Trigger::RunNow
+                && valid_operation_id(&report.id)
+            {
                 if let Err(e) = lock(&inner.accepted).accept(&inner.paths, &report.id) {
                     crate::log(format_args!("cannot record run-now operation {} as accepted: {e}", report.id));
                 }
@@ -1165,6 +1186,152 @@ pub(crate) mod tests {
             state_dir: None,
         };
         Backups::start(server.clone(), settings).unwrap()
+    }
+
+    /// [`start`] with a fake restic: `backup` waits for `<dir>/go` when `<dir>/wait` exists, then exits with the code
+    /// in `<dir>/backup-code` (0, 1, 3 or 130); `snapshots` lists none; `forget` lists one snapshot of plan home on
+    /// host `host` kept. Every command's first word goes to `<dir>/calls`.
+    #[cfg(unix)]
+    fn start_with_fake_restic(dir: &Path, server: &Arc<FakeServer>) -> Backups {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir.display();
+        let kept = r#"[{"host":"host","keep":[{"id":"aaaa","short_id":"aaaa","time":"2026-12-02T10:00:00Z","hostname":"host","tags":["rm-plan:home"]}],"remove":null,"reasons":[]}]"#;
+        let script = format!(
+            "#!/bin/sh\necho \"$1\" >> '{d}/calls'\ncase \"$1\" in\n  version) echo 'restic 0.14.0 compiled with go1.19 \
+             on linux/amd64' ;;\n  backup) if [ -e '{d}/wait' ]; then while [ ! -e '{d}/go' ]; do sleep 0.05; done; fi\n    \
+             exit $(cat '{d}/backup-code') ;;\n  snapshots) echo '[]' ;;\n  forget) echo '{kept}' ;;\nesac\nexit 0\n"
+        );
+        let path = dir.join("fake-restic");
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let settings = Settings {
+            config_path: dir.join("agent.json"),
+            agent_id: "agent-1".into(),
+            hostname: "host".into(),
+            restic: Some(path),
+            state_dir: None,
+        };
+        Backups::start(server.clone(), settings).unwrap()
+    }
+
+    fn with_retention(revision: u64, retention: Option<rm_protocol::retention::Retention>) -> AgentConfigBody {
+        let mut c = config(revision);
+        c.plans[0].retention = retention;
+        c
+    }
+
+    /// Runs plan home now (its backup exiting with `code`) and returns the final reports: (kind, status) in order,
+    /// and the restic commands run.
+    #[cfg(unix)]
+    fn run_home(code: i32, during: impl FnOnce(&Backups)) -> (Vec<(OperationKind, OperationStatus)>, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("backup-code"), code.to_string()).unwrap();
+        std::fs::write(dir.path().join("wait"), "").unwrap();
+        let server = Arc::new(FakeServer::default());
+        let keep3 = rm_protocol::retention::Retention { last: Some(3), ..Default::default() };
+        server.serve(with_retention(1, Some(keep3)));
+        let backups = start_with_fake_restic(dir.path(), &server);
+        backups.on_answer(&answer(Some(1), &[(OP1, "home")]));
+        let calls = || std::fs::read_to_string(dir.path().join("calls")).unwrap_or_default();
+        let started = Instant::now();
+        while !calls().contains("backup") {
+            assert!(started.elapsed() < Duration::from_secs(20), "the backup never started: {}", calls());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        during(&backups);
+        std::fs::write(dir.path().join("go"), "").unwrap();
+        assert!(backups.wait_runs(Some(Duration::from_secs(20))));
+        backups.flush(Duration::from_secs(5)).unwrap();
+        backups.close();
+        let finals = server
+            .batches()
+            .iter()
+            .flat_map(|b| b.reports.clone())
+            .filter(|r| r.status.is_final())
+            .map(|r| (r.kind, r.status))
+            .collect();
+        (finals, calls().lines().map(str::to_owned).collect())
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn forget_follows_only_backups_that_made_a_snapshot_with_the_policy_as_it_is_then() {
+        use OperationKind::{Backup, Forget};
+        use OperationStatus::{Cancelled, Failed, Success, Warning};
+        let (finals, calls) = run_home(0, |_| {});
+        assert_eq!(finals, [(Backup, Success), (Forget, Success)], "{calls:?}");
+        assert_eq!(calls.iter().filter(|c| *c == "forget").count(), 2, "the dry run and the forget: {calls:?}");
+        // A warning backup made a snapshot: forget runs.
+        let (finals, _) = run_home(3, |_| {});
+        assert_eq!(finals, [(Backup, Warning), (Forget, Success)]);
+        // A failed or cancelled backup: no forget.
+        for (code, status) in [(1, Failed), (130, Cancelled)] {
+            let (finals, calls) = run_home(code, |_| {});
+            assert_eq!(finals, [(Backup, status)], "exit {code}");
+            assert!(!calls.iter().any(|c| c == "forget"), "exit {code}: {calls:?}");
+        }
+        // Only the policy changed while the backup ran: the backup goes on, and forget uses the new policy; the
+        // policy removed meanwhile: no forget.
+        let daily = rm_protocol::retention::Retention { daily: Some(7), ..Default::default() };
+        let (finals, _) = run_home(0, |b| b.inner.apply(with_retention(2, Some(daily)), false));
+        assert_eq!(finals, [(Backup, Success), (Forget, Success)], "a policy change does not cancel the backup");
+        let (finals, calls) = run_home(0, |b| b.inner.apply(with_retention(2, None), false));
+        assert_eq!(finals, [(Backup, Success)], "the policy was removed: {calls:?}");
+        assert!(!calls.iter().any(|c| c == "forget"));
+        // Anything else changed: the running backup is cancelled as before, and no forget follows.
+        let mut moved =
+            with_retention(2, Some(rm_protocol::retention::Retention { last: Some(1), ..Default::default() }));
+        moved.plans[0].paths = vec!["/elsewhere".into()];
+        let cancelled = std::cell::Cell::new(false);
+        let (finals, calls) = run_home(0, |b| {
+            b.inner.apply(moved, false);
+            cancelled.set(b.inner.cancel_reason("home", OP1).is_some_and(|w| w.contains("changed")));
+        });
+        assert!(cancelled.get(), "a change of the paths cancels the running backup");
+        // (This fake backup outlives the interrupt and exits 0; whatever the backup's ending, no forget follows a
+        // cancelled run, not even a cancelled one.)
+        assert_eq!(finals.len(), 1, "{finals:?} {calls:?}");
+        assert_eq!(finals[0].0, Backup);
+        assert!(!calls.iter().any(|c| c == "forget"), "{calls:?}");
+    }
+
+    #[test]
+    fn a_saved_config_keeps_policy_options_this_agent_does_not_know() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = Arc::new(FakeServer::default());
+        let mut newer = config(5);
+        newer.plans[0].retention =
+            Some(serde_json::from_str(r#"{"last":3,"keep_size":"10G"}"#).expect("agents read newer policies"));
+        server.serve(newer);
+        let backups = start(dir.path(), &server);
+        backups.on_answer(&answer(Some(5), &[]));
+        backups.close();
+        let text = std::fs::read_to_string(dir.path().join("backup-config.json")).unwrap();
+        assert!(text.contains("keep_size"), "{text}");
+        let saved = store::load_config(&Paths::for_config(&dir.path().join("agent.json"))).unwrap().unwrap();
+        let policy = saved.plans[0].retention.clone().unwrap();
+        assert!(policy.check_known().unwrap_err().contains("keep_size"), "a restarted agent still refuses to forget");
+    }
+
+    #[test]
+    fn a_forget_interrupted_by_a_kill_is_not_taken_for_an_accepted_run_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = Paths::for_config(&dir.path().join("agent.json"));
+        let mut open = OpenOperations::default();
+        let mut forget = runner::report(OP2, "home", Trigger::RunNow, 5);
+        forget.kind = OperationKind::Forget;
+        open.operations.insert(OP2.into(), forget);
+        open.operations.insert(OP1.into(), runner::report(OP1, "home", Trigger::RunNow, 5));
+        store::save_json(&paths.open_operations(), &open).unwrap();
+        let server = Arc::new(FakeServer::default());
+        let backups = start(dir.path(), &server);
+        let accepted = Accepted::load(&paths).unwrap();
+        assert!(accepted.contains(OP1), "the backup's run-now id is recorded");
+        assert!(!accepted.contains(OP2), "the forget's own id is not a run-now request");
+        backups.flush(Duration::from_secs(5)).unwrap();
+        backups.close();
+        assert_eq!(server.stored()[OP2], OperationStatus::Failed, "both reported");
+        assert_eq!(server.stored()[OP1], OperationStatus::Failed);
     }
 
     const OP1: &str = "op_0123456789abcdef0123456789abcdef";

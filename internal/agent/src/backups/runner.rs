@@ -198,9 +198,15 @@ pub(super) fn run(inner: &Arc<Inner>, plan: &str, trigger: Trigger, run_now: Opt
     let (end, held, ran) = execute(inner, &op, plan, &id, &cancel);
     let made_snapshot = matches!(end.status, OperationStatus::Success | OperationStatus::Warning);
     op.finish(inner, end);
-    // Retention, in the same hold of the repository and its lease as the backup (forget changes the repository).
-    if let Some(ran) = ran.filter(|r| made_snapshot && r.plan.retention.is_some()) {
-        forget(inner, &ran, trigger, &cancel, &id);
+    // Retention, in the same hold of the repository and its lease as the backup (forget changes the repository),
+    // with the plan's policy as it is now: a change of the policy alone does not cancel a running backup, so it may
+    // have been changed, or removed (then no forget), while the backup ran.
+    // A run cancelled meanwhile (the plan changed or was removed, the agent is stopping) does not forget.
+    if let Some(mut ran) = ran.filter(|_| made_snapshot && !cancel.is_cancelled()) {
+        ran.plan.retention = inner.current_retention(plan);
+        if ran.plan.retention.is_some() {
+            forget(inner, &ran, trigger, &cancel, &id);
+        }
     }
     drop(held); // the lease and the repository only after the reports are on disk
 }

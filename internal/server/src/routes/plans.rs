@@ -2,6 +2,8 @@
 //! bumps the fleet's configuration revision (agents refetch their plans) and records its audit event in the same
 //! transaction (`plan_created`, `plan_updated`, `plan_deleted`, `plan_run_requested`).
 
+use std::collections::BTreeMap;
+
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
@@ -13,9 +15,11 @@ use rm_protocol::backup::{CreatePlan, OperationCreated, PlanList, PlanView, RunP
 use crate::auth::{Admin, Peer};
 use crate::{ApiError, AppState};
 
-/// The API shape of a plan; `agents` are every enrolled agent's id and labels (for `applies_to`).
-pub fn plan_view(info: PlanInfo, agents: &[(String, Labels)]) -> PlanView {
+/// The API shape of a plan; `agents` are every enrolled agent's id and labels (for `applies_to`), `hostnames` their
+/// hostnames (for `warnings`).
+pub fn plan_view(info: PlanInfo, agents: &[(String, Labels)], hostnames: &BTreeMap<String, String>) -> PlanView {
     let applies_to = rm_fleet::plans::applies_to(&info, agents);
+    let warnings = rm_fleet::plans::plan_warnings(&info, &applies_to, hostnames);
     let p = info.plan;
     PlanView {
         name: p.name,
@@ -35,6 +39,7 @@ pub fn plan_view(info: PlanInfo, agents: &[(String, Labels)]) -> PlanView {
         applies_to,
         created: rfc3339(info.created_at),
         updated: rfc3339(info.updated_at),
+        warnings,
     }
 }
 
@@ -71,25 +76,29 @@ pub async fn create(
     let plan = NewPlan::validated(spec).map_err(ApiError::InvalidRequest)?;
     let event = super::audit_event("plan_created", peer, &headers);
     let now = rm_fleet::now();
-    let (info, agents) = state
+    let (info, agents, hosts) = state
         .fleet()
         .call(move |c| {
             Ok(match rm_fleet::create_plan(c, now, &plan, event)? {
-                Ok(info) => Ok((info, rm_fleet::plans::agent_labels(c)?)),
+                Ok(info) => Ok((info, rm_fleet::plans::agent_labels(c)?, rm_fleet::plans::agent_hostnames(c)?)),
                 Err(r) => Err(r),
             })
         })
         .await?
         .map_err(refused)?;
     tracing::info!(name = info.plan.name, "plan created");
-    Ok((StatusCode::CREATED, Json(plan_view(info, &agents))).into_response())
+    Ok((StatusCode::CREATED, Json(plan_view(info, &agents, &hosts))).into_response())
 }
 
 /// `GET /api/v1/plans`
 pub async fn list(_: Admin, State(state): State<AppState>) -> Result<Json<PlanList>, ApiError> {
-    let (plans, agents) =
-        state.fleet().call(|c| Ok((rm_fleet::list_plans(c)?, rm_fleet::plans::agent_labels(c)?))).await?;
-    Ok(Json(PlanList { plans: plans.into_iter().map(|p| plan_view(p, &agents)).collect() }))
+    let (plans, agents, hosts) = state
+        .fleet()
+        .call(|c| {
+            Ok((rm_fleet::list_plans(c)?, rm_fleet::plans::agent_labels(c)?, rm_fleet::plans::agent_hostnames(c)?))
+        })
+        .await?;
+    Ok(Json(PlanList { plans: plans.into_iter().map(|p| plan_view(p, &agents, &hosts)).collect() }))
 }
 
 /// `GET /api/v1/plans/{name}`
@@ -100,9 +109,17 @@ pub async fn get(
 ) -> Result<Json<PlanView>, ApiError> {
     let name = name_param(path)?;
     let lookup = name.clone();
-    let (plan, agents) =
-        state.fleet().call(move |c| Ok((rm_fleet::get_plan(c, &lookup)?, rm_fleet::plans::agent_labels(c)?))).await?;
-    Ok(Json(plan_view(plan.ok_or_else(|| not_found(&name))?, &agents)))
+    let (plan, agents, hosts) = state
+        .fleet()
+        .call(move |c| {
+            Ok((
+                rm_fleet::get_plan(c, &lookup)?,
+                rm_fleet::plans::agent_labels(c)?,
+                rm_fleet::plans::agent_hostnames(c)?,
+            ))
+        })
+        .await?;
+    Ok(Json(plan_view(plan.ok_or_else(|| not_found(&name))?, &agents, &hosts)))
 }
 
 /// `PATCH /api/v1/plans/{name}`: each field present replaces the stored one.
@@ -122,18 +139,18 @@ pub async fn update(
     let event = super::audit_event("plan_updated", peer, &headers);
     let now = rm_fleet::now();
     let lookup = name.clone();
-    let (info, agents) = state
+    let (info, agents, hosts) = state
         .fleet()
         .call(move |c| {
             Ok(match rm_fleet::update_plan(c, now, &lookup, &changes, event)? {
-                Ok(info) => Ok((info, rm_fleet::plans::agent_labels(c)?)),
+                Ok(info) => Ok((info, rm_fleet::plans::agent_labels(c)?, rm_fleet::plans::agent_hostnames(c)?)),
                 Err(r) => Err(r),
             })
         })
         .await?
         .map_err(refused)?;
     tracing::info!(name, "plan updated");
-    Ok(Json(plan_view(info, &agents)))
+    Ok(Json(plan_view(info, &agents, &hosts)))
 }
 
 /// `DELETE /api/v1/plans/{name}`: queued run-now requests of the plan are cancelled.
