@@ -1094,6 +1094,9 @@ mod tests {
             env: Default::default(),
             ca_cert: None,
             auto_init: false,
+            min_restic_version: None,
+            prune: None,
+            check: None,
         };
         let job = Job {
             plan,

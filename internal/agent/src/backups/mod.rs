@@ -1210,6 +1210,7 @@ pub(crate) mod tests {
             hostname: "host".into(),
             restic: Some(path),
             state_dir: None,
+            managed_restic: None,
         };
         Backups::start(server.clone(), settings).unwrap()
     }
