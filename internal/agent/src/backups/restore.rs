@@ -646,6 +646,8 @@ fn list(inner: &Inner, task: &LsTask) -> LsResult {
 
 /// Longest pause after the long-poll failed.
 const POLL_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Longest pause a busy server may ask for before the next long-poll.
+const POLL_BUSY_MAX: Duration = Duration::from_secs(600);
 /// How often a server without the long-poll (404) is asked again (it may have been upgraded).
 const POLL_UNSUPPORTED_RETRY: Duration = Duration::from_secs(600);
 
@@ -669,7 +671,12 @@ pub(crate) fn poll(inner: &Arc<Inner>) {
                 for task in &tasks.ls {
                     ls(inner, task);
                 }
-                continue;
+                match tasks.retry_after_secs {
+                    // The server holds as many long-polls as it allows: ask again later (heartbeats bring requests
+                    // meanwhile).
+                    Some(secs) => Duration::from_secs(secs.clamp(1, POLL_BUSY_MAX.as_secs())),
+                    None => continue,
+                }
             }
             Ok(None) => {
                 if !said_unsupported {
@@ -902,6 +909,16 @@ mod tests {
     }
 
     #[test]
+    fn a_busy_server_s_back_off_hint_is_honoured() {
+        let dir = tempfile::tempdir().unwrap();
+        let busy = AgentTasks { generation: 1, retry_after_secs: Some(30), ..Default::default() };
+        let (backups, server) = started(dir.path(), Some(busy));
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(server.calls.load(Ordering::SeqCst), 1, "not asked again before the hint's 30 s");
+        backups.shutdown();
+    }
+
+    #[test]
     fn long_poll_tasks_run_once_however_often_they_are_repeated() {
         const RUN: &str = "op_0123456789abcdef0123456789abcdef";
         const RESTORE: &str = "op_fedcba9876543210fedcba9876543210";
@@ -924,6 +941,7 @@ mod tests {
                 snapshot: "90a410e6".into(),
                 path: "/".into(),
             }],
+            retry_after_secs: None,
         };
         let (backups, server) = started(dir.path(), Some(tasks));
         let finals = |id: &str| {
