@@ -147,6 +147,7 @@ fn locked(locks: &Path) -> bool {
 
 /// Starts `restic prune` on `repo` and stops it (SIGSTOP) while it holds its exclusive lock; `None` if it finished
 /// before it could be caught.
+#[allow(clippy::zombie_processes, reason = "a stopped prune is handed to the caller, which waits for it")]
 fn prune_holding_the_lock(repo: &Repo, repo_dir: &Path) -> Option<Child> {
     let locks = repo_dir.join("locks");
     let mut child = repo.command(&["prune"]).spawn().unwrap();
@@ -167,6 +168,8 @@ fn prune_holding_the_lock(repo: &Repo, repo_dir: &Path) -> Option<Child> {
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("restic prune took no lock within 30 s");
 }
 
