@@ -909,6 +909,29 @@ mod tests {
     }
 
     #[test]
+    fn the_open_operation_on_disk_names_the_target_before_anything_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (backups, _server) = started(dir.path(), None);
+        let task = RestoreTask {
+            operation_id: "op_0123456789abcdef0123456789abcdee".into(),
+            plan: "p".into(),
+            repository: "r".into(),
+            snapshot: "90a410e6".into(),
+            include: vec![],
+            target: Some("/srv/restored".into()),
+            overwrite: false,
+        };
+        let op = start(&backups.inner, &task);
+        let saved: crate::backups::store::OpenOperations =
+            serde_json::from_slice(&std::fs::read(backups.inner.paths.open_operations()).unwrap()).unwrap();
+        let report = &saved.operations[&task.operation_id];
+        assert_eq!(report.kind, OperationKind::Restore);
+        assert_eq!(report.restore.as_ref().unwrap().target, "/srv/restored", "a crash report names the target");
+        op.finish(&backups.inner, failed("test".into()));
+        backups.shutdown();
+    }
+
+    #[test]
     fn a_busy_server_s_back_off_hint_is_honoured() {
         let dir = tempfile::tempdir().unwrap();
         let busy = AgentTasks { generation: 1, retry_after_secs: Some(30), ..Default::default() };
@@ -978,6 +1001,10 @@ mod tests {
         let posts = lock(&server.ls_posts).clone();
         assert_eq!(posts.len(), 1, "the listing ran once: {posts:?}");
         assert!(posts[0].1.error.as_deref().unwrap().contains("nope"), "{posts:?}");
+        assert!(
+            !lock(&backups.inner.slots).keys().any(|k| k.starts_with("restore:")),
+            "a finished restore's slot is gone"
+        );
         backups.shutdown();
     }
 
