@@ -463,6 +463,38 @@ fn check_owner(_: &Path, _: &std::fs::Metadata) -> Result<(), String> {
     Ok(())
 }
 
+/// A symbolic link among the target's existing ancestors must belong to root or the agent's user (`/var/run` →
+/// `/run` is fine; a link another user put in `/tmp` is not).
+#[cfg(unix)]
+fn check_ancestors(target: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let mut ancestors: Vec<&Path> = target.ancestors().skip(1).collect();
+    ancestors.reverse();
+    for dir in ancestors {
+        match std::fs::symlink_metadata(dir) {
+            Ok(meta) if meta.file_type().is_symlink() && meta.uid() != 0 && meta.uid() != me => {
+                return Err(format!(
+                    "the target {} goes through the symbolic link {} of another user (uid {}); not restoring \
+                     through it",
+                    target.display(),
+                    dir.display(),
+                    meta.uid()
+                ));
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_ancestors(_: &Path) -> Result<(), String> {
+    Ok(())
+}
+
 fn is_empty(target: &Path) -> Result<bool, String> {
     let mut entries =
         std::fs::read_dir(target).map_err(|e| format!("cannot read the target {}: {e}", target.display()))?;
@@ -477,9 +509,11 @@ fn not_empty(target: &Path) -> String {
     )
 }
 
-/// Checks (and creates) the target directory. A symbolic link is refused, an existing directory must pass
-/// [`check_owner`], and one with entries is refused unless `overwrite` (and is not touched).
+/// Checks (and creates) the target directory. A symbolic link is refused (and one of another user among its
+/// ancestors, [`check_ancestors`]), an existing directory must pass [`check_owner`], and one with entries is refused
+/// unless `overwrite` (and is not touched).
 fn prepare_target(target: &Path, default: bool, overwrite: bool) -> Result<Prepared, String> {
+    check_ancestors(target)?;
     match std::fs::symlink_metadata(target) {
         Ok(meta) if meta.file_type().is_symlink() => {
             Err(format!("the target {} is a symbolic link; not restoring through it", target.display()))
@@ -507,6 +541,7 @@ fn prepare_target(target: &Path, default: bool, overwrite: bool) -> Result<Prepa
             let mut builder = std::fs::DirBuilder::new();
             #[cfg(unix)]
             std::os::unix::fs::DirBuilderExt::mode(&mut builder, if default { 0o700 } else { 0o777 });
+            check_ancestors(target)?;
             builder.create(target).map_err(|e| format!("cannot create the target {}: {e}", target.display()))?;
             let meta = std::fs::symlink_metadata(target)
                 .map_err(|e| format!("cannot use the target {}: {e}", target.display()))?;
@@ -522,6 +557,7 @@ fn prepare_target(target: &Path, default: bool, overwrite: bool) -> Result<Prepa
 /// Checks, right before restic starts, that the target is still the directory [`prepare_target`] checked (not
 /// replaced, not a symbolic link) and still empty unless `overwrite`.
 fn verify_target(target: &Path, prepared: &Prepared, overwrite: bool) -> Result<(), String> {
+    check_ancestors(target)?;
     let meta = std::fs::symlink_metadata(target)
         .map_err(|e| format!("the target {} is gone before restic started: {e}", target.display()))?;
     if meta.file_type().is_symlink() || !meta.is_dir() || identity(&meta) != prepared.identity {
@@ -758,6 +794,28 @@ mod tests {
         assert!(e.contains("writable by group or others") && e.contains("777"), "{e}");
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert_eq!(fresh(prepare_target(&shared, false, false)), Ok(true));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn another_users_symlink_among_the_ancestors_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        // The agent's own link: fine.
+        assert_eq!(fresh(prepare_target(&link.join("mine"), false, false)), Ok(true));
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // handing the link to another user needs root
+        }
+        let path = std::ffi::CString::new(link.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::lchown(path.as_ptr(), 54321, 54321) }, 0);
+        let e = prepare_target(&link.join("theirs"), false, false).unwrap_err();
+        assert!(e.contains("symbolic link") && e.contains("54321"), "{e}");
+        assert!(!real.join("theirs").exists(), "nothing created through it");
     }
 
     #[cfg(unix)]
