@@ -37,6 +37,7 @@ pub const ADMIN_ROUTES: &[(&str, &str, &[u8])] = &[
     ("GET", "/metrics", b""),
     ("POST", "/api/v1/agents/x/restore", br#"{"snapshot":"0123456789abcdef"}"#),
     ("GET", "/api/v1/agents/x/snapshots/0123456789abcdef/files?path=/", b""),
+    ("POST", "/api/v1/operations/op_x/cancel", b""),
 ];
 
 /// `Authorization` values that are not the admin token (`None`: no header), each with a description: near misses

@@ -47,7 +47,8 @@ pub enum Command {
     /// Backup operations the agents reported, newest first (the same as GET /api/v1/operations).
     Operations(OperationsArgs),
     /// Restore a snapshot onto an agent's host (the same as POST /api/v1/agents/{id}/restore); prints the operation
-    /// id. The agent takes it at its next heartbeat.
+    /// id. The agent takes it within about 25 s (when its task long-poll ends and the server reads the database again)
+    /// or at its next heartbeat, whichever is first.
     Restore(RestoreArgs),
 }
 
@@ -59,8 +60,9 @@ pub struct RestoreArgs {
     /// The snapshot: its id or a unique prefix of at least 8 hex digits (see GET /api/v1/agents/{id}/snapshots).
     #[arg(long, env = "RM_RESTORE_SNAPSHOT")]
     pub snapshot: String,
-    /// An absolute path inside the snapshot to restore; repeat for more (default: everything).
-    #[arg(long = "include", env = "RM_RESTORE_INCLUDE", value_delimiter = ',')]
+    /// An absolute path inside the snapshot to restore, taken literally (commas and glob characters included);
+    /// repeat the flag for more (default: everything). RM_RESTORE_INCLUDE holds one path.
+    #[arg(long = "include", env = "RM_RESTORE_INCLUDE")]
     pub include: Vec<String>,
     /// An absolute directory on the agent's host (default: <agent state dir>/restores/<operation id>).
     #[arg(long, env = "RM_RESTORE_TARGET")]
@@ -595,6 +597,25 @@ mod tests {
         for bad in ["", "0", "12MB", "x", "-1", "99999999999999999999GiB", "5 TiB"] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn restore_includes_are_never_split_on_commas() {
+        let cli = Cli::try_parse_from([
+            "restic-manager-server",
+            "restore",
+            "--agent",
+            "a1",
+            "--snapshot",
+            "90a410e6",
+            "--include",
+            "/srv/a,b",
+            "--include",
+            "/srv/we[ir]d",
+        ])
+        .unwrap();
+        let Some(Command::Restore(args)) = cli.command else { panic!("not a restore") };
+        assert_eq!(args.include, ["/srv/a,b", "/srv/we[ir]d"]);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `restic-manager-server restore --agent ID --snapshot S [--include P]... [--target DIR] [--overwrite]`: queues a
-//! restore straight in the data dir's database, like `plan run` (works beside a running server; the agent takes it
-//! at its next heartbeat, as a server in another process cannot wake its long-poll). The same checks and audit event
+//! restore straight in the data dir's database, like `plan run` (works beside a running server, which cannot be woken
+//! from another process: the agent takes it when its long-poll's wait ends and the server reads the database again,
+//! within about 25 s, or at its next heartbeat if that is sooner). The same checks and audit event
 //! (`restore_requested`, source `cli`) as the API.
 
 use anyhow::bail;

@@ -160,12 +160,23 @@ struct Peer<'a> {
     exe: &'a Path,
 }
 
-/// One heartbeat, and a self-update if the server serves a different build. Returns the answer, the next interval
-/// and whether the binary was replaced (the caller restarts then).
-fn beat(peer: &Peer<'_>, state: &mut Loop, extras: &Extras) -> Result<(HeartbeatResponse, Duration, bool), AgentError> {
+/// One heartbeat, and a self-update if the server serves a different build (deferred while `restoring`: a restart
+/// would cancel the restore). Returns the answer, the next interval and whether the binary was replaced (the caller
+/// restarts then).
+fn beat(
+    peer: &Peer<'_>,
+    state: &mut Loop,
+    extras: &Extras,
+    restoring: bool,
+) -> Result<(HeartbeatResponse, Duration, bool), AgentError> {
     let own_sha = crate::sha256_file(peer.exe)?;
     let answer = peer.client.heartbeat(&peer.config.credential, &state.request(peer.facts, &own_sha, extras))?;
     let interval = Duration::from_secs(answer.heartbeat_interval_secs.clamp(1, 24 * 3600));
+    let served = answer.update.as_ref().and_then(|u| u.sha256.as_deref()).map(str::to_ascii_lowercase);
+    if restoring && served.is_some_and(|s| s != own_sha) {
+        log("the server serves a different build; updating once the running restore has finished");
+        return Ok((answer, interval, false));
+    }
     let updated = self_update(peer, state, extras, &answer, &own_sha)?;
     Ok((answer, interval, updated))
 }
@@ -351,7 +362,7 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
         }
         let extras = backups.heartbeat_fields();
         let peer = Peer { client: &client, config: &config, facts: &facts, exe: &exe };
-        let wait = match beat(&peer, &mut state, &extras) {
+        let wait = match beat(&peer, &mut state, &extras, backups.restoring()) {
             Ok((_, _, true)) => {
                 backups.shutdown();
                 return restart(&exe);

@@ -7,7 +7,7 @@
 //! the repository's URL and secrets). Every request records `restore_requested` in the same operation.
 
 use rm_protocol::backup::OperationStatus;
-use rm_protocol::restore::{CreateRestore, RestoreResult, RestoreTask, check_restore};
+use rm_protocol::restore::{CreateRestore, RestoreResult, RestoreTask, check_path_for_os, check_restore};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::DbError;
@@ -135,6 +135,15 @@ pub fn request_restore(
         Ok(s) => s,
         Err(refused) => return Ok(Err(refused)),
     };
+    // Absolute on the target agent's own OS, as far as the server knows it (the agent checks again).
+    let os: String = conn.prepare_cached("SELECT os FROM agents WHERE id = ?1")?.query_row([agent_id], |r| r.get(0))?;
+    let paths =
+        spec.include.iter().map(|p| ("include", p.as_str())).chain(spec.target.as_deref().map(|t| ("target", t)));
+    for (field, path) in paths {
+        if let Err(message) = check_path_for_os(field, path, &os) {
+            return Ok(Err(RestoreRefused::Invalid(message)));
+        }
+    }
     let id = new_operation_id();
     conn.execute(
         "INSERT INTO operations (id, agent_id, plan, kind, trigger, status, created_at)
@@ -199,6 +208,70 @@ pub fn queued_restores(conn: &Connection, agent_id: &str) -> Result<Vec<RestoreT
         })
     })?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// How long a restore may stay queued (its agent offline or never taking it) before it is cancelled.
+pub const RESTORE_QUEUE_TTL_SECS: i64 = 24 * 3600;
+
+/// Cancels the restores queued longer than [`RESTORE_QUEUE_TTL_SECS`] (of `agent_id` only, when given): status
+/// `cancelled`, with a message saying why. Called before restores are handed to an agent and by the server's
+/// maintenance loop. Returns how many were cancelled.
+pub fn expire_queued_restores(conn: &Connection, now: Timestamp, agent_id: Option<&str>) -> Result<usize, DbError> {
+    let cutoff = now.saturating_sub(RESTORE_QUEUE_TTL_SECS);
+    let message = format!(
+        "cancelled: the restore stayed queued for more than {} h without its agent taking it (offline?); request          it again",
+        RESTORE_QUEUE_TTL_SECS / 3600
+    );
+    let n = conn
+        .prepare_cached(
+            "UPDATE operations SET status = 'cancelled', finished_at = ?1, message = ?2
+             WHERE kind = 'restore' AND status = 'queued' AND created_at < ?3 AND (?4 IS NULL OR agent_id = ?4)",
+        )?
+        .execute(params![now, message, cutoff, agent_id])?;
+    Ok(n)
+}
+
+/// Why an operation was not cancelled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CancelRefused {
+    #[error("operation {0:?} was not found")]
+    NotFound(String),
+    #[error("operation {id} is {status}: only a queued operation (not yet taken by its agent) can be cancelled")]
+    NotQueued { id: String, status: String },
+}
+
+/// Cancels a queued operation (a restore or a run-now its agent has not taken yet): status `cancelled`, and
+/// `operation_cancelled` recorded. Refused (nothing written) when it is unknown or no longer queued.
+pub fn cancel_queued_operation(
+    conn: &Connection,
+    now: Timestamp,
+    id: &str,
+    audit: AuditEvent,
+) -> Result<Result<(), CancelRefused>, DbError> {
+    let found: Option<(String, String, String, String)> = conn
+        .prepare_cached("SELECT agent_id, plan, kind, status FROM operations WHERE id = ?1")?
+        .query_row([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .optional()?;
+    let Some((agent_id, plan, kind, status)) = found else {
+        return Ok(Err(CancelRefused::NotFound(id.to_owned())));
+    };
+    if status != OperationStatus::Queued.as_str() {
+        return Ok(Err(CancelRefused::NotQueued { id: id.to_owned(), status }));
+    }
+    conn.prepare_cached(
+        "UPDATE operations SET status = 'cancelled', finished_at = ?2, message = 'cancelled by an operator before          the agent took it' WHERE id = ?1 AND status = 'queued'",
+    )?
+    .execute(params![id, now])?;
+    record_audit(
+        conn,
+        &AuditEvent {
+            kind: "operation_cancelled".into(),
+            agent_id: Some(agent_id),
+            detail: Some(format!("cancel queued {kind} {id} (plan {plan})")),
+            ..audit
+        },
+    )?;
+    Ok(Ok(()))
 }
 
 /// Stores what the agent reported about a restore (called while ingesting its report).
@@ -438,6 +511,74 @@ mod tests {
             assert_eq!(view.kind, OperationKind::Restore);
             assert_eq!(view.restore.unwrap().target, "/var/x");
             assert!(queued_restores(c, &agent)?.is_empty(), "reported: no longer delivered");
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn paths_are_checked_against_the_target_agents_recorded_os() {
+        let (_dir, db, ids) = setup();
+        let full = format!("dddd4444{}", "5".repeat(56));
+        report_snapshots(&db, &ids[0], "web-files", &[&full]);
+        let agent = ids[0].clone();
+        db.call_blocking(move |c| {
+            let spec = |target: &str| CreateRestore {
+                snapshot: full.clone(),
+                target: Some(target.into()),
+                ..Default::default()
+            };
+            // A Linux agent: a Windows path is not absolute there.
+            let e = request_restore(c, T0, &agent, &spec("C:/restore"), AuditEvent::default())?.unwrap_err();
+            assert!(matches!(&e, RestoreRefused::Invalid(m) if m.starts_with("target:") && m.contains("linux")), "{e}");
+            let windows_include = CreateRestore { include: vec!["D:\\data".into()], target: None, ..spec("/x") };
+            let e = request_restore(c, T0, &agent, &windows_include, AuditEvent::default())?.unwrap_err();
+            assert!(matches!(&e, RestoreRefused::Invalid(m) if m.starts_with("include:")), "{e}");
+            assert!(request_restore(c, T0, &agent, &spec("/restore"), AuditEvent::default())?.is_ok());
+            c.execute("UPDATE agents SET os = 'windows' WHERE id = ?1", [&agent])?;
+            assert!(request_restore(c, T0, &agent, &spec("C:/restore"), AuditEvent::default())?.is_ok());
+            let e = request_restore(c, T0, &agent, &spec("/restore"), AuditEvent::default())?.unwrap_err();
+            assert!(matches!(&e, RestoreRefused::Invalid(m) if m.contains("Windows")), "{e}");
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn old_queued_restores_expire_and_queued_operations_can_be_cancelled() {
+        let (_dir, db, ids) = setup();
+        let full = format!("eeee5555{}", "6".repeat(56));
+        report_snapshots(&db, &ids[0], "web-files", &[&full]);
+        let agent = ids[0].clone();
+        db.call_blocking(move |c| {
+            let spec = CreateRestore { snapshot: full.clone(), ..Default::default() };
+            let (old, _) = request_restore(c, T0, &agent, &spec, AuditEvent::default())?.unwrap();
+            let later = T0 + RESTORE_QUEUE_TTL_SECS - 100;
+            let (young, _) = request_restore(c, later, &agent, &spec, AuditEvent::default())?.unwrap();
+            let (third, _) = request_restore(c, later, &agent, &spec, AuditEvent::default())?.unwrap();
+            assert_eq!(expire_queued_restores(c, later, None)?, 0, "none older than the limit yet");
+            let now = T0 + RESTORE_QUEUE_TTL_SECS + 1;
+            assert_eq!(expire_queued_restores(c, now, Some("someone-else"))?, 0);
+            assert_eq!(expire_queued_restores(c, now, Some(&agent))?, 1);
+            let view = crate::get_operation(c, &old)?.unwrap();
+            assert_eq!(view.status, OperationStatus::Cancelled);
+            assert!(view.message.as_deref().unwrap().contains("queued for more than 24 h"), "{view:?}");
+            let queued: Vec<String> = queued_restores(c, &agent)?.into_iter().map(|t| t.operation_id).collect();
+            assert_eq!(queued, [young.clone(), third.clone()]);
+            // An operator cancels a queued one; a final or unknown one is refused, nothing written.
+            cancel_queued_operation(c, now, &young, AuditEvent::default())?.unwrap();
+            assert_eq!(crate::get_operation(c, &young)?.unwrap().status, OperationStatus::Cancelled);
+            let refused = cancel_queued_operation(c, now, &young, AuditEvent::default())?.unwrap_err();
+            assert!(refused.to_string().contains("is cancelled"), "{refused}");
+            assert!(matches!(
+                cancel_queued_operation(c, now, "op_nope", AuditEvent::default())?,
+                Err(CancelRefused::NotFound(_))
+            ));
+            let queued: Vec<String> = queued_restores(c, &agent)?.into_iter().map(|t| t.operation_id).collect();
+            assert_eq!(queued, [third]);
+            let audits: i64 =
+                c.query_row("SELECT count(*) FROM audit_events WHERE kind = 'operation_cancelled'", [], |r| r.get(0))?;
+            assert_eq!(audits, 1);
             Ok(())
         })
         .unwrap();

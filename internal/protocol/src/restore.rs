@@ -122,6 +122,10 @@ pub struct AgentTasks {
     pub restore: Vec<RestoreTask>,
     #[serde(default)]
     pub ls: Vec<LsTask>,
+    /// The server holds as many long-polls as it allows: the agent should wait this long before asking again
+    /// (heartbeats still bring its requests meanwhile). Absent when the long-poll was served normally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
 }
 
 /// `POST /api/v1/agents/tasks/{request_id}`: the answer to an [`LsTask`]. `error` is restic's message when it
@@ -181,6 +185,23 @@ pub fn check_path(field: &str, path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// [`check_path`], and absolute on the target agent's recorded OS (`std::env::consts::OS`: `windows` needs
+/// `C:\…`/`C:/…`, every other OS `/…`; an empty or unknown OS word is not checked further).
+pub fn check_path_for_os(field: &str, path: &str, os: &str) -> Result<(), String> {
+    check_path(field, path)?;
+    let b = path.as_bytes();
+    let drive = b.len() >= 3 && b[0].is_ascii_alphabetic() && b[1] == b':' && matches!(b[2], b'\\' | b'/');
+    let posix_os =
+        matches!(os, "linux" | "macos" | "freebsd" | "openbsd" | "netbsd" | "dragonfly" | "solaris" | "illumos");
+    if os == "windows" && !drive {
+        return Err(format!("{field}: {path:?} is not absolute on Windows (C:\\…), the target agent's OS"));
+    }
+    if posix_os && !path.starts_with('/') {
+        return Err(format!("{field}: {path:?} is not absolute on {os} (/…), the target agent's OS"));
+    }
+    Ok(())
+}
+
 /// A snapshot id as an operator may write it: 8..=64 hex digits (restic's short id is 8).
 pub fn is_snapshot_ref(value: &str) -> bool {
     (8..=64).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_hexdigit())
@@ -226,6 +247,19 @@ mod tests {
             assert!(e.starts_with("target: ") && e.contains(words), "{bad:?}: {e}");
         }
         assert!(check_path("target", &format!("/{}", "a".repeat(MAX_PATH))).is_err());
+    }
+
+    #[test]
+    fn paths_are_checked_against_the_target_agents_os() {
+        assert!(check_path_for_os("target", "/srv/x", "linux").is_ok());
+        let e = check_path_for_os("target", "C:/x", "linux").unwrap_err();
+        assert!(e.starts_with("target: ") && e.contains("linux"), "{e}");
+        assert!(check_path_for_os("include", "C:\\Users\\x", "windows").is_ok());
+        assert!(check_path_for_os("include", "d:/data", "windows").is_ok());
+        let e = check_path_for_os("include", "/srv/x", "windows").unwrap_err();
+        assert!(e.starts_with("include: ") && e.contains("Windows"), "{e}");
+        assert!(check_path_for_os("target", "C:/x", "").is_ok(), "an unknown OS: the generic check only");
+        assert!(check_path_for_os("target", "relative", "").is_err());
     }
 
     #[test]

@@ -83,6 +83,7 @@ fn routes(state: &AppState) -> Router<AppState> {
         .route("/api/v1/agents/{id}/snapshots/{snapshot}/files", get(restore::files))
         .route("/api/v1/agents/tasks", get(restore::tasks))
         .route("/api/v1/operations", get(operations::list_operations))
+        .route("/api/v1/operations/{id}/cancel", post(restore::cancel))
         .route("/metrics", get(metrics::metrics))
         .route("/api/v1/tokens", get(admin::list_tokens).post(admin::create_token))
         .route("/api/v1/tokens/{id}", delete(admin::revoke_token))

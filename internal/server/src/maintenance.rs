@@ -1,6 +1,6 @@
 //! What keeps the data volume bounded: download records are sampled (at most one per client address, platform and
 //! build per interval, so a flood of downloads or 1-byte range requests cannot grow the audit log), and a periodic
-//! task applies the audit retention (by age, then by count).
+//! task applies the audit retention (by age, then by count) and cancels restores queued for more than a day.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -66,6 +66,12 @@ pub fn spawn(state: &AppState) -> tokio::task::JoinHandle<()> {
 }
 
 async fn prune(state: &AppState) {
+    let now = rm_fleet::now();
+    match state.fleet().call(move |c| rm_fleet::restores::expire_queued_restores(c, now, None)).await {
+        Ok(0) => {}
+        Ok(n) => info!(cancelled = n, "restores queued for more than a day cancelled"),
+        Err(e) => warn!(error = %e, "cancelling old queued restores failed; retrying later"),
+    }
     let settings = state.settings();
     let cutoff = rm_fleet::now().saturating_sub(i64::try_from(settings.audit_retention.as_secs()).unwrap_or(i64::MAX));
     let max = settings.audit_max_events;

@@ -3,16 +3,24 @@
 //! listings, which are never stored: one that is not answered in time is dropped and its caller told so.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use rm_protocol::restore::{LsResult, LsTask};
 use tokio::sync::{oneshot, watch};
 
 /// Most listings pending at once, fleet-wide (each holds an operator's request open).
 pub const MAX_PENDING_LS: usize = 1000;
+/// Most listings pending at once for one agent (it runs two `restic ls` at a time).
+pub const MAX_PENDING_LS_PER_AGENT: usize = 8;
+/// What an agent turned away from a full long-poll is told to wait before asking again.
+pub const POLL_BUSY_RETRY_SECS: u64 = 30;
 
 pub struct Tasks {
     inner: Mutex<Inner>,
+    /// Long-polls held now, and how many may be (half the connection limit, set on first use).
+    polls: AtomicUsize,
+    max_polls: OnceLock<usize>,
     /// Where generations start: different for every server process, so an agent's `seen` from before a restart
     /// never matches by accident.
     base: u64,
@@ -30,6 +38,24 @@ struct PendingLs {
     reply: oneshot::Sender<LsResult>,
 }
 
+/// Why a listing was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LsRefused {
+    /// [`MAX_PENDING_LS`] are pending fleet-wide.
+    Fleet,
+    /// [`MAX_PENDING_LS_PER_AGENT`] are pending for this agent.
+    Agent,
+}
+
+/// A held long-poll: counted until dropped.
+pub struct PollSlot<'a>(&'a AtomicUsize);
+
+impl Drop for PollSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Why an agent's listing answer was not taken.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AnswerError {
@@ -43,7 +69,7 @@ impl Default for Tasks {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(1);
-        Tasks { inner: Mutex::default(), base: nanos }
+        Tasks { inner: Mutex::default(), polls: AtomicUsize::new(0), max_polls: OnceLock::new(), base: nanos }
     }
 }
 
@@ -68,16 +94,30 @@ impl Tasks {
         self.sender(&mut inner, agent_id).subscribe()
     }
 
-    /// Queues a listing for `agent_id` and wakes it; `None` when [`MAX_PENDING_LS`] are pending already.
-    pub fn add_ls(&self, agent_id: &str, task: LsTask) -> Option<oneshot::Receiver<LsResult>> {
+    /// A long-poll may be held (`None`: as many as allowed are held; answer at once). `max` is computed once, on
+    /// first use: long-polls may take at most half the connection limit, so heartbeats, admin requests and
+    /// `/healthz` always find room.
+    pub fn hold_poll(&self, max: impl FnOnce() -> usize) -> Option<PollSlot<'_>> {
+        let max = *self.max_polls.get_or_init(|| (max() / 2).max(1));
+        let held = self.polls.fetch_add(1, Ordering::AcqRel);
+        let slot = PollSlot(&self.polls);
+        (held < max).then_some(slot)
+    }
+
+    /// Queues a listing for `agent_id` and wakes it; refused when [`MAX_PENDING_LS`] are pending already, or
+    /// [`MAX_PENDING_LS_PER_AGENT`] for this agent.
+    pub fn add_ls(&self, agent_id: &str, task: LsTask) -> Result<oneshot::Receiver<LsResult>, LsRefused> {
         let (tx, rx) = oneshot::channel();
         let mut inner = self.lock();
         if inner.ls.len() >= MAX_PENDING_LS {
-            return None;
+            return Err(LsRefused::Fleet);
+        }
+        if inner.ls.values().filter(|p| p.agent_id == agent_id).count() >= MAX_PENDING_LS_PER_AGENT {
+            return Err(LsRefused::Agent);
         }
         inner.ls.insert(task.request_id.clone(), PendingLs { agent_id: agent_id.to_owned(), task, reply: tx });
         self.sender(&mut inner, agent_id).send_modify(|g| *g = g.wrapping_add(1));
-        Some(rx)
+        Ok(rx)
     }
 
     /// Drops a listing (its caller stopped waiting).
@@ -133,5 +173,28 @@ mod tests {
         assert_eq!(reply.await.unwrap(), result);
         assert_eq!(tasks.answer_ls("a1", "ls_1", LsResult::default()), Err(AnswerError::Unknown), "answered once");
         assert!(tasks.pending_ls("a1").is_empty());
+    }
+
+    #[test]
+    fn one_agent_cannot_take_every_pending_listing() {
+        let tasks = Tasks::default();
+        let mut held = Vec::new();
+        for i in 0..MAX_PENDING_LS_PER_AGENT {
+            held.push(tasks.add_ls("a1", task(&format!("ls_{i}"))).unwrap());
+        }
+        assert_eq!(tasks.add_ls("a1", task("ls_more")).err(), Some(LsRefused::Agent));
+        assert!(tasks.add_ls("a2", task("ls_other")).is_ok(), "another agent still lists");
+        tasks.remove_ls("ls_0");
+        assert!(tasks.add_ls("a1", task("ls_again")).is_ok(), "room again once one ended");
+    }
+
+    #[test]
+    fn long_polls_take_at_most_half_the_connections() {
+        let tasks = Tasks::default();
+        let held: Vec<_> = (0..5).map(|_| tasks.hold_poll(|| 10).expect("five of ten")).collect();
+        assert!(tasks.hold_poll(|| 10).is_none(), "the sixth is answered at once");
+        drop(held);
+        assert!(tasks.hold_poll(|| 10).is_some(), "released when they end");
+        assert!(Tasks::default().hold_poll(|| 1).is_some(), "at least one");
     }
 }

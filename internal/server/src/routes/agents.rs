@@ -168,6 +168,7 @@ pub async fn heartbeat(
                 Ok((hb, platform)) => {
                     rm_fleet::record_heartbeat(c, rm_fleet::now(), &id, &hb)?;
                     let (revision, runs) = rm_fleet::plans::heartbeat_directives(c, &id)?;
+                    rm_fleet::restores::expire_queued_restores(c, rm_fleet::now(), Some(&id))?;
                     let restores = rm_fleet::restores::queued_restores(c, &id)?;
                     Ok(Ok((id, platform, revision, runs, restores)))
                 }

@@ -13,7 +13,10 @@ use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
-use rm_fleet::restores::{RestoreRefused, queued_restores, request_restore, snapshot_for_agent};
+use rm_fleet::restores::{
+    CancelRefused, RestoreRefused, cancel_queued_operation, expire_queued_restores, queued_restores, request_restore,
+    snapshot_for_agent,
+};
 use rm_protocol::backup::{OperationCreated, RunNow};
 use rm_protocol::restore::{
     AgentTasks, CreateRestore, FileList, LsResult, LsTask, MAX_ENTRIES, MAX_TASKS_WAIT_SECS, check_path,
@@ -24,6 +27,7 @@ use serde::Deserialize;
 
 use super::operations::{as_agent, body, credential};
 use crate::auth::{Admin, Peer};
+use crate::tasks::{LsRefused, MAX_PENDING_LS_PER_AGENT, POLL_BUSY_RETRY_SECS};
 use crate::{ApiError, AppState};
 
 /// Largest listing answer an agent may post (10,000 entries with long names fit).
@@ -117,12 +121,25 @@ pub async fn files(
         path: dir.clone(),
     };
     let request_id = task.request_id.clone();
-    let Some(reply) = state.tasks().add_ls(&agent_id, task) else {
-        return Err(ApiError::refused(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_listings",
-            "too many snapshot listings are pending; retry shortly",
-        ));
+    let reply = match state.tasks().add_ls(&agent_id, task) {
+        Ok(reply) => reply,
+        Err(LsRefused::Fleet) => {
+            return Err(ApiError::refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_listings",
+                "too many snapshot listings are pending; retry shortly",
+            ));
+        }
+        Err(LsRefused::Agent) => {
+            return Err(ApiError::refused(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_listings",
+                format!(
+                    "{MAX_PENDING_LS_PER_AGENT} snapshot listings are pending for agent {agent_id} already; retry \
+                     shortly"
+                ),
+            ));
+        }
     };
     // Removed however this ends, also when the operator's connection goes away while it waits.
     let _pending = PendingGuard { state: &state, request_id: &request_id };
@@ -181,6 +198,10 @@ pub struct TasksQuery {
 /// `GET /api/v1/agents/tasks?wait=25&seen=<generation>` (agent credential): everything pending for the agent
 /// (run-now and restore requests, listings). Answered at once unless `seen` is the agent's current generation;
 /// then when something new arrives, or after `wait` seconds (at most 25, and five sixths of the API timeout).
+/// Long-polls held at once are capped at half the connection limit: past that, the agent is answered at once with
+/// what is pending and `retry_after_secs` (it waits that long before asking again), so held long-polls never take
+/// the room heartbeats, admin requests and `/healthz` need. Restores queued longer than a day are cancelled here
+/// rather than handed out.
 pub async fn tasks(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -191,7 +212,10 @@ pub async fn tasks(
     let Query(q) = query.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let mut rx = state.tasks().subscribe(&agent_id);
     let mut generation = *rx.borrow_and_update();
-    if q.seen == Some(generation) {
+    let max_connections = state.settings().net.max_connections;
+    let slot = state.tasks().hold_poll(|| crate::conn::max_connections(max_connections));
+    let retry_after_secs = slot.is_none().then_some(POLL_BUSY_RETRY_SECS);
+    if slot.is_some() && q.seen == Some(generation) {
         let cap = Duration::from_secs(MAX_TASKS_WAIT_SECS).min(state.settings().api_timeout * 5 / 6);
         let wait = Duration::from_secs(q.wait.unwrap_or(0)).min(cap);
         let deadline = tokio::time::Instant::now() + wait;
@@ -210,15 +234,55 @@ pub async fn tasks(
             }
         }
     }
+    drop(slot);
     let id = agent_id.clone();
-    let (runs, restores) =
-        state.fleet().call(move |c| Ok((rm_fleet::queued_runs(c, &id)?, queued_restores(c, &id)?))).await?;
+    let now = rm_fleet::now();
+    let (runs, restores) = state
+        .fleet()
+        .call(move |c| {
+            expire_queued_restores(c, now, Some(&id))?;
+            Ok((rm_fleet::queued_runs(c, &id)?, queued_restores(c, &id)?))
+        })
+        .await?;
     Ok(Json(AgentTasks {
         generation,
         run_now: runs.into_iter().map(|r| RunNow { operation_id: r.operation_id, plan: r.plan }).collect(),
         restore: restores,
         ls: state.tasks().pending_ls(&agent_id),
+        retry_after_secs,
     }))
+}
+
+/// `POST /api/v1/operations/{id}/cancel` (admin): cancels an operation its agent has not taken yet (a queued restore
+/// or run-now request); 204. 404 for an unknown id, 409 `not_queued` once the agent took it (or it ended). Records
+/// `operation_cancelled`.
+pub async fn cancel(
+    _: Admin,
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let Path(id) = path?;
+    if !is_printable(&id, 128) {
+        return Err(ApiError::NotFound("operation".into()));
+    }
+    let event = super::audit_event("operation_cancelled", peer, &headers);
+    let now = rm_fleet::now();
+    let op = id.clone();
+    let outcome = state.fleet().call(move |c| cancel_queued_operation(c, now, &op, event)).await?;
+    match outcome {
+        Ok(()) => {
+            tracing::info!(operation_id = id, "queued operation cancelled");
+            Ok(StatusCode::NO_CONTENT)
+        }
+        Err(e @ CancelRefused::NotFound(_)) => {
+            Err(ApiError::refused(StatusCode::NOT_FOUND, "operation_not_found", e.to_string()))
+        }
+        Err(e @ CancelRefused::NotQueued { .. }) => {
+            Err(ApiError::refused(StatusCode::CONFLICT, "not_queued", e.to_string()))
+        }
+    }
 }
 
 /// `POST /api/v1/agents/tasks/{request_id}` (agent credential): the agent's answer to a listing. 404 when no such
