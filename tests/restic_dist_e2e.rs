@@ -120,8 +120,13 @@ impl HostAgent {
     }
 
     fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    fn start_with(&mut self, env: &[(&str, &str)]) {
         let log = fs::File::create(self.dir.path().join("agent.log")).unwrap();
         let mut cmd = self.command();
+        cmd.envs(env.iter().copied());
         cmd.arg("run").stdout(log.try_clone().unwrap()).stderr(log);
         self.child = Some(cmd.spawn().unwrap());
     }
@@ -427,4 +432,105 @@ fn a_repository_requiring_a_newer_restic_gets_the_served_one_and_path_restic_is_
     assert_eq!(failed["status"], "failed", "{failed}");
     let message = failed["message"].as_str().unwrap_or_default();
     assert!(message.contains("requires restic 0.17.0") && message.contains("0.16.0"), "{failed}");
+}
+
+/// A plain-HTTP proxy in front of the server that answers the first `failures` requests for `/restic/binary` with
+/// 503 and forwards everything else, asking for `Connection: close` so every request comes on a connection of its
+/// own and is seen here. Its threads end with the test process.
+struct FailingProxy {
+    addr: std::net::SocketAddr,
+    failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FailingProxy {
+    fn start(upstream: std::net::SocketAddr, failures: usize) -> FailingProxy {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = failed.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { continue };
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match client.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    let first = text.lines().next().unwrap_or_default().to_string();
+                    if first.contains("/restic/binary")
+                        && counter
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < failures).then_some(n + 1))
+                            .is_ok()
+                    {
+                        let _ = client.write_all(
+                            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        );
+                        return;
+                    }
+                    let mut forwarded = String::new();
+                    for line in text.split("\r\n").filter(|l| !l.is_empty()) {
+                        if !line.to_ascii_lowercase().starts_with("connection:") {
+                            forwarded.push_str(line);
+                            forwarded.push_str("\r\n");
+                        }
+                    }
+                    forwarded.push_str("connection: close\r\n\r\n");
+                    let Ok(mut server) = std::net::TcpStream::connect(upstream) else { return };
+                    if server.write_all(forwarded.as_bytes()).is_err() {
+                        return;
+                    }
+                    let (mut from_client, mut to_server) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from_client, &mut to_server);
+                    });
+                    let _ = std::io::copy(&mut server, &mut client);
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        FailingProxy { addr, failed }
+    }
+}
+
+#[test]
+fn a_failed_download_is_retried_not_refused() {
+    let Some(restic) = restic_binary() else { return };
+    let server = server();
+    let bytes = fs::read(&restic).unwrap();
+    let sha = publish_restic(&server, &bytes);
+    publish_sidecar(&server, &sha, "0.14.0");
+    let mut agent = HostAgent::enroll(&server);
+    // The agent talks to the server through a proxy that fails the first restic download with 503.
+    let proxy = FailingProxy::start(server.addr(), 1);
+    let mut config: Value = serde_json::from_slice(&fs::read(agent.config()).unwrap()).unwrap();
+    config["server"] = json!(format!("http://{}", proxy.addr));
+    fs::write(agent.config(), config.to_string()).unwrap();
+    agent.start_with(&[("RM_AGENT_RESTIC_RETRY", "2")]);
+
+    let view = poll(Duration::from_secs(60), || {
+        let v = agent_view(&server, &agent.id);
+        v["restic"]["install_error"].as_str().is_some_and(|e| e.contains("retrying")).then_some(v)
+    })
+    .unwrap_or_else(|| panic!("no install error saying retrying\n{}", agent.log()));
+    assert!(view["restic"]["install_error"].as_str().unwrap().contains("503"), "{view}");
+    // Tried again after the short test backoff: installed, reported, and the error is gone.
+    let view = eventually(Duration::from_secs(60), "the retried install", || {
+        let v = agent_view(&server, &agent.id);
+        (v["restic"]["managed"] == true && v["restic"]["install_error"].is_null()).then_some(v)
+    });
+    assert_eq!(view["restic"]["version"], "0.14.0", "{view}");
+    assert_eq!(sha256_file(&agent.managed()), sha);
+    assert_eq!(proxy.failed.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let log = agent.log();
+    assert!(log.contains("restic install failed, retrying in 2 s"), "{log}");
+    assert!(!log.contains("restic install refused"), "{log}");
 }

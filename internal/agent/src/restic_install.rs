@@ -11,7 +11,8 @@
 //!
 //! When (see [`reason_to_install`]): the host has no usable restic, the applied plans' repositories require a newer
 //! one than the agent runs, or the server serves a newer restic than the managed one installed earlier. A refused
-//! build (its SHA-256) is not tried again until the server serves another one; the error rides every heartbeat.
+//! build (its SHA-256: size, hash or smoke run) is not tried again until the server serves another one; any other
+//! failure (network, server error, disk) is tried again after a capped backoff. The error rides every heartbeat.
 
 use std::path::{Path, PathBuf};
 
