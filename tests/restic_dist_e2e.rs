@@ -534,3 +534,69 @@ fn a_failed_download_is_retried_not_refused() {
     assert!(log.contains("restic install failed, retrying in 2 s"), "{log}");
     assert!(!log.contains("restic install refused"), "{log}");
 }
+
+/// `run --once`: one heartbeat (and nothing installed: these agents' restic is not what is tested).
+fn heartbeat_once(agent: &HostAgent) -> Output {
+    let mut cmd = agent.command();
+    cmd.args(["run", "--once"]);
+    run_bounded(cmd, Duration::from_secs(60))
+}
+
+#[test]
+fn an_unreadable_restic_file_or_sidecar_is_unpublished_not_an_error() {
+    let server = server();
+    let agent = HostAgent::enroll(&server);
+    // A Unix socket cannot be opened (ENXIO), even by root: an honest I/O error on the store's open path.
+    let dir = server.data_dir().join("restic-binaries");
+    fs::create_dir_all(&dir).unwrap();
+    let _build = std::os::unix::net::UnixListener::bind(dir.join(host_restic_name())).unwrap();
+    let _sidecar = std::os::unix::net::UnixListener::bind(dir.join("restic-binaries.json")).unwrap();
+
+    let out = heartbeat_once(&agent);
+    assert!(out.status.success(), "the heartbeat failed: {}", stderr(&out));
+    let m = server.get("/agent/manifest");
+    assert_eq!(m.status, 200, "{}", m.text());
+    let entry = m.json()["restic"].as_array().unwrap().iter().find(|e| e["file"] == host_restic_name()).cloned();
+    assert_eq!(entry.unwrap()["published"], false);
+    let sums = server.get("/agent/SHA256SUMS");
+    assert_eq!(sums.status, 200, "{}", sums.text());
+    assert!(!sums.text().contains(host_restic_name()), "{}", sums.text());
+    let view = agent_view(&server, &agent.id);
+    assert!(view["restic_served"].is_null(), "{view}");
+    let metrics = server.admin("GET", "/metrics", None);
+    assert_eq!(metrics.status, 200, "{}", metrics.text());
+    let log = server.log();
+    assert!(log.contains("cannot be read; treated as not published"), "{log}");
+}
+
+#[test]
+fn each_restic_build_is_described_by_either_roots_sidecar() {
+    let server = server();
+    // The image's restic and its sidecar (bundled), and an operator's data-dir sidecar for a Windows build only.
+    let bundled = server.bundled_dir().join("restic-binaries");
+    fs::create_dir_all(&bundled).unwrap();
+    let bytes = b"#!/bin/sh\necho 'restic 0.14.0 compiled with go1.19'\n".to_vec();
+    fs::write(bundled.join(host_restic_name()), &bytes).unwrap();
+    let sha = sha256_hex(&bytes);
+    let image = json!({"origin": "image", "files": {host_restic_name(): {"version": "0.14.0", "sha256": sha,
+                                                                     "package_version": "0.14.0-1+b5"}}});
+    fs::write(bundled.join("restic-binaries.json"), image.to_string()).unwrap();
+    let windows = b"MZ not really".to_vec();
+    let data = server.data_dir().join("restic-binaries");
+    fs::create_dir_all(&data).unwrap();
+    fs::write(data.join("restic-windows-amd64.exe"), &windows).unwrap();
+    let own = json!({"origin": "operator", "files": {"restic-windows-amd64.exe":
+                                                     {"version": "0.17.3", "sha256": sha256_hex(&windows)}}});
+    fs::write(data.join("restic-binaries.json"), own.to_string()).unwrap();
+
+    for _ in 0..2 {
+        // (twice: the second answer may come from what the first lookup remembered)
+        let m = server.get("/agent/manifest").json();
+        let find = |file: &str| m["restic"].as_array().unwrap().iter().find(|e| e["file"] == file).cloned().unwrap();
+        let host = find(host_restic_name());
+        assert_eq!(host["source"], "bundled", "{m}");
+        assert_eq!(host["version"], "0.14.0", "the bundled sidecar still describes the bundled build: {m}");
+        assert_eq!(host["package_version"], "0.14.0-1+b5", "{m}");
+        assert_eq!(find("restic-windows-amd64.exe")["version"], "0.17.3", "{m}");
+    }
+}
