@@ -444,6 +444,11 @@ struct FailingProxy {
 
 impl FailingProxy {
     fn start(upstream: std::net::SocketAddr, failures: usize) -> FailingProxy {
+        Self::start_throttled(upstream, failures, None)
+    }
+
+    /// `throttle`: a `/restic/binary` answer is forwarded 64 KiB at a time with this pause between chunks.
+    fn start_throttled(upstream: std::net::SocketAddr, failures: usize, throttle: Option<Duration>) -> FailingProxy {
         use std::io::{Read, Write};
         use std::sync::atomic::Ordering;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -492,7 +497,20 @@ impl FailingProxy {
                     std::thread::spawn(move || {
                         let _ = std::io::copy(&mut from_client, &mut to_server);
                     });
-                    let _ = std::io::copy(&mut server, &mut client);
+                    match throttle.filter(|_| first.contains("/restic/binary")) {
+                        None => {
+                            let _ = std::io::copy(&mut server, &mut client);
+                        }
+                        Some(pause) => {
+                            let mut buf = vec![0u8; 64 * 1024];
+                            while let Ok(n @ 1..) = server.read(&mut buf) {
+                                if client.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                                std::thread::sleep(pause);
+                            }
+                        }
+                    }
                     let _ = client.shutdown(std::net::Shutdown::Both);
                 });
             }
@@ -599,4 +617,47 @@ fn each_restic_build_is_described_by_either_roots_sidecar() {
         assert_eq!(host["package_version"], "0.14.0-1+b5", "{m}");
         assert_eq!(find("restic-windows-amd64.exe")["version"], "0.17.3", "{m}");
     }
+}
+
+#[test]
+fn stopping_abandons_a_restic_download_and_a_restart_removes_leftovers() {
+    let Some(restic) = restic_binary() else { return };
+    let server = server();
+    let bytes = fs::read(&restic).unwrap();
+    publish_restic(&server, &bytes);
+    let mut agent = HostAgent::enroll(&server);
+    // A slow download (64 KiB every 50 ms: restic would take well over a minute) through the proxy.
+    let proxy = FailingProxy::start_throttled(server.addr(), 0, Some(Duration::from_millis(50)));
+    let mut config: Value = serde_json::from_slice(&fs::read(agent.config()).unwrap()).unwrap();
+    config["server"] = json!(format!("http://{}", proxy.addr));
+    fs::write(agent.config(), config.to_string()).unwrap();
+    let bin = agent.dir.path().join("bin");
+    let temp_files = || {
+        fs::read_dir(&bin)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(".restic-manager-restic-"))
+            .collect::<Vec<_>>()
+    };
+    // A leftover of an agent killed mid-download.
+    fs::write(bin.join(".restic-manager-restic-Left0v"), b"partial").unwrap();
+    agent.start();
+    eventually(Duration::from_secs(30), "the download under way", || {
+        let files = temp_files();
+        (files.len() == 1 && files[0] != ".restic-manager-restic-Left0v").then_some(())
+    });
+    let child = agent.child.as_mut().unwrap();
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let asked = std::time::Instant::now();
+    let status = eventually(Duration::from_secs(30), "the agent exits", || child.try_wait().unwrap());
+    let took = asked.elapsed();
+    eprintln!("FIGURE SIGTERM during a restic download -> agent exited: {:.2} s", took.as_secs_f64());
+    assert!(took < Duration::from_secs(10), "SIGTERM waited {took:?} for the download\n{}", agent.log());
+    assert!(status.success(), "{status:?}\n{}", agent.log());
+    assert_eq!(temp_files(), Vec::<String>::new(), "{}", agent.log());
+    assert!(!agent.managed().exists());
+    let log = agent.log();
+    assert!(log.contains("removed 1 unfinished download(s)"), "{log}");
+    assert!(log.contains("restic install abandoned"), "{log}");
 }

@@ -310,6 +310,12 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
             crate::printable(&failed.sha256)
         ));
     }
+    if let Some(dir) = exe.parent() {
+        let removed = update::remove_stale_downloads(dir);
+        if removed > 0 {
+            log(format_args!("removed {removed} unfinished download(s) an earlier agent left in {}", dir.display()));
+        }
+    }
     let stop = Arc::new(Stop::default());
     {
         let stop = stop.clone();
@@ -358,7 +364,7 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
             }
             Ok((answer, interval, false)) => {
                 backoff = Duration::from_secs(1);
-                backups.on_answer_then(&answer, |b| ensure_restic(&peer, b, &answer, &mut restic_installs));
+                backups.on_answer_then(&answer, |b| ensure_restic(&peer, b, &answer, &mut restic_installs, &stop));
                 if once {
                     return finish_once(&backups, &stop);
                 }
@@ -424,7 +430,13 @@ fn refuses_the_build(e: &AgentError) -> bool {
 /// Installs the restic the heartbeat answer names when the host needs it ([`restic_install::reason_to_install`]):
 /// not with `--restic`, and not a build refused before until the server serves another. An install that failed for
 /// a passing reason (network, server error, disk) is tried again after 1 min, doubling up to 1 h.
-fn ensure_restic(peer: &Peer<'_>, backups: &Backups, answer: &HeartbeatResponse, memo: &mut ResticInstalls) {
+fn ensure_restic(
+    peer: &Peer<'_>,
+    backups: &Backups,
+    answer: &HeartbeatResponse,
+    memo: &mut ResticInstalls,
+    stop: &Stop,
+) {
     let Some(served) = &answer.restic else { return };
     let Some(served_sha) = served.sha256.as_deref().map(str::to_ascii_lowercase) else { return };
     if backups.restic_is_explicit() {
@@ -452,7 +464,8 @@ fn ensure_restic(peer: &Peer<'_>, backups: &Backups, answer: &HeartbeatResponse,
     };
     let dest = restic_install::managed_path(peer.exe);
     log(format_args!("installing the server's restic at {} ({reason})", dest.display()));
-    match restic_install::install(peer.client, Some(&peer.config.credential), served, &dest, false) {
+    let stopping = || stop.is_stopped();
+    match restic_install::install(peer.client, Some(&peer.config.credential), served, &dest, false, &stopping) {
         Ok(installed) => {
             if let restic_install::Installed::Installed { version, .. } = installed {
                 log(format_args!("installed restic {version} at {}", dest.display()));
@@ -462,6 +475,7 @@ fn ensure_restic(peer: &Peer<'_>, backups: &Backups, answer: &HeartbeatResponse,
             memo.retry = None;
             memo.settled = Some((served_sha, key.1, backups.restic()));
         }
+        Err(e) if stop.is_stopped() => log(format_args!("restic install abandoned: {e}")),
         Err(e) if !refuses_the_build(&e) => {
             let wait = memo.retry.as_ref().map_or_else(restic_retry_first, |r| r.next);
             log(format_args!("restic install failed, retrying in {} s: {e}", wait.as_secs()));
@@ -500,7 +514,7 @@ pub fn restic_install(config_path: &Path) -> Result<(), AgentError> {
         .served_restic(platform, &config.credential)?
         .ok_or_else(|| AgentError::Usage(format!("the server publishes no restic for {platform}")))?;
     let dest = restic_install::managed_path(&exe);
-    match restic_install::install(&client, Some(&config.credential), &served, &dest, true)? {
+    match restic_install::install(&client, Some(&config.credential), &served, &dest, true, &|| false)? {
         restic_install::Installed::UpToDate => println!("restic at {} is the served build", dest.display()),
         restic_install::Installed::Installed { path, version } => {
             println!("installed restic {version} at {}", path.display())

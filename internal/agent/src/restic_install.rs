@@ -78,12 +78,14 @@ pub fn reason_to_install(
 }
 
 /// Installs the served restic at `dest` unless it already is that build. Any failure leaves `dest` as it was.
+/// `stopping` abandons the download once it says yes (the agent is shutting down).
 pub fn install(
     client: &Client,
     credential: Option<&str>,
     served: &ResticEntry,
     dest: &Path,
     show_progress: bool,
+    stopping: &dyn Fn() -> bool,
 ) -> Result<Installed, AgentError> {
     if !served.published {
         return Err(AgentError::Usage(format!("the server publishes no restic for {}/{}", served.os, served.arch)));
@@ -101,6 +103,7 @@ pub fn install(
         dir,
         ".restic-manager-restic-",
         show_progress,
+        stopping,
     )
     .map_err(refused)?;
     let version = smoke_test(&new).map_err(refused)?;
