@@ -661,3 +661,54 @@ fn stopping_abandons_a_restic_download_and_a_restart_removes_leftovers() {
     assert!(log.contains("removed 1 unfinished download(s)"), "{log}");
     assert!(log.contains("restic install abandoned"), "{log}");
 }
+
+#[test]
+fn an_older_served_restic_never_replaces_a_newer_managed_one() {
+    let Some(restic) = restic_binary() else { return };
+    let server = server();
+    // The server serves Debian's 0.14 with no sidecar (its version unknown until the smoke run).
+    let bytes = fs::read(&restic).unwrap();
+    publish_restic(&server, &bytes);
+    let mut agent = HostAgent::enroll(&server);
+    // The managed restic in use says 0.16.0; a repository of the agent's plan requires 0.17.0.
+    let newer = format!(
+        "#!/bin/sh\nif [ \"$1\" = version ]; then echo 'restic 0.16.0 compiled with go1.21 on linux'; exit 0; fi\n\
+         exec '{}' \"$@\"\n",
+        restic.display()
+    );
+    fs::write(agent.managed(), &newer).unwrap();
+    fs::set_permissions(agent.managed(), fs::Permissions::from_mode(0o755)).unwrap();
+    let managed_sha = sha256_file(&agent.managed());
+    let work = tempfile::tempdir().unwrap();
+    let r = server.admin(
+        "POST",
+        "/api/v1/repositories",
+        Some(&json!({"name": "newest", "url": work.path().join("repo").display().to_string(), "password": PASSWORD,
+                     "min_restic_version": "0.17.0"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = server.admin(
+        "POST",
+        "/api/v1/plans",
+        Some(&json!({"name": "docs", "repository": "newest", "paths": [work.path().display().to_string()],
+                     "schedule": "0 3 * * *", "agents": [agent.id]})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    agent.start();
+
+    let view = poll(Duration::from_secs(60), || {
+        let v = agent_view(&server, &agent.id);
+        v["restic"]["install_error"].is_string().then_some(v)
+    })
+    .unwrap_or_else(|| panic!("no install error\n{}", agent.log()));
+    let error = view["restic"]["install_error"].as_str().unwrap();
+    assert!(error.contains("older than the 0.17.0"), "{view}");
+    assert_eq!(sha256_file(&agent.managed()), managed_sha, "the managed restic was downgraded\n{}", agent.log());
+    assert_eq!(view["restic"]["version"], "0.16.0", "{view}");
+
+    // An explicit `restic install` may still put the served one in place.
+    agent.child.take().map(|mut c| (c.kill(), c.wait()));
+    let out = agent.restic_install();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(sha256_file(&agent.managed()), sha256_hex(&bytes));
+}

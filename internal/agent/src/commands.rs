@@ -465,7 +465,10 @@ fn ensure_restic(
     let dest = restic_install::managed_path(peer.exe);
     log(format_args!("installing the server's restic at {} ({reason})", dest.display()));
     let stopping = || stop.is_stopped();
-    match restic_install::install(peer.client, Some(&peer.config.credential), served, &dest, false, &stopping) {
+    // Never a downgrade: below the managed restic in use, or below what a repository requires.
+    let floor = managed.as_ref().map(|m| m.version).max(key.1);
+    let credential = Some(peer.config.credential.as_str());
+    match restic_install::install(peer.client, credential, served, &dest, false, &stopping, floor) {
         Ok(installed) => {
             if let restic_install::Installed::Installed { version, .. } = installed {
                 log(format_args!("installed restic {version} at {}", dest.display()));
@@ -514,7 +517,7 @@ pub fn restic_install(config_path: &Path) -> Result<(), AgentError> {
         .served_restic(platform, &config.credential)?
         .ok_or_else(|| AgentError::Usage(format!("the server publishes no restic for {platform}")))?;
     let dest = restic_install::managed_path(&exe);
-    match restic_install::install(&client, Some(&config.credential), &served, &dest, true, &|| false)? {
+    match restic_install::install(&client, Some(&config.credential), &served, &dest, true, &|| false, None)? {
         restic_install::Installed::UpToDate => println!("restic at {} is the served build", dest.display()),
         restic_install::Installed::Installed { path, version } => {
             println!("installed restic {version} at {}", path.display())

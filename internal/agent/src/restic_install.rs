@@ -78,7 +78,10 @@ pub fn reason_to_install(
 }
 
 /// Installs the served restic at `dest` unless it already is that build. Any failure leaves `dest` as it was.
-/// `stopping` abandons the download once it says yes (the agent is shutting down).
+/// `stopping` abandons the download once it says yes (the agent is shutting down). `floor`: the swap is refused
+/// when the smoke run says an older restic (no downgrade below the managed restic in use or a repository's
+/// `min_restic_version`); `None` (an explicit `restic install`) installs whatever the server serves.
+#[allow(clippy::too_many_arguments)]
 pub fn install(
     client: &Client,
     credential: Option<&str>,
@@ -86,6 +89,7 @@ pub fn install(
     dest: &Path,
     show_progress: bool,
     stopping: &dyn Fn() -> bool,
+    floor: Option<Version>,
 ) -> Result<Installed, AgentError> {
     if !served.published {
         return Err(AgentError::Usage(format!("the server publishes no restic for {}/{}", served.os, served.arch)));
@@ -107,6 +111,12 @@ pub fn install(
     )
     .map_err(refused)?;
     let version = smoke_test(&new).map_err(refused)?;
+    if let Some(floor) = floor.filter(|&f| version < f) {
+        return Err(AgentError::ResticRefused(format!(
+            "the downloaded restic is {version}, older than the {floor} this host needs (the managed restic in use or \
+             a repository's min_restic_version); not installed"
+        )));
+    }
     update::install_file(new, dest, dir)?;
     Ok(Installed::Installed { path: dest.to_path_buf(), version })
 }
