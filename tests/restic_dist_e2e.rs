@@ -352,6 +352,12 @@ fn a_refused_newer_build_is_reported_and_the_working_restic_stays() {
     // Not retried while the server serves the same refused build.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(agent.log().matches("restic install refused").count(), 1, "{}", agent.log());
+
+    // The server stops serving restic: the refusal no longer says anything true and goes.
+    fs::remove_file(server.data_dir().join("restic-binaries").join(host_restic_name())).unwrap();
+    eventually(Duration::from_secs(30), "the stale install error cleared", || {
+        agent_view(&server, &agent.id)["restic"]["install_error"].is_null().then_some(())
+    });
 }
 
 /// Runs the plan `plan` now on `agent` and waits for its final report.
@@ -432,6 +438,7 @@ fn a_repository_requiring_a_newer_restic_gets_the_served_one_and_path_restic_is_
     assert_eq!(failed["status"], "failed", "{failed}");
     let message = failed["message"].as_str().unwrap_or_default();
     assert!(message.contains("requires restic 0.17.0") && message.contains("0.16.0"), "{failed}");
+    assert!(message.contains("the server serves no restic known to be new enough"), "{failed}");
 }
 
 /// A plain-HTTP proxy in front of the server that answers the first `failures` requests for `/restic/binary` with

@@ -437,8 +437,14 @@ fn ensure_restic(
     memo: &mut ResticInstalls,
     stop: &Stop,
 ) {
-    let Some(served) = &answer.restic else { return };
-    let Some(served_sha) = served.sha256.as_deref().map(str::to_ascii_lowercase) else { return };
+    let served_sha = answer.restic.as_ref().filter(|r| r.published).and_then(|r| r.sha256.as_deref());
+    let (Some(served), Some(served_sha)) = (&answer.restic, served_sha.map(str::to_ascii_lowercase)) else {
+        // Nothing served (any more): an earlier install error no longer says anything true.
+        if memo.refused.take().is_some() | memo.retry.take().is_some() {
+            backups.set_restic_install_error(None);
+        }
+        return;
+    };
     if backups.restic_is_explicit() {
         return;
     }

@@ -286,7 +286,10 @@ fn restic_entry_from(platform: Platform, base: &str, found: Option<Found>, sidec
         last_modified: found.as_ref().map(|f| httpdate::fmt_http_date(f.modified)),
         url: format!("{base}/restic/binary?os={}&arch={}", platform.os.as_str(), platform.arch.as_str()),
         version: described.map(|d| d.version.clone()),
-        package_version: described.and_then(|d| d.package_version.clone()),
+        package_version: described
+            .and_then(|d| d.package_version.as_deref())
+            .map(|p| rm_protocol::validate::clean_text(p.trim(), rm_protocol::restic_dist::MAX_PACKAGE_VERSION))
+            .filter(|p| !p.trim().is_empty()),
         sha256,
     }
 }
@@ -376,5 +379,49 @@ pub fn fill_restic_drift(list: &mut AgentList, served: &[ResticEntry]) {
             let host = r.version.as_deref().filter(|_| r.error.is_none());
             ResticDrift::of(host, view.restic_served.as_deref())
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(bytes: &[u8]) -> (Found, String) {
+        use sha2::Digest as _;
+        let digest = Digest { sha256: sha2::Sha256::digest(bytes).into(), build_info: None };
+        let sha = digest.sha256_hex();
+        let found = Found {
+            len: bytes.len() as u64,
+            modified: SystemTime::UNIX_EPOCH,
+            source: Source::Bundled,
+            digest: Arc::new(digest),
+        };
+        (found, sha)
+    }
+
+    #[test]
+    fn sidecar_facts_are_shown_only_when_plain() {
+        let platform = Platform::parse("linux", "amd64").unwrap();
+        let (f, sha) = found(b"restic");
+        let sidecar = |version: &str, package: &str| ResticSidecar {
+            origin: None,
+            files: [(
+                platform.restic_file_name().to_string(),
+                rm_protocol::restic_dist::SidecarFile {
+                    version: version.into(),
+                    package_version: Some(package.into()),
+                    sha256: sha.clone(),
+                },
+            )]
+            .into(),
+        };
+        let good = sidecar("0.14.0", "0.14.0-1+b5\u{1b}[31m\n");
+        let entry = restic_entry_from(platform, "", Some(f), &[&good]);
+        assert_eq!(entry.version.as_deref(), Some("0.14.0"));
+        assert_eq!(entry.package_version.as_deref(), Some("0.14.0-1+b5 [31m"));
+        let (f, _) = found(b"restic");
+        let bad = sidecar("0.14.0<script>", "x");
+        let entry = restic_entry_from(platform, "", Some(f), &[&bad]);
+        assert_eq!((entry.version, entry.package_version), (None, None));
     }
 }
