@@ -339,8 +339,9 @@ pub async fn restic_entries(state: &AppState, base: String) -> Result<Vec<Restic
 
 /// Entries found by a full lookup, reused by heartbeats for [`LOOKED_UP_FOR`]: with no restic or no sidecar
 /// published there is nothing to remember, and a heartbeat should not cost a blocking lookup each.
-type LookedUp = HashMap<(Platform, String), (std::time::Instant, ResticEntry)>;
-static LOOKED_UP: std::sync::Mutex<Option<LookedUp>> = std::sync::Mutex::new(None);
+/// One per server state (so in-process tests never see another server's entries).
+#[derive(Default)]
+pub(crate) struct ResticLookups(std::sync::Mutex<HashMap<(Platform, String), (std::time::Instant, ResticEntry)>>);
 const LOOKED_UP_FOR: Duration = Duration::from_secs(1);
 
 /// The restic entry for one platform (each heartbeat asks): inline when remembered (or looked up within the last
@@ -351,17 +352,16 @@ pub async fn restic_entry(state: &AppState, platform: Platform, base: String) ->
     }
     let key = (platform, base.clone());
     {
-        let looked = LOOKED_UP.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, entry)) = looked.as_ref().and_then(|m| m.get(&key))
+        let looked = state.restic_lookups().0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, entry)) = looked.get(&key)
             && at.elapsed() < LOOKED_UP_FOR
         {
             return Ok(entry.clone());
         }
     }
-    let state = state.clone();
-    let entry = blocking(move || restic_entry_blocking(state.store(), platform, &base)).await?;
-    let mut looked = LOOKED_UP.lock().unwrap_or_else(|p| p.into_inner());
-    let map = looked.get_or_insert_with(HashMap::new);
+    let shared = state.clone();
+    let entry = blocking(move || restic_entry_blocking(shared.store(), platform, &base)).await?;
+    let mut map = state.restic_lookups().0.lock().unwrap_or_else(|p| p.into_inner());
     if map.len() > 64 {
         map.clear(); // bounded: one entry per platform and base URL in practice
     }
