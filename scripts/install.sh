@@ -50,7 +50,8 @@ usage: install.sh [options]
                   agent looks for it by default
   --with-restic   also install the restic the server serves for this host as DIR/bin/restic-manager-restic
                   (verified against the server's SHA256SUMS and smoke-run like the agent; also RM_WITH_RESTIC=1).
-                  The agent uses the newer of it and a restic on PATH; the one on PATH is never replaced
+                  The agent uses the newer of it and a restic on PATH; the one on PATH is never replaced.
+                  Done last; a failure (e.g. a host without glibc >= 2.34 for Debian's build) only warns
   --no-service    do not install or start the systemd service
   --dry-run       print the plan (download, enrollment, service, with their paths), change nothing
   --cacert FILE   trust this CA bundle for the server's TLS certificate
@@ -333,46 +334,78 @@ install_binary() {
 }
 
 # install_restic: with --with-restic, the server's restic for this host as $restic_dest: the checksum from the same
-# SHA256SUMS, a temporary file beside the destination, `version` must print restic's version line (within 15 s where
-# `timeout` exists), then an atomic rename. A failure leaves any earlier restic-manager-restic as it was.
+# SHA256SUMS, a temporary file beside the destination, `version` must print restic's version line of restic 0.14 or
+# newer (within 15 s where `timeout` exists), then an atomic rename. It runs last, after the agent, its enrollment
+# and its service are in place, and never stops the install: a failure is a warning (the exit status stays 0) and
+# leaves any earlier restic-manager-restic as it was. The served restic is Debian's build, dynamically linked against
+# glibc >= 2.34: hosts with an older or another libc (Alpine, RHEL 8, Ubuntu 20.04, Debian 11) cannot run it.
 install_restic() {
     [ "$with_restic" = 1 ] || return 0
+    if ! restic_step; then
+        if [ -n "${tmp:-}" ]; then rm -f "$tmp"; tmp=""; fi
+        restic_warning=1
+    fi
+}
+
+restic_skip() {
+    say "warning: restic not installed: $*; $restic_dest (if any) is untouched and the agent install is complete (the agent uses a restic on PATH, or installs the served one itself when it can)"
+    return 1
+}
+
+restic_step() {
     restic_expected=$(awk -v f="$restic_file" '$2 == f || $2 == "*" f { print $1; exit }' "$work/SHA256SUMS")
     case "$restic_expected" in
-        "") die "the server publishes no restic for $os/$arch ($restic_file is not in its SHA256SUMS); install restic yourself or drop one into the server's restic-binaries/" ;;
-        *[!0-9a-f]*) die "the server's SHA256SUMS is malformed (got an HTML page?)" ;;
+        "") restic_skip "the server publishes no restic for $os/$arch ($restic_file is not in its SHA256SUMS); install restic yourself or drop one into the server's restic-binaries/"; return 1 ;;
+        *[!0-9a-f]*) restic_skip "the server's SHA256SUMS is malformed (got an HTML page?)"; return 1 ;;
     esac
-    [ ${#restic_expected} -eq 64 ] || die "the server's SHA256SUMS is malformed (got an HTML page?)"
+    [ ${#restic_expected} -eq 64 ] || { restic_skip "the server's SHA256SUMS is malformed (got an HTML page?)"; return 1; }
     if [ -f "$restic_dest" ] && [ "$(sha256_of "$restic_dest")" = "$restic_expected" ]; then
         say "$restic_dest is already the served restic ($restic_expected)"
         return 0
     fi
     if [ "$dry_run" = 1 ]; then
-        say "would download $server/restic/binary?os=$os&arch=$arch, verify sha256 $restic_expected, smoke-run it and install it as $restic_dest"
+        say "would download $server/restic/binary?os=$os&arch=$arch, verify sha256 $restic_expected, smoke-run it and install it as $restic_dest (a failure only warns)"
         return 0
     fi
-    mkdir -p "$bin_dir" || die "cannot create $bin_dir"
-    tmp=$(mktemp "$bin_dir/.restic-manager-restic.XXXXXX") || die "cannot create a temporary file in $bin_dir"
+    tmp=$(mktemp "$bin_dir/.restic-manager-restic.XXXXXX") || { restic_skip "cannot create a temporary file in $bin_dir"; return 1; }
     say "downloading the $os/$arch restic from $server"
-    fetch "$server/restic/binary?os=$os&arch=$arch" "$tmp" || die "restic download failed; $restic_dest (if any) is untouched"
+    fetch "$server/restic/binary?os=$os&arch=$arch" "$tmp" || { restic_skip "the restic download failed"; return 1; }
     actual=$(sha256_of "$tmp")
     if [ "$actual" != "$restic_expected" ]; then
-        die "restic checksum mismatch: expected $restic_expected, got $actual; $restic_dest (if any) is untouched"
+        restic_skip "restic checksum mismatch: expected $restic_expected, got $actual"
+        return 1
     fi
-    chmod 0755 "$tmp" || die "cannot make $tmp executable"
+    chmod 0755 "$tmp" || { restic_skip "cannot make $tmp executable"; return 1; }
     if command -v timeout >/dev/null 2>&1; then
-        restic_version=$(timeout 15 "$tmp" version 2>/dev/null) || die "the downloaded restic does not run on this host; $restic_dest (if any) is untouched"
+        restic_version=$(timeout 15 "$tmp" version 2>/dev/null) || { restic_skip "the downloaded restic does not run on this host (the served restic needs glibc >= 2.34)"; return 1; }
     else
-        restic_version=$("$tmp" version 2>/dev/null) || die "the downloaded restic does not run on this host; $restic_dest (if any) is untouched"
+        restic_version=$("$tmp" version 2>/dev/null) || { restic_skip "the downloaded restic does not run on this host (the served restic needs glibc >= 2.34)"; return 1; }
     fi
     restic_version=$(printf '%s\n' "$restic_version" | head -n 1)
-    case "$restic_version" in
-        restic\ [0-9]*.[0-9]*) ;;
-        *) die "the downloaded file is not restic (its version printed something else); $restic_dest (if any) is untouched" ;;
-    esac
-    mv -f "$tmp" "$restic_dest" || die "cannot move restic into place at $restic_dest"
+    if ! restic_supported "$restic_version"; then
+        restic_skip "the downloaded file is not restic 0.14 or newer (its version printed: $(printf '%s' "$restic_version" | cut -c 1-80 | tr -cd '[:print:]'))"
+        return 1
+    fi
+    mv -f "$tmp" "$restic_dest" || { restic_skip "cannot move restic into place at $restic_dest"; return 1; }
     tmp=""
     say "installed $restic_dest ($restic_version)"
+}
+
+# restic_supported LINE: LINE is restic's version line, `restic MAJOR.MINOR[.PATCH] …`, of restic 0.14 or newer
+# (what the agent requires).
+restic_supported() {
+    case "$1" in restic\ *) ;; *) return 1 ;; esac
+    rs_version=${1#restic }
+    rs_version=${rs_version%% *}
+    rs_major=${rs_version%%.*}
+    case "$rs_version" in *.*) ;; *) return 1 ;; esac
+    rs_minor=${rs_version#*.}
+    rs_minor=${rs_minor%%.*}
+    for rs_part in "$rs_major" "$rs_minor"; do
+        case "$rs_part" in "" | *[!0-9]*) return 1 ;; esac
+        [ ${#rs_part} -le 6 ] || return 1
+    done
+    [ "$rs_major" -gt 0 ] || [ "$rs_minor" -ge 14 ]
 }
 
 enroll() {
@@ -472,10 +505,17 @@ main() {
     if [ "$dry_run" = 1 ]; then say "dry run: nothing is changed; the plan:"; fi
     expected_checksum
     install_binary
-    install_restic
     enroll
     install_service
-    if [ "$dry_run" = 1 ]; then say "dry run: done, nothing was changed"; else say "done"; fi
+    restic_warning=0
+    install_restic
+    if [ "$dry_run" = 1 ]; then
+        say "dry run: done, nothing was changed"
+    elif [ "$restic_warning" = 1 ]; then
+        say "done (without restic: see the warning above)"
+    else
+        say "done"
+    fi
 }
 
 main "$@"

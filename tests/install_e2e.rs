@@ -1715,11 +1715,32 @@ fn curl_pipe_sh_with_restic_installs_a_working_restic(shell_name: &str, shell: &
     fs::write(&fake, "#!/bin/sh\necho 'hello, not restic'\n").unwrap();
     fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).unwrap();
     let refused = curl_pipe(&server, shell, &args, &prefix.tmpdir);
-    assert!(!refused.status.success(), "{shell_name}: a script was installed as restic");
-    assert!(stderr_of(&refused).contains("is not restic"), "{}", stderr_of(&refused));
+    assert_success(&refused, &format!("{shell_name}: a refused restic only warns"));
+    assert!(stderr_of(&refused).contains("warning: restic not installed"), "{}", stderr_of(&refused));
+    assert!(stderr_of(&refused).contains("is not restic 0.14 or newer"), "{}", stderr_of(&refused));
     assert_eq!(sha256_file(&managed), restic_sha, "{shell_name}: the refused build replaced restic");
     assert_eq!(entries(&prefix.bin_dir()), [AGENT_BIN, "restic-manager-restic"]);
     prefix.assert_tmpdir_clean(shell_name);
+
+    // On a fresh host, restic that cannot be installed (a version line the agent would refuse; one that does not run,
+    // like Debian's restic on a host without glibc >= 2.34) leaves the agent installed and enrolled.
+    for (body, said) in [
+        ("echo 'restic 1x.2 compiled with go1.19'", "is not restic 0.14 or newer"),
+        ("echo 'restic 0.13.9 compiled with go1.19'", "is not restic 0.14 or newer"),
+        ("exit 127", "does not run on this host"),
+    ] {
+        fs::write(&fake, format!("#!/bin/sh\n{body}\n")).unwrap();
+        let fresh = Prefix::new();
+        let args = ["--prefix".into(), fresh.arg(), "--no-service".into(), "--with-restic".into(), "--token".into()];
+        let args: Vec<String> = args.into_iter().chain([create_token(&server, 5)]).collect();
+        let out = curl_pipe(&server, shell, &args, &fresh.tmpdir);
+        assert_success(&out, &format!("{shell_name}: {body}: the agent install goes on"));
+        assert!(stderr_of(&out).contains(said), "{body}: {}", stderr_of(&out));
+        assert!(stderr_of(&out).contains("done (without restic"), "{body}: {}", stderr_of(&out));
+        assert!(fresh.config().is_file(), "{shell_name}: {body}: not enrolled");
+        assert_eq!(entries(&fresh.bin_dir()), [AGENT_BIN], "{shell_name}: {body}");
+        fresh.assert_tmpdir_clean(shell_name);
+    }
 }
 
 /// `Command::arg` returning the command, for one-liners.

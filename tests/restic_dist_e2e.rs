@@ -120,8 +120,13 @@ impl HostAgent {
     }
 
     fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    fn start_with(&mut self, env: &[(&str, &str)]) {
         let log = fs::File::create(self.dir.path().join("agent.log")).unwrap();
         let mut cmd = self.command();
+        cmd.envs(env.iter().copied());
         cmd.arg("run").stdout(log.try_clone().unwrap()).stderr(log);
         self.child = Some(cmd.spawn().unwrap());
     }
@@ -347,6 +352,12 @@ fn a_refused_newer_build_is_reported_and_the_working_restic_stays() {
     // Not retried while the server serves the same refused build.
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(agent.log().matches("restic install refused").count(), 1, "{}", agent.log());
+
+    // The server stops serving restic: the refusal no longer says anything true and goes.
+    fs::remove_file(server.data_dir().join("restic-binaries").join(host_restic_name())).unwrap();
+    eventually(Duration::from_secs(30), "the stale install error cleared", || {
+        agent_view(&server, &agent.id)["restic"]["install_error"].is_null().then_some(())
+    });
 }
 
 /// Runs the plan `plan` now on `agent` and waits for its final report.
@@ -427,4 +438,284 @@ fn a_repository_requiring_a_newer_restic_gets_the_served_one_and_path_restic_is_
     assert_eq!(failed["status"], "failed", "{failed}");
     let message = failed["message"].as_str().unwrap_or_default();
     assert!(message.contains("requires restic 0.17.0") && message.contains("0.16.0"), "{failed}");
+    assert!(message.contains("the server serves no restic known to be new enough"), "{failed}");
+}
+
+/// A plain-HTTP proxy in front of the server that answers the first `failures` requests for `/restic/binary` with
+/// 503 and forwards everything else, asking for `Connection: close` so every request comes on a connection of its
+/// own and is seen here. Its threads end with the test process.
+struct FailingProxy {
+    addr: std::net::SocketAddr,
+    failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl FailingProxy {
+    fn start(upstream: std::net::SocketAddr, failures: usize) -> FailingProxy {
+        Self::start_throttled(upstream, failures, None)
+    }
+
+    /// `throttle`: a `/restic/binary` answer is forwarded 64 KiB at a time with this pause between chunks.
+    fn start_throttled(upstream: std::net::SocketAddr, failures: usize, throttle: Option<Duration>) -> FailingProxy {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = failed.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { continue };
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    client.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match client.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    let first = text.lines().next().unwrap_or_default().to_string();
+                    if first.contains("/restic/binary")
+                        && counter
+                            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < failures).then_some(n + 1))
+                            .is_ok()
+                    {
+                        let _ = client.write_all(
+                            b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        );
+                        return;
+                    }
+                    let mut forwarded = String::new();
+                    for line in text.split("\r\n").filter(|l| !l.is_empty()) {
+                        if !line.to_ascii_lowercase().starts_with("connection:") {
+                            forwarded.push_str(line);
+                            forwarded.push_str("\r\n");
+                        }
+                    }
+                    forwarded.push_str("connection: close\r\n\r\n");
+                    let Ok(mut server) = std::net::TcpStream::connect(upstream) else { return };
+                    if server.write_all(forwarded.as_bytes()).is_err() {
+                        return;
+                    }
+                    let (mut from_client, mut to_server) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from_client, &mut to_server);
+                    });
+                    match throttle.filter(|_| first.contains("/restic/binary")) {
+                        None => {
+                            let _ = std::io::copy(&mut server, &mut client);
+                        }
+                        Some(pause) => {
+                            let mut buf = vec![0u8; 64 * 1024];
+                            while let Ok(n @ 1..) = server.read(&mut buf) {
+                                if client.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                                std::thread::sleep(pause);
+                            }
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        FailingProxy { addr, failed }
+    }
+}
+
+#[test]
+fn a_failed_download_is_retried_not_refused() {
+    let Some(restic) = restic_binary() else { return };
+    let server = server();
+    let bytes = fs::read(&restic).unwrap();
+    let sha = publish_restic(&server, &bytes);
+    publish_sidecar(&server, &sha, "0.14.0");
+    let mut agent = HostAgent::enroll(&server);
+    // The agent talks to the server through a proxy that fails the first restic download with 503.
+    let proxy = FailingProxy::start(server.addr(), 1);
+    let mut config: Value = serde_json::from_slice(&fs::read(agent.config()).unwrap()).unwrap();
+    config["server"] = json!(format!("http://{}", proxy.addr));
+    fs::write(agent.config(), config.to_string()).unwrap();
+    agent.start_with(&[("RM_AGENT_RESTIC_RETRY", "2")]);
+
+    let view = poll(Duration::from_secs(60), || {
+        let v = agent_view(&server, &agent.id);
+        v["restic"]["install_error"].as_str().is_some_and(|e| e.contains("retrying")).then_some(v)
+    })
+    .unwrap_or_else(|| panic!("no install error saying retrying\n{}", agent.log()));
+    assert!(view["restic"]["install_error"].as_str().unwrap().contains("503"), "{view}");
+    // Tried again after the short test backoff: installed, reported, and the error is gone.
+    let view = eventually(Duration::from_secs(60), "the retried install", || {
+        let v = agent_view(&server, &agent.id);
+        (v["restic"]["managed"] == true && v["restic"]["install_error"].is_null()).then_some(v)
+    });
+    assert_eq!(view["restic"]["version"], "0.14.0", "{view}");
+    assert_eq!(sha256_file(&agent.managed()), sha);
+    assert_eq!(proxy.failed.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let log = agent.log();
+    assert!(log.contains("restic install failed, retrying in 2 s"), "{log}");
+    assert!(!log.contains("restic install refused"), "{log}");
+}
+
+/// `run --once`: one heartbeat (and nothing installed: these agents' restic is not what is tested).
+fn heartbeat_once(agent: &HostAgent) -> Output {
+    let mut cmd = agent.command();
+    cmd.args(["run", "--once"]);
+    run_bounded(cmd, Duration::from_secs(60))
+}
+
+#[test]
+fn an_unreadable_restic_file_or_sidecar_is_unpublished_not_an_error() {
+    let server = server();
+    let agent = HostAgent::enroll(&server);
+    // A Unix socket cannot be opened (ENXIO), even by root: an honest I/O error on the store's open path.
+    let dir = server.data_dir().join("restic-binaries");
+    fs::create_dir_all(&dir).unwrap();
+    let _build = std::os::unix::net::UnixListener::bind(dir.join(host_restic_name())).unwrap();
+    let _sidecar = std::os::unix::net::UnixListener::bind(dir.join("restic-binaries.json")).unwrap();
+
+    let out = heartbeat_once(&agent);
+    assert!(out.status.success(), "the heartbeat failed: {}", stderr(&out));
+    let m = server.get("/agent/manifest");
+    assert_eq!(m.status, 200, "{}", m.text());
+    let entry = m.json()["restic"].as_array().unwrap().iter().find(|e| e["file"] == host_restic_name()).cloned();
+    assert_eq!(entry.unwrap()["published"], false);
+    let sums = server.get("/agent/SHA256SUMS");
+    assert_eq!(sums.status, 200, "{}", sums.text());
+    assert!(!sums.text().contains(host_restic_name()), "{}", sums.text());
+    let view = agent_view(&server, &agent.id);
+    assert!(view["restic_served"].is_null(), "{view}");
+    let metrics = server.admin("GET", "/metrics", None);
+    assert_eq!(metrics.status, 200, "{}", metrics.text());
+    let log = server.log();
+    assert!(log.contains("cannot be read; treated as not published"), "{log}");
+}
+
+#[test]
+fn each_restic_build_is_described_by_either_roots_sidecar() {
+    let server = server();
+    // The image's restic and its sidecar (bundled), and an operator's data-dir sidecar for a Windows build only.
+    let bundled = server.bundled_dir().join("restic-binaries");
+    fs::create_dir_all(&bundled).unwrap();
+    let bytes = b"#!/bin/sh\necho 'restic 0.14.0 compiled with go1.19'\n".to_vec();
+    fs::write(bundled.join(host_restic_name()), &bytes).unwrap();
+    let sha = sha256_hex(&bytes);
+    let image = json!({"origin": "image", "files": {host_restic_name(): {"version": "0.14.0", "sha256": sha,
+                                                                     "package_version": "0.14.0-1+b5"}}});
+    fs::write(bundled.join("restic-binaries.json"), image.to_string()).unwrap();
+    let windows = b"MZ not really".to_vec();
+    let data = server.data_dir().join("restic-binaries");
+    fs::create_dir_all(&data).unwrap();
+    fs::write(data.join("restic-windows-amd64.exe"), &windows).unwrap();
+    let own = json!({"origin": "operator", "files": {"restic-windows-amd64.exe":
+                                                     {"version": "0.17.3", "sha256": sha256_hex(&windows)}}});
+    fs::write(data.join("restic-binaries.json"), own.to_string()).unwrap();
+
+    for _ in 0..2 {
+        // (twice: the second answer may come from what the first lookup remembered)
+        let m = server.get("/agent/manifest").json();
+        let find = |file: &str| m["restic"].as_array().unwrap().iter().find(|e| e["file"] == file).cloned().unwrap();
+        let host = find(host_restic_name());
+        assert_eq!(host["source"], "bundled", "{m}");
+        assert_eq!(host["version"], "0.14.0", "the bundled sidecar still describes the bundled build: {m}");
+        assert_eq!(host["package_version"], "0.14.0-1+b5", "{m}");
+        assert_eq!(find("restic-windows-amd64.exe")["version"], "0.17.3", "{m}");
+    }
+}
+
+#[test]
+fn stopping_abandons_a_restic_download_and_a_restart_removes_leftovers() {
+    let Some(restic) = restic_binary() else { return };
+    let server = server();
+    let bytes = fs::read(&restic).unwrap();
+    publish_restic(&server, &bytes);
+    let mut agent = HostAgent::enroll(&server);
+    // A slow download (64 KiB every 50 ms: restic would take well over a minute) through the proxy.
+    let proxy = FailingProxy::start_throttled(server.addr(), 0, Some(Duration::from_millis(50)));
+    let mut config: Value = serde_json::from_slice(&fs::read(agent.config()).unwrap()).unwrap();
+    config["server"] = json!(format!("http://{}", proxy.addr));
+    fs::write(agent.config(), config.to_string()).unwrap();
+    let bin = agent.dir.path().join("bin");
+    let temp_files = || {
+        fs::read_dir(&bin)
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(".restic-manager-restic-"))
+            .collect::<Vec<_>>()
+    };
+    // A leftover of an agent killed mid-download.
+    fs::write(bin.join(".restic-manager-restic-Left0v"), b"partial").unwrap();
+    agent.start();
+    eventually(Duration::from_secs(30), "the download under way", || {
+        let files = temp_files();
+        (files.len() == 1 && files[0] != ".restic-manager-restic-Left0v").then_some(())
+    });
+    let child = agent.child.as_mut().unwrap();
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let asked = std::time::Instant::now();
+    let status = eventually(Duration::from_secs(30), "the agent exits", || child.try_wait().unwrap());
+    let took = asked.elapsed();
+    eprintln!("FIGURE SIGTERM during a restic download -> agent exited: {:.2} s", took.as_secs_f64());
+    assert!(took < Duration::from_secs(10), "SIGTERM waited {took:?} for the download\n{}", agent.log());
+    assert!(status.success(), "{status:?}\n{}", agent.log());
+    assert_eq!(temp_files(), Vec::<String>::new(), "{}", agent.log());
+    assert!(!agent.managed().exists());
+    let log = agent.log();
+    assert!(log.contains("removed 1 unfinished download(s)"), "{log}");
+    assert!(log.contains("restic install abandoned"), "{log}");
+}
+
+#[test]
+fn an_older_served_restic_never_replaces_a_newer_managed_one() {
+    let Some(restic) = restic_binary() else { return };
+    let server = server();
+    // The server serves Debian's 0.14 with no sidecar (its version unknown until the smoke run).
+    let bytes = fs::read(&restic).unwrap();
+    publish_restic(&server, &bytes);
+    let mut agent = HostAgent::enroll(&server);
+    // The managed restic in use says 0.16.0; a repository of the agent's plan requires 0.17.0.
+    let newer = format!(
+        "#!/bin/sh\nif [ \"$1\" = version ]; then echo 'restic 0.16.0 compiled with go1.21 on linux'; exit 0; fi\n\
+         exec '{}' \"$@\"\n",
+        restic.display()
+    );
+    fs::write(agent.managed(), &newer).unwrap();
+    fs::set_permissions(agent.managed(), fs::Permissions::from_mode(0o755)).unwrap();
+    let managed_sha = sha256_file(&agent.managed());
+    let work = tempfile::tempdir().unwrap();
+    let r = server.admin(
+        "POST",
+        "/api/v1/repositories",
+        Some(&json!({"name": "newest", "url": work.path().join("repo").display().to_string(), "password": PASSWORD,
+                     "min_restic_version": "0.17.0"})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = server.admin(
+        "POST",
+        "/api/v1/plans",
+        Some(&json!({"name": "docs", "repository": "newest", "paths": [work.path().display().to_string()],
+                     "schedule": "0 3 * * *", "agents": [agent.id]})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    agent.start();
+
+    let view = poll(Duration::from_secs(60), || {
+        let v = agent_view(&server, &agent.id);
+        v["restic"]["install_error"].is_string().then_some(v)
+    })
+    .unwrap_or_else(|| panic!("no install error\n{}", agent.log()));
+    let error = view["restic"]["install_error"].as_str().unwrap();
+    assert!(error.contains("older than the 0.17.0"), "{view}");
+    assert_eq!(sha256_file(&agent.managed()), managed_sha, "the managed restic was downgraded\n{}", agent.log());
+    assert_eq!(view["restic"]["version"], "0.16.0", "{view}");
+
+    // An explicit `restic install` may still put the served one in place.
+    agent.child.take().map(|mut c| (c.kill(), c.wait()));
+    let out = agent.restic_install();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(sha256_file(&agent.managed()), sha256_hex(&bytes));
 }

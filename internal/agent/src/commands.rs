@@ -321,6 +321,12 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
             crate::printable(&failed.sha256)
         ));
     }
+    if let Some(dir) = exe.parent() {
+        let removed = update::remove_stale_downloads(dir);
+        if removed > 0 {
+            log(format_args!("removed {removed} unfinished download(s) an earlier agent left in {}", dir.display()));
+        }
+    }
     let stop = Arc::new(Stop::default());
     {
         let stop = stop.clone();
@@ -369,7 +375,7 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
             }
             Ok((answer, interval, false)) => {
                 backoff = Duration::from_secs(1);
-                backups.on_answer_then(&answer, |b| ensure_restic(&peer, b, &answer, &mut restic_installs));
+                backups.on_answer_then(&answer, |b| ensure_restic(&peer, b, &answer, &mut restic_installs, &stop));
                 if once {
                     return finish_once(&backups, &stop);
                 }
@@ -401,13 +407,55 @@ struct ResticInstalls {
     /// The (served SHA-256, required version, restic in use) last looked at with nothing (more) to do: skipped
     /// until one of them changes, so a heartbeat does not hash or run restic for nothing.
     settled: Option<(String, Option<restic::Version>, Result<restic::Restic, String>)>,
+    /// After an install that failed for another reason than the build itself (network, server error, disk): the
+    /// build, when to try it again, and the wait after that one.
+    retry: Option<ResticRetry>,
+}
+
+struct ResticRetry {
+    sha256: String,
+    at: std::time::Instant,
+    next: Duration,
+}
+
+/// The longest wait between two attempts to install a served restic that failed for a passing reason.
+const RESTIC_RETRY_MAX: Duration = Duration::from_secs(3600);
+
+/// The first wait after such a failure: 1 min, or `RM_AGENT_RESTIC_RETRY` (whole seconds; for the end-to-end
+/// tests). It doubles up to [`RESTIC_RETRY_MAX`].
+fn restic_retry_first() -> Duration {
+    std::env::var("RM_AGENT_RESTIC_RETRY")
+        .ok()
+        .and_then(|v| v.trim().trim_end_matches('s').parse::<u64>().ok())
+        .filter(|&s| s > 0)
+        .map_or(Duration::from_secs(60), Duration::from_secs)
+        .min(RESTIC_RETRY_MAX)
+}
+
+/// Whether an install error refuses the build itself (its size or hash does not match what the server announced,
+/// or its smoke run failed): only then is the build not tried again until the server serves another.
+fn refuses_the_build(e: &AgentError) -> bool {
+    matches!(e, AgentError::ResticRefused(_) | AgentError::Verification(_) | AgentError::SmokeTest(_))
 }
 
 /// Installs the restic the heartbeat answer names when the host needs it ([`restic_install::reason_to_install`]):
-/// not with `--restic`, and not a build refused before until the server serves another.
-fn ensure_restic(peer: &Peer<'_>, backups: &Backups, answer: &HeartbeatResponse, memo: &mut ResticInstalls) {
-    let Some(served) = &answer.restic else { return };
-    let Some(served_sha) = served.sha256.as_deref().map(str::to_ascii_lowercase) else { return };
+/// not with `--restic`, and not a build refused before until the server serves another. An install that failed for
+/// a passing reason (network, server error, disk) is tried again after 1 min, doubling up to 1 h.
+fn ensure_restic(
+    peer: &Peer<'_>,
+    backups: &Backups,
+    answer: &HeartbeatResponse,
+    memo: &mut ResticInstalls,
+    stop: &Stop,
+) {
+    let served_sha = answer.restic.as_ref().filter(|r| r.published).and_then(|r| r.sha256.as_deref());
+    let (Some(served), Some(served_sha)) = (&answer.restic, served_sha.map(str::to_ascii_lowercase)) else {
+        // Nothing served (any more): an earlier install error no longer says anything true.
+        if memo.refused.take().is_some() | memo.retry.take().is_some() {
+            backups.set_restic_install_error(None);
+        }
+        return;
+    };
     if backups.restic_is_explicit() {
         return;
     }
@@ -416,6 +464,11 @@ fn ensure_restic(peer: &Peer<'_>, backups: &Backups, answer: &HeartbeatResponse,
     }
     if memo.refused.take().is_some() {
         backups.set_restic_install_error(None); // the server moved on from the refused build
+    }
+    match &memo.retry {
+        Some(r) if r.sha256 == served_sha && std::time::Instant::now() < r.at => return,
+        Some(r) if r.sha256 != served_sha => memo.retry = None, // another build: try it now
+        _ => {}
     }
     let key = (served_sha.clone(), backups.required_restic(), backups.restic());
     if memo.settled.as_ref() == Some(&key) {
@@ -428,16 +481,37 @@ fn ensure_restic(peer: &Peer<'_>, backups: &Backups, answer: &HeartbeatResponse,
     };
     let dest = restic_install::managed_path(peer.exe);
     log(format_args!("installing the server's restic at {} ({reason})", dest.display()));
-    match restic_install::install(peer.client, Some(&peer.config.credential), served, &dest, false) {
+    let stopping = || stop.is_stopped();
+    // Never a downgrade: below the managed restic in use, or below what a repository requires.
+    let floor = managed.as_ref().map(|m| m.version).max(key.1);
+    let credential = Some(peer.config.credential.as_str());
+    match restic_install::install(peer.client, credential, served, &dest, false, &stopping, floor) {
         Ok(installed) => {
             if let restic_install::Installed::Installed { version, .. } = installed {
                 log(format_args!("installed restic {version} at {}", dest.display()));
             }
             backups.set_restic_install_error(None);
             backups.redetect_restic();
+            memo.retry = None;
             memo.settled = Some((served_sha, key.1, backups.restic()));
         }
+        Err(e) if stop.is_stopped() => log(format_args!("restic install abandoned: {e}")),
+        Err(e) if !refuses_the_build(&e) => {
+            let wait = memo.retry.as_ref().map_or_else(restic_retry_first, |r| r.next);
+            log(format_args!("restic install failed, retrying in {} s: {e}", wait.as_secs()));
+            let shown = crate::printable(&served_sha);
+            backups.set_restic_install_error(Some(format!(
+                "install of restic {shown} failed, retrying in {} s: {e}",
+                wait.as_secs()
+            )));
+            memo.retry = Some(ResticRetry {
+                sha256: served_sha,
+                at: std::time::Instant::now() + wait,
+                next: (wait * 2).min(RESTIC_RETRY_MAX),
+            });
+        }
         Err(e) => {
+            memo.retry = None;
             log(format_args!(
                 "restic install refused, keeping the restic in use (not retried until the server serves another \
                  build): {e}"
@@ -460,7 +534,7 @@ pub fn restic_install(config_path: &Path) -> Result<(), AgentError> {
         .served_restic(platform, &config.credential)?
         .ok_or_else(|| AgentError::Usage(format!("the server publishes no restic for {platform}")))?;
     let dest = restic_install::managed_path(&exe);
-    match restic_install::install(&client, Some(&config.credential), &served, &dest, true)? {
+    match restic_install::install(&client, Some(&config.credential), &served, &dest, true, &|| false, None)? {
         restic_install::Installed::UpToDate => println!("restic at {} is the served build", dest.display()),
         restic_install::Installed::Installed { path, version } => {
             println!("installed restic {version} at {}", path.display())

@@ -176,8 +176,17 @@ fn ended(exit: &process::Exit) -> String {
 /// agent's managed restic at `managed` (installed from the server; PATH's on a tie, so a host's own restic is used
 /// while it is as good).
 pub fn detect_best(explicit: Option<&Path>, managed: Option<&Path>) -> Result<Restic, String> {
+    best_of(explicit, managed, || detect(None))
+}
+
+/// [`detect_best`] with `on_path` finding `PATH`'s restic (the tests give their own).
+fn best_of(
+    explicit: Option<&Path>,
+    managed: Option<&Path>,
+    on_path: impl FnOnce() -> Result<Restic, String>,
+) -> Result<Restic, String> {
     let Some(managed) = managed.filter(|_| explicit.is_none()) else { return detect(explicit) };
-    let host = detect(None);
+    let host = on_path();
     if !managed.exists() {
         return host;
     }
@@ -905,6 +914,37 @@ fn human_duration(d: Duration) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn the_best_restic_is_explicit_else_the_newer_of_path_and_managed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fake = |name: &str, version: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, format!("#!/bin/sh\necho 'restic {version} compiled with go1.21 on linux/amd64'\n"))
+                .unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            path
+        };
+        let (path_old, path_new, path_tie) = (fake("p14", "0.14.0"), fake("p17", "0.17.0"), fake("p16", "0.16.0"));
+        let managed = fake("restic-manager-restic", "0.16.0");
+        let explicit = fake("explicit", "0.14.1");
+        let on_path = |p: &PathBuf| {
+            let p = p.clone();
+            move || detect(Some(&p))
+        };
+        let best = |explicit: Option<&Path>, on: &PathBuf| best_of(explicit, Some(&managed), on_path(on)).unwrap().path;
+        assert_eq!(best(None, &path_old), managed, "managed newer than PATH's");
+        assert_eq!(best(None, &path_new), path_new, "PATH's newer than managed");
+        assert_eq!(best(None, &path_tie), path_tie, "a tie goes to PATH's");
+        assert_eq!(best(Some(&explicit), &path_new), explicit, "--restic wins over both");
+        let missing = dir.path().join("absent");
+        let none = || Err::<Restic, String>("restic is not installed".into());
+        assert_eq!(best_of(None, Some(&missing), on_path(&path_old)).unwrap().path, path_old, "no managed restic");
+        assert_eq!(best_of(None, Some(&managed), none).unwrap().path, managed, "no restic on PATH");
+        assert!(best_of(None, Some(&missing), none).is_err());
+    }
 
     #[test]
     fn short_snapshot_ids_are_completed_when_unambiguous() {

@@ -11,7 +11,8 @@
 //!
 //! When (see [`reason_to_install`]): the host has no usable restic, the applied plans' repositories require a newer
 //! one than the agent runs, or the server serves a newer restic than the managed one installed earlier. A refused
-//! build (its SHA-256) is not tried again until the server serves another one; the error rides every heartbeat.
+//! build (its SHA-256: size, hash or smoke run) is not tried again until the server serves another one; any other
+//! failure (network, server error, disk) is tried again after a capped backoff. The error rides every heartbeat.
 
 use std::path::{Path, PathBuf};
 
@@ -77,12 +78,18 @@ pub fn reason_to_install(
 }
 
 /// Installs the served restic at `dest` unless it already is that build. Any failure leaves `dest` as it was.
+/// `stopping` abandons the download once it says yes (the agent is shutting down). `floor`: the swap is refused
+/// when the smoke run says an older restic (no downgrade below the managed restic in use or a repository's
+/// `min_restic_version`); `None` (an explicit `restic install`) installs whatever the server serves.
+#[allow(clippy::too_many_arguments)]
 pub fn install(
     client: &Client,
     credential: Option<&str>,
     served: &ResticEntry,
     dest: &Path,
     show_progress: bool,
+    stopping: &dyn Fn() -> bool,
+    floor: Option<Version>,
 ) -> Result<Installed, AgentError> {
     if !served.published {
         return Err(AgentError::Usage(format!("the server publishes no restic for {}/{}", served.os, served.arch)));
@@ -100,9 +107,16 @@ pub fn install(
         dir,
         ".restic-manager-restic-",
         show_progress,
+        stopping,
     )
     .map_err(refused)?;
     let version = smoke_test(&new).map_err(refused)?;
+    if let Some(floor) = floor.filter(|&f| version < f) {
+        return Err(AgentError::ResticRefused(format!(
+            "the downloaded restic is {version}, older than the {floor} this host needs (the managed restic in use or \
+             a repository's min_restic_version); not installed"
+        )));
+    }
     update::install_file(new, dest, dir)?;
     Ok(Installed::Installed { path: dest.to_path_buf(), version })
 }

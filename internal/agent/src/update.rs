@@ -57,6 +57,7 @@ pub fn apply(
         dir,
         ".restic-manager-agent-update-",
         show_progress,
+        &|| false,
     )?;
     let version = smoke_test(&new)?;
 
@@ -84,7 +85,9 @@ pub(crate) fn announced(sha256: Option<&str>, size: Option<u64>, what: &str) -> 
 
 /// Downloads `url` into a temporary file in `dir` (same filesystem as the file it will replace), checks its size
 /// and SHA-256 against `want` (the download stops at the announced size), syncs it, closes it and makes it
-/// executable. The temporary file is deleted on any failure and whenever the returned path is dropped.
+/// executable. The temporary file is deleted on any failure and whenever the returned path is dropped. `stopping`
+/// is asked before each chunk is written: once it says yes, the download is abandoned (the agent is shutting down).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn download_verified(
     client: &Client,
     credential: Option<&str>,
@@ -93,6 +96,7 @@ pub(crate) fn download_verified(
     dir: &Path,
     prefix: &str,
     show_progress: bool,
+    stopping: &dyn Fn() -> bool,
 ) -> Result<tempfile::TempPath, AgentError> {
     let (want_sha, want_size) = want;
     let mut tmp = tempfile::Builder::new()
@@ -107,14 +111,18 @@ pub(crate) fn download_verified(
         );
         bar
     });
-    let mut hashing = HashingWriter { inner: tmp.as_file_mut(), hasher: sha2::Sha256::new() };
+    let mut hashing = HashingWriter { inner: tmp.as_file_mut(), hasher: sha2::Sha256::new(), stopping };
     // Never more than announced lands on disk: the download stops (and the temporary file is deleted) as soon as
     // the server sends a byte past `want_size`.
-    let got_size = client.download(url, credential, want_size, &mut hashing, |done, _| {
-        if let Some(bar) = &bar {
-            bar.set_position(done);
-        }
-    })?;
+    let got_size = client
+        .download(url, credential, want_size, &mut hashing, |done, _| {
+            if let Some(bar) = &bar {
+                bar.set_position(done);
+            }
+        })
+        .map_err(
+            |e| if stopping() { AgentError::Usage("download abandoned: the agent is stopping".into()) } else { e },
+        )?;
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
@@ -135,6 +143,27 @@ pub(crate) fn download_verified(
             .map_err(AgentError::io("chmod of the download"))?;
     }
     Ok(new)
+}
+
+/// The name prefixes of the temporary files [`download_verified`] leaves beside the agent while it runs (an agent
+/// killed mid-download leaves one behind).
+pub(crate) const TEMP_PREFIXES: [&str; 2] = [".restic-manager-agent-update-", ".restic-manager-restic-"];
+
+/// Removes the temporary downloads a previous agent left in `dir` (killed before it could delete them); returns how
+/// many were removed. Called at `run`'s start, before this process downloads anything. Only regular files (not
+/// symlinks) whose names start with one of [`TEMP_PREFIXES`].
+pub fn remove_stale_downloads(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let ours = TEMP_PREFIXES.iter().any(|p| name.starts_with(p));
+        if ours && entry.file_type().is_ok_and(|t| t.is_file()) && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// Renames a verified download over `dest` (not a running executable) and syncs the directory: atomic, and the
@@ -307,6 +336,40 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    #[test]
+    fn stale_downloads_beside_the_agent_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        for name in
+            [".restic-manager-restic-abc123", ".restic-manager-agent-update-XyZ", "keep", "restic-manager-restic"]
+        {
+            std::fs::write(p.join(name), b"x").unwrap();
+        }
+        std::fs::create_dir(p.join(".restic-manager-restic-dir")).unwrap();
+        std::os::unix::fs::symlink(p.join("keep"), p.join(".restic-manager-restic-link")).unwrap();
+        assert_eq!(remove_stale_downloads(p), 2);
+        let mut left: Vec<_> =
+            std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [".restic-manager-restic-dir", ".restic-manager-restic-link", "keep", "restic-manager-restic"]
+        );
+    }
+
+    #[test]
+    fn a_download_stops_writing_once_stopping() {
+        use std::io::Write;
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let stopping = || stop.load(std::sync::atomic::Ordering::SeqCst);
+        let mut out = Vec::new();
+        let mut w = HashingWriter { inner: &mut out, hasher: sha2::Sha256::new(), stopping: &stopping };
+        w.write_all(b"first chunk").unwrap();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(w.write_all(b"second").unwrap_err().to_string().contains("stopping"));
+        assert_eq!(out, b"first chunk");
+    }
+
     fn script(dir: &Path, body: &str) -> PathBuf {
         let path = dir.join("candidate");
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
@@ -373,10 +436,15 @@ mod tests {
 struct HashingWriter<'a, W: std::io::Write> {
     inner: &'a mut W,
     hasher: sha2::Sha256,
+    /// Asked before each write: yes fails it (the download is abandoned).
+    stopping: &'a dyn Fn() -> bool,
 }
 
 impl<W: std::io::Write> std::io::Write for HashingWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if (self.stopping)() {
+            return Err(std::io::Error::other("the agent is stopping"));
+        }
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
         Ok(n)

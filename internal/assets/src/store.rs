@@ -275,6 +275,19 @@ impl AssetStore {
         Ok(None)
     }
 
+    /// Like [`AssetStore::open`], in one root only (`Ok(None)` as well when that root is not configured).
+    pub fn open_from(&self, source: Source, kind: AssetKind, name: &str) -> Result<Option<OpenAsset>, StoreError> {
+        debug_assert!(crate::validate_name(name).is_ok(), "unvalidated name {name:?}");
+        let root = match source {
+            Source::DataDir => Some(self.data_dir.as_path()),
+            Source::Bundled => self.bundled_dir.as_deref(),
+        };
+        match root {
+            Some(root) => self.open_in(root, source, kind, name),
+            None => Ok(None),
+        }
+    }
+
     /// A previously resolved asset, if it is still what a full lookup would find: the data-dir copy is still absent
     /// (for a bundled hit) and `stat` of the request path, following symlinks, still gives the same file version.
     /// One or two `stat` calls and no open, so it is cheap enough to run on an async worker. `None` means "do the

@@ -73,11 +73,22 @@ pub struct SidecarFile {
 
 impl ResticSidecar {
     /// What the sidecar says about `file`, only if it describes these bytes (an operator's override with the same
-    /// name but other content gets no borrowed version).
+    /// name but other content gets no borrowed version) with a plain version ([`is_plain_version`]).
     pub fn describe(&self, file: &str, sha256: &str) -> Option<&SidecarFile> {
-        self.files.get(file).filter(|f| f.sha256.eq_ignore_ascii_case(sha256) && parse_version(&f.version).is_some())
+        self.files.get(file).filter(|f| f.sha256.eq_ignore_ascii_case(sha256) && is_plain_version(&f.version))
     }
 }
+
+/// `MAJOR.MINOR` or `MAJOR.MINOR.PATCH`, digits only (at most 9 each): what a sidecar's `version` must be, since it
+/// is shown and compared as it is.
+pub fn is_plain_version(text: &str) -> bool {
+    let parts: Vec<&str> = text.split('.').collect();
+    (2..=3).contains(&parts.len())
+        && parts.iter().all(|p| !p.is_empty() && p.len() <= 9 && p.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The longest package version shown.
+pub const MAX_PACKAGE_VERSION: usize = 64;
 
 /// `major.minor.patch` (a missing patch is 0; a leading `v` and a suffix after the digits are ignored).
 pub fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
@@ -143,6 +154,16 @@ spelled_enum!(ResticDrift, "restic drift");
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sidecar_versions_are_plain() {
+        for good in ["0.14.0", "0.16", "1.0.10", "123456789.0"] {
+            assert!(is_plain_version(good), "{good:?}");
+        }
+        for bad in ["", "0", "v0.14.0", "0.14.0-rc1", "0.14.0.1", "0..1", "0.1x", " 0.14", "0.14\n", "1234567890.1"] {
+            assert!(!is_plain_version(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn versions_parse_and_compare() {

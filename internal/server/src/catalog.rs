@@ -202,57 +202,80 @@ fn agent_view(record: AgentRecord, state: AgentState, served_sha256: Option<Stri
 // restic builds (`restic-binaries/`): the same lookup and digests as the agent's, plus the version from the sidecar
 // ---------------------------------------------------------------------------------------------------------------
 
-/// The last sidecar read, by its SHA-256: the heartbeat path asks for it without touching the disk.
-static SIDECAR: std::sync::Mutex<Option<(String, Arc<ResticSidecar>)>> = std::sync::Mutex::new(None);
+/// The sidecars read, by their SHA-256 (one per root at most in practice): the heartbeat path asks for them without
+/// touching the disk.
+static SIDECARS: std::sync::Mutex<Option<HashMap<String, Arc<ResticSidecar>>>> = std::sync::Mutex::new(None);
 
 /// The largest sidecar read (it lists three files).
 const MAX_SIDECAR: u64 = 64 * 1024;
 
 fn sidecar_cached(sha256: &str) -> Option<Arc<ResticSidecar>> {
-    let cached = SIDECAR.lock().unwrap_or_else(|p| p.into_inner());
-    cached.as_ref().filter(|(sha, _)| sha == sha256).map(|(_, s)| s.clone())
+    let cached = SIDECARS.lock().unwrap_or_else(|p| p.into_inner());
+    cached.as_ref()?.get(sha256).cloned()
 }
 
-/// The sidecar as the store finds it (data dir first), parsed; `None` when absent, too large or not valid JSON (said
-/// in the log: the versions are then unknown, the builds are still served).
-fn sidecar_blocking(store: &AssetStore) -> Result<Option<Arc<ResticSidecar>>, StoreError> {
-    let Some(asset) = store.open(AssetKind::ResticBinary, SIDECAR_NAME)? else { return Ok(None) };
+/// Logs that an optional restic file (a build or the sidecar) cannot be read, at most once a minute for the same
+/// message: heartbeats ask every second or so.
+fn warn_unreadable(what: &str, error: &StoreError) {
+    static LAST: std::sync::Mutex<Option<(String, std::time::Instant)>> = std::sync::Mutex::new(None);
+    let text = format!("{what}: {error}");
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((said, at)) = last.as_ref()
+        && *said == text
+        && at.elapsed() < Duration::from_secs(60)
+    {
+        return;
+    }
+    tracing::warn!(error = %error, "restic-binaries/{what} cannot be read; treated as not published");
+    *last = Some((text, std::time::Instant::now()));
+}
+
+/// The sidecar of one root (`source`), parsed; `None` when absent, unreadable, too large or not valid JSON (said in
+/// the log: the versions it would give are then unknown, the builds are still served).
+fn sidecar_blocking(store: &AssetStore, source: Source) -> Option<Arc<ResticSidecar>> {
+    let asset = match store.open_from(source, AssetKind::ResticBinary, SIDECAR_NAME) {
+        Ok(found) => found?,
+        Err(e) => {
+            warn_unreadable(SIDECAR_NAME, &e);
+            return None;
+        }
+    };
     let sha = asset.digest.sha256_hex();
     if let Some(cached) = sidecar_cached(&sha) {
-        return Ok(Some(cached));
+        return Some(cached);
     }
     if asset.len > MAX_SIDECAR {
         tracing::warn!(size = asset.len, "restic-binaries/{SIDECAR_NAME} is too large; restic versions unknown");
-        return Ok(None);
+        return None;
     }
     let mut text = Vec::new();
-    std::io::Read::read_to_end(&mut std::io::Read::take(&asset.file, MAX_SIDECAR), &mut text)
-        .map_err(|e| StoreError::Io { path: SIDECAR_NAME.into(), source: e })?;
+    if let Err(e) = std::io::Read::read_to_end(&mut std::io::Read::take(&asset.file, MAX_SIDECAR), &mut text) {
+        warn_unreadable(SIDECAR_NAME, &StoreError::Io { path: SIDECAR_NAME.into(), source: e });
+        return None;
+    }
     match serde_json::from_slice::<ResticSidecar>(&text) {
         Ok(sidecar) => {
             let sidecar = Arc::new(sidecar);
-            *SIDECAR.lock().unwrap_or_else(|p| p.into_inner()) = Some((sha, sidecar.clone()));
-            Ok(Some(sidecar))
+            let mut cached = SIDECARS.lock().unwrap_or_else(|p| p.into_inner());
+            let map = cached.get_or_insert_with(HashMap::new);
+            if map.len() >= 8 {
+                map.clear(); // bounded: one per root in practice
+            }
+            map.insert(sha, sidecar.clone());
+            Some(sidecar)
         }
         Err(e) => {
             tracing::warn!(error = %e, "restic-binaries/{SIDECAR_NAME} is not valid; restic versions unknown");
-            Ok(None)
+            None
         }
     }
 }
 
-fn restic_entry_from(
-    platform: Platform,
-    base: &str,
-    found: Option<Found>,
-    sidecar: Option<&ResticSidecar>,
-) -> ResticEntry {
+/// `sidecars` in order (data dir first): the first that describes these bytes names their version.
+fn restic_entry_from(platform: Platform, base: &str, found: Option<Found>, sidecars: &[&ResticSidecar]) -> ResticEntry {
     let file = platform.restic_file_name();
     let sha256 = found.as_ref().map(|f| f.digest.sha256_hex());
-    let described = match (sidecar, &sha256) {
-        (Some(s), Some(sha)) => s.describe(file, sha),
-        _ => None,
-    };
+    let described = sha256.as_ref().and_then(|sha| sidecars.iter().find_map(|s| s.describe(file, sha)));
     ResticEntry {
         os: platform.os.as_str().into(),
         arch: platform.arch.as_str().into(),
@@ -263,48 +286,62 @@ fn restic_entry_from(
         last_modified: found.as_ref().map(|f| httpdate::fmt_http_date(f.modified)),
         url: format!("{base}/restic/binary?os={}&arch={}", platform.os.as_str(), platform.arch.as_str()),
         version: described.map(|d| d.version.clone()),
-        package_version: described.and_then(|d| d.package_version.clone()),
+        package_version: described
+            .and_then(|d| d.package_version.as_deref())
+            .map(|p| rm_protocol::validate::clean_text(p.trim(), rm_protocol::restic_dist::MAX_PACKAGE_VERSION))
+            .filter(|p| !p.trim().is_empty()),
         sha256,
     }
 }
 
-/// The remembered restic of a platform and a remembered sidecar, if both are still current (no blocking I/O).
+/// The remembered restic of a platform described by a remembered sidecar, if both are still current and no other
+/// sidecar could change the answer (no blocking I/O): a bundled sidecar is remembered only while the data dir has
+/// none; a data-dir sidecar answers here only when it describes the file (it comes first).
 fn restic_remembered(store: &AssetStore, platform: Platform, base: &str) -> Option<ResticEntry> {
     let k = store.known(AssetKind::ResticBinary, platform.restic_file_name())?;
-    let sidecar = match store.known(AssetKind::ResticBinary, SIDECAR_NAME) {
-        Some(s) => Some(sidecar_cached(&s.digest.sha256_hex())?),
-        // Absent or never looked at: only a full lookup can tell.
-        None => return None,
-    };
+    // Absent or never looked at: only a full lookup can tell.
+    let s = store.known(AssetKind::ResticBinary, SIDECAR_NAME)?;
+    let sidecar = sidecar_cached(&s.digest.sha256_hex())?;
+    if s.source == Source::DataDir && sidecar.describe(platform.restic_file_name(), &k.digest.sha256_hex()).is_none() {
+        return None;
+    }
     let found = Found { len: k.len, modified: k.modified, source: k.source, digest: k.digest };
-    Some(restic_entry_from(platform, base, Some(found), sidecar.as_deref()))
+    Some(restic_entry_from(platform, base, Some(found), &[&sidecar]))
 }
 
-/// One platform's restic entry. Blocking.
-pub fn restic_entry_blocking(store: &AssetStore, platform: Platform, base: &str) -> Result<ResticEntry, StoreError> {
+/// One platform's restic entry. Blocking. Never fails: restic is optional, so an unreadable build is logged and
+/// listed as not published, and an unreadable sidecar as absent (versions unknown); heartbeats, the manifest,
+/// `SHA256SUMS`, the fleet view and `/metrics` go on. Each file is described by the sidecars of both roots, data
+/// dir first (a description holds only for the bytes whose SHA-256 it names).
+pub fn restic_entry_blocking(store: &AssetStore, platform: Platform, base: &str) -> ResticEntry {
     if let Some(entry) = restic_remembered(store, platform, base) {
-        return Ok(entry);
+        return entry;
     }
-    let sidecar = sidecar_blocking(store)?;
-    let found = store.open(AssetKind::ResticBinary, platform.restic_file_name())?;
+    let found = match store.open(AssetKind::ResticBinary, platform.restic_file_name()) {
+        Ok(found) => found,
+        Err(e) => {
+            warn_unreadable(platform.restic_file_name(), &e);
+            None
+        }
+    };
     let found = found.map(|a| Found { len: a.len, modified: a.modified, source: a.source, digest: a.digest });
-    Ok(restic_entry_from(platform, base, found, sidecar.as_deref()))
+    let sidecars: Vec<_> =
+        [Source::DataDir, Source::Bundled].into_iter().filter_map(|source| sidecar_blocking(store, source)).collect();
+    let sidecars: Vec<&ResticSidecar> = sidecars.iter().map(|s| s.as_ref()).collect();
+    restic_entry_from(platform, base, found, &sidecars)
 }
 
 /// Every platform's restic entry, in manifest order (manifest, `SHA256SUMS`, fleet view).
 pub async fn restic_entries(state: &AppState, base: String) -> Result<Vec<ResticEntry>, ApiError> {
     let state = state.clone();
-    blocking(move || {
-        PLATFORMS.iter().map(|&p| restic_entry_blocking(state.store(), p, &base)).collect::<Result<Vec<_>, _>>()
-    })
-    .await?
-    .map_err(ApiError::from)
+    blocking(move || PLATFORMS.iter().map(|&p| restic_entry_blocking(state.store(), p, &base)).collect()).await
 }
 
 /// Entries found by a full lookup, reused by heartbeats for [`LOOKED_UP_FOR`]: with no restic or no sidecar
 /// published there is nothing to remember, and a heartbeat should not cost a blocking lookup each.
-type LookedUp = HashMap<(Platform, String), (std::time::Instant, ResticEntry)>;
-static LOOKED_UP: std::sync::Mutex<Option<LookedUp>> = std::sync::Mutex::new(None);
+/// One per server state (so in-process tests never see another server's entries).
+#[derive(Default)]
+pub(crate) struct ResticLookups(std::sync::Mutex<HashMap<(Platform, String), (std::time::Instant, ResticEntry)>>);
 const LOOKED_UP_FOR: Duration = Duration::from_secs(1);
 
 /// The restic entry for one platform (each heartbeat asks): inline when remembered (or looked up within the last
@@ -315,17 +352,16 @@ pub async fn restic_entry(state: &AppState, platform: Platform, base: String) ->
     }
     let key = (platform, base.clone());
     {
-        let looked = LOOKED_UP.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, entry)) = looked.as_ref().and_then(|m| m.get(&key))
+        let looked = state.restic_lookups().0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, entry)) = looked.get(&key)
             && at.elapsed() < LOOKED_UP_FOR
         {
             return Ok(entry.clone());
         }
     }
-    let state = state.clone();
-    let entry = blocking(move || restic_entry_blocking(state.store(), platform, &base)).await??;
-    let mut looked = LOOKED_UP.lock().unwrap_or_else(|p| p.into_inner());
-    let map = looked.get_or_insert_with(HashMap::new);
+    let shared = state.clone();
+    let entry = blocking(move || restic_entry_blocking(shared.store(), platform, &base)).await?;
+    let mut map = state.restic_lookups().0.lock().unwrap_or_else(|p| p.into_inner());
     if map.len() > 64 {
         map.clear(); // bounded: one entry per platform and base URL in practice
     }
@@ -343,5 +379,49 @@ pub fn fill_restic_drift(list: &mut AgentList, served: &[ResticEntry]) {
             let host = r.version.as_deref().filter(|_| r.error.is_none());
             ResticDrift::of(host, view.restic_served.as_deref())
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn found(bytes: &[u8]) -> (Found, String) {
+        use sha2::Digest as _;
+        let digest = Digest { sha256: sha2::Sha256::digest(bytes).into(), build_info: None };
+        let sha = digest.sha256_hex();
+        let found = Found {
+            len: bytes.len() as u64,
+            modified: SystemTime::UNIX_EPOCH,
+            source: Source::Bundled,
+            digest: Arc::new(digest),
+        };
+        (found, sha)
+    }
+
+    #[test]
+    fn sidecar_facts_are_shown_only_when_plain() {
+        let platform = Platform::parse("linux", "amd64").unwrap();
+        let (f, sha) = found(b"restic");
+        let sidecar = |version: &str, package: &str| ResticSidecar {
+            origin: None,
+            files: [(
+                platform.restic_file_name().to_string(),
+                rm_protocol::restic_dist::SidecarFile {
+                    version: version.into(),
+                    package_version: Some(package.into()),
+                    sha256: sha.clone(),
+                },
+            )]
+            .into(),
+        };
+        let good = sidecar("0.14.0", "0.14.0-1+b5\u{1b}[31m\n");
+        let entry = restic_entry_from(platform, "", Some(f), &[&good]);
+        assert_eq!(entry.version.as_deref(), Some("0.14.0"));
+        assert_eq!(entry.package_version.as_deref(), Some("0.14.0-1+b5 [31m"));
+        let (f, _) = found(b"restic");
+        let bad = sidecar("0.14.0<script>", "x");
+        let entry = restic_entry_from(platform, "", Some(f), &[&bad]);
+        assert_eq!((entry.version, entry.package_version), (None, None));
     }
 }

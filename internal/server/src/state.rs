@@ -137,6 +137,7 @@ struct Inner {
     public_url: Option<PublicUrl>,
     settings: Settings,
     render_cache: crate::render::RenderCache,
+    restic_lookups: crate::catalog::ResticLookups,
     downloads: crate::maintenance::DownloadSampler,
     tls: Option<Arc<crate::tls::Certificates>>,
     shutting_down: AtomicBool,
@@ -190,6 +191,7 @@ impl AppState {
                 tls,
                 settings: config.settings,
                 render_cache: Default::default(),
+                restic_lookups: Default::default(),
                 shutting_down: AtomicBool::new(false),
                 tasks: Default::default(),
             }),
@@ -233,6 +235,10 @@ impl AppState {
 
     pub(crate) fn render_cache(&self) -> &crate::render::RenderCache {
         &self.inner.render_cache
+    }
+
+    pub(crate) fn restic_lookups(&self) -> &crate::catalog::ResticLookups {
+        &self.inner.restic_lookups
     }
 
     pub fn public_url(&self) -> Option<&PublicUrl> {

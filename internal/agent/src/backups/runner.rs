@@ -275,6 +275,17 @@ impl Drop for RepoGuard<'_> {
     }
 }
 
+/// Why the agent runs no newer restic, as far as it knows.
+fn no_newer_restic(inner: &Inner) -> String {
+    if inner.restic_path.is_some() {
+        return "--restic names it, so the agent installs none".into();
+    }
+    match super::lock(&inner.restic_install_error).as_deref() {
+        Some(e) => format!("installing the server's restic failed: {e}"),
+        None => "the server serves no restic known to be new enough".into(),
+    }
+}
+
 /// Everything between the claim and the final report; what it returns holds the repository (and its lease) until
 /// the caller has written the report.
 fn execute<'a>(
@@ -302,10 +313,11 @@ fn execute<'a>(
         && restic.version < (restic::Version { major, minor, patch })
     {
         let message = format!(
-            "repository {} requires restic {required} or newer; this host runs restic {} ({}) and no newer restic from the server could be installed",
+            "repository {} requires restic {required} or newer; this host runs restic {} ({}) and {}",
             repository.name,
             restic.version,
-            restic.path.display()
+            restic.path.display(),
+            no_newer_restic(inner)
         );
         return (outcome(OperationStatus::Failed, Some(FailureReason::ResticUnavailable), message), held, None);
     }
