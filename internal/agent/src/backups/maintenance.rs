@@ -359,7 +359,12 @@ fn wait_for_lease<'a>(
             let local = Unlock(inner, &entry.repository);
             match inner.server.take_lease(&request) {
                 Ok(Lease::Granted(granted)) => {
-                    let renewer = runner::renewer(inner.clone(), request, runner::renew_every(granted.ttl_secs));
+                    let renewer = runner::renewer(
+                        inner.clone(),
+                        request,
+                        runner::renew_every(granted.ttl_secs),
+                        Some(cancel.clone()),
+                    );
                     let held = Held {
                         renewer: Some(renewer),
                         inner: inner.clone(),

@@ -134,6 +134,13 @@ pub async fn take_lease(
         MaintLease::Busy { holder_agent, retry_after_secs } => {
             Err(ApiError::RepositoryBusy { repository: request.repository, holder_agent, retry_after_secs })
         }
+        MaintLease::SlotAhead { latest } => Err(ApiError::refused(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("maintenance.slot: later than any firing can be now (latest accepted {latest}); is this host's clock right?"),
+        )
+        .with("field", "maintenance.slot")
+        .with("latest", latest)),
         MaintLease::Done { done_slot } => Err(ApiError::refused(
             StatusCode::CONFLICT,
             rm_protocol::maintenance::MAINTENANCE_DONE,
