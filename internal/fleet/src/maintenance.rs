@@ -466,7 +466,9 @@ pub(crate) fn record_final(
             last_success_at = CASE WHEN excluded.last_success_at IS NULL THEN last_success_at
                                    ELSE max(coalesce(last_success_at, 0), excluded.last_success_at) END,
             done_slot = CASE WHEN excluded.done_slot IS NULL THEN done_slot
-                             ELSE max(coalesce(done_slot, excluded.done_slot), excluded.done_slot) END",
+                             ELSE max(coalesce(done_slot, excluded.done_slot), excluded.done_slot) END,
+            requested_at = CASE WHEN excluded.done_slot IS NOT NULL AND requested_at <= excluded.done_slot
+                                THEN NULL ELSE requested_at END",
     )?
     .execute(params![
         repository,
@@ -545,10 +547,20 @@ pub(crate) fn agent_uses(conn: &Connection, agent_id: &str, repository: &str) ->
     Ok(plans.iter().any(|p| p.plan.repository == repository))
 }
 
+/// Forgets the operator's run-now request of `kind` on `repository` (its policy was removed: a policy added again
+/// later must not fire an old request). A run that succeeded for a request's slot forgets it too
+/// ([`record_final`]).
+pub(crate) fn forget_request(conn: &Connection, repository: &str, kind: MaintenanceKind) -> Result<(), DbError> {
+    conn.prepare_cached("UPDATE repository_maintenance SET requested_at = NULL WHERE repository = ?1 AND kind = ?2")?
+        .execute(params![repository, kind.as_str()])?;
+    Ok(())
+}
+
 /// Forgets a deleted repository's maintenance state.
 pub(crate) fn forget_repository(conn: &Connection, repository: &str) -> Result<(), DbError> {
     conn.execute("DELETE FROM repository_maintenance WHERE repository = ?1", [repository])?;
     conn.execute("DELETE FROM lease_waits WHERE repository = ?1", [repository])?;
+    conn.execute("DELETE FROM maintenance_grants WHERE repository = ?1", [repository])?;
     Ok(())
 }
 

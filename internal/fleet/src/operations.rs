@@ -1414,4 +1414,40 @@ mod tests {
         let h = repository_health(&c).unwrap().remove("r").unwrap();
         assert_eq!((h.health, h.last_check.unwrap().operation_id), (Health::Ok, op_id(5)));
     }
+
+    #[test]
+    fn a_run_now_request_is_forgotten_once_a_run_covered_it_or_its_policy_went() {
+        use crate::maintenance::{
+            MaintLease, agent_policies, forget_request, request_maintenance, take_maintenance_lease,
+        };
+        use rm_protocol::maintenance::{MaintenanceKind::Prune, PrunePolicy};
+        let (_d, c) = setup();
+        add_plan(&c, "daily", "@daily", r#"["a1"]"#, "{}", T0);
+        c.execute("UPDATE repositories SET prune_policy = '{\"schedule\":\"@daily\"}' WHERE name = 'r'", []).unwrap();
+        let policy = Some(PrunePolicy { schedule: "@daily".into(), ..Default::default() });
+        let requested = || agent_policies(&c, T0, "r", &policy, &None).unwrap().0.unwrap().requested_at;
+        let at = request_maintenance(&c, T0, "r", Prune, Default::default()).unwrap().unwrap();
+        assert_eq!(requested(), Some(at));
+        // A failed run leaves it pending; a success for its slot forgets it (a new agent does not run it again).
+        let op = op_id(1);
+        assert!(matches!(
+            take_maintenance_lease(&c, T0 + 1, "a1", "r", &op, 60, 3600, &maint(Prune, at)).unwrap(),
+            MaintLease::Granted { .. }
+        ));
+        ingest_reports(&c, T0 + 2, "a1", &[maintenance_report(1, "r", OperationStatus::Failed, T0 + 2, at)]).unwrap();
+        release_lease(&c, "a1", "r", &op_id(1)).unwrap();
+        assert_eq!(requested(), Some(at));
+        let op = op_id(2);
+        assert!(matches!(
+            take_maintenance_lease(&c, T0 + 2, "a1", "r", &op, 60, 3600, &maint(Prune, at)).unwrap(),
+            MaintLease::Granted { .. }
+        ));
+        ingest_reports(&c, T0 + 3, "a1", &[maintenance_report(2, "r", OperationStatus::Success, T0 + 3, at)]).unwrap();
+        assert_eq!(requested(), None);
+        // A request whose policy is removed is forgotten with it.
+        request_maintenance(&c, T0 + 10, "r", Prune, Default::default()).unwrap().unwrap();
+        assert!(requested().is_some());
+        forget_request(&c, "r", Prune).unwrap();
+        assert_eq!(requested(), None);
+    }
 }
