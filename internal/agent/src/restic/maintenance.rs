@@ -100,8 +100,20 @@ pub fn maintain(restic: &Restic, job: &MaintenanceJob<'_>) -> (Outcome, Maintena
         if ending == Ending::Locked && !unlock_tried {
             unlock_tried = true;
             let _ = run_text(&runner, "unlock", &[]);
-            notes.push("the repository was locked; ran restic unlock (stale locks only)".to_string());
+            super::note(&mut notes, super::UNLOCKED);
             continue;
+        }
+        // Another live run (a backup that went on without the lease, or a dead host's lock restic does not see as
+        // stale yet) holds restic's lock: wait for it until the run's timeout.
+        if ending == Ending::Locked && runner.wait_for_lock(&mut notes) {
+            unlock_tried = false; // the holder may have died meanwhile: its lock is stale then
+            continue;
+        }
+        if ending == Ending::Locked && job.cancel.is_cancelled() {
+            return (
+                Outcome::cancelled("cancelled while waiting for the repository's lock".into(), run.exit.code),
+                summary,
+            );
         }
         match job.kind {
             MaintenanceKind::Prune => read_prune(&run.lines, &mut summary),
