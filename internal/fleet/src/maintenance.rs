@@ -244,6 +244,8 @@ pub enum MaintLease {
     SlotAhead {
         latest: Timestamp,
     },
+    /// The agent has no plan on the repository: it does not maintain it.
+    NotUsed,
 }
 
 /// Takes or renews a maintenance lease (rules in the module documentation). `max_ttl` caps the lifetime.
@@ -268,6 +270,9 @@ pub fn take_maintenance_lease(
         .optional()?;
     let renewing = held.as_ref().is_some_and(|(a, o, _)| a == agent_id && o == operation_id);
     if !renewing {
+        if !agent_uses(conn, agent_id, repository)? {
+            return Ok(MaintLease::NotUsed);
+        }
         if m.slot > now + MAX_SLOT_AHEAD_SECS {
             return Ok(MaintLease::SlotAhead { latest: now + MAX_SLOT_AHEAD_SECS });
         }
@@ -402,6 +407,7 @@ pub(crate) fn record_final(
     status: OperationStatus,
     reason: Option<FailureReason>,
     finished_at: Timestamp,
+    claimed_slot: Option<Timestamp>,
 ) -> Result<(), DbError> {
     let kind = match kind {
         OperationKind::Prune => MaintenanceKind::Prune,
@@ -418,7 +424,10 @@ pub(crate) fn record_final(
         )?
         .query_row(params![agent_id, operation_id, repository, kind.as_str()], |r| r.get(0))
         .optional()?;
+    // The covered slot is the granted one only; a run that was never granted one (it gave up waiting) is ordered by
+    // the slot it names.
     let slot = granted.map(|s| s.min(now));
+    let order_slot = granted.or(claimed_slot).map(|s| s.min(now));
     let success = matches!(status, OperationStatus::Success | OperationStatus::Warning);
     // Only a check's result about the data is the repository's health: not a lock held elsewhere, a timeout, or
     // restic missing on the host.
@@ -478,7 +487,7 @@ pub(crate) fn record_final(
         finished_at,
         success.then_some(finished_at),
         if success { slot } else { None },
-        slot,
+        order_slot,
         about_data.then(|| status.as_str()),
     ])?;
     Ok(())

@@ -110,8 +110,8 @@ fn checked(now: Timestamp, r: &OperationReport) -> Result<OperationReport, Strin
                 return Err(format!("{}: only prune and check operations name a repository", r.id));
             }
             crate::repositories::validate_name(repository).map_err(|e| format!("{}: repository: {e}", r.id))?;
-            if !r.plan.is_empty() && !is_printable(&r.plan, MAX_PLAN_NAME) {
-                return Err(format!("{}: plan must be empty or 1..={MAX_PLAN_NAME} printable characters", r.id));
+            if !r.plan.is_empty() {
+                return Err(format!("{}: plan must be empty in an operation that names a repository", r.id));
             }
         }
         None if !is_printable(&r.plan, MAX_PLAN_NAME) => {
@@ -342,6 +342,7 @@ fn store_reports(
                         r.status,
                         r.reason,
                         finished_at,
+                        r.maintenance.as_ref().and_then(|m| m.slot),
                     )?;
                 }
             }
@@ -1259,6 +1260,9 @@ mod tests {
             ..maintenance_report(9, "r", OperationStatus::Success, T0, T0)
         };
         assert!(ingest_reports(&c, T0, "a1", &[bad]).unwrap_err().to_string().contains("only prune and check"));
+        let bad =
+            OperationReport { plan: "daily".into(), ..maintenance_report(9, "r", OperationStatus::Success, T0, T0) };
+        assert!(ingest_reports(&c, T0, "a1", &[bad]).unwrap_err().to_string().contains("plan must be empty"));
         let bad = maintenance_report(9, "../r", OperationStatus::Success, T0, T0);
         assert!(ingest_reports(&c, T0, "a1", &[bad]).unwrap_err().to_string().contains("repository"));
     }
@@ -1310,6 +1314,8 @@ mod tests {
         let take = |now, agent: &str, op: &str, slot| {
             take_maintenance_lease(&c, now, agent, "r", op, 60, 3600, &maint(Prune, slot)).unwrap()
         };
+        // An agent without a plan on the repository does not maintain it.
+        assert_eq!(take(T0, "a9", &op_id(9), slot), MaintLease::NotUsed);
         // a1 runs the slot and releases its lease before the server has its report: the slot is not granted again
         // until the report arrives; its success then covers the slot.
         assert!(matches!(take(T0, "a1", &a, slot), MaintLease::Granted { .. }));

@@ -244,6 +244,18 @@ fn run(inner: &Arc<Inner>, entry: &Entry, trigger: Trigger, slot: i64) {
         }
         (Waited::GaveUp(why), _) => {
             crate::log(format_args!("{} of slot {slot} not run: {why}", crate::printable(&entry.key)));
+            // Reported, so a slot that never ran shows (a locked-like failure: it says nothing about the data).
+            let mut report = runner::report(&id, "", trigger, runner::now_secs());
+            report.kind = entry.kind.operation_kind();
+            report.repository = Some(entry.repository.clone());
+            report.maintenance =
+                Some(rm_protocol::maintenance::MaintenanceSummary { slot: Some(slot), ..Default::default() });
+            report.status = OperationStatus::Failed;
+            report.reason = Some(rm_protocol::backup::FailureReason::Locked);
+            report.message = Some(format!("not run: {why}"));
+            report.finished_at = Some(report.started_at);
+            report.duration_ms = Some(0);
+            inner.finish_operation(&report);
             return;
         }
         (Waited::Cancelled, _) => return,

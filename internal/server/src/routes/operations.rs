@@ -134,6 +134,15 @@ pub async fn take_lease(
         MaintLease::Busy { holder_agent, retry_after_secs } => {
             Err(ApiError::RepositoryBusy { repository: request.repository, holder_agent, retry_after_secs })
         }
+        MaintLease::NotUsed => Err(ApiError::refused(
+            StatusCode::FORBIDDEN,
+            "repository_not_used",
+            format!(
+                "no plan on repository {} applies to this agent: it does not run the repository's maintenance",
+                request.repository
+            ),
+        )
+        .with("repository", request.repository)),
         MaintLease::SlotAhead { latest } => Err(ApiError::refused(
             StatusCode::BAD_REQUEST,
             "invalid_request",
