@@ -405,6 +405,11 @@ fn policies_are_validated_and_maintenance_needs_one() {
         (json!({"check": {"schedule": "not cron"}}), "check.schedule"),
         (json!({"prune": {"schedule": "@daily", "timeout": "soon"}}), "prune.timeout"),
         (json!({"prune": {"schedule": "@daily", "bogus": 1}}), "bogus"),
+        // What restic 0.14 refuses, and local time (one slot per zone).
+        (json!({"prune": {"schedule": "@daily", "max_unused": "100%"}}), "prune.max_unused"),
+        (json!({"check": {"schedule": "@daily", "read_data_subset": "1/300"}}), "check.read_data_subset"),
+        (json!({"prune": {"schedule": "0 4 * * 0", "timezone": "local"}}), "prune.timezone"),
+        (json!({"check": {"schedule": "0 5 * * 0", "timezone": "local"}}), "check.timezone"),
     ] {
         let mut full = json!({"name": "r", "url": "/srv/r", "password": "x"});
         full.as_object_mut().unwrap().extend(body.as_object().unwrap().clone());
@@ -429,6 +434,13 @@ fn policies_are_validated_and_maintenance_needs_one() {
         r.json()["prune"],
         json!({"schedule": "@every 7d", "timezone": "utc", "max_unused": "5G", "timeout": "7200s"})
     );
+    let r = server.admin(
+        "PATCH",
+        "/api/v1/repositories/r",
+        Some(&json!({"check": {"schedule": "@daily", "timezone": "local"}})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("check.timezone"), "{}", r.text());
     maintain(&server, "r", "prune");
     let r = server.admin("PATCH", "/api/v1/repositories/r", Some(&json!({"prune": null})));
     assert_eq!(r.status, 200, "{}", r.text());
