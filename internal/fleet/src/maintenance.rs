@@ -37,6 +37,9 @@ pub const MAX_SLOT_AHEAD_SECS: i64 = MAX_DEFAULT_JITTER_SECS as i64 + 300;
 /// After its holder released a maintenance lease, its slot is not granted again until the run's final report
 /// arrived, or this long (seconds) after the lease's last expiry (the report was lost; the slot may run again).
 pub const REPORT_GRACE_SECS: i64 = 600;
+/// A slot held off for waiting backups stops yielding to them after a quarter of its policy's interval, within these
+/// bounds (seconds): backups that keep the repository busy cannot starve maintenance.
+const YIELD_LIMIT_SECS: std::ops::RangeInclusive<i64> = 600..=6 * 3600;
 /// A backup's wait is forgotten this long (seconds) after it last asked.
 const WAIT_FORGET_SECS: i64 = 3600;
 /// Grants are kept this long (seconds) after their lease's last expiry, for late reports of their operations.
@@ -312,10 +315,23 @@ pub fn take_maintenance_lease(
             .prepare_cached("SELECT max(asked_at) FROM lease_waits WHERE repository = ?1")?
             .query_row([repository], |r| r.get(0))?;
         if let Some(asked_at) = waited.filter(|t| now - *t < BACKUP_WAIT_WINDOW) {
-            return Ok(MaintLease::Busy {
-                holder_agent: String::new(),
-                retry_after_secs: (BACKUP_WAIT_WINDOW - (now - asked_at)).max(1) as u64,
-            });
+            conn.prepare_cached(
+                "INSERT INTO maintenance_waits (repository, kind, slot, first_refused_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (repository, kind, slot) DO NOTHING",
+            )?
+            .execute(params![repository, m.kind.as_str(), m.slot, now])?;
+            let since: Timestamp = conn
+                .prepare_cached(
+                    "SELECT first_refused_at FROM maintenance_waits WHERE repository = ?1 AND kind = ?2 AND slot = ?3",
+                )?
+                .query_row(params![repository, m.kind.as_str(), m.slot], |r| r.get(0))?;
+            if now - since < yield_limit(conn, repository, m.kind, now)? {
+                return Ok(MaintLease::Busy {
+                    holder_agent: String::new(),
+                    retry_after_secs: (BACKUP_WAIT_WINDOW - (now - asked_at)).max(1) as u64,
+                });
+            }
+            // Held off long enough: this slot goes before the backups now (they wait for it).
         }
     }
     let ttl = ttl_secs.clamp(*LEASE_TTL.start(), max_ttl.clamp(*LEASE_TTL.start(), *LEASE_TTL.end()));
@@ -340,6 +356,10 @@ pub fn take_maintenance_lease(
     .execute(params![repository, agent_id, operation_id, expires_at, m.kind.as_str(), m.slot])?;
     conn.prepare_cached("DELETE FROM maintenance_grants WHERE expires_at < ?1")?.execute([now - GRANT_KEEP_SECS])?;
     conn.prepare_cached(
+        "DELETE FROM maintenance_waits WHERE (repository = ?1 AND kind = ?2 AND slot <= ?3) OR first_refused_at < ?4",
+    )?
+    .execute(params![repository, m.kind.as_str(), m.slot, now - GRANT_KEEP_SECS])?;
+    conn.prepare_cached(
         "INSERT INTO maintenance_grants (agent_id, operation_id, repository, kind, slot, expires_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)
          ON CONFLICT (agent_id, operation_id) DO UPDATE SET repository = excluded.repository, kind = excluded.kind,
@@ -347,6 +367,28 @@ pub fn take_maintenance_lease(
     )?
     .execute(params![agent_id, operation_id, repository, m.kind.as_str(), m.slot, expires_at])?;
     Ok(MaintLease::Granted { expires_at, ttl_secs: ttl })
+}
+
+/// How long a slot of `kind` on `repository` yields to waiting backups: a quarter of its policy's interval, within
+/// [`YIELD_LIMIT_SECS`] (an hour without a policy).
+fn yield_limit(conn: &Connection, repository: &str, kind: MaintenanceKind, now: Timestamp) -> Result<i64, DbError> {
+    let column = match kind {
+        MaintenanceKind::Prune => "prune_policy",
+        MaintenanceKind::Check => "check_policy",
+    };
+    let policy: Option<String> = conn
+        .query_row(&format!("SELECT {column} FROM repositories WHERE name = ?1"), [repository], |r| r.get(0))
+        .optional()?
+        .flatten();
+    let schedule = policy
+        .and_then(|p| serde_json::from_str::<serde_json::Value>(&p).ok())
+        .and_then(|v| v.get("schedule").and_then(|s| s.as_str()).and_then(|s| Schedule::parse(s).ok()));
+    let at = chrono::DateTime::from_timestamp(now, 0).unwrap_or_default();
+    Ok(match schedule {
+        Some(s) => (s.interval(at, Timezone::Utc).as_secs() as i64 / 4)
+            .clamp(*YIELD_LIMIT_SECS.start(), *YIELD_LIMIT_SECS.end()),
+        None => 3600,
+    })
 }
 
 /// Notes that `agent_id`'s `operation_id` released its lease of `repository`: if it was a maintenance lease, its

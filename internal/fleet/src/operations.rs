@@ -1456,4 +1456,34 @@ mod tests {
         forget_request(&c, "r", Prune).unwrap();
         assert_eq!(requested(), None);
     }
+
+    #[test]
+    fn a_slot_held_off_by_backups_for_a_quarter_of_its_interval_goes_first() {
+        use crate::maintenance::{MaintLease, take_maintenance_lease};
+        use rm_protocol::maintenance::MaintenanceKind::Check;
+        let (_d, c) = setup();
+        add_plan(&c, "daily", "@daily", r#"["a1", "a2"]"#, "{}", T0);
+        // A daily check: it yields to waiting backups for 6 h (a quarter of a day), then goes first.
+        c.execute("UPDATE repositories SET check_policy = '{\"schedule\":\"@daily\"}' WHERE name = 'r'", []).unwrap();
+        let slot = T0;
+        let mut t = T0;
+        let mut backups = 0;
+        loop {
+            // A stream of backups keeps the repository busy: one holds it, another always waits.
+            let (x, y) = (op_id(1000 + backups), op_id(2000 + backups));
+            backups += 1;
+            take_lease(&c, t, "a1", "r", &x, 60).unwrap();
+            assert!(matches!(take_lease(&c, t + 1, "a2", "r", &y, 60).unwrap(), Lease::Busy { .. }));
+            release_lease(&c, "a1", "r", &x).unwrap();
+            let m = take_maintenance_lease(&c, t + 2, "a2", "r", &op_id(1), 60, 3600, &maint(Check, slot)).unwrap();
+            if let MaintLease::Granted { .. } = m {
+                break;
+            }
+            assert!(t + 2 - T0 < 6 * 3600, "still held off after 6 h");
+            t += 600;
+        }
+        assert!(t + 2 - T0 >= 6 * 3600, "yielded for a quarter of the interval first ({} s)", t + 2 - T0);
+        // A backup asking now waits for the check.
+        assert!(matches!(take_lease(&c, t + 3, "a1", "r", &op_id(3), 60).unwrap(), Lease::Busy { .. }));
+    }
 }

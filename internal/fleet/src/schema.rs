@@ -203,6 +203,8 @@ pub const MIGRATIONS: &[&str] = &[
     // whether its holder released it (then its final report is on its way: the slot is not granted again meanwhile).
     // `repository_maintenance.last_slot` orders the last runs by slot, then finish time; `health_*` is the last run
     // whose result says something about the data (a locked, timed-out or cancelled check does not).
+    // `maintenance_waits` is when a slot was first held off for waiting backups: after a quarter of its policy's
+    // interval it stops yielding to them.
     "DROP TABLE lease_waits;
     CREATE TABLE lease_waits (
         repository   TEXT NOT NULL,
@@ -226,7 +228,14 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE repository_maintenance ADD COLUMN health_status TEXT;
     ALTER TABLE repository_maintenance ADD COLUMN health_slot INTEGER;
     ALTER TABLE repository_maintenance ADD COLUMN health_finished_at INTEGER;
-    UPDATE repository_maintenance SET health_status = last_status, health_finished_at = last_finished_at;",
+    UPDATE repository_maintenance SET health_status = last_status, health_finished_at = last_finished_at;
+    CREATE TABLE maintenance_waits (
+        repository       TEXT NOT NULL,
+        kind             TEXT NOT NULL,
+        slot             INTEGER NOT NULL,
+        first_refused_at INTEGER NOT NULL,
+        PRIMARY KEY (repository, kind, slot)
+    ) STRICT;",
 ];
 
 pub fn migrations() -> Migrations<'static> {
