@@ -396,6 +396,16 @@ fn wait_for_lease<'a>(
                     }
                     wait = retry_after_secs.clamp(1, POLL_MAX_SECS);
                 }
+                // Refused for good (a slot ahead of the server's clock, a repository this agent does not use):
+                // asking again would not change the answer.
+                Err(crate::AgentError::Server { status: status @ (400 | 403), code, message }) => {
+                    return (
+                        Waited::GaveUp(format!(
+                            "the server refused the maintenance lease ({status} {code}: {message})"
+                        )),
+                        None,
+                    );
+                }
                 Err(e) => {
                     if last_error.is_none() {
                         crate::log(format_args!(
@@ -475,6 +485,19 @@ mod tests {
         let (waited, _) =
             wait_for_lease(inner, &entry, "op_d", 100, &Cancel::default(), Instant::now() + Duration::from_secs(2));
         assert!(matches!(&waited, Waited::GaveUp(why) if why.contains("could not be asked")));
+        // Refused for good (400: a slot ahead of the server's clock; 403: a repository this agent does not use): no
+        // asking again until the deadline.
+        for status in [400, 403] {
+            server.lease_fail(1000, status);
+            let before = server.lease_requests();
+            let started = Instant::now();
+            let (waited, _) = wait_for_lease(inner, &entry, "op_e", 100, &Cancel::default(), soon());
+            assert!(matches!(&waited, Waited::GaveUp(why) if why.contains("refused")), "{status}");
+            assert_eq!(server.lease_requests(), before + 1);
+            assert!(started.elapsed() < Duration::from_secs(1));
+            assert!(inner.try_lock_repository("r"), "the local lock given back");
+            inner.unlock_repository("r");
+        }
     }
 
     #[test]
