@@ -40,6 +40,8 @@ pub const REPORT_GRACE_SECS: i64 = 600;
 /// A slot held off for waiting backups stops yielding to them after a quarter of its policy's interval, within these
 /// bounds (seconds): backups that keep the repository busy cannot starve maintenance.
 const YIELD_LIMIT_SECS: std::ops::RangeInclusive<i64> = 600..=6 * 3600;
+/// A slot whose runs failed this many times is not granted again (the next firing tries afresh).
+pub const MAX_FAILED_RUNS_PER_SLOT: i64 = 3;
 /// A backup's wait is forgotten this long (seconds) after it last asked.
 const WAIT_FORGET_SECS: i64 = 3600;
 /// Grants are kept this long (seconds) after their lease's last expiry, for late reports of their operations.
@@ -249,6 +251,10 @@ pub enum MaintLease {
     },
     /// The agent has no plan on the repository: it does not maintain it.
     NotUsed,
+    /// Runs of this slot failed [`MAX_FAILED_RUNS_PER_SLOT`] times: it is given up (the next firing tries afresh).
+    Exhausted {
+        failed_runs: i64,
+    },
 }
 
 /// Takes or renews a maintenance lease (rules in the module documentation). `max_ttl` caps the lifetime.
@@ -289,6 +295,16 @@ pub fn take_maintenance_lease(
         }
         if let Some((holder_agent, _, expires_at)) = held.filter(|(_, _, e)| *e > now) {
             return Ok(MaintLease::Busy { holder_agent, retry_after_secs: (expires_at - now).max(1) as u64 });
+        }
+        let failed_runs: i64 = conn
+            .prepare_cached(
+                "SELECT count(*) FROM maintenance_grants g
+                 JOIN operations o ON o.id = g.operation_id AND o.agent_id = g.agent_id
+                 WHERE g.repository = ?1 AND g.kind = ?2 AND g.slot = ?3 AND o.status = 'failed'",
+            )?
+            .query_row(params![repository, m.kind.as_str(), m.slot], |r| r.get(0))?;
+        if failed_runs >= MAX_FAILED_RUNS_PER_SLOT {
+            return Ok(MaintLease::Exhausted { failed_runs });
         }
         // A run of this slot (or a later one) ended and released its lease, but its final report has not arrived:
         // its success would cover the slot, so nobody runs it again until the report says it did not.

@@ -1351,6 +1351,15 @@ mod tests {
         release_lease(&c, "a2", "r", &op_id(6)).unwrap();
         ingest_reports(&c, T0 + 700, "a2", &[maintenance_report(6, "r", OperationStatus::Failed, T0 + 700, slot + 50)])
             .unwrap();
+        // A slot whose runs failed three times is given up.
+        for n in 0..3 {
+            let op = op_id(20 + n);
+            assert!(matches!(take(T0 + 800, "a3", &op, slot + 55), MaintLease::Granted { .. }), "{n}");
+            release_lease(&c, "a3", "r", &op).unwrap();
+            let failed = maintenance_report(20 + n, "r", OperationStatus::Failed, T0 + 800, slot + 55);
+            ingest_reports(&c, T0 + 800, "a3", &[failed]).unwrap();
+        }
+        assert_eq!(take(T0 + 801, "a2", &op_id(23), slot + 55), MaintLease::Exhausted { failed_runs: 3 });
         // A renewal after the lease's expiry, while the lease row still names the operation, is a renewal: not held
         // off by a backup that waits meanwhile.
         let t = T0 + 1000;

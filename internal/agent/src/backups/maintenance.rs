@@ -396,9 +396,9 @@ fn wait_for_lease<'a>(
                     }
                     wait = retry_after_secs.clamp(1, POLL_MAX_SECS);
                 }
-                // Refused for good (a slot ahead of the server's clock, a repository this agent does not use):
-                // asking again would not change the answer.
-                Err(crate::AgentError::Server { status: status @ (400 | 403), code, message }) => {
+                // Refused for good (a slot ahead of the server's clock, a repository this agent does not use, a slot
+                // whose runs failed too often): asking again would not change the answer.
+                Err(crate::AgentError::Server { status: status @ (400 | 403 | 409), code, message }) => {
                     return (
                         Waited::GaveUp(format!(
                             "the server refused the maintenance lease ({status} {code}: {message})"
@@ -485,9 +485,9 @@ mod tests {
         let (waited, _) =
             wait_for_lease(inner, &entry, "op_d", 100, &Cancel::default(), Instant::now() + Duration::from_secs(2));
         assert!(matches!(&waited, Waited::GaveUp(why) if why.contains("could not be asked")));
-        // Refused for good (400: a slot ahead of the server's clock; 403: a repository this agent does not use): no
-        // asking again until the deadline.
-        for status in [400, 403] {
+        // Refused for good (400: a slot ahead of the server's clock; 403: a repository this agent does not use; 409: a
+        // slot whose runs failed too often): no asking again until the deadline.
+        for status in [400, 403, 409] {
             server.lease_fail(1000, status);
             let before = server.lease_requests();
             let started = Instant::now();

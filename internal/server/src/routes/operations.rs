@@ -134,6 +134,16 @@ pub async fn take_lease(
         MaintLease::Busy { holder_agent, retry_after_secs } => {
             Err(ApiError::RepositoryBusy { repository: request.repository, holder_agent, retry_after_secs })
         }
+        MaintLease::Exhausted { failed_runs } => Err(ApiError::refused(
+            StatusCode::CONFLICT,
+            "maintenance_exhausted",
+            format!(
+                "runs of this slot of repository {} failed {failed_runs} times; it is given up until the next firing",
+                request.repository
+            ),
+        )
+        .with("repository", request.repository)
+        .with("failed_runs", failed_runs)),
         MaintLease::NotUsed => Err(ApiError::refused(
             StatusCode::FORBIDDEN,
             "repository_not_used",
