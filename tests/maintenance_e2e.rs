@@ -220,9 +220,11 @@ fn three_agents_one_prune_and_no_backup_lost() {
     assert_eq!(prunes.count(), 1, "{table}");
 }
 
-/// A lease holder SIGKILLed mid-prune (S3 repository): its lease lapses after the server's short --max-lease-ttl and
-/// another agent, which waited on the busy repository, takes the same slot over and completes it. The killed agent's
-/// prune is reported failed when it starts again.
+/// A lease holder SIGKILLed mid-prune (S3 repository) while its restic holds the repository's lock (a proxy slows
+/// restic's S3 requests so the test sees the lock; restic is frozen and killed with its agent, as when a host dies,
+/// so the lock stays): its lease lapses after the server's short --max-lease-ttl and another agent, which waited on
+/// the busy repository, takes the same slot over, removes the dead run's lock (stale: same host, process gone) and
+/// completes it. The killed agent's prune is reported cancelled when it starts again.
 #[test]
 fn killed_prune_holder_is_taken_over_on_s3() {
     let Some(restic) = restic_binary() else { return };
@@ -230,12 +232,17 @@ fn killed_prune_holder_is_taken_over_on_s3() {
     let server = server(&[("RM_MAX_LEASE_TTL", "10s")]);
     let work = tempfile::tempdir().unwrap();
     let log = work.path().join("maintenance.log");
-    let slow = maintenance_restic(work.path(), "restic-slow", &restic, &log, 600);
     let quick = maintenance_restic(work.path(), "restic-quick", &restic, &log, 0);
     let src = work.path().join("src");
     fs::create_dir_all(&src).unwrap();
     fs::write(src.join("data.bin"), random_bytes(3, 200_000)).unwrap();
-    let url = s3.url("rm-maint/shared");
+    // Agents reach S3 through the proxy; the test's own restic goes direct.
+    let proxy = SlowProxy::start(s3.port());
+    let url = format!("s3:http://127.0.0.1:{}/rm-maint/shared", proxy.port());
+    let direct = Repo::new(&restic, &s3.url("rm-maint/shared"), PASSWORD)
+        .with_env("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
+        .with_env("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY);
+    let locks = || direct.run(&["list", "locks", "--no-lock"]).lines().filter(|l| !l.trim().is_empty()).count();
     post(
         &server,
         "/api/v1/repositories",
@@ -251,12 +258,13 @@ fn killed_prune_holder_is_taken_over_on_s3() {
                "selector": {"fleet": "m"}}),
         201,
     );
-    let mut holder = enroll(&server, &slow);
+    let mut holder = enroll(&server, &quick);
     let mut others: Vec<Agent> = (0..2).map(|_| enroll(&server, &quick)).collect();
     holder.start();
     let first = run_now(&server, "data", &holder.id);
     assert_eq!(wait_final(&server, &first, Duration::from_secs(120), &[&holder])["status"], "success");
 
+    proxy.set_delay(Duration::from_millis(400));
     let slot = maintain(&server, "s3", "prune");
     let running = find_op(&server, "s3", &[&holder], "the holder's prune running", |o| {
         o["kind"] == "prune" && o["status"] == "running"
@@ -265,9 +273,23 @@ fn killed_prune_holder_is_taken_over_on_s3() {
     eventually(Duration::from_secs(30), "restic prune started on the holder", || {
         (lines(&log, "prune") == 1).then_some(())
     });
+    // The wrapper exec's restic: the PID it logged is restic's.
+    let pid: i32 = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("prune ").map(|p| p.trim().parse().unwrap()))
+        .unwrap();
+    eventually(Duration::from_secs(30), "the holder's restic holding the repository lock", || {
+        (locks() > 0).then_some(())
+    });
+    // A host dying: restic stops where it is (no SIGINT cleanup), then the agent and restic are killed.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
     holder.signal(libc::SIGKILL);
     let killed_at = now();
     holder.kill(); // reap it
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    proxy.set_delay(Duration::ZERO);
+    assert_eq!(locks(), 1, "the dead holder's lock stays in the repository");
     for a in &mut others {
         a.start();
     }
@@ -278,29 +300,37 @@ fn killed_prune_holder_is_taken_over_on_s3() {
     let done = wait_final(&server, takeover["id"].as_str().unwrap(), Duration::from_secs(120), &all);
     assert_eq!(done["status"], "success", "{done}\n{}\n{}", logs(&all, &server), s3.log());
     assert_eq!(done["maintenance"]["slot"], slot);
+    let message = done["message"].as_str().unwrap_or_default();
+    assert!(message.contains("restic unlock"), "the takeover removed the dead run's lock: {done}");
+    assert_eq!(locks(), 0);
     let waited = done["started_at"].as_i64().unwrap() - killed_at;
     println!(
         "takeover: the slot's prune restarted on another agent {waited} s after the holder was killed (lease ttl 10 s)"
     );
     assert!(waited >= 5, "the new holder waited for the dead holder's lease to lapse ({waited} s)");
     // One of the two waiting agents ran it; the other was told the slot was done.
-    assert_eq!(lines(&log, "prune"), 2, "the dead holder's and the takeover's: {}", fs::read_to_string(&log).unwrap());
+    // restic prune started three times: the dead holder's, and the takeover's first try (locked by the dead run) and
+    // its retry after `restic unlock`; the bystander started none.
+    assert_eq!(
+        lines(&log, "prune"),
+        3,
+        "the dead holder's and the takeover's two: {}",
+        fs::read_to_string(&log).unwrap()
+    );
     let bystander = others.iter().find(|a| a.id != done["agent_id"].as_str().unwrap()).unwrap();
     eventually(Duration::from_secs(60), "the bystander skipping the done slot", || {
         bystander.log().contains("skipped: another agent already ran it").then_some(())
     });
-    // The killed holder, started again, reports its interrupted prune as failed; the slot stays done.
+    // The killed holder, started again, reports its interrupted prune as cancelled (not a result about the data);
+    // the slot stays done.
     holder.start();
     let interrupted = wait_final(&server, running["id"].as_str().unwrap(), Duration::from_secs(60), &[&holder]);
-    assert_eq!(interrupted["status"], "failed", "{interrupted}");
+    assert_eq!(interrupted["status"], "cancelled", "{interrupted}");
     let prunes: Vec<Value> =
         operations(&server, "repository=s3").into_iter().filter(|o| o["kind"] == "prune").collect();
     assert_eq!(prunes.iter().filter(|o| o["status"] == "success").count(), 1, "{prunes:?}");
-    let repo = Repo::new(&restic, &url, PASSWORD)
-        .with_env("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY)
-        .with_env("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY);
-    assert_eq!(repo.snapshots().len(), 1);
-    repo.run(&["check"]);
+    assert_eq!(direct.snapshots().len(), 1);
+    direct.run(&["check"]);
 }
 
 /// A corrupted pack file makes `check --read-data-subset 100%` fail: the operation names restic's error, and the
@@ -404,6 +434,11 @@ fn policies_are_validated_and_maintenance_needs_one() {
         (json!({"check": {"schedule": "not cron"}}), "check.schedule"),
         (json!({"prune": {"schedule": "@daily", "timeout": "soon"}}), "prune.timeout"),
         (json!({"prune": {"schedule": "@daily", "bogus": 1}}), "bogus"),
+        // What restic 0.14 refuses, and local time (one slot per zone).
+        (json!({"prune": {"schedule": "@daily", "max_unused": "100%"}}), "prune.max_unused"),
+        (json!({"check": {"schedule": "@daily", "read_data_subset": "1/300"}}), "check.read_data_subset"),
+        (json!({"prune": {"schedule": "0 4 * * 0", "timezone": "local"}}), "prune.timezone"),
+        (json!({"check": {"schedule": "0 5 * * 0", "timezone": "local"}}), "check.timezone"),
     ] {
         let mut full = json!({"name": "r", "url": "/srv/r", "password": "x"});
         full.as_object_mut().unwrap().extend(body.as_object().unwrap().clone());
@@ -428,6 +463,13 @@ fn policies_are_validated_and_maintenance_needs_one() {
         r.json()["prune"],
         json!({"schedule": "@every 7d", "timezone": "utc", "max_unused": "5G", "timeout": "7200s"})
     );
+    let r = server.admin(
+        "PATCH",
+        "/api/v1/repositories/r",
+        Some(&json!({"check": {"schedule": "@daily", "timezone": "local"}})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("check.timezone"), "{}", r.text());
     maintain(&server, "r", "prune");
     let r = server.admin("PATCH", "/api/v1/repositories/r", Some(&json!({"prune": null})));
     assert_eq!(r.status, 200, "{}", r.text());

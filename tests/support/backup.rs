@@ -398,3 +398,68 @@ pub fn dir_size(dir: &Path) -> u64 {
     }
     total
 }
+
+impl S3Server {
+    /// The loopback port moto listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// A TCP proxy on loopback to `127.0.0.1:<upstream>` that holds each chunk a client sends for a settable delay: a
+/// restic run against S3 through it takes long enough to be caught holding its repository lock.
+pub struct SlowProxy {
+    port: u16,
+    delay_ms: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SlowProxy {
+    pub fn start(upstream: u16) -> SlowProxy {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let delay_ms = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let delay = delay_ms.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let delay = delay.clone();
+                std::thread::spawn(move || {
+                    let Ok(up) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
+                    let (Ok(mut from_client), Ok(mut to_up)) = (client.try_clone(), up.try_clone()) else { return };
+                    let (mut from_up, mut to_client) = (up, client);
+                    let back = std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from_up, &mut to_client);
+                        let _ = to_client.shutdown(std::net::Shutdown::Write);
+                    });
+                    let mut buf = [0u8; 16 * 1024];
+                    loop {
+                        let n = match from_client.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let ms = delay.load(Ordering::SeqCst);
+                        if ms > 0 {
+                            std::thread::sleep(Duration::from_millis(ms));
+                        }
+                        if to_up.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = to_up.shutdown(std::net::Shutdown::Write);
+                    let _ = back.join();
+                });
+            }
+        });
+        SlowProxy { port, delay_ms }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_ms.store(delay.as_millis() as u64, std::sync::atomic::Ordering::SeqCst);
+    }
+}

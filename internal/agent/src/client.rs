@@ -429,7 +429,15 @@ impl Client {
                     return Ok(Lease::Busy { retry_after_secs: retry_after(&body).unwrap_or(30) });
                 }
                 Some(body) if body.error == rm_protocol::maintenance::MAINTENANCE_DONE => return Ok(Lease::Done),
-                _ => {}
+                // Another refusal (`maintenance_exhausted`): said as the server said it.
+                Some(body) => {
+                    return Err(AgentError::Server {
+                        status: 409,
+                        code: crate::printable(&body.error),
+                        message: crate::printable(&body.message),
+                    });
+                }
+                None => {}
             }
             return Err(AgentError::Server {
                 status: 409,

@@ -402,7 +402,25 @@ struct Runner<'a> {
     global: Vec<OsString>,
     _password: process::SecretFile,
     _cacert: Option<process::SecretFile>,
+    /// How often this run waited for a lock another live run holds ([`Runner::wait_for_lock`]).
+    lock_waits: std::cell::Cell<u32>,
 }
+
+/// What a run notes after `restic unlock`.
+pub(crate) const UNLOCKED: &str = "the repository was locked; ran restic unlock (stale locks only)";
+
+/// Adds `text` to a run's notes once.
+pub(crate) fn note(notes: &mut Vec<String>, text: &str) {
+    if !notes.iter().any(|n| n == text) {
+        notes.push(text.to_string());
+    }
+}
+
+/// The first wait for another run's repository lock; each further one doubles, up to [`LOCK_WAIT_MAX`].
+const LOCK_WAIT_FIRST: Duration = Duration::from_secs(5);
+const LOCK_WAIT_MAX: Duration = Duration::from_secs(60);
+/// A run without a deadline waits for a lock at most this many times.
+const LOCK_WAITS_UNBOUNDED: u32 = 120;
 
 /// restic could not be started: why, in words.
 struct Unavailable(String);
@@ -478,7 +496,49 @@ impl<'a> Runner<'a> {
         if let Some(ca) = &cacert {
             global.push(flag("--cacert=", ca.path().as_os_str()));
         }
-        Ok(Runner { restic, job, deadline, env, global, _password: password, _cacert: cacert })
+        // restic 0.16 and later wait for a lock themselves; the runner's own waits (for 0.14 and 0.15) stay as a
+        // fallback.
+        if (restic.version.major, restic.version.minor) >= (0, 16) {
+            global.push("--retry-lock=1m".into());
+        }
+        Ok(Runner {
+            restic,
+            job,
+            deadline,
+            env,
+            global,
+            _password: password,
+            _cacert: cacert,
+            lock_waits: std::cell::Cell::new(0),
+        })
+    }
+
+    /// restic found the repository locked by another run that is alive (its stale locks were already removed): waits
+    /// before the next try, 5 s and then doubling up to a minute, and says so once in `notes`. False, without
+    /// waiting, when the wait would pass the run's deadline (or, without one, after [`LOCK_WAITS_UNBOUNDED`] waits);
+    /// false as soon as the run is cancelled.
+    pub(crate) fn wait_for_lock(&self, notes: &mut Vec<String>) -> bool {
+        let n = self.lock_waits.get();
+        let pause = LOCK_WAIT_FIRST.saturating_mul(1 << n.min(8)).min(LOCK_WAIT_MAX);
+        let fits = match self.deadline {
+            Some(deadline) => Instant::now() + pause < deadline,
+            None => n < LOCK_WAITS_UNBOUNDED,
+        };
+        if !fits || self.job.cancel.is_cancelled() {
+            return false;
+        }
+        if n == 0 {
+            notes.push("the repository was locked by another run; waited for it".into());
+        }
+        self.lock_waits.set(n + 1);
+        let end = Instant::now() + pause;
+        while Instant::now() < end {
+            if self.job.cancel.is_cancelled() {
+                return false;
+            }
+            std::thread::sleep((end - Instant::now()).min(Duration::from_millis(200)));
+        }
+        !self.job.cancel.is_cancelled()
     }
 
     fn backup(&self, on_progress: &mut dyn FnMut(&Progress)) -> Outcome {
@@ -514,10 +574,16 @@ impl<'a> Runner<'a> {
                     };
                     match unlock.end() {
                         End::Stopped(stop) => return self.stopped(stop, &unlock),
-                        End::Restic(_) => {
-                            notes.push("the repository was locked; ran restic unlock (stale locks only)".into())
-                        }
+                        End::Restic(_) => note(&mut notes, UNLOCKED),
                     }
+                }
+                // After a wait the holder may have died: its lock is stale then, and the next unlock removes it.
+                End::Restic(Ending::Locked) if self.wait_for_lock(&mut notes) => unlock_tried = false,
+                End::Restic(Ending::Locked) if self.job.cancel.is_cancelled() => {
+                    return Outcome::cancelled(
+                        "cancelled while waiting for the repository's lock".into(),
+                        run.exit.code,
+                    );
                 }
                 end => return self.finish(end, run, notes),
             }
@@ -623,6 +689,10 @@ impl<'a> Runner<'a> {
                 End::Stopped(stop) => return Err(Box::new(self.stopped(stop, &run))),
                 End::Restic(ending) => ending,
             };
+            if ending == Ending::Locked && *unlock_tried && self.wait_for_lock(notes) {
+                *unlock_tried = false;
+                continue;
+            }
             let message = |run: &Run, fallback: String| {
                 let mut parts = vec![run.message_or(|| fallback)];
                 parts.extend(notes.iter().cloned());
@@ -638,8 +708,12 @@ impl<'a> Runner<'a> {
                     if let End::Stopped(stop) = unlock.end() {
                         return Err(Box::new(self.stopped(stop, &unlock)));
                     }
-                    notes.push("the repository was locked; ran restic unlock (stale locks only)".into());
+                    note(notes, UNLOCKED);
                     continue;
+                }
+                Ending::Locked if self.job.cancel.is_cancelled() => {
+                    let message = "cancelled while waiting for the repository's lock".to_string();
+                    return Err(Box::new(Outcome::cancelled(message, run.exit.code)));
                 }
                 Ending::Interrupted => {
                     let message = message(&run, "restic was interrupted (SIGINT)".into());

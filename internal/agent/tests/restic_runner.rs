@@ -557,18 +557,30 @@ fn stale_locks_do_not_block_and_a_live_exclusive_lock_is_reported() {
     assert_eq!(w.locks(), 0);
     let mut holder = spawn_cli(&w, &["key", "passwd"]);
     wait_for_lock(&w, &mut holder, 0);
-    let outcome = w.backup(&plan, &repository);
+    // The runner waits for it (5 s, then 10 s, …) until the next wait would pass the run's timeout: locked.
+    let started = Instant::now();
+    let short = Duration::from_secs(12);
+    let outcome = w.backup_with(&restic, &plan, &repository, Cancel::default(), short, &mut |_| {});
+    assert!(started.elapsed() >= Duration::from_secs(5), "it waited once: {:?}", started.elapsed());
+    assert!(started.elapsed() < short, "no wait past the timeout: {:?}", started.elapsed());
     assert_outcome(&outcome, OperationStatus::Failed, Some(FailureReason::Locked));
     let message = outcome.message.unwrap();
     assert!(message.contains("repository is already locked exclusively"), "{message}");
     assert!(message.contains("restic unlock"), "the note says unlock was tried: {message}");
+    assert!(message.contains("waited for it"), "the note says it waited: {message}");
 
-    // The holder dies: its exclusive lock is stale; the runner's `restic unlock` removes it and the retry succeeds.
-    holder.kill().unwrap();
-    holder.wait().unwrap();
+    // The holder dies while a backup waits: its exclusive lock is stale then; after its wait the runner's
+    // `restic unlock` removes it and the retry succeeds.
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(2));
+        holder.kill().unwrap();
+        holder.wait().unwrap(); // reaped: its PID is gone, so restic sees its lock as stale
+    });
     let outcome = w.backup(&plan, &repository);
+    killer.join().unwrap();
     assert_outcome(&outcome, OperationStatus::Success, None);
-    assert!(outcome.message.unwrap().contains("restic unlock"));
+    let message = outcome.message.unwrap();
+    assert!(message.contains("restic unlock") && message.contains("waited for it"), "{message}");
     assert_eq!(w.snapshots(&w.repo()).len(), 2);
 }
 

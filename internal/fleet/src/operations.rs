@@ -110,8 +110,8 @@ fn checked(now: Timestamp, r: &OperationReport) -> Result<OperationReport, Strin
                 return Err(format!("{}: only prune and check operations name a repository", r.id));
             }
             crate::repositories::validate_name(repository).map_err(|e| format!("{}: repository: {e}", r.id))?;
-            if !r.plan.is_empty() && !is_printable(&r.plan, MAX_PLAN_NAME) {
-                return Err(format!("{}: plan must be empty or 1..={MAX_PLAN_NAME} printable characters", r.id));
+            if !r.plan.is_empty() {
+                return Err(format!("{}: plan must be empty in an operation that names a repository", r.id));
             }
         }
         None if !is_printable(&r.plan, MAX_PLAN_NAME) => {
@@ -332,8 +332,18 @@ fn store_reports(
             // covered slots; another agent's report is stored as an operation and changes nothing else.
             if let (true, Some(finished_at)) = (r.status.is_final(), finished_at) {
                 if crate::maintenance::agent_uses(conn, agent_id, repository)? {
-                    let slot = r.maintenance.as_ref().and_then(|m| m.slot);
-                    crate::maintenance::record_final(conn, repository, r.kind, &r.id, r.status, finished_at, slot)?;
+                    crate::maintenance::record_final(
+                        conn,
+                        now,
+                        agent_id,
+                        repository,
+                        r.kind,
+                        &r.id,
+                        r.status,
+                        r.reason,
+                        finished_at,
+                        r.maintenance.as_ref().and_then(|m| m.slot),
+                    )?;
                 }
             }
             continue; // no plan status, no snapshots
@@ -575,7 +585,7 @@ pub fn take_lease_capped(
     max_ttl: u64,
 ) -> Result<Lease, DbError> {
     let lease = take_backup_lease(conn, now, agent_id, repository, operation_id, ttl_secs, max_ttl)?;
-    crate::maintenance::note_backup_lease(conn, now, repository, &lease)?;
+    crate::maintenance::note_backup_lease(conn, now, agent_id, repository, operation_id, &lease)?;
     Ok(lease)
 }
 
@@ -620,6 +630,9 @@ pub fn release_lease(conn: &Connection, agent_id: &str, repository: &str, operat
     let n = conn
         .prepare_cached("DELETE FROM leases WHERE repository = ?1 AND agent_id = ?2 AND operation_id = ?3")?
         .execute(params![repository, agent_id, operation_id])?;
+    if n == 1 {
+        crate::maintenance::note_release(conn, agent_id, repository, operation_id)?;
+    }
     Ok(n == 1)
 }
 
@@ -1247,6 +1260,9 @@ mod tests {
             ..maintenance_report(9, "r", OperationStatus::Success, T0, T0)
         };
         assert!(ingest_reports(&c, T0, "a1", &[bad]).unwrap_err().to_string().contains("only prune and check"));
+        let bad =
+            OperationReport { plan: "daily".into(), ..maintenance_report(9, "r", OperationStatus::Success, T0, T0) };
+        assert!(ingest_reports(&c, T0, "a1", &[bad]).unwrap_err().to_string().contains("plan must be empty"));
         let bad = maintenance_report(9, "../r", OperationStatus::Success, T0, T0);
         assert!(ingest_reports(&c, T0, "a1", &[bad]).unwrap_err().to_string().contains("repository"));
     }
@@ -1285,5 +1301,198 @@ mod tests {
         add_plan(&c, "fresh", "@every 1h", r#"["a3"]"#, "{}", later);
         assert_eq!(backup_health(&c, later + 60).unwrap()["a3"][0].health, Health::Never);
         assert_eq!(backup_health(&c, later + 3 * hour).unwrap()["a3"][0].health, Health::Overdue);
+    }
+
+    #[test]
+    fn a_released_slot_waits_for_its_report_and_renewals_pass_the_gates() {
+        use crate::maintenance::{MAX_SLOT_AHEAD_SECS, MaintLease, REPORT_GRACE_SECS, take_maintenance_lease};
+        use rm_protocol::maintenance::MaintenanceKind::Prune;
+        let (_d, c) = setup();
+        add_plan(&c, "daily", "@daily", r#"["a1", "a2", "a3", "a4"]"#, "{}", T0);
+        let (a, b, x, y) = (op_id(1), op_id(2), op_id(3), op_id(4));
+        let slot = T0 - 100;
+        let take = |now, agent: &str, op: &str, slot| {
+            take_maintenance_lease(&c, now, agent, "r", op, 60, 3600, &maint(Prune, slot)).unwrap()
+        };
+        // An agent without a plan on the repository does not maintain it.
+        assert_eq!(take(T0, "a9", &op_id(9), slot), MaintLease::NotUsed);
+        // a1 runs the slot and releases its lease before the server has its report: the slot is not granted again
+        // until the report arrives; its success then covers the slot.
+        assert!(matches!(take(T0, "a1", &a, slot), MaintLease::Granted { .. }));
+        assert!(release_lease(&c, "a1", "r", &a).unwrap());
+        assert!(matches!(take(T0 + 5, "a2", &b, slot), MaintLease::Busy { holder_agent, .. } if holder_agent == "a1"));
+        assert!(matches!(take(T0 + 5, "a2", &b, slot - 10), MaintLease::Busy { .. }), "an older slot too");
+        // The report claims a later slot than granted: only the granted one is covered.
+        ingest_reports(
+            &c,
+            T0 + 6,
+            "a1",
+            &[maintenance_report(1, "r", OperationStatus::Success, T0 + 4, slot + 999_999)],
+        )
+        .unwrap();
+        assert_eq!(take(T0 + 7, "a2", &b, slot), MaintLease::Done { done_slot: slot });
+        assert!(matches!(take(T0 + 7, "a2", &b, slot + 50), MaintLease::Granted { .. }));
+        // A failed report frees the slot at once.
+        assert!(release_lease(&c, "a2", "r", &b).unwrap());
+        assert!(matches!(take(T0 + 8, "a1", &op_id(5), slot + 50), MaintLease::Busy { .. }));
+        ingest_reports(&c, T0 + 9, "a2", &[maintenance_report(2, "r", OperationStatus::Failed, T0 + 8, slot + 50)])
+            .unwrap();
+        assert!(matches!(take(T0 + 9, "a1", &op_id(5), slot + 50), MaintLease::Granted { .. }));
+        // A report that never comes holds the slot off only for the grace after the lease's last expiry.
+        assert!(release_lease(&c, "a1", "r", &op_id(5)).unwrap());
+        assert!(matches!(
+            take(T0 + 9 + 60 + REPORT_GRACE_SECS - 1, "a2", &op_id(6), slot + 50),
+            MaintLease::Busy { .. }
+        ));
+        assert!(matches!(
+            take(T0 + 9 + 60 + REPORT_GRACE_SECS, "a2", &op_id(6), slot + 50),
+            MaintLease::Granted { .. }
+        ));
+        release_lease(&c, "a2", "r", &op_id(6)).unwrap();
+        ingest_reports(&c, T0 + 700, "a2", &[maintenance_report(6, "r", OperationStatus::Failed, T0 + 700, slot + 50)])
+            .unwrap();
+        // A slot whose runs failed three times is given up.
+        for n in 0..3 {
+            let op = op_id(20 + n);
+            assert!(matches!(take(T0 + 800, "a3", &op, slot + 55), MaintLease::Granted { .. }), "{n}");
+            release_lease(&c, "a3", "r", &op).unwrap();
+            let failed = maintenance_report(20 + n, "r", OperationStatus::Failed, T0 + 800, slot + 55);
+            ingest_reports(&c, T0 + 800, "a3", &[failed]).unwrap();
+        }
+        assert_eq!(take(T0 + 801, "a2", &op_id(23), slot + 55), MaintLease::Exhausted { failed_runs: 3 });
+        // A renewal after the lease's expiry, while the lease row still names the operation, is a renewal: not held
+        // off by a backup that waits meanwhile.
+        let t = T0 + 1000;
+        assert!(matches!(take(t, "a1", &a, slot + 60), MaintLease::Granted { .. }));
+        assert!(matches!(take_lease(&c, t + 50, "a3", "r", &x, 60).unwrap(), Lease::Busy { .. }));
+        assert!(
+            matches!(take(t + 65, "a1", &a, slot + 60), MaintLease::Granted { expires_at, .. } if expires_at == t + 125)
+        );
+        // Two backups wait; one granted (and renewing) does not forget the other: maintenance still yields.
+        assert!(matches!(take_lease(&c, t + 126, "a3", "r", &x, 60).unwrap(), Lease::Granted { .. }));
+        assert!(matches!(take_lease(&c, t + 127, "a4", "r", &y, 60).unwrap(), Lease::Busy { .. }));
+        assert!(matches!(take_lease(&c, t + 128, "a3", "r", &x, 60).unwrap(), Lease::Granted { .. }));
+        assert!(release_lease(&c, "a3", "r", &x).unwrap());
+        assert!(matches!(take(t + 130, "a2", &op_id(7), slot + 70), MaintLease::Busy { .. }));
+        assert!(matches!(take_lease(&c, t + 131, "a4", "r", &y, 60).unwrap(), Lease::Granted { .. }));
+        assert!(release_lease(&c, "a4", "r", &y).unwrap());
+        assert!(matches!(take(t + 132, "a2", &op_id(7), slot + 70), MaintLease::Granted { .. }));
+        release_lease(&c, "a2", "r", &op_id(7)).unwrap();
+        // A slot later than any firing can be is refused, whoever asks.
+        let far = t + 200 + MAX_SLOT_AHEAD_SECS + 1;
+        assert_eq!(
+            take(t + 200, "a1", &op_id(8), far),
+            MaintLease::SlotAhead { latest: t + 200 + MAX_SLOT_AHEAD_SECS }
+        );
+    }
+
+    #[test]
+    fn only_data_results_of_checks_make_repository_health_ordered_by_slot() {
+        use crate::maintenance::{MaintLease, repository_health, take_maintenance_lease};
+        use rm_protocol::maintenance::MaintenanceKind::Check;
+        let (_d, c) = setup();
+        add_plan(&c, "daily", "@daily", r#"["a1", "a2"]"#, "{}", T0);
+        let run = |n: u32, agent: &str, slot, at, status, reason| {
+            let op = op_id(n);
+            let granted = take_maintenance_lease(&c, at, agent, "r", &op, 60, 3600, &maint(Check, slot)).unwrap();
+            assert!(matches!(granted, MaintLease::Granted { .. }), "{granted:?}");
+            release_lease(&c, agent, "r", &op).unwrap();
+            let report =
+                OperationReport { kind: OperationKind::Check, reason, ..maintenance_report(n, "r", status, at, slot) };
+            ingest_reports(&c, at + 1, agent, &[report]).unwrap();
+        };
+        let health = || repository_health(&c).unwrap()["r"].health;
+        run(1, "a1", T0, T0 + 10, OperationStatus::Success, None);
+        assert_eq!(health(), Health::Ok);
+        // Locked and timed-out checks are listed as the last check but leave the health alone.
+        run(2, "a1", T0 + 100, T0 + 110, OperationStatus::Failed, Some(FailureReason::Locked));
+        run(3, "a2", T0 + 200, T0 + 210, OperationStatus::Failed, Some(FailureReason::Timeout));
+        let h = repository_health(&c).unwrap().remove("r").unwrap();
+        assert_eq!((h.health, h.last_check.unwrap().operation_id), (Health::Ok, op_id(3)));
+        // A check that found errors fails it.
+        run(4, "a2", T0 + 300, T0 + 310, OperationStatus::Failed, Some(FailureReason::Other));
+        assert_eq!(health(), Health::Failed);
+        // Another run of an older slot was granted and released, then the next slot's check succeeded; the older
+        // run's failure (an interrupted run reported after a restart) arrives later and does not override it.
+        let older = take_maintenance_lease(&c, T0 + 350, "a2", "r", &op_id(6), 60, 3600, &maint(Check, T0 + 350));
+        assert!(matches!(older.unwrap(), MaintLease::Granted { .. }));
+        release_lease(&c, "a2", "r", &op_id(6)).unwrap();
+        run(5, "a1", T0 + 400, T0 + 410, OperationStatus::Success, None);
+        assert_eq!(health(), Health::Ok);
+        let late = OperationReport {
+            id: op_id(6),
+            kind: OperationKind::Check,
+            reason: Some(FailureReason::Other),
+            ..maintenance_report(6, "r", OperationStatus::Failed, T0 + 500, T0 + 350)
+        };
+        ingest_reports(&c, T0 + 501, "a2", &[late]).unwrap();
+        let h = repository_health(&c).unwrap().remove("r").unwrap();
+        assert_eq!((h.health, h.last_check.unwrap().operation_id), (Health::Ok, op_id(5)));
+    }
+
+    #[test]
+    fn a_run_now_request_is_forgotten_once_a_run_covered_it_or_its_policy_went() {
+        use crate::maintenance::{
+            MaintLease, agent_policies, forget_request, request_maintenance, take_maintenance_lease,
+        };
+        use rm_protocol::maintenance::{MaintenanceKind::Prune, PrunePolicy};
+        let (_d, c) = setup();
+        add_plan(&c, "daily", "@daily", r#"["a1"]"#, "{}", T0);
+        c.execute("UPDATE repositories SET prune_policy = '{\"schedule\":\"@daily\"}' WHERE name = 'r'", []).unwrap();
+        let policy = Some(PrunePolicy { schedule: "@daily".into(), ..Default::default() });
+        let requested = || agent_policies(&c, T0, "r", &policy, &None).unwrap().0.unwrap().requested_at;
+        let at = request_maintenance(&c, T0, "r", Prune, Default::default()).unwrap().unwrap();
+        assert_eq!(requested(), Some(at));
+        // A failed run leaves it pending; a success for its slot forgets it (a new agent does not run it again).
+        let op = op_id(1);
+        assert!(matches!(
+            take_maintenance_lease(&c, T0 + 1, "a1", "r", &op, 60, 3600, &maint(Prune, at)).unwrap(),
+            MaintLease::Granted { .. }
+        ));
+        ingest_reports(&c, T0 + 2, "a1", &[maintenance_report(1, "r", OperationStatus::Failed, T0 + 2, at)]).unwrap();
+        release_lease(&c, "a1", "r", &op_id(1)).unwrap();
+        assert_eq!(requested(), Some(at));
+        let op = op_id(2);
+        assert!(matches!(
+            take_maintenance_lease(&c, T0 + 2, "a1", "r", &op, 60, 3600, &maint(Prune, at)).unwrap(),
+            MaintLease::Granted { .. }
+        ));
+        ingest_reports(&c, T0 + 3, "a1", &[maintenance_report(2, "r", OperationStatus::Success, T0 + 3, at)]).unwrap();
+        assert_eq!(requested(), None);
+        // A request whose policy is removed is forgotten with it.
+        request_maintenance(&c, T0 + 10, "r", Prune, Default::default()).unwrap().unwrap();
+        assert!(requested().is_some());
+        forget_request(&c, "r", Prune).unwrap();
+        assert_eq!(requested(), None);
+    }
+
+    #[test]
+    fn a_slot_held_off_by_backups_for_a_quarter_of_its_interval_goes_first() {
+        use crate::maintenance::{MaintLease, take_maintenance_lease};
+        use rm_protocol::maintenance::MaintenanceKind::Check;
+        let (_d, c) = setup();
+        add_plan(&c, "daily", "@daily", r#"["a1", "a2"]"#, "{}", T0);
+        // A daily check: it yields to waiting backups for 6 h (a quarter of a day), then goes first.
+        c.execute("UPDATE repositories SET check_policy = '{\"schedule\":\"@daily\"}' WHERE name = 'r'", []).unwrap();
+        let slot = T0;
+        let mut t = T0;
+        let mut backups = 0;
+        loop {
+            // A stream of backups keeps the repository busy: one holds it, another always waits.
+            let (x, y) = (op_id(1000 + backups), op_id(2000 + backups));
+            backups += 1;
+            take_lease(&c, t, "a1", "r", &x, 60).unwrap();
+            assert!(matches!(take_lease(&c, t + 1, "a2", "r", &y, 60).unwrap(), Lease::Busy { .. }));
+            release_lease(&c, "a1", "r", &x).unwrap();
+            let m = take_maintenance_lease(&c, t + 2, "a2", "r", &op_id(1), 60, 3600, &maint(Check, slot)).unwrap();
+            if let MaintLease::Granted { .. } = m {
+                break;
+            }
+            assert!(t + 2 - T0 < 6 * 3600, "still held off after 6 h");
+            t += 600;
+        }
+        assert!(t + 2 - T0 >= 6 * 3600, "yielded for a quarter of the interval first ({} s)", t + 2 - T0);
+        // A backup asking now waits for the check.
+        assert!(matches!(take_lease(&c, t + 3, "a1", "r", &op_id(3), 60).unwrap(), Lease::Busy { .. }));
     }
 }

@@ -433,10 +433,16 @@ pub fn update_repository(
     if let Some(prune) = &changes.prune {
         let json = crate::maintenance::prune_json(prune);
         conn.execute("UPDATE repositories SET prune_policy = ?2 WHERE name = ?1", params![name, json])?;
+        if prune.is_none() {
+            crate::maintenance::forget_request(conn, name, rm_protocol::maintenance::MaintenanceKind::Prune)?;
+        }
     }
     if let Some(check) = &changes.check {
         let json = crate::maintenance::check_json(check);
         conn.execute("UPDATE repositories SET check_policy = ?2 WHERE name = ?1", params![name, json])?;
+        if check.is_none() {
+            crate::maintenance::forget_request(conn, name, rm_protocol::maintenance::MaintenanceKind::Check)?;
+        }
     }
     conn.execute("UPDATE repositories SET updated_at = ?2 WHERE name = ?1", params![name, now])?;
     crate::plans::bump_config_revision(conn)?;

@@ -197,6 +197,45 @@ pub const MIGRATIONS: &[&str] = &[
         done_slot         INTEGER,
         PRIMARY KEY (repository, kind)
     ) STRICT;",
+    // Maintenance review fixes (issue 15). `lease_waits` is keyed by the waiting backup (repository, agent,
+    // operation), so one backup's grant does not forget another that still waits. `maintenance_grants` is the slot
+    // each maintenance operation was granted (the only slot its success may cover), until when its lease ran, and
+    // whether its holder released it (then its final report is on its way: the slot is not granted again meanwhile).
+    // `repository_maintenance.last_slot` orders the last runs by slot, then finish time; `health_*` is the last run
+    // whose result says something about the data (a locked, timed-out or cancelled check does not).
+    // `maintenance_waits` is when a slot was first held off for waiting backups: after a quarter of its policy's
+    // interval it stops yielding to them.
+    "DROP TABLE lease_waits;
+    CREATE TABLE lease_waits (
+        repository   TEXT NOT NULL,
+        agent_id     TEXT NOT NULL,
+        operation_id TEXT NOT NULL,
+        asked_at     INTEGER NOT NULL,
+        PRIMARY KEY (repository, agent_id, operation_id)
+    ) STRICT;
+    CREATE TABLE maintenance_grants (
+        agent_id     TEXT NOT NULL,
+        operation_id TEXT NOT NULL,
+        repository   TEXT NOT NULL,
+        kind         TEXT NOT NULL,
+        slot         INTEGER NOT NULL,
+        expires_at   INTEGER NOT NULL,
+        released     INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (agent_id, operation_id)
+    ) STRICT;
+    CREATE INDEX maintenance_grants_slot ON maintenance_grants(repository, kind, slot);
+    ALTER TABLE repository_maintenance ADD COLUMN last_slot INTEGER;
+    ALTER TABLE repository_maintenance ADD COLUMN health_status TEXT;
+    ALTER TABLE repository_maintenance ADD COLUMN health_slot INTEGER;
+    ALTER TABLE repository_maintenance ADD COLUMN health_finished_at INTEGER;
+    UPDATE repository_maintenance SET health_status = last_status, health_finished_at = last_finished_at;
+    CREATE TABLE maintenance_waits (
+        repository       TEXT NOT NULL,
+        kind             TEXT NOT NULL,
+        slot             INTEGER NOT NULL,
+        first_refused_at INTEGER NOT NULL,
+        PRIMARY KEY (repository, kind, slot)
+    ) STRICT;",
 ];
 
 pub fn migrations() -> Migrations<'static> {

@@ -52,7 +52,8 @@ pub struct PrunePolicy {
     pub schedule: String,
     #[serde(default)]
     pub timezone: Timezone,
-    /// restic's `--max-unused`: `10%`, `5G`, `0` or `unlimited` (restic's default, `5%`, when absent).
+    /// restic's `--max-unused`: `10%` (below 100%), `5G`, `500M`, `0` or `unlimited` (restic's default, `5%`, when
+    /// absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_unused: Option<String>,
     /// Run timeout such as `6h` (default 24h).
@@ -67,7 +68,7 @@ pub struct CheckPolicy {
     pub schedule: String,
     #[serde(default)]
     pub timezone: Timezone,
-    /// restic's `--read-data-subset`: `n/t` (1 ≤ n ≤ t) or a percentage `p%` (0 < p ≤ 100).
+    /// restic's `--read-data-subset`: `n/t` (1 ≤ n ≤ t ≤ 256) or a percentage `p%` (0 < p ≤ 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub read_data_subset: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -122,9 +123,9 @@ pub struct MaintenanceSummary {
     pub removed: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub removed_bytes: Option<u64>,
-    /// Prune: the repository's pack files before and after (`total size` of `restic stats --mode raw-data` is not
-    /// what prune changes; these are restic's own "repository contains … / … after prune" figures when it prints
-    /// them).
+    /// Prune: the size of the repository's blobs before and after, from restic 0.14's text: `size_after` is its
+    /// `remaining: … / <size>` line, `size_before` that plus its `total prune: … / <size>` line. Blob sizes, not the
+    /// pack files on disk (restic 0.14 prints no figure for those).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub size_before: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -194,11 +195,12 @@ pub fn repository_health(last_check: Option<crate::backup::OperationStatus>) -> 
     }
 }
 
-/// Checks restic's `--max-unused`: `unlimited`, a percentage `p%` (0 ≤ p ≤ 100) or a size `n[k|K|m|M|g|G|t|T]`.
+/// Checks restic's `--max-unused` as restic 0.14 takes it: `unlimited`, a percentage `p%` (0 ≤ p < 100) or a whole
+/// size `n[k|K|m|M|g|G|t|T]`.
 pub fn validate_max_unused(value: &str) -> Result<(), String> {
     let bad = || {
         format!(
-            "max_unused {:?} must be a percentage (10%), a size (5G, 500M, 0) or \"unlimited\"",
+            "max_unused {:?} must be a percentage below 100 (10%), a whole size (5G, 500M, 0) or \"unlimited\"",
             value.chars().take(32).collect::<String>()
         )
     };
@@ -207,7 +209,8 @@ pub fn validate_max_unused(value: &str) -> Result<(), String> {
     }
     if let Some(p) = value.strip_suffix('%') {
         let n: f64 = decimal(p).ok_or_else(bad)?;
-        return if (0.0..=100.0).contains(&n) { Ok(()) } else { Err(bad()) };
+        // restic refuses 100% ("must be below 100%"); `unlimited` is the way to say it.
+        return if (0.0..100.0).contains(&n) { Ok(()) } else { Err(bad()) };
     }
     let digits = value.strip_suffix(['k', 'K', 'm', 'M', 'g', 'G', 't', 'T']).unwrap_or(value);
     if digits.is_empty() || digits.len() > 15 || !digits.bytes().all(|b| b.is_ascii_digit()) {
@@ -216,11 +219,12 @@ pub fn validate_max_unused(value: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks restic's `--read-data-subset`: `n/t` with 1 ≤ n ≤ t ≤ 2^31, or `p%` with 0 < p ≤ 100.
+/// Checks restic's `--read-data-subset` as restic 0.14 takes it: `n/t` with 1 ≤ n ≤ t ≤ 256, or `p%` with
+/// 0 < p ≤ 100.
 pub fn validate_read_data_subset(value: &str) -> Result<(), String> {
     let bad = || {
         format!(
-            "read_data_subset {:?} must be n/t with 1 <= n <= t (1/5) or a percentage above 0 and at most 100 (10%)",
+            "read_data_subset {:?} must be n/t with 1 <= n <= t <= 256 (1/5) or a percentage above 0 and at most 100 (10%)",
             value.chars().take(32).collect::<String>()
         )
     };
@@ -233,10 +237,13 @@ pub fn validate_read_data_subset(value: &str) -> Result<(), String> {
         (!s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok()).flatten()
     };
     match (number(n), number(t)) {
-        (Some(n), Some(t)) if n >= 1 && n <= t && t <= 1 << 31 => Ok(()),
+        (Some(n), Some(t)) if n >= 1 && n <= t && t <= MAX_SUBSET_GROUPS => Ok(()),
         _ => Err(bad()),
     }
 }
+
+/// The largest `t` of `--read-data-subset=n/t` restic accepts.
+pub const MAX_SUBSET_GROUPS: u32 = 256;
 
 /// `12`, `12.5` (digits with at most one point; no sign, no exponent).
 fn decimal(s: &str) -> Option<f64> {
@@ -255,10 +262,12 @@ mod tests {
 
     #[test]
     fn max_unused_is_validated_strictly() {
-        for ok in ["10%", "0%", "100%", "2.5%", "5G", "500M", "0", "1k", "unlimited", "123456"] {
+        // As /usr/bin/restic 0.14 takes them (`prune --dry-run --max-unused=…`); it refuses 100% and 1.5G.
+        for ok in ["10%", "0%", "99.9%", "2.5%", "5G", "500M", "500m", "5t", "0", "1k", "unlimited", "123456"] {
             assert!(validate_max_unused(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "%", "101%", "-1%", "1e3%", "5GB", "5 G", "G", "ten", "1.5G", "Unlimited", ".5%", "5.%"] {
+        for bad in ["", "%", "100%", "101%", "-1%", "1e3%", "5GB", "5 G", "G", "ten", "1.5G", "Unlimited", ".5%", "5.%"]
+        {
             let e = validate_max_unused(bad).unwrap_err();
             assert!(e.starts_with("max_unused"), "{bad}: {e}");
         }
@@ -266,10 +275,14 @@ mod tests {
 
     #[test]
     fn read_data_subset_is_validated_strictly() {
-        for ok in ["1/5", "5/5", "1/1", "10%", "100%", "0.5%"] {
+        // restic 0.14: "t must be at most 256".
+        for ok in ["1/5", "5/5", "1/1", "1/256", "256/256", "10%", "100%", "0.5%"] {
             assert!(validate_read_data_subset(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "0/5", "6/5", "1/0", "1/", "/5", "a/b", "0%", "101%", "10", "1/5/6", "-1/5", "5G", "1 /5"] {
+        for bad in [
+            "", "0/5", "6/5", "1/0", "1/257", "257/257", "1/", "/5", "a/b", "0%", "101%", "10", "1/5/6", "-1/5", "5G",
+            "1 /5",
+        ] {
             let e = validate_read_data_subset(bad).unwrap_err();
             assert!(e.starts_with("read_data_subset"), "{bad}: {e}");
         }

@@ -244,6 +244,18 @@ fn run(inner: &Arc<Inner>, entry: &Entry, trigger: Trigger, slot: i64) {
         }
         (Waited::GaveUp(why), _) => {
             crate::log(format_args!("{} of slot {slot} not run: {why}", crate::printable(&entry.key)));
+            // Reported, so a slot that never ran shows (a locked-like failure: it says nothing about the data).
+            let mut report = runner::report(&id, "", trigger, runner::now_secs());
+            report.kind = entry.kind.operation_kind();
+            report.repository = Some(entry.repository.clone());
+            report.maintenance =
+                Some(rm_protocol::maintenance::MaintenanceSummary { slot: Some(slot), ..Default::default() });
+            report.status = OperationStatus::Failed;
+            report.reason = Some(rm_protocol::backup::FailureReason::Locked);
+            report.message = Some(format!("not run: {why}"));
+            report.finished_at = Some(report.started_at);
+            report.duration_ms = Some(0);
+            inner.finish_operation(&report);
             return;
         }
         (Waited::Cancelled, _) => return,
@@ -359,7 +371,12 @@ fn wait_for_lease<'a>(
             let local = Unlock(inner, &entry.repository);
             match inner.server.take_lease(&request) {
                 Ok(Lease::Granted(granted)) => {
-                    let renewer = runner::renewer(inner.clone(), request, runner::renew_every(granted.ttl_secs));
+                    let renewer = runner::renewer(
+                        inner.clone(),
+                        request,
+                        runner::renew_every(granted.ttl_secs),
+                        Some(cancel.clone()),
+                    );
                     let held = Held {
                         renewer: Some(renewer),
                         inner: inner.clone(),
@@ -378,6 +395,16 @@ fn wait_for_lease<'a>(
                         said_busy = true;
                     }
                     wait = retry_after_secs.clamp(1, POLL_MAX_SECS);
+                }
+                // Refused for good (a slot ahead of the server's clock, a repository this agent does not use, a slot
+                // whose runs failed too often): asking again would not change the answer.
+                Err(crate::AgentError::Server { status: status @ (400 | 403 | 409), code, message }) => {
+                    return (
+                        Waited::GaveUp(format!(
+                            "the server refused the maintenance lease ({status} {code}: {message})"
+                        )),
+                        None,
+                    );
                 }
                 Err(e) => {
                     if last_error.is_none() {
@@ -458,6 +485,19 @@ mod tests {
         let (waited, _) =
             wait_for_lease(inner, &entry, "op_d", 100, &Cancel::default(), Instant::now() + Duration::from_secs(2));
         assert!(matches!(&waited, Waited::GaveUp(why) if why.contains("could not be asked")));
+        // Refused for good (400: a slot ahead of the server's clock; 403: a repository this agent does not use; 409: a
+        // slot whose runs failed too often): no asking again until the deadline.
+        for status in [400, 403, 409] {
+            server.lease_fail(1000, status);
+            let before = server.lease_requests();
+            let started = Instant::now();
+            let (waited, _) = wait_for_lease(inner, &entry, "op_e", 100, &Cancel::default(), soon());
+            assert!(matches!(&waited, Waited::GaveUp(why) if why.contains("refused")), "{status}");
+            assert_eq!(server.lease_requests(), before + 1);
+            assert!(started.elapsed() < Duration::from_secs(1));
+            assert!(inner.try_lock_repository("r"), "the local lock given back");
+            inner.unlock_repository("r");
+        }
     }
 
     #[test]

@@ -666,16 +666,24 @@ impl Backups {
                 }
             }
             let started = report.started_at;
-            report.status = OperationStatus::Failed;
-            report.reason = Some(FailureReason::Other);
-            report.message =
-                Some("the agent stopped before this run finished (killed, crashed or the host went down)".into());
+            let stopped = "the agent stopped before this run finished (killed, crashed or the host went down)";
+            if matches!(report.kind, OperationKind::Prune | OperationKind::Check) {
+                // A maintenance run's interruption says nothing about the repository's data (and another agent may
+                // have taken its slot over since): cancelled, not failed.
+                report.status = OperationStatus::Cancelled;
+                report.reason = None;
+            } else {
+                report.status = OperationStatus::Failed;
+                report.reason = Some(FailureReason::Other);
+            }
+            report.message = Some(stopped.into());
             report.progress = None;
             report.finished_at = Some(runner::now_secs().max(started));
             crate::log(format_args!(
-                "operation {} of plan {} was interrupted; reported failed",
+                "operation {} of plan {} was interrupted; reported {}",
                 report.id,
-                crate::printable(&report.plan)
+                crate::printable(&report.plan),
+                report.status
             ));
             inner.finish_operation(&report);
         }

@@ -404,7 +404,7 @@ impl LeaseHold {
                     if inner.lease_unreachable.swap(false, std::sync::atomic::Ordering::SeqCst) {
                         crate::log("repository leases granted again");
                     }
-                    hold.held = Some(renewer(inner.clone(), request, renew_every(granted.ttl_secs)));
+                    hold.held = Some(renewer(inner.clone(), request, renew_every(granted.ttl_secs), None));
                     return Some(hold);
                 }
                 // Only maintenance lease requests are answered "done"; a backup's never is. Ask again.
@@ -480,21 +480,32 @@ pub(super) fn renew_every(ttl_secs: Option<u64>) -> Duration {
     }
 }
 
+/// Renews `request`'s lease every `every` until told to stop. When the server answers that the lease went to another
+/// run (or the slot is done), `lost` (if any) is cancelled: a maintenance run must not go on holding restic's
+/// exclusive lock beside the lease's new holder. A backup's run goes on (restic's own lock protects the data).
 pub(super) fn renewer(
     inner: Arc<Inner>,
     request: LeaseRequest,
     every: Duration,
+    lost: Option<Cancel>,
 ) -> (mpsc::Sender<()>, std::thread::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel::<()>();
     let thread = std::thread::spawn(move || {
         while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(every) {
             match inner.server.take_lease(&request) {
                 Ok(Lease::Granted(_)) => {}
-                Ok(Lease::Busy { .. } | Lease::Done) => crate::log(format_args!(
-                    "the lease on repository {} was taken by another agent while operation {} runs",
-                    crate::printable(&request.repository),
-                    request.operation_id
-                )),
+                Ok(Lease::Busy { .. } | Lease::Done) => {
+                    crate::log(format_args!(
+                        "the lease on repository {} was taken by another agent while operation {} runs{}",
+                        crate::printable(&request.repository),
+                        request.operation_id,
+                        if lost.is_some() { "; stopping it" } else { "" }
+                    ));
+                    if let Some(cancel) = &lost {
+                        cancel.cancel();
+                        return;
+                    }
+                }
                 Err(_) => {} // the server is down: the run goes on; the lease lapses by itself
             }
         }

@@ -100,12 +100,28 @@ pub fn maintain(restic: &Restic, job: &MaintenanceJob<'_>) -> (Outcome, Maintena
         if ending == Ending::Locked && !unlock_tried {
             unlock_tried = true;
             let _ = run_text(&runner, "unlock", &[]);
-            notes.push("the repository was locked; ran restic unlock (stale locks only)".to_string());
+            super::note(&mut notes, super::UNLOCKED);
             continue;
+        }
+        // Another live run (a backup that went on without the lease, or a dead host's lock restic does not see as
+        // stale yet) holds restic's lock: wait for it until the run's timeout.
+        if ending == Ending::Locked && runner.wait_for_lock(&mut notes) {
+            unlock_tried = false; // the holder may have died meanwhile: its lock is stale then
+            continue;
+        }
+        if ending == Ending::Locked && job.cancel.is_cancelled() {
+            return (
+                Outcome::cancelled("cancelled while waiting for the repository's lock".into(), run.exit.code),
+                summary,
+            );
         }
         match job.kind {
             MaintenanceKind::Prune => read_prune(&run.lines, &mut summary),
-            MaintenanceKind::Check => summary.errors = check_errors(&run.lines),
+            // Only a failed check has errors to report (a successful one's other lines are noise).
+            MaintenanceKind::Check if !matches!(ending, Ending::Success | Ending::Warning) => {
+                summary.errors = check_errors(&run.lines)
+            }
+            MaintenanceKind::Check => {}
         }
         let mut parts: Vec<String> = Vec::new();
         let status = match ending {
@@ -175,7 +191,8 @@ fn run_text(runner: &Runner<'_>, command: &str, args: &[OsString]) -> Result<Tex
     Ok(TextRun { exit, tail, lines })
 }
 
-/// Prune's figures: `total prune: 12 blobs / 3.051 MiB` and `remaining: 40 blobs / 10.2 MiB`.
+/// Prune's figures: `total prune: 12 blobs / 3.051 MiB` and `remaining: 40 blobs / 10.2 MiB` (blob sizes; the size
+/// before is their sum).
 fn read_prune(lines: &[String], summary: &mut MaintenanceSummary) {
     let figure = |label: &str| -> Option<(String, Option<u64>)> {
         let line = lines.iter().find_map(|l| l.trim().strip_prefix(label).map(str::trim))?;
@@ -226,6 +243,8 @@ fn check_errors(lines: &[String]) -> Vec<String> {
         .filter(|l| !l.is_empty())
         .filter(|l| !CHECK_INFO.iter().any(|info| l.starts_with(info)))
         .filter(|l| !(l.starts_with("read ") && l.ends_with("of data packs")))
+        // `read group #1 of 0 data packs (out of total 2 packs in 2 groups)` (--read-data-subset=n/t)
+        .filter(|l| !(l.starts_with("read group #") && l.contains(" data packs (out of total ")))
         .filter(|l| !l.starts_with("Fatal: repository contains errors"))
         .take(MAX_CHECK_ERRORS)
         .map(|l| l.chars().take(1024).collect())
@@ -263,6 +282,7 @@ mod tests {
     fn check_errors_leave_the_informational_lines_out() {
         let out = "using temporary cache in /tmp/x\ncreate exclusive lock for repository\nload indexes\n\
                    check all packs\ncheck snapshots, trees and blobs\nread 100.0% of data packs\n\
+                   read group #1 of 0 data packs (out of total 2 packs in 2 groups)\n\
                    Pack ID does not match, want 23d9, got 2f09\nFatal: repository contains errors\n";
         assert_eq!(check_errors(&lines(out)), ["Pack ID does not match, want 23d9, got 2f09"]);
         let many: Vec<String> = (0..200).map(|i| format!("error {i}")).collect();

@@ -134,6 +134,32 @@ pub async fn take_lease(
         MaintLease::Busy { holder_agent, retry_after_secs } => {
             Err(ApiError::RepositoryBusy { repository: request.repository, holder_agent, retry_after_secs })
         }
+        MaintLease::Exhausted { failed_runs } => Err(ApiError::refused(
+            StatusCode::CONFLICT,
+            "maintenance_exhausted",
+            format!(
+                "runs of this slot of repository {} failed {failed_runs} times; it is given up until the next firing",
+                request.repository
+            ),
+        )
+        .with("repository", request.repository)
+        .with("failed_runs", failed_runs)),
+        MaintLease::NotUsed => Err(ApiError::refused(
+            StatusCode::FORBIDDEN,
+            "repository_not_used",
+            format!(
+                "no plan on repository {} applies to this agent: it does not run the repository's maintenance",
+                request.repository
+            ),
+        )
+        .with("repository", request.repository)),
+        MaintLease::SlotAhead { latest } => Err(ApiError::refused(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            format!("maintenance.slot: later than any firing can be now (latest accepted {latest}); is this host's clock right?"),
+        )
+        .with("field", "maintenance.slot")
+        .with("latest", latest)),
         MaintLease::Done { done_slot } => Err(ApiError::refused(
             StatusCode::CONFLICT,
             rm_protocol::maintenance::MAINTENANCE_DONE,
