@@ -376,14 +376,15 @@ fn run_plan(server: &Server, plan: &str, agent: &HostAgent) -> Value {
 fn a_repository_requiring_a_newer_restic_gets_the_served_one_and_path_restic_is_untouched() {
     let Some(restic) = restic_binary() else { return };
     let server = server();
-    // The served "0.16.0": a wrapper that says so and runs the real restic for everything else.
+    // The served "0.15.1": a wrapper that says so and runs the real restic for everything else (older than 0.16, so
+    // the agent passes none of the 0.16-only flags such as `--retry-lock` that the real 0.14 would refuse).
     let wrapper = format!(
-        "#!/bin/sh\nif [ \"$1\" = version ]; then echo 'restic 0.16.0 compiled with go1.21 on linux'; exit 0; fi\n\
+        "#!/bin/sh\nif [ \"$1\" = version ]; then echo 'restic 0.15.1 compiled with go1.19 on linux'; exit 0; fi\n\
          exec '{}' \"$@\"\n",
         restic.display()
     );
     let wrapper_sha = publish_restic(&server, wrapper.as_bytes());
-    publish_sidecar(&server, &wrapper_sha, "0.16.0");
+    publish_sidecar(&server, &wrapper_sha, "0.15.1");
     let mut agent = HostAgent::enroll(&server);
     let host_restic = agent.dir.path().join("empty-path/restic");
     std::os::unix::fs::symlink(&restic, &host_restic).unwrap();
@@ -423,7 +424,7 @@ fn a_repository_requiring_a_newer_restic_gets_the_served_one_and_path_restic_is_
     assert!(agent.log().contains("a repository requires restic 0.15.0, this host runs 0.14.0"), "{}", agent.log());
     let view = eventually(Duration::from_secs(30), "the managed restic reported", || {
         let v = agent_view(&server, &agent.id);
-        (v["restic"]["version"] == "0.16.0").then_some(v)
+        (v["restic"]["version"] == "0.15.1").then_some(v)
     });
     assert_eq!(view["restic"]["managed"], true, "{view}");
     assert_eq!(view["restic_drift"], "current", "{view}");
@@ -437,7 +438,7 @@ fn a_repository_requiring_a_newer_restic_gets_the_served_one_and_path_restic_is_
     let failed = run_plan(&server, "docs", &agent);
     assert_eq!(failed["status"], "failed", "{failed}");
     let message = failed["message"].as_str().unwrap_or_default();
-    assert!(message.contains("requires restic 0.17.0") && message.contains("0.16.0"), "{failed}");
+    assert!(message.contains("requires restic 0.17.0") && message.contains("0.15.1"), "{failed}");
     assert!(message.contains("the server serves no restic known to be new enough"), "{failed}");
 }
 
