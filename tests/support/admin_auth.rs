@@ -56,3 +56,26 @@ pub fn bad_credentials(admin: &str, enroll_token: &str, agent_credential: &str) 
         ("an agent credential", Some(bearer(agent_credential))),
     ]
 }
+
+/// Every page and partial of the web UI that needs a signed-in session: (method, path, form body). Without a live
+/// session each must redirect to the sign-in page (htmx requests: 401 with `HX-Redirect`) and change nothing.
+pub const WEB_ROUTES: &[(&str, &str, &[u8])] = &[
+    ("GET", "/", b""),
+    ("GET", "/ui/fleet/table", b""),
+    ("POST", "/ui/logout", b"csrf=x"),
+    ("GET", "/ui/hosts/add", b""),
+    ("POST", "/ui/hosts/add", b"uses=1&csrf=x"),
+    ("GET", "/ui/hosts/add/abc/wait", b""),
+    ("GET", "/ui/audit", b""),
+];
+
+/// `Cookie` values that are not a live session, each with a description (`None`: no header).
+pub fn bad_sessions(admin: &str) -> Vec<(&'static str, Option<String>)> {
+    vec![
+        ("no Cookie header", None),
+        ("an empty session cookie", Some("rm_session=".into())),
+        ("a made-up session id", Some("rm_session=rmweb_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into())),
+        ("the admin token as the session cookie", Some(format!("rm_session={admin}"))),
+        ("a session cookie under another name", Some("session=rmweb_x".into())),
+    ]
+}

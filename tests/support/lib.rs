@@ -11,11 +11,13 @@
 //! - `tls`: [`TlsProxy`], a TLS-terminating proxy (rcgen certificates) that also answers `/tls/cert.pem`.
 //! - `tools`: external tools ([`tool`], [`wine_shim`]).
 //! - `backup`: real restic ([`Repo`]), an S3 server on loopback ([`S3Server`]), enrolled agents as processes ([`Agent`]).
+//! - `browser`: [`Browser`], headless chromium over WebDriver (fantoccini) for the web page tests.
 //! - [`admin_auth`]: the admin-auth matrix (also used by `internal/server/tests/api.rs`).
 
 pub mod admin_auth;
 mod backup;
 mod bin;
+mod browser;
 mod fake;
 mod files;
 mod http;
@@ -27,6 +29,7 @@ mod tools;
 
 pub use backup::*;
 pub use bin::*;
+pub use browser::*;
 pub use fake::*;
 pub use files::*;
 pub use http::*;

@@ -446,6 +446,14 @@ pub struct ServeArgs {
     /// `Authorization: Bearer <admin token>`.
     #[arg(long, env = "RM_METRICS_PUBLIC")]
     pub metrics_public: bool,
+
+    /// A web page session with no request for this long is signed out.
+    #[arg(long, env = "RM_WEB_SESSION_IDLE", default_value = "1h", value_parser = positive_duration)]
+    pub web_session_idle: Duration,
+
+    /// A web page session ends this long after sign-in, however busy.
+    #[arg(long, env = "RM_WEB_SESSION_MAX", default_value = "12h", value_parser = positive_duration)]
+    pub web_session_max: Duration,
 }
 
 #[derive(clap::Args, Debug)]

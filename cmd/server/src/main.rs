@@ -128,6 +128,8 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
             },
             metrics_public: args.metrics_public,
             max_lease_ttl: args.max_lease_ttl,
+            web_session_idle: args.web_session_idle,
+            web_session_max: args.web_session_max,
         },
     })
     .context("cannot start")?;

@@ -75,17 +75,10 @@ fn install_lines(args: &ServeArgs, token: &str) -> String {
         }
     };
     let pin = tls_on.then(|| pinned_key(&cert)).flatten();
-    let (curl_pin, script_pin) = match &pin {
-        Some(pin) => (format!(" --pinnedpubkey {pin} -k"), format!(" --pin {pin}")),
-        None => (String::new(), String::new()),
-    };
     let mut out = format!(
-        "\nInstall on each Linux host (as root):\n  curl -fsSL{curl_pin} {url}/install/install.sh | \
-         RM_ENROLL_TOKEN={token} sh -s --{script_pin}\n"
-    );
-    out += &format!(
-        "Install on each Windows host (elevated PowerShell):\n  & ([scriptblock]::Create((iwr -UseBasicParsing \
-         {url}/install/install.ps1).Content)) -Token {token}\n"
+        "\nInstall on each Linux host (as root):\n  {}\nInstall on each Windows host (elevated PowerShell):\n  {}\n",
+        rm_server::install_lines::linux(&url, token, pin.as_deref()),
+        rm_server::install_lines::windows(&url, token)
     );
     if pin.is_some() {
         out += "  (the certificate is self-signed: curl and the agent check its key against the pin; the Windows \

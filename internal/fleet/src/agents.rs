@@ -186,6 +186,15 @@ pub fn list_agents(conn: &Connection) -> Result<Vec<AgentRecord>, DbError> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// The agents enrolled with enrollment token `token_id`, oldest enrollment first.
+pub fn agents_enrolled_with(conn: &Connection, token_id: &str) -> Result<Vec<AgentRecord>, DbError> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {AGENT_COLUMNS} FROM agents WHERE enrollment_token_id = ?1 ORDER BY enrolled_at, id"
+    ))?;
+    let rows = stmt.query_map([token_id], agent_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 pub fn get_agent(conn: &Connection, id: &str) -> Result<Option<AgentRecord>, DbError> {
     Ok(conn.query_row(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1"), [id], agent_row).optional()?)
 }

@@ -22,6 +22,7 @@ pub mod restores;
 pub mod schema;
 pub mod sealing;
 pub mod secrets;
+pub mod sessions;
 pub mod time;
 pub mod tokens;
 

@@ -236,6 +236,19 @@ pub const MIGRATIONS: &[&str] = &[
         first_refused_at INTEGER NOT NULL,
         PRIMARY KEY (repository, kind, slot)
     ) STRICT;",
+    // Web sessions (issue 16): the operator's page. The cookie's secret is stored only as a hash; `expires_at` is the
+    // absolute expiry, `last_seen_at` drives the idle one.
+    "CREATE TABLE web_sessions (
+        id_hash      BLOB PRIMARY KEY,
+        csrf         TEXT NOT NULL,
+        created_at   INTEGER NOT NULL,
+        last_seen_at INTEGER NOT NULL,
+        expires_at   INTEGER NOT NULL,
+        revoked_at   INTEGER,
+        remote_addr  TEXT,
+        user_agent   TEXT
+    ) STRICT;
+    CREATE INDEX web_sessions_expiry ON web_sessions(expires_at);",
 ];
 
 pub fn migrations() -> Migrations<'static> {

@@ -187,6 +187,14 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The status, error code and message this error answers with (the web page shows them as HTML).
+    pub(crate) fn status_and_body(&self) -> (StatusCode, ErrorBody) {
+        let (status, _, body) = self.parts();
+        (status, body)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, extra, body) = self.parts();

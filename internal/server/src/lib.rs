@@ -9,6 +9,7 @@ mod error;
 mod file_body;
 mod file_response;
 pub mod healthcheck;
+pub mod install_lines;
 mod maintenance;
 mod public_url;
 mod render;
@@ -18,6 +19,7 @@ pub use routes::repositories::repository_view;
 mod state;
 mod tasks;
 pub mod tls;
+mod web;
 
 use std::future::Future;
 use std::time::Duration;
@@ -125,6 +127,7 @@ fn routes(state: &AppState) -> Router<AppState> {
         .merge(reports)
         .merge(listings)
         .merge(uploads)
+        .merge(web::routes(state))
         .route("/healthz", get(routes::ops::healthz))
         .route("/readyz", get(routes::ops::readyz))
         .route("/version", get(routes::ops::version))

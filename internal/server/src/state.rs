@@ -57,6 +57,10 @@ pub struct Settings {
     /// The longest repository lease granted (backup and maintenance); an agent that dies stops blocking the
     /// repository after at most this long. Agents renew at a third of the lifetime granted.
     pub max_lease_ttl: Duration,
+    /// A web session with no request for this long is dead.
+    pub web_session_idle: Duration,
+    /// A web session is dead this long after sign-in, however busy.
+    pub web_session_max: Duration,
 }
 
 /// How long a connection may take to send a request head, stay idle, stall a response or trickle a request body, and
@@ -106,6 +110,8 @@ impl Default for Settings {
             net: NetSettings::default(),
             metrics_public: false,
             max_lease_ttl: Duration::from_secs(3600),
+            web_session_idle: Duration::from_secs(3600),
+            web_session_max: Duration::from_secs(12 * 3600),
         }
     }
 }
@@ -142,6 +148,7 @@ struct Inner {
     tls: Option<Arc<crate::tls::Certificates>>,
     shutting_down: AtomicBool,
     tasks: crate::tasks::Tasks,
+    sign_ins: crate::web::SignInLimiter,
 }
 
 impl AppState {
@@ -194,6 +201,7 @@ impl AppState {
                 restic_lookups: Default::default(),
                 shutting_down: AtomicBool::new(false),
                 tasks: Default::default(),
+                sign_ins: Default::default(),
             }),
         })
     }
@@ -231,6 +239,11 @@ impl AppState {
     /// What each agent's long-poll waits for, and the pending snapshot listings.
     pub(crate) fn tasks(&self) -> &crate::tasks::Tasks {
         &self.inner.tasks
+    }
+
+    /// Failed sign-ins per client address.
+    pub(crate) fn sign_ins(&self) -> &crate::web::SignInLimiter {
+        &self.inner.sign_ins
     }
 
     pub(crate) fn render_cache(&self) -> &crate::render::RenderCache {

@@ -132,6 +132,14 @@ impl Certificates {
         self.current.read().unwrap_or_else(|p| p.into_inner()).pin.clone()
     }
 
+    /// The pin hosts install with: `Some` when the certificate in use is self-signed (no public CA vouches for it),
+    /// `None` for a publicly issued one.
+    pub fn bootstrap_pin(&self) -> Option<String> {
+        let current = self.current.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let leaf = current.key.cert.first()?;
+        rm_protocol::pin::is_self_signed(leaf).ok()?.then(|| current.pin.clone())
+    }
+
     /// The certificate chain in use as PEM (leaf first): what `GET /tls/cert.pem` answers, so an agent holding only
     /// the pin can learn the certificate to anchor on.
     pub fn chain_pem(&self) -> String {

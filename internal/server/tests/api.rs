@@ -283,6 +283,43 @@ async fn every_admin_route_rejects_missing_and_wrong_tokens() {
 }
 
 #[tokio::test]
+async fn every_web_page_needs_a_live_session() {
+    let f = Fixture::new();
+    for (method, uri, body) in admin_auth::WEB_ROUTES {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        for (what, cookie) in admin_auth::bad_sessions(ADMIN) {
+            for hx in [false, true] {
+                let mut headers = vec![("content-type", "application/x-www-form-urlencoded")];
+                if let Some(cookie) = &cookie {
+                    headers.push(("cookie", cookie));
+                }
+                if hx {
+                    headers.push(("hx-request", "true"));
+                }
+                // The admin token as a bearer header is the API's credential, not a session.
+                let r = f.call(method.clone(), uri, Some(ADMIN), &headers, body.to_vec()).await;
+                let at = format!("{method} {uri} with {what} (htmx: {hx})");
+                if hx {
+                    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{at}");
+                    assert_eq!(r.header("hx-redirect"), "/ui/login", "{at}");
+                } else {
+                    assert_eq!(r.status, StatusCode::SEE_OTHER, "{at}");
+                    assert!(r.header("location").starts_with("/ui/login?next=%2F"), "{at}: {}", r.header("location"));
+                }
+                assert!(r.header("set-cookie").is_empty(), "{at}: no session is handed out");
+            }
+        }
+    }
+    let r = f.admin(Method::GET, "/api/v1/tokens", Value::Null).await;
+    assert_eq!(r.json()["tokens"], json!([]), "no enrollment token was created");
+    // The sign-in page and the static files are public; nothing else under /ui is.
+    assert_eq!(f.get("/ui/login").await.status, StatusCode::OK);
+    assert_eq!(f.get("/ui/static/style.css").await.status, StatusCode::OK);
+    assert_eq!(f.get("/ui/static/..%2fstyle.css").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(f.get("/ui/static/secret").await.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
 async fn downloads_are_audited_and_can_require_a_token() {
     let f = Fixture::with(None, Settings { require_download_auth: true, ..Settings::default() });
     let bytes = pseudo_random(1000, 5);
