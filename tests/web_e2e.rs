@@ -254,6 +254,13 @@ fn markup_in_labels_and_restic_messages_is_shown_as_text() {
     assert_eq!(browser.script("return window.__xss === undefined;"), json!(true), "a payload ran");
     assert_eq!(browser.text("#count-failed"), "1");
     screenshot(&browser, "fleet-failed");
+
+    // The host page shows the same values as text.
+    browser.goto(&server.url(&format!("/ui/hosts/{id}")));
+    assert!(browser.text("dl.facts").contains(&format!("note={label}")), "{}", browser.text("dl.facts"));
+    assert!(browser.text("table.operations").contains(message), "{}", browser.text("table.operations"));
+    assert!(!browser.exists("main img") && !browser.exists("main b"), "markup was rendered on the host page");
+    assert_eq!(browser.script("return window.__xss === undefined;"), json!(true), "a payload ran");
 }
 
 #[test]
@@ -339,4 +346,128 @@ fn idle_sessions_expire_and_wrong_tokens_are_rate_limited() {
 #[allow(dead_code)]
 fn docs_dir() -> PathBuf {
     workspace_root().join("docs")
+}
+
+/// The operation `id` of `agent` once it is final (success, warning, failed or cancelled).
+fn final_operation(server: &Server, agent: &str, id: &str) -> Value {
+    eventually(Duration::from_secs(120), "the operation to finish", || {
+        let r = server.admin("GET", &format!("/api/v1/operations?agent={agent}&limit=50"), None);
+        r.json()["operations"].as_array().unwrap().iter().find(|o| o["id"] == id && o["finished_at"].is_i64()).cloned()
+    })
+}
+
+/// The query value `key` of the browser's current URL.
+fn url_param(browser: &Browser, key: &str) -> Option<String> {
+    let url = browser.url();
+    let query = url.split_once('?')?.1;
+    form_urlencoded_pairs(query).into_iter().find(|(k, _)| k == key).map(|(_, v)| v)
+}
+
+fn form_urlencoded_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.replace("%2F", "/").replace("%3A", ":")))
+        .collect()
+}
+
+#[test]
+fn the_host_page_backs_up_now_restores_and_revokes() {
+    let Some(restic) = restic_binary() else { return };
+    let Some(browser) = browser() else { return };
+    let server = web_server(Server::builder());
+    let work = tempfile::tempdir().unwrap();
+    let src = work.path().join("src/docs");
+    fs::create_dir_all(src.join("sub")).unwrap();
+    fs::write(src.join("a.txt"), b"alpha\n").unwrap();
+    fs::write(src.join("sub/b.bin"), random_bytes(16, 300_000)).unwrap();
+    let r = server.admin("POST", "/api/v1/tokens", Some(&json!({"uses": 1})));
+    let mut agent = Agent::enroll(&server.url(""), r.json()["token"].as_str().unwrap());
+    agent.env("RM_RESTIC", &restic.display().to_string());
+    agent.start();
+    let repo = work.path().join("repo");
+    let r = server.admin(
+        "POST",
+        "/api/v1/repositories",
+        Some(
+            &json!({"name": "local", "url": repo.display().to_string(), "password": "pw-host-page", "auto_init": true}),
+        ),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = server.admin(
+        "POST",
+        "/api/v1/plans",
+        Some(&json!({"name": "docs", "repository": "local", "paths": [src.display().to_string()],
+                     "schedule": "@daily", "agents": [agent.id]})),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    eventually(Duration::from_secs(30), "the first heartbeat", || {
+        agents(&server).iter().any(|a| a["id"] == agent.id.as_str() && a["heartbeats"].as_u64() > Some(0)).then_some(())
+    });
+
+    // From the fleet table to the host page.
+    sign_in(&browser, &server, "/");
+    browser.click(&format!("tr[data-agent='{}'] a.hostname", agent.id));
+    eventually(Duration::from_secs(10), "the host page", || browser.url().contains("/ui/hosts/").then_some(()));
+    assert!(browser.text("dl.facts").contains(&agent.id));
+    assert_eq!(browser.run(async |c| c.find_all(fantoccini::Locator::Css(".strip .day")).await).len(), 30);
+
+    // "Back up now": the operation appears and turns to success in the open page (it refreshes while live).
+    browser.click("tr[data-plan='docs'] button[type=submit]");
+    eventually(Duration::from_secs(10), "the queued notice", || url_param(&browser, "queued"));
+    let backup = url_param(&browser, "queued").unwrap();
+    browser.script("window.__rmMarker = 1;");
+    let status = format!("tr[data-operation='{backup}'] .status");
+    eventually(Duration::from_secs(120), "the backup to succeed on the page", || {
+        (browser.exists(&status) && browser.text(&status) == "success").then_some(())
+    });
+    assert!(marker_set(&browser), "the page reloaded");
+    assert_eq!(final_operation(&server, &agent.id, &backup)["status"], "success");
+    let audit = server.admin("GET", "/api/v1/audit?kind=plan_run_requested", None).json();
+    assert_eq!(audit["events"].as_array().unwrap().len(), 1, "{audit}");
+
+    // The snapshot is listed; restore it into a chosen directory and compare byte for byte.
+    browser.goto(&browser.url());
+    eventually(Duration::from_secs(30), "the snapshot on the host page", || {
+        browser.goto(&server.url(&format!("/ui/hosts/{}", agent.id)));
+        browser.exists("table.snapshots tr[data-snapshot]").then_some(())
+    });
+    assert!(browser.text(".strip").is_empty(), "cells have no text");
+    assert!(browser.exists(".strip .day.ok"), "today's cell shows the success");
+    screenshot(&browser, "host");
+    browser.click("table.snapshots a[href*='/restore?snapshot=']");
+    let target = work.path().join("restored");
+    browser.fill("form.restore input[name=target]", &target.display().to_string());
+    browser.fill("form.restore textarea[name=include]", &src.join("sub").display().to_string());
+    screenshot(&browser, "restore");
+    browser.click("form.restore button[type=submit]");
+    eventually(Duration::from_secs(10), "the queued restore", || url_param(&browser, "queued"));
+    let restore = url_param(&browser, "queued").unwrap();
+    let done = final_operation(&server, &agent.id, &restore);
+    assert_eq!(done["status"], "success", "{done}\n{}", agent.log());
+    assert_eq!(done["kind"], "restore");
+    let restored = target.join(src.strip_prefix("/").unwrap());
+    assert_eq!(fs::read(restored.join("sub/b.bin")).unwrap(), fs::read(src.join("sub/b.bin")).unwrap());
+    assert!(!restored.join("a.txt").exists(), "only the included path was restored");
+
+    // Bad input is shown on the form and queues nothing.
+    browser.goto(&server.url(&format!("/ui/hosts/{}/restore", agent.id)));
+    browser.fill("form.restore input[name=target]", "relative/dir");
+    browser.click("form.restore button[type=submit]");
+    assert!(browser.text("p.error").contains("target"), "{}", browser.text("main"));
+    let ops = server.admin("GET", &format!("/api/v1/operations?agent={}&kind=restore", agent.id), None).json();
+    assert_eq!(ops["operations"].as_array().unwrap().len(), 1, "{ops}");
+
+    // Revoking the credential: the agent is refused from then on.
+    browser.goto(&server.url(&format!("/ui/hosts/{}", agent.id)));
+    browser.click("form.revoke input[name=confirm]");
+    browser.click("form.revoke button[type=submit]");
+    eventually(Duration::from_secs(10), "the revoked notice", || url_param(&browser, "revoked"));
+    assert!(browser.text("main").contains("Revoked"), "{}", browser.text("main"));
+    let config: Value = serde_json::from_slice(&fs::read(agent.config()).unwrap()).unwrap();
+    let auth = format!("Bearer {}", config["credential"].as_str().unwrap());
+    let r = server.send("GET", "/api/v1/agents/config", &[("Authorization", &auth)], None);
+    assert_eq!(r.status, 401, "{}", r.text());
+    let listed = agents(&server).into_iter().find(|a| a["id"] == agent.id.as_str()).unwrap();
+    assert!(listed["credential_revoked_at"].is_i64(), "{listed}");
 }

@@ -32,6 +32,7 @@ pub const ADMIN_ROUTES: &[(&str, &str, &[u8])] = &[
     ("POST", "/api/v1/plans/x/run", br#"{"agent":"x"}"#),
     ("DELETE", "/api/v1/plans/x", b""),
     ("PUT", "/api/v1/agents/x/labels", br#"{"labels":{"env":"prod"}}"#),
+    ("POST", "/api/v1/agents/x/revoke", b""),
     ("GET", "/api/v1/operations", b""),
     ("GET", "/api/v1/agents/x/snapshots", b""),
     ("GET", "/metrics", b""),
@@ -67,6 +68,12 @@ pub const WEB_ROUTES: &[(&str, &str, &[u8])] = &[
     ("POST", "/ui/hosts/add", b"uses=1&csrf=x"),
     ("GET", "/ui/hosts/add/abc/wait", b""),
     ("GET", "/ui/audit", b""),
+    ("GET", "/ui/hosts/x", b""),
+    ("GET", "/ui/hosts/x/operations", b""),
+    ("POST", "/ui/hosts/x/run", b"plan=x&csrf=x"),
+    ("POST", "/ui/hosts/x/revoke", b"confirm=yes&csrf=x"),
+    ("GET", "/ui/hosts/x/restore?snapshot=x", b""),
+    ("POST", "/ui/hosts/x/restore", b"snapshot=0123456789abcdef&csrf=x"),
 ];
 
 /// `Cookie` values that are not a live session, each with a description (`None`: no header).

@@ -62,8 +62,9 @@ pub fn enroll(
 /// The agent a credential belongs to, if the credential is valid (constant-time check of the secret).
 pub fn authenticate_agent(conn: &Connection, credential: &str) -> Result<Option<String>, DbError> {
     let Some((id, whole)) = secrets::split_agent_credential(credential) else { return Ok(None) };
-    let stored: Option<Vec<u8>> =
-        conn.query_row("SELECT secret_hash FROM agents WHERE id = ?1", [id], |r| r.get(0)).optional()?;
+    let stored: Option<Vec<u8>> = conn
+        .query_row("SELECT secret_hash FROM agents WHERE id = ?1 AND credential_revoked_at IS NULL", [id], |r| r.get(0))
+        .optional()?;
     Ok(stored.filter(|s| secrets::verify(whole, s)).map(|_| id.to_string()))
 }
 
@@ -150,11 +151,14 @@ pub struct AgentRecord {
     pub restic: Option<ResticInfo>,
     /// The configuration revision the agent last said it applied.
     pub config_revision: Option<u64>,
+    /// When an operator revoked the agent's credential (it is refused from then on).
+    pub credential_revoked_at: Option<Timestamp>,
 }
 
 const AGENT_COLUMNS: &str = "id, hostname, os, arch, agent_version, agent_commit, binary_sha256, last_update_error,
                              enrolled_at, last_seen_at, heartbeats, last_seq, labels, restic_version, restic_path,
-                             restic_error, config_revision, restic_managed, restic_install_error";
+                             restic_error, config_revision, restic_managed, restic_install_error,
+                             credential_revoked_at";
 
 fn agent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRecord> {
     let (version, path, error): (Option<String>, Option<String>, Option<String>) = (r.get(13)?, r.get(14)?, r.get(15)?);
@@ -177,6 +181,7 @@ fn agent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRecord> {
         labels: labels::from_json(&r.get::<_, String>(12)?),
         restic,
         config_revision: r.get::<_, Option<i64>>(16)?.map(|v| v.max(0) as u64),
+        credential_revoked_at: r.get(19)?,
     })
 }
 
@@ -197,6 +202,26 @@ pub fn agents_enrolled_with(conn: &Connection, token_id: &str) -> Result<Vec<Age
 
 pub fn get_agent(conn: &Connection, id: &str) -> Result<Option<AgentRecord>, DbError> {
     Ok(conn.query_row(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1"), [id], agent_row).optional()?)
+}
+
+/// Revokes agent `id`'s credential: from now on its heartbeats, reports and downloads are refused (401), and the
+/// host must enroll again. Records `audit` (kind `agent_revoked`). `Ok(None)`: no such agent; `Ok(Some(false))`:
+/// already revoked (nothing written).
+pub fn revoke_agent_credential(
+    conn: &Connection,
+    now: Timestamp,
+    id: &str,
+    mut audit: AuditEvent,
+) -> Result<Option<bool>, DbError> {
+    let Some(agent) = get_agent(conn, id)? else { return Ok(None) };
+    if agent.credential_revoked_at.is_some() {
+        return Ok(Some(false));
+    }
+    conn.execute("UPDATE agents SET credential_revoked_at = ?2 WHERE id = ?1", params![id, now])?;
+    audit.agent_id = Some(id.to_owned());
+    audit.detail = Some(format!("credential of {id} ({}) revoked", agent.hostname));
+    record_audit(conn, &audit)?;
+    Ok(Some(true))
 }
 
 /// Replaces an agent's labels (validated with [`crate::labels::validate_labels`]), bumps the configuration revision
@@ -303,6 +328,31 @@ mod tests {
                 (rec.last_seen_at, rec.heartbeats, rec.last_seq, rec.binary_sha256.as_deref()),
                 (50, 1, 7, Some("ff"))
             );
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_revoked_credential_stops_authenticating_and_the_history_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("f.db")).unwrap();
+        db.call_blocking(|c| {
+            let (_, token) = create_token(c, 0, &NewToken::default())?;
+            let a = enroll(c, 1, &token, &facts())?.unwrap();
+            let b = enroll(c, 1, &token, &facts())?.unwrap();
+            let event = || AuditEvent { kind: "agent_revoked".into(), ..Default::default() };
+            assert_eq!(revoke_agent_credential(c, 5, &a.agent_id, event())?, Some(true));
+            assert_eq!(authenticate_agent(c, &a.credential)?, None);
+            assert_eq!(authenticate_agent(c, &b.credential)?, Some(b.agent_id.clone()), "other agents unaffected");
+            let record = get_agent(c, &a.agent_id)?.unwrap();
+            assert_eq!(record.credential_revoked_at, Some(5));
+            assert_eq!(revoke_agent_credential(c, 9, &a.agent_id, event())?, Some(false), "already revoked");
+            assert_eq!(get_agent(c, &a.agent_id)?.unwrap().credential_revoked_at, Some(5));
+            assert_eq!(revoke_agent_credential(c, 9, "nope", event())?, None);
+            let audits: i64 =
+                c.query_row("SELECT count(*) FROM audit_events WHERE kind = 'agent_revoked'", [], |r| r.get(0))?;
+            assert_eq!(audits, 1);
             Ok(())
         })
         .unwrap();

@@ -28,7 +28,7 @@ pub mod tokens;
 
 pub use agents::{
     AgentRecord, Enrolled, Heartbeat, authenticate_agent, enroll, get_agent, heartbeat, list_agents, record_heartbeat,
-    set_labels,
+    revoke_agent_credential, set_labels,
 };
 pub use audit::{AuditEvent, list_audit, probe_write, prune_audit, record_audit};
 pub use db::{Db, DbError};

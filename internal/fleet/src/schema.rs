@@ -248,7 +248,10 @@ pub const MIGRATIONS: &[&str] = &[
         remote_addr  TEXT,
         user_agent   TEXT
     ) STRICT;
-    CREATE INDEX web_sessions_expiry ON web_sessions(expires_at);",
+    CREATE INDEX web_sessions_expiry ON web_sessions(expires_at);
+    -- An operator can revoke an agent's credential (the host page): the agent is refused from then on, its history
+    -- stays.
+    ALTER TABLE agents ADD COLUMN credential_revoked_at INTEGER;",
 ];
 
 pub fn migrations() -> Migrations<'static> {

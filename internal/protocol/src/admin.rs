@@ -167,6 +167,9 @@ pub struct AgentView {
     /// The host's restic against the served one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restic_drift: Option<crate::restic_dist::ResticDrift>,
+    /// When an operator revoked the agent's credential (unix seconds); the agent is refused from then on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_revoked_at: Option<i64>,
 }
 
 /// `GET /api/v1/agents`

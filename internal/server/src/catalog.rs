@@ -195,6 +195,7 @@ fn agent_view(record: AgentRecord, state: AgentState, served_sha256: Option<Stri
         backups: Vec::new(),
         restic_served: None,
         restic_drift: None,
+        credential_revoked_at: record.credential_revoked_at,
     }
 }
 

@@ -78,6 +78,7 @@ fn routes(state: &AppState) -> Router<AppState> {
         .route("/api/v1/agents/config", get(agents::config))
         .route("/api/v1/agents", get(admin::list_agents))
         .route("/api/v1/agents/{id}/labels", put(admin::set_labels))
+        .route("/api/v1/agents/{id}/revoke", post(admin::revoke))
         .route("/api/v1/agents/leases", post(operations::take_lease))
         .route("/api/v1/agents/leases/{repository}", delete(operations::release_lease))
         .route("/api/v1/agents/{id}/snapshots", get(operations::list_snapshots))

@@ -111,6 +111,34 @@ pub async fn set_labels(
     Ok(Json(SetLabels { labels: record.labels }))
 }
 
+/// Revokes agent `id`'s credential (`agent_revoked` in the audit log); `revoked` is false when it already was.
+pub(crate) async fn revoke_agent(state: &AppState, event: AuditEvent, id: &str) -> Result<bool, ApiError> {
+    let lookup = id.to_owned();
+    let now = rm_fleet::now();
+    let revoked = state.fleet().call(move |c| rm_fleet::revoke_agent_credential(c, now, &lookup, event)).await?;
+    let revoked =
+        revoked.ok_or_else(|| ApiError::NotFound(format!("agent {:?}", id.chars().take(64).collect::<String>())))?;
+    if revoked {
+        state.tasks().wake(id);
+        tracing::warn!(agent_id = id, "agent credential revoked");
+    }
+    Ok(revoked)
+}
+
+/// `POST /api/v1/agents/{id}/revoke`: the agent's credential stops working at once; the host must enroll again.
+pub async fn revoke(
+    _: Admin,
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(id) = id?;
+    let event = super::audit_event("agent_revoked", peer, &headers);
+    let revoked = revoke_agent(&state, event, &id).await?;
+    Ok(Json(serde_json::json!({"agent_id": id, "revoked": true, "already_revoked": !revoked})))
+}
+
 fn audit_entry(e: AuditEvent) -> AuditEntry {
     AuditEntry {
         id: e.id,

@@ -184,9 +184,22 @@ pub async fn run(
 ) -> Result<Response, ApiError> {
     let name = name_param(path)?;
     let Json(RunPlan { agent }) = body?;
-    let event = super::audit_event("plan_run_requested", peer, &headers);
+    let operation_id = request_run(&state, peer, &headers, &name, &agent).await?;
+    Ok((StatusCode::ACCEPTED, Json(OperationCreated { operation_id })).into_response())
+}
+
+/// Queues a run of plan `name` on `agent` (audited as `plan_run_requested`) and wakes the agent; the API and the
+/// web page's "Back up now" both come here.
+pub(crate) async fn request_run(
+    state: &AppState,
+    peer: Option<std::net::SocketAddr>,
+    headers: &HeaderMap,
+    name: &str,
+    agent: &str,
+) -> Result<String, ApiError> {
+    let event = super::audit_event("plan_run_requested", peer, headers);
     let now = rm_fleet::now();
-    let (plan, agent_id) = (name.clone(), agent.clone());
+    let (plan, agent_id) = (name.to_owned(), agent.to_owned());
     let outcome = state.fleet().call(move |c| rm_fleet::request_run(c, now, &plan, &agent_id, event)).await?;
     let operation_id = outcome.map_err(|r| match r {
         PlanRefused::UnknownAgent(_) => {
@@ -194,7 +207,7 @@ pub async fn run(
         }
         other => refused(other),
     })?;
-    state.tasks().wake(&agent);
+    state.tasks().wake(agent);
     tracing::info!(plan = name, agent_id = agent, operation_id, "run requested");
-    Ok((StatusCode::ACCEPTED, Json(OperationCreated { operation_id })).into_response())
+    Ok(operation_id)
 }

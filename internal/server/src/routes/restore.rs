@@ -70,14 +70,27 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let agent_id = agent_param(path)?;
     let Json(spec) = spec?;
-    let event = super::audit_event("restore_requested", peer, &headers);
+    let operation_id = request(&state, peer, &headers, &agent_id, spec).await?;
+    Ok((StatusCode::ACCEPTED, Json(OperationCreated { operation_id })).into_response())
+}
+
+/// Queues a restore on `agent_id` (validated, audited as `restore_requested`) and wakes it; the API and the web
+/// page's restore form both come here.
+pub(crate) async fn request(
+    state: &AppState,
+    peer: Option<std::net::SocketAddr>,
+    headers: &HeaderMap,
+    agent_id: &str,
+    spec: CreateRestore,
+) -> Result<String, ApiError> {
+    let event = super::audit_event("restore_requested", peer, headers);
     let now = rm_fleet::now();
-    let agent = agent_id.clone();
+    let agent = agent_id.to_owned();
     let outcome = state.fleet().call(move |c| request_restore(c, now, &agent, &spec, event)).await?;
     let (operation_id, snapshot) = outcome.map_err(refused)?;
-    state.tasks().wake(&agent_id);
+    state.tasks().wake(agent_id);
     tracing::info!(agent_id, operation_id, snapshot = snapshot.id, "restore requested");
-    Ok((StatusCode::ACCEPTED, Json(OperationCreated { operation_id })).into_response())
+    Ok(operation_id)
 }
 
 #[derive(Debug, Deserialize)]

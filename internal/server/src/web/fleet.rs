@@ -207,7 +207,7 @@ fn row(state: &AppState, agent: &AgentView, now: i64) -> Markup {
     html! {
         tr data-agent=(agent.id) {
             td { span class={ "dot " (dot(agent)) } title=(agent.state.as_str()) {} }
-            td.host { span.hostname { (agent.hostname) } br; small.id { (agent.id) } }
+            td.host { a.hostname href={ "/ui/hosts/" (agent.id) } { (agent.hostname) } br; small.id { (agent.id) } }
             td.labels {
                 @for (k, v) in &agent.labels { span.label { (k) "=" (v) } " " }
             }

@@ -6,6 +6,7 @@
 mod audit;
 mod enroll;
 mod fleet;
+mod host;
 mod layout;
 pub(crate) mod session;
 
@@ -44,6 +45,12 @@ pub(crate) fn routes(state: &AppState) -> Router<AppState> {
         .route("/ui/logout", post(session::logout))
         .route("/ui/hosts/add", get(enroll::form).post(enroll::create))
         .route("/ui/hosts/add/{token_id}/wait", get(enroll::wait))
+        // Host
+        .route("/ui/hosts/{id}", get(host::page))
+        .route("/ui/hosts/{id}/operations", get(host::operations))
+        .route("/ui/hosts/{id}/run", post(host::run))
+        .route("/ui/hosts/{id}/revoke", post(host::revoke))
+        .route("/ui/hosts/{id}/restore", get(host::restore_form).post(host::restore))
         .route("/ui/audit", get(audit::page))
         .route("/ui/static/{name}", get(static_file))
         .layer(DefaultBodyLimit::max(FORM_LIMIT))
