@@ -471,3 +471,80 @@ fn the_host_page_backs_up_now_restores_and_revokes() {
     let listed = agents(&server).into_iter().find(|a| a["id"] == agent.id.as_str()).unwrap();
     assert!(listed["credential_revoked_at"].is_i64(), "{listed}");
 }
+
+/// Under the server's own self-signed TLS: the session cookie is `Secure`, and the install line on the page carries
+/// the certificate's key pin (the one the server logged); run with `sh`, it installs and the host connects.
+#[test]
+fn under_self_signed_tls_the_cookie_is_secure_and_the_install_line_is_pinned() {
+    let (driver, chromium) = match browser_tools() {
+        Ok(tools) => tools,
+        Err(reason) => return skip(reason),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, bundled) = (tmp.path().join("data"), tmp.path().join("bundled"));
+    fs::create_dir_all(&data).unwrap();
+    fs::create_dir_all(bundled.join("agent-binaries")).unwrap();
+    fs::create_dir_all(bundled.join("install")).unwrap();
+    fs::copy(binary(AGENT_BIN), bundled.join("agent-binaries").join(LINUX_AMD64)).unwrap();
+    fs::copy(repo_file("scripts/install.sh"), bundled.join("install/install.sh")).unwrap();
+    let log = tmp.path().join("server.log");
+    let port = free_port().port();
+    let child = command(SERVER_BIN)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--tls", "self-signed", "--log-format", "json"])
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--bundled-assets-dir")
+        .arg(&bundled)
+        .env("RM_ADMIN_TOKEN", ADMIN)
+        .env("RM_HEARTBEAT_INTERVAL", "2s")
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(child);
+    let base = format!("https://127.0.0.1:{port}");
+    let pin = eventually(Duration::from_secs(15), "the server's logged pin", || {
+        fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| serde_json::from_str::<Value>(l).ok().and_then(|v| v["pin"].as_str().map(str::to_owned)))
+    });
+
+    let browser = Browser::start_with(&driver, &chromium, true);
+    eventually(Duration::from_secs(15), "the sign-in page over https", || {
+        browser.goto(&format!("{base}/"));
+        browser.url().contains("/ui/login").then_some(())
+    });
+    browser.fill("#token", ADMIN);
+    browser.click("form.signin button[type=submit]");
+    eventually(Duration::from_secs(10), "the fleet page", || (browser.url() == format!("{base}/")).then_some(()));
+    assert_eq!(browser.cookie_is_secure("rm_session"), Some(true), "the session cookie is Secure under TLS");
+
+    browser.goto(&format!("{base}/ui/hosts/add"));
+    browser.click("form.token button[type=submit]");
+    let line = browser.text("#install-linux");
+    assert!(line.starts_with(&format!("curl -fsSL --pinnedpubkey {pin} -k {base}/install/install.sh |")), "{line}");
+    assert!(line.ends_with(&format!("sh -s -- --pin {pin}")), "{line}");
+    assert!(browser.text("main").contains("self-signed"), "the page says why the line is pinned");
+    screenshot(&browser, "add-hosts-tls");
+
+    let scratch = tempfile::tempdir().unwrap();
+    let (prefix, tmpdir) = (scratch.path().join("prefix"), scratch.path().join("tmp"));
+    fs::create_dir(&tmpdir).unwrap();
+    let out = clean_sh(&format!("{line} --prefix '{}' --no-service", prefix.display()), &tmpdir);
+    assert!(out.status.success(), "install: {}", String::from_utf8_lossy(&out.stderr));
+    let mut run = Command::new(prefix.join("bin").join(AGENT_BIN));
+    run.arg("--config").arg(prefix.join("etc/restic-manager/agent.json")).args(["run", "--once"]);
+    let beat = run_bounded(run, Duration::from_secs(30));
+    assert!(beat.status.success(), "agent run --once: {}", String::from_utf8_lossy(&beat.stderr));
+    eventually(Duration::from_secs(20), "the host connected on the page", || {
+        browser.exists("#wait.connected").then_some(())
+    });
+}

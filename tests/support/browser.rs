@@ -37,6 +37,11 @@ pub struct Browser {
 impl Browser {
     /// Starts chromedriver on a free port and opens a session in a fresh profile.
     pub fn start(driver: &Path, chromium: &Path) -> Browser {
+        Browser::start_with(driver, chromium, false)
+    }
+
+    /// [`Browser::start`]; `accept_insecure_certs` lets it open a server with a self-signed certificate.
+    pub fn start_with(driver: &Path, chromium: &Path, accept_insecure_certs: bool) -> Browser {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let profile = tempfile::Builder::new().prefix("rm-e2e-chromium-").tempdir().unwrap();
         let driver = Command::new(driver)
@@ -47,6 +52,7 @@ impl Browser {
             .unwrap_or_else(|e| panic!("starting {}: {e}", driver.display()));
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let capabilities = json!({
+            "acceptInsecureCerts": accept_insecure_certs,
             "goog:chromeOptions": {
                 "binary": chromium,
                 "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -124,6 +130,11 @@ impl Browser {
     /// The value of cookie `name` for the current page, if it is set.
     pub fn cookie(&self, name: &str) -> Option<String> {
         self.runtime.block_on(self.client().get_named_cookie(name)).ok().map(|c| c.value().to_string())
+    }
+
+    /// Whether cookie `name` of the current page carries the `Secure` attribute.
+    pub fn cookie_is_secure(&self, name: &str) -> Option<bool> {
+        self.runtime.block_on(self.client().get_named_cookie(name)).ok().and_then(|c| c.secure())
     }
 
     /// Writes a PNG of the viewport to `path`.
