@@ -6,7 +6,7 @@ PORT ?= 8080
 DEV_DIR ?= .dev
 CARGO ?= cargo
 
-.PHONY: help build run dev-bundle test lint fmt ci clean dist dist-agents bench image base-images image-fixtures upgrade
+.PHONY: help build run dev-bundle test lint fmt ci clean dist dist-agents bench image base-images image-fixtures upgrade screenshots
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,6 +30,12 @@ test: ## run every test (unit, in-process router, end-to-end on real sockets); s
 	: >target/test-skips.log
 	set -o pipefail; RM_SKIP_LOG=$(CURDIR)/target/test-skips.log $(CARGO) test --workspace 2>&1 | tee target/test.log
 	@scripts/test-summary.sh target/test.log target/test-skips.log
+
+screenshots: ## run the browser tests (chromium, chromium-driver) and copy their screenshots to docs/screenshots/
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p rm-e2e --test web_e2e
+	mkdir -p docs/screenshots
+	cp target/web-screenshots/*.png docs/screenshots/
 
 dist: ## cross-compile the agents (linux amd64/arm64, windows amd64) and servers into dist/ (installs the toolchain; root)
 	scripts/dist.sh all
