@@ -67,6 +67,16 @@ pub const WEB_ROUTES: &[(&str, &str, &[u8])] = &[
     ("POST", "/ui/hosts/add", b"uses=1&csrf=x"),
     ("GET", "/ui/hosts/add/abc/wait", b""),
     ("GET", "/ui/audit", b""),
+    ("GET", "/ui/repositories", b""),
+    ("POST", "/ui/repositories", b"name=x&url=%2Fsrv%2Frestic&password=matrix-password&csrf=x"),
+    ("GET", "/ui/repositories/x", b""),
+    ("POST", "/ui/repositories/x", b"url=%2Fsrv%2Fother&csrf=x"),
+    ("POST", "/ui/repositories/x/delete", b"csrf=x"),
+    ("GET", "/ui/plans", b""),
+    ("POST", "/ui/plans", b"name=x&repository=x&paths=%2Fsrv&schedule=%40daily&csrf=x"),
+    ("GET", "/ui/plans/x", b""),
+    ("POST", "/ui/plans/x", b"repository=x&paths=%2Fsrv&schedule=%40daily&csrf=x"),
+    ("POST", "/ui/plans/x/delete", b"csrf=x"),
 ];
 
 /// `Cookie` values that are not a live session, each with a description (`None`: no header).

@@ -6,7 +6,10 @@
 mod audit;
 mod enroll;
 mod fleet;
+mod forms;
 mod layout;
+mod plans;
+mod repositories;
 pub(crate) mod session;
 
 use std::collections::HashMap;
@@ -45,6 +48,13 @@ pub(crate) fn routes(state: &AppState) -> Router<AppState> {
         .route("/ui/hosts/add", get(enroll::form).post(enroll::create))
         .route("/ui/hosts/add/{token_id}/wait", get(enroll::wait))
         .route("/ui/audit", get(audit::page))
+        // Repositories and plans
+        .route("/ui/repositories", get(repositories::list).post(repositories::create))
+        .route("/ui/repositories/{name}", get(repositories::edit).post(repositories::update))
+        .route("/ui/repositories/{name}/delete", post(repositories::delete))
+        .route("/ui/plans", get(plans::list).post(plans::create))
+        .route("/ui/plans/{name}", get(plans::edit).post(plans::update))
+        .route("/ui/plans/{name}/delete", post(plans::delete))
         .route("/ui/static/{name}", get(static_file))
         .layer(DefaultBodyLimit::max(FORM_LIMIT))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.settings().api_timeout))
