@@ -74,6 +74,16 @@ pub const WEB_ROUTES: &[(&str, &str, &[u8])] = &[
     ("POST", "/ui/hosts/x/revoke", b"confirm=yes&csrf=x"),
     ("GET", "/ui/hosts/x/restore?snapshot=x", b""),
     ("POST", "/ui/hosts/x/restore", b"snapshot=0123456789abcdef&csrf=x"),
+    ("GET", "/ui/repositories", b""),
+    ("POST", "/ui/repositories", b"name=x&url=%2Fsrv%2Frestic&password=matrix-password&csrf=x"),
+    ("GET", "/ui/repositories/x", b""),
+    ("POST", "/ui/repositories/x", b"url=%2Fsrv%2Fother&csrf=x"),
+    ("POST", "/ui/repositories/x/delete", b"csrf=x"),
+    ("GET", "/ui/plans", b""),
+    ("POST", "/ui/plans", b"name=x&repository=x&paths=%2Fsrv&schedule=%40daily&csrf=x"),
+    ("GET", "/ui/plans/x", b""),
+    ("POST", "/ui/plans/x", b"repository=x&paths=%2Fsrv&schedule=%40daily&csrf=x"),
+    ("POST", "/ui/plans/x/delete", b"csrf=x"),
 ];
 
 /// `Cookie` values that are not a live session, each with a description (`None`: no header).

@@ -3,6 +3,7 @@
 //! transaction (`plan_created`, `plan_updated`, `plan_deleted`, `plan_run_requested`).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
@@ -58,7 +59,7 @@ fn not_found(name: &str) -> ApiError {
     refused(PlanRefused::NotFound(name.chars().take(64).collect()))
 }
 
-fn name_param(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+pub(crate) fn name_param(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     let Path(name) = path?;
     rm_fleet::repositories::validate_name(&name).map_err(|_| not_found(&name))?;
     Ok(name)
@@ -73,8 +74,20 @@ pub async fn create(
     body: Result<Json<CreatePlan>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(spec) = body?;
+    let view = create_plan(&state, peer, &headers, spec).await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+/// Checks, stores and audits a new plan (the API and the web page): 400 for invalid input or an unknown repository
+/// or agent, 409 for a name that is taken (nothing written either way).
+pub(crate) async fn create_plan(
+    state: &AppState,
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+    spec: CreatePlan,
+) -> Result<PlanView, ApiError> {
     let plan = NewPlan::validated(spec).map_err(ApiError::InvalidRequest)?;
-    let event = super::audit_event("plan_created", peer, &headers);
+    let event = super::audit_event("plan_created", peer, headers);
     let now = rm_fleet::now();
     let (info, agents, hosts) = state
         .fleet()
@@ -87,18 +100,20 @@ pub async fn create(
         .await?
         .map_err(refused)?;
     tracing::info!(name = info.plan.name, "plan created");
-    Ok((StatusCode::CREATED, Json(plan_view(info, &agents, &hosts))).into_response())
+    Ok(plan_view(info, &agents, &hosts))
 }
 
 /// `GET /api/v1/plans`
 pub async fn list(_: Admin, State(state): State<AppState>) -> Result<Json<PlanList>, ApiError> {
-    let (plans, agents, hosts) = state
-        .fleet()
-        .call(|c| {
-            Ok((rm_fleet::list_plans(c)?, rm_fleet::plans::agent_labels(c)?, rm_fleet::plans::agent_hostnames(c)?))
-        })
-        .await?;
-    Ok(Json(PlanList { plans: plans.into_iter().map(|p| plan_view(p, &agents, &hosts)).collect() }))
+    let plans = state.fleet().call(plan_views).await?;
+    Ok(Json(PlanList { plans }))
+}
+
+/// Every plan as the API shows it (the API and the web page).
+pub(crate) fn plan_views(c: &rm_fleet::Connection) -> Result<Vec<PlanView>, rm_fleet::DbError> {
+    let (plans, agents, hosts) =
+        (rm_fleet::list_plans(c)?, rm_fleet::plans::agent_labels(c)?, rm_fleet::plans::agent_hostnames(c)?);
+    Ok(plans.into_iter().map(|p| plan_view(p, &agents, &hosts)).collect())
 }
 
 /// `GET /api/v1/plans/{name}`
@@ -108,6 +123,11 @@ pub async fn get(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<PlanView>, ApiError> {
     let name = name_param(path)?;
+    Ok(Json(get_plan(&state, name).await?))
+}
+
+/// One plan as the API shows it; 404 `plan_not_found` (the API and the web page).
+pub(crate) async fn get_plan(state: &AppState, name: String) -> Result<PlanView, ApiError> {
     let lookup = name.clone();
     let (plan, agents, hosts) = state
         .fleet()
@@ -119,7 +139,7 @@ pub async fn get(
             ))
         })
         .await?;
-    Ok(Json(plan_view(plan.ok_or_else(|| not_found(&name))?, &agents, &hosts)))
+    Ok(plan_view(plan.ok_or_else(|| not_found(&name))?, &agents, &hosts))
 }
 
 /// `PATCH /api/v1/plans/{name}`: each field present replaces the stored one.
@@ -133,10 +153,22 @@ pub async fn update(
 ) -> Result<Json<PlanView>, ApiError> {
     let name = name_param(path)?;
     let Json(changes) = body?;
+    Ok(Json(update_plan(&state, peer, &headers, name, changes).await?))
+}
+
+/// Checks, applies and audits changes to a plan (the API and the web page): 400 for invalid or no changes, 404 for
+/// an unknown plan (nothing written either way).
+pub(crate) async fn update_plan(
+    state: &AppState,
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+    name: String,
+    changes: UpdatePlan,
+) -> Result<PlanView, ApiError> {
     if rm_fleet::plans::is_empty_update(&changes) {
         return Err(ApiError::InvalidRequest("nothing to change: give at least one field".into()));
     }
-    let event = super::audit_event("plan_updated", peer, &headers);
+    let event = super::audit_event("plan_updated", peer, headers);
     let now = rm_fleet::now();
     let lookup = name.clone();
     let (info, agents, hosts) = state
@@ -150,7 +182,7 @@ pub async fn update(
         .await?
         .map_err(refused)?;
     tracing::info!(name, "plan updated");
-    Ok(Json(plan_view(info, &agents, &hosts)))
+    Ok(plan_view(info, &agents, &hosts))
 }
 
 /// `DELETE /api/v1/plans/{name}`: queued run-now requests of the plan are cancelled.
@@ -162,14 +194,26 @@ pub async fn delete(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let name = name_param(path)?;
-    let event = super::audit_event("plan_deleted", peer, &headers);
+    delete_plan(&state, peer, &headers, &name).await?;
+    Ok(Json(serde_json::json!({"name": name, "deleted": true})).into_response())
+}
+
+/// Deletes and audits a plan, cancelling its queued run-now requests (the API and the web page); 404 for an unknown
+/// one.
+pub(crate) async fn delete_plan(
+    state: &AppState,
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+    name: &str,
+) -> Result<(), ApiError> {
+    let event = super::audit_event("plan_deleted", peer, headers);
     let now = rm_fleet::now();
-    let lookup = name.clone();
+    let lookup = name.to_owned();
     if !state.fleet().call(move |c| rm_fleet::delete_plan(c, now, &lookup, event)).await? {
-        return Err(not_found(&name));
+        return Err(not_found(name));
     }
     tracing::info!(name, "plan deleted");
-    Ok(Json(serde_json::json!({"name": name, "deleted": true})).into_response())
+    Ok(())
 }
 
 /// `POST /api/v1/plans/{name}/run` `{"agent": ID}` → 202 [`OperationCreated`]: the run rides the agent's next

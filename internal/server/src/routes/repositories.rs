@@ -3,6 +3,8 @@
 //! Create, update and delete are audited (kind `repository`) without secrets, in the same transaction as the change.
 //! A repository that plans use cannot be deleted (409 `repository_in_use`, naming the plans).
 
+use std::net::SocketAddr;
+
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
@@ -43,7 +45,7 @@ fn with_health(
     RepositoryView { maintenance, ..repository_view(info) }
 }
 
-fn name_param(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+pub(crate) fn name_param(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     let Path(name) = path?;
     rm_fleet::repositories::validate_name(&name)
         .map_err(|_| ApiError::NotFound(format!("repository {:?}", name.chars().take(64).collect::<String>())))?;
@@ -59,6 +61,18 @@ pub async fn create(
     body: Result<Json<CreateRepository>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let Json(r) = body?;
+    let view = create_repository(&state, peer, &headers, r).await?;
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+/// Checks, stores and audits a new repository (the API and the web page): 400 for invalid input, 409 for a name
+/// that is taken (nothing written either way).
+pub(crate) async fn create_repository(
+    state: &AppState,
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+    r: CreateRepository,
+) -> Result<RepositoryView, ApiError> {
     let new = NewRepository {
         prune: r.prune,
         check: r.check,
@@ -73,7 +87,7 @@ pub async fn create(
     new.validate().map_err(ApiError::InvalidRequest)?;
     let now = rm_fleet::now();
     let key = state.secret_key().clone();
-    let event = super::audit_event("repository", peer, &headers);
+    let event = super::audit_event("repository", peer, headers);
     let created = state
         .fleet()
         .call(move |c| {
@@ -84,21 +98,25 @@ pub async fn create(
         .map_err(|name| ApiError::Conflict(format!("a repository named {name:?} already exists")))?;
     let view = with_health(created.0, created.1?);
     tracing::info!(name = view.name, "repository created");
-    Ok((StatusCode::CREATED, Json(view)).into_response())
+    Ok(view)
 }
 
 /// `GET /api/v1/repositories`: with each repository's health and last prune and check.
 pub async fn list(_: Admin, State(state): State<AppState>) -> Result<Json<RepositoryList>, ApiError> {
+    Ok(Json(RepositoryList { repositories: list_repositories(&state).await? }))
+}
+
+/// Every repository with its health and last prune and check (the API and the web page).
+pub(crate) async fn list_repositories(state: &AppState) -> Result<Vec<RepositoryView>, ApiError> {
     let (rows, mut health) =
         state.fleet().call(|c| Ok((rm_fleet::list_repositories(c)?, rm_fleet::repository_health(c)?))).await?;
-    let repositories = rows
+    Ok(rows
         .into_iter()
         .map(|info| {
             let maintenance = health.remove(&info.name);
             RepositoryView { maintenance, ..repository_view(info) }
         })
-        .collect();
-    Ok(Json(RepositoryList { repositories }))
+        .collect())
 }
 
 /// `POST /api/v1/repositories/{name}/maintenance` `{"kind": "prune"}`: the agents using the repository run its
@@ -159,6 +177,18 @@ pub async fn update(
 ) -> Result<Json<RepositoryView>, ApiError> {
     let name = name_param(path)?;
     let Json(r) = body?;
+    Ok(Json(update_repository(&state, peer, &headers, name, r).await?))
+}
+
+/// Checks, applies and audits changes to a repository (the API and the web page): 400 for invalid or no changes,
+/// 404 for an unknown repository (nothing written either way).
+pub(crate) async fn update_repository(
+    state: &AppState,
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+    name: String,
+    r: UpdateRepository,
+) -> Result<RepositoryView, ApiError> {
     let changes = RepositoryChanges {
         url: r.url,
         password: r.password,
@@ -173,7 +203,7 @@ pub async fn update(
     if changes.is_empty() {
         return Err(ApiError::InvalidRequest("nothing to change: give at least one field".into()));
     }
-    let event = super::audit_event("repository", peer, &headers);
+    let event = super::audit_event("repository", peer, headers);
     let now = rm_fleet::now();
     let key = state.secret_key().clone();
     let lookup = name.clone();
@@ -186,7 +216,7 @@ pub async fn update(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("repository {name:?}")))?;
     tracing::info!(name, "repository updated");
-    Ok(Json(with_health(updated.0, updated.1?)))
+    Ok(with_health(updated.0, updated.1?))
 }
 
 /// `DELETE /api/v1/repositories/{name}`
@@ -198,8 +228,20 @@ pub async fn delete(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let name = name_param(path)?;
-    let event = super::audit_event("repository", peer, &headers);
-    let lookup = name.clone();
+    delete_repository(&state, peer, &headers, &name).await?;
+    Ok(Json(serde_json::json!({"name": name, "deleted": true})).into_response())
+}
+
+/// Deletes and audits a repository (the API and the web page): 409 `repository_in_use` naming the plans that use
+/// it, 404 for an unknown one (nothing written either way).
+pub(crate) async fn delete_repository(
+    state: &AppState,
+    peer: Option<SocketAddr>,
+    headers: &HeaderMap,
+    name: &str,
+) -> Result<(), ApiError> {
+    let event = super::audit_event("repository", peer, headers);
+    let lookup = name.to_owned();
     let deleted =
         state.fleet().call(move |c| rm_fleet::delete_repository(c, &lookup, event)).await?.map_err(|in_use| {
             ApiError::refused(StatusCode::CONFLICT, "repository_in_use", in_use.to_string()).with("plans", in_use.plans)
@@ -208,5 +250,5 @@ pub async fn delete(
         return Err(ApiError::NotFound(format!("repository {name:?}")));
     }
     tracing::info!(name, "repository deleted");
-    Ok(Json(serde_json::json!({"name": name, "deleted": true})).into_response())
+    Ok(())
 }

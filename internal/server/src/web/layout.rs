@@ -11,6 +11,8 @@ use super::session::WebUser;
 pub(crate) enum Nav {
     Fleet,
     AddHosts,
+    Repositories,
+    Plans,
     Audit,
 }
 
@@ -44,6 +46,8 @@ pub(crate) fn page(title: &str, nav: Nav, user: &WebUser, body: Markup) -> Marku
                     nav {
                         (item(Nav::Fleet, "/", "Fleet"))
                         (item(Nav::AddHosts, "/ui/hosts/add", "Add hosts"))
+                        (item(Nav::Repositories, "/ui/repositories", "Repositories"))
+                        (item(Nav::Plans, "/ui/plans", "Plans"))
                         (item(Nav::Audit, "/ui/audit", "Audit"))
                     }
                     form.signout method="post" action="/ui/logout" {

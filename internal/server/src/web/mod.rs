@@ -7,7 +7,10 @@ mod audit;
 mod enroll;
 mod fleet;
 mod host;
+mod forms;
 mod layout;
+mod plans;
+mod repositories;
 pub(crate) mod session;
 
 use std::collections::HashMap;
@@ -52,6 +55,13 @@ pub(crate) fn routes(state: &AppState) -> Router<AppState> {
         .route("/ui/hosts/{id}/revoke", post(host::revoke))
         .route("/ui/hosts/{id}/restore", get(host::restore_form).post(host::restore))
         .route("/ui/audit", get(audit::page))
+        // Repositories and plans
+        .route("/ui/repositories", get(repositories::list).post(repositories::create))
+        .route("/ui/repositories/{name}", get(repositories::edit).post(repositories::update))
+        .route("/ui/repositories/{name}/delete", post(repositories::delete))
+        .route("/ui/plans", get(plans::list).post(plans::create))
+        .route("/ui/plans/{name}", get(plans::edit).post(plans::update))
+        .route("/ui/plans/{name}/delete", post(plans::delete))
         .route("/ui/static/{name}", get(static_file))
         .layer(DefaultBodyLimit::max(FORM_LIMIT))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.settings().api_timeout))
