@@ -67,6 +67,12 @@ pub const WEB_ROUTES: &[(&str, &str, &[u8])] = &[
     ("POST", "/ui/hosts/add", b"uses=1&csrf=x"),
     ("GET", "/ui/hosts/add/abc/wait", b""),
     ("GET", "/ui/audit", b""),
+    ("GET", "/ui/assets", b""),
+    // The uploads take a multipart/form-data body (csrf field, then the file) in a live session; without one the
+    // session check refuses first, whatever the body, and nothing is written.
+    ("POST", "/ui/assets/install/x.sh", UPLOAD_BODY),
+    ("POST", "/ui/assets/install", UPLOAD_BODY),
+    ("POST", "/ui/assets/install/x.sh/delete", b"csrf=x"),
 ];
 
 /// `Cookie` values that are not a live session, each with a description (`None`: no header).

@@ -11,6 +11,7 @@ use super::session::WebUser;
 pub(crate) enum Nav {
     Fleet,
     AddHosts,
+    Assets,
     Audit,
 }
 
@@ -44,6 +45,7 @@ pub(crate) fn page(title: &str, nav: Nav, user: &WebUser, body: Markup) -> Marku
                     nav {
                         (item(Nav::Fleet, "/", "Fleet"))
                         (item(Nav::AddHosts, "/ui/hosts/add", "Add hosts"))
+                        (item(Nav::Assets, "/ui/assets", "Assets"))
                         (item(Nav::Audit, "/ui/audit", "Audit"))
                     }
                     form.signout method="post" action="/ui/logout" {

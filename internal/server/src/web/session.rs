@@ -261,7 +261,7 @@ fn is_https(state: &AppState, base: &BaseUrl) -> bool {
 #[derive(Deserialize)]
 pub(crate) struct CsrfForm {
     #[serde(default)]
-    csrf: String,
+    pub csrf: String,
 }
 
 /// `POST /ui/logout`: the session is revoked on the server and the cookie cleared.
