@@ -107,19 +107,19 @@ pub fn list_web_tokens(conn: &Connection) -> Result<Vec<WebTokenInfo>, DbError> 
 }
 
 /// Revokes a web token and ends the sessions it opened; `Ok(None)` when there is no such token. Revoking twice keeps
-/// the first time. Answers the row and how many live sessions were ended.
+/// the first time. Answers the row and how many live sessions were ended. (Run it through [`crate::Db::call`], which
+/// makes both writes one transaction.)
 pub fn revoke_web_token(conn: &Connection, now: Timestamp, id: &str) -> Result<Option<(WebTokenInfo, usize)>, DbError> {
-    let tx = conn.unchecked_transaction()?;
-    tx.execute("UPDATE web_tokens SET revoked_at = coalesce(revoked_at, ?2) WHERE id = ?1", params![id, now])?;
-    let Some(info) = tx.query_row(&format!("SELECT {COLUMNS} FROM web_tokens WHERE id = ?1"), [id], row).optional()?
+    conn.execute("UPDATE web_tokens SET revoked_at = coalesce(revoked_at, ?2) WHERE id = ?1", params![id, now])?;
+    let Some(info) =
+        conn.query_row(&format!("SELECT {COLUMNS} FROM web_tokens WHERE id = ?1"), [id], row).optional()?
     else {
         return Ok(None);
     };
-    let ended = tx.execute(
+    let ended = conn.execute(
         "UPDATE web_sessions SET revoked_at = ?2 WHERE web_token_id = ?1 AND revoked_at IS NULL",
         params![id, now],
     )?;
-    tx.commit()?;
     Ok(Some((info, ended)))
 }
 

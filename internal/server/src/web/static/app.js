@@ -30,7 +30,9 @@ document.addEventListener("htmx:xhr:progress", function (event) {
   bar.value = event.detail.loaded;
 });
 document.addEventListener("htmx:beforeSwap", function (event) {
-  var form = event.detail.elt && event.detail.elt.closest && event.detail.elt.closest("form.upload, form.remove");
+  // The event fires on the swap target (main); the form that sent the request is in the request's config.
+  var sender = (event.detail.requestConfig && event.detail.requestConfig.elt) || event.detail.elt;
+  var form = sender && sender.closest && sender.closest("form.upload, form.remove");
   var status = event.detail.xhr.status;
   if (form && status >= 400 && status < 500) {
     event.detail.shouldSwap = true;
