@@ -84,6 +84,12 @@ pub const WEB_ROUTES: &[(&str, &str, &[u8])] = &[
     ("GET", "/ui/plans/x", b""),
     ("POST", "/ui/plans/x", b"repository=x&paths=%2Fsrv&schedule=%40daily&csrf=x"),
     ("POST", "/ui/plans/x/delete", b"csrf=x"),
+    ("GET", "/ui/assets", b""),
+    // The uploads take a multipart/form-data body (csrf field, then the file) in a live session; without one the
+    // session check refuses first, whatever the body, and nothing is written.
+    ("POST", "/ui/assets/install/x.sh", UPLOAD_BODY),
+    ("POST", "/ui/assets/install", UPLOAD_BODY),
+    ("POST", "/ui/assets/install/x.sh/delete", b"csrf=x"),
 ];
 
 /// `Cookie` values that are not a live session, each with a description (`None`: no header).

@@ -35,6 +35,9 @@ pub enum Command {
     /// Manage enrollment tokens in the data dir's database (works while the server runs).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Manage web tokens: sign-in tokens for the operator's web page (works while the server runs).
+    #[command(subcommand)]
+    WebToken(WebTokenCommand),
     /// The fleet: enrolled agents and how they compare with the builds this server serves.
     #[command(subcommand)]
     Agents(AgentsCommand),
@@ -286,6 +289,28 @@ pub enum AgentsCommand {
         /// key=value pairs (keys: a-z 0-9 . _ / -).
         #[arg(env = "RM_AGENT_LABELS", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum WebTokenCommand {
+    /// Create a web token; prints it (shown only this once) on stdout. Sign in to the web page with it instead of the
+    /// admin token.
+    Create {
+        /// Free text shown in listings and the audit log (who the token is for).
+        #[arg(long, env = "RM_WEB_TOKEN_NOTE", default_value = "")]
+        note: String,
+        /// Lifetime, e.g. 30d or 12h (no expiry when absent); sessions it opens end when it expires.
+        #[arg(long, env = "RM_WEB_TOKEN_EXPIRES", value_parser = humantime::parse_duration)]
+        expires: Option<Duration>,
+    },
+    /// List web tokens (never their secrets).
+    List,
+    /// Revoke a web token by id; the sessions it opened end at once.
+    Revoke {
+        /// The token id shown by `web-token list`.
+        #[arg(env = "RM_WEB_TOKEN_ID")]
+        id: String,
     },
 }
 

@@ -7,6 +7,7 @@ mod plan;
 mod repo;
 mod restore;
 mod token;
+mod web_token;
 
 use std::process::ExitCode;
 
@@ -58,6 +59,7 @@ async fn run(cli: Cli) -> ExitCode {
         Some(Command::Operations(ref args)) => exit_code(operations::run(&cli.serve, args).await),
         Some(Command::Restore(ref args)) => exit_code(restore::run(&cli.serve, args).await),
         Some(Command::Token(command)) => exit_code(token::run(&cli.serve, command).await),
+        Some(Command::WebToken(command)) => exit_code(web_token::run(&cli.serve, command).await),
         Some(Command::Repo(command)) => exit_code(repo::run(&cli.serve, command).await),
         None | Some(Command::Serve) => match serve(cli.serve).await {
             Ok(()) => ExitCode::SUCCESS,

@@ -275,6 +275,27 @@ impl AssetStore {
         Ok(None)
     }
 
+    /// The names of `kind` that either root holds and a request could ask for (ones [`crate::validate_name`]
+    /// accepts: never a staged upload), sorted and without repeats. Whether each is a usable file is for
+    /// [`AssetStore::open`] to say. A missing subdir holds nothing. Blocking.
+    pub fn names(&self, kind: AssetKind) -> io::Result<Vec<String>> {
+        let mut names = std::collections::BTreeSet::new();
+        for root in [Some(self.data_dir.as_path()), self.bundled_dir.as_deref()].into_iter().flatten() {
+            let entries = match fs::read_dir(root.join(kind.subdir())) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e),
+            };
+            for entry in entries {
+                let name = entry?.file_name();
+                if let Some(name) = name.to_str().filter(|n| crate::validate_name(n).is_ok()) {
+                    names.insert(name.to_owned());
+                }
+            }
+        }
+        Ok(names.into_iter().collect())
+    }
+
     /// Like [`AssetStore::open`], in one root only (`Ok(None)` as well when that root is not configured).
     pub fn open_from(&self, source: Source, kind: AssetKind, name: &str) -> Result<Option<OpenAsset>, StoreError> {
         debug_assert!(crate::validate_name(name).is_ok(), "unvalidated name {name:?}");
@@ -512,6 +533,19 @@ mod tests {
         let a = store.open(AssetKind::Install, "install.sh").unwrap().unwrap();
         assert_eq!((a.source, read(&a)), (Source::DataDir, b"override".to_vec()));
         assert!(store.open(AssetKind::Install, "other.sh").unwrap().is_none());
+    }
+
+    #[test]
+    fn names_are_the_union_of_both_roots_without_hidden_or_staged_files() {
+        let r = roots();
+        fs::write(r.bundled.join("install/install.sh"), b"bundled").unwrap();
+        fs::write(r.bundled.join("install/install.ps1"), b"bundled").unwrap();
+        fs::write(r.data.join("install/install.sh"), b"override").unwrap();
+        fs::write(r.data.join("install/.upload-abc"), b"staged").unwrap();
+        fs::write(r.data.join("install/bad name"), b"x").unwrap();
+        let store = AssetStore::new(&r.data, &r.bundled).unwrap();
+        assert_eq!(store.names(AssetKind::Install).unwrap(), ["install.ps1", "install.sh"]);
+        assert!(store.names(AssetKind::ResticBinary).unwrap().is_empty(), "no such subdir");
     }
 
     #[test]

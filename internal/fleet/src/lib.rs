@@ -25,6 +25,7 @@ pub mod secrets;
 pub mod sessions;
 pub mod time;
 pub mod tokens;
+pub mod web_tokens;
 
 pub use agents::{
     AgentRecord, Enrolled, Heartbeat, authenticate_agent, enroll, get_agent, heartbeat, list_agents, record_heartbeat,

@@ -252,6 +252,19 @@ pub const MIGRATIONS: &[&str] = &[
     -- An operator can revoke an agent's credential (the host page): the agent is refused from then on, its history
     -- stays.
     ALTER TABLE agents ADD COLUMN credential_revoked_at INTEGER;",
+    // Web tokens (issue 16): sign-in tokens for the operator's page made by `restic-manager-server web-token create`,
+    // stored only as a hash. A session remembers the web token that opened it (NULL: the admin token), so revoking the
+    // token ends its sessions.
+    "CREATE TABLE web_tokens (
+        id          TEXT PRIMARY KEY,
+        secret_hash BLOB NOT NULL UNIQUE,
+        note        TEXT NOT NULL DEFAULT '',
+        created_at  INTEGER NOT NULL,
+        expires_at  INTEGER,
+        revoked_at  INTEGER
+    ) STRICT;
+    ALTER TABLE web_sessions ADD COLUMN web_token_id TEXT REFERENCES web_tokens(id) ON DELETE CASCADE;
+    CREATE INDEX web_sessions_web_token ON web_sessions(web_token_id);",
 ];
 
 pub fn migrations() -> Migrations<'static> {

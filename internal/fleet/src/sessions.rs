@@ -30,30 +30,37 @@ pub struct Session {
 }
 
 /// Signs in: a new session, answered as (cookie secret, session). Dead sessions are deleted on the way.
+/// `web_token_id` is the web token signed in with (`None`: the admin token): revoking it ends the session, and the
+/// session ends when the token expires.
 pub fn create_session(
     conn: &Connection,
     now: Timestamp,
     limits: SessionLimits,
     remote_addr: Option<&str>,
     user_agent: Option<&str>,
+    web_token_id: Option<&str>,
 ) -> Result<(String, Session), DbError> {
     delete_dead(conn, now, limits)?;
     let secret = format!("{SESSION_PREFIX}{}", secrets::random_secret());
-    let session = Session {
-        csrf: secrets::random_secret(),
-        created_at: now,
-        expires_at: now.saturating_add(limits.absolute_secs),
-    };
+    let mut expires_at = now.saturating_add(limits.absolute_secs);
+    if let Some(id) = web_token_id {
+        let token_expiry: Option<Timestamp> =
+            conn.query_row("SELECT expires_at FROM web_tokens WHERE id = ?1", [id], |r| r.get(0))?;
+        expires_at = token_expiry.map_or(expires_at, |t| t.min(expires_at));
+    }
+    let session = Session { csrf: secrets::random_secret(), created_at: now, expires_at };
     conn.execute(
-        "INSERT INTO web_sessions (id_hash, csrf, created_at, last_seen_at, expires_at, remote_addr, user_agent)
-         VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6)",
+        "INSERT INTO web_sessions
+             (id_hash, csrf, created_at, last_seen_at, expires_at, remote_addr, user_agent, web_token_id)
+         VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7)",
         params![
             secrets::hash_secret(&secret).as_slice(),
             session.csrf,
             now,
             session.expires_at,
             remote_addr,
-            user_agent
+            user_agent,
+            web_token_id
         ],
     )?;
     Ok((secret, session))
@@ -132,7 +139,7 @@ mod tests {
     #[test]
     fn a_session_lives_until_idle_absolute_expiry_or_sign_out() {
         let conn = db();
-        let (secret, session) = create_session(&conn, 1000, LIMITS, Some("127.0.0.1"), Some("test")).unwrap();
+        let (secret, session) = create_session(&conn, 1000, LIMITS, Some("127.0.0.1"), Some("test"), None).unwrap();
         assert!(secret.starts_with(SESSION_PREFIX));
         assert_eq!(session.expires_at, 2000);
         // Only the hash is stored.
@@ -146,14 +153,14 @@ mod tests {
         assert_eq!(touch_session(&conn, 1250, LIMITS, &secret).unwrap(), None);
 
         // Busy all along, but past the absolute expiry.
-        let (busy, _) = create_session(&conn, 5000, LIMITS, None, None).unwrap();
+        let (busy, _) = create_session(&conn, 5000, LIMITS, None, None, None).unwrap();
         for t in (5050..6000).step_by(50) {
             assert!(touch_session(&conn, t, LIMITS, &busy).unwrap().is_some(), "at {t}");
         }
         assert_eq!(touch_session(&conn, 6000, LIMITS, &busy).unwrap(), None);
 
         // Signed out.
-        let (out, _) = create_session(&conn, 7000, LIMITS, None, None).unwrap();
+        let (out, _) = create_session(&conn, 7000, LIMITS, None, None, None).unwrap();
         assert!(revoke_session(&conn, 7001, &out).unwrap());
         assert!(!revoke_session(&conn, 7002, &out).unwrap(), "revoked once");
         assert_eq!(touch_session(&conn, 7002, LIMITS, &out).unwrap(), None);
@@ -162,18 +169,18 @@ mod tests {
     #[test]
     fn unknown_or_foreign_secrets_open_nothing_and_dead_rows_are_deleted() {
         let conn = db();
-        let (secret, session) = create_session(&conn, 1000, LIMITS, None, None).unwrap();
+        let (secret, session) = create_session(&conn, 1000, LIMITS, None, None, None).unwrap();
         for other in ["", "rmweb_", "rmweb_x", &secret[SESSION_PREFIX.len()..], &session.csrf, "rmadm_whatever"] {
             assert_eq!(touch_session(&conn, 1001, LIMITS, other).unwrap(), None, "{other:?}");
         }
-        let (revoked, _) = create_session(&conn, 1000, LIMITS, None, None).unwrap();
+        let (revoked, _) = create_session(&conn, 1000, LIMITS, None, None, None).unwrap();
         revoke_session(&conn, 1001, &revoked).unwrap();
         assert_eq!(rows(&conn), 2);
         // The next sign-in deletes the revoked row and keeps the live one.
-        create_session(&conn, 1002, LIMITS, None, None).unwrap();
+        create_session(&conn, 1002, LIMITS, None, None, None).unwrap();
         assert_eq!(rows(&conn), 2);
         // Much later every earlier session is idle: only the new one is left.
-        create_session(&conn, 9000, LIMITS, None, None).unwrap();
+        create_session(&conn, 9000, LIMITS, None, None, None).unwrap();
         assert_eq!(rows(&conn), 1);
     }
 }

@@ -22,8 +22,8 @@ use tokio::io::AsyncWriteExt;
 use crate::auth::{Admin, Peer};
 use crate::{ApiError, AppState, header_names};
 
-/// Resolves `{kind}/{name}` to a target inside the data dir.
-fn target(kind: &str, name: &str) -> Result<(AssetKind, Option<Platform>), ApiError> {
+/// Resolves `{kind}/{name}` to a target inside the data dir (the API's and the web page's checks alike).
+pub(crate) fn target(kind: &str, name: &str) -> Result<(AssetKind, Option<Platform>), ApiError> {
     let kind: AssetKind = kind.parse().map_err(|e: rm_assets::UnknownKind| ApiError::NotFound(e.to_string()))?;
     match kind {
         AssetKind::AgentBinary => {
@@ -66,12 +66,12 @@ fn expected_sha256(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 }
 
 #[derive(Serialize)]
-struct Uploaded {
-    kind: &'static str,
-    name: String,
-    size: u64,
-    sha256: String,
-    replaced: bool,
+pub(crate) struct Uploaded {
+    pub kind: &'static str,
+    pub name: String,
+    pub size: u64,
+    pub sha256: String,
+    pub replaced: bool,
 }
 
 async fn blocking<T: Send + 'static>(
@@ -96,17 +96,39 @@ pub async fn put_asset(
     body: Body,
 ) -> Result<Response, ApiError> {
     let (kind_text, name) = path_params(path)?;
-    let (kind, platform) = target(&kind_text, &name)?;
+    target(&kind_text, &name)?; // a bad name is refused before a bad checksum header
     let expected = expected_sha256(&headers)?;
-    let limit = state.settings().max_upload_bytes;
     let declared: Option<u64> =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok());
+    let body = body.into_data_stream().map(|chunk| chunk.map_err(|e| ApiError::UploadAborted(e.to_string())));
+    let uploaded = store_upload(&state, peer, &headers, &kind_text, &name, declared, expected, body).await?;
+    let status = if uploaded.replaced { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((status, Json(uploaded)).into_response())
+}
+
+/// Checks `{kind}/{name}`, streams `body` into a staged file (at most the upload limit; `declared`, when known, must
+/// be the size that arrives, and `expected` the SHA-256), commits it over the data-dir override and audits the
+/// upload. Any error leaves the previous file as it was. The API's `PUT` and the web page's upload form both store
+/// through here.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn store_upload(
+    state: &AppState,
+    peer: Option<std::net::SocketAddr>,
+    headers: &HeaderMap,
+    kind_text: &str,
+    name: &str,
+    declared: Option<u64>,
+    expected: Option<String>,
+    body: impl futures_util::Stream<Item = Result<bytes::Bytes, ApiError>>,
+) -> Result<Uploaded, ApiError> {
+    let (kind, platform) = target(kind_text, name)?;
+    let limit = state.settings().max_upload_bytes;
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge(limit));
     }
 
     let stage_state = state.clone();
-    let stage_name = name.clone();
+    let stage_name = name.to_owned();
     let (staged, std_file) = blocking(move || {
         let staged = stage_state.store().stage(kind, &stage_name)?;
         let file = staged.file()?;
@@ -116,9 +138,9 @@ pub async fn put_asset(
     let mut file = tokio::fs::File::from_std(std_file);
     let mut hasher = Sha256::new();
     let mut size: u64 = 0;
-    let mut stream = body.into_data_stream();
+    let mut stream = std::pin::pin!(body);
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::UploadAborted(e.to_string()))?;
+        let chunk = chunk?;
         size += chunk.len() as u64;
         if size > limit {
             return Err(ApiError::PayloadTooLarge(limit));
@@ -145,12 +167,11 @@ pub async fn put_asset(
         sha256: Some(actual.clone()),
         source: Some("data-dir".into()),
         detail: Some(format!("{kind_text}/{name} size={size} replaced={replaced}")),
-        ..super::audit_event("upload", peer, &headers)
+        ..super::audit_event("upload", peer, headers)
     };
     state.fleet().call(move |c| rm_fleet::record_audit(c, &event)).await?;
     tracing::info!(kind = kind_text, name, size, sha256 = actual, replaced, "asset uploaded");
-    let status = if replaced { StatusCode::OK } else { StatusCode::CREATED };
-    Ok((status, Json(Uploaded { kind: kind.subdir(), name, size, sha256: actual, replaced })).into_response())
+    Ok(Uploaded { kind: kind.subdir(), name: name.to_owned(), size, sha256: actual, replaced })
 }
 
 /// `DELETE /api/v1/assets/{kind}/{name}`: removes the data-dir override, so the bundled copy is served again.
@@ -162,9 +183,22 @@ pub async fn delete_asset(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let (kind_text, name) = path_params(path)?;
-    let (kind, platform) = target(&kind_text, &name)?;
+    remove_override(&state, peer, &headers, &kind_text, &name).await?;
+    Ok(Json(serde_json::json!({"kind": kind_text, "name": name, "removed": true})).into_response())
+}
+
+/// Checks `{kind}/{name}`, removes its data-dir override (404 when there is none) and audits it (the API's `DELETE`
+/// and the web page's "Remove override" alike).
+pub(crate) async fn remove_override(
+    state: &AppState,
+    peer: Option<std::net::SocketAddr>,
+    headers: &HeaderMap,
+    kind_text: &str,
+    name: &str,
+) -> Result<(), ApiError> {
+    let (kind, platform) = target(kind_text, name)?;
     let remove_state = state.clone();
-    let remove_name = name.clone();
+    let remove_name = name.to_owned();
     let removed = blocking(move || remove_state.store().remove(kind, &remove_name)).await?;
     if !removed {
         return Err(ApiError::NotFound(format!("override {kind_text}/{name}")));
@@ -173,9 +207,9 @@ pub async fn delete_asset(
         platform: platform.map(|p| p.to_string()),
         source: Some("data-dir".into()),
         detail: Some(format!("{kind_text}/{name}")),
-        ..super::audit_event("delete", peer, &headers)
+        ..super::audit_event("delete", peer, headers)
     };
     state.fleet().call(move |c| rm_fleet::record_audit(c, &event)).await?;
     tracing::info!(kind = kind_text, name, "asset override removed");
-    Ok(Json(serde_json::json!({"kind": kind_text, "name": name, "removed": true})).into_response())
+    Ok(())
 }

@@ -13,6 +13,7 @@ pub(crate) enum Nav {
     AddHosts,
     Repositories,
     Plans,
+    Assets,
     Audit,
 }
 
@@ -48,6 +49,7 @@ pub(crate) fn page(title: &str, nav: Nav, user: &WebUser, body: Markup) -> Marku
                         (item(Nav::AddHosts, "/ui/hosts/add", "Add hosts"))
                         (item(Nav::Repositories, "/ui/repositories", "Repositories"))
                         (item(Nav::Plans, "/ui/plans", "Plans"))
+                        (item(Nav::Assets, "/ui/assets", "Assets"))
                         (item(Nav::Audit, "/ui/audit", "Audit"))
                     }
                     form.signout method="post" action="/ui/logout" {

@@ -3,6 +3,7 @@
 //! Pages need a signed-in session ([`session`]); every form that changes state carries the session's CSRF token and
 //! must come from this server's own origin.
 
+mod assets;
 mod audit;
 mod enroll;
 mod fleet;
@@ -65,6 +66,19 @@ pub(crate) fn routes(state: &AppState) -> Router<AppState> {
         .route("/ui/static/{name}", get(static_file))
         .layer(DefaultBodyLimit::max(FORM_LIMIT))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.settings().api_timeout))
+        // Assets. The page and removals are small forms like the others; an upload's body is bounded by the API's
+        // upload limit (plus the multipart framing), not FORM_LIMIT, and, like the API's uploads, by no request
+        // timeout (the connection's minimum body rate still applies).
+        .merge(
+            Router::new()
+                .route("/ui/assets", get(assets::page))
+                .route("/ui/assets/{kind}/{name}/delete", post(assets::delete))
+                .layer(DefaultBodyLimit::max(FORM_LIMIT))
+                .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.settings().api_timeout))
+                .route("/ui/assets/{kind}", post(assets::upload_named_by_file))
+                .route("/ui/assets/{kind}/{name}", post(assets::upload))
+                .layer(DefaultBodyLimit::max(assets::upload_body_limit(state))),
+        )
         .layer(axum::middleware::from_fn(security_headers))
 }
 

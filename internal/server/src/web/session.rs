@@ -1,6 +1,6 @@
 //! Sign-in, sessions and request checks of the web page.
 //!
-//! Signing in with the admin token creates a server-side session ([`rm_fleet::sessions`]); the browser holds only its
+//! Signing in with the admin token (or a web token, [`rm_fleet::web_tokens`]) creates a server-side session ([`rm_fleet::sessions`]); the browser holds only its
 //! random id, in an `HttpOnly`, `SameSite=Strict` cookie (`Secure` when the page is served over https). A form that
 //! changes state must carry the session's CSRF token and, when the browser says where it comes from (`Origin`,
 //! `Sec-Fetch-Site`), come from this server's own origin. Sign-in attempts are limited per client address.
@@ -153,13 +153,13 @@ fn login_page(status: StatusCode, next: &str, notice: Option<&str>, error: Optio
         @if let Some(error) = error { p.error role="alert" { (error) } }
         form.signin method="post" action="/ui/login" {
             input type="hidden" name="next" value=(next);
-            label for="token" { "Admin token" }
+            label for="token" { "Admin or web token" }
             input #token type="password" name="token" autocomplete="current-password" required autofocus;
             button type="submit" { "Sign in" }
         }
         p.hint {
             "The admin token is in " code { "<data-dir>/admin.token" } " unless the server was started with "
-            code { "RM_ADMIN_TOKEN" } "."
+            code { "RM_ADMIN_TOKEN" } ". " code { "restic-manager-server web-token create" } " makes a web token."
         }
     };
     (status, layout::bare("Sign in", body)).into_response()
@@ -172,7 +172,7 @@ pub(crate) struct LoginForm {
     next: Option<String>,
 }
 
-/// `POST /ui/login`: the admin token opens a session; wrong tokens are counted per address.
+/// `POST /ui/login`: the admin token or a live web token opens a session; wrong tokens are counted per address.
 pub(crate) async fn login(
     State(state): State<AppState>,
     Peer(peer): Peer,
@@ -196,13 +196,34 @@ pub(crate) async fn login(
         ));
     }
     let mut event = crate::routes::audit_event("web_sign_in", peer, &headers);
-    if !state.admin_token().verify(form.token.trim()) {
+    let token = form.token.trim().to_owned();
+    // The admin token, or a live web token (`restic-manager-server web-token create`): which one is audited, never
+    // the secret.
+    let signed_in_with = if state.admin_token().verify(&token) {
+        Some(None)
+    } else {
+        state
+            .fleet()
+            .call(move |c| rm_fleet::web_tokens::verify_web_token(c, rm_fleet::now(), &token))
+            .await?
+            .map(|info| Some(info.id))
+    };
+    let Some(web_token_id) = signed_in_with else {
         state.sign_ins().fail(addr, Instant::now());
         event.kind = "web_sign_in_refused".into();
         state.fleet().call(move |c| rm_fleet::record_audit(c, &event)).await?;
         tracing::warn!(peer = %addr.map(|a| a.to_string()).unwrap_or_default(), "web sign-in refused: wrong token");
-        return Ok(login_page(StatusCode::UNAUTHORIZED, &next, None, Some("That is not the admin token.")));
-    }
+        return Ok(login_page(
+            StatusCode::UNAUTHORIZED,
+            &next,
+            None,
+            Some("That is not the admin token or a live web token."),
+        ));
+    };
+    event.detail = Some(match &web_token_id {
+        None => "admin token".to_owned(),
+        Some(id) => format!("web token {id}"),
+    });
     state.sign_ins().succeed(addr);
     let limits = limits(&state);
     let (remote, agent) = (event.remote_addr.clone(), event.user_agent.clone());
@@ -210,7 +231,14 @@ pub(crate) async fn login(
         .fleet()
         .call(move |c| {
             rm_fleet::record_audit(c, &event)?;
-            rm_fleet::sessions::create_session(c, rm_fleet::now(), limits, remote.as_deref(), agent.as_deref())
+            rm_fleet::sessions::create_session(
+                c,
+                rm_fleet::now(),
+                limits,
+                remote.as_deref(),
+                agent.as_deref(),
+                web_token_id.as_deref(),
+            )
         })
         .await?;
     let secure = is_https(&state, &base);
@@ -233,7 +261,7 @@ fn is_https(state: &AppState, base: &BaseUrl) -> bool {
 #[derive(Deserialize)]
 pub(crate) struct CsrfForm {
     #[serde(default)]
-    csrf: String,
+    pub csrf: String,
 }
 
 /// `POST /ui/logout`: the session is revoked on the server and the cookie cleared.

@@ -19,3 +19,23 @@ document.addEventListener("htmx:afterSwap", function () {
   if (!navigator.clipboard) return;
   document.querySelectorAll("button.copy[hidden]").forEach(function (b) { b.hidden = false; });
 });
+// Asset uploads: htmx reports the upload's progress on the form; its <progress> shows it. A refused upload (4xx)
+// is swapped in like a page, so its error is shown where the form was.
+document.addEventListener("htmx:xhr:progress", function (event) {
+  var form = event.target.closest && event.target.closest("form.upload");
+  var bar = form && form.querySelector("progress");
+  if (!bar || !event.detail.lengthComputable) return;
+  bar.hidden = false;
+  bar.max = event.detail.total;
+  bar.value = event.detail.loaded;
+});
+document.addEventListener("htmx:beforeSwap", function (event) {
+  // The event fires on the swap target (main); the form that sent the request is in the request's config.
+  var sender = (event.detail.requestConfig && event.detail.requestConfig.elt) || event.detail.elt;
+  var form = sender && sender.closest && sender.closest("form.upload, form.remove");
+  var status = event.detail.xhr.status;
+  if (form && status >= 400 && status < 500) {
+    event.detail.shouldSwap = true;
+    event.detail.isError = false;
+  }
+});
