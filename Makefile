@@ -33,7 +33,7 @@ test: ## run every test (unit, in-process router, end-to-end on real sockets); s
 
 screenshots: ## run the browser tests (chromium, chromium-driver) and copy their screenshots to docs/screenshots/
 	$(CARGO) build --workspace --bins
-	$(CARGO) test -p rm-e2e --test web_e2e --test web_assets_e2e
+	$(CARGO) test -p rm-e2e --test web_e2e --test web_assets_e2e --test web_plans_e2e
 	mkdir -p docs/screenshots
 	cp target/web-screenshots/*.png docs/screenshots/
 
