@@ -87,6 +87,9 @@ async fn enrollment_validates_host_facts() {
     for (field, value) in [
         ("hostname", json!("")),
         ("hostname", json!("a b")),
+        // Markup never becomes a hostname, so the web page never has one to show.
+        ("hostname", json!("<img src=x onerror=alert(1)>")),
+        ("hostname", json!("h\"><script>")),
         ("hostname", json!("x".repeat(300))),
         ("os", json!("darwin")),
         ("arch", json!("x86_64")),
