@@ -13,42 +13,6 @@ use sha2::{Digest, Sha256};
 
 const ADMIN: &str = "web-assets-e2e-admin-token-Wombat-9052";
 
-fn browser() -> Option<Browser> {
-    match browser_tools() {
-        Ok((driver, chromium)) => Some(Browser::start(&driver, &chromium)),
-        Err(reason) => {
-            skip(reason);
-            None
-        }
-    }
-}
-
-/// A server with the install script, the unit and the host agent bundled, and a fixed admin token.
-fn web_server(builder: ServerBuilder) -> Server {
-    let builder = builder.env("RM_ADMIN_TOKEN", ADMIN).env("RM_HEARTBEAT_INTERVAL", "2s");
-    let bundled = builder.bundled_dir().to_path_buf();
-    fs::copy(binary(AGENT_BIN), bundled.join("agent-binaries").join(LINUX_AMD64)).unwrap();
-    fs::copy(repo_file("scripts/install.sh"), bundled.join("install/install.sh")).unwrap();
-    fs::copy(repo_file("deploy/restic-manager-agent.service"), bundled.join("install/restic-manager-agent.service"))
-        .unwrap();
-    builder.start()
-}
-
-fn screenshot(browser: &Browser, name: &str) {
-    let path = workspace_root().join("target/web-screenshots").join(format!("{name}.png"));
-    browser.screenshot(&path);
-}
-
-fn sign_in(browser: &Browser, server: &Server, path: &str) {
-    browser.goto(&server.url(path));
-    assert!(browser.url().contains("/ui/login"), "not sent to sign in: {}", browser.url());
-    browser.fill("#token", ADMIN);
-    browser.click("form.signin button[type=submit]");
-    eventually(Duration::from_secs(10), "the page after sign-in", || {
-        (!browser.url().contains("/ui/login")).then_some(())
-    });
-}
-
 fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
@@ -78,12 +42,12 @@ fn served_agent(server: &Server) -> Vec<u8> {
 
 #[test]
 fn upload_an_agent_override_through_the_page_see_it_served_and_remove_it() {
-    let Some(browser) = browser() else { return };
-    let server = web_server(Server::builder());
+    let Some(browser) = open_browser() else { return };
+    let server = bundled_web_server(Server::builder(), ADMIN);
     let bundled = fs::read(binary(AGENT_BIN)).unwrap();
     let bundled_sha = sha256_hex(&bundled);
 
-    sign_in(&browser, &server, "/ui/assets");
+    browser.sign_in(&server, "/ui/assets", ADMIN);
     assert_eq!(browser.text("h1"), "Assets");
     let row = "#agent-linux-amd64";
     assert_eq!(browser.text(&format!("{row} td.source")), "bundled");
@@ -106,7 +70,7 @@ fn upload_an_agent_override_through_the_page_see_it_served_and_remove_it() {
     assert!(browser.url().ends_with("/ui/assets"), "{}", browser.url());
     assert_eq!(served_agent(&server), override_bytes, "the uploaded bytes are served");
     assert_eq!(fs::read(server.data_dir().join("agent-binaries").join(LINUX_AMD64)).unwrap(), override_bytes);
-    screenshot(&browser, "assets");
+    browser.save_screenshot("assets");
 
     // A hostile file name is refused, and nothing is written.
     let hostile = tmp.path().join("evil name;rm -rf.sh");
@@ -138,7 +102,7 @@ fn upload_an_agent_override_through_the_page_see_it_served_and_remove_it() {
 
 #[test]
 fn uploads_without_the_csrf_token_or_over_the_limit_are_refused_and_write_nothing() {
-    let server = web_server(Server::builder().env("RM_MAX_UPLOAD_SIZE", "1000"));
+    let server = bundled_web_server(Server::builder().env("RM_MAX_UPLOAD_SIZE", "1000"), ADMIN);
     let cookie = sign_in_by_http(&server, ADMIN).expect("the admin token signs in");
     let post = |csrf: &str, content: &[u8]| {
         let boundary = "rmboundary7";
@@ -220,7 +184,7 @@ fn server_cli(args: &[&str]) -> (bool, String, String) {
 
 #[test]
 fn a_web_token_from_the_command_line_signs_in_until_it_is_revoked() {
-    let mut server = web_server(Server::builder());
+    let mut server = bundled_web_server(Server::builder(), ADMIN);
     let data = server.data_dir().to_str().unwrap().to_owned();
     // Created while the server is down, against its data dir; the server then starts on it.
     let mut token = String::new();

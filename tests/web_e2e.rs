@@ -14,42 +14,6 @@ use serde_json::{Value, json};
 
 const ADMIN: &str = "web-e2e-admin-token-Quokka-4471";
 
-fn browser() -> Option<Browser> {
-    match browser_tools() {
-        Ok((driver, chromium)) => Some(Browser::start(&driver, &chromium)),
-        Err(reason) => {
-            skip(reason);
-            None
-        }
-    }
-}
-
-/// A server with the install script, the unit and the host agent bundled, and a fixed admin token.
-fn web_server(builder: ServerBuilder) -> Server {
-    let builder = builder.env("RM_ADMIN_TOKEN", ADMIN).env("RM_HEARTBEAT_INTERVAL", "2s");
-    let bundled = builder.bundled_dir().to_path_buf();
-    fs::copy(binary(AGENT_BIN), bundled.join("agent-binaries").join(LINUX_AMD64)).unwrap();
-    fs::copy(repo_file("scripts/install.sh"), bundled.join("install/install.sh")).unwrap();
-    fs::copy(repo_file("deploy/restic-manager-agent.service"), bundled.join("install/restic-manager-agent.service"))
-        .unwrap();
-    builder.start()
-}
-
-fn screenshot(browser: &Browser, name: &str) {
-    let path = workspace_root().join("target/web-screenshots").join(format!("{name}.png"));
-    browser.screenshot(&path);
-}
-
-fn sign_in(browser: &Browser, server: &Server, path: &str) {
-    browser.goto(&server.url(path));
-    assert!(browser.url().contains("/ui/login"), "not sent to sign in: {}", browser.url());
-    browser.fill("#token", ADMIN);
-    browser.click("form.signin button[type=submit]");
-    eventually(Duration::from_secs(10), "the page after sign-in", || {
-        (!browser.url().contains("/ui/login")).then_some(())
-    });
-}
-
 /// A command whose environment cannot change what the installer does (no `RM_*`, no proxies), with `TMPDIR` set.
 fn clean_sh(script: &str, tmpdir: &Path) -> Output {
     let mut cmd = Command::new("sh");
@@ -112,17 +76,17 @@ fn marker_set(browser: &Browser) -> bool {
 
 #[test]
 fn sign_in_add_a_host_from_the_page_and_watch_the_fleet_without_reloading() {
-    let Some(browser) = browser() else { return };
-    let server = web_server(Server::builder());
+    let Some(browser) = open_browser() else { return };
+    let server = bundled_web_server(Server::builder(), ADMIN);
 
     // Every page needs a session: the browser is sent to sign in, and a wrong token is refused.
     browser.goto(&server.url("/"));
     assert!(browser.url().contains("/ui/login?next=%2F"), "{}", browser.url());
-    screenshot(&browser, "login");
+    browser.save_screenshot("login");
     browser.fill("#token", "not-the-admin-token-at-all");
     browser.click("form.signin button[type=submit]");
     assert!(browser.text("p.error").contains("not the admin token"), "{}", browser.source());
-    sign_in(&browser, &server, "/");
+    browser.sign_in(&server, "/", ADMIN);
     assert_eq!(browser.text("h1"), "Fleet");
     assert!(browser.text("#fleet .empty").contains("No hosts yet"));
     let cookie = browser.cookie("rm_session").expect("a session cookie");
@@ -145,7 +109,7 @@ fn sign_in_add_a_host_from_the_page_and_watch_the_fleet_without_reloading() {
     assert_eq!(listed[0]["labels"], json!({"role": "web", "site": "lab"}));
     assert_eq!(listed[0]["max_uses"], 2);
     assert!(browser.text("#wait").contains("Waiting for the first heartbeat"));
-    screenshot(&browser, "add-hosts");
+    browser.save_screenshot("add-hosts");
     browser.script("window.__rmMarker = 1;");
 
     // The line, run as a host would (into a temporary prefix, no service), then the agent's first heartbeat.
@@ -185,7 +149,7 @@ fn sign_in_add_a_host_from_the_page_and_watch_the_fleet_without_reloading() {
     });
     assert!(marker_set(&browser), "the fleet page reloaded");
     assert_eq!(browser.text("#count-hosts"), "2");
-    screenshot(&browser, "fleet");
+    browser.save_screenshot("fleet");
 
     // Without JavaScript the same table is in the page itself.
     let plain = with_cookie(&server, "GET", "/", &cookie, &[], "");
@@ -200,7 +164,7 @@ fn sign_in_add_a_host_from_the_page_and_watch_the_fleet_without_reloading() {
         audit.contains("web_sign_in") && audit.contains("web_sign_in_refused") && audit.contains("web_token_created"),
         "{audit}"
     );
-    screenshot(&browser, "audit");
+    browser.save_screenshot("audit");
 
     // Sign out: the session is dead on the server, not only forgotten by the browser.
     browser.click("form.signout button");
@@ -214,8 +178,8 @@ fn sign_in_add_a_host_from_the_page_and_watch_the_fleet_without_reloading() {
 
 #[test]
 fn markup_in_labels_and_restic_messages_is_shown_as_text() {
-    let Some(browser) = browser() else { return };
-    let server = web_server(Server::builder());
+    let Some(browser) = open_browser() else { return };
+    let server = bundled_web_server(Server::builder(), ADMIN);
     let (id, auth) = enroll_by_api(&server, "xss-host");
     let label = r#"<img src=x onerror="window.__xss=1">"#;
     let r = server.admin("PUT", &format!("/api/v1/agents/{id}/labels"), Some(&json!({"labels": {"note": label}})));
@@ -253,7 +217,7 @@ fn markup_in_labels_and_restic_messages_is_shown_as_text() {
     assert!(!browser.exists(&format!("{row} img")) && !browser.exists(&format!("{row} b")), "markup was rendered");
     assert_eq!(browser.script("return window.__xss === undefined;"), json!(true), "a payload ran");
     assert_eq!(browser.text("#count-failed"), "1");
-    screenshot(&browser, "fleet-failed");
+    browser.save_screenshot("fleet-failed");
 
     // The host page shows the same values as text.
     browser.goto(&server.url(&format!("/ui/hosts/{id}")));
@@ -265,9 +229,9 @@ fn markup_in_labels_and_restic_messages_is_shown_as_text() {
 
 #[test]
 fn cross_site_posts_and_forms_without_the_session_token_are_refused() {
-    let Some(browser) = browser() else { return };
-    let server = web_server(Server::builder());
-    sign_in(&browser, &server, "/ui/hosts/add");
+    let Some(browser) = open_browser() else { return };
+    let server = bundled_web_server(Server::builder(), ADMIN);
+    browser.sign_in(&server, "/ui/hosts/add", ADMIN);
     let cookie = browser.cookie("rm_session").unwrap();
     let csrf = browser.script("return document.querySelector('input[name=csrf]').value;");
     let csrf = csrf.as_str().unwrap().to_string();
@@ -312,9 +276,9 @@ fn cross_site_posts_and_forms_without_the_session_token_are_refused() {
 
 #[test]
 fn idle_sessions_expire_and_wrong_tokens_are_rate_limited() {
-    let Some(browser) = browser() else { return };
-    let server = web_server(Server::builder().env("RM_WEB_SESSION_IDLE", "2s"));
-    sign_in(&browser, &server, "/ui/audit");
+    let Some(browser) = open_browser() else { return };
+    let server = bundled_web_server(Server::builder().env("RM_WEB_SESSION_IDLE", "2s"), ADMIN);
+    browser.sign_in(&server, "/ui/audit", ADMIN);
     assert!(browser.url().ends_with("/ui/audit"), "returned to the page asked for: {}", browser.url());
     std::thread::sleep(Duration::from_secs(3));
     browser.goto(&server.url("/ui/audit"));
@@ -374,8 +338,8 @@ fn form_urlencoded_pairs(query: &str) -> Vec<(String, String)> {
 #[test]
 fn the_host_page_backs_up_now_restores_and_revokes() {
     let Some(restic) = restic_binary() else { return };
-    let Some(browser) = browser() else { return };
-    let server = web_server(Server::builder());
+    let Some(browser) = open_browser() else { return };
+    let server = bundled_web_server(Server::builder(), ADMIN);
     let work = tempfile::tempdir().unwrap();
     let src = work.path().join("src/docs");
     fs::create_dir_all(src.join("sub")).unwrap();
@@ -406,7 +370,7 @@ fn the_host_page_backs_up_now_restores_and_revokes() {
     });
 
     // From the fleet table to the host page.
-    sign_in(&browser, &server, "/");
+    browser.sign_in(&server, "/", ADMIN);
     browser.click(&format!("tr[data-agent='{}'] a.hostname", agent.id));
     eventually(Duration::from_secs(10), "the host page", || browser.url().contains("/ui/hosts/").then_some(()));
     assert!(browser.text("dl.facts").contains(&agent.id));
@@ -419,7 +383,7 @@ fn the_host_page_backs_up_now_restores_and_revokes() {
     browser.script("window.__rmMarker = 1;");
     let status = format!("tr[data-operation='{backup}'] .status");
     eventually(Duration::from_secs(120), "the backup to succeed on the page", || {
-        (browser.exists(&status) && browser.text(&status) == "success").then_some(())
+        (browser.text_now(&status).as_deref() == Some("success")).then_some(())
     });
     assert!(marker_set(&browser), "the page reloaded");
     assert_eq!(final_operation(&server, &agent.id, &backup)["status"], "success");
@@ -434,12 +398,12 @@ fn the_host_page_backs_up_now_restores_and_revokes() {
     });
     assert!(browser.text(".strip").is_empty(), "cells have no text");
     assert!(browser.exists(".strip .day.ok"), "today's cell shows the success");
-    screenshot(&browser, "host");
+    browser.save_screenshot("host");
     browser.click("table.snapshots a[href*='/restore?snapshot=']");
     let target = work.path().join("restored");
     browser.fill("form.restore input[name=target]", &target.display().to_string());
     browser.fill("form.restore textarea[name=include]", &src.join("sub").display().to_string());
-    screenshot(&browser, "restore");
+    browser.save_screenshot("restore");
     browser.click("form.restore button[type=submit]");
     eventually(Duration::from_secs(10), "the queued restore", || url_param(&browser, "queued"));
     let restore = url_param(&browser, "queued").unwrap();
@@ -533,7 +497,7 @@ fn under_self_signed_tls_the_cookie_is_secure_and_the_install_line_is_pinned() {
     assert!(line.starts_with(&format!("curl -fsSL --pinnedpubkey {pin} -k {base}/install/install.sh |")), "{line}");
     assert!(line.ends_with(&format!("sh -s -- --pin {pin}")), "{line}");
     assert!(browser.text("main").contains("self-signed"), "the page says why the line is pinned");
-    screenshot(&browser, "add-hosts-tls");
+    browser.save_screenshot("add-hosts-tls");
 
     let scratch = tempfile::tempdir().unwrap();
     let (prefix, tmpdir) = (scratch.path().join("prefix"), scratch.path().join("tmp"));

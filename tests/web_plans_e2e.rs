@@ -14,33 +14,8 @@ const ADMIN: &str = "web-plans-e2e-admin-token-Wombat-9120";
 const PASSWORD: &str = "repo-password-Platypus-5531";
 const ENV_SECRET: &str = "env-secret-Echidna-7702";
 
-fn browser() -> Option<Browser> {
-    match browser_tools() {
-        Ok((driver, chromium)) => Some(Browser::start(&driver, &chromium)),
-        Err(reason) => {
-            skip(reason);
-            None
-        }
-    }
-}
-
 fn web_server() -> Server {
     Server::builder().env("RM_ADMIN_TOKEN", ADMIN).start()
-}
-
-fn screenshot(browser: &Browser, name: &str) {
-    let path = workspace_root().join("target/web-screenshots").join(format!("{name}.png"));
-    browser.screenshot(&path);
-}
-
-fn sign_in(browser: &Browser, server: &Server, path: &str) {
-    browser.goto(&server.url(path));
-    assert!(browser.url().contains("/ui/login"), "not sent to sign in: {}", browser.url());
-    browser.fill("#token", ADMIN);
-    browser.click("form.signin button[type=submit]");
-    eventually(Duration::from_secs(10), "the page after sign-in", || {
-        (!browser.url().contains("/ui/login")).then_some(())
-    });
 }
 
 /// Waits until the browser shows `path` (after a form's redirect).
@@ -101,11 +76,11 @@ fn path_text(p: &Path) -> String {
 
 #[test]
 fn repositories_and_plans_are_managed_from_the_pages() {
-    let Some(browser) = browser() else { return };
+    let Some(browser) = open_browser() else { return };
     let server = web_server();
     let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     enroll_with_labels(&server, "db-host", json!({"env": "prod", "role": "db"}));
-    sign_in(&browser, &server, "/ui/repositories");
+    browser.sign_in(&server, "/ui/repositories", ADMIN);
     assert_eq!(browser.text("h1"), "Repositories");
     assert!(browser.text(".empty").contains("No repositories yet"));
 
@@ -140,7 +115,7 @@ fn repositories_and_plans_are_managed_from_the_pages() {
     assert_eq!(sealed(&server, "main"), stored, "an empty password and name-only env lines keep the secrets");
     let audit = server.admin("GET", "/api/v1/audit?kind=repository", None).text();
     assert!(audit.contains("updated main: url=") && !audit.contains("password replaced"), "{audit}");
-    screenshot(&browser, "repositories");
+    browser.save_screenshot("repositories");
 
     // Create a plan with a label selector.
     browser.goto(&server.url("/ui/plans"));
@@ -206,7 +181,7 @@ fn repositories_and_plans_are_managed_from_the_pages() {
     assert_eq!(plans[0]["selector"], json!({"env": "staging"}));
     assert_eq!(plans[0]["paths"], json!(["/etc", "/srv/data"]), "the other fields are kept");
     assert_eq!(plans[0]["applies_to"], json!([]));
-    screenshot(&browser, "plans");
+    browser.save_screenshot("plans");
 
     // A repository that a plan uses cannot be deleted.
     browser.goto(&server.url("/ui/repositories/main"));

@@ -26,6 +26,33 @@ pub fn browser_tools() -> Result<(PathBuf, PathBuf), String> {
     Ok((driver, chromium))
 }
 
+/// A browser for a test, or `None` after recording the skip (never under CI) when chromium is not installed.
+pub fn open_browser() -> Option<Browser> {
+    match browser_tools() {
+        Ok((driver, chromium)) => Some(Browser::start(&driver, &chromium)),
+        Err(reason) => {
+            crate::skip(reason);
+            None
+        }
+    }
+}
+
+/// A server for the web page tests: the host agent, the install script and the unit bundled, `admin` as the admin
+/// token and a 2 s heartbeat interval.
+pub fn bundled_web_server(builder: crate::ServerBuilder, admin: &str) -> crate::Server {
+    use crate::{AGENT_BIN, LINUX_AMD64, binary, repo_file};
+    let builder = builder.env("RM_ADMIN_TOKEN", admin).env("RM_HEARTBEAT_INTERVAL", "2s");
+    let bundled = builder.bundled_dir().to_path_buf();
+    std::fs::copy(binary(AGENT_BIN), bundled.join("agent-binaries").join(LINUX_AMD64)).unwrap();
+    std::fs::copy(repo_file("scripts/install.sh"), bundled.join("install/install.sh")).unwrap();
+    std::fs::copy(
+        repo_file("deploy/restic-manager-agent.service"),
+        bundled.join("install/restic-manager-agent.service"),
+    )
+    .unwrap();
+    builder.start()
+}
+
 /// One headless chromium session.
 pub struct Browser {
     runtime: tokio::runtime::Runtime,
@@ -97,9 +124,20 @@ impl Browser {
         self.run(async |c| c.source().await)
     }
 
-    /// The text of the first element `css` selects, waiting up to 10 s for it to exist.
+    /// The text of the first element `css` selects, waiting up to 10 s for it to exist. An element that a refresh
+    /// swaps out while it is read is looked up again.
     pub fn text(&self, css: &str) -> String {
-        self.run(async |c| c.wait().at_most(Duration::from_secs(10)).for_element(Locator::Css(css)).await?.text().await)
+        poll(Duration::from_secs(10), || self.text_now(css))
+            .unwrap_or_else(|| panic!("no element matches {css:?} within 10 s:\n{}", self.source()))
+    }
+
+    /// The text of the first element `css` selects now, if one does. An element that htmx swaps out between the lookup
+    /// and the read answers `None` (for polling), where [`Browser::text`] would fail on the stale element.
+    pub fn text_now(&self, css: &str) -> Option<String> {
+        self.runtime.block_on(async {
+            let element = self.client().find(Locator::Css(css)).await.ok()?;
+            element.text().await.ok()
+        })
     }
 
     /// Whether an element matches `css` now.
@@ -135,6 +173,22 @@ impl Browser {
     /// Whether cookie `name` of the current page carries the `Secure` attribute.
     pub fn cookie_is_secure(&self, name: &str) -> Option<bool> {
         self.runtime.block_on(self.client().get_named_cookie(name)).ok().and_then(|c| c.secure())
+    }
+
+    /// Signs in at `path` of `server` with `token`: the page must send the browser to sign in first, then back.
+    pub fn sign_in(&self, server: &crate::Server, path: &str, token: &str) {
+        self.goto(&server.url(path));
+        assert!(self.url().contains("/ui/login"), "not sent to sign in: {}", self.url());
+        self.fill("#token", token);
+        self.click("form.signin button[type=submit]");
+        crate::eventually(Duration::from_secs(10), "the page after sign-in", || {
+            (!self.url().contains("/ui/login")).then_some(())
+        });
+    }
+
+    /// Writes a PNG of the viewport to `target/web-screenshots/<name>.png` (`make screenshots` copies them to docs).
+    pub fn save_screenshot(&self, name: &str) {
+        self.screenshot(&crate::workspace_root().join("target/web-screenshots").join(format!("{name}.png")));
     }
 
     /// Writes a PNG of the viewport to `path`.
