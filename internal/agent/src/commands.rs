@@ -142,6 +142,7 @@ impl Loop {
             facts: facts.clone(),
             binary_sha256: Some(own_sha.to_string()),
             last_update_error: self.last_update_error(),
+            last_update_sha256: self.saved.failed_update.as_ref().map(|f| f.sha256.clone()),
             seq: self.seq,
             restic: backups.0.clone(),
             config_revision: backups.1,

@@ -60,6 +60,10 @@ pub struct HeartbeatRequest {
     /// The error of the agent's last failed self-update.
     #[serde(default)]
     pub last_update_error: Option<String>,
+    /// The SHA-256 of the build `last_update_error` is about (the build refused or reverted; absent from agents
+    /// before rollouts).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update_sha256: Option<String>,
     /// The agent's heartbeat counter (per process lifetime).
     #[serde(default)]
     pub seq: u64,
@@ -81,7 +85,8 @@ pub struct HeartbeatResponse {
     /// The server's own build (always sent; optional for an agent reading it).
     #[serde(default)]
     pub server: Option<BuildInfo>,
-    /// The agent build the server serves for the agent's platform (`null` when none is published).
+    /// The agent build this agent should run now (`null` when none is published): the build its rollout wave is on,
+    /// not merely the newest one.
     #[serde(default)]
     pub update: Option<PlatformEntry>,
     /// The agent's desired backup configuration revision: when it differs from the one the agent applied, the agent

@@ -17,6 +17,7 @@
 //! * [`maintenance`]: repository prune and check policies, maintenance leases, repository health.
 //! * [`schedule`]: cron and `@every` schedules, read the same way by server and agent.
 //! * [`error`]: the JSON error body every 4xx/5xx carries.
+//! * [`rollout`]: staged agent rollouts (strategies, their progress, the operator's verbs).
 //! * [`restic_dist`]: restic builds the server hands out, their sidecar, a host's drift from them.
 //! * [`pin`]: public key pins (`sha256//…`) for servers without a publicly trusted certificate.
 
@@ -53,6 +54,7 @@ pub mod platform;
 pub mod restic_dist;
 pub mod restore;
 pub mod retention;
+pub mod rollout;
 pub mod schedule;
 pub mod validate;
 
