@@ -377,6 +377,16 @@ pub struct ServeArgs {
     #[arg(long, env = "RM_MAX_LEASE_TTL", default_value = "1h", value_parser = parse_lease_ttl)]
     pub max_lease_ttl: Duration,
 
+    /// What publishing a new agent build does: `manual` (a pending rollout that waits for `rollout start`),
+    /// `immediate` (a rollout to every host at once, the behaviour before rollouts), or a JSON strategy such as
+    /// '{"canaries":{"count":2},"waves":[{"percent":25},{"percent":75}],"settle_secs":120}' started by itself.
+    #[arg(long, env = "RM_ROLLOUT_STRATEGY", default_value = "manual", value_parser = parse_rollout_strategy)]
+    pub rollout_strategy: RolloutDefault,
+
+    /// How often rollouts move on (tell hosts, verify them, halt, start the next wave).
+    #[arg(long, env = "RM_ROLLOUT_TICK", default_value = "1s", value_parser = parse_rollout_tick)]
+    pub rollout_tick: Duration,
+
     /// How often agents are asked to send a heartbeat.
     #[arg(long, env = "RM_HEARTBEAT_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
@@ -668,4 +678,30 @@ mod tests {
         assert_eq!(args.url_for("[::]:9000".parse().unwrap(), false), "http://[::1]:9000/healthz");
         assert_eq!(args.url_for("10.1.2.3:80".parse().unwrap(), true), "https://10.1.2.3:80/healthz");
     }
+}
+
+/// `--rollout-strategy`: `None` is `manual`.
+#[derive(Clone, Debug)]
+pub struct RolloutDefault(pub Option<rm_protocol::rollout::Strategy>);
+
+fn parse_rollout_strategy(text: &str) -> Result<RolloutDefault, String> {
+    match text.trim() {
+        "manual" => Ok(RolloutDefault(None)),
+        "immediate" => Ok(RolloutDefault(Some(rm_protocol::rollout::Strategy::immediate()))),
+        json if json.starts_with('{') => {
+            let strategy: rm_protocol::rollout::Strategy =
+                serde_json::from_str(json).map_err(|e| format!("not a rollout strategy: {e}"))?;
+            strategy.validate()?;
+            Ok(RolloutDefault(Some(strategy)))
+        }
+        other => Err(format!("{other:?}: use manual, immediate or a JSON strategy")),
+    }
+}
+
+fn parse_rollout_tick(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(50) || d > Duration::from_secs(60) {
+        return Err("between 50ms and 60s".into());
+    }
+    Ok(d)
 }

@@ -132,6 +132,8 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
             max_lease_ttl: args.max_lease_ttl,
             web_session_idle: args.web_session_idle,
             web_session_max: args.web_session_max,
+            rollout_strategy: args.rollout_strategy.0.clone(),
+            rollout_tick: args.rollout_tick,
         },
     })
     .context("cannot start")?;
@@ -145,6 +147,7 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
     let warm = state.clone();
     tokio::task::spawn_blocking(move || rm_server::warm_up(&warm));
     rm_server::spawn_maintenance(&state);
+    rm_server::spawn_rollouts(&state);
     rm_server::run(listener, state, shutdown_signal(), args.shutdown_grace).await.context("server failed")
 }
 
