@@ -53,6 +53,60 @@ pub enum Command {
     /// id. The agent takes it within about 25 s (when its task long-poll ends and the server reads the database again)
     /// or at its next heartbeat, whichever is first.
     Restore(RestoreArgs),
+    /// Staged agent rollouts (the same as /api/v1/rollouts): list, show, create, and the verbs start, pause, resume,
+    /// abort, rollback. The running server moves them on within a tick.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RolloutCommand {
+    /// The newest rollouts: id, state, targets, wave progress.
+    List {
+        /// JSON (the same shape as GET /api/v1/rollouts).
+        #[arg(long, env = "RM_ROLLOUT_JSON")]
+        json: bool,
+    },
+    /// One rollout with every host's state, as JSON (the same as GET /api/v1/rollouts/{id}).
+    Show {
+        #[arg(env = "RM_ROLLOUT_ID")]
+        id: u64,
+    },
+    /// Create a rollout (default targets: every platform whose served build is not the released one).
+    Create {
+        /// A JSON strategy (see README "Rollouts"); default: --rollout-strategy's, else one canary then the rest.
+        #[arg(long, env = "RM_ROLLOUT_CREATE_STRATEGY")]
+        strategy: Option<String>,
+        /// os/arch=sha256 of an archived build; repeat for more platforms.
+        #[arg(long = "target", env = "RM_ROLLOUT_TARGET")]
+        targets: Vec<String>,
+        /// Start it at once.
+        #[arg(long, env = "RM_ROLLOUT_START")]
+        start: bool,
+    },
+    Start {
+        #[arg(env = "RM_ROLLOUT_ID")]
+        id: u64,
+    },
+    Pause {
+        #[arg(env = "RM_ROLLOUT_ID")]
+        id: u64,
+    },
+    Resume {
+        #[arg(env = "RM_ROLLOUT_ID")]
+        id: u64,
+        /// Mark the failed hosts skipped (they stay on their previous build) and go on.
+        #[arg(long, env = "RM_ROLLOUT_SKIP_FAILED")]
+        skip_failed: bool,
+    },
+    Abort {
+        #[arg(env = "RM_ROLLOUT_ID")]
+        id: u64,
+    },
+    Rollback {
+        #[arg(env = "RM_ROLLOUT_ID")]
+        id: u64,
+    },
 }
 
 #[derive(clap::Args, Debug)]

@@ -6,6 +6,7 @@ mod operations;
 mod plan;
 mod repo;
 mod restore;
+mod rollout;
 mod token;
 mod web_token;
 
@@ -58,6 +59,7 @@ async fn run(cli: Cli) -> ExitCode {
         Some(Command::Plan(command)) => exit_code(plan::run(&cli.serve, command).await),
         Some(Command::Operations(ref args)) => exit_code(operations::run(&cli.serve, args).await),
         Some(Command::Restore(ref args)) => exit_code(restore::run(&cli.serve, args).await),
+        Some(Command::Rollout(command)) => exit_code(rollout::run(&cli.serve, command).await),
         Some(Command::Token(command)) => exit_code(token::run(&cli.serve, command).await),
         Some(Command::WebToken(command)) => exit_code(web_token::run(&cli.serve, command).await),
         Some(Command::Repo(command)) => exit_code(repo::run(&cli.serve, command).await),

@@ -17,6 +17,8 @@ pub mod rollouts;
 mod routes;
 pub use routes::plans::plan_view;
 pub use routes::repositories::repository_view;
+/// The rollout verbs shared by `/api/v1/rollouts` and the `rollout` subcommand.
+pub use routes::rollouts as rollout_api;
 mod state;
 mod tasks;
 pub mod tls;
