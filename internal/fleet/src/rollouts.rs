@@ -1074,3 +1074,196 @@ fn drive(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Db, Heartbeat, NewToken, create_token, enroll, record_heartbeat};
+    use rm_protocol::HostFacts;
+    use rm_protocol::rollout::Wave;
+
+    const OLD: &str = "1111111111111111111111111111111111111111111111111111111111111111";
+    const NEW: &str = "2222222222222222222222222222222222222222222222222222222222222222";
+    const TUNING: Tuning = Tuning { booted_at: 0, stale_after_secs: 300, default_lost_after_secs: 3 };
+
+    fn beat(c: &Connection, now: Timestamp, id: &str, sha: &str, error: Option<&str>) {
+        let facts = HostFacts {
+            hostname: format!("h-{id}"),
+            os: "linux".into(),
+            arch: "amd64".into(),
+            version: "1".into(),
+            commit: "c".into(),
+        };
+        let hb = Heartbeat {
+            facts,
+            binary_sha256: Some(sha.into()),
+            last_update_error: error.map(str::to_string),
+            last_update_sha256: error.map(|_| NEW.to_string()),
+            seq: 1,
+            restic: None,
+            config_revision: None,
+        };
+        record_heartbeat(c, now, id, &hb).unwrap();
+    }
+
+    fn states(c: &Connection, id: u64) -> Vec<(u32, HostState)> {
+        rollout_hosts(c, id).unwrap().into_iter().map(|h| (h.wave, h.state)).collect()
+    }
+
+    #[test]
+    fn waves_verify_halt_resume_complete_and_roll_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("f.db")).unwrap();
+        db.call_blocking(|c| {
+            let (_, token) = create_token(c, 0, &NewToken { max_uses: Some(10), ..Default::default() })?;
+            let facts = HostFacts {
+                hostname: "h".into(),
+                os: "linux".into(),
+                arch: "amd64".into(),
+                version: "1".into(),
+                commit: "c".into(),
+            };
+            let ids: Vec<String> = (0..10).map(|_| enroll(c, 1, &token, &facts).unwrap().unwrap().agent_id).collect();
+            for id in &ids {
+                beat(c, 10, id, OLD, None);
+            }
+            for sha in [OLD, NEW] {
+                let b = BuildRecord {
+                    sha256: sha.into(),
+                    os: "linux".into(),
+                    arch: "amd64".into(),
+                    size: 1,
+                    version: None,
+                    commit: None,
+                };
+                record_build(c, 10, &b)?;
+            }
+            let published =
+                |sha: &str| vec![Published { os: "linux".into(), arch: "amd64".into(), sha256: sha.into() }];
+            assert_eq!(observe_published(c, 10, &published(OLD), None, TUNING)?, None, "first sight releases");
+            assert_eq!(desired_build(c, &ids[0], "linux", "amd64")?.as_deref(), Some(OLD));
+            let pending = observe_published(c, 11, &published(NEW), None, TUNING)?.expect("a rollout");
+            assert_eq!(get_rollout(c, pending)?.unwrap().state, RolloutState::Pending);
+            assert_eq!(desired_build(c, &ids[0], "linux", "amd64")?.as_deref(), Some(OLD), "pending tells nobody");
+
+            let strategy = Strategy {
+                canaries: rm_protocol::rollout::Canaries { count: 1, selector: None },
+                waves: vec![
+                    Wave { percent: Some(30), ..Wave::default() },
+                    Wave { percent: Some(70), ..Wave::default() },
+                ],
+                settle_secs: 2,
+                deadline_secs: 30,
+                ..Strategy::default()
+            };
+            let targets = vec![("linux".to_string(), "amd64".to_string(), NEW.to_string())];
+            let id = create_rollout(c, 12, targets, &strategy, "api")?.unwrap();
+            assert_eq!(get_rollout(c, pending)?.unwrap().state, RolloutState::Superseded);
+            start_rollout(c, 12, id, "api", TUNING)?.unwrap();
+            let sizes = |c: &Connection| {
+                let mut n = [0; 3];
+                for (w, _) in states(c, id) {
+                    n[w as usize] += 1;
+                }
+                n
+            };
+            assert_eq!(sizes(c), [1, 3, 6]);
+            advance(c, 12, TUNING)?;
+            let told: Vec<_> = rollout_hosts(c, id)?.into_iter().filter(|h| h.state == HostState::Updating).collect();
+            assert_eq!(told.len(), 1, "only the canary is told");
+            assert_eq!(told[0].wave, 0);
+            assert_eq!(desired_build(c, &told[0].agent_id, "linux", "amd64")?.as_deref(), Some(NEW));
+            beat(c, 13, &told[0].agent_id, NEW, None);
+            advance(c, 13, TUNING)?;
+            assert!(states(c, id).contains(&(0, HostState::Settling)));
+            beat(c, 15, &told[0].agent_id, NEW, None);
+            advance(c, 15, TUNING)?;
+            // The canary is verified, wave 1 is told at once (no wait).
+            let wave1: Vec<_> = rollout_hosts(c, id)?.into_iter().filter(|h| h.wave == 1).collect();
+            assert!(wave1.iter().all(|h| h.state == HostState::Updating), "{wave1:?}");
+            assert!(rollout_hosts(c, id)?.iter().filter(|h| h.wave == 2).all(|h| h.state == HostState::Waiting));
+            // One host of wave 1 reports a failed update: budget 0, halted.
+            beat(c, 16, &wave1[0].agent_id, OLD, Some("update reverted: exited at start"));
+            advance(c, 16, TUNING)?;
+            let r = get_rollout(c, id)?.unwrap();
+            assert_eq!(r.state, RolloutState::Halted);
+            let halt = r.halt.unwrap();
+            assert_eq!(halt.wave, 1);
+            assert_eq!(halt.hosts.len(), 1);
+            assert!(halt.hosts[0].error.contains("exited at start"), "{halt:?}");
+            assert!(matches!(
+                act(c, 17, id, Verb::Resume { skip_failed: false }, "api")?,
+                Err(RolloutRefused::OverBudget(_))
+            ));
+            act(c, 17, id, Verb::Resume { skip_failed: true }, "api")?.unwrap();
+            assert_eq!(desired_build(c, &wave1[0].agent_id, "linux", "amd64")?.as_deref(), Some(OLD), "skipped stays");
+            // Everyone else updates and settles: the rollout completes and NEW is released.
+            for t in [18, 21, 24, 27] {
+                for h in rollout_hosts(c, id)? {
+                    if h.state == HostState::Updating || h.state == HostState::Settling {
+                        beat(c, t, &h.agent_id, NEW, None);
+                    }
+                }
+                advance(c, t, TUNING)?;
+            }
+            assert_eq!(get_rollout(c, id)?.unwrap().state, RolloutState::Completed);
+            assert_eq!(released(c, "linux", "amd64")?.as_deref(), Some(NEW));
+            // Roll back: every updated host is told OLD again, and OLD is released.
+            act(c, 28, id, Verb::Rollback, "api")?.unwrap();
+            assert_eq!(released(c, "linux", "amd64")?.as_deref(), Some(OLD));
+            let back: Vec<_> = rollout_hosts(c, id)?.into_iter().filter(|h| h.rollback).collect();
+            assert_eq!(back.len(), 9);
+            for h in &back {
+                assert_eq!(desired_build(c, &h.agent_id, "linux", "amd64")?.as_deref(), Some(OLD));
+                beat(c, 29, &h.agent_id, OLD, None);
+            }
+            advance(c, 29, TUNING)?;
+            for h in &back {
+                beat(c, 32, &h.agent_id, OLD, None);
+            }
+            advance(c, 32, TUNING)?;
+            assert_eq!(get_rollout(c, id)?.unwrap().state, RolloutState::RolledBack);
+            Ok(())
+        })
+        .unwrap();
+    }
+
+    #[test]
+    fn a_silent_host_after_updating_fails_and_the_deadline_counts_from_boot() {
+        let mut h = RolloutHost {
+            agent_id: "a".into(),
+            hostname: String::new(),
+            wave: 1,
+            state: HostState::Settling,
+            from_sha256: Some(OLD.into()),
+            target_sha256: NEW.into(),
+            rollback: false,
+            told_at: Some(100),
+            reported_at: Some(101),
+            verified_at: None,
+            error: None,
+        };
+        let m = Member {
+            id: "a".into(),
+            os: "linux".into(),
+            arch: "amd64".into(),
+            labels: Labels::new(),
+            binary_sha256: Some(NEW.into()),
+            last_seen_at: 101,
+            update_sha256: None,
+            update_error: None,
+            revoked: false,
+        };
+        let s = Strategy { settle_secs: 60, deadline_secs: 10, ..Strategy::default() };
+        assert!(!check_host(&mut h, Some(&m), &s, 3, 103, 0));
+        assert!(check_host(&mut h, Some(&m), &s, 3, 105, 0));
+        assert_eq!(h.state, HostState::Failed);
+        assert!(h.error.as_deref().unwrap().contains("stopped heartbeating"));
+        // Told long ago, but the server restarted at 200: not failed for the downtime.
+        let mut told = RolloutHost { state: HostState::Updating, reported_at: None, error: None, ..h };
+        let stale = Member { binary_sha256: Some(OLD.into()), ..m };
+        assert!(!check_host(&mut told, Some(&stale), &s, 3, 205, 200));
+        assert!(check_host(&mut told, Some(&stale), &s, 3, 211, 200));
+        assert!(told.error.as_deref().unwrap().contains("did not report"));
+    }
+}
