@@ -603,7 +603,6 @@ pub fn start_rollout(
         wave_of[i] = Some(0);
     }
     let rest = wave_of.iter().filter(|w| w.is_none()).count();
-    let listed = s.waves.len().max(1) as u32;
     for (n, wave) in s.waves.iter().enumerate() {
         let index = n as u32 + 1;
         let free: Vec<usize> = (0..hosts.len()).filter(|&i| wave_of[i].is_none()).collect();
@@ -616,7 +615,9 @@ pub fn start_rollout(
             wave_of[i] = Some(index);
         }
     }
-    // The last wave catches every host not yet named.
+    // A final wave catches every host the listed ones did not name (with no waves listed, it is the only one).
+    let leftover = wave_of.iter().any(Option::is_none);
+    let listed = if s.waves.is_empty() || leftover { s.waves.len() + 1 } else { s.waves.len() } as u32;
     for w in wave_of.iter_mut().filter(|w| w.is_none()) {
         *w = Some(listed);
     }
