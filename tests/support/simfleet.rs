@@ -694,13 +694,11 @@ pub fn process_cpu(pid: i32) -> Duration {
     Duration::from_millis(ticks * 1000 / hz)
 }
 
-/// Writes `line` to `<target dir>/rollout-figures.txt` (appending: one line per run) and to stderr, marked.
+/// Writes `line` to `<target dir>/rollout-figures.txt` (replacing the last run's) and to stderr, marked
+/// `ROLLOUT-FIGURES:`.
 pub fn record_figures(line: &str) {
-    use std::io::Write;
     eprintln!("ROLLOUT-FIGURES: {line}");
     let path = profile_dir().parent().expect("the profile dir is inside the target dir").join("rollout-figures.txt");
-    let mut f = fs::OpenOptions::new().create(true).append(true).open(&path).unwrap_or_else(|e| {
-        panic!("opening {}: {e}", path.display());
-    });
-    writeln!(f, "ROLLOUT-FIGURES: {line}").unwrap();
+    fs::write(&path, format!("ROLLOUT-FIGURES: {line}\n"))
+        .unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
