@@ -26,9 +26,14 @@ pub enum AssetKind {
     Install,
     /// restic builds handed to agents (`/restic/binary`), with the same lookup, containment and digests.
     ResticBinary,
+    /// The server's own archive of every agent build it has published, named by SHA-256 (`agent-builds/<hex>` in
+    /// the data dir; `/agent/blobs/sha256/<hex>`), so a rollout can hand out a build that is no longer the served one.
+    /// Not in [`AssetKind::ALL`]: operators neither upload nor remove archived builds through the asset API.
+    AgentBuild,
 }
 
 impl AssetKind {
+    /// The kinds an operator uploads and removes (the upload API's URL segments).
     pub const ALL: [AssetKind; 3] = [AssetKind::AgentBinary, AssetKind::Install, AssetKind::ResticBinary];
 
     /// The directory under each root, and the URL segment of the upload API.
@@ -37,13 +42,14 @@ impl AssetKind {
             AssetKind::AgentBinary => "agent-binaries",
             AssetKind::Install => "install",
             AssetKind::ResticBinary => "restic-binaries",
+            AssetKind::AgentBuild => "agent-builds",
         }
     }
 
     /// The file mode an uploaded file gets: executables (agents, restic, shell scripts) 0755, everything else 0644.
     pub fn mode_for(self, name: &str) -> u32 {
         let executable = match self {
-            AssetKind::AgentBinary => true,
+            AssetKind::AgentBinary | AssetKind::AgentBuild => true,
             AssetKind::ResticBinary => !name.ends_with(".json"),
             AssetKind::Install => name.ends_with(".sh"),
         };

@@ -75,7 +75,7 @@ impl AssetStore {
     /// nothing that is not a regular file). Run at start, before anything is staged. Returns how many were removed.
     pub fn remove_stale_staging(&self) -> io::Result<usize> {
         let mut removed = 0;
-        for kind in AssetKind::ALL {
+        for kind in AssetKind::ALL.into_iter().chain([AssetKind::AgentBuild]) {
             let dir = self.data_dir().join(kind.subdir());
             let entries = match fs::read_dir(&dir) {
                 Ok(entries) => entries,

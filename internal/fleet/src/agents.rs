@@ -75,6 +75,8 @@ pub struct Heartbeat {
     pub binary_sha256: Option<String>,
     /// The error of the agent's last failed self-update, if any.
     pub last_update_error: Option<String>,
+    /// The build `last_update_error` is about (refused or reverted), when the agent says.
+    pub last_update_sha256: Option<String>,
     /// The agent's own heartbeat counter (monotonic per agent process lifetime).
     pub seq: u64,
     /// The host's restic (`None`: the agent did not say; what was stored stays).
@@ -94,7 +96,8 @@ pub fn record_heartbeat(conn: &Connection, now: Timestamp, id: &str, hb: &Heartb
                 restic_error = CASE WHEN ?11 THEN ?14 ELSE restic_error END,
                 config_revision = coalesce(?15, config_revision),
                 restic_managed = CASE WHEN ?11 THEN ?16 ELSE restic_managed END,
-                restic_install_error = CASE WHEN ?11 THEN ?17 ELSE restic_install_error END
+                restic_install_error = CASE WHEN ?11 THEN ?17 ELSE restic_install_error END,
+                last_update_sha256 = ?18
          WHERE id = ?1",
         params![
             id,
@@ -114,6 +117,7 @@ pub fn record_heartbeat(conn: &Connection, now: Timestamp, id: &str, hb: &Heartb
             hb.config_revision.map(|r| r.min(i64::MAX as u64) as i64),
             hb.restic.as_ref().is_some_and(|r| r.managed),
             hb.restic.as_ref().and_then(|r| r.install_error.as_deref()),
+            hb.last_update_error.as_ref().and(hb.last_update_sha256.as_deref()),
         ],
     )?;
     Ok(())
@@ -316,6 +320,7 @@ mod tests {
                 facts: facts(),
                 binary_sha256: Some("ff".into()),
                 last_update_error: None,
+                last_update_sha256: None,
                 seq: 7,
                 restic: None,
                 config_revision: None,

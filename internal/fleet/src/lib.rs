@@ -19,6 +19,7 @@ pub mod operations;
 pub mod plans;
 pub mod repositories;
 pub mod restores;
+pub mod rollouts;
 pub mod schema;
 pub mod sealing;
 pub mod secrets;

@@ -265,6 +265,63 @@ pub const MIGRATIONS: &[&str] = &[
     ) STRICT;
     ALTER TABLE web_sessions ADD COLUMN web_token_id TEXT REFERENCES web_tokens(id) ON DELETE CASCADE;
     CREATE INDEX web_sessions_web_token ON web_sessions(web_token_id);",
+    // Staged rollouts (issue 17). `agent_builds`: every agent build the server published, archived under
+    // `<DataDir>/agent-builds/<sha256>`. `published_builds`: the served build last seen per platform (so a restart does
+    // not take an unchanged build for a new one). `released_builds`: the build a platform's hosts run outside any
+    // rollout. `rollouts` and `rollout_hosts`: each rollout's strategy, targets, waves and halt (JSON), and its hosts.
+    "CREATE TABLE agent_builds (
+        sha256        TEXT PRIMARY KEY,
+        os            TEXT NOT NULL,
+        arch          TEXT NOT NULL,
+        size          INTEGER NOT NULL,
+        version       TEXT,
+        commit_id     TEXT,
+        first_seen_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE published_builds (
+        os      TEXT NOT NULL,
+        arch    TEXT NOT NULL,
+        sha256  TEXT NOT NULL,
+        seen_at INTEGER NOT NULL,
+        PRIMARY KEY (os, arch)
+    ) STRICT;
+    CREATE TABLE released_builds (
+        os          TEXT NOT NULL,
+        arch        TEXT NOT NULL,
+        sha256      TEXT NOT NULL,
+        released_at INTEGER NOT NULL,
+        PRIMARY KEY (os, arch)
+    ) STRICT;
+    CREATE TABLE rollouts (
+        id           INTEGER PRIMARY KEY AUTOINCREMENT,
+        state        TEXT NOT NULL,
+        strategy     TEXT NOT NULL,
+        targets      TEXT NOT NULL,
+        waves        TEXT NOT NULL DEFAULT '[]',
+        current_wave INTEGER NOT NULL DEFAULT 0,
+        wave_done_at INTEGER,
+        halt         TEXT,
+        created_at   INTEGER NOT NULL,
+        started_at   INTEGER,
+        finished_at  INTEGER,
+        created_by   TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE rollout_hosts (
+        rollout_id    INTEGER NOT NULL REFERENCES rollouts(id) ON DELETE CASCADE,
+        agent_id      TEXT NOT NULL,
+        wave          INTEGER NOT NULL,
+        state         TEXT NOT NULL,
+        from_sha256   TEXT,
+        target_sha256 TEXT NOT NULL,
+        rollback      INTEGER NOT NULL DEFAULT 0,
+        told_at       INTEGER,
+        reported_at   INTEGER,
+        verified_at   INTEGER,
+        error         TEXT,
+        PRIMARY KEY (rollout_id, agent_id)
+    ) STRICT;
+    CREATE INDEX rollout_hosts_agent ON rollout_hosts(agent_id, rollout_id);
+    ALTER TABLE agents ADD COLUMN last_update_sha256 TEXT;",
 ];
 
 pub fn migrations() -> Migrations<'static> {

@@ -111,11 +111,13 @@ pub fn respond(
     }
 
     let content_type = match kind {
-        AssetKind::AgentBinary | AssetKind::ResticBinary => "application/octet-stream".to_string(),
+        AssetKind::AgentBinary | AssetKind::ResticBinary | AssetKind::AgentBuild => {
+            "application/octet-stream".to_string()
+        }
         AssetKind::Install => mime_guess::from_path(&asset.name).first_or_octet_stream().essence_str().to_string(),
     };
     insert(&mut headers, header::CONTENT_TYPE.as_str(), &content_type);
-    if matches!(kind, AssetKind::AgentBinary | AssetKind::ResticBinary) {
+    if matches!(kind, AssetKind::AgentBinary | AssetKind::ResticBinary | AssetKind::AgentBuild) {
         // The name passed the platform mapping: no quoting issues are possible.
         insert(&mut headers, header::CONTENT_DISPOSITION.as_str(), &format!("attachment; filename=\"{}\"", asset.name));
     }

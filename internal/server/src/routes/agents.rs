@@ -122,6 +122,9 @@ fn checked_heartbeat(request: HeartbeatRequest) -> Result<(rm_fleet::Heartbeat, 
         None => None,
     };
     let last_update_error = request.last_update_error.map(|e| clean_text(&e, MAX_UPDATE_ERROR));
+    // Free text from a peer: a malformed one is dropped, not refused (the error itself is still stored).
+    let last_update_sha256 =
+        request.last_update_sha256.filter(|s| is_sha256_hex(s)).map(|s| s.to_ascii_lowercase());
     // What the agent says about restic is free text from a peer: stored cleaned and cut, never refused.
     let restic = request.restic.map(|r| ResticInfo {
         version: r.version.map(|v| clean_text(&v, MAX_RESTIC_VERSION)),
@@ -134,6 +137,7 @@ fn checked_heartbeat(request: HeartbeatRequest) -> Result<(rm_fleet::Heartbeat, 
         facts,
         binary_sha256,
         last_update_error,
+        last_update_sha256,
         seq: request.seq,
         restic,
         config_revision: request.config_revision,

@@ -37,6 +37,7 @@ pub(crate) fn target(kind: &str, name: &str) -> Result<(AssetKind, Option<Platfo
             validate_name(name)?;
             Ok((kind, None))
         }
+        AssetKind::AgentBuild => Err(ApiError::NotFound("archived builds are not uploaded".into())),
         AssetKind::ResticBinary => {
             if name == rm_protocol::restic_dist::SIDECAR_NAME {
                 return Ok((kind, None));
