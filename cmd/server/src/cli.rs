@@ -53,6 +53,60 @@ pub enum Command {
     /// id. The agent takes it within about 25 s (when its task long-poll ends and the server reads the database again)
     /// or at its next heartbeat, whichever is first.
     Restore(RestoreArgs),
+    /// Staged agent rollouts (the same as /api/v1/rollouts): list, show, create, and the verbs start, pause, resume,
+    /// abort, rollback. The running server moves them on within a tick.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RolloutCommand {
+    /// The newest rollouts: id, state, targets, wave progress.
+    List {
+        /// JSON (the same shape as GET /api/v1/rollouts).
+        #[arg(long, env = "RM_ROLLOUT_JSON")]
+        json: bool,
+    },
+    /// One rollout with every host's state, as JSON (the same as GET /api/v1/rollouts/{id}).
+    Show {
+        #[arg(env = "RM_ROLLOUT_ID")]
+        id: u64,
+    },
+    /// Create a rollout (default targets: every platform whose served build is not the released one).
+    Create {
+        /// A JSON strategy (see README "Rollouts"); default: --rollout-strategy's, else one canary then the rest.
+        #[arg(long, env = "RM_ROLLOUT_CREATE_STRATEGY")]
+        strategy: Option<String>,
+        /// os/arch=sha256 of an archived build; repeat for more platforms.
+        #[arg(long = "target", env = "RM_ROLLOUT_TARGET")]
+        targets: Vec<String>,
+        /// Start it at once.
+        #[arg(long, env = "RM_ROLLOUT_START")]
+        start: bool,
+    },
+    Start {
+        #[arg(env = "RM_ROLLOUT_ID")]
+        id: u64,
+    },
+    Pause {
+        #[arg(env = "RM_ROLLOUT_ID")]
+        id: u64,
+    },
+    Resume {
+        #[arg(env = "RM_ROLLOUT_ID")]
+        id: u64,
+        /// Mark the failed hosts skipped (they stay on their previous build) and go on.
+        #[arg(long, env = "RM_ROLLOUT_SKIP_FAILED")]
+        skip_failed: bool,
+    },
+    Abort {
+        #[arg(env = "RM_ROLLOUT_ID")]
+        id: u64,
+    },
+    Rollback {
+        #[arg(env = "RM_ROLLOUT_ID")]
+        id: u64,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -377,6 +431,16 @@ pub struct ServeArgs {
     #[arg(long, env = "RM_MAX_LEASE_TTL", default_value = "1h", value_parser = parse_lease_ttl)]
     pub max_lease_ttl: Duration,
 
+    /// What publishing a new agent build does: `manual` (a pending rollout that waits for `rollout start`),
+    /// `immediate` (a rollout to every host at once, the behaviour before rollouts), or a JSON strategy such as
+    /// '{"canaries":{"count":2},"waves":[{"percent":25},{"percent":75}],"settle_secs":120}' started by itself.
+    #[arg(long, env = "RM_ROLLOUT_STRATEGY", default_value = "manual", value_parser = parse_rollout_strategy)]
+    pub rollout_strategy: RolloutDefault,
+
+    /// How often rollouts move on (tell hosts, verify them, halt, start the next wave).
+    #[arg(long, env = "RM_ROLLOUT_TICK", default_value = "1s", value_parser = parse_rollout_tick)]
+    pub rollout_tick: Duration,
+
     /// How often agents are asked to send a heartbeat.
     #[arg(long, env = "RM_HEARTBEAT_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
@@ -668,4 +732,30 @@ mod tests {
         assert_eq!(args.url_for("[::]:9000".parse().unwrap(), false), "http://[::1]:9000/healthz");
         assert_eq!(args.url_for("10.1.2.3:80".parse().unwrap(), true), "https://10.1.2.3:80/healthz");
     }
+}
+
+/// `--rollout-strategy`: `None` is `manual`.
+#[derive(Clone, Debug)]
+pub struct RolloutDefault(pub Option<rm_protocol::rollout::Strategy>);
+
+fn parse_rollout_strategy(text: &str) -> Result<RolloutDefault, String> {
+    match text.trim() {
+        "manual" => Ok(RolloutDefault(None)),
+        "immediate" => Ok(RolloutDefault(Some(rm_protocol::rollout::Strategy::immediate()))),
+        json if json.starts_with('{') => {
+            let strategy: rm_protocol::rollout::Strategy =
+                serde_json::from_str(json).map_err(|e| format!("not a rollout strategy: {e}"))?;
+            strategy.validate()?;
+            Ok(RolloutDefault(Some(strategy)))
+        }
+        other => Err(format!("{other:?}: use manual, immediate or a JSON strategy")),
+    }
+}
+
+fn parse_rollout_tick(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(50) || d > Duration::from_secs(60) {
+        return Err("between 50ms and 60s".into());
+    }
+    Ok(d)
 }

@@ -6,6 +6,7 @@ mod operations;
 mod plan;
 mod repo;
 mod restore;
+mod rollout;
 mod token;
 mod web_token;
 
@@ -58,6 +59,7 @@ async fn run(cli: Cli) -> ExitCode {
         Some(Command::Plan(command)) => exit_code(plan::run(&cli.serve, command).await),
         Some(Command::Operations(ref args)) => exit_code(operations::run(&cli.serve, args).await),
         Some(Command::Restore(ref args)) => exit_code(restore::run(&cli.serve, args).await),
+        Some(Command::Rollout(command)) => exit_code(rollout::run(&cli.serve, command).await),
         Some(Command::Token(command)) => exit_code(token::run(&cli.serve, command).await),
         Some(Command::WebToken(command)) => exit_code(web_token::run(&cli.serve, command).await),
         Some(Command::Repo(command)) => exit_code(repo::run(&cli.serve, command).await),
@@ -132,6 +134,8 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
             max_lease_ttl: args.max_lease_ttl,
             web_session_idle: args.web_session_idle,
             web_session_max: args.web_session_max,
+            rollout_strategy: args.rollout_strategy.0.clone(),
+            rollout_tick: args.rollout_tick,
         },
     })
     .context("cannot start")?;
@@ -145,6 +149,7 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
     let warm = state.clone();
     tokio::task::spawn_blocking(move || rm_server::warm_up(&warm));
     rm_server::spawn_maintenance(&state);
+    rm_server::spawn_rollouts(&state);
     rm_server::run(listener, state, shutdown_signal(), args.shutdown_grace).await.context("server failed")
 }
 

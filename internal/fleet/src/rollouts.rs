@@ -178,7 +178,11 @@ fn json<T: Serialize>(v: &T) -> String {
 
 fn rollout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Rollout> {
     let bad = |i: usize, e: String| {
-        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::<dyn std::error::Error + Send + Sync>::from(e))
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            Box::<dyn std::error::Error + Send + Sync>::from(e),
+        )
     };
     let state: String = r.get(1)?;
     let strategy: String = r.get(2)?;
@@ -296,7 +300,13 @@ fn save_rollout(c: &Connection, r: &Rollout) -> Result<(), DbError> {
 fn audit(c: &Connection, now: Timestamp, kind: &str, source: &str, detail: String) -> Result<(), DbError> {
     record_audit(
         c,
-        &AuditEvent { at: now, kind: kind.into(), source: Some(source.into()), detail: Some(detail), ..Default::default() },
+        &AuditEvent {
+            at: now,
+            kind: kind.into(),
+            source: Some(source.into()),
+            detail: Some(detail),
+            ..Default::default()
+        },
     )
 }
 
@@ -417,7 +427,13 @@ fn shuffle<T>(items: &mut [T]) {
 }
 
 /// The build `agent` should run now given its row in the newest rollout that named it (`None`: no row).
-fn desired_from_row(state: RolloutState, host: HostState, from: Option<&str>, target: &str, rollback: bool) -> Option<String> {
+fn desired_from_row(
+    state: RolloutState,
+    host: HostState,
+    from: Option<&str>,
+    target: &str,
+    rollback: bool,
+) -> Option<String> {
     let on_target = || Some(target.to_string());
     let stays = || from.map(str::to_string);
     if rollback {
@@ -429,7 +445,13 @@ fn desired_from_row(state: RolloutState, host: HostState, from: Option<&str>, ta
             HostState::Updating | HostState::Settling | HostState::Verified => on_target(),
             HostState::Waiting | HostState::Failed | HostState::Skipped => stays(),
         },
-        RolloutState::Completed => if host == HostState::Verified { on_target() } else { stays() },
+        RolloutState::Completed => {
+            if host == HostState::Verified {
+                on_target()
+            } else {
+                stays()
+            }
+        }
         RolloutState::Aborted => match host {
             HostState::Settling | HostState::Verified => on_target(),
             _ => stays(),
@@ -491,7 +513,9 @@ pub fn observe_published(
     let mut changed = Vec::new();
     for p in served {
         let seen: Option<String> = c
-            .query_row("SELECT sha256 FROM published_builds WHERE os = ?1 AND arch = ?2", [&p.os, &p.arch], |r| r.get(0))
+            .query_row("SELECT sha256 FROM published_builds WHERE os = ?1 AND arch = ?2", [&p.os, &p.arch], |r| {
+                r.get(0)
+            })
             .optional()?;
         if seen.as_deref() == Some(p.sha256.as_str()) {
             continue;
@@ -599,7 +623,12 @@ pub fn start_rollout(
     let mut waves = vec![WaveInfo { name: "canaries".into(), budget: None, started_at: None, finished_at: None }];
     for index in 1..=listed {
         let budget = s.waves.get(index as usize - 1).and_then(|w| w.budget).unwrap_or(s.failure_budget);
-        waves.push(WaveInfo { name: format!("wave {index}"), budget: Some(budget), started_at: None, finished_at: None });
+        waves.push(WaveInfo {
+            name: format!("wave {index}"),
+            budget: Some(budget),
+            started_at: None,
+            finished_at: None,
+        });
     }
     for (m, wave) in hosts.iter().zip(wave_of) {
         let target = r.target_for(&m.os, &m.arch).expect("filtered on targets");
@@ -647,9 +676,8 @@ pub fn act(
     source: &str,
 ) -> Result<Result<(), RolloutRefused>, DbError> {
     let Some(mut r) = get_rollout(c, id)? else { return Ok(Err(RolloutRefused::NotFound(id))) };
-    let refuse = |verb: &'static str, needs: &'static str| {
-        Ok(Err(RolloutRefused::State { id, state: r.state, verb, needs }))
-    };
+    let refuse =
+        |verb: &'static str, needs: &'static str| Ok(Err(RolloutRefused::State { id, state: r.state, verb, needs }));
     match verb {
         Verb::Pause => {
             if r.state != RolloutState::Running {
@@ -720,10 +748,10 @@ pub fn act(
             let agents: HashMap<String, Member> = members(c)?.into_iter().map(|m| (m.id.clone(), m)).collect();
             let mut taken = 0;
             for mut h in rollout_hosts(c, id)? {
-                let runs_target = agents.get(&h.agent_id).and_then(|m| m.binary_sha256.as_deref())
-                    == Some(h.target_sha256.as_str());
-                let updated = matches!(h.state, HostState::Updating | HostState::Settling | HostState::Verified)
-                    || runs_target;
+                let runs_target =
+                    agents.get(&h.agent_id).and_then(|m| m.binary_sha256.as_deref()) == Some(h.target_sha256.as_str());
+                let updated =
+                    matches!(h.state, HostState::Updating | HostState::Settling | HostState::Verified) || runs_target;
                 let Some(from) = h.from_sha256.clone() else { continue };
                 if !updated || from == h.target_sha256 {
                     continue;
@@ -767,7 +795,8 @@ fn over_budget(r: &Rollout, hosts: &[RolloutHost]) -> Option<String> {
     let failed = wave.iter().filter(|h| h.state == HostState::Failed).count();
     let allowed = wave_budget(r, r.current_wave, wave.len());
     let name = r.waves.get(r.current_wave as usize).map_or("the wave", |w| w.name.as_str());
-    (failed > allowed).then(|| format!("{failed} of {} hosts of {name} failed; its budget allows {allowed}", wave.len()))
+    (failed > allowed)
+        .then(|| format!("{failed} of {} hosts of {name} failed; its budget allows {allowed}", wave.len()))
 }
 
 /// What [`advance`] did, for the log.
@@ -804,9 +833,8 @@ pub fn advance(c: &Connection, now: Timestamp, tuning: Tuning) -> Result<Vec<Eve
         match r.state {
             RolloutState::Running => drive(c, &mut r, &mut hosts, &mut dirty, now, &mut events)?,
             RolloutState::RollingBack => {
-                let open = hosts
-                    .iter()
-                    .any(|h| h.rollback && matches!(h.state, HostState::Updating | HostState::Settling));
+                let open =
+                    hosts.iter().any(|h| h.rollback && matches!(h.state, HostState::Updating | HostState::Settling));
                 if !open {
                     r.state = RolloutState::RolledBack;
                     r.finished_at = Some(now);
@@ -841,7 +869,9 @@ fn join_late(
     let mut joining = Vec::new();
     for m in agents.values() {
         let Some(target) = r.target_for(&m.os, &m.arch) else { continue };
-        if m.revoked || named.contains(m.id.as_str()) || now.saturating_sub(m.last_seen_at) > tuning.stale_after_secs as i64
+        if m.revoked
+            || named.contains(m.id.as_str())
+            || now.saturating_sub(m.last_seen_at) > tuning.stale_after_secs as i64
         {
             continue;
         }
@@ -911,7 +941,11 @@ fn check_host(
             if now - told_at.max(booted_at) > strategy.deadline_secs as i64 {
                 return fail(
                     h,
-                    format!("did not report build {} within {} s of being told", short(&h.target_sha256), strategy.deadline_secs),
+                    format!(
+                        "did not report build {} within {} s of being told",
+                        short(&h.target_sha256),
+                        strategy.deadline_secs
+                    ),
                 );
             }
             false
@@ -921,12 +955,18 @@ fn check_host(
                 let error = if reported_failure {
                     a.update_error.clone().unwrap_or_default()
                 } else {
-                    format!("went back to build {} after reporting the target", short(a.binary_sha256.as_deref().unwrap_or("none")))
+                    format!(
+                        "went back to build {} after reporting the target",
+                        short(a.binary_sha256.as_deref().unwrap_or("none"))
+                    )
                 };
                 return fail(h, error);
             }
             if now - a.last_seen_at.max(booted_at) > lost_after {
-                return fail(h, format!("stopped heartbeating after updating (no heartbeat for {} s)", now - a.last_seen_at));
+                return fail(
+                    h,
+                    format!("stopped heartbeating after updating (no heartbeat for {} s)", now - a.last_seen_at),
+                );
             }
             let reported = h.reported_at.unwrap_or(now);
             if now - reported >= strategy.settle_secs as i64 {
@@ -978,8 +1018,7 @@ fn drive(
             return Ok(());
         }
         // Tell waiting hosts of this wave (and late joiners of earlier ones), within max_in_flight.
-        let in_flight =
-            hosts.iter().filter(|h| matches!(h.state, HostState::Updating | HostState::Settling)).count();
+        let in_flight = hosts.iter().filter(|h| matches!(h.state, HostState::Updating | HostState::Settling)).count();
         let mut room = r.strategy.max_in_flight.map_or(usize::MAX, |m| (m as usize).saturating_sub(in_flight));
         for (i, h) in hosts.iter_mut().enumerate() {
             if room == 0 {

@@ -13,9 +13,12 @@ pub mod install_lines;
 mod maintenance;
 mod public_url;
 mod render;
+pub mod rollouts;
 mod routes;
 pub use routes::plans::plan_view;
 pub use routes::repositories::repository_view;
+/// The rollout verbs shared by `/api/v1/rollouts` and the `rollout` subcommand.
+pub use routes::rollouts as rollout_api;
 mod state;
 mod tasks;
 pub mod tls;
@@ -67,6 +70,7 @@ fn routes(state: &AppState) -> Router<AppState> {
 
     let downloads = Router::new()
         .route("/agent/binary", get(routes::assets::agent_binary))
+        .route("/agent/blobs/sha256/{hex}", get(routes::assets::agent_blob))
         .route("/agent/manifest", get(routes::assets::manifest))
         .route("/agent/SHA256SUMS", get(routes::assets::sha256sums))
         .route("/restic/binary", get(routes::assets::restic_binary))
@@ -100,6 +104,9 @@ fn routes(state: &AppState) -> Router<AppState> {
         .route("/api/v1/plans", get(plans::list).post(plans::create))
         .route("/api/v1/plans/{name}", get(plans::get).patch(plans::update).delete(plans::delete))
         .route("/api/v1/plans/{name}/run", post(plans::run))
+        .route("/api/v1/rollouts", get(routes::rollouts::list).post(routes::rollouts::create))
+        .route("/api/v1/rollouts/{id}", get(routes::rollouts::get))
+        .route("/api/v1/rollouts/{id}/{verb}", post(routes::rollouts::act))
         .layer(DefaultBodyLimit::max(JSON_BODY_LIMIT))
         // Small requests with small answers: bounded in time, body included. Downloads and uploads are not: a slow
         // but live transfer of a large agent must finish.
@@ -190,6 +197,12 @@ pub async fn run(
         warn!(grace_secs = grace.as_secs_f64(), "grace period over; dropping the remaining connections");
     }
     Ok(())
+}
+
+/// Starts the rollout task: archives each published agent build, turns a new one into a rollout and moves rollouts
+/// on every `--rollout-tick`. Call once, inside the runtime.
+pub fn spawn_rollouts(state: &AppState) {
+    rollouts::spawn(state);
 }
 
 /// Starts the background upkeep of the data volume (audit retention). Call once, inside the runtime.

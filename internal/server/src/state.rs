@@ -61,6 +61,10 @@ pub struct Settings {
     pub web_session_idle: Duration,
     /// A web session is dead this long after sign-in, however busy.
     pub web_session_max: Duration,
+    /// What a newly published agent build starts: `None` a pending rollout, else a rollout with this strategy.
+    pub rollout_strategy: Option<rm_protocol::rollout::Strategy>,
+    /// How often rollouts move on.
+    pub rollout_tick: Duration,
 }
 
 /// How long a connection may take to send a request head, stay idle, stall a response or trickle a request body, and
@@ -112,6 +116,8 @@ impl Default for Settings {
             max_lease_ttl: Duration::from_secs(3600),
             web_session_idle: Duration::from_secs(3600),
             web_session_max: Duration::from_secs(12 * 3600),
+            rollout_strategy: None,
+            rollout_tick: Duration::from_secs(1),
         }
     }
 }
@@ -149,6 +155,7 @@ struct Inner {
     shutting_down: AtomicBool,
     tasks: crate::tasks::Tasks,
     sign_ins: crate::web::SignInLimiter,
+    started_at: rm_fleet::Timestamp,
 }
 
 impl AppState {
@@ -189,6 +196,7 @@ impl AppState {
         }
         Ok(AppState {
             inner: Arc::new(Inner {
+                started_at: rm_fleet::now(),
                 store,
                 fleet,
                 admin_token,
@@ -221,6 +229,11 @@ impl AppState {
     /// The key that seals repository passwords and secret environment values.
     pub fn secret_key(&self) -> &rm_fleet::SecretKey {
         &self.inner.secret_key
+    }
+
+    /// When this process built its state (Unix seconds).
+    pub fn started_at(&self) -> rm_fleet::Timestamp {
+        self.inner.started_at
     }
 
     pub fn settings(&self) -> &Settings {

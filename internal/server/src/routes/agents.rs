@@ -123,8 +123,7 @@ fn checked_heartbeat(request: HeartbeatRequest) -> Result<(rm_fleet::Heartbeat, 
     };
     let last_update_error = request.last_update_error.map(|e| clean_text(&e, MAX_UPDATE_ERROR));
     // Free text from a peer: a malformed one is dropped, not refused (the error itself is still stored).
-    let last_update_sha256 =
-        request.last_update_sha256.filter(|s| is_sha256_hex(s)).map(|s| s.to_ascii_lowercase());
+    let last_update_sha256 = request.last_update_sha256.filter(|s| is_sha256_hex(s)).map(|s| s.to_ascii_lowercase());
     // What the agent says about restic is free text from a peer: stored cleaned and cut, never refused.
     let restic = request.restic.map(|r| ResticInfo {
         version: r.version.map(|v| clean_text(&v, MAX_RESTIC_VERSION)),
@@ -143,6 +142,20 @@ fn checked_heartbeat(request: HeartbeatRequest) -> Result<(rm_fleet::Heartbeat, 
         config_revision: request.config_revision,
     };
     Ok((hb, platform))
+}
+
+/// The build agent `id` should run now (its rollout wave's, else its platform's released build) with its archive
+/// record; `None`: nothing released yet (the served build).
+fn desired_build(
+    c: &rm_fleet::Connection,
+    id: &str,
+    platform: Platform,
+) -> Result<Option<(String, Option<rm_fleet::rollouts::BuildRecord>)>, DbError> {
+    let Some(sha) = rm_fleet::rollouts::desired_build(c, id, platform.os.as_str(), platform.arch.as_str())? else {
+        return Ok(None);
+    };
+    let record = rm_fleet::rollouts::get_build(c, &sha)?;
+    Ok(Some((sha, record)))
 }
 
 /// The agent's queued run-now requests as the heartbeat answer carries them.
@@ -174,13 +187,14 @@ pub async fn heartbeat(
                     let (revision, runs) = rm_fleet::plans::heartbeat_directives(c, &id)?;
                     rm_fleet::restores::expire_queued_restores(c, rm_fleet::now(), Some(&id))?;
                     let restores = rm_fleet::restores::queued_restores(c, &id)?;
-                    Ok(Ok((id, platform, revision, runs, restores)))
+                    let desired = desired_build(c, &id, platform)?;
+                    Ok(Ok((id, platform, revision, runs, restores, desired)))
                 }
                 Err(refused) => Ok(Err(refused)),
             }
         })
         .await;
-    let (agent_id, platform, revision, queued, restores) = match (recorded, fallback_platform) {
+    let (agent_id, platform, revision, queued, restores, desired) = match (recorded, fallback_platform) {
         // A full data volume must not cut agents off from their updates: answer an authenticated agent anyway.
         (Err(DbError::Full), Some(platform)) => {
             let found = state
@@ -189,25 +203,27 @@ pub async fn heartbeat(
                     let Some(id) = rm_fleet::authenticate_agent(c, &fallback_credential)? else { return Ok(None) };
                     let (revision, runs) = rm_fleet::plans::heartbeat_directives(c, &id)?;
                     let restores = rm_fleet::restores::queued_restores(c, &id)?;
-                    Ok(Some((id, revision, runs, restores)))
+                    let desired = desired_build(c, &id, platform)?;
+                    Ok(Some((id, revision, runs, restores, desired)))
                 })
                 .await?;
-            let (id, revision, runs, restores) =
+            let (id, revision, runs, restores, desired) =
                 found.ok_or(ApiError::Unauthorized("the agent credential is not valid"))?;
             warn_unrecorded();
-            (id, platform, revision, runs, restores)
+            (id, platform, revision, runs, restores, desired)
         }
         (recorded, _) => recorded??,
     };
     let base = base.or_relative();
-    let update = catalog::entry(&state, platform, base.clone()).await?;
+    let served = catalog::entry(&state, platform, base.clone()).await?;
+    let update = crate::rollouts::update_entry(platform, &base, served, desired);
     let restic = catalog::restic_entry(&state, platform, base).await?;
     Ok(Json(HeartbeatResponse {
         protocol: PROTOCOL_VERSION,
         agent_id,
         heartbeat_interval_secs: state.settings().heartbeat_interval.as_secs(),
         server: Some(rm_buildinfo::current()),
-        update: Some(update).filter(|e| e.published),
+        update,
         config_revision: Some(revision),
         run_now: run_now(queued),
         restore: restores,

@@ -51,6 +51,32 @@ pub async fn agent_binary(
     Ok(response)
 }
 
+/// `GET|HEAD /agent/blobs/sha256/{hex}`: the archived agent build with that SHA-256 (every build the server has
+/// published is archived when first seen). The name is the content: lowercase hex only, and the bytes served are
+/// checked to have that digest (a damaged archive file is a 404, logged).
+pub async fn agent_blob(
+    State(state): State<AppState>,
+    method: Method,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let Path(hex) = path?;
+    let unknown =
+        || ApiError::NotFound(format!("no agent build has sha256 {}", hex.chars().take(64).collect::<String>()));
+    if !(hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))) {
+        return Err(unknown());
+    }
+    let Some((response, digest, _)) = serve_asset(&state, AssetKind::AgentBuild, &hex, &method, &headers, None).await?
+    else {
+        return Err(unknown());
+    };
+    if digest.sha256_hex() != hex {
+        tracing::error!(sha256 = %hex, actual = %digest.sha256_hex(), "an archived agent build does not match its name");
+        return Err(unknown());
+    }
+    Ok(response)
+}
+
 /// `GET|HEAD /restic/binary?os=&arch=`: the restic build for a platform, found and verified like the agent's (no
 /// download audit: agents fetch it only when they install it, and the install is in their heartbeat).
 pub async fn restic_binary(

@@ -9,6 +9,7 @@ pub mod ops;
 pub mod plans;
 pub mod repositories;
 pub mod restore;
+pub mod rollouts;
 pub mod upload;
 
 /// An audit record for this request: time, client address, user agent (bounded).
