@@ -11,6 +11,8 @@
 //! - `tls`: [`TlsProxy`], a TLS-terminating proxy (rcgen certificates) that also answers `/tls/cert.pem`.
 //! - `tools`: external tools ([`tool`], [`wine_shim`]).
 //! - `backup`: real restic ([`Repo`]), an S3 server on loopback ([`S3Server`]), enrolled agents as processes ([`Agent`]).
+//! - `simfleet`: [`SimFleet`], many in-process agents on the real protocol (behaviours, timelines), [`RealAgent`]
+//!   processes in temporary prefixes, and the rollout admin API helpers.
 //! - `browser`: [`Browser`], headless chromium over WebDriver (fantoccini) for the web page tests.
 //! - [`admin_auth`]: the admin-auth matrix (also used by `internal/server/tests/api.rs`).
 
@@ -23,6 +25,7 @@ mod files;
 mod http;
 mod poll;
 mod server;
+mod simfleet;
 mod skip;
 mod tls;
 mod tools;
@@ -35,6 +38,7 @@ pub use files::*;
 pub use http::*;
 pub use poll::*;
 pub use server::*;
+pub use simfleet::*;
 pub use skip::*;
 pub use tls::*;
 pub use tools::*;

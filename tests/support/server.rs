@@ -410,6 +410,17 @@ impl Server {
         }
     }
 
+    /// Like [`Server::restart_on_same_port`], but stops the server the orderly way: SIGTERM, then waits for it to
+    /// exit (panics if it is still running after 60 s). Returns the old process's exit status.
+    pub fn sigterm_restart_on_same_port(&mut self, downtime: impl FnOnce()) -> ExitStatus {
+        self.sigterm();
+        let status = self
+            .wait_exit(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("the server was still running 60 s after SIGTERM\n{}", self.log_tail()));
+        self.restart_on_same_port(downtime);
+        status
+    }
+
     fn kill(&mut self) {
         if let Some(child) = self.child.as_mut() {
             let _ = child.kill();
