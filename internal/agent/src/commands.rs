@@ -320,33 +320,6 @@ fn handle_signals(stop: &Arc<Stop>) {
     }
 }
 
-/// At `run`'s start, for a build fresh from its trial that has now started more than [`trial::MAX_STARTS`] times
-/// without staying up: the marker is removed, `<exe>.previous` put back (if it is the build the marker names), the
-/// failure remembered for the next heartbeat, and the agent restarts into the old build (`Some`). `None` when the
-/// revert was refused: this build goes on, with the failure remembered.
-fn crash_looped(config_path: &Path, exe: &Path, marker: &trial::Marker) -> Option<Result<(), AgentError>> {
-    trial::remove_marker(&trial::marker_path(config_path));
-    let shown = crate::printable(&marker.sha256);
-    let why = format!(
-        "crash-looped at start: started {} times without staying up for {} s",
-        marker.starts,
-        trial::window().as_secs()
-    );
-    let reverted = update::revert(exe, &marker.previous_sha256);
-    let error = match &reverted {
-        Ok(()) => format!("update to {shown} reverted: {why}"),
-        Err(e) => format!("update to {shown} {why}, and {e}"),
-    };
-    log(&error);
-    let state_path = state::path_for(config_path);
-    let mut saved = state::load(&state_path).unwrap_or_default();
-    saved.failed_update = Some(FailedUpdate { sha256: marker.sha256.to_ascii_lowercase(), error });
-    if let Err(e) = state::save(&state_path, &saved) {
-        log(format_args!("cannot save the agent state: {e}"));
-    }
-    reverted.ok().map(|()| restart(exe))
-}
-
 /// Up to ±10 % of `d`, so a fleet restarted together does not heartbeat in lockstep.
 fn jitter(d: Duration) -> Duration {
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |t| t.subsec_nanos()) ^ std::process::id();
@@ -430,10 +403,8 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
             ));
             Some(std::time::Instant::now())
         }
-        trial::AtStart::CrashLoop(m) => match crash_looped(config_path, &exe, &m) {
-            Some(restarted) => return restarted,
-            None => None,
-        },
+        trial::AtStart::CrashLoop(m) if trial::crash_looped(config_path, &exe, &m) => return restart(&exe),
+        trial::AtStart::CrashLoop(_) => None,
     };
     let config = config::load(config_path)?;
     let client = Arc::new(client_for(config_path, &config)?);
@@ -743,34 +714,9 @@ pub fn update(config_path: &Path, check: bool) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// `revert`: puts `<exe>.previous` back over this binary and remembers this build as failed (not installed again
-/// until the server serves another). With a trial marker for this build, `.previous` must be the build the marker
-/// names; without one, it must at least pass the smoke test. The service is restarted by the operator.
+/// `revert`: the operator's way back ([`trial::revert_by_operator`]); the service is restarted by the operator.
 pub fn revert(config_path: &Path) -> Result<(), AgentError> {
-    let exe = update::current_exe()?;
-    let own = crate::sha256_file(&exe)?;
-    let previous = update::previous_path(&exe);
-    let marker_path = trial::marker_path(config_path);
-    let marker = trial::load_marker(&marker_path).ok().flatten().filter(|m| m.sha256.eq_ignore_ascii_case(&own));
-    let expected = match marker {
-        Some(m) => m.previous_sha256,
-        None => {
-            let sha = crate::sha256_file(&previous).map_err(|e| AgentError::Revert(e.to_string()))?;
-            if sha == own {
-                return Err(AgentError::Revert(format!("{} is this build already", previous.display())));
-            }
-            update::smoke_test(&previous)
-                .map_err(|e| AgentError::Revert(format!("{} is not a working agent: {e}", previous.display())))?;
-            sha
-        }
-    };
-    update::revert(&exe, &expected)?;
-    trial::remove_marker(&marker_path);
-    let state_path = state::path_for(config_path);
-    let mut saved = state::load(&state_path).unwrap_or_default();
-    let error = format!("update to {own} reverted by the operator (restic-manager-agent revert)");
-    saved.failed_update = Some(FailedUpdate { sha256: own.clone(), error });
-    state::save(&state_path, &saved)?;
+    let (exe, own, expected) = trial::revert_by_operator(config_path)?;
     println!(
         "reverted {} to the build {expected}; {own} is not installed again until the server serves another",
         exe.display()

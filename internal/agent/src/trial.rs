@@ -10,7 +10,7 @@
 //! A build that passes but then dies at start (under a service manager that restarts it) is caught by
 //! `update-trial.json` beside the config ([`Marker`]): written after a passed trial, counted up at each start of
 //! that build ([`count_start`]), reverted on the fourth start, removed once the build has had a heartbeat answered
-//! and stayed up for the trial window.
+//! and stayed up for the trial window. [`revert_by_operator`] is the `revert` subcommand's side of it.
 //!
 //! The child runs in its own process group, killed (SIGKILL) once the trial is over, so nothing it started outlives
 //! it; on Linux it also gets SIGKILL when the agent dies (`PR_SET_PDEATHSIG`; that signal follows the spawning thread,
@@ -296,6 +296,67 @@ pub fn count_start(path: &Path, own_sha: &str) -> AtStart {
         log(format_args!("cannot count this start in the update trial marker: {e}"));
     }
     if marker.starts > MAX_STARTS { AtStart::CrashLoop(marker) } else { AtStart::Watching(marker) }
+}
+
+/// At `run`'s start, for a build fresh from its trial that has now started more than [`MAX_STARTS`] times without
+/// staying up: the marker is removed, `<exe>.previous` put back (only if it is the build the marker names) and the
+/// failure remembered in `agent-state.json` for the next heartbeat. True when reverted (the caller restarts into the
+/// old build); false when the revert was refused (this build goes on, the failure remembered).
+pub(crate) fn crash_looped(config_path: &Path, exe: &Path, marker: &Marker) -> bool {
+    remove_marker(&marker_path(config_path));
+    let shown = printable(&marker.sha256);
+    let why = format!(
+        "crash-looped at start: started {} times without staying up for {} s",
+        marker.starts,
+        window().as_secs()
+    );
+    let reverted = crate::update::revert(exe, &marker.previous_sha256);
+    let error = match &reverted {
+        Ok(()) => format!("update to {shown} reverted: {why}"),
+        Err(e) => format!("update to {shown} {why}, and {e}"),
+    };
+    log(&error);
+    remember(config_path, &marker.sha256.to_ascii_lowercase(), error);
+    reverted.is_ok()
+}
+
+/// The failed update in `agent-state.json` (a state that cannot be written is logged: the build would only be
+/// downloaded once more).
+fn remember(config_path: &Path, sha256: &str, error: String) {
+    let state_path = crate::state::path_for(config_path);
+    let mut saved = crate::state::load(&state_path).unwrap_or_default();
+    saved.failed_update = Some(crate::state::FailedUpdate { sha256: sha256.to_string(), error });
+    if let Err(e) = crate::state::save(&state_path, &saved) {
+        log(format_args!("cannot save the agent state: {e}"));
+    }
+}
+
+/// `revert`: puts `<exe>.previous` back over this binary and remembers this build as failed (not installed again
+/// until the server serves another). With a trial marker for this build, `.previous` must be the build the marker
+/// names; without one, it must be another build that passes the smoke test. Returns the executable, the build it
+/// replaced and the build put back.
+pub fn revert_by_operator(config_path: &Path) -> Result<(PathBuf, String, String), AgentError> {
+    let exe = crate::update::current_exe()?;
+    let own = crate::sha256_file(&exe)?;
+    let previous = crate::update::previous_path(&exe);
+    let path = marker_path(config_path);
+    let marker = load_marker(&path).ok().flatten().filter(|m| m.sha256.eq_ignore_ascii_case(&own));
+    let expected = match marker {
+        Some(m) => m.previous_sha256,
+        None => {
+            let sha = crate::sha256_file(&previous).map_err(|e| AgentError::Revert(e.to_string()))?;
+            if sha == own {
+                return Err(AgentError::Revert(format!("{} is this build already", previous.display())));
+            }
+            crate::update::smoke_test(&previous)
+                .map_err(|e| AgentError::Revert(format!("{} is not a working agent: {e}", previous.display())))?;
+            sha
+        }
+    };
+    crate::update::revert(&exe, &expected)?;
+    remove_marker(&path);
+    remember(config_path, &own, format!("update to {own} reverted by the operator (restic-manager-agent revert)"));
+    Ok((exe, own, expected))
 }
 
 #[cfg(all(test, unix))]
