@@ -401,7 +401,7 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
                 m.starts,
                 trial::MAX_STARTS
             ));
-            Some(std::time::Instant::now())
+            Some(trial::Probation::new(marker_path.clone(), m))
         }
         trial::AtStart::CrashLoop(m) if trial::crash_looped(config_path, &exe, &m) => return restart(&exe),
         trial::AtStart::CrashLoop(_) => None,
@@ -477,9 +477,8 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
                 }
                 backoff = Duration::from_secs(1);
                 // Stayed up for the trial window with a heartbeat answered (or `--once` got its answer): proven.
-                if probation.is_some_and(|since| once || since.elapsed() >= trial::window()) {
-                    trial::remove_marker(&marker_path);
-                    probation = None;
+                if let Some(p) = probation.take_if(|p| once || p.since.elapsed() >= trial::window()) {
+                    p.passed();
                 }
                 backups.on_answer_then(&answer, |b| ensure_restic(&peer, b, &answer, &mut restic_installs, &stop));
                 if once {
@@ -707,6 +706,11 @@ pub fn update(config_path: &Path, check: bool) -> Result<(), AgentError> {
     match update::apply(&client, Some(&config.credential), &served, &exe, true)? {
         Outcome::UpToDate => println!("up to date ({own})"),
         Outcome::Updated { previous, version } => {
+            // No trial start here (the operator restarts the service), but its first starts are watched as after one.
+            let marker = trial::Marker { sha256: served_sha.to_ascii_lowercase(), previous_sha256: own, starts: 0 };
+            if let Err(e) = trial::save_marker(&trial::marker_path(config_path), &marker) {
+                eprintln!("restic-manager-agent: cannot save the update trial marker: {e}");
+            }
             println!("updated to {version}; previous binary kept at {}", previous.display());
             println!("restart the service to run it (systemctl restart restic-manager-agent)");
         }

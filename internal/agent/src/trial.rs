@@ -263,6 +263,45 @@ pub fn remove_marker(path: &Path) {
     }
 }
 
+/// A start of a build on probation (counted by [`count_start`]). [`Probation::passed`] removes the marker; dropped
+/// without that when `run` returns (stopped, `--once` done, an error), the start is not counted after all: only a
+/// start that ends in a crash (a panic, a signal, an abort) counts towards the crash loop. So a `run --once` from
+/// cron while the server is down, or an operator's restarts, never revert a good build.
+pub struct Probation {
+    path: PathBuf,
+    marker: Marker,
+    pub since: Instant,
+}
+
+impl Probation {
+    pub fn new(path: PathBuf, marker: Marker) -> Probation {
+        Probation { path, marker, since: Instant::now() }
+    }
+
+    /// Had a heartbeat answered and stayed up for the trial window: the marker is done with.
+    pub fn passed(self) {
+        remove_marker(&self.path);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Probation {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        match load_marker(&self.path) {
+            Ok(Some(mut m)) if m == self.marker => {
+                m.starts = m.starts.saturating_sub(1);
+                if let Err(e) = save_marker(&self.path, &m) {
+                    log(format_args!("cannot update the update trial marker: {e}"));
+                }
+            }
+            _ => {} // gone, or changed by another update: nothing to take back
+        }
+    }
+}
+
 /// What [`count_start`] found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum AtStart {
@@ -461,6 +500,15 @@ mod tests {
             assert_eq!(load_marker(&path).unwrap().unwrap().starts, n, "saved at once");
         }
         assert_eq!(count_start(&path, "aa"), AtStart::CrashLoop(Marker { starts: MAX_STARTS + 1, ..marker.clone() }));
+        // A start that ends without a crash is taken back; one that passed removes the marker.
+        save_marker(&path, &marker).unwrap();
+        let AtStart::Watching(m) = count_start(&path, "aa") else { panic!() };
+        drop(Probation::new(path.clone(), m));
+        assert_eq!(load_marker(&path).unwrap().unwrap().starts, 0, "a clean end does not count");
+        let AtStart::Watching(m) = count_start(&path, "aa") else { panic!() };
+        Probation::new(path.clone(), m).passed();
+        assert!(!path.exists());
+        save_marker(&path, &marker).unwrap();
         // Another build's marker (or a corrupt one) is dropped.
         assert_eq!(count_start(&path, "cc"), AtStart::Settled);
         assert!(!path.exists());
