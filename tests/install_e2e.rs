@@ -716,10 +716,14 @@ fn self_update_converges_and_rejects_broken_builds() {
             let installed = sha256_file(&prefix.agent());
             let kept = if previous.exists() { sha256_file(&previous) } else { "(none)".into() };
             let a = view(&server);
+            // The trial child's heartbeats name the new build already: done once the agent restarted into it.
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            let restarted = log.rsplit_once("the new build stayed up for its trial window").unwrap_or_default().1;
             if installed == new_sha
                 && kept == old_sha
                 && a["state"] == "current"
                 && a["binary_sha256"] == new_sha.as_str()
+                && restarted.contains("running as agent")
             {
                 Ok(())
             } else {
@@ -867,6 +871,43 @@ fn a_build_that_dies_at_start_is_reverted_by_the_agent() {
     assert!(a["last_update_error"].as_str().is_some_and(|e| e.contains("reverted")), "{a}");
     assert_eq!(fs::read(prefix.agent()).unwrap(), old);
 
+    // A build that runs (and speaks the trial protocol) but never gets a heartbeat through, while the agent's own
+    // heartbeats are answered: it would be cut off from every later update, so it is reverted too, with what it
+    // started.
+    let pidfile = KillPidFile(prefix.scratch().join("mute.pid"));
+    let mute = format!(
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'restic-manager-agent version=9.9.9 commit=x date=y'; exit 0; \
+         fi\necho 'restic-manager-agent trial: started'\nsleep 600 &\necho $! > {}\nwait\n",
+        qp(&pidfile.0)
+    );
+    let mute_sha = sha256_hex(mute.as_bytes());
+    upload_agent(&server, mute.as_bytes());
+    let reported = wait_until(
+        "the agent to try the mute build, revert it and report it",
+        Duration::from_secs(20),
+        || {
+            up(&mut child);
+            let a = view(&server);
+            match a["last_update_error"].as_str() {
+                Some(e) if e.contains(&mute_sha) && a["binary_sha256"] == old_sha.as_str() => Ok(a),
+                _ => Err(a.to_string()),
+            }
+        },
+        agent_log,
+    );
+    let error = reported["last_update_error"].as_str().unwrap();
+    assert!(
+        error.starts_with(&format!("update to {mute_sha} reverted: the new build stayed up for 2 s but none of its"))
+            && error.contains("heartbeats was answered"),
+        "{error}"
+    );
+    assert_eq!(fs::read(prefix.agent()).unwrap(), old);
+    assert_eq!(entries(&prefix.bin_dir()), expected_bin, "temporary files left in bin/ after the revert");
+    let pid = pidfile.pid().expect("the mute build ran");
+    eventually(Duration::from_secs(5), format_args!("what the mute build started ({pid}) to be killed"), || {
+        (!alive(pid)).then_some(())
+    });
+
     // A good new build still goes through its trial, is installed and reported; its marker goes once it stayed up.
     let mut new = old.clone();
     new.extend_from_slice(b"\nrm-e2e: a good build after a reverted one\n");
@@ -878,10 +919,15 @@ fn a_build_that_dies_at_start_is_reverted_by_the_agent() {
         || {
             up(&mut child);
             let a = view(&server);
+            // The trial child's heartbeats already name the new build: done only once the agent restarted into it
+            // (the same pid: it re-executes itself) and the new process settled (its marker gone).
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            let restarted = log.rsplit_once("the new build stayed up for its trial window").unwrap_or_default().1;
             if sha256_file(&prefix.agent()) == new_sha
                 && a["binary_sha256"] == new_sha.as_str()
                 && a["last_update_error"].is_null()
                 && a["state"] == "current"
+                && restarted.contains("running as agent")
                 && !marker.exists()
             {
                 Ok(())
@@ -1703,7 +1749,7 @@ fn failed_self_update_is_remembered_between_runs() {
     let state_file = prefix.root.join("etc/restic-manager/agent-state.json");
     let once = || {
         let mut cmd = clean_command(prefix.agent(), &prefix.tmpdir);
-        cmd.env("RM_AGENT_TRIAL_SECS", "1").arg("--config").arg(prefix.config()).args(["run", "--once"]);
+        cmd.env("RM_AGENT_TRIAL_SECS", "2").arg("--config").arg(prefix.config()).args(["run", "--once"]);
         let out = run_bounded(cmd, Duration::from_secs(30));
         assert_success(&out, "run --once");
         stderr_of(&out)

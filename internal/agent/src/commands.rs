@@ -240,7 +240,20 @@ fn self_update(
 fn after_swap(peer: &Peer<'_>, state: &mut Loop, extras: &Extras, new_sha: &str, stop: &Stop, marker: &Path) -> bool {
     let shown = crate::printable(new_sha);
     let why = match trial::start(peer.exe, trial::window(), stop) {
-        trial::Outcome::Passed => {
+        // It ran but never reached the server, which answers this process: it would be cut off from every later
+        // update (and from a rollback). When this heartbeat fails too, the server is down: not the build's fault.
+        trial::Outcome::Passed { answered: Some(false) }
+            if peer
+                .client
+                .heartbeat(&peer.config.credential, &state.request(peer.facts, peer.own_sha, extras))
+                .is_ok() =>
+        {
+            format!(
+                "the new build stayed up for {} s but none of its heartbeats was answered (this agent's are)",
+                trial::window().as_secs()
+            )
+        }
+        trial::Outcome::Passed { .. } => {
             let m = trial::Marker { sha256: new_sha.into(), previous_sha256: peer.own_sha.into(), starts: 0 };
             if let Err(e) = trial::save_marker(marker, &m) {
                 log(format_args!("cannot save the update trial marker (a crash loop will not be caught): {e}"));
@@ -286,10 +299,19 @@ fn trial_run(config_path: &Path) -> Result<(), AgentError> {
         window.as_secs()
     ));
     let mut link = Link::Starting;
+    // The parent reads these on stdout (see `trial::STARTED`).
+    let say = |line: &str| {
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), "{line}"); // not println!: a closed stdout must not panic
+    };
+    say(trial::STARTED);
     loop {
         let wait = match client.heartbeat(&config.credential, &state.request(&facts, &own_sha, &(None, None))) {
             Ok(answer) => {
                 let interval = Duration::from_secs(answer.heartbeat_interval_secs.clamp(1, 24 * 3600));
+                if matches!(link, Link::Starting | Link::Down { .. }) {
+                    say(trial::ANSWERED);
+                }
                 link.answered(interval);
                 interval
             }

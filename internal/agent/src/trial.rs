@@ -4,8 +4,11 @@
 //! as a child with the same arguments and `RM_AGENT_TRIAL=1`, under which `run` only heartbeats and exits once the
 //! trial window ([`window`]: 10 s, or `RM_AGENT_TRIAL_SECS`) is over. A child that ends before the window (any
 //! status) or cannot be started fails the trial: `run` puts `<exe>.previous` back ([`crate::update::revert`]) and
-//! keeps running. A child still up at the window's end is stopped (Unix: SIGTERM, SIGKILL after 10 s) and passes; a
-//! build that does not know the variable just runs and is stopped, which passes too.
+//! keeps running. A child still up at the window's end is stopped (Unix: SIGTERM, SIGKILL after 10 s) and passes,
+//! unless it said on stdout that its trial started ([`STARTED`]) but never that a heartbeat was answered
+//! ([`ANSWERED`]) while `run`'s own heartbeat right after is answered: a build that cannot reach the server would
+//! be cut off from every later update and rollback, so it is reverted too. A build that does not know the variable
+//! just runs and is stopped, which passes (it says neither line).
 //!
 //! A build that passes but then dies at start (under a service manager that restarts it) is caught by
 //! `update-trial.json` beside the config ([`Marker`]): written after a passed trial, counted up at each start of
@@ -30,6 +33,12 @@ use crate::{AgentError, log, printable};
 
 /// Set to `1` in the environment of the trial child.
 pub const TRIAL_ENV: &str = "RM_AGENT_TRIAL";
+
+/// What a trial child prints on stdout when its trial starts ([`STARTED`]) and when a heartbeat of its was answered
+/// ([`ANSWERED`]), so the parent can tell a build that runs but cannot reach the server from one that does not speak
+/// this protocol (an older build: not judged on its heartbeats).
+pub const STARTED: &str = "restic-manager-agent trial: started";
+pub const ANSWERED: &str = "restic-manager-agent trial: heartbeat answered";
 
 /// How many starts of a build fresh from its trial may end without it staying up before it is reverted.
 pub const MAX_STARTS: u32 = 3;
@@ -59,8 +68,9 @@ pub fn window() -> Duration {
 /// How a trial ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// Still running at the window's end (then stopped).
-    Passed,
+    /// Still running at the window's end (then stopped). `answered`: `None` when the build does not speak the trial
+    /// protocol, else whether one of its heartbeats was answered.
+    Passed { answered: Option<bool> },
     /// Ended early or could not be started: why, in words (`the new build exited …`).
     Failed(String),
     /// This agent is stopping; the child was killed.
@@ -90,12 +100,13 @@ fn start_with(exe: &Path, args: Vec<std::ffi::OsString>, window: Duration, stop:
     };
     log(format_args!("trial start of the new build for {} s (pid {})", window.as_secs(), child.id()));
     let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_BYTES)));
+    let said = Arc::new(Mutex::new((false, false))); // (STARTED, ANSWERED) seen on stdout
     let (done_tx, done_rx) = mpsc::channel();
     if let Some(out) = child.stdout.take() {
-        forward(out, None, None);
+        forward(out, Sink::Protocol(said.clone()), None);
     }
     if let Some(err) = child.stderr.take() {
-        forward(err, Some(tail.clone()), Some(done_tx));
+        forward(err, Sink::Tail(tail.clone()), Some(done_tx));
     }
     let deadline = started + window;
     let early = loop {
@@ -132,7 +143,8 @@ fn start_with(exe: &Path, args: Vec<std::ffi::OsString>, window: Duration, stop:
         None => {
             terminate(&mut child);
             log("the new build stayed up for its trial window");
-            Outcome::Passed
+            let (started, answered) = *lock(&said);
+            Outcome::Passed { answered: started.then_some(answered) }
         }
     }
 }
@@ -173,10 +185,18 @@ fn die_with_parent(command: &mut Command) {
     }
 }
 
-/// Reads `stream` on its own thread to its end, logging each line (prefixed, made printable) and, with `tail`,
-/// keeping its last [`TAIL_BYTES`]. `done` is sent when the stream closed. The thread is never waited for: a
-/// grandchild holding the pipe open keeps only it alive.
-fn forward(stream: impl Read + Send + 'static, tail: Option<Arc<Mutex<VecDeque<u8>>>>, done: Option<mpsc::Sender<()>>) {
+/// Where [`forward`] puts a stream besides the log.
+enum Sink {
+    /// stderr: its last [`TAIL_BYTES`].
+    Tail(Arc<Mutex<VecDeque<u8>>>),
+    /// stdout: whether [`STARTED`] and [`ANSWERED`] were printed (those lines are not logged).
+    Protocol(Arc<Mutex<(bool, bool)>>),
+}
+
+/// Reads `stream` on its own thread to its end, logging each line (prefixed, made printable) and feeding `sink`.
+/// `done` is sent when the stream closed. The thread is never waited for: a grandchild holding the pipe open keeps
+/// only it alive.
+fn forward(stream: impl Read + Send + 'static, sink: Sink, done: Option<mpsc::Sender<()>>) {
     std::thread::spawn(move || {
         let mut reader = BufReader::new(stream);
         let mut line = Vec::new();
@@ -186,14 +206,25 @@ fn forward(stream: impl Read + Send + 'static, tail: Option<Arc<Mutex<VecDeque<u
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             }
-            if let Some(tail) = &tail {
-                let mut tail = lock(tail);
-                tail.extend(&line);
-                let extra = tail.len().saturating_sub(TAIL_BYTES);
-                tail.drain(..extra);
-            }
             let text = String::from_utf8_lossy(&line);
             let text = text.trim_end();
+            match &sink {
+                Sink::Tail(tail) => {
+                    let mut tail = lock(tail);
+                    tail.extend(&line);
+                    let extra = tail.len().saturating_sub(TAIL_BYTES);
+                    tail.drain(..extra);
+                }
+                Sink::Protocol(said) if text == STARTED => {
+                    lock(said).0 = true;
+                    continue;
+                }
+                Sink::Protocol(said) if text == ANSWERED => {
+                    lock(said).1 = true;
+                    continue;
+                }
+                Sink::Protocol(_) => {}
+            }
             let text = text.strip_prefix("restic-manager-agent: ").unwrap_or(text);
             log(format_args!("trial: {}", printable(text)));
         }
@@ -443,10 +474,19 @@ mod tests {
         let pidfile = dir.path().join("pid");
         let exe = script(dir.path(), "agent", &format!("echo $$ > '{}'\nexec sleep 600", pidfile.display()));
         let started = Instant::now();
-        assert_eq!(start_with(&exe, vec![], Duration::from_secs(1), &Stop::default()), Outcome::Passed);
+        let got = start_with(&exe, vec![], Duration::from_secs(1), &Stop::default());
+        assert_eq!(got, Outcome::Passed { answered: None }, "a build that does not speak the protocol");
         assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
         let pid: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
         assert!(!alive(pid), "the trial child {pid} was left running");
+        let speaks = |answered: bool| {
+            let then = if answered { format!("echo '{ANSWERED}'") } else { String::new() };
+            script(dir.path(), "agent", &format!("echo '{STARTED}'\n{then}\nexec sleep 600"))
+        };
+        for answered in [false, true] {
+            let got = start_with(&speaks(answered), vec![], Duration::from_secs(1), &Stop::default());
+            assert_eq!(got, Outcome::Passed { answered: Some(answered) });
+        }
     }
 
     #[test]
