@@ -781,11 +781,15 @@ fn self_update_converges_and_rejects_broken_builds() {
     drop(child);
 }
 
-/// A build that passes its smoke test (`--version`) but exits 1 as soon as it runs.
-fn dies_at_start() -> Vec<u8> {
-    b"#!/bin/sh\nif [ \"$1\" = --version ]; then\n  echo 'restic-manager-agent version=9.9.9 commit=x date=y'\n  exit 0\nfi\n\
-      echo 'rm-e2e: this build dies at start' >&2\nexit 1\n"
-        .to_vec()
+/// A build that passes its smoke test (`--version`) but exits 1 as soon as it runs, leaving behind a process that
+/// holds its stdout and stderr open for ten minutes (its pid in `pidfile`).
+fn dies_at_start(pidfile: &Path) -> Vec<u8> {
+    format!(
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then\n  echo 'restic-manager-agent version=9.9.9 commit=x date=y'\n  exit 0\n\
+         fi\nsleep 600 &\necho $! > {}\necho 'rm-e2e: this build dies at start' >&2\nexit 1\n",
+        qp(pidfile)
+    )
+    .into_bytes()
 }
 
 #[test]
@@ -824,7 +828,8 @@ fn a_build_that_dies_at_start_is_reverted_by_the_agent() {
     );
 
     // Served a build that passes `--version` and dies when run: swapped in, tried, reverted by the agent itself.
-    let crashing = dies_at_start();
+    let left_behind = KillPidFile(prefix.scratch().join("left-behind.pid"));
+    let crashing = dies_at_start(&left_behind.0);
     let crashing_sha = sha256_hex(&crashing);
     upload_agent(&server, &crashing);
     let reported = wait_until(
@@ -851,6 +856,12 @@ fn a_build_that_dies_at_start_is_reverted_by_the_agent() {
     assert!(!marker.exists(), "a reverted build leaves no trial marker");
     let log = fs::read_to_string(&log_path).unwrap();
     assert!(log.contains("trial: rm-e2e: this build dies at start"), "the child's stderr is forwarded:\n{log}");
+    // What it left holding its pipes neither held the agent up (the error names "0 s" or "1 s") nor outlived it.
+    assert!(error.contains("exited 0 s after") || error.contains("exited 1 s after"), "{error}");
+    let pid = left_behind.pid().expect("the build ran and wrote its grandchild's pid");
+    eventually(Duration::from_secs(5), format_args!("the grandchild {pid} to be killed"), || {
+        (!alive(pid)).then_some(())
+    });
 
     // Later heartbeats: the build is not downloaded again, the process stays up, the error stays.
     let downloads = binary_downloads(&server);
