@@ -35,8 +35,10 @@ fn host_agent() -> PathBuf {
 
 /// A server whose bundled dir holds the install script and unit from the repo and, when `publish_agent`, a copy of
 /// the host agent as the linux/amd64 binary. Fixed admin token.
+///
+/// `RM_ROLLOUT_STRATEGY=immediate`: an upload is served to every host at once (the tests below rely on that).
 fn install_server(builder: ServerBuilder, publish_agent: bool) -> Server {
-    let builder = builder.env("RM_ADMIN_TOKEN", ADMIN);
+    let builder = builder.env("RM_ADMIN_TOKEN", ADMIN).env("RM_ROLLOUT_STRATEGY", "immediate");
     let bundled = builder.bundled_dir().to_path_buf();
     if publish_agent {
         fs::copy(host_agent(), bundled.join("agent-binaries").join(LINUX_AMD64)).expect("copying the host agent");
@@ -66,12 +68,10 @@ fn access_lines(server: &Server) -> Vec<Value> {
     server.log_json().into_iter().filter(|l| l["target"] == "access").collect()
 }
 
-/// GETs of an agent binary (HEADs do not count).
+/// GETs of an agent binary (HEADs do not count): `/agent/binary?…` or a rollout's `/agent/blobs/sha256/…`.
 fn binary_downloads(server: &Server) -> usize {
-    access_lines(server)
-        .iter()
-        .filter(|l| l["method"] == "GET" && l["uri"].as_str().is_some_and(|u| u.starts_with("/agent/binary")))
-        .count()
+    let download = |u: &str| u.starts_with("/agent/binary") || u.starts_with("/agent/blobs/");
+    access_lines(server).iter().filter(|l| l["method"] == "GET" && l["uri"].as_str().is_some_and(download)).count()
 }
 
 /// Single-quotes a word for `sh -c`.
@@ -683,8 +683,9 @@ fn self_update_converges_and_rejects_broken_builds() {
     let old_sha = sha256_hex(&old);
     let agent_id = agents(&server)[0]["id"].as_str().unwrap().to_string();
 
-    // The running agent, outside any service manager (no INVOCATION_ID: it re-executes itself after an update).
-    let (mut child, log_path) = run_agent(&prefix, &[]);
+    // The running agent, outside any service manager (no INVOCATION_ID: it re-executes itself after an update), with
+    // a 2 s trial start of each new build.
+    let (mut child, log_path) = run_agent(&prefix, &[("RM_AGENT_TRIAL_SECS", "2")]);
     let agent_log =
         || format!("--- agent log ---\n{}\n{}", fs::read_to_string(&log_path).unwrap_or_default(), server.log_tail());
     let view =
@@ -706,8 +707,8 @@ fn self_update_converges_and_rejects_broken_builds() {
     upload_agent(&server, &new);
     let previous = prefix.bin_dir().join(format!("{AGENT_BIN}.previous"));
     wait_until(
-        "the agent to install the new build, restart and report it",
-        Duration::from_secs(15),
+        "the agent to install the new build, try it for 2 s, restart and report it",
+        Duration::from_secs(25),
         || {
             if let Some(status) = child.0.try_wait().unwrap() {
                 panic!("the agent process exited with {status}\n{}", agent_log());
@@ -715,10 +716,14 @@ fn self_update_converges_and_rejects_broken_builds() {
             let installed = sha256_file(&prefix.agent());
             let kept = if previous.exists() { sha256_file(&previous) } else { "(none)".into() };
             let a = view(&server);
+            // The trial child's heartbeats name the new build already: done once the agent restarted into it.
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            let restarted = log.rsplit_once("the new build stayed up for its trial window").unwrap_or_default().1;
             if installed == new_sha
                 && kept == old_sha
                 && a["state"] == "current"
                 && a["binary_sha256"] == new_sha.as_str()
+                && restarted.contains("running as agent")
             {
                 Ok(())
             } else {
@@ -774,6 +779,213 @@ fn self_update_converges_and_rejects_broken_builds() {
     assert_eq!(a["state"], "out_of_date", "{a}");
     assert!(a["last_update_error"].as_str().is_some_and(|e| e.contains("smoke test")), "{a}");
     drop(child);
+}
+
+/// A build that passes its smoke test (`--version`) but exits 1 as soon as it runs, leaving behind a process that
+/// holds its stdout and stderr open for ten minutes (its pid in `pidfile`).
+fn dies_at_start(pidfile: &Path) -> Vec<u8> {
+    format!(
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then\n  echo 'restic-manager-agent version=9.9.9 commit=x date=y'\n  exit 0\n\
+         fi\nsleep 600 &\necho $! > {}\necho 'rm-e2e: this build dies at start' >&2\nexit 1\n",
+        qp(pidfile)
+    )
+    .into_bytes()
+}
+
+#[test]
+fn a_build_that_dies_at_start_is_reverted_by_the_agent() {
+    let server = install_server(Server::builder().env("RM_HEARTBEAT_INTERVAL", "1s"), true);
+    let token = create_token(&server, 1);
+    let prefix = Prefix::new();
+    let args = ["--prefix".into(), prefix.arg(), "--no-service".into(), "--token".into(), token];
+    assert_success(&curl_pipe(&server, &["dash"], &args, &prefix.tmpdir), "install");
+    let old = fs::read(prefix.agent()).unwrap();
+    let old_sha = sha256_hex(&old);
+    let agent_id = agents(&server)[0]["id"].as_str().unwrap().to_string();
+    let marker = prefix.root.join("etc/restic-manager/update-trial.json");
+    let previous = prefix.bin_dir().join(format!("{AGENT_BIN}.previous"));
+    let expected_bin = {
+        let mut e = vec![AGENT_BIN.to_string(), format!("{AGENT_BIN}.previous")];
+        e.sort();
+        e
+    };
+
+    let (mut child, log_path) = run_agent(&prefix, &[("RM_AGENT_TRIAL_SECS", "2")]);
+    let agent_log =
+        || format!("--- agent log ---\n{}\n{}", fs::read_to_string(&log_path).unwrap_or_default(), server.log_tail());
+    let view =
+        |server: &Server| agents(server).into_iter().find(|a| a["id"] == agent_id.as_str()).expect("agent listed");
+    let up = |child: &mut KillOnDrop| {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            panic!("the agent process exited with {status}\n{}", agent_log());
+        }
+    };
+    wait_until(
+        "the first heartbeat",
+        Duration::from_secs(10),
+        || if view(&server)["heartbeats"].as_u64() > Some(0) { Ok(()) } else { Err(view(&server).to_string()) },
+        agent_log,
+    );
+
+    // Served a build that passes `--version` and dies when run: swapped in, tried, reverted by the agent itself.
+    let left_behind = KillPidFile(prefix.scratch().join("left-behind.pid"));
+    let crashing = dies_at_start(&left_behind.0);
+    let crashing_sha = sha256_hex(&crashing);
+    upload_agent(&server, &crashing);
+    let reported = wait_until(
+        "the agent to try the build, revert it and report it",
+        Duration::from_secs(20),
+        || {
+            up(&mut child);
+            let a = view(&server);
+            match a["last_update_error"].as_str() {
+                Some(e) if e.contains("reverted") && a["binary_sha256"] == old_sha.as_str() => Ok(a),
+                _ => Err(a.to_string()),
+            }
+        },
+        agent_log,
+    );
+    let error = reported["last_update_error"].as_str().unwrap();
+    assert!(error.starts_with(&format!("update to {crashing_sha} reverted: the new build exited ")), "{error}");
+    assert!(error.contains("exit status: 1") && error.contains("rm-e2e: this build dies at start"), "{error}");
+    assert_eq!(reported["served_sha256"], crashing_sha.as_str(), "{reported}");
+    assert_eq!(fs::read(prefix.agent()).unwrap(), old, "the agent binary is not byte-identical to the one before");
+    assert_eq!(mode(&prefix.agent()) & 0o777, 0o755);
+    assert_eq!(fs::read(&previous).unwrap(), old, ".previous is still the running build's copy");
+    assert_eq!(entries(&prefix.bin_dir()), expected_bin, "temporary files left in bin/ after the revert");
+    assert!(!marker.exists(), "a reverted build leaves no trial marker");
+    let log = fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("trial: rm-e2e: this build dies at start"), "the child's stderr is forwarded:\n{log}");
+    // What it left holding its pipes neither held the agent up (the error names "0 s" or "1 s") nor outlived it.
+    assert!(error.contains("exited 0 s after") || error.contains("exited 1 s after"), "{error}");
+    let pid = left_behind.pid().expect("the build ran and wrote its grandchild's pid");
+    eventually(Duration::from_secs(5), format_args!("the grandchild {pid} to be killed"), || {
+        (!alive(pid)).then_some(())
+    });
+
+    // Later heartbeats: the build is not downloaded again, the process stays up, the error stays.
+    let downloads = binary_downloads(&server);
+    let beats = view(&server)["heartbeats"].as_u64().unwrap();
+    wait_until(
+        "three more heartbeats",
+        Duration::from_secs(15),
+        || {
+            up(&mut child);
+            let a = view(&server);
+            if a["heartbeats"].as_u64().unwrap() >= beats + 3 { Ok(()) } else { Err(a.to_string()) }
+        },
+        agent_log,
+    );
+    assert_eq!(binary_downloads(&server), downloads, "the reverted build was downloaded again\n{}", agent_log());
+    let a = view(&server);
+    assert_eq!(a["binary_sha256"], old_sha.as_str(), "{a}");
+    assert!(a["last_update_error"].as_str().is_some_and(|e| e.contains("reverted")), "{a}");
+    assert_eq!(fs::read(prefix.agent()).unwrap(), old);
+
+    // A build that runs (and speaks the trial protocol) but never gets a heartbeat through, while the agent's own
+    // heartbeats are answered: it would be cut off from every later update, so it is reverted too, with what it
+    // started.
+    let pidfile = KillPidFile(prefix.scratch().join("mute.pid"));
+    let mute = format!(
+        "#!/bin/sh\nif [ \"$1\" = --version ]; then echo 'restic-manager-agent version=9.9.9 commit=x date=y'; exit 0; \
+         fi\necho 'restic-manager-agent trial: started'\nsleep 600 &\necho $! > {}\nwait\n",
+        qp(&pidfile.0)
+    );
+    let mute_sha = sha256_hex(mute.as_bytes());
+    upload_agent(&server, mute.as_bytes());
+    let reported = wait_until(
+        "the agent to try the mute build, revert it and report it",
+        Duration::from_secs(20),
+        || {
+            up(&mut child);
+            let a = view(&server);
+            match a["last_update_error"].as_str() {
+                Some(e) if e.contains(&mute_sha) && a["binary_sha256"] == old_sha.as_str() => Ok(a),
+                _ => Err(a.to_string()),
+            }
+        },
+        agent_log,
+    );
+    let error = reported["last_update_error"].as_str().unwrap();
+    assert!(
+        error.starts_with(&format!("update to {mute_sha} reverted: the new build stayed up for 2 s but none of its"))
+            && error.contains("heartbeats was answered"),
+        "{error}"
+    );
+    assert_eq!(fs::read(prefix.agent()).unwrap(), old);
+    assert_eq!(entries(&prefix.bin_dir()), expected_bin, "temporary files left in bin/ after the revert");
+    let pid = pidfile.pid().expect("the mute build ran");
+    eventually(Duration::from_secs(5), format_args!("what the mute build started ({pid}) to be killed"), || {
+        (!alive(pid)).then_some(())
+    });
+
+    // A good new build still goes through its trial, is installed and reported; its marker goes once it stayed up.
+    let mut new = old.clone();
+    new.extend_from_slice(b"\nrm-e2e: a good build after a reverted one\n");
+    let new_sha = sha256_hex(&new);
+    upload_agent(&server, &new);
+    wait_until(
+        "the agent to install the good build through its trial and report it",
+        Duration::from_secs(25),
+        || {
+            up(&mut child);
+            let a = view(&server);
+            // The trial child's heartbeats already name the new build: done only once the agent restarted into it
+            // (the same pid: it re-executes itself) and the new process settled (its marker gone).
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            let restarted = log.rsplit_once("the new build stayed up for its trial window").unwrap_or_default().1;
+            if sha256_file(&prefix.agent()) == new_sha
+                && a["binary_sha256"] == new_sha.as_str()
+                && a["last_update_error"].is_null()
+                && a["state"] == "current"
+                && restarted.contains("running as agent")
+                && !marker.exists()
+            {
+                Ok(())
+            } else {
+                Err(format!("installed {}, marker {}, fleet view {a}", sha256_file(&prefix.agent()), marker.exists()))
+            }
+        },
+        agent_log,
+    );
+    assert_eq!(fs::read(&previous).unwrap(), old, ".previous is the build before the good one");
+    assert_eq!(entries(&prefix.bin_dir()), expected_bin, "temporary files left in bin/ after the update");
+    drop(child);
+
+    // A crash loop of that build (as a service manager restarting it would see): its fourth start since the trial
+    // reverts it. The marker is written as the agent writes it after a passed trial, three starts counted already.
+    let crash_marker = json!({ "sha256": new_sha, "previous_sha256": old_sha, "starts": 3 });
+    fs::write(&marker, crash_marker.to_string()).unwrap();
+    let config = prefix.config();
+    let status = agent_cmd(&prefix.agent(), &["--config", config.to_str().unwrap(), "status"], &prefix.tmpdir);
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        shown.contains(&format!("update trial: build {new_sha} (replacing {old_sha}) started 3 time(s)")),
+        "{shown}"
+    );
+    let mut cmd = clean_command(prefix.agent(), &prefix.tmpdir);
+    cmd.arg("--config").arg(prefix.config()).args(["run", "--once"]);
+    let out = run_bounded(cmd, Duration::from_secs(30));
+    assert_success(&out, "run --once of a crash-looping build");
+    let said = stderr_of(&out);
+    assert_eq!(fs::read(prefix.agent()).unwrap(), old, "the crash-looping build was not reverted:\n{said}");
+    assert!(!marker.exists(), "{said}");
+    let a = view(&server);
+    let error = a["last_update_error"].as_str().unwrap_or_else(|| panic!("no error reported: {a}\n{said}"));
+    assert!(
+        error.contains(&format!("update to {new_sha} reverted: crash-looped at start: started 4 times")),
+        "{error}"
+    );
+    assert_eq!(a["binary_sha256"], old_sha.as_str(), "the old build runs again and says so: {a}\n{said}");
+    assert_eq!(entries(&prefix.bin_dir()), expected_bin);
+
+    // `revert` refuses a `.previous` it cannot vouch for, and touches nothing.
+    fs::write(&previous, b"#!/bin/sh\necho not an agent\n").unwrap();
+    let out = agent_cmd(&prefix.agent(), &["--config", config.to_str().unwrap(), "revert"], &prefix.tmpdir);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(stderr_of(&out).contains("cannot revert to the previous build"), "{}", stderr_of(&out));
+    assert_eq!(fs::read(prefix.agent()).unwrap(), old);
+    assert_eq!(entries(&prefix.bin_dir()), expected_bin);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -1548,7 +1760,7 @@ fn failed_self_update_is_remembered_between_runs() {
     let state_file = prefix.root.join("etc/restic-manager/agent-state.json");
     let once = || {
         let mut cmd = clean_command(prefix.agent(), &prefix.tmpdir);
-        cmd.arg("--config").arg(prefix.config()).args(["run", "--once"]);
+        cmd.env("RM_AGENT_TRIAL_SECS", "2").arg("--config").arg(prefix.config()).args(["run", "--once"]);
         let out = run_bounded(cmd, Duration::from_secs(30));
         assert_success(&out, "run --once");
         stderr_of(&out)
@@ -1597,6 +1809,9 @@ fn failed_self_update_is_remembered_between_runs() {
     assert_eq!(a["binary_sha256"], new_sha.as_str(), "{a}");
     let saved: Value = serde_json::from_slice(&fs::read(&state_file).unwrap()).unwrap();
     assert_eq!(saved.get("failed_update"), None, "{saved}");
+    assert!(third.contains("stayed up for its trial window"), "{third}");
+    let marker = prefix.root.join("etc/restic-manager/update-trial.json");
+    assert!(!marker.exists(), "`run --once` of the new build answered: its trial marker is done with:\n{third}");
 }
 
 #[test]

@@ -74,6 +74,10 @@ enum Command {
         #[arg(long)]
         check: bool,
     },
+    /// Put the previous build (<binary>.previous, kept by the last update) back and remember this one as failed: not
+    /// installed again until the server serves another build. Refused unless .previous is the build this one
+    /// replaced (or, with no record of that, a working agent). Restart the service afterwards.
+    Revert,
     /// The agent's managed restic.
     #[command(subcommand)]
     Restic(ResticCommand),
@@ -100,6 +104,7 @@ fn main() -> ExitCode {
         Command::Run { once } => commands::run(&config, once, cli.restic),
         Command::Update { check } => commands::update(&config, check),
         Command::Status => commands::status(&config, cli.restic.as_deref()),
+        Command::Revert => commands::revert(&config),
         Command::Restic(ResticCommand::Install) => commands::restic_install(&config),
     };
     match result {

@@ -14,7 +14,7 @@ use crate::client::{Client, Trust, check_plain_http, host_facts, host_platform};
 use crate::config::{self, AgentConfig};
 use crate::state::{self, AgentState, FailedUpdate};
 use crate::update::{self, Outcome};
-use crate::{restic, restic_install};
+use crate::{restic, restic_install, trial};
 
 use crate::log;
 
@@ -159,46 +159,48 @@ struct Peer<'a> {
     config: &'a AgentConfig,
     facts: &'a HostFacts,
     exe: &'a Path,
+    /// The SHA-256 of the build this process runs (hashed at start: the file may change under it).
+    own_sha: &'a str,
 }
 
 /// One heartbeat, and a self-update if the server serves a different build (deferred while `restoring`: a restart
-/// would cancel the restore). Returns the answer, the next interval and whether the binary was replaced (the caller
-/// restarts then).
+/// would cancel the restore). Returns the answer, the next interval and the SHA-256 of the build swapped in, if any
+/// (the caller gives it its trial start, [`after_swap`]).
 fn beat(
     peer: &Peer<'_>,
     state: &mut Loop,
     extras: &Extras,
     restoring: bool,
-) -> Result<(HeartbeatResponse, Duration, bool), AgentError> {
-    let own_sha = crate::sha256_file(peer.exe)?;
-    let answer = peer.client.heartbeat(&peer.config.credential, &state.request(peer.facts, &own_sha, extras))?;
+) -> Result<(HeartbeatResponse, Duration, Option<String>), AgentError> {
+    let own_sha = peer.own_sha;
+    let answer = peer.client.heartbeat(&peer.config.credential, &state.request(peer.facts, own_sha, extras))?;
     let interval = Duration::from_secs(answer.heartbeat_interval_secs.clamp(1, 24 * 3600));
     let served = answer.update.as_ref().and_then(|u| u.sha256.as_deref()).map(str::to_ascii_lowercase);
     if restoring && served.is_some_and(|s| s != own_sha) {
         log("the server serves a different build; updating once the running restore has finished");
-        return Ok((answer, interval, false));
+        return Ok((answer, interval, None));
     }
-    let updated = self_update(peer, state, extras, &answer, &own_sha)?;
+    let updated = self_update(peer, state, extras, &answer, own_sha)?;
     Ok((answer, interval, updated))
 }
 
-/// Installs the build a heartbeat answer names, unless it is this one or was refused before; true if the binary was
-/// replaced.
+/// Installs the build a heartbeat answer names, unless it is this one or was refused before; its SHA-256 if the
+/// binary was replaced.
 fn self_update(
     peer: &Peer<'_>,
     state: &mut Loop,
     extras: &Extras,
     answer: &HeartbeatResponse,
     own_sha: &str,
-) -> Result<bool, AgentError> {
-    let Peer { client, config, facts, exe } = *peer;
-    let Some(served) = answer.update.clone() else { return Ok(false) };
+) -> Result<Option<String>, AgentError> {
+    let Peer { client, config, facts, exe, .. } = *peer;
+    let Some(served) = answer.update.clone() else { return Ok(None) };
     let Some(served_sha) = served.sha256.as_deref().map(str::to_ascii_lowercase) else {
-        return Ok(false);
+        return Ok(None);
     };
     let failed_sha = state.saved.failed_update.as_ref().map(|f| f.sha256.clone());
     if failed_sha.as_deref() == Some(served_sha.as_str()) {
-        return Ok(false); // refused before: not again until the server serves another build
+        return Ok(None); // refused before: not again until the server serves another build
     }
     if let Some(failed) = failed_sha {
         // The server moved on from the build that failed: that failure no longer describes anything.
@@ -209,16 +211,16 @@ fn self_update(
         state.remember(None);
     }
     if served_sha == own_sha {
-        return Ok(false);
+        return Ok(None);
     }
     let shown = crate::printable(&served_sha);
     log(format_args!("update found: the server serves a different build ({shown}); updating"));
     match update::apply(client, Some(&config.credential), &served, exe, false) {
         Ok(Outcome::Updated { previous, version }) => {
             log(format_args!("updated to {version}; previous binary kept at {}", previous.display()));
-            Ok(true)
+            Ok(Some(served_sha))
         }
-        Ok(Outcome::UpToDate) => Ok(false),
+        Ok(Outcome::UpToDate) => Ok(None),
         Err(e) => {
             log(format_args!(
                 "update refused, keeping the running agent (not retried until the server serves another build): {e}"
@@ -227,8 +229,116 @@ fn self_update(
             // Tell the server now rather than at the next heartbeat (which `run --once` never sends). If this one
             // does not get through, the next heartbeat carries the error anyway.
             let _ = client.heartbeat(&config.credential, &state.request(facts, own_sha, extras));
-            Ok(false)
+            Ok(None)
         }
+    }
+}
+
+/// After a swap: the new build's trial start ([`trial::start`]); true when it passed (the caller restarts into it;
+/// `update-trial.json` watches its first starts). A build that failed is reverted, remembered and reported at once,
+/// and this process goes on; when this agent is stopping, the swap is undone and nothing is remembered.
+fn after_swap(peer: &Peer<'_>, state: &mut Loop, extras: &Extras, new_sha: &str, stop: &Stop, marker: &Path) -> bool {
+    let shown = crate::printable(new_sha);
+    let why = match trial::start(peer.exe, trial::window(), stop) {
+        // It ran but never reached the server, which answers this process: it would be cut off from every later
+        // update (and from a rollback). When this heartbeat fails too, the server is down: not the build's fault.
+        trial::Outcome::Passed { answered: Some(false) }
+            if peer
+                .client
+                .heartbeat(&peer.config.credential, &state.request(peer.facts, peer.own_sha, extras))
+                .is_ok() =>
+        {
+            format!(
+                "the new build stayed up for {} s but none of its heartbeats was answered (this agent's are)",
+                trial::window().as_secs()
+            )
+        }
+        trial::Outcome::Passed { .. } => {
+            let m = trial::Marker { sha256: new_sha.into(), previous_sha256: peer.own_sha.into(), starts: 0 };
+            if let Err(e) = trial::save_marker(marker, &m) {
+                log(format_args!("cannot save the update trial marker (a crash loop will not be caught): {e}"));
+            }
+            return true;
+        }
+        trial::Outcome::Stopped => {
+            if let Err(e) = update::revert(peer.exe, peer.own_sha) {
+                log(format_args!("stopping during the trial of {shown}; it stays installed: {e}"));
+            }
+            return false;
+        }
+        trial::Outcome::Failed(why) => why,
+    };
+    let error = match update::revert(peer.exe, peer.own_sha) {
+        Ok(()) => format!("update to {shown} reverted: {why}"),
+        Err(e) => format!("update to {shown} failed its trial start ({why}), and {e}"),
+    };
+    log(format_args!("{error}; the running agent goes on (not retried until the server serves another build)"));
+    state.remember(Some(FailedUpdate { sha256: new_sha.into(), error }));
+    let _ = peer.client.heartbeat(&peer.config.credential, &state.request(peer.facts, peer.own_sha, extras));
+    false
+}
+
+/// `run` as a trial child ([`trial`]): heartbeats only (the first at once, then each interval but at most 1 s
+/// apart) until 2 s past the trial window, when the parent has stopped it already; nothing else (no backups, no
+/// self-update, no restic install, no state written).
+fn trial_run(config_path: &Path) -> Result<(), AgentError> {
+    let config = config::load(config_path)?;
+    let client = client_for(config_path, &config)?;
+    let facts = host_facts()?;
+    let own_sha = crate::sha256_file(&update::current_exe()?)?;
+    let state_path = state::path_for(config_path);
+    let saved = state::load(&state_path).unwrap_or_default();
+    let mut state = Loop { seq: 0, state_path, saved };
+    let stop = Arc::new(Stop::default());
+    handle_signals(&stop);
+    let window = trial::window();
+    let until = std::time::Instant::now() + window + Duration::from_secs(2);
+    log(format_args!(
+        "{} on trial: heartbeats only, for {} s",
+        rm_buildinfo::version_text("restic-manager-agent"),
+        window.as_secs()
+    ));
+    let mut link = Link::Starting;
+    // The parent reads these on stdout (see `trial::STARTED`).
+    let say = |line: &str| {
+        use std::io::Write;
+        let _ = writeln!(std::io::stdout(), "{line}"); // not println!: a closed stdout must not panic
+    };
+    say(trial::STARTED);
+    loop {
+        let wait = match client.heartbeat(&config.credential, &state.request(&facts, &own_sha, &(None, None))) {
+            Ok(answer) => {
+                let interval = Duration::from_secs(answer.heartbeat_interval_secs.clamp(1, 24 * 3600));
+                if matches!(link, Link::Starting | Link::Down { .. }) {
+                    say(trial::ANSWERED);
+                }
+                link.answered(interval);
+                interval
+            }
+            Err(e) => {
+                link.failed(&e, Duration::from_secs(1));
+                Duration::from_secs(1)
+            }
+        };
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || stop.wait(wait.min(Duration::from_secs(1)).min(left)) {
+            log("trial over");
+            return Ok(());
+        }
+    }
+}
+
+/// SIGTERM/SIGINT set `stop`; a second one while stopping exits at once.
+fn handle_signals(stop: &Arc<Stop>) {
+    let stop = stop.clone();
+    let handler = ctrlc::set_handler(move || {
+        if stop.is_stopped() {
+            std::process::exit(130);
+        }
+        stop.stop();
+    });
+    if let Err(e) = handler {
+        log(format_args!("cannot handle SIGTERM/SIGINT ({e}); stopping will not be graceful"));
     }
 }
 
@@ -298,10 +408,29 @@ impl Link {
 /// server's plans (see [`crate::backups`]). SIGTERM/SIGINT (Ctrl-C, console close on Windows) cancel running backups,
 /// flush the report outbox for up to 5 s and return.
 pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<(), AgentError> {
+    if trial::is_trial() {
+        return trial_run(config_path);
+    }
+    let exe = update::current_exe()?;
+    let own_sha = crate::sha256_file(&exe)?;
+    // First, before anything else can fail: count this start of a build fresh from its trial.
+    let marker_path = trial::marker_path(config_path);
+    let mut probation = match trial::count_start(&marker_path, &own_sha) {
+        trial::AtStart::Settled => None,
+        trial::AtStart::Watching(m) => {
+            log(format_args!(
+                "start {} of this build since its trial (reverted after {})",
+                m.starts,
+                trial::MAX_STARTS
+            ));
+            Some(trial::Probation::new(marker_path.clone(), m))
+        }
+        trial::AtStart::CrashLoop(m) if trial::crash_looped(config_path, &exe, &m) => return restart(&exe),
+        trial::AtStart::CrashLoop(_) => None,
+    };
     let config = config::load(config_path)?;
     let client = Arc::new(client_for(config_path, &config)?);
     let facts = host_facts()?;
-    let exe = update::current_exe()?;
     let state_path = state::path_for(config_path);
     let saved = state::load(&state_path).unwrap_or_else(|e| {
         log(format_args!("ignoring the saved agent state: {e}"));
@@ -329,19 +458,7 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
         }
     }
     let stop = Arc::new(Stop::default());
-    {
-        let stop = stop.clone();
-        // A second signal while stopping exits at once.
-        let handler = ctrlc::set_handler(move || {
-            if stop.is_stopped() {
-                std::process::exit(130);
-            }
-            stop.stop();
-        });
-        if let Err(e) = handler {
-            log(format_args!("cannot handle SIGTERM/SIGINT ({e}); stopping will not be graceful"));
-        }
-    }
+    handle_signals(&stop);
     let server = backups::Authenticated { client: client.clone(), credential: config.credential.clone() };
     let settings = backups::Settings {
         config_path: config_path.to_path_buf(),
@@ -368,14 +485,23 @@ pub fn run(config_path: &Path, once: bool, restic: Option<PathBuf>) -> Result<()
             return stopped(&backups);
         }
         let extras = backups.heartbeat_fields();
-        let peer = Peer { client: &client, config: &config, facts: &facts, exe: &exe };
+        let peer = Peer { client: &client, config: &config, facts: &facts, exe: &exe, own_sha: &own_sha };
         let wait = match beat(&peer, &mut state, &extras, backups.restoring()) {
-            Ok((_, _, true)) => {
-                backups.shutdown();
-                return restart(&exe);
-            }
-            Ok((answer, interval, false)) => {
+            Ok((answer, interval, swapped)) => {
+                if let Some(new_sha) = swapped {
+                    if after_swap(&peer, &mut state, &extras, &new_sha, &stop, &marker_path) {
+                        backups.shutdown();
+                        return restart(&exe);
+                    }
+                    if stop.is_stopped() {
+                        return stopped(&backups);
+                    }
+                }
                 backoff = Duration::from_secs(1);
+                // Stayed up for the trial window with a heartbeat answered (or `--once` got its answer): proven.
+                if let Some(p) = probation.take_if(|p| once || p.since.elapsed() >= trial::window()) {
+                    p.passed();
+                }
                 backups.on_answer_then(&answer, |b| ensure_restic(&peer, b, &answer, &mut restic_installs, &stop));
                 if once {
                     return finish_once(&backups, &stop);
@@ -602,10 +728,26 @@ pub fn update(config_path: &Path, check: bool) -> Result<(), AgentError> {
     match update::apply(&client, Some(&config.credential), &served, &exe, true)? {
         Outcome::UpToDate => println!("up to date ({own})"),
         Outcome::Updated { previous, version } => {
+            // No trial start here (the operator restarts the service), but its first starts are watched as after one.
+            let marker = trial::Marker { sha256: served_sha.to_ascii_lowercase(), previous_sha256: own, starts: 0 };
+            if let Err(e) = trial::save_marker(&trial::marker_path(config_path), &marker) {
+                eprintln!("restic-manager-agent: cannot save the update trial marker: {e}");
+            }
             println!("updated to {version}; previous binary kept at {}", previous.display());
             println!("restart the service to run it (systemctl restart restic-manager-agent)");
         }
     }
+    Ok(())
+}
+
+/// `revert`: the operator's way back ([`trial::revert_by_operator`]); the service is restarted by the operator.
+pub fn revert(config_path: &Path) -> Result<(), AgentError> {
+    let (exe, own, expected) = trial::revert_by_operator(config_path)?;
+    println!(
+        "reverted {} to the build {expected}; {own} is not installed again until the server serves another",
+        exe.display()
+    );
+    println!("restart the service to run it (systemctl restart restic-manager-agent)");
     Ok(())
 }
 
@@ -625,6 +767,17 @@ pub fn status(config_path: &Path, restic: Option<&Path>) -> Result<(), AgentErro
             "last update error: {} (not retried until the server serves another build)",
             crate::printable(&failed.error)
         );
+    }
+    match trial::load_marker(&trial::marker_path(config_path)) {
+        Ok(Some(m)) => println!(
+            "update trial: build {} (replacing {}) started {} time(s); reverted after {} starts that do not stay up",
+            crate::printable(&m.sha256),
+            crate::printable(&m.previous_sha256),
+            m.starts,
+            trial::MAX_STARTS
+        ),
+        Ok(None) => {}
+        Err(e) => println!("update trial: {e}"),
     }
     for line in backups::status_lines(config_path, restic, &config.agent_id) {
         println!("{line}");

@@ -6,10 +6,12 @@
 //! * [`update`]: verified self-update: download beside the executable, check size and SHA-256, smoke-run
 //!   `--version`, keep the previous binary, swap atomically.
 //! * [`state`]: what `run` remembers between runs (the last failed self-update), next to the config.
+//! * [`trial`]: a new build's trial start before the agent restarts into it, the revert when it fails, and the
+//!   crash-loop marker `update-trial.json`.
 //! * [`restic`]: the host's restic: detection and one backup.
 //! * [`restic_install`]: the managed restic beside the agent, installed from the server like a self-update.
 //! * [`backups`]: backup config sync, schedules, runs, leases and the report outbox.
-//! * [`commands`]: `enroll`, `run`, `update`, `status`.
+//! * [`commands`]: `enroll`, `run`, `update`, `revert`, `status`.
 
 pub mod anchor;
 pub mod backups;
@@ -19,6 +21,7 @@ pub mod config;
 pub mod restic;
 pub mod restic_install;
 pub mod state;
+pub mod trial;
 pub mod update;
 
 /// One line on stderr, the agent's log.
@@ -44,6 +47,9 @@ pub enum AgentError {
     Verification(String),
     #[error("the new agent failed its smoke test: {0}")]
     SmokeTest(String),
+    /// `<exe>.previous` refused for a revert (missing, or not the build expected), in words.
+    #[error("cannot revert to the previous build: {0}")]
+    Revert(String),
     /// A restic build from the server refused (mismatch or failed smoke run), in words.
     #[error("{0}")]
     ResticRefused(String),

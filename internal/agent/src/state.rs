@@ -1,6 +1,7 @@
 //! What the agent remembers between runs, beside its identity: `agent-state.json` next to the config (0600,
-//! replaced atomically). Today that is the last failed self-update, so a build that failed is neither downloaded
-//! again by the next `run` (or `run --once`) nor forgotten in the heartbeats' `last_update_error`.
+//! replaced atomically). Today that is the last failed self-update (refused, or reverted after its trial start, a
+//! crash loop or the operator's `revert`), so a build that failed is neither downloaded again by the next `run` (or
+//! `run --once`) nor forgotten in the heartbeats' `last_update_error` and `last_update_sha256`.
 
 use std::path::{Path, PathBuf};
 

@@ -11,6 +11,9 @@
 //!    Unix followed by a directory fsync; `self-replace` on Windows, where the running executable is locked).
 //!
 //! Any failure leaves the running binary untouched and is returned for the next heartbeat to report.
+//!
+//! [`revert`] is the way back ([`crate::trial`] calls it when the new build fails its trial start or crash-loops): a
+//! copy of `<exe>.previous`, checked to be the build expected, swapped in the same way.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -201,6 +204,50 @@ fn swap(new: tempfile::TempPath, _exe: &Path, _dir: &Path) -> Result<(), AgentEr
     self_replace::self_replace(&new).map_err(AgentError::io("swapping in the new agent"))
 }
 
+/// Puts `<exe>.previous` back over `exe`, only if it is the build `expected_sha` (the one this agent ran before): it
+/// is copied into a temporary file beside `exe` while hashed, and the copy is swapped in (as in [`apply`]) only when
+/// its SHA-256 matches, so a missing, changed or unknown `.previous` never replaces the agent. `exe` is checked
+/// afterwards to hold exactly those bytes. `.previous` itself stays (it is the running build's copy again).
+pub fn revert(exe: &Path, expected_sha: &str) -> Result<(), AgentError> {
+    let previous = previous_path(exe);
+    let refuse = |why: String| Err(AgentError::Revert(why));
+    let dir = exe.parent().ok_or_else(|| AgentError::Usage(format!("{} has no parent directory", exe.display())))?;
+    let mut source = match std::fs::File::open(&previous) {
+        Ok(f) if f.metadata().is_ok_and(|m| m.is_file()) => f,
+        Ok(_) => return refuse(format!("{} is not a regular file", previous.display())),
+        Err(e) => return refuse(format!("no previous build at {}: {e}", previous.display())),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(TEMP_PREFIXES[0])
+        .tempfile_in(dir)
+        .map_err(AgentError::io(format!("creating a temporary file in {}", dir.display())))?;
+    let mut hashing = HashingWriter { inner: tmp.as_file_mut(), hasher: sha2::Sha256::new(), stopping: &|| false };
+    std::io::copy(&mut source, &mut hashing).map_err(AgentError::io(format!("copying {}", previous.display())))?;
+    let got = hex::encode(hashing.hasher.finalize());
+    let want = expected_sha.to_ascii_lowercase();
+    if got != want {
+        return refuse(format!(
+            "{} is the build {got}, not {}, the one this agent ran before; refusing to swap in unknown bytes",
+            previous.display(),
+            crate::printable(&want)
+        ));
+    }
+    tmp.as_file().sync_all().map_err(AgentError::io("syncing the restored agent"))?;
+    let restored = tmp.into_temp_path();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&restored, std::fs::Permissions::from_mode(0o755))
+            .map_err(AgentError::io("chmod of the restored agent"))?;
+    }
+    swap(restored, exe, dir)?;
+    let now = crate::sha256_file(exe)?;
+    if now != want {
+        return refuse(format!("{} is the build {now} after the swap, not {want}", exe.display()));
+    }
+    Ok(())
+}
+
 pub fn previous_path(exe: &Path) -> PathBuf {
     let mut name = exe.file_name().unwrap_or_default().to_os_string();
     name.push(".previous");
@@ -222,7 +269,7 @@ pub(crate) fn smoke_timeout() -> Duration {
 /// process group, and when the time is up (or when it exited but something it started still holds its output) the
 /// group is killed with SIGKILL. The group is killed while its leader is still an unreaped zombie, so the group id
 /// cannot have been reused by then.
-fn smoke_test(binary: &Path) -> Result<String, AgentError> {
+pub(crate) fn smoke_test(binary: &Path) -> Result<String, AgentError> {
     smoke_test_within(binary, smoke_timeout())
 }
 
@@ -280,7 +327,7 @@ pub(crate) fn smoke_run(binary: &Path, arg: &str, limit: Duration) -> Result<Str
 /// Waits until `child` exits or `deadline` passes, without reaping it on Unix (`waitid` with `WNOWAIT`), so its pid
 /// (and group id) stays reserved until [`kill_tree`] has run. Returns whether it exited.
 #[cfg(unix)]
-fn wait_exit_unreaped(child: &mut std::process::Child, deadline: Instant) -> Result<bool, AgentError> {
+pub(crate) fn wait_exit_unreaped(child: &mut std::process::Child, deadline: Instant) -> Result<bool, AgentError> {
     let pid = child.id() as libc::id_t;
     loop {
         // SAFETY: waitid writes only into the zeroed siginfo_t we pass; the pid is our own unreaped child.
@@ -305,7 +352,7 @@ fn wait_exit_unreaped(child: &mut std::process::Child, deadline: Instant) -> Res
 }
 
 #[cfg(not(unix))]
-fn wait_exit_unreaped(child: &mut std::process::Child, deadline: Instant) -> Result<bool, AgentError> {
+pub(crate) fn wait_exit_unreaped(child: &mut std::process::Child, deadline: Instant) -> Result<bool, AgentError> {
     loop {
         if child.try_wait().map_err(|e| AgentError::SmokeTest(e.to_string()))?.is_some() {
             return Ok(true);
@@ -319,7 +366,7 @@ fn wait_exit_unreaped(child: &mut std::process::Child, deadline: Instant) -> Res
 
 /// SIGKILL to the candidate's process group (its leader is not reaped yet, so the group id is still ours).
 #[cfg(unix)]
-fn kill_tree(child: &mut std::process::Child) {
+pub(crate) fn kill_tree(child: &mut std::process::Child) {
     // SAFETY: plain syscall; ESRCH (group already gone) is fine.
     unsafe {
         libc::killpg(child.id() as libc::pid_t, libc::SIGKILL);
@@ -327,7 +374,7 @@ fn kill_tree(child: &mut std::process::Child) {
 }
 
 #[cfg(not(unix))]
-fn kill_tree(child: &mut std::process::Child) {
+pub(crate) fn kill_tree(child: &mut std::process::Child) {
     let _ = child.kill();
 }
 
@@ -395,6 +442,42 @@ mod tests {
         assert!(smoke_test_within(&bad, Duration::from_secs(5)).unwrap_err().to_string().contains("not an agent"));
         let failing = script(dir.path(), "echo 'restic-manager-agent version=1'; exit 3");
         assert!(smoke_test_within(&failing, Duration::from_secs(5)).unwrap_err().to_string().contains("exited with"));
+    }
+
+    #[test]
+    fn revert_puts_back_only_the_expected_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let exe = dir.path().join("restic-manager-agent");
+        let previous = previous_path(&exe);
+        std::fs::write(&exe, b"new build").unwrap();
+        let old_sha = hex::encode(sha2::Sha256::digest(b"old build"));
+        let names = || {
+            let mut n: Vec<_> =
+                std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            n.sort();
+            n
+        };
+
+        // Missing: refused, nothing touched.
+        let e = revert(&exe, &old_sha).unwrap_err().to_string();
+        assert!(e.contains("no previous build at") && e.contains(".previous"), "{e}");
+        // The wrong bytes: refused, nothing touched, no temporary file left.
+        std::fs::write(&previous, b"someone else's build").unwrap();
+        let e = revert(&exe, &old_sha).unwrap_err().to_string();
+        assert!(e.contains("refusing to swap in unknown bytes") && e.contains(&old_sha), "{e}");
+        assert_eq!(std::fs::read(&exe).unwrap(), b"new build");
+        assert_eq!(names(), ["restic-manager-agent", "restic-manager-agent.previous"]);
+        std::fs::create_dir(dir.path().join("d.previous")).unwrap();
+        let e = revert(&dir.path().join("d"), &old_sha).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::fs::remove_dir(dir.path().join("d.previous")).unwrap();
+
+        // The build it ran before: swapped in, executable, `.previous` kept.
+        std::fs::write(&previous, b"old build").unwrap();
+        revert(&exe, &old_sha.to_ascii_uppercase()).unwrap();
+        assert_eq!(std::fs::read(&exe).unwrap(), b"old build");
+        assert_eq!(std::fs::metadata(&exe).unwrap().permissions().mode() & 0o777, 0o755);
+        assert_eq!(names(), ["restic-manager-agent", "restic-manager-agent.previous"]);
     }
 
     #[test]
