@@ -670,6 +670,26 @@ fn upload_agent(server: &Server, bytes: &[u8]) {
     )
     .unwrap_or_else(|e| panic!("upload failed: {e}\n{}", server.log_tail()));
     assert!(matches!(r.status, 200 | 201), "upload: {} {}", r.status, r.text());
+    // With `RM_ROLLOUT_STRATEGY=immediate` the server turns the upload into a running rollout within a tick; wait
+    // for it, so the next heartbeat names the new build. A build that is already the released one makes none.
+    let started = std::time::Instant::now();
+    loop {
+        let r = server.request("GET", "/api/v1/rollouts", &[("Authorization", &auth)]);
+        let named = r.json()["rollouts"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .find(|ro| ro["targets"].as_array().is_some_and(|t| t.iter().any(|t| t["to_sha256"] == sum.as_str())));
+        match named {
+            Some(ro) if ro["state"] != "pending" => return,
+            None if started.elapsed() > Duration::from_secs(3) => return,
+            _ if started.elapsed() > Duration::from_secs(15) => {
+                panic!("no rollout of {sum} started: {}\n{}", r.text(), server.log_tail())
+            }
+            _ => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
 }
 
 #[test]

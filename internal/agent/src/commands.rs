@@ -143,6 +143,7 @@ impl Loop {
             binary_sha256: Some(own_sha.to_string()),
             last_update_error: self.last_update_error(),
             last_update_sha256: self.saved.failed_update.as_ref().map(|f| f.sha256.clone()),
+            trial: crate::trial::is_trial(),
             seq: self.seq,
             restic: backups.0.clone(),
             config_revision: backups.1,
@@ -202,6 +203,11 @@ fn self_update(
     if failed_sha.as_deref() == Some(served_sha.as_str()) {
         return Ok(None); // refused before: not again until the server serves another build
     }
+    if served_sha == own_sha {
+        // The server names the build this agent runs (a rollout keeps a failed host on its previous build): nothing
+        // to do, and the failure stays remembered and reported.
+        return Ok(None);
+    }
     if let Some(failed) = failed_sha {
         // The server moved on from the build that failed: that failure no longer describes anything.
         log(format_args!(
@@ -209,9 +215,6 @@ fn self_update(
             crate::printable(&failed)
         ));
         state.remember(None);
-    }
-    if served_sha == own_sha {
-        return Ok(None);
     }
     let shown = crate::printable(&served_sha);
     log(format_args!("update found: the server serves a different build ({shown}); updating"));

@@ -77,6 +77,8 @@ pub struct Heartbeat {
     pub last_update_error: Option<String>,
     /// The build `last_update_error` is about (refused or reverted), when the agent says.
     pub last_update_sha256: Option<String>,
+    /// A new build on trial under the running agent: answered, never recorded (it is not what the host runs yet).
+    pub trial: bool,
     /// The agent's own heartbeat counter (monotonic per agent process lifetime).
     pub seq: u64,
     /// The host's restic (`None`: the agent did not say; what was stored stays).
@@ -321,6 +323,7 @@ mod tests {
                 binary_sha256: Some("ff".into()),
                 last_update_error: None,
                 last_update_sha256: None,
+                trial: false,
                 seq: 7,
                 restic: None,
                 config_revision: None,

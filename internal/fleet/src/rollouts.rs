@@ -571,6 +571,9 @@ pub fn start_rollout(
     if r.state != RolloutState::Pending {
         return Ok(Err(RolloutRefused::State { id, state: r.state, verb: "start", needs: "pending" }));
     }
+    // Bring the rollouts this one may replace up to date first: a host that already reports their target counts as
+    // updated when they are aborted (and so is taken forward from there, and back there by a rollback).
+    advance(c, now, tuning)?;
     for old in rollouts_in(c, &ACTIVE)? {
         if old.overlaps(&r.targets) {
             let mut old = old;
@@ -1100,6 +1103,7 @@ mod tests {
             binary_sha256: Some(sha.into()),
             last_update_error: error.map(str::to_string),
             last_update_sha256: error.map(|_| NEW.to_string()),
+            trial: false,
             seq: 1,
             restic: None,
             config_revision: None,

@@ -64,6 +64,10 @@ pub struct HeartbeatRequest {
     /// before rollouts).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_update_sha256: Option<String>,
+    /// Sent by a new build on trial under the running agent (`RM_AGENT_TRIAL`): it proves the build can talk to the
+    /// server, but is not yet what the host runs, so the server answers it without recording it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trial: bool,
     /// The agent's heartbeat counter (per process lifetime).
     #[serde(default)]
     pub seq: u64,

@@ -137,6 +137,7 @@ fn checked_heartbeat(request: HeartbeatRequest) -> Result<(rm_fleet::Heartbeat, 
         binary_sha256,
         last_update_error,
         last_update_sha256,
+        trial: request.trial,
         seq: request.seq,
         restic,
         config_revision: request.config_revision,
@@ -183,7 +184,9 @@ pub async fn heartbeat(
             };
             match checked {
                 Ok((hb, platform)) => {
-                    rm_fleet::record_heartbeat(c, rm_fleet::now(), &id, &hb)?;
+                    if !hb.trial {
+                        rm_fleet::record_heartbeat(c, rm_fleet::now(), &id, &hb)?;
+                    }
                     let (revision, runs) = rm_fleet::plans::heartbeat_directives(c, &id)?;
                     rm_fleet::restores::expire_queued_restores(c, rm_fleet::now(), Some(&id))?;
                     let restores = rm_fleet::restores::queued_restores(c, &id)?;
