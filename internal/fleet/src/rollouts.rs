@@ -344,14 +344,7 @@ pub fn create_rollout(
         let from = released(c, &os, &arch)?;
         resolved.push(Target { from_sha256: from, to_sha256: sha, to_version: build.version, os, arch });
     }
-    for old in rollouts_in(c, &[RolloutState::Pending])? {
-        if old.overlaps(&resolved) {
-            c.execute(
-                "UPDATE rollouts SET state = 'superseded', finished_at = ?2 WHERE id = ?1",
-                params![old.id as i64, now],
-            )?;
-        }
-    }
+    supersede_pending(c, now, |old| old.overlaps(&resolved))?;
     c.execute(
         "INSERT INTO rollouts (state, strategy, targets, created_at, created_by) VALUES ('pending', ?1, ?2, ?3, ?4)",
         params![json(strategy), json(&resolved), now, created_by],
@@ -364,6 +357,17 @@ pub fn create_rollout(
 
 fn short(sha: &str) -> &str {
     &sha[..sha.len().min(12)]
+}
+
+/// Marks the pending rollouts `which` picks as superseded.
+fn supersede_pending(c: &Connection, now: Timestamp, which: impl Fn(&Rollout) -> bool) -> Result<(), DbError> {
+    for old in rollouts_in(c, &[RolloutState::Pending])?.iter().filter(|r| which(r)) {
+        c.execute(
+            "UPDATE rollouts SET state = 'superseded', finished_at = ?2 WHERE id = ?1",
+            params![old.id as i64, now],
+        )?;
+    }
+    Ok(())
 }
 
 /// Settings [`start_rollout`] and [`advance`] need from the server.
@@ -490,6 +494,25 @@ pub fn desired_build(c: &Connection, agent_id: &str, os: &str, arch: &str) -> Re
     released(c, os, arch)
 }
 
+/// A host named by a rollout, waiting for its wave: it comes from the build it should run now (its newest rollout's
+/// or the released one, else the target's recorded starting build).
+fn waiting_host(c: &Connection, m: &Member, target: &Target, wave: u32) -> Result<RolloutHost, DbError> {
+    let from = desired_build(c, &m.id, &m.os, &m.arch)?.or_else(|| target.from_sha256.clone());
+    Ok(RolloutHost {
+        agent_id: m.id.clone(),
+        hostname: String::new(),
+        wave,
+        state: HostState::Waiting,
+        from_sha256: from,
+        target_sha256: target.to_sha256.clone(),
+        rollback: false,
+        told_at: None,
+        reported_at: None,
+        verified_at: None,
+        error: None,
+    })
+}
+
 /// What [`observe_published`] found for one platform.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Published {
@@ -531,14 +554,7 @@ pub fn observe_published(
                 audit(c, now, "build_released", "publish", format!("{}/{} first seen: {}", p.os, p.arch, p.sha256))?;
             }
             Some(r) if r == p.sha256 => {
-                for old in rollouts_in(c, &[RolloutState::Pending])? {
-                    if old.target_for(&p.os, &p.arch).is_some() {
-                        c.execute(
-                            "UPDATE rollouts SET state = 'superseded', finished_at = ?2 WHERE id = ?1",
-                            params![old.id as i64, now],
-                        )?;
-                    }
-                }
+                supersede_pending(c, now, |old| old.target_for(&p.os, &p.arch).is_some())?;
             }
             Some(_) => changed.push((p.os.clone(), p.arch.clone(), p.sha256.clone())),
         }
@@ -636,21 +652,7 @@ pub fn start_rollout(
     }
     for (m, wave) in hosts.iter().zip(wave_of) {
         let target = r.target_for(&m.os, &m.arch).expect("filtered on targets");
-        let from = desired_build(c, &m.id, &m.os, &m.arch)?.or_else(|| target.from_sha256.clone());
-        let row = RolloutHost {
-            agent_id: m.id.clone(),
-            hostname: String::new(),
-            wave: wave.expect("every host named"),
-            state: HostState::Waiting,
-            from_sha256: from,
-            target_sha256: target.to_sha256.clone(),
-            rollback: false,
-            told_at: None,
-            reported_at: None,
-            verified_at: None,
-            error: None,
-        };
-        save_host(c, id, &row)?;
+        save_host(c, id, &waiting_host(c, m, target, wave.expect("every host named"))?)?;
     }
     r.state = RolloutState::Running;
     r.started_at = Some(now);
@@ -886,20 +888,7 @@ fn join_late(
             .iter()
             .position(|w| w.selector.as_ref().is_some_and(|s| matches(s, &m.labels)))
             .map_or(last, |p| p as u32 + 1);
-        let from = desired_build(c, &m.id, &m.os, &m.arch)?.or_else(|| target.from_sha256.clone());
-        joining.push(RolloutHost {
-            agent_id: m.id.clone(),
-            hostname: String::new(),
-            wave,
-            state: HostState::Waiting,
-            from_sha256: from,
-            target_sha256: target.to_sha256.clone(),
-            rollback: false,
-            told_at: None,
-            reported_at: None,
-            verified_at: None,
-            error: None,
-        });
+        joining.push(waiting_host(c, m, target, wave)?);
     }
     for h in joining {
         dirty.push(hosts.len());
