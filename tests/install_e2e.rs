@@ -1008,6 +1008,70 @@ fn a_build_that_dies_at_start_is_reverted_by_the_agent() {
     assert_eq!(entries(&prefix.bin_dir()), expected_bin);
 }
 
+#[test]
+fn an_agent_stopped_or_killed_during_a_trial_leaves_no_trial_child() {
+    let server = install_server(Server::builder().env("RM_HEARTBEAT_INTERVAL", "1s"), true);
+    let token = create_token(&server, 1);
+    let prefix = Prefix::new();
+    let args = ["--prefix".into(), prefix.arg(), "--no-service".into(), "--token".into(), token];
+    assert_success(&curl_pipe(&server, &["dash"], &args, &prefix.tmpdir), "install");
+    let old = fs::read(prefix.agent()).unwrap();
+    let etc = prefix.root.join("etc/restic-manager");
+    let marker = etc.join("update-trial.json");
+    let mut new = old.clone();
+    new.extend_from_slice(b"\nrm-e2e: a build on a long trial\n");
+    let new_sha = sha256_hex(&new);
+    upload_agent(&server, &new);
+    // The pid of the trial child the agent logged (a 60 s window: the test ends it long before).
+    let trial_pid = |log_path: &Path, server: &Server| {
+        let log = || fs::read_to_string(log_path).unwrap_or_default();
+        let pid = wait_until(
+            "the trial start",
+            Duration::from_secs(20),
+            || {
+                let log = log();
+                let pid = log.split("for 60 s (pid ").nth(1).and_then(|r| r.split(')').next()?.parse::<i32>().ok());
+                pid.filter(|_| log.contains("trial: heartbeats answered")).ok_or(log)
+            },
+            || format!("--- agent log ---\n{}\n{}", log(), server.log_tail()),
+        );
+        assert!(alive(pid), "the trial child {pid}");
+        pid
+    };
+
+    // SIGTERM during the trial: the child is stopped, the previous build put back, nothing remembered, a clean exit.
+    let (mut child, log_path) = run_agent(&prefix, &[("RM_AGENT_TRIAL_SECS", "60")]);
+    let pid = trial_pid(&log_path, &server);
+    assert_eq!(sha256_file(&prefix.agent()), new_sha, "the build on trial is in place");
+    assert!(marker.exists(), "its starts are watched from before the trial");
+    // SAFETY: kill(2) on our own unreaped child.
+    assert_eq!(unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) }, 0);
+    let status = wait_timeout(&mut child.0, Duration::from_secs(15)).expect("the agent to stop on SIGTERM");
+    let log = fs::read_to_string(&log_path).unwrap();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(!alive(pid), "the trial child {pid} outlived the agent\n{log}");
+    assert!(log.contains("the previous build is back"), "{log}");
+    assert_eq!(fs::read(prefix.agent()).unwrap(), old, "{log}");
+    assert!(!marker.exists(), "{log}");
+    let state = fs::read_to_string(etc.join("agent-state.json")).unwrap_or_default();
+    assert!(!state.contains("failed_update"), "a stop is not the build's fault: {state}");
+    drop(child);
+
+    // SIGKILL during the trial: the child dies with the agent (PR_SET_PDEATHSIG); the build on trial stays installed,
+    // unproven: its marker counts its starts.
+    let (mut child, log_path) = run_agent(&prefix, &[("RM_AGENT_TRIAL_SECS", "60")]);
+    let pid = trial_pid(&log_path, &server);
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    eventually(Duration::from_secs(5), format_args!("the trial child {pid} to die with the agent"), || {
+        (!alive(pid)).then_some(())
+    });
+    assert_eq!(sha256_file(&prefix.agent()), new_sha);
+    let m: Value = serde_json::from_slice(&fs::read(&marker).unwrap()).unwrap();
+    assert_eq!(m, json!({ "sha256": new_sha, "previous_sha256": sha256_hex(&old), "starts": 0 }));
+    assert_eq!(mode(&marker), 0o600);
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // 6, 7. The unit file and the script itself
 // ---------------------------------------------------------------------------------------------------------------

@@ -237,11 +237,23 @@ fn self_update(
     }
 }
 
-/// After a swap: the new build's trial start ([`trial::start`]); true when it passed (the caller restarts into it;
-/// `update-trial.json` watches its first starts). A build that failed is reverted, remembered and reported at once,
-/// and this process goes on; when this agent is stopping, the swap is undone and nothing is remembered.
+/// After a swap: the new build's trial start ([`trial::start`]); true when it passed (the caller restarts into it).
+/// `update-trial.json` is written first, so the new build's starts are watched even when this process is killed
+/// during the trial. A build that failed is reverted (and its marker removed), remembered and reported at once, and
+/// this process goes on; when this agent is stopping, the swap is undone and nothing is remembered.
 fn after_swap(peer: &Peer<'_>, state: &mut Loop, extras: &Extras, new_sha: &str, stop: &Stop, marker: &Path) -> bool {
     let shown = crate::printable(new_sha);
+    let m = trial::Marker { sha256: new_sha.into(), previous_sha256: peer.own_sha.into(), starts: 0 };
+    if let Err(e) = trial::save_marker(marker, &m) {
+        log(format_args!("cannot save the update trial marker (a crash loop will not be caught): {e}"));
+    }
+    let revert = || {
+        let reverted = update::revert(peer.exe, peer.own_sha);
+        if reverted.is_ok() {
+            trial::remove_marker(marker);
+        }
+        reverted
+    };
     let why = match trial::start(peer.exe, trial::window(), stop) {
         // It ran but never reached the server, which answers this process: it would be cut off from every later
         // update (and from a rollback). When this heartbeat fails too, the server is down: not the build's fault.
@@ -256,22 +268,17 @@ fn after_swap(peer: &Peer<'_>, state: &mut Loop, extras: &Extras, new_sha: &str,
                 trial::window().as_secs()
             )
         }
-        trial::Outcome::Passed { .. } => {
-            let m = trial::Marker { sha256: new_sha.into(), previous_sha256: peer.own_sha.into(), starts: 0 };
-            if let Err(e) = trial::save_marker(marker, &m) {
-                log(format_args!("cannot save the update trial marker (a crash loop will not be caught): {e}"));
-            }
-            return true;
-        }
+        trial::Outcome::Passed { .. } => return true,
         trial::Outcome::Stopped => {
-            if let Err(e) = update::revert(peer.exe, peer.own_sha) {
-                log(format_args!("stopping during the trial of {shown}; it stays installed: {e}"));
+            match revert() {
+                Ok(()) => log(format_args!("stopping during the trial of {shown}: the previous build is back")),
+                Err(e) => log(format_args!("stopping during the trial of {shown}; it stays installed: {e}")),
             }
             return false;
         }
         trial::Outcome::Failed(why) => why,
     };
-    let error = match update::revert(peer.exe, peer.own_sha) {
+    let error = match revert() {
         Ok(()) => format!("update to {shown} reverted: {why}"),
         Err(e) => format!("update to {shown} failed its trial start ({why}), and {e}"),
     };
