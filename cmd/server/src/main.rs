@@ -89,7 +89,8 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
 }
 
 async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
-    init_logging(args.log_format, &args.log)?;
+    // Held until serving ends: dropping it flushes what the log thread has not written yet.
+    let _log = init_logging(args.log_format, &args.log)?;
     let info = rm_buildinfo::current();
     info!(version = info.version, commit = info.commit, date = info.date, "restic-manager-server starting");
     match rm_server::raise_fd_limit() {
@@ -153,17 +154,19 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
     rm_server::run(listener, state, shutdown_signal(), args.shutdown_grace).await.context("server failed")
 }
 
-fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+/// Log lines go to stderr through [`rm_server::log_buffer`]: batched, never dropped, written within 10 ms.
+fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<rm_server::log_buffer::LogGuard> {
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter).with_context(|| format!("invalid log filter {filter:?}"))?;
     // Colours only for a person at a terminal, never escape codes in a log file or journal.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let (writer, guard) = rm_server::log_buffer::start(std::io::stderr()).context("cannot start the log writer")?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
-    Ok(())
+    Ok(guard)
 }
 
 async fn shutdown_signal() {

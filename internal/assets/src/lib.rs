@@ -2,11 +2,14 @@
 //!
 //! * [`name`]: the allowlist for install file names.
 //! * [`store`]: the two roots (data dir, then bundled dir), contained lookup, and the per-file-version digest cache.
+//! * `watch`: change notification (inotify) that lets the store trust a remembered lookup without a `stat`.
 //! * [`write`]: the data dir's write side: staged uploads that replace an override atomically, and removal.
 
 pub mod name;
 #[cfg(unix)]
 pub mod store;
+#[cfg(unix)]
+mod watch;
 #[cfg(unix)]
 pub mod write;
 

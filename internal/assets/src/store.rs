@@ -162,6 +162,9 @@ pub struct Known {
     pub len: u64,
     pub modified: SystemTime,
     pub digest: Arc<Digest>,
+    /// The watch generation the lookup started under, when change notification covers this file (it lies directly
+    /// in a watched subdir); `None`: re-validate with `stat`.
+    generation: Option<u64>,
 }
 
 impl Known {
@@ -210,8 +213,10 @@ pub struct AssetStore {
     data_dir: PathBuf,
     bundled_dir: Option<PathBuf>,
     cache: Mutex<HashMap<Identity, Slot>>,
-    known: Mutex<HashMap<(AssetKind, String), Known>>,
+    known: Mutex<HashMap<AssetKind, HashMap<String, Arc<Known>>>>,
     digests_computed: AtomicU64,
+    /// Change notification for both roots' subdirs; `None` where unavailable (then every request `stat`s).
+    watch: Option<Arc<crate::watch::Watch>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -222,6 +227,16 @@ impl AssetStore {
     /// Checks both roots. The data dir must be a readable directory; a missing or unusable bundled dir is logged and
     /// the store serves from the data dir alone.
     pub fn new(data_dir: &Path, bundled_dir: &Path) -> Result<AssetStore, StoreError> {
+        AssetStore::open_roots(data_dir, bundled_dir, true)
+    }
+
+    /// Like [`AssetStore::new`], never using change notification: every request re-checks its file with `stat` (the
+    /// fallback where inotify is unavailable; tests use it to keep that path honest).
+    pub fn new_without_watch(data_dir: &Path, bundled_dir: &Path) -> Result<AssetStore, StoreError> {
+        AssetStore::open_roots(data_dir, bundled_dir, false)
+    }
+
+    fn open_roots(data_dir: &Path, bundled_dir: &Path, watch: bool) -> Result<AssetStore, StoreError> {
         let fail = |reason: String| StoreError::DataDir { path: data_dir.to_path_buf(), reason };
         let data = fs::canonicalize(data_dir).map_err(|e| fail(describe(&e)))?;
         if !fs::metadata(&data).map_err(|e| fail(describe(&e)))?.is_dir() {
@@ -240,13 +255,26 @@ impl AssetStore {
                 None
             }
         };
-        Ok(AssetStore {
+        Ok(AssetStore::with_roots(data, bundled, watch))
+    }
+
+    fn with_roots(data: PathBuf, bundled: Option<PathBuf>, watch: bool) -> AssetStore {
+        let subdirs = [AssetKind::AgentBinary, AssetKind::Install, AssetKind::ResticBinary, AssetKind::AgentBuild]
+            .map(AssetKind::subdir);
+        let roots: Vec<PathBuf> = std::iter::once(data.clone()).chain(bundled.clone()).collect();
+        AssetStore {
             data_dir: data,
             bundled_dir: bundled,
             cache: Mutex::new(HashMap::new()),
             known: Mutex::new(HashMap::new()),
             digests_computed: AtomicU64::new(0),
-        })
+            watch: if watch && crate::watch::local(&roots) { crate::watch::Watch::start(&roots, &subdirs) } else { None },
+        }
+    }
+
+    /// Whether remembered lookups are re-validated by change notification (else by `stat` on every request).
+    pub fn watching(&self) -> bool {
+        self.watch.is_some()
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -271,10 +299,12 @@ impl AssetStore {
     /// platform file name). `Ok(None)` means neither root has a usable file. Blocking: call from a blocking thread.
     pub fn open(&self, kind: AssetKind, name: &str) -> Result<Option<OpenAsset>, StoreError> {
         debug_assert!(crate::validate_name(name).is_ok(), "unvalidated name {name:?}");
+        // Read before looking at any file: a change during the lookup then moves the generation past it.
+        let generation = self.watch.as_ref().and_then(|w| w.current());
         let roots = [(Source::DataDir, Some(self.data_dir.as_path())), (Source::Bundled, self.bundled_dir.as_deref())];
         for (source, root) in roots {
             let Some(root) = root else { continue };
-            if let Some(asset) = self.open_in(root, source, kind, name)? {
+            if let Some(asset) = self.open_in(root, source, kind, name, generation)? {
                 return Ok(Some(asset));
             }
         }
@@ -309,18 +339,25 @@ impl AssetStore {
             Source::DataDir => Some(self.data_dir.as_path()),
             Source::Bundled => self.bundled_dir.as_deref(),
         };
+        // Not remembered as the answer for the name: a data-dir-only lookup says nothing about the fallback order.
         match root {
-            Some(root) => self.open_in(root, source, kind, name),
+            Some(root) => self.open_in(root, source, kind, name, None),
             None => Ok(None),
         }
     }
 
-    /// A previously resolved asset, if it is still what a full lookup would find: the data-dir copy is still absent
-    /// (for a bundled hit) and `stat` of the request path, following symlinks, still gives the same file version.
-    /// One or two `stat` calls and no open, so it is cheap enough to run on an async worker. `None` means "do the
+    /// A previously resolved asset, if it is still what a full lookup would find. With change notification: nothing
+    /// in the watched dirs changed since its lookup started (an atomic load and one `ioctl`). Otherwise: the data-dir
+    /// copy is still absent (for a bundled hit) and `stat` of the request path, following symlinks, still gives the
+    /// same file version. No open either way, so it is cheap enough to run on an async worker. `None` means "do the
     /// full lookup" ([`AssetStore::open`]), never "not found".
-    pub fn known(&self, kind: AssetKind, name: &str) -> Option<Known> {
-        let known = lock(&self.known).get(&(kind, name.to_string())).cloned()?;
+    pub fn known(&self, kind: AssetKind, name: &str) -> Option<Arc<Known>> {
+        let known = lock(&self.known).get(&kind)?.get(name).cloned()?;
+        if let (Some(watch), Some(generation)) = (&self.watch, known.generation)
+            && watch.unchanged_since(generation)
+        {
+            return Some(known);
+        }
         if known.source == Source::Bundled {
             let override_path = self.data_dir.join(kind.subdir()).join(name);
             match fs::symlink_metadata(&override_path) {
@@ -334,10 +371,11 @@ impl AssetStore {
 
     fn remember(&self, known: Known) {
         let mut map = lock(&self.known);
-        if map.len() >= CACHE_CAPACITY {
-            map.clear();
+        let names = map.entry(known.kind).or_default();
+        if names.len() >= CACHE_CAPACITY {
+            names.clear();
         }
-        map.insert((known.kind, known.name.clone()), known);
+        names.insert(known.name.clone(), Arc::new(known));
     }
 
     fn open_in(
@@ -346,6 +384,7 @@ impl AssetStore {
         source: Source,
         kind: AssetKind,
         name: &str,
+        generation: Option<u64>,
     ) -> Result<Option<OpenAsset>, StoreError> {
         let dir = root.join(kind.subdir());
         let candidate = dir.join(name);
@@ -366,6 +405,10 @@ impl AssetStore {
                 Err(DigestError::Io(e)) => return Err(io_err(e)),
             };
             let modified = meta.modified().map_err(io_err)?;
+            // The subdir's watch sees changes to the entries directly in it (a symlink's target included when it is
+            // one of them); a file deeper down is re-checked with `stat`.
+            // A file with other hard links could be written through a name outside the watched dir: `stat` it.
+            let watched = real.parent() == Some(dir.as_path()) && meta.nlink() == 1;
             let known = Known {
                 kind,
                 name: name.to_string(),
@@ -376,6 +419,7 @@ impl AssetStore {
                 len: identity.size,
                 modified,
                 digest: digest.clone(),
+                generation: generation.filter(|_| watched),
             };
             self.remember(known);
             return Ok(Some(OpenAsset { file, len: identity.size, modified, source, name: name.to_string(), digest }));

@@ -11,17 +11,22 @@ use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
-use http::{Method, StatusCode};
+use http::{Method, StatusCode, Uri};
 use http_body::{Frame, SizeHint};
 use rm_assets::Source;
 
 pub async fn log_request(request: Request, next: Next) -> Response {
+    // Filtered out (`RM_LOG=warn`, `access=off`): no line, no wrapping, no work.
+    if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+        return next.run(request).await;
+    }
     let started = Instant::now();
-    let route = request.extensions().get::<MatchedPath>().map_or("-".to_string(), |p| p.as_str().to_string());
+    // Cheap clones (shared strings); formatting waits until the line is written.
+    let route = request.extensions().get::<MatchedPath>().cloned();
     let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
     let method = request.method().clone();
     let method_has_body = method != Method::HEAD;
-    let uri = request.uri().to_string();
+    let uri = request.uri().clone();
     let response = next.run(request).await;
     let line = Line {
         method,
@@ -42,8 +47,8 @@ pub async fn log_request(request: Request, next: Next) -> Response {
 
 struct Line {
     method: Method,
-    route: String,
-    uri: String,
+    route: Option<MatchedPath>,
+    uri: Uri,
     peer: Option<SocketAddr>,
     status: StatusCode,
     source: Option<Source>,
@@ -95,7 +100,7 @@ impl Drop for LoggedBody {
         tracing::info!(
             target: "access",
             method = %line.method,
-            route = %line.route,
+            route = %line.route.as_ref().map_or("-", MatchedPath::as_str),
             uri = %line.uri,
             peer = line.peer.map(|p| p.to_string()).unwrap_or_default(),
             status = line.status.as_u16(),
@@ -107,3 +112,4 @@ impl Drop for LoggedBody {
         );
     }
 }
+

@@ -46,7 +46,7 @@ fn remembered(store: &AssetStore, platform: Platform, base: &str) -> Option<Plat
     Some(entry_from(
         platform,
         base,
-        Some(Found { len: k.len, modified: k.modified, source: k.source, digest: k.digest }),
+        Some(Found { len: k.len, modified: k.modified, source: k.source, digest: k.digest.clone() }),
     ))
 }
 
@@ -306,7 +306,7 @@ fn restic_remembered(store: &AssetStore, platform: Platform, base: &str) -> Opti
     if s.source == Source::DataDir && sidecar.describe(platform.restic_file_name(), &k.digest.sha256_hex()).is_none() {
         return None;
     }
-    let found = Found { len: k.len, modified: k.modified, source: k.source, digest: k.digest };
+    let found = Found { len: k.len, modified: k.modified, source: k.source, digest: k.digest.clone() };
     Some(restic_entry_from(platform, base, Some(found), &[&sidecar]))
 }
 

@@ -27,7 +27,7 @@ pub enum Content {
     /// The opened file: streamed from the handle the headers were taken from.
     File(std::fs::File),
     /// A remembered file version: opened only if a body is sent, and only if it is still that version.
-    Known(rm_assets::Known),
+    Known(std::sync::Arc<rm_assets::Known>),
     /// Rendered in memory (install scripts with the server URL filled in).
     Memory(bytes::Bytes),
 }
@@ -46,8 +46,8 @@ pub struct Representation {
     pub digest: std::sync::Arc<rm_assets::Digest>,
 }
 
-impl From<rm_assets::Known> for Representation {
-    fn from(known: rm_assets::Known) -> Self {
+impl From<std::sync::Arc<rm_assets::Known>> for Representation {
+    fn from(known: std::sync::Arc<rm_assets::Known>) -> Self {
         Representation {
             len: known.len,
             modified: known.modified,

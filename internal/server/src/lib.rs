@@ -10,6 +10,7 @@ mod file_body;
 mod file_response;
 pub mod healthcheck;
 pub mod install_lines;
+pub mod log_buffer;
 mod maintenance;
 mod public_url;
 mod render;

@@ -39,7 +39,7 @@ pub fn render(asset: OpenAsset, base: Option<&str>, cache: &RenderCache) -> Resu
 }
 
 /// The fast path: a remembered script version whose rendering for `base` is cached. `None`: do the full lookup.
-pub fn cached(known: &Known, base: Option<&str>, cache: &RenderCache) -> Option<Representation> {
+pub fn cached(known: &Arc<Known>, base: Option<&str>, cache: &RenderCache) -> Option<Representation> {
     let Some(base) = base else { return Some(known.clone().into()) };
     if known.len > MAX_TEMPLATE {
         return Some(known.clone().into());
