@@ -616,6 +616,18 @@ async fn blobs_serve_the_bytes_with_their_digest_and_are_immutable() {
         let r = f.request(Method::GET, &path, &[("range", "bytes=999999-")]).await;
         assert_eq!((r.status, r.header("cache-control")), (StatusCode::RANGE_NOT_SATISFIABLE, "no-store"), "{path}");
     }
+    // A blob download is audited like a download by name, with the platform whose file it was.
+    let mut audited = None;
+    for _ in 0..50 {
+        let events = f.admin(Method::GET, "/api/v1/audit?kind=download", serde_json::Value::Null).await.json();
+        audited = events["events"].as_array().unwrap().iter().find(|e| e["sha256"] == sha_hex(&amd)).cloned();
+        if audited.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let audited = audited.expect("a download audit event for the blob");
+    assert_eq!((audited["platform"].as_str(), audited["source"].as_str()), (Some("linux/amd64"), Some("bundled")));
     // An agent's digest is not a restic blob, nor the other way round.
     let r = f.get(&format!("/restic/blobs/sha256/{}", sha_hex(&amd))).await;
     assert_eq!((r.status, r.json()["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
