@@ -7,8 +7,9 @@
 # A server with a self-signed certificate: check its key with the pin it prints (curl checks a pin even with -k):
 #   curl -fsSL --pinnedpubkey sha256//PIN -k https://SERVER/install/install.sh | RM_ENROLL_TOKEN=TOKEN sh -s -- --pin sha256//PIN
 #
-# Downloads the agent the server serves for this host, verifies its SHA-256 against the server's published checksum,
-# installs it atomically, enrolls it with the token and starts the systemd service. With --with-restic it also
+# Downloads the agent the server serves for this host by the SHA-256 the server publishes for it
+# (/agent/blobs/sha256/<sha256>, a URL any HTTP cache may keep; by name if that fails), verifies it against that
+# checksum, installs it atomically, enrolls it with the token and starts the systemd service. With --with-restic it also
 # installs the server's restic for this host the same way, as restic-manager-restic beside the agent (the agent's
 # managed restic; a restic already on PATH is never touched). Safe to re-run: an up-to-date
 # binary is not downloaded again and an enrolled host is not enrolled twice.
@@ -251,6 +252,15 @@ fetch() {
     esac
 }
 
+# fetch_by_digest BLOB_URL NAME_URL FILE: downloads by digest (a URL that only ever serves the bytes with that
+# SHA-256, so a cache in between can never hand out another build under it), else by name (a server from before
+# content-addressed downloads, or a file replaced since SHA256SUMS was read). The caller checks the digest either way.
+fetch_by_digest() {
+    if fetch "$1" "$3"; then return 0; fi
+    say "could not download $1; downloading $2 instead"
+    fetch "$2" "$3"
+}
+
 # sha256_of FILE: prints the lowercase hex digest.
 sha256_of() {
     case "$hasher" in
@@ -307,14 +317,15 @@ install_binary() {
         return 0
     fi
     if [ "$dry_run" = 1 ]; then
-        say "would download $server/agent/binary?os=$os&arch=$arch, verify sha256 $expected and install it as $dest"
+        say "would download $server/agent/blobs/sha256/$expected (else $server/agent/binary?os=$os&arch=$arch), verify sha256 $expected and install it as $dest"
         return 0
     fi
     mkdir -p "$bin_dir" || die "cannot create $bin_dir"
     # The temporary file sits next to the destination so the final rename is atomic.
     tmp=$(mktemp "$bin_dir/.restic-manager-agent.XXXXXX") || die "cannot create a temporary file in $bin_dir"
     say "downloading the $os/$arch agent from $server"
-    fetch "$server/agent/binary?os=$os&arch=$arch" "$tmp" || die "download failed; the existing agent (if any) is untouched"
+    fetch_by_digest "$server/agent/blobs/sha256/$expected" "$server/agent/binary?os=$os&arch=$arch" "$tmp" ||
+        die "download failed; the existing agent (if any) is untouched"
     actual=$(sha256_of "$tmp")
     if [ "$actual" != "$expected" ]; then
         if head -c 512 "$tmp" | grep -qi '<html\|<!doctype'; then
@@ -364,12 +375,13 @@ restic_step() {
         return 0
     fi
     if [ "$dry_run" = 1 ]; then
-        say "would download $server/restic/binary?os=$os&arch=$arch, verify sha256 $restic_expected, smoke-run it and install it as $restic_dest (a failure only warns)"
+        say "would download $server/restic/blobs/sha256/$restic_expected (else $server/restic/binary?os=$os&arch=$arch), verify sha256 $restic_expected, smoke-run it and install it as $restic_dest (a failure only warns)"
         return 0
     fi
     tmp=$(mktemp "$bin_dir/.restic-manager-restic.XXXXXX") || { restic_skip "cannot create a temporary file in $bin_dir"; return 1; }
     say "downloading the $os/$arch restic from $server"
-    fetch "$server/restic/binary?os=$os&arch=$arch" "$tmp" || { restic_skip "the restic download failed"; return 1; }
+    fetch_by_digest "$server/restic/blobs/sha256/$restic_expected" "$server/restic/binary?os=$os&arch=$arch" "$tmp" ||
+        { restic_skip "the restic download failed"; return 1; }
     actual=$(sha256_of "$tmp")
     if [ "$actual" != "$restic_expected" ]; then
         restic_skip "restic checksum mismatch: expected $restic_expected, got $actual"

@@ -43,17 +43,25 @@ fn beat_body() -> Value {
     json!({"hostname": "web-1", "os": "linux", "arch": "amd64", "version": "1", "commit": "c", "seq": 1})
 }
 
-/// Every link this request would be given: the installer's default server, manifest URLs, the heartbeat's URL.
+/// Every link this request would be given: the installer's default server, manifest URLs, the heartbeat's URL. Their
+/// blob URLs are checked here to have the same origin as these names.
 fn links(server: &Server, credential: &str, headers: &[(&str, &str)]) -> Vec<String> {
     let script = server.request("GET", "/install/install.sh", headers).text();
     let default = script.lines().find(|l| l.starts_with("RM_DEFAULT_SERVER=")).unwrap().to_owned();
     let manifest = server.request("GET", "/agent/manifest", headers).json();
     let beat = heartbeat(server, credential, headers, &beat_body()).json();
-    vec![
-        default,
-        manifest["agents"][0]["url"].as_str().unwrap().to_owned(),
-        beat["update"]["url"].as_str().unwrap().to_owned(),
-    ]
+    let blobs = [&manifest["agents"][0]["blob_url"], &beat["update"]["blob_url"]];
+    let blobs: Vec<String> =
+        blobs.iter().map(|b| b.as_str().expect("a published build has a blob URL").to_owned()).collect();
+    for blob in &blobs {
+        assert!(blob.contains("/agent/blobs/sha256/"), "{blob}");
+    }
+    let names = [manifest["agents"][0]["url"].as_str().unwrap(), beat["update"]["url"].as_str().unwrap()];
+    // Each blob URL has its name's origin: whatever decides one decides the other.
+    for (name, blob) in names.iter().zip(&blobs) {
+        assert_eq!(name.split("/agent/").next(), blob.split("/agent/").next(), "{name} / {blob}");
+    }
+    vec![default, names[0].to_owned(), names[1].to_owned()]
 }
 
 #[test]

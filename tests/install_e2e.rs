@@ -1638,7 +1638,8 @@ fn dry_run_plan_says_what_would_really_happen() {
         let (agent, config) = fresh_plan(&fresh);
         let (old_agent, old_config) = fresh_plan(&installed);
         let download = format!(
-            "would download {base}/agent/binary?os=linux&arch=amd64, verify sha256 {served_sha} and install it as {agent}"
+            "would download {base}/agent/blobs/sha256/{served_sha} (else {base}/agent/binary?os=linux&arch=amd64), \
+             verify sha256 {served_sha} and install it as {agent}"
         );
         let rows = vec![
             Row {

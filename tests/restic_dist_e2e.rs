@@ -196,6 +196,10 @@ fn served_restic_is_listed_installed_reported_and_runs_a_backup() {
     assert_eq!(view["restic_drift"], "current", "{view}");
     assert_eq!(sha256_file(&agent.managed()), sha);
     assert!(agent.log().contains("installed restic 0.14.0"), "{}", agent.log());
+    let by_digest = format!("/restic/blobs/sha256/{sha}");
+    let fetched = server.log_json().into_iter().filter(|l| l["target"] == "access" && l["status"] == 200);
+    let fetched: Vec<String> = fetched.filter_map(|l| l["uri"].as_str().map(str::to_owned)).collect();
+    assert!(fetched.contains(&by_digest), "the agent downloads by digest: {fetched:?}");
     // The host's PATH was never written to.
     assert_eq!(fs::read_dir(agent.dir.path().join("empty-path")).unwrap().count(), 0);
 
@@ -442,9 +446,14 @@ fn a_repository_requiring_a_newer_restic_gets_the_served_one_and_path_restic_is_
     assert!(message.contains("the server serves no restic known to be new enough"), "{failed}");
 }
 
-/// A plain-HTTP proxy in front of the server that answers the first `failures` requests for `/restic/binary` with
-/// 503 and forwards everything else, asking for `Connection: close` so every request comes on a connection of its
-/// own and is seen here. Its threads end with the test process.
+/// Whether a request line downloads restic: by name or, as agents do when the server names one, by digest.
+fn restic_download(request_line: &str) -> bool {
+    request_line.contains("/restic/binary") || request_line.contains("/restic/blobs/sha256/")
+}
+
+/// A plain-HTTP proxy in front of the server that answers the first `failures` restic downloads (by name or by
+/// digest: [`restic_download`]) with 503 and forwards everything else, asking for `Connection: close` so every
+/// request comes on a connection of its own and is seen here. Its threads end with the test process.
 struct FailingProxy {
     addr: std::net::SocketAddr,
     failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -455,7 +464,7 @@ impl FailingProxy {
         Self::start_throttled(upstream, failures, None)
     }
 
-    /// `throttle`: a `/restic/binary` answer is forwarded 64 KiB at a time with this pause between chunks.
+    /// `throttle`: a restic download's answer is forwarded 64 KiB at a time with this pause between chunks.
     fn start_throttled(upstream: std::net::SocketAddr, failures: usize, throttle: Option<Duration>) -> FailingProxy {
         use std::io::{Read, Write};
         use std::sync::atomic::Ordering;
@@ -479,7 +488,7 @@ impl FailingProxy {
                     }
                     let text = String::from_utf8_lossy(&head).into_owned();
                     let first = text.lines().next().unwrap_or_default().to_string();
-                    if first.contains("/restic/binary")
+                    if restic_download(&first)
                         && counter
                             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < failures).then_some(n + 1))
                             .is_ok()
@@ -505,7 +514,7 @@ impl FailingProxy {
                     std::thread::spawn(move || {
                         let _ = std::io::copy(&mut from_client, &mut to_server);
                     });
-                    match throttle.filter(|_| first.contains("/restic/binary")) {
+                    match throttle.filter(|_| restic_download(&first)) {
                         None => {
                             let _ = std::io::copy(&mut server, &mut client);
                         }

@@ -102,7 +102,7 @@ pub fn install(
     let new = update::download_verified(
         client,
         credential,
-        &served.url,
+        update::Locations { blob: served.blob_url.as_deref(), name: &served.url },
         (&want_sha, want_size),
         dir,
         ".restic-manager-restic-",
@@ -172,6 +172,7 @@ mod tests {
             source: None,
             last_modified: None,
             url: "/restic/binary?os=linux&arch=amd64".into(),
+            blob_url: None,
             version: version.map(str::to_owned),
             package_version: None,
         }

@@ -55,7 +55,7 @@ pub fn apply(
     let new = download_verified(
         client,
         credential,
-        &served.url,
+        Locations { blob: served.blob_url.as_deref(), name: &served.url },
         (&want_sha, want_size),
         dir,
         ".restic-manager-agent-update-",
@@ -86,12 +86,62 @@ pub(crate) fn announced(sha256: Option<&str>, size: Option<u64>, what: &str) -> 
     Ok((want_sha.to_ascii_lowercase(), want_size))
 }
 
-/// Downloads `url` into a temporary file in `dir` (same filesystem as the file it will replace), checks its size
-/// and SHA-256 against `want` (the download stops at the announced size), syncs it, closes it and makes it
-/// executable. The temporary file is deleted on any failure and whenever the returned path is dropped. `stopping`
-/// is asked before each chunk is written: once it says yes, the download is abandoned (the agent is shutting down).
+/// Where a served file can be downloaded: by digest (`blob`, the server's `blob_url`: a URL that only ever serves
+/// those bytes, so any HTTP cache in between may keep it) and by name (`url`, whatever the server serves now).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Locations<'a> {
+    pub blob: Option<&'a str>,
+    pub name: &'a str,
+}
+
+impl<'a> Locations<'a> {
+    /// The URLs in the order they are tried: the blob first, when the server named one.
+    fn in_order(self) -> Vec<&'a str> {
+        self.blob.into_iter().chain([self.name]).collect()
+    }
+}
+
+/// Whether a failed download by digest is tried again by name: only when the server says it has no such blob (404:
+/// the file was replaced between the announcement and the download, or the server predates blobs). Anything else
+/// is the answer: a mismatch is refused wherever it came from, and another error of the same server would only
+/// repeat. The check after the download does not change, so the name can never install other bytes than announced.
+fn try_next_after(e: &AgentError) -> bool {
+    matches!(e, AgentError::Server { status: 404, .. })
+}
+
+/// Downloads the file at `from` (its blob URL, else or on a 404 its name; see [`try_next_after`]) into a temporary
+/// file in `dir` (same filesystem as the file it will replace), checks its size and SHA-256 against `want` (the
+/// download stops at the announced size), syncs it, closes it and makes it executable. The temporary file is deleted
+/// on any failure and whenever the returned path is dropped. `stopping` is asked before each chunk is written: once
+/// it says yes, the download is abandoned (the agent is shutting down).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn download_verified(
+    client: &Client,
+    credential: Option<&str>,
+    from: Locations<'_>,
+    want: (&str, u64),
+    dir: &Path,
+    prefix: &str,
+    show_progress: bool,
+    stopping: &dyn Fn() -> bool,
+) -> Result<tempfile::TempPath, AgentError> {
+    let urls = from.in_order();
+    for (i, url) in urls.iter().enumerate() {
+        match download_one(client, credential, url, want, dir, prefix, show_progress, stopping) {
+            Err(e) if i + 1 < urls.len() && try_next_after(&e) => crate::log(format!(
+                "{} answered 404 ({e}); downloading {} instead",
+                crate::printable(url),
+                crate::printable(urls[i + 1])
+            )),
+            done => return done,
+        }
+    }
+    unreachable!("the name is always tried last")
+}
+
+/// [`download_verified`] from one URL.
+#[allow(clippy::too_many_arguments)]
+fn download_one(
     client: &Client,
     credential: Option<&str>,
     url: &str,
@@ -415,6 +465,79 @@ mod tests {
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         assert!(w.write_all(b"second").unwrap_err().to_string().contains("stopping"));
         assert_eq!(out, b"first chunk");
+    }
+
+    /// A loopback HTTP server answering each path with its (status, body) from `routes` (anything else: 404), one
+    /// connection per request; returns its base URL and the paths asked for, in order.
+    fn serve(routes: Vec<(&'static str, u16, Vec<u8>)>) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = asked.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                let path = line.split(' ').nth(1).unwrap_or_default().to_string();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                    line.clear();
+                }
+                let (status, body) = routes
+                    .iter()
+                    .find(|(p, ..)| *p == path)
+                    .map(|(_, s, b)| (*s, b.clone()))
+                    .unwrap_or((404, br#"{"error":"not_found","message":"no such thing"}"#.to_vec()));
+                seen.lock().unwrap().push(path);
+                let head = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = stream.write_all(head.as_bytes()).and_then(|_| stream.write_all(&body));
+            }
+        });
+        (base, asked)
+    }
+
+    /// The blob URL first; the name only when the blob is a 404; the digest check applies to either.
+    #[test]
+    fn downloads_by_digest_and_by_name_only_after_a_404() {
+        let good = b"the announced build".to_vec();
+        let sha = hex::encode(sha2::Sha256::digest(&good));
+        let want = (sha.as_str(), good.len() as u64);
+        let dir = tempfile::tempdir().unwrap();
+        let fetch = |routes: Vec<(&'static str, u16, Vec<u8>)>, blob: bool| {
+            let (base, asked) = serve(routes);
+            let client = Client::new(&base, &crate::client::Trust::System, None).unwrap();
+            let from = Locations { blob: blob.then_some("/blob"), name: "/name" };
+            let got = download_verified(&client, None, from, want, dir.path(), ".t-", false, &|| false)
+                .map(|p| std::fs::read(&p).unwrap());
+            (got, asked.lock().unwrap().clone())
+        };
+
+        let (got, asked) = fetch(vec![("/blob", 200, good.clone()), ("/name", 200, b"other".to_vec())], true);
+        assert_eq!((got.unwrap(), asked), (good.clone(), vec!["/blob".to_string()]));
+        let (got, asked) = fetch(vec![("/name", 200, good.clone())], true);
+        assert_eq!((got.unwrap(), asked), (good.clone(), vec!["/blob".to_string(), "/name".to_string()]));
+        let (got, asked) = fetch(vec![("/blob", 200, b"other".to_vec()), ("/name", 200, good.clone())], false);
+        assert_eq!((got.unwrap(), asked), (good.clone(), vec!["/name".to_string()]), "no blob URL: the name");
+        // A server error is the answer, not a reason to try the name.
+        let (got, asked) = fetch(vec![("/blob", 503, b"{}".to_vec()), ("/name", 200, good.clone())], true);
+        assert!(matches!(got, Err(AgentError::Server { status: 503, .. })), "{got:?}");
+        assert_eq!(asked, ["/blob"]);
+        // Other bytes are refused wherever they come from, by digest or after the fallback.
+        let tampered = b"the announced buile".to_vec();
+        let (got, asked) = fetch(vec![("/blob", 200, tampered.clone()), ("/name", 200, good.clone())], true);
+        assert!(matches!(got, Err(AgentError::Verification(_))), "{got:?}");
+        assert_eq!(asked, ["/blob"]);
+        let (got, _) = fetch(vec![("/name", 200, tampered)], true);
+        assert!(matches!(got, Err(AgentError::Verification(_))), "{got:?}");
+        let (got, _) = fetch(vec![], true);
+        assert!(matches!(got, Err(AgentError::Server { status: 404, .. })), "both gone: {got:?}");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "no temporary file is left behind: {left:?}");
     }
 
     fn script(dir: &Path, body: &str) -> PathBuf {

@@ -25,8 +25,14 @@ pub struct PlatformEntry {
     /// HTTP date.
     #[serde(default)]
     pub last_modified: Option<String>,
-    /// Where to download it: absolute when the server knows its public URL, else a path.
+    /// Where to download it by name (`/agent/binary?os=&arch=`, mutable: what it serves changes with the build):
+    /// absolute when the server knows its public URL, else a path.
     pub url: String,
+    /// Where to download these very bytes by digest (`/agent/blobs/sha256/<sha256>`, immutable: any HTTP cache may
+    /// keep it forever), absolute or a path like `url`. Absent from servers before content-addressed downloads and
+    /// for an unpublished build; an agent falls back to `url` when it is absent or answers 404.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob_url: Option<String>,
     /// Build information embedded in the binary, when it carries a restic-manager marker.
     #[serde(default)]
     pub agent: Option<BuildInfo>,

@@ -32,8 +32,12 @@ pub struct ResticEntry {
     /// HTTP date.
     #[serde(default)]
     pub last_modified: Option<String>,
-    /// Where to download it: absolute when the server knows its public URL, else a path.
+    /// Where to download it by name (`/restic/binary?os=&arch=`, mutable), absolute or a path.
     pub url: String,
+    /// Where to download these very bytes by digest (`/restic/blobs/sha256/<sha256>`, immutable), absolute or a path
+    /// like `url`; absent from older servers and for an unpublished build (then, or on a 404, `url` is used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blob_url: Option<String>,
     /// restic's version (`0.14.0`), from the sidecar when it lists this very file (same SHA-256); `None`: unknown.
     #[serde(default)]
     pub version: Option<String>,

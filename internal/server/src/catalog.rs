@@ -36,8 +36,20 @@ fn entry_from(platform: Platform, base: &str, found: Option<Found>) -> PlatformE
         source: found.as_ref().map(|f| f.source.as_str().into()),
         last_modified: found.as_ref().map(|f| httpdate::fmt_http_date(f.modified)),
         url: format!("{base}/agent/binary?os={}&arch={}", platform.os.as_str(), platform.arch.as_str()),
+        blob_url: found.as_ref().map(|f| agent_blob_url(base, &f.digest.sha256_hex())),
         agent: found.and_then(|f| f.digest.build_info.clone()),
     }
+}
+
+/// The content-addressed URL of an agent build (`base` as for [`entry_from`]): the bytes with that SHA-256, whichever
+/// name serves them or whether any still does (`routes::assets::agent_blob`).
+pub fn agent_blob_url(base: &str, sha256: &str) -> String {
+    format!("{base}/agent/blobs/sha256/{sha256}")
+}
+
+/// The content-addressed URL of a restic build (`routes::assets::restic_blob`).
+pub fn restic_blob_url(base: &str, sha256: &str) -> String {
+    format!("{base}/restic/blobs/sha256/{sha256}")
 }
 
 /// The remembered binary of a platform, if still current (one or two `stat`s: fine on an async worker).
@@ -286,6 +298,7 @@ fn restic_entry_from(platform: Platform, base: &str, found: Option<Found>, sidec
         source: found.as_ref().map(|f| f.source.as_str().into()),
         last_modified: found.as_ref().map(|f| httpdate::fmt_http_date(f.modified)),
         url: format!("{base}/restic/binary?os={}&arch={}", platform.os.as_str(), platform.arch.as_str()),
+        blob_url: sha256.as_deref().map(|sha| restic_blob_url(base, sha)),
         version: described.map(|d| d.version.clone()),
         package_version: described
             .and_then(|d| d.package_version.as_deref())

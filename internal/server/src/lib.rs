@@ -75,6 +75,7 @@ fn routes(state: &AppState) -> Router<AppState> {
         .route("/agent/manifest", get(routes::assets::manifest))
         .route("/agent/SHA256SUMS", get(routes::assets::sha256sums))
         .route("/restic/binary", get(routes::assets::restic_binary))
+        .route("/restic/blobs/sha256/{hex}", get(routes::assets::restic_blob))
         .route("/install/{name}", get(routes::assets::install_file))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_download_auth));
     let api = Router::new()
@@ -112,23 +113,27 @@ fn routes(state: &AppState) -> Router<AppState> {
         // Small requests with small answers: bounded in time, body included. Downloads and uploads are not: a slow
         // but live transfer of a large agent must finish.
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.settings().api_timeout))
-        .layer(axum::middleware::map_response_with_state(state.clone(), timeout_as_json));
+        .layer(axum::middleware::map_response_with_state(state.clone(), timeout_as_json))
+        .layer(axum::middleware::map_response(no_store));
     // Report batches may list many snapshots: a larger body limit, the same time limit.
     let reports = Router::new()
         .route("/api/v1/agents/reports", post(operations::reports))
         .layer(DefaultBodyLimit::max(operations::REPORTS_BODY_LIMIT))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.settings().api_timeout))
-        .layer(axum::middleware::map_response_with_state(state.clone(), timeout_as_json));
+        .layer(axum::middleware::map_response_with_state(state.clone(), timeout_as_json))
+        .layer(axum::middleware::map_response(no_store));
     // A listing answer may carry 10,000 entries.
     let listings = Router::new()
         .route("/api/v1/agents/tasks/{request_id}", post(restore::answer))
         .layer(DefaultBodyLimit::max(restore::LS_BODY_LIMIT))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.settings().api_timeout))
-        .layer(axum::middleware::map_response_with_state(state.clone(), timeout_as_json));
+        .layer(axum::middleware::map_response_with_state(state.clone(), timeout_as_json))
+        .layer(axum::middleware::map_response(no_store));
     // Uploads enforce their own, configurable limit while streaming.
     let uploads = Router::new()
         .route("/api/v1/assets/{kind}/{name}", put(upload::put_asset).delete(upload::delete_asset))
-        .layer(DefaultBodyLimit::disable());
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::map_response(no_store));
 
     Router::new()
         .merge(downloads)
@@ -159,6 +164,13 @@ async fn timeout_as_json(State(state): State<AppState>, response: Response) -> R
     {
         return ApiError::Timeout(state.settings().api_timeout).into_response();
     }
+    response
+}
+
+/// API answers (enrollment, heartbeats, `/metrics`, the admin API) are about one caller at one moment: no cache may
+/// keep them, whatever sits in front of the server.
+async fn no_store(mut response: Response) -> Response {
+    response.headers_mut().entry(http::header::CACHE_CONTROL).or_insert(http::HeaderValue::from_static("no-store"));
     response
 }
 

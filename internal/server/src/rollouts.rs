@@ -176,7 +176,8 @@ pub(crate) fn update_entry(
         sha256: Some(sha.clone()),
         source: Some("archive".into()),
         last_modified: None,
-        url: format!("{base}/agent/blobs/sha256/{sha}"),
+        url: crate::catalog::agent_blob_url(base, &sha),
+        blob_url: Some(crate::catalog::agent_blob_url(base, &sha)),
         agent: record.version.map(|version| rm_buildinfo::BuildInfo {
             version,
             commit: record.commit.unwrap_or_default(),

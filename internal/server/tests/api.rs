@@ -137,6 +137,8 @@ async fn heartbeat_reports_the_served_build_and_the_fleet_view_classifies() {
     assert_eq!(j["update"]["sha256"], sha_hex(&served));
     assert_eq!(j["update"]["size"], 4096);
     assert_eq!(j["update"]["url"], "/agent/binary?os=linux&arch=amd64");
+    assert_eq!(j["update"]["blob_url"], format!("/agent/blobs/sha256/{}", sha_hex(&served)));
+    assert_eq!(r.header("cache-control"), "no-store", "a heartbeat answer is never cached");
     assert_eq!(j["heartbeat_interval_secs"], 60);
 
     let mut hb = host("old");
@@ -332,6 +334,9 @@ async fn downloads_are_audited_and_can_require_a_token() {
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(f.get("/install/install.sh").await.status, StatusCode::UNAUTHORIZED);
     assert_eq!(f.get("/agent/manifest").await.status, StatusCode::UNAUTHORIZED);
+    let blob = format!("/agent/blobs/sha256/{}", sha_hex(&bytes));
+    assert_eq!(f.get(&blob).await.status, StatusCode::UNAUTHORIZED, "blobs are gated like names");
+    assert_eq!(f.get(&format!("/restic/blobs/sha256/{}", sha_hex(&bytes))).await.status, StatusCode::UNAUTHORIZED);
     assert_eq!(f.get("/healthz").await.status, StatusCode::OK, "health stays public");
 
     let t = token(&f, json!({})).await;
@@ -344,6 +349,11 @@ async fn downloads_are_audited_and_can_require_a_token() {
     assert_eq!(r.body, bytes);
     let r = f.call(Method::GET, "/agent/binary?os=linux&arch=amd64", Some("rmagt_x_y"), &[], vec![]).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    // Behind the gate a blob depends on the credential: no shared cache may keep it (`private`), a client's may.
+    let r = f.call(Method::GET, &blob, Some(&credential), &[], vec![]).await;
+    assert_eq!((r.status, r.body == bytes), (StatusCode::OK, true));
+    assert_eq!(r.header("cache-control"), "private, max-age=31536000, immutable");
+    assert_eq!(f.call(Method::GET, &blob, Some("rmagt_x_y"), &[], vec![]).await.status, StatusCode::UNAUTHORIZED);
 
     // The audit record is written asynchronously: poll briefly.
     let mut found = None;

@@ -107,6 +107,10 @@ async fn hostile_paths_and_queries_never_escape_the_roots() {
     let abs_encoded = format!("/install/{}", outside.replace('/', "%2F"));
     let abs_query = format!("/agent/binary?os={}&arch=amd64", outside.replace('/', "%2F"));
     let long_query = format!("/agent/binary?os={}&arch=amd64", "x".repeat(5000));
+    let blob_of_secret = format!("/agent/blobs/sha256/{}", sha_hex(SECRET.as_bytes()));
+    let restic_blob_of_secret = format!("/restic/blobs/sha256/{}", sha_hex(SECRET.as_bytes()));
+    let blob_upper = format!("/agent/blobs/sha256/{}", sha_hex(b"legit binary").to_ascii_uppercase());
+    let blob_short = format!("/agent/blobs/sha256/{}", &sha_hex(b"legit binary")[1..]);
 
     let cases: Vec<&str> = vec![
         // traversal in the install name, raw and encoded
@@ -192,6 +196,16 @@ async fn hostile_paths_and_queries_never_escape_the_roots() {
         "/restic/binary/../../etc/passwd",
         "/restic-binaries/restic-linux-amd64",
         "/restic/binary?os=linux&arch=amd64&arch=arm64",
+        // blobs: lowercase 64-hex digests only, of the bytes a root serves; a digest of a file outside is unknown
+        &blob_of_secret,
+        &restic_blob_of_secret,
+        "/agent/blobs/sha256/..%2F..%2Fagent-binaries%2Frestic-manager-agent-linux-amd64",
+        "/agent/blobs/sha256/restic-manager-agent-linux-amd64",
+        "/restic/blobs/sha256/restic-linux-amd64",
+        &blob_upper,
+        &blob_short,
+        "/agent/blobs/sha256/",
+        "/agent/blobs/sha1/0123",
         // paths that never match a route
         "/install/",
         "/install/a/b",
@@ -539,11 +553,13 @@ async fn manifest_and_sha256sums_describe_every_platform() {
     assert_eq!(agents[0]["size"], 5000);
     assert_eq!(agents[0]["source"], "bundled");
     assert_eq!(agents[0]["url"], "https://rm.example.com/agent/binary?os=linux&arch=amd64");
+    assert_eq!(agents[0]["blob_url"], format!("https://rm.example.com/agent/blobs/sha256/{}", sha_hex(&amd)));
     assert_eq!(agents[0]["agent"], serde_json::Value::Null);
     assert_eq!(agents[1]["source"], "data-dir");
     assert_eq!(agents[1]["agent"]["version"], "1.4.0");
     assert_eq!(agents[1]["agent"]["commit"], "deadbeef");
     assert_eq!((agents[2]["published"].as_bool(), agents[2]["sha256"].is_null()), (Some(false), true));
+    assert!(agents[2].get("blob_url").is_none(), "nothing published, no blob: {m}");
 
     let sums = f.get("/agent/SHA256SUMS").await;
     assert_eq!(sums.header("content-type"), "text/plain; charset=utf-8");
@@ -558,6 +574,115 @@ async fn manifest_urls_use_a_plain_host_header_or_stay_relative() {
     assert_eq!(r.json()["agents"][0]["url"], "http://rm.internal:8080/agent/binary?os=linux&arch=amd64");
     let r = f.request(Method::GET, "/agent/manifest", &[("host", "evil.com/$(id)")]).await;
     assert_eq!(r.json()["agents"][0]["url"], "/agent/binary?os=linux&arch=amd64");
+}
+
+// ---- content-addressed downloads ----
+
+/// `/agent/blobs/sha256/<hex>` and `/restic/blobs/sha256/<hex>` serve the bytes with that digest from whichever
+/// root serves them under a platform's name, immutable; the names and the manifest revalidate; a replaced file's old
+/// digest is unknown at once (nothing archived it here) and its new one is served.
+#[tokio::test]
+async fn blobs_serve_the_bytes_with_their_digest_and_are_immutable() {
+    let f = Fixture::new();
+    let amd = pseudo_random(70_000, 3);
+    let arm = pseudo_random(9_000, 4);
+    let restic = pseudo_random(5_000, 5);
+    f.put(&f.bundled, "agent-binaries", LINUX_AMD64, &amd);
+    f.put(&f.data, "agent-binaries", "restic-manager-agent-linux-arm64", &arm);
+    f.put(&f.data, "restic-binaries", "restic-windows-amd64.exe", &restic);
+    let immutable = "public, max-age=31536000, immutable";
+
+    for (path, bytes, source) in [
+        (format!("/agent/blobs/sha256/{}", sha_hex(&amd)), &amd, "bundled"),
+        (format!("/agent/blobs/sha256/{}", sha_hex(&arm)), &arm, "data-dir"),
+        (format!("/restic/blobs/sha256/{}", sha_hex(&restic)), &restic, "data-dir"),
+    ] {
+        // Twice: the first full lookup, then the remembered version.
+        for _ in 0..2 {
+            let r = f.get(&path).await;
+            assert_eq!(r.status, StatusCode::OK, "{path}");
+            assert_eq!(&r.body, bytes, "{path}");
+            assert_eq!(r.header("x-checksum-sha256"), sha_hex(bytes));
+            assert_eq!((r.header("cache-control"), r.header("x-asset-source")), (immutable, source), "{path}");
+        }
+        let etag = f.get(&path).await.header("etag").to_string();
+        let r = f.request(Method::GET, &path, &[("if-none-match", &etag)]).await;
+        assert_eq!((r.status, r.header("cache-control")), (StatusCode::NOT_MODIFIED, immutable), "{path}");
+        let r = f.request(Method::GET, &path, &[("range", "bytes=10-19")]).await;
+        assert_eq!((r.status, r.header("cache-control")), (StatusCode::PARTIAL_CONTENT, immutable), "{path}");
+        assert_eq!(r.body, bytes[10..20]);
+        let r = f.request(Method::HEAD, &path, &[]).await;
+        assert_eq!((r.status, r.header("cache-control"), r.body.len()), (StatusCode::OK, immutable, 0), "{path}");
+        let r = f.request(Method::GET, &path, &[("range", "bytes=999999-")]).await;
+        assert_eq!((r.status, r.header("cache-control")), (StatusCode::RANGE_NOT_SATISFIABLE, "no-store"), "{path}");
+    }
+    // A blob download is audited like a download by name, with the platform whose file it was.
+    let mut audited = None;
+    for _ in 0..50 {
+        let events = f.admin(Method::GET, "/api/v1/audit?kind=download", serde_json::Value::Null).await.json();
+        audited = events["events"].as_array().unwrap().iter().find(|e| e["sha256"] == sha_hex(&amd)).cloned();
+        if audited.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let audited = audited.expect("a download audit event for the blob");
+    assert_eq!((audited["platform"].as_str(), audited["source"].as_str()), (Some("linux/amd64"), Some("bundled")));
+    // An agent's digest is not a restic blob, nor the other way round.
+    let r = f.get(&format!("/restic/blobs/sha256/{}", sha_hex(&amd))).await;
+    assert_eq!((r.status, r.json()["error"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+    assert_eq!(r.header("cache-control"), "no-store", "a 404 is never kept: the digest may be published later");
+    let r = f.get(&format!("/agent/blobs/sha256/{}", sha_hex(&restic))).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
+    // The names and the manifest revalidate; the manifest names the blobs.
+    for name in ["/agent/binary?os=linux&arch=amd64", "/restic/binary?os=windows&arch=amd64", "/agent/manifest"] {
+        assert_eq!(f.get(name).await.header("cache-control"), "no-cache", "{name}");
+    }
+    assert_eq!(f.get("/agent/SHA256SUMS").await.header("cache-control"), "no-cache");
+    let m = f.get("/agent/manifest").await.json();
+    assert_eq!(m["agents"][0]["blob_url"], format!("/agent/blobs/sha256/{}", sha_hex(&amd)), "{m}");
+    assert_eq!(m["restic"][2]["blob_url"], format!("/restic/blobs/sha256/{}", sha_hex(&restic)), "{m}");
+
+    // An override: the bundled build's digest is no longer served by any name (and nothing archived it here).
+    let new = pseudo_random(70_000, 6);
+    f.put(&f.data, "agent-binaries", LINUX_AMD64, &new);
+    let r = f.get(&format!("/agent/blobs/sha256/{}", sha_hex(&amd))).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = f.get(&format!("/agent/blobs/sha256/{}", sha_hex(&new))).await;
+    assert_eq!((r.status, r.body == new), (StatusCode::OK, true));
+}
+
+/// The archive (`<DataDir>/agent-builds/<sha256>`, filled by the rollout task) comes first, and a damaged archive
+/// file is never served under the name of a digest it does not have.
+#[tokio::test]
+async fn agent_blobs_come_from_the_archive_checked() {
+    let f = Fixture::new();
+    let old = pseudo_random(4_000, 7);
+    fs::create_dir_all(f.data.join("agent-builds")).unwrap();
+    f.put(&f.data, "agent-builds", &sha_hex(&old), &old);
+    let r = f.get(&format!("/agent/blobs/sha256/{}", sha_hex(&old))).await;
+    assert_eq!((r.status, r.body == old), (StatusCode::OK, true));
+    assert_eq!(r.header("cache-control"), "public, max-age=31536000, immutable");
+    let damaged = pseudo_random(4_000, 8);
+    f.put(&f.data, "agent-builds", &sha_hex(&old), &damaged);
+    let r = f.get(&format!("/agent/blobs/sha256/{}", sha_hex(&old))).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert!(r.headers.get("x-checksum-sha256").is_none());
+}
+
+/// The API is never cacheable, whatever sits in front of the server.
+#[tokio::test]
+async fn api_answers_are_not_stored() {
+    let f = Fixture::new();
+    let r = f.post_json("/api/v1/agents/heartbeat", Some("rmagt_x_y"), serde_json::json!({})).await;
+    assert_eq!((r.status, r.header("cache-control")), (StatusCode::UNAUTHORIZED, "no-store"));
+    let r = f.admin(Method::GET, "/api/v1/agents", serde_json::Value::Null).await;
+    assert_eq!((r.status, r.header("cache-control")), (StatusCode::OK, "no-store"));
+    let r = f.admin(Method::GET, "/metrics", serde_json::Value::Null).await;
+    assert_eq!(r.header("cache-control"), "no-store");
+    let r = f.post_json("/api/v1/agents/enroll", None, serde_json::json!({})).await;
+    assert_eq!(r.header("cache-control"), "no-store");
 }
 
 // ---- operations ----
@@ -776,6 +901,7 @@ async fn restic_builds_are_served_listed_and_versioned_from_the_sidecar() {
     assert_eq!(restic[0]["package_version"], "0.14.0-1+b5");
     assert_eq!(restic[0]["source"], "bundled");
     assert_eq!(restic[0]["url"], "https://rm.example.com/restic/binary?os=linux&arch=amd64");
+    assert_eq!(restic[0]["blob_url"], format!("https://rm.example.com/restic/blobs/sha256/{}", sha_hex(&amd)));
     assert_eq!(restic[1]["sha256"], sha_hex(&arm));
     assert!(restic[1]["version"].is_null(), "a sidecar entry for other bytes lends no version: {m}");
     assert_eq!(restic[2]["file"], "restic-windows-amd64.exe");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use rm_assets::{AssetKind, Digest, NameError, Source, validate_name};
 use rm_fleet::AuditEvent;
-use rm_protocol::{Manifest, Platform};
+use rm_protocol::{Manifest, PLATFORMS, Platform};
 
 use crate::auth::Peer;
 use crate::file_response::Representation;
@@ -29,52 +29,203 @@ pub async fn agent_binary(
         serve_asset(&state, AssetKind::AgentBinary, platform.file_name(), &method, &headers, None)
             .await?
             .ok_or(ApiError::BinaryNotPublished(platform))?;
-    // Record downloads that send content, sampled so that no number of requests can grow the database without
-    // bound; the audit log never delays or fails a download.
-    let sha256 = digest.sha256_hex();
-    let platform_name = platform.to_string();
-    if method == Method::GET
-        && response.status().is_success()
-        && state.downloads().should_record(peer.map(|p| p.ip()), &platform_name, &sha256)
-    {
-        let event = AuditEvent {
-            platform: Some(platform_name),
-            sha256: Some(sha256),
-            source: Some(source.as_str().into()),
-            detail: response.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned),
-            ..super::audit_event("download", peer, &headers)
-        };
-        if let Err(e) = state.fleet().submit("download audit record", move |c| rm_fleet::record_audit(c, &event)) {
-            tracing::warn!(error = %e, "download audit record dropped");
-        }
-    }
+    record_download(&state, peer, &method, &headers, &response, Some(platform), &digest, source.as_str());
     Ok(response)
 }
 
-/// `GET|HEAD /agent/blobs/sha256/{hex}`: the archived agent build with that SHA-256 (every build the server has
-/// published is archived when first seen). The name is the content: lowercase hex only, and the bytes served are
-/// checked to have that digest (a damaged archive file is a 404, logged).
+/// Records downloads that send content, sampled so that no number of requests can grow the database without bound;
+/// the audit log never delays or fails a download. `platform: None` (an archived build): the platform it was
+/// archived for, looked up on the database thread.
+#[allow(clippy::too_many_arguments)]
+fn record_download(
+    state: &AppState,
+    peer: Option<std::net::SocketAddr>,
+    method: &Method,
+    headers: &HeaderMap,
+    response: &Response,
+    platform: Option<Platform>,
+    digest: &Digest,
+    source: &str,
+) {
+    let sha256 = digest.sha256_hex();
+    let platform_name = platform.map(|p| p.to_string());
+    if !(method == Method::GET
+        && response.status().is_success()
+        && state.downloads().should_record(peer.map(|p| p.ip()), platform_name.as_deref().unwrap_or(""), &sha256))
+    {
+        return;
+    }
+    let event = AuditEvent {
+        platform: platform_name,
+        sha256: Some(sha256),
+        source: Some(source.into()),
+        detail: response.headers().get(header::CONTENT_RANGE).and_then(|v| v.to_str().ok()).map(str::to_owned),
+        ..super::audit_event("download", peer, headers)
+    };
+    let recorded = state.fleet().submit("download audit record", move |c| {
+        let mut event = event;
+        if event.platform.is_none()
+            && let Some(build) = rm_fleet::rollouts::get_build(c, event.sha256.as_deref().unwrap_or_default())?
+        {
+            event.platform = Some(format!("{}/{}", build.os, build.arch));
+        }
+        rm_fleet::record_audit(c, &event)
+    });
+    if let Err(e) = recorded {
+        tracing::warn!(error = %e, "download audit record dropped");
+    }
+}
+
+/// What a content-addressed download may serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blob {
+    Agent,
+    Restic,
+}
+
+impl Blob {
+    fn what(self) -> &'static str {
+        match self {
+            Blob::Agent => "agent build",
+            Blob::Restic => "restic build",
+        }
+    }
+
+    /// The kind of the platforms' served files.
+    fn served(self) -> AssetKind {
+        match self {
+            Blob::Agent => AssetKind::AgentBinary,
+            Blob::Restic => AssetKind::ResticBinary,
+        }
+    }
+
+    fn file_name(self, platform: Platform) -> &'static str {
+        match self {
+            Blob::Agent => platform.file_name(),
+            Blob::Restic => platform.restic_file_name(),
+        }
+    }
+}
+
+/// `Cache-Control` of a blob: the URL names its bytes, so they never change and any cache may keep them for a year
+/// without asking again. Behind the download gate the answer depends on the request's credential: `private`, so no
+/// shared cache stores it (RFC 9111 §3.5: a shared cache may only reuse a response to an authenticated request when
+/// it says `public`), while an agent's own cache still may.
+fn blob_cache_control(state: &AppState) -> HeaderValue {
+    if state.settings().require_download_auth {
+        HeaderValue::from_static("private, max-age=31536000, immutable")
+    } else {
+        HeaderValue::from_static("public, max-age=31536000, immutable")
+    }
+}
+
+/// `GET|HEAD /agent/blobs/sha256/{hex}`: the agent build with that SHA-256. Every build the server has published is
+/// archived when the rollout task first sees it (`AssetKind::AgentBuild`), and that archive is asked first; a build
+/// published since the last tick is found as a platform's served binary (data dir, then bundled) with that digest.
 pub async fn agent_blob(
+    State(state): State<AppState>,
+    Peer(peer): Peer,
+    method: Method,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let found = serve_blob(&state, Blob::Agent, &method, path, &headers).await;
+    if let Ok((response, digest, platform, source)) = &found {
+        record_download(&state, peer, &method, &headers, response, *platform, digest, source);
+    }
+    blob_response(&state, found.map(|(response, ..)| response))
+}
+
+/// `GET|HEAD /restic/blobs/sha256/{hex}`: the restic build with that SHA-256 among the platforms' served ones (no
+/// archive: restic is not rolled out; no download audit, as for `/restic/binary`).
+pub async fn restic_blob(
     State(state): State<AppState>,
     method: Method,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-) -> Result<Response, ApiError> {
+) -> Response {
+    let found = serve_blob(&state, Blob::Restic, &method, path, &headers).await;
+    blob_response(&state, found.map(|(response, ..)| response))
+}
+
+/// A blob's answer: the immutable `Cache-Control` on the answers that describe its bytes (200, 206, 304, HEAD);
+/// anything else is `no-store`: a 404 so that a digest published later is never hidden by a remembered one, a 412
+/// or 416 because it depends on the request's own headers.
+fn blob_response(state: &AppState, found: Result<Response, ApiError>) -> Response {
+    let mut response = found.unwrap_or_else(IntoResponse::into_response);
+    let status = response.status();
+    let cache = if status.is_success() || status == http::StatusCode::NOT_MODIFIED {
+        blob_cache_control(state)
+    } else {
+        HeaderValue::from_static("no-store")
+    };
+    response.headers_mut().insert(header::CACHE_CONTROL, cache);
+    response
+}
+
+/// Finds and answers a blob request: the response, the digest of the bytes it serves (always the requested one),
+/// the platform whose served file it is (`None`: the archive) and the source. Lowercase hex only; anything else,
+/// and a digest nothing has, is a 404.
+async fn serve_blob(
+    state: &AppState,
+    blob: Blob,
+    method: &Method,
+    path: Result<Path<String>, PathRejection>,
+    headers: &HeaderMap,
+) -> Result<(Response, Arc<Digest>, Option<Platform>, &'static str), ApiError> {
     let Path(hex) = path?;
-    let unknown =
-        || ApiError::NotFound(format!("no agent build has sha256 {}", hex.chars().take(64).collect::<String>()));
+    let unknown = || {
+        let shown: String = hex.chars().take(64).collect();
+        ApiError::NotFound(format!("no {} has sha256 {shown}", blob.what()))
+    };
     if !(hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))) {
         return Err(unknown());
     }
-    let Some((response, digest, _)) = serve_asset(&state, AssetKind::AgentBuild, &hex, &method, &headers, None).await?
-    else {
-        return Err(unknown());
-    };
-    if digest.sha256_hex() != hex {
+    if blob == Blob::Agent
+        && let Some((response, digest, _)) =
+            serve_asset(state, AssetKind::AgentBuild, &hex, method, headers, None).await?
+    {
+        if digest.sha256_hex() == hex {
+            return Ok((response, digest, None, "archive"));
+        }
         tracing::error!(sha256 = %hex, actual = %digest.sha256_hex(), "an archived agent build does not match its name");
-        return Err(unknown());
     }
-    Ok(response)
+    for platform in PLATFORMS {
+        let name = blob.file_name(platform);
+        if !served_digest_is(state, blob.served(), name, &hex).await {
+            continue;
+        }
+        // Replaced since the look: the answer describes the bytes it serves, so a different digest shows here and
+        // the file is no longer this blob.
+        if let Some((response, digest, source)) = serve_asset(state, blob.served(), name, method, headers, None).await?
+            && digest.sha256_hex() == hex
+        {
+            return Ok((response, digest, Some(platform), source.as_str()));
+        }
+    }
+    Err(unknown())
+}
+
+/// Whether the platform's served file of `kind` has the SHA-256 `hex` now: the remembered version (a `stat` or two)
+/// when still current, else a full lookup on a blocking thread (hashed once per file version). A file that cannot be
+/// read is not this blob (logged; its own name answers the error).
+async fn served_digest_is(state: &AppState, kind: AssetKind, name: &'static str, hex: &str) -> bool {
+    if let Some(known) = state.store().known(kind, name) {
+        return known.digest.sha256_hex() == hex;
+    }
+    let shared = state.clone();
+    let looked = tokio::task::spawn_blocking(move || shared.store().open(kind, name).map(|a| a.map(|a| a.digest)));
+    match looked.await {
+        Ok(Ok(digest)) => digest.is_some_and(|d| d.sha256_hex() == hex),
+        Ok(Err(e)) => {
+            tracing::debug!(file = name, error = %e, "a served file could not be read for a blob lookup");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "a blob lookup task failed");
+            false
+        }
+    }
 }
 
 /// `GET|HEAD /restic/binary?os=&arch=`: the restic build for a platform, found and verified like the agent's (no
