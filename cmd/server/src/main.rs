@@ -161,6 +161,13 @@ fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<rm_server::lo
     // Colours only for a person at a terminal, never escape codes in a log file or journal.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let (writer, guard) = rm_server::log_buffer::start(std::io::stderr()).context("cannot start the log writer")?;
+    rm_server::log_buffer::route_access_log(
+        &writer,
+        match format {
+            LogFormat::Text => rm_server::log_buffer::Format::Text,
+            LogFormat::Json => rm_server::log_buffer::Format::Json,
+        },
+    );
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),

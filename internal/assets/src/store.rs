@@ -268,7 +268,11 @@ impl AssetStore {
             cache: Mutex::new(HashMap::new()),
             known: Mutex::new(HashMap::new()),
             digests_computed: AtomicU64::new(0),
-            watch: if watch && crate::watch::local(&roots) { crate::watch::Watch::start(&roots, &subdirs) } else { None },
+            watch: if watch && crate::watch::local(&roots) {
+                crate::watch::Watch::start(&roots, &subdirs)
+            } else {
+                None
+            },
         }
     }
 
@@ -729,5 +733,110 @@ mod tests {
         assert!(err.to_string().contains("does not exist"), "{err}");
         let store = AssetStore::new(&r.data, &r.bundled.join("nope")).unwrap();
         assert!(store.bundled_dir().is_none());
+    }
+
+    /// Both ways of re-validating a remembered lookup: change notification, and `stat` (the fallback).
+    fn stores(r: &Roots) -> [(AssetStore, &'static str); 2] {
+        let watched = AssetStore::new(&r.data, &r.bundled).unwrap();
+        assert!(watched.watching(), "inotify is available here: the watched store must use it");
+        let stat = AssetStore::new_without_watch(&r.data, &r.bundled).unwrap();
+        assert!(!stat.watching());
+        [(watched, "watch"), (stat, "stat")]
+    }
+
+    fn remembered(store: &AssetStore, name: &str) -> Option<Vec<u8>> {
+        let known = store.known(AssetKind::Install, name)?;
+        let file = known.open().unwrap()?;
+        let mut buf = vec![0; known.len as usize];
+        file.read_exact_at(&mut buf, 0).unwrap();
+        Some(buf)
+    }
+
+    /// Every replacement is seen by the very next lookup, a thousand times over: the remembered version is never
+    /// served once the rename has returned.
+    #[test]
+    fn a_remembered_lookup_never_outlives_a_replacement() {
+        let r = roots();
+        for (store, mode) in stores(&r) {
+            let path = r.data.join("install/s.sh");
+            fs::write(&path, b"version 0").unwrap();
+            store.open(AssetKind::Install, "s.sh").unwrap().unwrap();
+            assert_eq!(remembered(&store, "s.sh").as_deref(), Some(&b"version 0"[..]), "{mode}: unchanged is trusted");
+            for i in 1..=1000 {
+                let staged = r.data.join("install/.staged");
+                fs::write(&staged, format!("version {i}")).unwrap();
+                fs::rename(&staged, &path).unwrap();
+                match remembered(&store, "s.sh") {
+                    None => {}
+                    Some(bytes) => assert_eq!(bytes, format!("version {i}").into_bytes(), "{mode}: stale after {i}"),
+                }
+                let fresh = store.open(AssetKind::Install, "s.sh").unwrap().unwrap();
+                assert_eq!(read(&fresh), format!("version {i}").into_bytes());
+            }
+        }
+    }
+
+    #[test]
+    fn a_rewrite_in_place_and_a_chmod_are_seen() {
+        let r = roots();
+        for (store, mode) in stores(&r) {
+            let path = r.data.join("install/p.sh");
+            fs::write(&path, b"aaaa").unwrap();
+            store.open(AssetKind::Install, "p.sh").unwrap().unwrap();
+            assert!(store.known(AssetKind::Install, "p.sh").is_some(), "{mode}");
+            fs::OpenOptions::new().write(true).open(&path).unwrap().write_all_at(b"bbbb", 0).unwrap();
+            assert!(store.known(AssetKind::Install, "p.sh").is_none(), "{mode}: same size rewritten in place");
+            store.open(AssetKind::Install, "p.sh").unwrap().unwrap();
+            assert!(store.known(AssetKind::Install, "p.sh").is_some(), "{mode}");
+            fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+            assert!(store.known(AssetKind::Install, "p.sh").is_none(), "{mode}: a chmod changes ctime");
+        }
+    }
+
+    /// An override dropped into a data-dir subdir that did not exist yet shadows the remembered bundled file at once.
+    #[test]
+    fn an_override_in_a_new_data_subdir_shadows_the_bundled_file_at_once() {
+        let r = roots();
+        fs::create_dir_all(r.bundled.join("restic-binaries")).unwrap();
+        fs::write(r.bundled.join("restic-binaries/restic-linux-amd64"), b"bundled").unwrap();
+        for (store, mode) in stores(&r) {
+            let _ = fs::remove_dir_all(r.data.join("restic-binaries"));
+            let name = "restic-linux-amd64";
+            let hit = store.open(AssetKind::ResticBinary, name).unwrap().unwrap();
+            assert_eq!(hit.source, Source::Bundled);
+            assert!(store.known(AssetKind::ResticBinary, name).is_some(), "{mode}");
+            fs::create_dir(r.data.join("restic-binaries")).unwrap();
+            fs::write(r.data.join("restic-binaries").join(name), b"override").unwrap();
+            assert!(store.known(AssetKind::ResticBinary, name).is_none(), "{mode}: the override must win at once");
+            assert_eq!(store.open(AssetKind::ResticBinary, name).unwrap().unwrap().source, Source::DataDir);
+            // A file created right after the subdir, before the watch on it could be added, is seen too.
+            fs::remove_dir_all(r.data.join("restic-binaries")).unwrap();
+            store.open(AssetKind::ResticBinary, name).unwrap().unwrap();
+            fs::create_dir(r.data.join("restic-binaries")).unwrap();
+            fs::write(r.data.join("restic-binaries").join(name), b"override").unwrap();
+            assert!(store.known(AssetKind::ResticBinary, name).is_none(), "{mode}");
+        }
+    }
+
+    /// Files the subdir's watch cannot see change through (a symlink into a deeper dir, a file with another hard
+    /// link) are re-checked with `stat` even when the store watches.
+    #[test]
+    fn files_beyond_the_watch_are_rechecked_with_stat() {
+        let r = roots();
+        let (store, _) = stores(&r).into_iter().next().unwrap();
+        fs::create_dir_all(r.data.join("install/deeper")).unwrap();
+        fs::write(r.data.join("install/deeper/real.sh"), b"one").unwrap();
+        symlink("deeper/real.sh", r.data.join("install/link.sh")).unwrap();
+        store.open(AssetKind::Install, "link.sh").unwrap().unwrap();
+        assert!(store.known(AssetKind::Install, "link.sh").is_some());
+        fs::write(r.data.join("install/deeper/real.sh"), b"two!").unwrap();
+        assert!(store.known(AssetKind::Install, "link.sh").is_none(), "a change in a deeper dir is seen");
+
+        fs::write(r.data.join("install/linked.sh"), b"one").unwrap();
+        fs::hard_link(r.data.join("install/linked.sh"), r.outside.join("other-name")).unwrap();
+        store.open(AssetKind::Install, "linked.sh").unwrap().unwrap();
+        assert!(store.known(AssetKind::Install, "linked.sh").is_some());
+        fs::write(r.outside.join("other-name"), b"two!").unwrap();
+        assert!(store.known(AssetKind::Install, "linked.sh").is_none(), "a write through another link is seen");
     }
 }

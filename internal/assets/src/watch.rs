@@ -102,7 +102,8 @@ impl Watch {
 /// NFS, SMB or a FUSE mount can change under it unseen, so such roots are re-checked with `stat` on every request.
 pub(crate) fn local(roots: &[PathBuf]) -> bool {
     // f_type values from linux/magic.h (and FUSE's, 9p's, ceph's).
-    const REMOTE: [i64; 8] = [0x6969, 0xFF53_4D42, 0xFE53_4D42, 0x517B, 0x6573_5546, 0x0102_1997, 0x00C3_6400, 0x0BD0_0BD0];
+    const REMOTE: [i64; 8] =
+        [0x6969, 0xFF53_4D42, 0xFE53_4D42, 0x517B, 0x6573_5546, 0x0102_1997, 0x00C3_6400, 0x0BD0_0BD0];
     roots.iter().all(|root| {
         let Ok(path) = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()) else { return false };
         // SAFETY: statfs fills the zeroed struct; the path is a valid NUL-terminated string.

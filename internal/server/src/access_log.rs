@@ -15,6 +15,8 @@ use http::{Method, StatusCode, Uri};
 use http_body::{Frame, SizeHint};
 use rm_assets::Source;
 
+use crate::log_buffer::AccessRecord;
+
 pub async fn log_request(request: Request, next: Next) -> Response {
     // Filtered out (`RM_LOG=warn`, `access=off`): no line, no wrapping, no work.
     if !tracing::enabled!(target: "access", tracing::Level::INFO) {
@@ -97,19 +99,32 @@ impl Drop for LoggedBody {
         let complete = self.finished
             || http_body::Body::is_end_stream(&self.inner)
             || line.expected.is_some_and(|n| self.bytes >= n);
+        let record = AccessRecord {
+            at: std::time::SystemTime::now(),
+            method: line.method,
+            route: line.route,
+            uri: line.uri,
+            peer: line.peer,
+            status: line.status.as_u16(),
+            bytes: self.bytes,
+            complete,
+            duration: line.started.elapsed(),
+            source: line.source,
+        };
+        // Formatted and written by the log thread when the server routed the access log there (it does at start).
+        let Err(r) = crate::log_buffer::access(record) else { return };
         tracing::info!(
             target: "access",
-            method = %line.method,
-            route = %line.route.as_ref().map_or("-", MatchedPath::as_str),
-            uri = %line.uri,
-            peer = line.peer.map(|p| p.to_string()).unwrap_or_default(),
-            status = line.status.as_u16(),
-            bytes = self.bytes,
-            complete,
-            duration_ms = line.started.elapsed().as_micros() as f64 / 1000.0,
-            source = line.source.map_or("-", Source::as_str),
+            method = %r.method,
+            route = %r.route.as_ref().map_or("-", MatchedPath::as_str),
+            uri = %r.uri,
+            peer = r.peer.map(|p| p.to_string()).unwrap_or_default(),
+            status = r.status,
+            bytes = r.bytes,
+            complete = r.complete,
+            duration_ms = r.duration.as_micros() as f64 / 1000.0,
+            source = r.source.map_or("-", Source::as_str),
             "request"
         );
     }
 }
-

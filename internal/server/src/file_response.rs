@@ -10,6 +10,7 @@
 //! A 304 carries the representation's Content-Length (§8.6 allows it; never a 0 that differs from the 200's);
 //! 412 and 416 carry the JSON error body like every other error, the 416 with `Content-Range: bytes */LEN`.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use axum::body::Body;
@@ -72,69 +73,136 @@ impl From<OpenAsset> for Representation {
     }
 }
 
+/// The headers of one representation that do not depend on the request, rendered once per file version: the
+/// validators and digests (what a 304 carries), and the same plus Content-Type and Content-Disposition (a 200/206).
+pub struct Prebuilt {
+    sha256: [u8; 32],
+    modified: SystemTime,
+    source: rm_assets::Source,
+    len: u64,
+    etag: ETag,
+    etag_text: String,
+    validators: HeaderMap,
+    full: HeaderMap,
+}
+
+impl Prebuilt {
+    fn new(asset: &Representation, kind: AssetKind) -> Prebuilt {
+        let sha_hex = asset.digest.sha256_hex();
+        let etag_text = format!("\"sha256-{sha_hex}\"");
+        let etag: ETag = etag_text.parse().expect("hex is a valid entity tag");
+        let mut headers = HeaderMap::new();
+        headers.typed_insert(etag.clone());
+        headers.typed_insert(LastModified::from(asset.modified));
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+        insert(&mut headers, header_names::CHECKSUM_SHA256, &sha_hex);
+        let b64 = base64::engine::general_purpose::STANDARD.encode(asset.digest.sha256);
+        insert(&mut headers, header_names::REPR_DIGEST, &format!("sha-256=:{b64}:"));
+        insert(&mut headers, header_names::ASSET_SOURCE, asset.source.as_str());
+        if let Some(info) = &asset.digest.build_info {
+            insert(&mut headers, header_names::AGENT_VERSION, &info.version);
+            insert(&mut headers, header_names::AGENT_COMMIT, &info.commit);
+        }
+        let validators = headers.clone();
+        let content_type = match kind {
+            AssetKind::AgentBinary | AssetKind::ResticBinary | AssetKind::AgentBuild => {
+                "application/octet-stream".to_string()
+            }
+            AssetKind::Install => mime_guess::from_path(&asset.name).first_or_octet_stream().essence_str().to_string(),
+        };
+        insert(&mut headers, header::CONTENT_TYPE.as_str(), &content_type);
+        if matches!(kind, AssetKind::AgentBinary | AssetKind::ResticBinary | AssetKind::AgentBuild) {
+            // The name passed the platform mapping (or is a hex digest): no quoting issues are possible.
+            insert(
+                &mut headers,
+                header::CONTENT_DISPOSITION.as_str(),
+                &format!("attachment; filename=\"{}\"", asset.name),
+            );
+        }
+        Prebuilt {
+            sha256: asset.digest.sha256,
+            modified: asset.modified,
+            source: asset.source,
+            len: asset.len,
+            etag,
+            etag_text,
+            validators,
+            full: headers,
+        }
+    }
+
+    fn describes(&self, asset: &Representation) -> bool {
+        self.sha256 == asset.digest.sha256
+            && self.modified == asset.modified
+            && self.source == asset.source
+            && self.len == asset.len
+    }
+}
+
+/// [`Prebuilt`] headers per (kind, name), replaced when the name's representation changes; bounded.
+#[derive(Default)]
+pub struct HeaderCache {
+    map: std::sync::Mutex<std::collections::HashMap<AssetKind, std::collections::HashMap<String, Arc<Prebuilt>>>>,
+}
+
+const HEADER_CACHE_CAPACITY: usize = 1024;
+
+impl HeaderCache {
+    fn get(&self, asset: &Representation, kind: AssetKind) -> Arc<Prebuilt> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let names = map.entry(kind).or_default();
+        if let Some(hit) = names.get(asset.name.as_str()).filter(|p| p.describes(asset)) {
+            return hit.clone();
+        }
+        let built = Arc::new(Prebuilt::new(asset, kind));
+        if names.len() >= HEADER_CACHE_CAPACITY {
+            names.clear();
+        }
+        names.insert(asset.name.clone(), built.clone());
+        built
+    }
+}
+
 pub fn respond(
     asset: Representation,
     kind: AssetKind,
     method: &Method,
     request: &HeaderMap,
+    cache: &HeaderCache,
 ) -> Result<Response, Stale> {
-    let sha_hex = asset.digest.sha256_hex();
-    let etag_text = format!("\"sha256-{sha_hex}\"");
-    let etag: ETag = etag_text.parse().expect("hex is a valid entity tag");
-    let modified = asset.modified;
-    let last_modified = LastModified::from(modified);
+    let prebuilt = cache.get(&asset, kind);
+    let (etag, modified) = (&prebuilt.etag, asset.modified);
 
-    let mut headers = HeaderMap::new();
-    headers.typed_insert(etag.clone());
-    headers.typed_insert(last_modified);
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    insert(&mut headers, header_names::CHECKSUM_SHA256, &sha_hex);
-    let b64 = base64::engine::general_purpose::STANDARD.encode(asset.digest.sha256);
-    insert(&mut headers, header_names::REPR_DIGEST, &format!("sha-256=:{b64}:"));
-    insert(&mut headers, header_names::ASSET_SOURCE, asset.source.as_str());
-    if let Some(info) = &asset.digest.build_info {
-        insert(&mut headers, header_names::AGENT_VERSION, &info.version);
-        insert(&mut headers, header_names::AGENT_COMMIT, &info.commit);
-    }
-
-    match precondition_failure(request, &etag, modified) {
-        Some(Precondition::NotModified) => {
-            // The length a 200 would announce (RFC 9110 §8.6, §15.4.5), not the 0 of the empty body. Hyper writes it
-            // on a HEAD 304 and leaves it out of a GET 304, both of which the RFC allows.
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(asset.len));
-            return Ok((StatusCode::NOT_MODIFIED, headers).into_response());
+    if let Some(precondition) = precondition_failure(request, etag, modified) {
+        let mut headers = prebuilt.validators.clone();
+        match precondition {
+            Precondition::NotModified => {
+                // The length a 200 would announce (RFC 9110 §8.6, §15.4.5), not the 0 of the empty body. Hyper writes
+                // it on a HEAD 304 and leaves it out of a GET 304, both of which the RFC allows.
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(asset.len));
+                return Ok((StatusCode::NOT_MODIFIED, headers).into_response());
+            }
+            Precondition::Failed => return Ok(with_validators(crate::ApiError::PreconditionFailed, headers)),
         }
-        Some(Precondition::Failed) => return Ok(with_validators(crate::ApiError::PreconditionFailed, headers)),
-        None => {}
-    }
-
-    let content_type = match kind {
-        AssetKind::AgentBinary | AssetKind::ResticBinary | AssetKind::AgentBuild => {
-            "application/octet-stream".to_string()
-        }
-        AssetKind::Install => mime_guess::from_path(&asset.name).first_or_octet_stream().essence_str().to_string(),
-    };
-    insert(&mut headers, header::CONTENT_TYPE.as_str(), &content_type);
-    if matches!(kind, AssetKind::AgentBinary | AssetKind::ResticBinary | AssetKind::AgentBuild) {
-        // The name passed the platform mapping: no quoting issues are possible.
-        insert(&mut headers, header::CONTENT_DISPOSITION.as_str(), &format!("attachment; filename=\"{}\"", asset.name));
     }
 
     let len = asset.len;
-    let (status, start, count) = match requested_range(method, request, &etag_text, modified, len) {
-        RangeDecision::Full => (StatusCode::OK, 0, len),
-        RangeDecision::Partial(start, end) => {
-            insert(&mut headers, header::CONTENT_RANGE.as_str(), &format!("bytes {start}-{end}/{len}"));
-            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
-        }
-        RangeDecision::Unsatisfiable => {
-            headers.remove(header::CONTENT_TYPE);
-            headers.remove(header::CONTENT_DISPOSITION);
-            return Ok(with_validators(crate::ApiError::RangeNotSatisfiable(len), headers));
-        }
-    };
+    let (status, start, count, content_range) =
+        match requested_range(method, request, &prebuilt.etag_text, modified, len) {
+            RangeDecision::Full => (StatusCode::OK, 0, len, None),
+            RangeDecision::Partial(start, end) => {
+                (StatusCode::PARTIAL_CONTENT, start, end - start + 1, Some(format!("bytes {start}-{end}/{len}")))
+            }
+            RangeDecision::Unsatisfiable => {
+                return Ok(with_validators(crate::ApiError::RangeNotSatisfiable(len), prebuilt.validators.clone()));
+            }
+        };
+    let mut headers = prebuilt.full.clone();
+    if let Some(range) = content_range {
+        insert(&mut headers, header::CONTENT_RANGE.as_str(), &range);
+    }
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
 
     let body = if method == Method::HEAD || count == 0 {

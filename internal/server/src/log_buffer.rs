@@ -7,10 +7,19 @@
 //! server's lines are therefore written within [`GATHER`]; a busy one's in one `write` per [`GATHER`] (or per
 //! [`HIGH_WATER`] bytes, whichever comes first). Nothing is dropped: past [`LIMIT`] bytes a logging thread waits for
 //! the writer instead (backpressure rather than loss). Dropping the [`LogGuard`] writes what is left.
+//!
+//! Access-log lines are not even formatted where they happen: [`route_access_log`] makes the access log hand its
+//! facts ([`AccessRecord`]) to the buffer, and the writer thread formats them, in the same text or JSON shape as
+//! every other line (`tracing_subscriber`'s, which a test holds it to).
 
 use std::io::{self, Write};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::net::SocketAddr;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use axum::extract::MatchedPath;
+use http::{Method, Uri};
+use rm_assets::Source;
 
 /// How long the writer gathers lines after the first one arrives in an empty buffer.
 pub const GATHER: Duration = Duration::from_millis(10);
@@ -29,10 +38,62 @@ struct Shared {
 
 #[derive(Default)]
 struct State {
-    buffer: Vec<u8>,
+    entries: Vec<Entry>,
+    /// About how many bytes `entries` will be once formatted.
+    bytes: usize,
     closing: bool,
     /// The writer has taken a batch and is writing it.
     writing: bool,
+}
+
+enum Entry {
+    /// A line `tracing_subscriber` formatted.
+    Line(Vec<u8>),
+    /// An access-log line still to be formatted.
+    Access(AccessRecord),
+}
+
+/// What an access-log line says, as the access log hands it over.
+pub struct AccessRecord {
+    pub at: SystemTime,
+    pub method: Method,
+    pub route: Option<MatchedPath>,
+    pub uri: Uri,
+    pub peer: Option<SocketAddr>,
+    pub status: u16,
+    pub bytes: u64,
+    pub complete: bool,
+    pub duration: Duration,
+    pub source: Option<Source>,
+}
+
+/// How an access record is formatted: the `--log-format` of every other line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// What a formatted access line costs in the buffer's accounting.
+const ACCESS_BYTES: usize = 200;
+
+static ACCESS_SINK: OnceLock<(LogWriter, Format)> = OnceLock::new();
+
+/// From now on the access log hands its records to `writer`, formatted as `format` (once per process; later calls
+/// are ignored). Without this the access log emits ordinary `tracing` events.
+pub fn route_access_log(writer: &LogWriter, format: Format) {
+    let _ = ACCESS_SINK.set((writer.clone(), format));
+}
+
+/// Queues an access record if [`route_access_log`] was called; gives it back otherwise.
+pub fn access(record: AccessRecord) -> Result<(), AccessRecord> {
+    match ACCESS_SINK.get() {
+        Some((writer, _)) => {
+            writer.push(Entry::Access(record), ACCESS_BYTES);
+            Ok(())
+        }
+        None => Err(record),
+    }
 }
 
 fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -53,64 +114,115 @@ pub struct LogGuard {
 
 /// Starts the writer thread over `out` (stderr in production).
 pub fn start(out: impl Write + Send + 'static) -> io::Result<(LogWriter, LogGuard)> {
-    let shared = Arc::new(Shared {
-        state: Mutex::new(State::default()),
-        wake_writer: Condvar::new(),
-        written: Condvar::new(),
-    });
+    let shared =
+        Arc::new(Shared { state: Mutex::new(State::default()), wake_writer: Condvar::new(), written: Condvar::new() });
     let writer_shared = shared.clone();
     let thread = std::thread::Builder::new().name("rm-log".into()).spawn(move || write_batches(&writer_shared, out))?;
     Ok((LogWriter { shared: shared.clone() }, LogGuard { shared, thread: Some(thread) }))
 }
 
 fn write_batches(shared: &Shared, mut out: impl Write) {
+    let mut entries = Vec::new();
     let mut batch = Vec::new();
+    let format = || ACCESS_SINK.get().map_or(Format::Text, |(_, f)| *f);
     loop {
         let mut state = lock(&shared.state);
-        while state.buffer.is_empty() && !state.closing {
+        while state.entries.is_empty() && !state.closing {
             state = shared.wake_writer.wait(state).unwrap_or_else(|p| p.into_inner());
         }
-        if !state.closing && state.buffer.len() < HIGH_WATER {
+        if !state.closing && state.bytes < HIGH_WATER {
             // Gather: more lines arrive meanwhile and go out in the same write.
             state = shared
                 .wake_writer
-                .wait_timeout_while(state, GATHER, |s| !s.closing && s.buffer.len() < HIGH_WATER)
+                .wait_timeout_while(state, GATHER, |s| !s.closing && s.bytes < HIGH_WATER)
                 .map(|(s, _)| s)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
         let closing = state.closing;
-        std::mem::swap(&mut batch, &mut state.buffer);
+        std::mem::swap(&mut entries, &mut state.entries);
+        state.bytes = 0;
         state.writing = true;
         drop(state);
+        // Room again for loggers waiting at the limit while this batch is formatted and written.
+        shared.written.notify_all();
+        for entry in entries.drain(..) {
+            match entry {
+                Entry::Line(line) => batch.extend_from_slice(&line),
+                Entry::Access(record) => format_access(&mut batch, &record, format()),
+            }
+        }
         // A log that cannot be written has nowhere to report that: the lines are dropped, the server goes on.
         let _ = out.write_all(&batch).and_then(|()| out.flush());
         batch.clear();
         if batch.capacity() > HIGH_WATER * 4 {
             batch = Vec::new();
         }
+        if entries.capacity() > 64 * 1024 {
+            entries = Vec::new();
+        }
         let mut state = lock(&shared.state);
         state.writing = false;
         shared.written.notify_all();
-        if closing && state.buffer.is_empty() {
+        if closing && state.entries.is_empty() {
             return;
         }
     }
 }
 
 impl LogWriter {
-    fn append(&self, line: &[u8]) {
+    fn push(&self, entry: Entry, bytes: usize) {
         let mut state = lock(&self.shared.state);
-        while state.buffer.len() >= LIMIT && !state.closing {
+        while state.bytes >= LIMIT && !state.closing {
             state = self.shared.written.wait(state).unwrap_or_else(|p| p.into_inner());
         }
-        let was_empty = state.buffer.is_empty();
-        state.buffer.extend_from_slice(line);
-        let crossed = state.buffer.len() >= HIGH_WATER && state.buffer.len() - line.len() < HIGH_WATER;
+        let was_empty = state.entries.is_empty();
+        state.entries.push(entry);
+        let crossed = state.bytes < HIGH_WATER && state.bytes + bytes >= HIGH_WATER;
+        state.bytes += bytes;
         drop(state);
         if was_empty || crossed {
             self.shared.wake_writer.notify_one();
         }
     }
+}
+
+/// One access line, in `tracing_subscriber`'s shape for an `info!(target: "access", …, "request")` event with these
+/// fields: text (`%` fields bare, strings quoted, the float as `{:?}`) or flattened JSON.
+fn format_access(out: &mut Vec<u8>, r: &AccessRecord, format: Format) {
+    use std::fmt::Write as _;
+    let mut line = String::with_capacity(ACCESS_BYTES);
+    let at = humantime::format_rfc3339_micros(r.at);
+    let route = r.route.as_ref().map_or("-", MatchedPath::as_str);
+    let peer = r.peer.map(|p| p.to_string()).unwrap_or_default();
+    let duration_ms = r.duration.as_micros() as f64 / 1000.0;
+    let source = r.source.map_or("-", Source::as_str);
+    let _ = match format {
+        Format::Text => writeln!(
+            line,
+            "{at}  INFO access: request method={} route={route} uri={} peer={peer:?} status={} bytes={} complete={} \
+             duration_ms={duration_ms:?} source={source:?}",
+            r.method, r.uri, r.status, r.bytes, r.complete
+        ),
+        Format::Json => {
+            let s = |v: &str| serde_json::to_string(v).unwrap_or_else(|_| "\"\"".into());
+            writeln!(
+                line,
+                "{{\"timestamp\":\"{at}\",\"level\":\"INFO\",\"message\":\"request\",\"method\":{},\"route\":{},\
+                 \"uri\":{},\"peer\":{},\"status\":{},\"bytes\":{},\"complete\":{},\"duration_ms\":{},\"source\":{},\
+                 \"target\":\"access\"}}",
+                s(r.method.as_str()),
+                s(route),
+                s(&r.uri.to_string()),
+                s(&peer),
+                r.status,
+                r.bytes,
+                r.complete,
+                serde_json::to_string(&duration_ms).unwrap_or_else(|_| "0".into()),
+                s(source),
+            )
+        }
+    };
+    out.extend_from_slice(line.as_bytes());
 }
 
 /// One event's bytes, appended to the shared buffer in one piece when the formatter is done with it.
@@ -133,7 +245,9 @@ impl Write for Line {
 impl Drop for Line {
     fn drop(&mut self) {
         if !self.bytes.is_empty() {
-            self.writer.append(&self.bytes);
+            let bytes = std::mem::take(&mut self.bytes);
+            let len = bytes.len();
+            self.writer.push(Entry::Line(bytes), len);
         }
     }
 }
@@ -224,5 +338,108 @@ mod tests {
             assert!(mine.iter().all(|l| l.ends_with(&"x".repeat(40))), "no line is torn");
         }
         assert!(writes < 4_000, "{writes} writes for 40,000 lines: not batched");
+    }
+
+    /// Captures what a `tracing_subscriber` formatter writes.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+        type Writer = Sink2;
+        fn make_writer(&'a self) -> Sink2 {
+            Sink2(self.0.clone())
+        }
+    }
+
+    struct Sink2(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Sink2 {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The line `tracing_subscriber` writes for the access event the access log used to emit itself.
+    fn tracing_line(r: &AccessRecord, format: Format) -> String {
+        let capture = Capture::default();
+        let builder = tracing_subscriber::fmt().with_writer(capture.clone()).with_ansi(false);
+        let emit = || {
+            tracing::info!(
+                target: "access",
+                method = %r.method,
+                route = %r.route.as_ref().map_or("-", MatchedPath::as_str),
+                uri = %r.uri,
+                peer = r.peer.map(|p| p.to_string()).unwrap_or_default(),
+                status = r.status,
+                bytes = r.bytes,
+                complete = r.complete,
+                duration_ms = r.duration.as_micros() as f64 / 1000.0,
+                source = r.source.map_or("-", Source::as_str),
+                "request"
+            )
+        };
+        match format {
+            Format::Text => tracing::subscriber::with_default(builder.finish(), emit),
+            Format::Json => tracing::subscriber::with_default(builder.json().flatten_event(true).finish(), emit),
+        }
+        String::from_utf8(capture.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn access_lines_have_the_shape_tracing_gives_every_other_line() {
+        let records = [
+            AccessRecord {
+                at: SystemTime::now(),
+                method: Method::GET,
+                route: None,
+                uri: "/install/install.sh?x=%22a%22&y=1".parse().unwrap(),
+                peer: Some("127.0.0.1:43700".parse().unwrap()),
+                status: 304,
+                bytes: 0,
+                complete: true,
+                duration: Duration::from_micros(10),
+                source: Some(Source::Bundled),
+            },
+            AccessRecord {
+                at: SystemTime::now(),
+                method: Method::from_bytes(b"PROPFIND").unwrap(),
+                route: None,
+                uri: "/nowhere".parse().unwrap(),
+                peer: None,
+                status: 404,
+                bytes: 123,
+                complete: false,
+                duration: Duration::from_millis(1500),
+                source: None,
+            },
+        ];
+        for r in &records {
+            for format in [Format::Text, Format::Json] {
+                let mut ours = Vec::new();
+                format_access(&mut ours, r, format);
+                let ours = String::from_utf8(ours).unwrap();
+                let theirs = tracing_line(r, format);
+                match format {
+                    // Everything after the timestamp, byte for byte.
+                    Format::Text => {
+                        let tail = |l: &str| l.split_once(' ').unwrap().1.to_string();
+                        assert_eq!(tail(&ours), tail(&theirs), "{ours}{theirs}");
+                        assert!(humantime::parse_rfc3339(ours.split(' ').next().unwrap()).is_ok(), "{ours}");
+                    }
+                    Format::Json => {
+                        let mut a: serde_json::Value = serde_json::from_str(&ours).unwrap();
+                        let mut b: serde_json::Value = serde_json::from_str(&theirs).unwrap();
+                        assert!(humantime::parse_rfc3339(a["timestamp"].as_str().unwrap()).is_ok(), "{ours}");
+                        a.as_object_mut().unwrap().remove("timestamp");
+                        b.as_object_mut().unwrap().remove("timestamp");
+                        assert_eq!(a, b, "{ours}{theirs}");
+                    }
+                }
+            }
+        }
     }
 }

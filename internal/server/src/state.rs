@@ -149,6 +149,7 @@ struct Inner {
     public_url: Option<PublicUrl>,
     settings: Settings,
     render_cache: crate::render::RenderCache,
+    header_cache: crate::file_response::HeaderCache,
     restic_lookups: crate::catalog::ResticLookups,
     downloads: crate::maintenance::DownloadSampler,
     tls: Option<Arc<crate::tls::Certificates>>,
@@ -206,6 +207,7 @@ impl AppState {
                 tls,
                 settings: config.settings,
                 render_cache: Default::default(),
+                header_cache: Default::default(),
                 restic_lookups: Default::default(),
                 shutting_down: AtomicBool::new(false),
                 tasks: Default::default(),
@@ -261,6 +263,11 @@ impl AppState {
 
     pub(crate) fn render_cache(&self) -> &crate::render::RenderCache {
         &self.inner.render_cache
+    }
+
+    /// Response headers rendered once per file version.
+    pub(crate) fn header_cache(&self) -> &crate::file_response::HeaderCache {
+        &self.inner.header_cache
     }
 
     pub(crate) fn restic_lookups(&self) -> &crate::catalog::ResticLookups {

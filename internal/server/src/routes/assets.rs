@@ -290,7 +290,7 @@ async fn serve_asset(
     };
     loop {
         let (digest, source) = (representation.digest.clone(), representation.source);
-        match file_response::respond(representation, kind, method, headers) {
+        match file_response::respond(representation, kind, method, headers, state.header_cache()) {
             Ok(mut response) => {
                 response.extensions_mut().insert(source);
                 return Ok(Some((response, digest, source)));
