@@ -153,10 +153,16 @@ if [[ -n ${BENCH_PERF_DATA:-} ]]; then
     read -r -a perf_args <<<"${BENCH_PERF_ARGS:--F 499 -g}"
     perf_cmd=(perf record "${perf_args[@]}" -p "$server_pid" -o "$BENCH_PERF_DATA")
     log "profiling: ${perf_cmd[*]}"
-    "${perf_cmd[@]}" 2>"$work/perf.log" &
-    perf_pid=$!
-    sleep 0.5 # attach before the load starts
-    kill -0 "$perf_pid" 2>/dev/null || die "perf record failed: $(cat "$work/perf.log")"
+    # perf gives up (ESRCH) when one of the server's threads exits while it attaches: try again.
+    for attempt in 1 2 3 4 5; do
+        "${perf_cmd[@]}" 2>"$work/perf.log" &
+        perf_pid=$!
+        sleep 0.5 # attach before the load starts
+        kill -0 "$perf_pid" 2>/dev/null && break
+        perf_pid=
+        log "perf record failed (attempt $attempt): $(head -n 2 "$work/perf.log")"
+    done
+    [[ -n $perf_pid ]] || die "perf record failed: $(cat "$work/perf.log")"
 fi
 log "running: ${wrk_cmd[*]}"
 TIMEFORMAT='%U %S'
