@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Heartbeat throughput benchmark (a report, not a test; `make test` does not run it).
 #
-# Builds the release server, runs it on 127.0.0.1 with a throw-away data dir (RM_LOG=warn), publishes a dummy
-# linux/amd64 agent (so every heartbeat answer carries an update entry, as in production), enrolls BENCH_AGENTS
-# agents and drives POST /api/v1/agents/heartbeat with wrk (bench/heartbeat.lua). Prints a markdown table:
-# heartbeats/s, p50/p99 latency, errors, what the server stored, and the server's CPU time per thread.
+# Builds the release server, runs it on 127.0.0.1 with a throw-away data dir and its default log level (RM_LOG unset:
+# info, so the access log is on, as an operator runs it; JSON lines, as deploy/compose.yaml, into the work dir's
+# server.log), publishes a dummy linux/amd64 agent (so every heartbeat answer carries an update entry, as in
+# production), enrolls BENCH_AGENTS agents and drives POST /api/v1/agents/heartbeat with wrk (bench/heartbeat.lua).
+# Prints a markdown table: heartbeats/s, p50/p99 latency, errors, what the server stored and logged, and the server's
+# CPU time per thread. Commands are shown relative to the repository, the work dir as $WORK and the port as $PORT.
 #
 #   scripts/bench-heartbeat.sh
 #   BENCH_DURATION=60s BENCH_CONNECTIONS=128 BENCH_AGENTS=128 scripts/bench-heartbeat.sh
 #
-# Needs cargo, curl, jq and wrk; missing packages are installed with apt-get when running as root.
+# BENCH_SERVER_BIN runs that server binary instead of building the release one. BENCH_PERF_DATA=FILE records the
+# server with `perf record $BENCH_PERF_ARGS -p PID -o FILE` (default args: -F 499 -g) while wrk runs; perf disturbs
+# the figures of such a run (bench/run.py uses it for the flame graph, after its measured runs).
+#
+# Needs cargo, curl, jq and wrk (and perf for BENCH_PERF_DATA); missing packages are installed with apt-get when running as root.
 set -euo pipefail
 
 DURATION=${BENCH_DURATION:-20s}
@@ -43,15 +49,25 @@ if ((${#missing[@]})); then
 fi
 
 # ---- build ----
-log "building the release server"
-cargo build --release -p restic-manager-server >&2
-bin=${CARGO_TARGET_DIR:-$repo/target}/release/restic-manager-server
-[[ -x $bin ]] || die "$bin was not built"
+if [[ -n ${BENCH_SERVER_BIN:-} ]]; then
+    bin=$BENCH_SERVER_BIN
+    [[ -x $bin ]] || die "BENCH_SERVER_BIN=$bin is not an executable"
+else
+    log "building the release server"
+    cargo build --release -p restic-manager-server >&2
+    bin=${CARGO_TARGET_DIR:-$repo/target}/release/restic-manager-server
+    [[ -x $bin ]] || die "$bin was not built"
+fi
 
 # ---- server ----
 work=$(mktemp -d "${TMPDIR:-/tmp}/rm-bench.XXXXXX")
 server_pid=
+perf_pid=
 cleanup() {
+    if [[ -n $perf_pid ]] && kill -0 "$perf_pid" 2>/dev/null; then
+        kill -INT "$perf_pid" 2>/dev/null || true
+        wait "$perf_pid" 2>/dev/null || true
+    fi
     if [[ -n $server_pid ]] && kill -0 "$server_pid" 2>/dev/null; then
         kill "$server_pid" 2>/dev/null || true
         wait "$server_pid" 2>/dev/null || true
@@ -78,7 +94,8 @@ if [[ -z $port ]]; then
 fi
 base="http://127.0.0.1:$port"
 
-RM_LISTEN="127.0.0.1:$port" RM_DATA_DIR="$work/data" RM_BUNDLED_ASSETS_DIR="$work/bundled" RM_LOG=warn \
+# RM_LOG is left to the server's default (info): the access log's cost belongs in the figure.
+env -u RM_LOG RM_LISTEN="127.0.0.1:$port" RM_DATA_DIR="$work/data" RM_BUNDLED_ASSETS_DIR="$work/bundled" \
     RM_LOG_FORMAT=json RM_ADMIN_TOKEN="$admin_token" "$bin" 2>"$work/server.log" &
 server_pid=$!
 
@@ -121,12 +138,42 @@ thread_cpu() {
 thread_cpu >"$work/cpu.before"
 
 # ---- load ----
-wrk_cmd=(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --timeout 5s -s "$repo/bench/heartbeat.lua" "$base"
+# A command as the report shows it: the work dir as $WORK, the port as $PORT (the script runs in the repository root).
+shown() {
+    local text="$*"
+    text=${text//$work/\$WORK}
+    text=${text//$base/http://127.0.0.1:\$PORT}
+    printf '%s' "${text//-p $server_pid /-p \$PID }"
+}
+wrk_cmd=(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --timeout 5s -s bench/heartbeat.lua "$base"
     -- "$creds" "$THREADS")
+perf_cmd=()
+if [[ -n ${BENCH_PERF_DATA:-} ]]; then
+    command -v perf >/dev/null 2>&1 || die "BENCH_PERF_DATA is set but perf is missing (apt-get install linux-perf)"
+    read -r -a perf_args <<<"${BENCH_PERF_ARGS:--F 499 -g}"
+    perf_cmd=(perf record "${perf_args[@]}" -p "$server_pid" -o "$BENCH_PERF_DATA")
+    log "profiling: ${perf_cmd[*]}"
+    # perf gives up (ESRCH) when one of the server's threads exits while it attaches: try again.
+    for attempt in 1 2 3 4 5; do
+        "${perf_cmd[@]}" 2>"$work/perf.log" &
+        perf_pid=$!
+        sleep 0.5 # attach before the load starts
+        kill -0 "$perf_pid" 2>/dev/null && break
+        perf_pid=
+        log "perf record failed (attempt $attempt): $(head -n 2 "$work/perf.log")"
+    done
+    [[ -n $perf_pid ]] || die "perf record failed: $(cat "$work/perf.log")"
+fi
 log "running: ${wrk_cmd[*]}"
 TIMEFORMAT='%U %S'
 { time "${wrk_cmd[@]}" >"$work/wrk.out"; } 2>"$work/wrk.time"
 thread_cpu >"$work/cpu.after"
+if [[ -n $perf_pid ]]; then
+    kill -INT "$perf_pid"
+    wait "$perf_pid" || true
+    perf_pid=
+    cat "$work/perf.log" >&2
+fi
 cat "$work/wrk.out" >&2
 
 bench=$(grep '^BENCH ' "$work/wrk.out") || die "wrk printed no BENCH line"
@@ -137,8 +184,12 @@ stored=$((stored - 1)) # the sanity heartbeat above
 read -r wrk_user wrk_sys <"$work/wrk.time"
 clk=$(getconf CLK_TCK)
 duration_s=$(field duration_s)
-# The startup notes about the platforms without a published agent are expected.
-grep -v 'agent binary not published' "$work/server.log" >"$work/server.warnings" || true
+# The log: every line, the access log's (one per request), and the warnings and errors among them (the startup notes
+# about the platforms without a published agent are expected).
+log_lines=$(wc -l <"$work/server.log")
+log_mib=$(awk -v b="$(wc -c <"$work/server.log")" 'BEGIN { printf "%.1f", b / 1048576 }')
+access_lines=$(grep -c '"target":"access"' "$work/server.log" || true)
+grep -E '"level":"(WARN|ERROR)"' "$work/server.log" | grep -v 'agent binary not published' >"$work/server.warnings" || true
 warnings=$(grep -c . "$work/server.warnings" || true)
 
 # ---- report ----
@@ -146,7 +197,15 @@ cat <<EOF
 
 ## Heartbeat benchmark
 
-\`${wrk_cmd[*]}\` (credentials file and port vary per run); $(nproc) CPUs, wrk and the server on the same host.
+\`$(shown "${wrk_cmd[*]}")\` (\$WORK: the run's temporary work dir); $(nproc) CPUs, wrk and the server on the
+same host. The server runs at its default log level (RM_LOG unset: info, access log on), JSON lines into
+\`\$WORK/server.log\` (removed with \$WORK when the script ends).
+EOF
+if ((${#perf_cmd[@]})); then
+    echo
+    echo "Profiled run, perf disturbs these figures: \`$(shown "${perf_cmd[*]}")\` during the load."
+fi
+cat <<EOF
 
 | metric | value |
 |---|---|
@@ -159,7 +218,9 @@ cat <<EOF
 | non-2xx (HTTP status >= 400) | $(field status_errors) |
 | socket errors (connect/read/write/timeout) | $(field connect_errors)/$(field read_errors)/$(field write_errors)/$(field timeouts) |
 | heartbeats stored by the server | $stored |
-| unexpected server log lines (RM_LOG=warn) | $warnings |
+| server log lines (\`\$WORK/server.log\`, $log_mib MiB) | $log_lines |
+| access log lines (target \`access\`) | $access_lines |
+| unexpected warnings and errors in the server log | $warnings |
 | wrk CPU (user+sys) | $(awk -v u="$wrk_user" -v s="$wrk_sys" 'BEGIN { printf "%.1f s", u + s }') |
 
 Server CPU time per thread name during the run (the blocking pool's threads share the runtime workers' name;
