@@ -30,32 +30,33 @@ pub fn enroll(
         Err(e) => return Ok(Err(e)),
     };
     // Guarded update: even if two enrollments raced, the use count can never pass max_uses.
-    let updated = conn.execute(
-        "UPDATE enrollment_tokens SET uses = uses + 1 WHERE id = ?1 AND (max_uses IS NULL OR uses < max_uses)",
-        [&info.id],
-    )?;
+    let updated = conn
+        .prepare_cached(
+            "UPDATE enrollment_tokens SET uses = uses + 1 WHERE id = ?1 AND (max_uses IS NULL OR uses < max_uses)",
+        )?
+        .execute([&info.id])?;
     if updated != 1 {
         return Ok(Err(EnrollError::UsedUp));
     }
     let agent_id = secrets::random_id();
     let credential = format!("{}{agent_id}_{}", secrets::AGENT_PREFIX, secrets::random_secret());
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO agents (id, secret_hash, hostname, os, arch, agent_version, agent_commit, enrolled_at,
                              enrollment_token_id, last_seen_at, labels)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?8, ?10)",
-        params![
-            agent_id,
-            secrets::hash_secret(&credential).as_slice(),
-            facts.hostname,
-            facts.os,
-            facts.arch,
-            facts.version,
-            facts.commit,
-            now,
-            info.id,
-            labels::to_json(&info.labels)
-        ],
-    )?;
+    )?
+    .execute(params![
+        agent_id,
+        secrets::hash_secret(&credential).as_slice(),
+        facts.hostname,
+        facts.os,
+        facts.arch,
+        facts.version,
+        facts.commit,
+        now,
+        info.id,
+        labels::to_json(&info.labels)
+    ])?;
     Ok(Ok(Enrolled { agent_id, credential }))
 }
 
@@ -63,7 +64,8 @@ pub fn enroll(
 pub fn authenticate_agent(conn: &Connection, credential: &str) -> Result<Option<String>, DbError> {
     let Some((id, whole)) = secrets::split_agent_credential(credential) else { return Ok(None) };
     let stored: Option<Vec<u8>> = conn
-        .query_row("SELECT secret_hash FROM agents WHERE id = ?1 AND credential_revoked_at IS NULL", [id], |r| r.get(0))
+        .prepare_cached("SELECT secret_hash FROM agents WHERE id = ?1 AND credential_revoked_at IS NULL")?
+        .query_row([id], |r| r.get(0))
         .optional()?;
     Ok(stored.filter(|s| secrets::verify(whole, s)).map(|_| id.to_string()))
 }
@@ -89,7 +91,7 @@ pub struct Heartbeat {
 
 /// Records a heartbeat of the agent `id` (authenticated with [`authenticate_agent`] in the same operation).
 pub fn record_heartbeat(conn: &Connection, now: Timestamp, id: &str, hb: &Heartbeat) -> Result<(), DbError> {
-    conn.execute(
+    conn.prepare_cached(
         "UPDATE agents SET hostname = ?2, os = ?3, arch = ?4, agent_version = ?5, agent_commit = ?6,
                 binary_sha256 = ?7, last_update_error = ?8, last_seen_at = ?9, heartbeats = heartbeats + 1,
                 last_seq = ?10,
@@ -101,27 +103,27 @@ pub fn record_heartbeat(conn: &Connection, now: Timestamp, id: &str, hb: &Heartb
                 restic_install_error = CASE WHEN ?11 THEN ?17 ELSE restic_install_error END,
                 last_update_sha256 = ?18
          WHERE id = ?1",
-        params![
-            id,
-            hb.facts.hostname,
-            hb.facts.os,
-            hb.facts.arch,
-            hb.facts.version,
-            hb.facts.commit,
-            hb.binary_sha256,
-            hb.last_update_error,
-            now,
-            hb.seq as i64,
-            hb.restic.is_some(),
-            hb.restic.as_ref().and_then(|r| r.version.as_deref()),
-            hb.restic.as_ref().and_then(|r| r.path.as_deref()),
-            hb.restic.as_ref().and_then(|r| r.error.as_deref()),
-            hb.config_revision.map(|r| r.min(i64::MAX as u64) as i64),
-            hb.restic.as_ref().is_some_and(|r| r.managed),
-            hb.restic.as_ref().and_then(|r| r.install_error.as_deref()),
-            hb.last_update_error.as_ref().and(hb.last_update_sha256.as_deref()),
-        ],
-    )?;
+    )?
+    .execute(params![
+        id,
+        hb.facts.hostname,
+        hb.facts.os,
+        hb.facts.arch,
+        hb.facts.version,
+        hb.facts.commit,
+        hb.binary_sha256,
+        hb.last_update_error,
+        now,
+        hb.seq as i64,
+        hb.restic.is_some(),
+        hb.restic.as_ref().and_then(|r| r.version.as_deref()),
+        hb.restic.as_ref().and_then(|r| r.path.as_deref()),
+        hb.restic.as_ref().and_then(|r| r.error.as_deref()),
+        hb.config_revision.map(|r| r.min(i64::MAX as u64) as i64),
+        hb.restic.as_ref().is_some_and(|r| r.managed),
+        hb.restic.as_ref().and_then(|r| r.install_error.as_deref()),
+        hb.last_update_error.as_ref().and(hb.last_update_sha256.as_deref()),
+    ])?;
     Ok(())
 }
 
@@ -223,7 +225,7 @@ pub fn revoke_agent_credential(
     if agent.credential_revoked_at.is_some() {
         return Ok(Some(false));
     }
-    conn.execute("UPDATE agents SET credential_revoked_at = ?2 WHERE id = ?1", params![id, now])?;
+    conn.prepare_cached("UPDATE agents SET credential_revoked_at = ?2 WHERE id = ?1")?.execute(params![id, now])?;
     audit.agent_id = Some(id.to_owned());
     audit.detail = Some(format!("credential of {id} ({}) revoked", agent.hostname));
     record_audit(conn, &audit)?;
@@ -239,7 +241,7 @@ pub fn set_labels(
     audit: AuditEvent,
 ) -> Result<Option<AgentRecord>, DbError> {
     let Some(before) = get_agent(conn, id)? else { return Ok(None) };
-    conn.execute("UPDATE agents SET labels = ?2 WHERE id = ?1", params![id, labels::to_json(new)])?;
+    conn.prepare_cached("UPDATE agents SET labels = ?2 WHERE id = ?1")?.execute(params![id, labels::to_json(new)])?;
     crate::plans::bump_config_revision(conn)?;
     let detail = format!("labels of {id}: {{{}}} -> {{{}}}", labels::describe(&before.labels), labels::describe(new));
     record_audit(

@@ -21,11 +21,21 @@ pub struct AuditEvent {
 }
 
 pub fn record_audit(conn: &Connection, e: &AuditEvent) -> Result<(), DbError> {
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO audit_events (at, kind, remote_addr, user_agent, agent_id, platform, sha256, source, detail)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![e.at, e.kind, e.remote_addr, e.user_agent, e.agent_id, e.platform, e.sha256, e.source, e.detail],
-    )?;
+    )?
+    .execute(params![
+        e.at,
+        e.kind,
+        e.remote_addr,
+        e.user_agent,
+        e.agent_id,
+        e.platform,
+        e.sha256,
+        e.source,
+        e.detail
+    ])?;
     Ok(())
 }
 
@@ -41,27 +51,25 @@ pub fn prune_audit(conn: &Connection, cutoff: Timestamp, max_events: u64) -> Res
     let keep_from: Option<i64> = match max_events {
         0 => Some(i64::MAX),
         n => conn
-            .query_row(
-                "SELECT id FROM audit_events ORDER BY id DESC LIMIT 1 OFFSET ?1",
-                [i64::try_from(n - 1).unwrap_or(i64::MAX)],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT id FROM audit_events ORDER BY id DESC LIMIT 1 OFFSET ?1")?
+            .query_row([i64::try_from(n - 1).unwrap_or(i64::MAX)], |r| r.get(0))
             .optional()?,
     };
-    let deleted = conn.execute(
-        "DELETE FROM audit_events WHERE id IN (
+    let deleted = conn
+        .prepare_cached(
+            "DELETE FROM audit_events WHERE id IN (
              SELECT id FROM audit_events WHERE at < ?1 OR id < ?2 ORDER BY id LIMIT ?3)",
-        params![cutoff, keep_from.unwrap_or(i64::MIN), PRUNE_STEP as i64],
-    )?;
+        )?
+        .execute(params![cutoff, keep_from.unwrap_or(i64::MIN), PRUNE_STEP as i64])?;
     Ok(deleted as u64)
 }
 
 /// Rewrites the probe row: fails (with [`DbError::Full`] on a full volume) when the database cannot write.
 pub fn probe_write(conn: &Connection, now: Timestamp) -> Result<(), DbError> {
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO write_probe (id, probed_at) VALUES (1, ?1) ON CONFLICT (id) DO UPDATE SET probed_at = ?1",
-        [now],
-    )?;
+    )?
+    .execute([now])?;
     Ok(())
 }
 

@@ -625,9 +625,9 @@ pub(crate) fn forget_request(conn: &Connection, repository: &str, kind: Maintena
 
 /// Forgets a deleted repository's maintenance state.
 pub(crate) fn forget_repository(conn: &Connection, repository: &str) -> Result<(), DbError> {
-    conn.execute("DELETE FROM repository_maintenance WHERE repository = ?1", [repository])?;
-    conn.execute("DELETE FROM lease_waits WHERE repository = ?1", [repository])?;
-    conn.execute("DELETE FROM maintenance_grants WHERE repository = ?1", [repository])?;
+    conn.prepare_cached("DELETE FROM repository_maintenance WHERE repository = ?1")?.execute([repository])?;
+    conn.prepare_cached("DELETE FROM lease_waits WHERE repository = ?1")?.execute([repository])?;
+    conn.prepare_cached("DELETE FROM maintenance_grants WHERE repository = ?1")?.execute([repository])?;
     Ok(())
 }
 

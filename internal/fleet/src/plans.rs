@@ -344,19 +344,21 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PlanInfo> {
 
 /// The fleet-wide desired-configuration revision (heartbeat answers carry it; agents refetch when it changed).
 pub fn config_revision(conn: &Connection) -> Result<u64, DbError> {
-    let revision: Option<i64> =
-        conn.query_row("SELECT revision FROM config_revision WHERE id = 1", [], |r| r.get(0)).optional()?;
+    let revision: Option<i64> = conn
+        .prepare_cached("SELECT revision FROM config_revision WHERE id = 1")?
+        .query_row([], |r| r.get(0))
+        .optional()?;
     Ok(revision.unwrap_or(1).max(0) as u64)
 }
 
 /// Bumps the revision after a change to plans, repositories or labels; returns the new one.
 pub fn bump_config_revision(conn: &Connection) -> Result<u64, DbError> {
-    let revision: i64 = conn.query_row(
-        "INSERT INTO config_revision (id, revision) VALUES (1, 2)
+    let revision: i64 = conn
+        .prepare_cached(
+            "INSERT INTO config_revision (id, revision) VALUES (1, 2)
          ON CONFLICT (id) DO UPDATE SET revision = revision + 1 RETURNING revision",
-        [],
-        |r| r.get(0),
-    )?;
+        )?
+        .query_row([], |r| r.get(0))?;
     Ok(revision.max(0) as u64)
 }
 
@@ -469,14 +471,14 @@ pub fn update_plan(
 /// Deletes a plan, cancels its queued run-now requests, bumps the revision and records `plan_deleted`; `false`
 /// when there was none (nothing written).
 pub fn delete_plan(conn: &Connection, now: Timestamp, name: &str, audit: AuditEvent) -> Result<bool, DbError> {
-    if conn.execute("DELETE FROM plans WHERE name = ?1", [name])? == 0 {
+    if conn.prepare_cached("DELETE FROM plans WHERE name = ?1")?.execute([name])? == 0 {
         return Ok(false);
     }
-    conn.execute(
+    conn.prepare_cached(
         "UPDATE operations SET status = 'cancelled', finished_at = ?2, message = 'the plan was deleted'
          WHERE plan = ?1 AND status = 'queued'",
-        params![name, now],
-    )?;
+    )?
+    .execute(params![name, now])?;
     bump_config_revision(conn)?;
     record(conn, audit, "plan_deleted", format!("deleted {name}"))?;
     Ok(true)
@@ -547,8 +549,10 @@ pub fn applies_to(plan: &PlanInfo, agents: &[(String, Labels)]) -> Vec<String> {
 
 /// The plans that apply to one agent; `None` when there is no such agent.
 pub fn plans_for_agent(conn: &Connection, agent_id: &str) -> Result<Option<Vec<PlanInfo>>, DbError> {
-    let labels: Option<String> =
-        conn.query_row("SELECT labels FROM agents WHERE id = ?1", [agent_id], |r| r.get(0)).optional()?;
+    let labels: Option<String> = conn
+        .prepare_cached("SELECT labels FROM agents WHERE id = ?1")?
+        .query_row([agent_id], |r| r.get(0))
+        .optional()?;
     let Some(labels) = labels.map(|l| labels::from_json(&l)) else { return Ok(None) };
     Ok(Some(list_plans(conn)?.into_iter().filter(|p| p.applies_to(agent_id, &labels)).collect()))
 }
@@ -576,8 +580,10 @@ pub fn request_run(
     audit: AuditEvent,
 ) -> Result<Result<String, PlanRefused>, DbError> {
     let Some(info) = get_plan(conn, plan)? else { return Ok(Err(PlanRefused::NotFound(plan.to_owned()))) };
-    let labels: Option<String> =
-        conn.query_row("SELECT labels FROM agents WHERE id = ?1", [agent_id], |r| r.get(0)).optional()?;
+    let labels: Option<String> = conn
+        .prepare_cached("SELECT labels FROM agents WHERE id = ?1")?
+        .query_row([agent_id], |r| r.get(0))
+        .optional()?;
     let Some(labels) = labels.map(|l| labels::from_json(&l)) else {
         return Ok(Err(PlanRefused::UnknownAgent(agent_id.to_owned())));
     };
@@ -585,11 +591,11 @@ pub fn request_run(
         return Ok(Err(PlanRefused::NotAssigned { plan: plan.to_owned(), agent: agent_id.to_owned() }));
     }
     let id = new_operation_id();
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO operations (id, agent_id, plan, kind, trigger, status, created_at)
          VALUES (?1, ?2, ?3, 'backup', 'run_now', ?4, ?5)",
-        params![id, agent_id, plan, OperationStatus::Queued.as_str(), now],
-    )?;
+    )?
+    .execute(params![id, agent_id, plan, OperationStatus::Queued.as_str(), now])?;
     record(
         conn,
         AuditEvent { agent_id: Some(agent_id.to_owned()), ..audit },

@@ -353,11 +353,13 @@ pub fn create_repository(
 ) -> Result<Result<RepositoryInfo, NameTaken>, DbError> {
     let password = key.seal(&password_context(&new.name), new.password.as_bytes());
     let (env, env_names) = seal_env(key, &new.name, &new.env);
-    let inserted = conn.execute(
-        "INSERT INTO repositories (name, url, password, env, env_names, ca_cert, auto_init, created_at, updated_at,
+    let inserted = conn
+        .prepare_cached(
+            "INSERT INTO repositories (name, url, password, env, env_names, ca_cert, auto_init, created_at, updated_at,
                                    min_restic_version, prune_policy, check_policy)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11) ON CONFLICT (name) DO NOTHING",
-        params![
+        )?
+        .execute(params![
             new.name,
             new.url,
             password,
@@ -369,8 +371,7 @@ pub fn create_repository(
             new.min_restic_version,
             crate::maintenance::prune_json(&new.prune),
             crate::maintenance::check_json(&new.check)
-        ],
-    )?;
+        ])?;
     if inserted == 0 {
         return Ok(Err(NameTaken));
     }
@@ -411,40 +412,45 @@ pub fn update_repository(
     }
     record(conn, audit, format!("updated {name}: {}", changes.describe()))?;
     if let Some(url) = &changes.url {
-        conn.execute("UPDATE repositories SET url = ?2 WHERE name = ?1", params![name, url])?;
+        conn.prepare_cached("UPDATE repositories SET url = ?2 WHERE name = ?1")?.execute(params![name, url])?;
     }
     if let Some(password) = &changes.password {
         let sealed = key.seal(&password_context(name), password.as_bytes());
-        conn.execute("UPDATE repositories SET password = ?2 WHERE name = ?1", params![name, sealed])?;
+        conn.prepare_cached("UPDATE repositories SET password = ?2 WHERE name = ?1")?.execute(params![name, sealed])?;
     }
     if let Some(env) = &changes.env {
         let (sealed, names) = seal_env(key, name, env);
-        conn.execute("UPDATE repositories SET env = ?2, env_names = ?3 WHERE name = ?1", params![name, sealed, names])?;
+        conn.prepare_cached("UPDATE repositories SET env = ?2, env_names = ?3 WHERE name = ?1")?
+            .execute(params![name, sealed, names])?;
     }
     if let Some(ca_cert) = &changes.ca_cert {
-        conn.execute("UPDATE repositories SET ca_cert = ?2 WHERE name = ?1", params![name, ca_cert])?;
+        conn.prepare_cached("UPDATE repositories SET ca_cert = ?2 WHERE name = ?1")?.execute(params![name, ca_cert])?;
     }
     if let Some(auto_init) = changes.auto_init {
-        conn.execute("UPDATE repositories SET auto_init = ?2 WHERE name = ?1", params![name, auto_init])?;
+        conn.prepare_cached("UPDATE repositories SET auto_init = ?2 WHERE name = ?1")?
+            .execute(params![name, auto_init])?;
     }
     if let Some(min) = &changes.min_restic_version {
-        conn.execute("UPDATE repositories SET min_restic_version = ?2 WHERE name = ?1", params![name, min])?;
+        conn.prepare_cached("UPDATE repositories SET min_restic_version = ?2 WHERE name = ?1")?
+            .execute(params![name, min])?;
     }
     if let Some(prune) = &changes.prune {
         let json = crate::maintenance::prune_json(prune);
-        conn.execute("UPDATE repositories SET prune_policy = ?2 WHERE name = ?1", params![name, json])?;
+        conn.prepare_cached("UPDATE repositories SET prune_policy = ?2 WHERE name = ?1")?
+            .execute(params![name, json])?;
         if prune.is_none() {
             crate::maintenance::forget_request(conn, name, rm_protocol::maintenance::MaintenanceKind::Prune)?;
         }
     }
     if let Some(check) = &changes.check {
         let json = crate::maintenance::check_json(check);
-        conn.execute("UPDATE repositories SET check_policy = ?2 WHERE name = ?1", params![name, json])?;
+        conn.prepare_cached("UPDATE repositories SET check_policy = ?2 WHERE name = ?1")?
+            .execute(params![name, json])?;
         if check.is_none() {
             crate::maintenance::forget_request(conn, name, rm_protocol::maintenance::MaintenanceKind::Check)?;
         }
     }
-    conn.execute("UPDATE repositories SET updated_at = ?2 WHERE name = ?1", params![name, now])?;
+    conn.prepare_cached("UPDATE repositories SET updated_at = ?2 WHERE name = ?1")?.execute(params![name, now])?;
     crate::plans::bump_config_revision(conn)?;
     get_repository(conn, name)
 }
@@ -471,7 +477,7 @@ pub fn delete_repository(
     if !plans.is_empty() {
         return Ok(Err(RepositoryInUse { name: name.to_owned(), plans }));
     }
-    let deleted = conn.execute("DELETE FROM repositories WHERE name = ?1", [name])? > 0;
+    let deleted = conn.prepare_cached("DELETE FROM repositories WHERE name = ?1")?.execute([name])? > 0;
     if deleted {
         crate::maintenance::forget_repository(conn, name)?;
         crate::plans::bump_config_revision(conn)?;
@@ -493,7 +499,8 @@ pub fn repository_secrets(
     name: &str,
 ) -> Result<Option<Result<RepositorySecrets, OpenError>>, DbError> {
     let sealed: Option<(Vec<u8>, Option<Vec<u8>>)> = conn
-        .query_row("SELECT password, env FROM repositories WHERE name = ?1", [name], |r| Ok((r.get(0)?, r.get(1)?)))
+        .prepare_cached("SELECT password, env FROM repositories WHERE name = ?1")?
+        .query_row([name], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()?;
     let Some((password, env)) = sealed else { return Ok(None) };
     Ok(Some(open_secrets(key, name, &password, env.as_deref())))
@@ -519,7 +526,7 @@ fn open_secrets(
 
 /// How many rows hold sealed secrets.
 pub fn count_sealed(conn: &Connection) -> Result<u64, DbError> {
-    let count: i64 = conn.query_row("SELECT count(*) FROM repositories", [], |r| r.get(0))?;
+    let count: i64 = conn.prepare_cached("SELECT count(*) FROM repositories")?.query_row([], |r| r.get(0))?;
     Ok(count.max(0) as u64)
 }
 

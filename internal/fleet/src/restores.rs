@@ -145,27 +145,27 @@ pub fn request_restore(
         }
     }
     let id = new_operation_id();
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO operations (id, agent_id, plan, kind, trigger, status, created_at)
          VALUES (?1, ?2, ?3, 'restore', 'run_now', ?4, ?5)",
-        params![id, agent_id, snapshot.plan, OperationStatus::Queued.as_str(), now],
-    )?;
-    conn.execute(
+    )?
+    .execute(params![id, agent_id, snapshot.plan, OperationStatus::Queued.as_str(), now])?;
+    conn.prepare_cached(
         "INSERT INTO restores (operation_id, agent_id, source_agent, plan, repository, snapshot, include, target,
                                overwrite)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        params![
-            id,
-            agent_id,
-            snapshot.agent_id,
-            snapshot.plan,
-            snapshot.repository,
-            snapshot.id,
-            serde_json::to_string(&spec.include).unwrap_or_else(|_| "[]".into()),
-            spec.target,
-            spec.overwrite,
-        ],
-    )?;
+    )?
+    .execute(params![
+        id,
+        agent_id,
+        snapshot.agent_id,
+        snapshot.plan,
+        snapshot.repository,
+        snapshot.id,
+        serde_json::to_string(&spec.include).unwrap_or_else(|_| "[]".into()),
+        spec.target,
+        spec.overwrite,
+    ])?;
     let target = spec.target.as_deref().unwrap_or("(default)");
     let detail = format!(
         "restore snapshot {} (plan {}, repository {}, from agent {}) on {agent_id} into {target}{}{}: {id}",

@@ -33,19 +33,17 @@ pub struct BuildRecord {
 
 /// Records an archived build (a known SHA-256 is left alone).
 pub fn record_build(c: &Connection, now: Timestamp, b: &BuildRecord) -> Result<(), DbError> {
-    c.execute(
+    c.prepare_cached(
         "INSERT OR IGNORE INTO agent_builds (sha256, os, arch, size, version, commit_id, first_seen_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![b.sha256, b.os, b.arch, b.size as i64, b.version, b.commit, now],
-    )?;
+    )?
+    .execute(params![b.sha256, b.os, b.arch, b.size as i64, b.version, b.commit, now])?;
     Ok(())
 }
 
 pub fn get_build(c: &Connection, sha256: &str) -> Result<Option<BuildRecord>, DbError> {
-    Ok(c.query_row(
-        "SELECT sha256, os, arch, size, version, commit_id FROM agent_builds WHERE sha256 = ?1",
-        [sha256],
-        |r| {
+    Ok(c.prepare_cached("SELECT sha256, os, arch, size, version, commit_id FROM agent_builds WHERE sha256 = ?1")?
+        .query_row([sha256], |r| {
             Ok(BuildRecord {
                 sha256: r.get(0)?,
                 os: r.get(1)?,
@@ -54,23 +52,23 @@ pub fn get_build(c: &Connection, sha256: &str) -> Result<Option<BuildRecord>, Db
                 version: r.get(4)?,
                 commit: r.get(5)?,
             })
-        },
-    )
-    .optional()?)
+        })
+        .optional()?)
 }
 
 /// The build a platform's hosts run outside any rollout.
 pub fn released(c: &Connection, os: &str, arch: &str) -> Result<Option<String>, DbError> {
-    Ok(c.query_row("SELECT sha256 FROM released_builds WHERE os = ?1 AND arch = ?2", [os, arch], |r| r.get(0))
+    Ok(c.prepare_cached("SELECT sha256 FROM released_builds WHERE os = ?1 AND arch = ?2")?
+        .query_row([os, arch], |r| r.get(0))
         .optional()?)
 }
 
 fn set_released(c: &Connection, now: Timestamp, os: &str, arch: &str, sha256: &str) -> Result<(), DbError> {
-    c.execute(
+    c.prepare_cached(
         "INSERT INTO released_builds (os, arch, sha256, released_at) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (os, arch) DO UPDATE SET sha256 = ?3, released_at = ?4",
-        params![os, arch, sha256, now],
-    )?;
+    )?
+    .execute(params![os, arch, sha256, now])?;
     Ok(())
 }
 
@@ -255,45 +253,45 @@ pub fn rollout_hosts(c: &Connection, id: u64) -> Result<Vec<RolloutHost>, DbErro
 }
 
 fn save_host(c: &Connection, id: u64, h: &RolloutHost) -> Result<(), DbError> {
-    c.execute(
+    c.prepare_cached(
         "INSERT INTO rollout_hosts (rollout_id, agent_id, wave, state, from_sha256, target_sha256, rollback, told_at,
                                     reported_at, verified_at, error)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
          ON CONFLICT (rollout_id, agent_id) DO UPDATE SET wave = ?3, state = ?4, from_sha256 = ?5, target_sha256 = ?6,
              rollback = ?7, told_at = ?8, reported_at = ?9, verified_at = ?10, error = ?11",
-        params![
-            id as i64,
-            h.agent_id,
-            h.wave as i64,
-            h.state.as_str(),
-            h.from_sha256,
-            h.target_sha256,
-            h.rollback,
-            h.told_at,
-            h.reported_at,
-            h.verified_at,
-            h.error,
-        ],
-    )?;
+    )?
+    .execute(params![
+        id as i64,
+        h.agent_id,
+        h.wave as i64,
+        h.state.as_str(),
+        h.from_sha256,
+        h.target_sha256,
+        h.rollback,
+        h.told_at,
+        h.reported_at,
+        h.verified_at,
+        h.error,
+    ])?;
     Ok(())
 }
 
 fn save_rollout(c: &Connection, r: &Rollout) -> Result<(), DbError> {
-    c.execute(
+    c.prepare_cached(
         "UPDATE rollouts SET state = ?2, waves = ?3, current_wave = ?4, wave_done_at = ?5, halt = ?6, started_at = ?7,
                 finished_at = ?8
          WHERE id = ?1",
-        params![
-            r.id as i64,
-            r.state.as_str(),
-            json(&r.waves),
-            r.current_wave as i64,
-            r.wave_done_at,
-            r.halt.as_ref().map(json),
-            r.started_at,
-            r.finished_at,
-        ],
-    )?;
+    )?
+    .execute(params![
+        r.id as i64,
+        r.state.as_str(),
+        json(&r.waves),
+        r.current_wave as i64,
+        r.wave_done_at,
+        r.halt.as_ref().map(json),
+        r.started_at,
+        r.finished_at,
+    ])?;
     Ok(())
 }
 
@@ -345,10 +343,10 @@ pub fn create_rollout(
         resolved.push(Target { from_sha256: from, to_sha256: sha, to_version: build.version, os, arch });
     }
     supersede_pending(c, now, |old| old.overlaps(&resolved))?;
-    c.execute(
+    c.prepare_cached(
         "INSERT INTO rollouts (state, strategy, targets, created_at, created_by) VALUES ('pending', ?1, ?2, ?3, ?4)",
-        params![json(strategy), json(&resolved), now, created_by],
-    )?;
+    )?
+    .execute(params![json(strategy), json(&resolved), now, created_by])?;
     let id = c.last_insert_rowid() as u64;
     let names: Vec<_> = resolved.iter().map(|t| format!("{}/{}→{}", t.os, t.arch, short(&t.to_sha256))).collect();
     audit(c, now, "rollout_created", created_by, format!("rollout {id}: {}", names.join(", ")))?;
@@ -362,10 +360,8 @@ fn short(sha: &str) -> &str {
 /// Marks the pending rollouts `which` picks as superseded.
 fn supersede_pending(c: &Connection, now: Timestamp, which: impl Fn(&Rollout) -> bool) -> Result<(), DbError> {
     for old in rollouts_in(c, &[RolloutState::Pending])?.iter().filter(|r| which(r)) {
-        c.execute(
-            "UPDATE rollouts SET state = 'superseded', finished_at = ?2 WHERE id = ?1",
-            params![old.id as i64, now],
-        )?;
+        c.prepare_cached("UPDATE rollouts SET state = 'superseded', finished_at = ?2 WHERE id = ?1")?
+            .execute(params![old.id as i64, now])?;
     }
     Ok(())
 }
@@ -468,22 +464,21 @@ fn desired_from_row(
 /// it, else the platform's released build; `None` when neither says (nothing released yet: the served build).
 pub fn desired_build(c: &Connection, agent_id: &str, os: &str, arch: &str) -> Result<Option<String>, DbError> {
     let row = c
-        .query_row(
+        .prepare_cached(
             "SELECT r.state, h.state, h.from_sha256, h.target_sha256, h.rollback
              FROM rollout_hosts h JOIN rollouts r ON r.id = h.rollout_id
              WHERE h.agent_id = ?1 AND r.state NOT IN ('pending', 'superseded')
              ORDER BY h.rollout_id DESC LIMIT 1",
-            [agent_id],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, bool>(4)?,
-                ))
-            },
-        )
+        )?
+        .query_row([agent_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, bool>(4)?,
+            ))
+        })
         .optional()?;
     if let Some((state, host, from, target, rollback)) = row
         && let (Ok(state), Ok(host)) = (state.parse::<RolloutState>(), host.parse::<HostState>())
@@ -536,18 +531,17 @@ pub fn observe_published(
     let mut changed = Vec::new();
     for p in served {
         let seen: Option<String> = c
-            .query_row("SELECT sha256 FROM published_builds WHERE os = ?1 AND arch = ?2", [&p.os, &p.arch], |r| {
-                r.get(0)
-            })
+            .prepare_cached("SELECT sha256 FROM published_builds WHERE os = ?1 AND arch = ?2")?
+            .query_row([&p.os, &p.arch], |r| r.get(0))
             .optional()?;
         if seen.as_deref() == Some(p.sha256.as_str()) {
             continue;
         }
-        c.execute(
+        c.prepare_cached(
             "INSERT INTO published_builds (os, arch, sha256, seen_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (os, arch) DO UPDATE SET sha256 = ?3, seen_at = ?4",
-            params![p.os, p.arch, p.sha256, now],
-        )?;
+        )?
+        .execute(params![p.os, p.arch, p.sha256, now])?;
         match released(c, &p.os, &p.arch)? {
             None => {
                 set_released(c, now, &p.os, &p.arch, &p.sha256)?;
@@ -738,12 +732,11 @@ pub fn act(
                 return refuse("rollback", "running, paused, halted, completed or aborted");
             }
             let newer: Option<i64> = c
-                .query_row(
+                .prepare_cached(
                     "SELECT max(rollout_id) FROM rollout_hosts h JOIN rollouts r ON r.id = h.rollout_id
                      WHERE h.rollout_id > ?1 AND r.state NOT IN ('pending', 'superseded')",
-                    [id as i64],
-                    |row| row.get(0),
-                )
+                )?
+                .query_row([id as i64], |row| row.get(0))
                 .optional()?
                 .flatten();
             if let Some(newer) = newer {

@@ -45,24 +45,24 @@ pub fn create_session(
     let mut expires_at = now.saturating_add(limits.absolute_secs);
     if let Some(id) = web_token_id {
         let token_expiry: Option<Timestamp> =
-            conn.query_row("SELECT expires_at FROM web_tokens WHERE id = ?1", [id], |r| r.get(0))?;
+            conn.prepare_cached("SELECT expires_at FROM web_tokens WHERE id = ?1")?.query_row([id], |r| r.get(0))?;
         expires_at = token_expiry.map_or(expires_at, |t| t.min(expires_at));
     }
     let session = Session { csrf: secrets::random_secret(), created_at: now, expires_at };
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO web_sessions
              (id_hash, csrf, created_at, last_seen_at, expires_at, remote_addr, user_agent, web_token_id)
          VALUES (?1, ?2, ?3, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            secrets::hash_secret(&secret).as_slice(),
-            session.csrf,
-            now,
-            session.expires_at,
-            remote_addr,
-            user_agent,
-            web_token_id
-        ],
-    )?;
+    )?
+    .execute(params![
+        secrets::hash_secret(&secret).as_slice(),
+        session.csrf,
+        now,
+        session.expires_at,
+        remote_addr,
+        user_agent,
+        web_token_id
+    ])?;
     Ok((secret, session))
 }
 
@@ -78,26 +78,26 @@ pub fn touch_session(
     }
     let hash = secrets::hash_secret(secret);
     let row = conn
-        .query_row(
+        .prepare_cached(
             "SELECT csrf, created_at, last_seen_at, expires_at, revoked_at FROM web_sessions WHERE id_hash = ?1",
-            [hash.as_slice()],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, Timestamp>(1)?,
-                    r.get::<_, Timestamp>(2)?,
-                    r.get::<_, Timestamp>(3)?,
-                    r.get::<_, Option<Timestamp>>(4)?,
-                ))
-            },
-        )
+        )?
+        .query_row([hash.as_slice()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Timestamp>(1)?,
+                r.get::<_, Timestamp>(2)?,
+                r.get::<_, Timestamp>(3)?,
+                r.get::<_, Option<Timestamp>>(4)?,
+            ))
+        })
         .optional()?;
     let Some((csrf, created_at, last_seen_at, expires_at, revoked_at)) = row else { return Ok(None) };
     if revoked_at.is_some() || now >= expires_at || now.saturating_sub(last_seen_at) >= limits.idle_secs {
         return Ok(None);
     }
     if now > last_seen_at {
-        conn.execute("UPDATE web_sessions SET last_seen_at = ?2 WHERE id_hash = ?1", params![hash.as_slice(), now])?;
+        conn.prepare_cached("UPDATE web_sessions SET last_seen_at = ?2 WHERE id_hash = ?1")?
+            .execute(params![hash.as_slice(), now])?;
     }
     Ok(Some(Session { csrf, created_at, expires_at }))
 }
@@ -105,19 +105,19 @@ pub fn touch_session(
 /// Signs out: the session is dead from now on. `false` when there was no live session to revoke.
 pub fn revoke_session(conn: &Connection, now: Timestamp, secret: &str) -> Result<bool, DbError> {
     let hash = secrets::hash_secret(secret);
-    let changed = conn.execute(
-        "UPDATE web_sessions SET revoked_at = ?2 WHERE id_hash = ?1 AND revoked_at IS NULL",
-        params![hash.as_slice(), now],
-    )?;
+    let changed = conn
+        .prepare_cached("UPDATE web_sessions SET revoked_at = ?2 WHERE id_hash = ?1 AND revoked_at IS NULL")?
+        .execute(params![hash.as_slice(), now])?;
     Ok(changed > 0)
 }
 
 /// Sessions that are revoked or past either expiry open nothing: their rows go.
 fn delete_dead(conn: &Connection, now: Timestamp, limits: SessionLimits) -> Result<usize, DbError> {
-    Ok(conn.execute(
-        "DELETE FROM web_sessions WHERE revoked_at IS NOT NULL OR expires_at <= ?1 OR last_seen_at <= ?2",
-        params![now, now.saturating_sub(limits.idle_secs)],
-    )?)
+    Ok(conn
+        .prepare_cached(
+            "DELETE FROM web_sessions WHERE revoked_at IS NOT NULL OR expires_at <= ?1 OR last_seen_at <= ?2",
+        )?
+        .execute(params![now, now.saturating_sub(limits.idle_secs)])?)
 }
 
 #[cfg(test)]

@@ -74,19 +74,19 @@ impl TokenInfo {
 pub fn create_token(conn: &Connection, now: Timestamp, new: &NewToken) -> Result<(TokenInfo, String), DbError> {
     let id = secrets::random_id();
     let secret = format!("{ENROLL_PREFIX}{}", secrets::random_secret());
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO enrollment_tokens (id, token_hash, note, created_at, expires_at, max_uses, labels)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![
-            id,
-            secrets::hash_secret(&secret).as_slice(),
-            new.note,
-            now,
-            new.expires_at,
-            new.max_uses,
-            crate::labels::to_json(&new.labels)
-        ],
-    )?;
+    )?
+    .execute(params![
+        id,
+        secrets::hash_secret(&secret).as_slice(),
+        new.note,
+        now,
+        new.expires_at,
+        new.max_uses,
+        crate::labels::to_json(&new.labels)
+    ])?;
     let info = TokenInfo {
         id,
         note: new.note.clone(),
@@ -122,7 +122,8 @@ pub fn list_tokens(conn: &Connection) -> Result<Vec<TokenInfo>, DbError> {
 
 /// Revokes a token; `Ok(None)` when there is no such token. Revoking twice keeps the first time.
 pub fn revoke_token(conn: &Connection, now: Timestamp, id: &str) -> Result<Option<TokenInfo>, DbError> {
-    conn.execute("UPDATE enrollment_tokens SET revoked_at = coalesce(revoked_at, ?2) WHERE id = ?1", params![id, now])?;
+    conn.prepare_cached("UPDATE enrollment_tokens SET revoked_at = coalesce(revoked_at, ?2) WHERE id = ?1")?
+        .execute(params![id, now])?;
     Ok(conn
         .query_row(&format!("SELECT {TOKEN_COLUMNS} FROM enrollment_tokens WHERE id = ?1"), [id], token_row)
         .optional()?)

@@ -81,10 +81,10 @@ pub fn create_web_token(
         expires_at: new.expires_at,
         revoked_at: None,
     };
-    conn.execute(
+    conn.prepare_cached(
         "INSERT INTO web_tokens (id, secret_hash, note, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![info.id, secrets::hash_secret(&secret).as_slice(), info.note, now, info.expires_at],
-    )?;
+    )?
+    .execute(params![info.id, secrets::hash_secret(&secret).as_slice(), info.note, now, info.expires_at])?;
     Ok((info, secret))
 }
 
@@ -110,16 +110,16 @@ pub fn list_web_tokens(conn: &Connection) -> Result<Vec<WebTokenInfo>, DbError> 
 /// the first time. Answers the row and how many live sessions were ended. (Run it through [`crate::Db::call`], which
 /// makes both writes one transaction.)
 pub fn revoke_web_token(conn: &Connection, now: Timestamp, id: &str) -> Result<Option<(WebTokenInfo, usize)>, DbError> {
-    conn.execute("UPDATE web_tokens SET revoked_at = coalesce(revoked_at, ?2) WHERE id = ?1", params![id, now])?;
+    conn.prepare_cached("UPDATE web_tokens SET revoked_at = coalesce(revoked_at, ?2) WHERE id = ?1")?
+        .execute(params![id, now])?;
     let Some(info) =
         conn.query_row(&format!("SELECT {COLUMNS} FROM web_tokens WHERE id = ?1"), [id], row).optional()?
     else {
         return Ok(None);
     };
-    let ended = conn.execute(
-        "UPDATE web_sessions SET revoked_at = ?2 WHERE web_token_id = ?1 AND revoked_at IS NULL",
-        params![id, now],
-    )?;
+    let ended = conn
+        .prepare_cached("UPDATE web_sessions SET revoked_at = ?2 WHERE web_token_id = ?1 AND revoked_at IS NULL")?
+        .execute(params![id, now])?;
     Ok(Some((info, ended)))
 }
 
