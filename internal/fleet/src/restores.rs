@@ -12,7 +12,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::DbError;
 use crate::audit::{AuditEvent, record_audit};
-use crate::plans::{MAX_RUN_NOW, get_plan, new_operation_id, plans_for_agent};
+use crate::plans::{get_plan, new_operation_id, plans_for_agent};
 use crate::time::Timestamp;
 
 /// Why a restore or a listing was refused (nothing written).
@@ -193,9 +193,9 @@ pub fn queued_restores(conn: &Connection, agent_id: &str) -> Result<Vec<RestoreT
     let mut stmt = conn.prepare_cached(
         "SELECT o.id, r.plan, r.repository, r.snapshot, r.include, r.target, r.overwrite
          FROM operations o JOIN restores r ON r.operation_id = o.id
-         WHERE o.agent_id = ?1 AND o.status = 'queued' AND o.kind = 'restore' ORDER BY o.seq LIMIT ?2",
+         WHERE o.agent_id = ?1 AND o.status = 'queued' AND o.kind = 'restore' ORDER BY o.seq LIMIT 100",
     )?;
-    let rows = stmt.query_map(params![agent_id, MAX_RUN_NOW as i64], |r| {
+    let rows = stmt.query_map(params![agent_id], |r| {
         let include: String = r.get(4)?;
         Ok(RestoreTask {
             operation_id: r.get(0)?,
