@@ -112,7 +112,7 @@ impl Drop for LoggedBody {
             source: line.source,
         };
         // Formatted and written by the log thread when the server routed the access log there (it does at start).
-        let Err(r) = crate::log_buffer::access(record) else { return };
+        let Some(r) = crate::log_buffer::access(record) else { return };
         tracing::info!(
             target: "access",
             method = %r.method,

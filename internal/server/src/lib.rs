@@ -76,8 +76,14 @@ fn routes(state: &AppState) -> Router<AppState> {
         .route("/agent/SHA256SUMS", get(routes::assets::sha256sums))
         .route("/restic/binary", get(routes::assets::restic_binary))
         .route("/restic/blobs/sha256/{hex}", get(routes::assets::restic_blob))
-        .route("/install/{name}", get(routes::assets::install_file))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_download_auth));
+        .route("/install/{name}", get(routes::assets::install_file));
+    // Settings are fixed for the server's life: without the gate, downloads do not pass through it at all (every
+    // layer costs a boxed future and a service clone per request, which shows on small files).
+    let downloads = if state.settings().require_download_auth {
+        downloads.route_layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_download_auth))
+    } else {
+        downloads
+    };
     let api = Router::new()
         .route("/api/v1/agents/enroll", post(agents::enroll))
         .route("/api/v1/agents/heartbeat", post(agents::heartbeat))

@@ -85,14 +85,14 @@ pub fn route_access_log(writer: &LogWriter, format: Format) {
     let _ = ACCESS_SINK.set((writer.clone(), format));
 }
 
-/// Queues an access record if [`route_access_log`] was called; gives it back otherwise.
-pub fn access(record: AccessRecord) -> Result<(), AccessRecord> {
+/// Queues an access record if [`route_access_log`] was called; gives it back (`Some`) otherwise.
+pub fn access(record: AccessRecord) -> Option<AccessRecord> {
     match ACCESS_SINK.get() {
         Some((writer, _)) => {
             writer.push(Entry::Access(record), ACCESS_BYTES);
-            Ok(())
+            None
         }
-        None => Err(record),
+        None => Some(record),
     }
 }
 
