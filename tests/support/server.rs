@@ -270,13 +270,24 @@ impl Server {
     }
 
     /// Everything the server wrote to stderr so far.
+    /// Its stderr so far, once settled: the server writes its log in batches at most 10 ms apart, so the file is read
+    /// again until it stops growing for 30 ms (at most 2 s).
     pub fn log(&self) -> String {
-        self.builder.log()
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        let mut text = self.builder.log();
+        loop {
+            std::thread::sleep(Duration::from_millis(30));
+            let again = self.builder.log();
+            if again.len() == text.len() || std::time::Instant::now() > deadline {
+                return again;
+            }
+            text = again;
+        }
     }
 
     /// The stderr lines that are JSON objects.
     pub fn log_json(&self) -> Vec<serde_json::Value> {
-        self.builder.log_json()
+        self.log().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).collect()
     }
 
     /// The last lines of the log, for failure messages.

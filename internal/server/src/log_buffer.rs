@@ -3,9 +3,10 @@
 //! A busy server logs one access line per request. Writing each line with its own `write(2)`, or handing each line
 //! to a thread through a channel that wakes it, costs a system call or a wake-up per request, which is as much as
 //! serving a small file. Here a line is appended to a buffer under a short lock; the first line into an empty buffer
-//! wakes the writer thread, which waits [`GATHER`] for more, then writes everything it has in one call. A quiet
-//! server's lines are therefore written within [`GATHER`]; a busy one's in one `write` per [`GATHER`] (or per
-//! [`HIGH_WATER`] bytes, whichever comes first). Nothing is dropped: past [`LIMIT`] bytes a logging thread waits for
+//! wakes the writer thread, which writes everything it has in one call: at once if its last write is [`GATHER`] ago,
+//! else when [`GATHER`] has passed since it, gathering what arrives meanwhile. A quiet server's lines are therefore
+//! written as they come; a busy one's in one `write` per [`GATHER`] (or per [`HIGH_WATER`] bytes, whichever comes
+//! first). Nothing is dropped: past [`LIMIT`] bytes a logging thread waits for
 //! the writer instead (backpressure rather than loss). Dropping the [`LogGuard`] writes what is left.
 //!
 //! Access-log lines are not even formatted where they happen: [`route_access_log`] makes the access log hand its
@@ -21,7 +22,7 @@ use axum::extract::MatchedPath;
 use http::{Method, Uri};
 use rm_assets::Source;
 
-/// How long the writer gathers lines after the first one arrives in an empty buffer.
+/// The least time between two writes while lines keep coming.
 pub const GATHER: Duration = Duration::from_millis(10);
 /// A buffer this full is written at once, without waiting for [`GATHER`] to end.
 pub const HIGH_WATER: usize = 256 * 1024;
@@ -125,16 +126,18 @@ fn write_batches(shared: &Shared, mut out: impl Write) {
     let mut entries = Vec::new();
     let mut batch = Vec::new();
     let format = || ACCESS_SINK.get().map_or(Format::Text, |(_, f)| *f);
+    let mut last_write: Option<std::time::Instant> = None;
     loop {
         let mut state = lock(&shared.state);
         while state.entries.is_empty() && !state.closing {
             state = shared.wake_writer.wait(state).unwrap_or_else(|p| p.into_inner());
         }
-        if !state.closing && state.bytes < HIGH_WATER {
+        let wait = last_write.map_or(Duration::ZERO, |t| GATHER.saturating_sub(t.elapsed()));
+        if !state.closing && state.bytes < HIGH_WATER && !wait.is_zero() {
             // Gather: more lines arrive meanwhile and go out in the same write.
             state = shared
                 .wake_writer
-                .wait_timeout_while(state, GATHER, |s| !s.closing && s.bytes < HIGH_WATER)
+                .wait_timeout_while(state, wait, |s| !s.closing && s.bytes < HIGH_WATER)
                 .map(|(s, _)| s)
                 .unwrap_or_else(|p| p.into_inner().0);
         }
@@ -153,6 +156,7 @@ fn write_batches(shared: &Shared, mut out: impl Write) {
         }
         // A log that cannot be written has nowhere to report that: the lines are dropped, the server goes on.
         let _ = out.write_all(&batch).and_then(|()| out.flush());
+        last_write = Some(std::time::Instant::now());
         batch.clear();
         if batch.capacity() > HIGH_WATER * 4 {
             batch = Vec::new();
