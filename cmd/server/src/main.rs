@@ -63,17 +63,23 @@ async fn run(cli: Cli) -> ExitCode {
         Some(Command::Token(command)) => exit_code(token::run(&cli.serve, command).await),
         Some(Command::WebToken(command)) => exit_code(web_token::run(&cli.serve, command).await),
         Some(Command::Repo(command)) => exit_code(repo::run(&cli.serve, command).await),
-        None | Some(Command::Serve) => match serve(cli.serve).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                if tracing::dispatcher::has_been_set() {
-                    tracing::error!("{e:#}");
-                } else {
+        None | Some(Command::Serve) => {
+            // Held past serving: dropping it writes what the log thread has not written yet, the error below included.
+            let _log = match init_logging(cli.serve.log_format, &cli.serve.log) {
+                Ok(guard) => guard,
+                Err(e) => {
                     eprintln!("restic-manager-server: {e:#}");
+                    return ExitCode::FAILURE;
                 }
-                ExitCode::FAILURE
+            };
+            match serve(cli.serve).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    ExitCode::FAILURE
+                }
             }
-        },
+        }
     }
 }
 
@@ -89,8 +95,6 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
 }
 
 async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
-    // Held until serving ends: dropping it flushes what the log thread has not written yet.
-    let _log = init_logging(args.log_format, &args.log)?;
     let info = rm_buildinfo::current();
     info!(version = info.version, commit = info.commit, date = info.date, "restic-manager-server starting");
     match rm_server::raise_fd_limit() {
