@@ -112,19 +112,8 @@ impl Drop for LoggedBody {
             source: line.source,
         };
         // Formatted and written by the log thread when the server routed the access log there (it does at start).
-        let Some(r) = crate::log_buffer::access(record) else { return };
-        tracing::info!(
-            target: "access",
-            method = %r.method,
-            route = %r.route.as_ref().map_or("-", MatchedPath::as_str),
-            uri = %r.uri,
-            peer = r.peer.map(|p| p.to_string()).unwrap_or_default(),
-            status = r.status,
-            bytes = r.bytes,
-            complete = r.complete,
-            duration_ms = r.duration.as_micros() as f64 / 1000.0,
-            source = r.source.map_or("-", Source::as_str),
-            "request"
-        );
+        if let Some(record) = crate::log_buffer::access(record) {
+            record.emit();
+        }
     }
 }

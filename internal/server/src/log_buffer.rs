@@ -68,6 +68,27 @@ pub struct AccessRecord {
     pub source: Option<Source>,
 }
 
+impl AccessRecord {
+    /// The record as an ordinary `tracing` event: what the access log emits when [`route_access_log`] was not called,
+    /// and the shape [`format_access`] reproduces.
+    pub fn emit(&self) {
+        let r = self;
+        tracing::info!(
+            target: "access",
+            method = %r.method,
+            route = %r.route.as_ref().map_or("-", MatchedPath::as_str),
+            uri = %r.uri,
+            peer = r.peer.map(|p| p.to_string()).unwrap_or_default(),
+            status = r.status,
+            bytes = r.bytes,
+            complete = r.complete,
+            duration_ms = r.duration.as_micros() as f64 / 1000.0,
+            source = r.source.map_or("-", Source::as_str),
+            "request"
+        );
+    }
+}
+
 /// How an access record is formatted: the `--log-format` of every other line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -371,21 +392,7 @@ mod tests {
     fn tracing_line(r: &AccessRecord, format: Format) -> String {
         let capture = Capture::default();
         let builder = tracing_subscriber::fmt().with_writer(capture.clone()).with_ansi(false);
-        let emit = || {
-            tracing::info!(
-                target: "access",
-                method = %r.method,
-                route = %r.route.as_ref().map_or("-", MatchedPath::as_str),
-                uri = %r.uri,
-                peer = r.peer.map(|p| p.to_string()).unwrap_or_default(),
-                status = r.status,
-                bytes = r.bytes,
-                complete = r.complete,
-                duration_ms = r.duration.as_micros() as f64 / 1000.0,
-                source = r.source.map_or("-", Source::as_str),
-                "request"
-            )
-        };
+        let emit = || r.emit();
         match format {
             Format::Text => tracing::subscriber::with_default(builder.finish(), emit),
             Format::Json => tracing::subscriber::with_default(builder.json().flatten_event(true).finish(), emit),
