@@ -183,6 +183,14 @@ fn curl_pipe(server: &Server, shell: &[&str], args: &[String], tmpdir: &Path) ->
     sh(&script, tmpdir)
 }
 
+/// `curl | dash` into a fresh prefix (no service) with a one-use enrollment token; the install must succeed.
+fn enrolled_install(server: &Server) -> Prefix {
+    let prefix = Prefix::new();
+    let args = ["--prefix".into(), prefix.arg(), "--no-service".into(), "--token".into(), create_token(server, 1)];
+    assert_success(&curl_pipe(server, &["dash"], &args, &prefix.tmpdir), "install");
+    prefix
+}
+
 fn assert_success(out: &Output, context: &str) {
     assert!(
         out.status.success(),
@@ -695,10 +703,7 @@ fn upload_agent(server: &Server, bytes: &[u8]) {
 #[test]
 fn self_update_converges_and_rejects_broken_builds() {
     let server = install_server(Server::builder().env("RM_HEARTBEAT_INTERVAL", "1s"), true);
-    let token = create_token(&server, 1);
-    let prefix = Prefix::new();
-    let args = ["--prefix".into(), prefix.arg(), "--no-service".into(), "--token".into(), token];
-    assert_success(&curl_pipe(&server, &["dash"], &args, &prefix.tmpdir), "install");
+    let prefix = enrolled_install(&server);
     let old = fs::read(prefix.agent()).unwrap();
     let old_sha = sha256_hex(&old);
     let agent_id = agents(&server)[0]["id"].as_str().unwrap().to_string();
@@ -815,10 +820,7 @@ fn dies_at_start(pidfile: &Path) -> Vec<u8> {
 #[test]
 fn a_build_that_dies_at_start_is_reverted_by_the_agent() {
     let server = install_server(Server::builder().env("RM_HEARTBEAT_INTERVAL", "1s"), true);
-    let token = create_token(&server, 1);
-    let prefix = Prefix::new();
-    let args = ["--prefix".into(), prefix.arg(), "--no-service".into(), "--token".into(), token];
-    assert_success(&curl_pipe(&server, &["dash"], &args, &prefix.tmpdir), "install");
+    let prefix = enrolled_install(&server);
     let old = fs::read(prefix.agent()).unwrap();
     let old_sha = sha256_hex(&old);
     let agent_id = agents(&server)[0]["id"].as_str().unwrap().to_string();
@@ -1011,10 +1013,7 @@ fn a_build_that_dies_at_start_is_reverted_by_the_agent() {
 #[test]
 fn an_agent_stopped_or_killed_during_a_trial_leaves_no_trial_child() {
     let server = install_server(Server::builder().env("RM_HEARTBEAT_INTERVAL", "1s"), true);
-    let token = create_token(&server, 1);
-    let prefix = Prefix::new();
-    let args = ["--prefix".into(), prefix.arg(), "--no-service".into(), "--token".into(), token];
-    assert_success(&curl_pipe(&server, &["dash"], &args, &prefix.tmpdir), "install");
+    let prefix = enrolled_install(&server);
     let old = fs::read(prefix.agent()).unwrap();
     let etc = prefix.root.join("etc/restic-manager");
     let marker = etc.join("update-trial.json");
@@ -1289,10 +1288,7 @@ fn alive(pid: i32) -> bool {
 #[test]
 fn smoke_test_limit_holds_against_a_grandchild_holding_stdout() {
     let server = install_server(Server::builder().env("RM_HEARTBEAT_INTERVAL", "1s"), true);
-    let token = create_token(&server, 1);
-    let prefix = Prefix::new();
-    let args = ["--prefix".into(), prefix.arg(), "--no-service".into(), "--token".into(), token];
-    assert_success(&curl_pipe(&server, &["dash"], &args, &prefix.tmpdir), "install");
+    let prefix = enrolled_install(&server);
     let good_sha = sha256_file(&prefix.agent());
     let agent_id = agents(&server)[0]["id"].as_str().unwrap().to_string();
 
@@ -1837,10 +1833,7 @@ fn agent_help_describes_every_flag_and_the_default_config() {
 #[test]
 fn failed_self_update_is_remembered_between_runs() {
     let server = install_server(Server::builder(), true);
-    let token = create_token(&server, 1);
-    let prefix = Prefix::new();
-    let args = ["--prefix".into(), prefix.arg(), "--no-service".into(), "--token".into(), token];
-    assert_success(&curl_pipe(&server, &["dash"], &args, &prefix.tmpdir), "install");
+    let prefix = enrolled_install(&server);
     let good = fs::read(prefix.agent()).unwrap();
     let state_file = prefix.root.join("etc/restic-manager/agent-state.json");
     let once = || {
@@ -1902,10 +1895,7 @@ fn failed_self_update_is_remembered_between_runs() {
 #[test]
 fn running_agent_logs_state_changes_once() {
     let mut server = install_server(Server::builder().env("RM_HEARTBEAT_INTERVAL", "1s"), true);
-    let token = create_token(&server, 1);
-    let prefix = Prefix::new();
-    let args = ["--prefix".into(), prefix.arg(), "--no-service".into(), "--token".into(), token];
-    assert_success(&curl_pipe(&server, &["dash"], &args, &prefix.tmpdir), "install");
+    let prefix = enrolled_install(&server);
 
     let log_path = prefix.scratch().join("agent.stderr");
     let mut cmd = clean_command(prefix.agent(), &prefix.tmpdir);
