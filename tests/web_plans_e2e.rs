@@ -89,7 +89,7 @@ fn repositories_and_plans_are_managed_from_the_pages() {
     browser.fill("form.repository input[name=url]", &path_text(first.path()));
     browser.fill("form.repository input[name=password]", PASSWORD);
     browser.fill("form.repository textarea[name=env]", &format!("AWS_ACCESS_KEY_ID={ENV_SECRET}"));
-    browser.click("form.repository button[type=submit]");
+    browser.submit("form.repository button[type=submit]");
     arrived(&browser, &server, "/ui/repositories");
     assert!(browser.text("tr[data-repository=main]").contains(&path_text(first.path())));
     assert_no_secret(&browser.source(), "the list");
@@ -101,14 +101,14 @@ fn repositories_and_plans_are_managed_from_the_pages() {
     let stored = sealed(&server, "main");
 
     // Edit: the page shows no secret; an empty password and the environment's names keep what is stored.
-    browser.click("tr[data-repository=main] td.name a");
+    browser.submit("tr[data-repository=main] td.name a");
     arrived(&browser, &server, "/ui/repositories/main");
     assert_no_secret(&browser.source(), "the edit page");
     assert_eq!(browser.script("return document.querySelector('input[name=password]').value;"), json!(""));
     assert_eq!(browser.text("textarea[name=env]"), "AWS_ACCESS_KEY_ID");
     browser.fill("form.repository input[name=url]", &path_text(second.path()));
     browser.click("form.repository input[name=auto_init]");
-    browser.click("form.repository button[type=submit]");
+    browser.submit("form.repository button[type=submit]");
     arrived(&browser, &server, "/ui/repositories");
     let repos = list(&server, "repositories");
     assert_eq!((&repos[0]["url"], &repos[0]["auto_init"]), (&json!(path_text(second.path())), &json!(true)));
@@ -127,7 +127,7 @@ fn repositories_and_plans_are_managed_from_the_pages() {
     browser.fill("form.plan input[name=schedule]", "0 3 * * *");
     browser.fill("form.plan input[name=selector]", "env=prod, role=db");
     browser.fill("form.plan input[name=keep_daily]", "7");
-    browser.click("form.plan button[type=submit]");
+    browser.submit("form.plan button[type=submit]");
     arrived(&browser, &server, "/ui/plans");
     let plans = list(&server, "plans");
     assert_eq!(plans.len(), 1, "{plans:?}");
@@ -142,7 +142,7 @@ fn repositories_and_plans_are_managed_from_the_pages() {
     browser.fill("form.plan input[name=name]", "bad");
     browser.fill("form.plan textarea[name=paths]", "relative/path");
     browser.fill("form.plan input[name=schedule]", "@daily");
-    browser.click("form.plan button[type=submit]");
+    browser.submit("form.plan button[type=submit]");
     assert!(browser.text("p.error").contains("is not absolute"), "{}", browser.source());
     assert_eq!(browser.script("return document.querySelector('input[name=name]').value;"), json!("bad"));
     let base = [("csrf", csrf.as_str()), ("name", "bad"), ("repository", "main")];
@@ -175,7 +175,7 @@ fn repositories_and_plans_are_managed_from_the_pages() {
         json!("env=prod, role=db")
     );
     browser.fill("form.plan input[name=selector]", "env=staging");
-    browser.click("form.plan button[type=submit]");
+    browser.submit("form.plan button[type=submit]");
     arrived(&browser, &server, "/ui/plans");
     let plans = list(&server, "plans");
     assert_eq!(plans[0]["selector"], json!({"env": "staging"}));
@@ -185,7 +185,7 @@ fn repositories_and_plans_are_managed_from_the_pages() {
 
     // A repository that a plan uses cannot be deleted.
     browser.goto(&server.url("/ui/repositories/main"));
-    browser.click("form.delete button");
+    browser.submit("form.delete button");
     assert!(browser.text("p.error").contains("is used by the plans etc"), "{}", browser.source());
     let refused = post(&server, "/ui/repositories/main/delete", &cookie, &[("csrf", &csrf)]);
     assert_eq!(refused.status, 409, "{}", refused.text());
@@ -193,11 +193,11 @@ fn repositories_and_plans_are_managed_from_the_pages() {
 
     // Delete the plan, then the repository.
     browser.goto(&server.url("/ui/plans/etc"));
-    browser.click("form.delete button");
+    browser.submit("form.delete button");
     arrived(&browser, &server, "/ui/plans");
     assert!(list(&server, "plans").is_empty());
     browser.goto(&server.url("/ui/repositories/main"));
-    browser.click("form.delete button");
+    browser.submit("form.delete button");
     arrived(&browser, &server, "/ui/repositories");
     assert!(list(&server, "repositories").is_empty());
     let audit = server.admin("GET", "/api/v1/audit", None).text();

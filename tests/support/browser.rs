@@ -160,6 +160,21 @@ impl Browser {
         })
     }
 
+    /// Clicks `css` (a submit button or a link) and waits up to 10 s until the browser shows the *next* document:
+    /// a form that posts to the page it is on ends on the same URL, so waiting for the URL alone could read the old
+    /// page (and the server before it handled the post).
+    pub fn submit(&self, css: &str) {
+        self.script("window.__rm_before_submit = true; return null;");
+        self.click(css);
+        crate::eventually(Duration::from_secs(10), format!("the page after clicking {css}"), || {
+            let state = self.runtime.block_on(
+                self.client()
+                    .execute("return window.__rm_before_submit === true ? 'old' : document.readyState;", vec![]),
+            );
+            (state.ok()? == serde_json::json!("complete")).then_some(())
+        });
+    }
+
     /// Runs `script` in the page and answers its return value.
     pub fn script(&self, script: &str) -> serde_json::Value {
         self.run(async |c| c.execute(script, vec![]).await)
