@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use rm_e2e::*;
+use serde_json::json;
 use sha2::{Digest as _, Sha256};
 
 const MIB: usize = 1024 * 1024;
@@ -453,6 +454,36 @@ fn access_log_has_one_line_per_request() {
     assert_eq!(line["source"], "data-dir", "{line}");
     let sent = line["bytes"].as_u64().expect("bytes is a number");
     assert!(sent >= MIB as u64 && sent < big.len() as u64, "bytes {sent} for an abandoned download: {line}");
+
+    // Install files (answered without the router) are logged the same way: 200, HEAD, 304, 404 and a refused name.
+    write_file(&install_path(server.data_dir(), "install.sh"), b"#!/bin/sh\necho from-the-data-dir\n");
+    let r = server.get("/install/install.sh?v=1");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let etag = r.header("etag").unwrap().to_owned();
+    assert_eq!(server.request("HEAD", "/install/install.sh", &[]).status, 200);
+    assert_eq!(server.request("GET", "/install/install.sh", &[("If-None-Match", &etag)]).status, 304);
+    assert_eq!(server.get("/install/missing.sh").status, 404);
+    assert_eq!(server.get("/install/..").status, 400);
+    let is_install = |l: &serde_json::Value| l["target"] == "access" && l["route"] == "/install/{name}";
+    let lines = server.wait_for_log_lines("for the install files", 5, Duration::from_secs(5), is_install);
+    let seen: Vec<_> = lines.iter().map(|l| (l["method"].clone(), l["uri"].clone(), l["status"].clone())).collect();
+    assert_eq!(
+        seen,
+        [
+            (json!("GET"), json!("/install/install.sh?v=1"), json!(200)),
+            (json!("HEAD"), json!("/install/install.sh"), json!(200)),
+            (json!("GET"), json!("/install/install.sh"), json!(304)),
+            (json!("GET"), json!("/install/missing.sh"), json!(404)),
+            (json!("GET"), json!("/install/.."), json!(400)),
+        ],
+        "{lines:?}"
+    );
+    assert_eq!(
+        (&lines[0]["bytes"], &lines[0]["complete"], &lines[0]["source"]),
+        (&json!(r.body.len()), &json!(true), &json!("data-dir"))
+    );
+    assert_eq!((&lines[1]["bytes"], &lines[1]["complete"]), (&json!(0), &json!(true)), "{}", lines[1]);
+    assert!(lines.iter().all(|l| l["peer"].as_str().is_some_and(|p| p.starts_with("127.0.0.1:"))), "{lines:?}");
 }
 
 #[test]

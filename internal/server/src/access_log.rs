@@ -15,41 +15,65 @@ use http::{Method, StatusCode, Uri};
 use http_body::{Frame, SizeHint};
 use rm_assets::Source;
 
-use crate::log_buffer::AccessRecord;
+use crate::log_buffer::{AccessRecord, Route};
 
 pub async fn log_request(request: Request, next: Next) -> Response {
-    // Filtered out (`RM_LOG=warn`, `access=off`): no line, no wrapping, no work.
-    if !tracing::enabled!(target: "access", tracing::Level::INFO) {
-        return next.run(request).await;
+    let route = request.extensions().get::<MatchedPath>().cloned().map(Route::Matched);
+    let Some(pending) = Pending::start(&request, route) else { return next.run(request).await };
+    pending.finish(next.run(request).await)
+}
+
+/// A request whose access-log line is written once its response body is done (the middleware above, and the
+/// fast path that answers install files without the router).
+pub(crate) struct Pending {
+    method: Method,
+    route: Option<Route>,
+    uri: Uri,
+    peer: Option<SocketAddr>,
+    started: Instant,
+}
+
+impl Pending {
+    /// `None` when the access log is filtered out (`RM_LOG=warn`, `access=off`): no line, no wrapping, no work.
+    pub(crate) fn start<B>(request: &http::Request<B>, route: Option<Route>) -> Option<Pending> {
+        if !tracing::enabled!(target: "access", tracing::Level::INFO) {
+            return None;
+        }
+        // Cheap clones (shared strings); formatting waits until the line is written.
+        Some(Pending {
+            started: Instant::now(),
+            route,
+            peer: request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0),
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+        })
     }
-    let started = Instant::now();
-    // Cheap clones (shared strings); formatting waits until the line is written.
-    let route = request.extensions().get::<MatchedPath>().cloned();
-    let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-    let method = request.method().clone();
-    let method_has_body = method != Method::HEAD;
-    let uri = request.uri().clone();
-    let response = next.run(request).await;
-    let line = Line {
-        method,
-        route,
-        uri,
-        peer,
-        status: response.status(),
-        source: response.extensions().get::<Source>().copied(),
-        started,
-        expected: response
-            .headers()
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-            .filter(|_| method_has_body),
-    };
-    response.map(|inner| Body::new(LoggedBody { inner, line: Some(line), bytes: 0, finished: false }))
+
+    /// Wraps the response body so that its end (or abandonment) writes the line.
+    pub(crate) fn finish(self, response: Response) -> Response {
+        let Pending { method, route, uri, peer, started } = self;
+        let method_has_body = method != Method::HEAD;
+        let line = Line {
+            status: response.status(),
+            source: response.extensions().get::<Source>().copied(),
+            expected: response
+                .headers()
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .filter(|_| method_has_body),
+            method,
+            route,
+            uri,
+            peer,
+            started,
+        };
+        response.map(|inner| Body::new(LoggedBody { inner, line: Some(line), bytes: 0, finished: false }))
+    }
 }
 
 struct Line {
     method: Method,
-    route: Option<MatchedPath>,
+    route: Option<Route>,
     uri: Uri,
     peer: Option<SocketAddr>,
     status: StatusCode,

@@ -43,6 +43,7 @@ use tracing::{debug, info, warn};
 
 use crate::NetSettings;
 use crate::auth::ConnTls;
+use crate::fast_path::FastPath;
 
 /// Connections served at once when `--max-connections` is not given (capped by the file-descriptor limit).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
@@ -426,6 +427,7 @@ fn is_connection_error(e: &io::Error) -> bool {
 pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
+    fast: Option<FastPath>,
     net: NetSettings,
     tls: Option<Arc<rustls::ServerConfig>>,
     mut stop: watch::Receiver<bool>,
@@ -491,20 +493,20 @@ pub(crate) async fn serve(
         }
         let state = Arc::new(ConnState::new());
         let id = registry.insert(state.clone());
-        let (registry, net, router, stop, tls) =
-            (registry.clone(), net.clone(), router.clone(), stop.clone(), tls.clone());
+        let (registry, net, stop, tls) = (registry.clone(), net.clone(), stop.clone(), tls.clone());
+        let routes = Routes { router: router.clone(), fast: fast.clone() };
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
             let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
             match tls {
-                None => serve_connection(stream, fd, (peer, ConnTls(false)), state, router, &net, stop).await,
+                None => serve_connection(stream, fd, (peer, ConnTls(false)), state, routes, &net, stop).await,
                 Some(acceptor) => {
                     // The handshake counts as reading the request head: same deadline, and it can be evicted.
                     let handshake = tokio::time::timeout(net.header_read_timeout, acceptor.accept(stream));
                     tokio::select! {
                         result = handshake => match result {
                             Ok(Ok(tls_stream)) => {
-                                serve_connection(tls_stream, fd, (peer, ConnTls(true)), state, router, &net, stop).await
+                                serve_connection(tls_stream, fd, (peer, ConnTls(true)), state, routes, &net, stop).await
                             }
                             Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                             Err(_) => debug!(%peer, "TLS handshake timed out"),
@@ -525,12 +527,19 @@ pub(crate) async fn serve(
     tokio::time::timeout(grace, registry.wait_empty()).await.is_ok()
 }
 
+/// What answers a connection's requests: the fast path for what it claims, else the router.
+#[derive(Clone)]
+struct Routes {
+    router: Router,
+    fast: Option<FastPath>,
+}
+
 async fn serve_connection<S>(
     stream: S,
     fd: std::os::fd::RawFd,
     (peer, tls): (SocketAddr, ConnTls),
     state: Arc<ConnState>,
-    router: Router,
+    routes: Routes,
     net: &NetSettings,
     mut stop: watch::Receiver<bool>,
 ) where
@@ -546,9 +555,12 @@ async fn serve_connection<S>(
         request.extensions_mut().insert(ConnectInfo(peer));
         request.extensions_mut().insert(tls);
         let request = request.map(|body| Body::new(MinRate::new(body, min_bytes, window)));
-        let router = router.clone();
+        let routes = routes.clone();
         async move {
-            let response = router.oneshot(request).await.unwrap_or_else(|never: Infallible| match never {});
+            let response = match routes.fast {
+                Some(fast) if FastPath::claims(&request) => fast.serve(request).await,
+                _ => routes.router.oneshot(request).await.unwrap_or_else(|never: Infallible| match never {}),
+            };
             Ok::<_, Infallible>(response.map(|inner| Body::new(GuardedBody { inner, _guard: guard })))
         }
     });

@@ -6,6 +6,7 @@ pub mod auth;
 pub mod catalog;
 mod conn;
 mod error;
+mod fast_path;
 mod file_body;
 mod file_response;
 pub mod healthcheck;
@@ -210,7 +211,7 @@ pub async fn run(
         certs.watch(Duration::from_secs(1));
         certs.server_config()
     });
-    if conn::serve(listener, app(state), net, tls, stop_rx, grace).await {
+    if conn::serve(listener, app(state.clone()), fast_path::FastPath::new(&state), net, tls, stop_rx, grace).await {
         info!("all connections closed; stopped");
     } else {
         warn!(grace_secs = grace.as_secs_f64(), "grace period over; dropping the remaining connections");

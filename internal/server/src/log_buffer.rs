@@ -54,11 +54,28 @@ enum Entry {
     Access(AccessRecord),
 }
 
+/// The route template an access-log line names: the router's match, or a fixed template for a request answered
+/// without the router (the install-file fast path).
+#[derive(Clone, Debug)]
+pub enum Route {
+    Matched(MatchedPath),
+    Fixed(&'static str),
+}
+
+impl Route {
+    pub fn as_str(&self) -> &str {
+        match self {
+            Route::Matched(m) => m.as_str(),
+            Route::Fixed(s) => s,
+        }
+    }
+}
+
 /// What an access-log line says, as the access log hands it over.
 pub struct AccessRecord {
     pub at: SystemTime,
     pub method: Method,
-    pub route: Option<MatchedPath>,
+    pub route: Option<Route>,
     pub uri: Uri,
     pub peer: Option<SocketAddr>,
     pub status: u16,
@@ -76,7 +93,7 @@ impl AccessRecord {
         tracing::info!(
             target: "access",
             method = %r.method,
-            route = %r.route.as_ref().map_or("-", MatchedPath::as_str),
+            route = %r.route.as_ref().map_or("-", Route::as_str),
             uri = %r.uri,
             peer = r.peer.map(|p| p.to_string()).unwrap_or_default(),
             status = r.status,
@@ -217,7 +234,7 @@ fn format_access(out: &mut Vec<u8>, r: &AccessRecord, format: Format) {
     use std::fmt::Write as _;
     let mut line = String::with_capacity(ACCESS_BYTES);
     let at = humantime::format_rfc3339_micros(r.at);
-    let route = r.route.as_ref().map_or("-", MatchedPath::as_str);
+    let route = r.route.as_ref().map_or("-", Route::as_str);
     let peer = r.peer.map(|p| p.to_string()).unwrap_or_default();
     let duration_ms = r.duration.as_micros() as f64 / 1000.0;
     let source = r.source.map_or("-", Source::as_str);

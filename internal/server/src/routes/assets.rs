@@ -254,8 +254,20 @@ pub async fn install_file(
 ) -> Result<Response, ApiError> {
     // The only way Path<String> fails here is a percent-decoding that is not UTF-8.
     let Path(name) = name.map_err(|_| ApiError::InvalidName(NameError::BadCharacter))?;
-    validate_name(&name)?;
-    let (response, _, _) = serve_asset(&state, AssetKind::Install, &name, &method, &headers, base)
+    install_response(&state, base, &method, &name, &headers).await
+}
+
+/// The answer for install file `name` (already percent-decoded): the handler above and the fast path that skips the
+/// router (`crate::fast_path`) both end here.
+pub(crate) async fn install_response(
+    state: &AppState,
+    base: Option<String>,
+    method: &Method,
+    name: &str,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    validate_name(name)?;
+    let (response, _, _) = serve_asset(state, AssetKind::Install, name, method, headers, base)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("install file {name:?}")))?;
     Ok(response)
