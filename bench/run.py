@@ -73,8 +73,9 @@ ADMIN_TOKEN = "bench-admin-token-0123456789"
 SMALL_TARGET, SMALL_TARGET_CONNS = 1.0, (64, 256)
 # Heartbeats: at least this many times the baseline, heartbeats/s as scripts/bench-heartbeat.sh measures it.
 HEARTBEAT_TARGET = 1.5
-# (heartbeats/s, the commit it was measured at) before the work on issue 18; None: not set.
-HEARTBEAT_BASELINE = (None, "")
+# (heartbeats/s, the commit it was measured at) before the work on issue 18, from
+# `BENCH_SERVER_BIN=<release build of 669ffd6> BENCH_DURATION=8s scripts/bench-heartbeat.sh` on the bench machine.
+HEARTBEAT_BASELINE = (14106, "669ffd6")
 # Large downloads must not be slower than in the previous report: its 64 MiB GB/s per connection count.
 LARGE_PREVIOUS = {"report": "bench/results/2026-11-23.md", "commit": "f6409f703b45fa72c01688482f4590cd0ed343b2",
                   "note": "measured with RM_LOG=warn, access log off",
