@@ -326,3 +326,120 @@ fn smtp_gets_one_mail_when_a_real_backup_fails_on_a_wrong_password_and_one_when_
 fn unfold(mail: &str) -> String {
     mail.replace("=\r\n", "").replace("=\n", "").replace("\r\n ", " ").replace("\n ", " ").replace("=3D", "=")
 }
+
+#[test]
+fn smtp_authenticates_and_never_falls_back_to_plain_text_when_starttls_is_asked() {
+    let Some(smtp) = SmtpSink::with_auth("rm-mailer", "smtp-Pass-Wombat") else { return };
+    let server = server();
+    let channel = |name: &str, tls: &str, user: &str, password: &str| {
+        json!({"name": name, "kind": "email", "smtp_host": "127.0.0.1", "smtp_port": smtp.port(), "smtp_tls": tls,
+               "username": user, "password": password, "from": "rm@example.test", "to": ["ops@example.test"]})
+    };
+    created(server.admin("POST", "/api/v1/channels", Some(&channel("good", "none", "rm-mailer", "smtp-Pass-Wombat"))));
+    created(server.admin("POST", "/api/v1/channels", Some(&channel("bad", "none", "rm-mailer", "wrong-password"))));
+    created(server.admin(
+        "POST",
+        "/api/v1/channels",
+        Some(&channel("tls", "starttls", "rm-mailer", "smtp-Pass-Wombat")),
+    ));
+    let listed = server.admin("GET", "/api/v1/channels", None).text();
+    assert!(!listed.contains("Wombat"), "{listed}");
+
+    let t = server.admin("POST", "/api/v1/channels/good/test", None).json();
+    assert_eq!(t["ok"], true, "{t}\n{}", smtp.log());
+    assert!(t["answer"].as_str().unwrap().starts_with("SMTP 250"), "{t}");
+    assert_eq!(smtp.messages().len(), 1);
+    let t = server.admin("POST", "/api/v1/channels/bad/test", None).json();
+    assert_eq!(t["ok"], false, "{t}");
+    assert!(t["answer"].as_str().unwrap().contains("535"), "the server's refusal is reported: {t}");
+    // This server offers no STARTTLS: the message is not sent in clear instead.
+    let t = server.admin("POST", "/api/v1/channels/tls/test", None).json();
+    assert_eq!(t["ok"], false, "{t}");
+    assert!(t["answer"].as_str().unwrap().to_lowercase().contains("tls"), "refused for want of TLS: {t}");
+    assert_eq!(smtp.messages().len(), 1, "nothing sent without the TLS that was asked for");
+}
+
+fn cli(server: &Server, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write;
+    let mut cmd = command(SERVER_BIN);
+    cmd.args(args)
+        .env("RM_DATA_DIR", server.data_dir())
+        .env("RM_BUNDLED_ASSETS_DIR", server.bundled_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    let out = child.wait_with_output().unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn the_channel_rule_and_notifications_commands_match_the_api() {
+    let server = server();
+    let hook = WebhookSink::start();
+    let spec = json!({"name": "ops", "kind": "webhook", "url": hook.url("/cli-secret"), "token": "cli-Token-Numbat"});
+    let (ok, out, err) = cli(&server, &["channel", "add"], Some(&spec.to_string()));
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = cli(&server, &["channel", "add"], Some(&spec.to_string()));
+    assert!(!ok && err.contains("already exists"), "{err}");
+    let (ok, _, err) = cli(&server, &["channel", "add"], Some(r#"{"name":"x","kind":"webhook"}"#));
+    assert!(!ok && err.contains("url is required"), "{err}");
+    let (ok, out, _) = cli(&server, &["channel", "list"], None);
+    assert!(ok && out.contains("ops\twebhook\thttp://127.0.0.1:") && out.contains("url,token"), "{out}");
+    assert!(!out.contains("cli-secret") && !out.contains("Numbat"), "{out}");
+    let api = server.admin("GET", "/api/v1/channels", None).json();
+    assert_eq!(api["channels"][0]["name"], "ops");
+
+    let (ok, out, err) = cli(
+        &server,
+        &[
+            "rule",
+            "add",
+            "prod",
+            "--channel",
+            "ops",
+            "--event",
+            "backup_failed,backup_recovered",
+            "--label",
+            "env=prod",
+        ],
+        None,
+    );
+    assert!(ok, "{out}{err}");
+    let (ok, _, err) = cli(&server, &["rule", "add", "x", "--channel", "missing"], None);
+    assert!(!ok && err.contains("no channel named"), "{err}");
+    let rules = server.admin("GET", "/api/v1/rules", None).json();
+    assert_eq!(rules["rules"][0]["events"], json!(["backup_failed", "backup_recovered"]));
+    assert_eq!(rules["rules"][0]["labels"], json!({"env": "prod"}));
+
+    let (ok, out, err) = cli(&server, &["channel", "test", "ops"], None);
+    assert!(ok && out.starts_with("HTTP 200"), "{out}{err}");
+    let sample = hook.received().pop().unwrap();
+    assert_eq!(sample.header("authorization").as_deref(), Some("Bearer cli-Token-Numbat"));
+    hook.answer(&[500]);
+    let (ok, out, _) = cli(&server, &["channel", "test", "ops"], None);
+    assert!(!ok && out.starts_with("HTTP 500"), "{out}");
+
+    // What the running server queues, the command shows.
+    let (prod, _dev) = fleet(&server);
+    report(&server, &prod, 1, "failed", now());
+    let got = poll(Duration::from_secs(30), || (events(&hook).len() == 1).then_some(()));
+    assert!(got.is_some(), "{}", server.log_tail());
+    let (ok, out, _) = cli(&server, &["notifications", "--status", "delivered"], None);
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert!(ok && listed["notifications"].as_array().unwrap().len() == 1, "{out}");
+    assert_eq!(listed["notifications"][0]["event"], "backup_failed");
+
+    let (ok, _, _) = cli(&server, &["rule", "rm", "prod"], None);
+    assert!(ok);
+    let (ok, _, _) = cli(&server, &["channel", "rm", "ops"], None);
+    assert!(ok);
+    assert_eq!(server.admin("GET", "/api/v1/channels", None).json()["channels"], json!([]));
+    let audit = server.admin("GET", "/api/v1/audit", None).text();
+    assert!(audit.contains("\"source\":\"cli\"") || audit.contains("cli"), "{audit}");
+    assert!(!audit.contains("Numbat") && !audit.contains("cli-secret"), "{audit}");
+}

@@ -156,6 +156,15 @@ pub struct SmtpSink {
 impl SmtpSink {
     /// Starts it; skips the running test (returns `None`) when aiosmtpd is not installed.
     pub fn start() -> Option<SmtpSink> {
+        SmtpSink::launch(None)
+    }
+
+    /// The same, but requiring `AUTH` with this login and password (`tests/fixtures/smtp-auth-server.py`).
+    pub fn with_auth(user: &str, password: &str) -> Option<SmtpSink> {
+        SmtpSink::launch(Some((user, password)))
+    }
+
+    fn launch(auth: Option<(&str, &str)>) -> Option<SmtpSink> {
         let candidates = [
             std::env::var_os("RM_AIOSMTPD_PYTHON").map(PathBuf::from),
             Some(workspace_root().join("target/aiosmtpd-venv/bin/python3")),
@@ -171,14 +180,29 @@ impl SmtpSink {
         let dir = tempfile::tempdir().unwrap();
         let maildir = dir.path().join("mail");
         let log = fs::File::create(dir.path().join("smtpd.log")).unwrap();
-        let child = Command::new(&python)
-            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}"), "-c", "aiosmtpd.handlers.Mailbox"])
-            .arg(&maildir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("starting aiosmtpd");
+        let mut cmd = Command::new(&python);
+        match auth {
+            None => {
+                cmd.args([
+                    "-m",
+                    "aiosmtpd",
+                    "-n",
+                    "-l",
+                    &format!("127.0.0.1:{port}"),
+                    "-c",
+                    "aiosmtpd.handlers.Mailbox",
+                ]);
+                cmd.arg(&maildir);
+            }
+            Some((user, password)) => {
+                cmd.arg(workspace_root().join("tests/fixtures/smtp-auth-server.py"))
+                    .arg(port.to_string())
+                    .arg(&maildir);
+                cmd.env("RM_TEST_SMTP_USER", user).env("RM_TEST_SMTP_PASSWORD", password);
+            }
+        }
+        let child =
+            cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log).spawn().expect("starting aiosmtpd");
         let sink = SmtpSink { child, port, dir };
         let addr = format!("127.0.0.1:{port}");
         let up = poll(Duration::from_secs(30), || TcpStream::connect(&addr).ok().map(|_| ()));
