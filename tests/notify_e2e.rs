@@ -443,3 +443,69 @@ fn the_channel_rule_and_notifications_commands_match_the_api() {
     assert!(audit.contains("\"source\":\"cli\"") || audit.contains("cli"), "{audit}");
     assert!(!audit.contains("Numbat") && !audit.contains("cli-secret"), "{audit}");
 }
+
+#[test]
+fn a_stale_agent_is_told_once_and_its_return_once_and_warnings_wait_for_the_digest() {
+    let server = Server::builder()
+        .env("RM_NOTIFY_TICK", "200ms")
+        .env("RM_NOTIFY_RETRY_BASE", "300ms")
+        .env("RM_STALE_AFTER", "2s")
+        .env("RM_NOTIFY_DIGEST_EVERY", "3s")
+        .start();
+    let hook = WebhookSink::start();
+    let (prod, dev) = fleet(&server);
+    created(server.admin(
+        "POST",
+        "/api/v1/channels",
+        Some(&json!({"name": "oncall", "kind": "webhook", "url": hook.url("/")})),
+    ));
+    created(server.admin(
+        "POST",
+        "/api/v1/rules",
+        Some(&json!({"name": "liveness", "channel": "oncall", "events": ["agent_stale", "agent_back"],
+                     "labels": {"env": "prod"}})),
+    ));
+    created(server.admin(
+        "POST",
+        "/api/v1/rules",
+        Some(&json!({"name": "daily", "channel": "oncall", "events": ["backup_warning"], "warning_digest": true})),
+    ));
+    let kinds = |hook: &WebhookSink| -> Vec<String> {
+        events(hook).iter().map(|r| r.json()["event"].as_str().unwrap().to_string()).collect()
+    };
+
+    // Both hosts end with a warning: held, then one digest naming both.
+    report(&server, &prod, 1, "warning", now());
+    report(&server, &dev, 2, "warning", now());
+    let held = poll(Duration::from_secs(10), || {
+        let list = notifications(&server);
+        (list.iter().filter(|n| n["status"] == "held").count() == 2).then_some(())
+    });
+    assert!(held.is_some(), "{:?}", notifications(&server));
+    assert!(kinds(&hook).iter().all(|k| k != "backup_warning"), "no single warning sent: {:?}", kinds(&hook));
+
+    // Nobody heartbeats: prod goes stale (dev too, but no rule takes it).
+    let stale = poll(Duration::from_secs(20), || kinds(&hook).contains(&"agent_stale".to_string()).then_some(()));
+    assert!(stale.is_some(), "{:?}", notifications(&server));
+    let digest = poll(Duration::from_secs(20), || {
+        events(&hook).into_iter().find(|r| r.json()["event"] == "warning_digest").map(|r| r.json())
+    })
+    .unwrap_or_else(|| panic!("no digest: {:?}", notifications(&server)));
+    let hosts: Vec<&str> =
+        digest["items"].as_array().unwrap().iter().map(|i| i["host"]["hostname"].as_str().unwrap()).collect();
+    assert_eq!(hosts.len(), 2, "{digest}");
+    assert!(hosts.contains(&"web-prod") && hosts.contains(&"web-dev"), "{digest}");
+    assert!(digest["text"].as_str().unwrap().contains("Backup warning: web-dev / home"), "{digest}");
+
+    let body =
+        json!({"hostname": "web-prod", "os": "linux", "arch": "amd64", "version": "1.2.3", "commit": "e2e", "seq": 1});
+    let r = server.send("POST", "/api/v1/agents/heartbeat", &[("Authorization", &prod.auth)], Some(&body));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let back = poll(Duration::from_secs(10), || kinds(&hook).contains(&"agent_back".to_string()).then_some(()));
+    assert!(back.is_some(), "{:?}", kinds(&hook));
+    // Well inside the 2 s after which it would be stale again.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut seen = kinds(&hook);
+    seen.sort();
+    assert_eq!(seen, ["agent_back", "agent_stale", "warning_digest"], "each once, dev's staleness to nobody");
+}
