@@ -384,7 +384,8 @@ pub fn detect(conn: &Connection, now: Timestamp, tuning: &Tuning) -> Result<usiz
     let mut queued = 0;
     let mut seen = HashSet::new();
     for f in found {
-        if stored.get(&f.subject).is_none_or(|(s, t)| *s != f.state || *t != f.since) {
+        // Written only when the state changes (an agent's heartbeats move nothing here).
+        if stored.get(&f.subject).is_none_or(|(s, _)| *s != f.state) {
             conn.prepare_cached(
                 "INSERT INTO notify_states (subject, state, since) VALUES (?1, ?2, ?3)
                  ON CONFLICT (subject) DO UPDATE SET state = excluded.state, since = excluded.since",
@@ -466,6 +467,16 @@ fn enqueue(
         give_up_ms
     ])?;
     Ok(conn.last_insert_rowid())
+}
+
+/// Deletes finished messages (delivered, failed, digested) queued before `before`, with their attempts; returns
+/// how many. Pending and held messages stay whatever their age.
+pub fn prune_notifications(conn: &Connection, before: Timestamp) -> Result<usize, DbError> {
+    Ok(conn
+        .prepare_cached(
+            "DELETE FROM notifications WHERE created_at < ?1 AND status IN ('delivered', 'failed', 'digested')",
+        )?
+        .execute([before])?)
 }
 
 /// A message due for an attempt, with its channel (secrets opened) or why the channel cannot be used.
@@ -807,6 +818,57 @@ mod tests {
         }
         assert_eq!(status, Some(DeliveryStatus::Failed));
         assert!(t - (T0 + 10) * 1000 <= 60_000);
+    }
+
+    #[test]
+    fn failed_checks_and_halted_rollouts_are_told_once_to_rules_without_labels() {
+        let (_d, conn, key) = setup();
+        hook(&conn, &key);
+        let all = RuleSpec { name: "all".into(), channel: "hook".into(), ..Default::default() };
+        create_rule(&conn, T0, &all, audit()).unwrap().unwrap();
+        let prod = RuleSpec {
+            name: "prod".into(),
+            channel: "hook".into(),
+            labels: [("env".to_string(), "prod".to_string())].into(),
+            ..Default::default()
+        };
+        create_rule(&conn, T0, &prod, audit()).unwrap().unwrap();
+        detect(&conn, T0, &tuning()).unwrap();
+        let check = |status: &str, at: Timestamp| {
+            conn.execute(
+                "INSERT INTO repository_maintenance (repository, kind, last_status, last_finished_at, health_status)
+                 VALUES ('r', 'check', ?1, ?2, ?1)
+                 ON CONFLICT (repository, kind) DO UPDATE SET last_status = ?1, last_finished_at = ?2, health_status = ?1",
+                params![status, at],
+            )
+            .unwrap();
+        };
+        check("failed", T0 + 5);
+        assert_eq!(detect(&conn, T0 + 10, &tuning()).unwrap(), 1, "one rule without labels takes it");
+        assert_eq!(detect(&conn, T0 + 20, &tuning()).unwrap(), 0);
+        check("success", T0 + 25);
+        assert_eq!(detect(&conn, T0 + 30, &tuning()).unwrap(), 1);
+        conn.execute(
+            "INSERT INTO rollouts (id, state, strategy, targets, halt, created_at, created_by)
+             VALUES (7, 'halted', '{}', '[]', '{\"at\": 1700000040, \"reason\": \"wave 1 over budget\"}', ?1, 'test')",
+            [T0],
+        )
+        .unwrap();
+        assert_eq!(detect(&conn, T0 + 50, &tuning()).unwrap(), 1);
+        assert_eq!(detect(&conn, T0 + 60, &tuning()).unwrap(), 0);
+        let kinds: Vec<String> = events(&conn).into_iter().map(|e| e.0).collect();
+        assert_eq!(kinds, ["check_failed", "check_recovered", "rollout_halted"]);
+        let due = take_due(&conn, &key, i64::MAX).unwrap();
+        assert_eq!(due[0].payload.repository.as_deref(), Some("r"));
+        assert_eq!(due[2].payload.rollout, Some(7));
+        assert_eq!(due[2].payload.message.as_deref(), Some("wave 1 over budget"));
+        assert_eq!(due[2].payload.since, 1_700_000_040);
+
+        // Finished messages are pruned by age; pending ones stay.
+        let id = due[0].id;
+        record_attempt(&conn, id, T0 * 1000, true, "ok", Backoff { base_ms: 1, max_ms: 1 }).unwrap();
+        assert_eq!(prune_notifications(&conn, T0 + 1000).unwrap(), 1);
+        assert_eq!(list_notifications(&conn, None, 10).unwrap().len(), 2);
     }
 
     #[test]

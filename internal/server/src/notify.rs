@@ -56,10 +56,22 @@ async fn detect_loop(state: AppState, wake: Arc<Notify>) {
     let mut tick = tokio::time::interval(state.settings().notify_tick);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_error = String::new();
+    let retention = state.settings().audit_retention.as_secs().try_into().unwrap_or(i64::MAX);
+    let mut pruned_at = 0;
     loop {
         tick.tick().await;
         let t = tuning.clone();
         let now = rm_fleet::now();
+        // Finished messages are kept as long as audit events, checked hourly.
+        if now - pruned_at >= 3600 {
+            pruned_at = now;
+            let before = now.saturating_sub(retention);
+            match state.fleet().call(move |c| rm_fleet::notify::prune_notifications(c, before)).await {
+                Ok(0) => {}
+                Ok(n) => info!(deleted = n, "old notifications deleted"),
+                Err(e) => warn!(error = %e, "old notifications could not be deleted"),
+            }
+        }
         match state.fleet().call(move |c| rm_fleet::notify::detect(c, now, &t)).await {
             Ok(0) => last_error.clear(),
             Ok(queued) => {
