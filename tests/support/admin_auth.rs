@@ -45,6 +45,14 @@ pub const ADMIN_ROUTES: &[(&str, &str, &[u8])] = &[
     ("POST", "/api/v1/agents/x/restore", br#"{"snapshot":"0123456789abcdef"}"#),
     ("GET", "/api/v1/agents/x/snapshots/0123456789abcdef/files?path=/", b""),
     ("POST", "/api/v1/operations/op_x/cancel", b""),
+    ("GET", "/api/v1/channels", b""),
+    ("POST", "/api/v1/channels", br#"{"name":"x","kind":"webhook","url":"http://127.0.0.1:9/"}"#),
+    ("DELETE", "/api/v1/channels/x", b""),
+    ("POST", "/api/v1/channels/x/test", b""),
+    ("GET", "/api/v1/rules", b""),
+    ("POST", "/api/v1/rules", br#"{"name":"x","channel":"x"}"#),
+    ("DELETE", "/api/v1/rules/x", b""),
+    ("GET", "/api/v1/notifications", b""),
 ];
 
 /// `Authorization` values that are not the admin token (`None`: no header), each with a description: near misses

@@ -14,6 +14,8 @@
 //! - `simfleet`: [`SimFleet`], many in-process agents on the real protocol (behaviours, timelines), [`RealAgent`]
 //!   processes in temporary prefixes, and the rollout admin API helpers.
 //! - `browser`: [`Browser`], headless chromium over WebDriver (fantoccini) for the web page tests.
+//! - `notify`: [`WebhookSink`] (an HTTP receiver that keeps bodies and answers queued statuses) and [`SmtpSink`]
+//!   (PyPI's aiosmtpd writing a maildir), for the notification tests.
 //! - [`admin_auth`]: the admin-auth matrix (also used by `internal/server/tests/api.rs`).
 
 pub mod admin_auth;
@@ -23,6 +25,7 @@ mod browser;
 mod fake;
 mod files;
 mod http;
+mod notify;
 mod poll;
 mod server;
 mod simfleet;
@@ -36,6 +39,7 @@ pub use browser::*;
 pub use fake::*;
 pub use files::*;
 pub use http::*;
+pub use notify::*;
 pub use poll::*;
 pub use server::*;
 pub use simfleet::*;

@@ -57,6 +57,77 @@ pub enum Command {
     /// abort, rollback. The running server moves them on within a tick.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Notification channels (the same as /api/v1/channels): add, list, rm, and test, which sends a sample message
+    /// at once and prints what the SMTP server or webhook answered. Needs secret.key.
+    #[command(subcommand)]
+    Channel(ChannelCommand),
+    /// Notification rules (the same as /api/v1/rules): which events go to which channel, by host label.
+    #[command(subcommand)]
+    Rule(RuleCommand),
+    /// Queued notifications with every delivery attempt, newest first, as JSON (GET /api/v1/notifications).
+    Notifications(NotificationsArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ChannelCommand {
+    /// Create a channel from the JSON body of POST /api/v1/channels, read from standard input (secrets such as
+    /// the SMTP password or a Slack URL never go on the command line).
+    Add,
+    /// List channels (never their secrets).
+    List {
+        /// JSON (the same shape as GET /api/v1/channels) instead of a table.
+        #[arg(long, env = "RM_CHANNEL_JSON")]
+        json: bool,
+    },
+    /// Delete a channel, its rules and its queued messages.
+    Rm {
+        #[arg(env = "RM_CHANNEL_NAME")]
+        name: String,
+    },
+    /// Send a sample message now and print the answer; exit status 1 unless it was accepted.
+    Test {
+        #[arg(env = "RM_CHANNEL_NAME")]
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RuleCommand {
+    /// Send events to a channel.
+    Add {
+        #[arg(env = "RM_RULE_NAME")]
+        name: String,
+        #[arg(long, env = "RM_RULE_CHANNEL")]
+        channel: String,
+        /// Events (comma-separated or repeated): backup_failed, backup_warning, backup_overdue, backup_recovered,
+        /// agent_stale, agent_back, check_failed, check_recovered, rollout_halted. Default: all of them.
+        #[arg(long = "event", env = "RM_RULE_EVENTS", value_delimiter = ',')]
+        events: Vec<rm_protocol::notify::EventKind>,
+        /// Only hosts with this label (key=value; repeat for more, all must match).
+        #[arg(long = "label", env = "RM_RULE_LABELS", value_delimiter = ',', value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Collect backup_warning events and send them once a day as one message.
+        #[arg(long, env = "RM_RULE_WARNING_DIGEST")]
+        warning_digest: bool,
+    },
+    List {
+        /// JSON (the same shape as GET /api/v1/rules) instead of a table.
+        #[arg(long, env = "RM_RULE_JSON")]
+        json: bool,
+    },
+    Rm {
+        #[arg(env = "RM_RULE_NAME")]
+        name: String,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct NotificationsArgs {
+    /// Only messages in this state: pending, delivered, failed, held, digested.
+    #[arg(long, env = "RM_NOTIFICATIONS_STATUS")]
+    pub status: Option<rm_protocol::notify::DeliveryStatus>,
+    #[arg(long, env = "RM_NOTIFICATIONS_LIMIT", default_value = "100")]
+    pub limit: u32,
 }
 
 #[derive(Subcommand, Debug)]
@@ -441,6 +512,27 @@ pub struct ServeArgs {
     #[arg(long, env = "RM_ROLLOUT_TICK", default_value = "1s", value_parser = parse_rollout_tick)]
     pub rollout_tick: Duration,
 
+    /// How often notification events (a backup failing, going overdue or recovering, an agent going stale or
+    /// coming back, a failed repository check, a halted rollout) are looked for.
+    #[arg(long, env = "RM_NOTIFY_TICK", default_value = "15s", value_parser = parse_positive)]
+    pub notify_tick: Duration,
+
+    /// A notification that could not be delivered is retried after this long, doubling per attempt.
+    #[arg(long, env = "RM_NOTIFY_RETRY_BASE", default_value = "30s", value_parser = parse_positive)]
+    pub notify_retry_base: Duration,
+
+    /// The longest wait between two attempts of a notification.
+    #[arg(long, env = "RM_NOTIFY_RETRY_MAX", default_value = "1h", value_parser = parse_positive)]
+    pub notify_retry_max: Duration,
+
+    /// A notification not delivered this long after it was queued is given up (status failed).
+    #[arg(long, env = "RM_NOTIFY_GIVE_UP", default_value = "24h", value_parser = parse_positive)]
+    pub notify_give_up: Duration,
+
+    /// Rules with warning_digest send their collected backup_warning events this long after the oldest.
+    #[arg(long, env = "RM_NOTIFY_DIGEST_EVERY", default_value = "24h", value_parser = parse_positive)]
+    pub notify_digest_every: Duration,
+
     /// How often agents are asked to send a heartbeat.
     #[arg(long, env = "RM_HEARTBEAT_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
     pub heartbeat_interval: Duration,
@@ -750,6 +842,11 @@ fn parse_rollout_strategy(text: &str) -> Result<RolloutDefault, String> {
         }
         other => Err(format!("{other:?}: use manual, immediate or a JSON strategy")),
     }
+}
+
+fn parse_positive(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if d.is_zero() { Err("must be more than 0".into()) } else { Ok(d) }
 }
 
 fn parse_rollout_tick(text: &str) -> Result<Duration, String> {

@@ -2,6 +2,7 @@
 
 mod agents;
 mod cli;
+mod notify;
 mod operations;
 mod plan;
 mod repo;
@@ -60,6 +61,9 @@ async fn run(cli: Cli) -> ExitCode {
         Some(Command::Operations(ref args)) => exit_code(operations::run(&cli.serve, args).await),
         Some(Command::Restore(ref args)) => exit_code(restore::run(&cli.serve, args).await),
         Some(Command::Rollout(command)) => exit_code(rollout::run(&cli.serve, command).await),
+        Some(Command::Channel(command)) => exit_code(notify::channel(&cli.serve, command).await),
+        Some(Command::Rule(command)) => exit_code(notify::rule(&cli.serve, command).await),
+        Some(Command::Notifications(ref args)) => exit_code(notify::notifications(&cli.serve, args).await),
         Some(Command::Token(command)) => exit_code(token::run(&cli.serve, command).await),
         Some(Command::WebToken(command)) => exit_code(web_token::run(&cli.serve, command).await),
         Some(Command::Repo(command)) => exit_code(repo::run(&cli.serve, command).await),
@@ -141,6 +145,11 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
             web_session_max: args.web_session_max,
             rollout_strategy: args.rollout_strategy.0.clone(),
             rollout_tick: args.rollout_tick,
+            notify_tick: args.notify_tick,
+            notify_retry_base: args.notify_retry_base,
+            notify_retry_max: args.notify_retry_max,
+            notify_give_up: args.notify_give_up,
+            notify_digest_every: args.notify_digest_every,
         },
     })
     .context("cannot start")?;
@@ -155,6 +164,7 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || rm_server::warm_up(&warm));
     rm_server::spawn_maintenance(&state);
     rm_server::spawn_rollouts(&state);
+    rm_server::spawn_notifications(&state);
     rm_server::run(listener, state, shutdown_signal(), args.shutdown_grace).await.context("server failed")
 }
 

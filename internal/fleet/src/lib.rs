@@ -8,13 +8,15 @@
 //! One module per table: [`tokens`], [`agents`], [`audit`], [`repositories`] (whose secrets [`sealing`] encrypts),
 //! [`plans`] (with the configuration revision and run-now requests), [`operations`] (operation reports, plan status,
 //! snapshots, leases and backup health), [`restores`] (restore requests and snapshot lookups), [`maintenance`]
-//! (prune/check policies, maintenance leases, repository health); [`labels`] are the agents' labels.
+//! (prune/check policies, maintenance leases, repository health), [`notify`] (notification channels, rules,
+//! transitions and the delivery queue); [`labels`] are the agents' labels.
 
 pub mod agents;
 pub mod audit;
 pub mod db;
 pub mod labels;
 pub mod maintenance;
+pub mod notify;
 pub mod operations;
 pub mod plans;
 pub mod repositories;

@@ -526,7 +526,10 @@ fn open_secrets(
 
 /// How many rows hold sealed secrets.
 pub fn count_sealed(conn: &Connection) -> Result<u64, DbError> {
-    let count: i64 = conn.prepare_cached("SELECT count(*) FROM repositories")?.query_row([], |r| r.get(0))?;
+    // Notification channels' secrets are sealed under the same key.
+    let count: i64 = conn
+        .prepare_cached("SELECT (SELECT count(*) FROM repositories) + (SELECT count(*) FROM notify_channels)")?
+        .query_row([], |r| r.get(0))?;
     Ok(count.max(0) as u64)
 }
 
@@ -542,7 +545,8 @@ pub fn check_key(conn: &Connection, key: &SecretKey) -> Result<(u64, u64), DbErr
             opened += 1;
         }
     }
-    Ok((count, opened))
+    let (channels, channels_opened) = crate::notify::check_key(conn, key)?;
+    Ok((count + channels, opened + channels_opened))
 }
 
 #[cfg(test)]

@@ -322,6 +322,56 @@ pub const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX rollout_hosts_agent ON rollout_hosts(agent_id, rollout_id);
     ALTER TABLE agents ADD COLUMN last_update_sha256 TEXT;",
+    // Notifications (issue 19). `notify_channels`: where messages go; `config` the shown part as JSON, `secrets`
+    // the write-only part (URL, token, password) sealed as one JSON value. `notify_rules`: which events go to which
+    // channel. `notify_states`: the last state seen per subject (`plan:<agent>\t<plan>`, `agent:<id>`,
+    // `check:<repository>`, `rollout:<id>`), so a state that holds is never sent again, across restarts too.
+    // `notifications`: the queue, one row per message and channel (times in milliseconds), and
+    // `notification_attempts` what each attempt got back.
+    "CREATE TABLE notify_channels (
+        name       TEXT PRIMARY KEY,
+        kind       TEXT NOT NULL,
+        config     TEXT NOT NULL,
+        secrets    BLOB NOT NULL,
+        created_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE notify_rules (
+        name           TEXT PRIMARY KEY,
+        channel        TEXT NOT NULL REFERENCES notify_channels(name) ON DELETE CASCADE,
+        events         TEXT NOT NULL,
+        labels         TEXT NOT NULL,
+        warning_digest INTEGER NOT NULL,
+        created_at     INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE notify_states (
+        subject TEXT PRIMARY KEY,
+        state   TEXT NOT NULL,
+        since   INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE notifications (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        channel         TEXT NOT NULL REFERENCES notify_channels(name) ON DELETE CASCADE,
+        rule            TEXT NOT NULL,
+        event           TEXT NOT NULL,
+        title           TEXT NOT NULL,
+        payload         TEXT NOT NULL,
+        status          TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        next_attempt_ms INTEGER,
+        give_up_ms      INTEGER NOT NULL,
+        delivered_at    INTEGER,
+        digest_id       INTEGER
+    ) STRICT;
+    CREATE INDEX notifications_due ON notifications(status, next_attempt_ms);
+    CREATE INDEX notifications_held ON notifications(rule, status);
+    CREATE TABLE notification_attempts (
+        notification_id INTEGER NOT NULL REFERENCES notifications(id) ON DELETE CASCADE,
+        n               INTEGER NOT NULL,
+        at              INTEGER NOT NULL,
+        ok              INTEGER NOT NULL,
+        answer          TEXT NOT NULL,
+        PRIMARY KEY (notification_id, n)
+    ) STRICT;",
 ];
 
 pub fn migrations() -> Migrations<'static> {

@@ -37,15 +37,16 @@ pub enum KeyError {
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
     #[error(
-        "{path} is missing, but the database holds {count} repositories whose secrets only the original key can \
-         decrypt; restore secret.key from a backup of the data dir (a new key would make them unreadable)"
+        "{path} is missing, but the database holds {count} repositories or notification channels whose secrets \
+         only the original key can decrypt; restore secret.key from a backup of the data dir (a new key would make \
+         them unreadable)"
     )]
     MissingWithSecrets { path: PathBuf, count: u64 },
     #[error("{path} is missing; the server creates it on its first start (start the server once, or check --data-dir)")]
     Missing { path: PathBuf },
     #[error(
-        "{path} does not decrypt any of the {count} stored repository secrets: it is not the key they were \
-         sealed with; restore the original secret.key"
+        "{path} does not decrypt any of the {count} stored secrets (repositories, notification channels): it is \
+         not the key they were sealed with; restore the original secret.key"
     )]
     WrongKey { path: PathBuf, count: u64 },
     #[error(transparent)]

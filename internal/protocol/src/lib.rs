@@ -19,6 +19,7 @@
 //! * [`error`]: the JSON error body every 4xx/5xx carries.
 //! * [`rollout`]: staged agent rollouts (strategies, their progress, the operator's verbs).
 //! * [`restic_dist`]: restic builds the server hands out, their sidecar, a host's drift from them.
+//! * [`notify`]: notification channels, rules, queued messages and their events.
 //! * [`pin`]: public key pins (`sha256//…`) for servers without a publicly trusted certificate.
 
 /// `Display` and `FromStr` for an enum with `as_str` and `ALL`: the JSON spelling both ways, and a parse error that
@@ -49,6 +50,7 @@ pub mod backup;
 pub mod error;
 pub mod maintenance;
 pub mod manifest;
+pub mod notify;
 pub mod pin;
 pub mod platform;
 pub mod restic_dist;

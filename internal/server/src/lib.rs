@@ -13,10 +13,12 @@ pub mod healthcheck;
 pub mod install_lines;
 pub mod log_buffer;
 mod maintenance;
+pub mod notify;
 mod public_url;
 mod render;
 pub mod rollouts;
 mod routes;
+pub use routes::notify::channel_view;
 pub use routes::plans::plan_view;
 pub use routes::repositories::repository_view;
 /// The rollout verbs shared by `/api/v1/rollouts` and the `rollout` subcommand.
@@ -68,7 +70,7 @@ pub fn app(state: AppState) -> Router {
 /// Every route, grouped by the limits that apply to it.
 fn routes(state: &AppState) -> Router<AppState> {
     use axum::extract::DefaultBodyLimit;
-    use routes::{admin, agents, metrics, operations, plans, repositories, restore, upload};
+    use routes::{admin, agents, metrics, notify, operations, plans, repositories, restore, upload};
 
     let downloads = Router::new()
         .route("/agent/binary", get(routes::assets::agent_binary))
@@ -105,6 +107,12 @@ fn routes(state: &AppState) -> Router<AppState> {
         .route("/api/v1/tokens/{id}", delete(admin::revoke_token))
         .route("/api/v1/audit", get(admin::list_audit))
         .route("/api/v1/repositories", get(repositories::list).post(repositories::create))
+        .route("/api/v1/channels", get(notify::list).post(notify::create))
+        .route("/api/v1/channels/{name}", delete(notify::delete))
+        .route("/api/v1/channels/{name}/test", post(notify::test))
+        .route("/api/v1/rules", get(notify::list_rules).post(notify::create_rule_route))
+        .route("/api/v1/rules/{name}", delete(notify::delete_rule))
+        .route("/api/v1/notifications", get(notify::notifications))
         .route(
             "/api/v1/repositories/{name}",
             get(repositories::get).patch(repositories::update).delete(repositories::delete),
@@ -223,6 +231,11 @@ pub async fn run(
 /// on every `--rollout-tick`. Call once, inside the runtime.
 pub fn spawn_rollouts(state: &AppState) {
     rollouts::spawn(state);
+}
+
+/// Starts notification detection (every `--notify-tick`) and delivery. Call once, inside the runtime.
+pub fn spawn_notifications(state: &AppState) {
+    notify::spawn(state);
 }
 
 /// Starts the background upkeep of the data volume (audit retention). Call once, inside the runtime.

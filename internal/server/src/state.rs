@@ -65,6 +65,15 @@ pub struct Settings {
     pub rollout_strategy: Option<rm_protocol::rollout::Strategy>,
     /// How often rollouts move on.
     pub rollout_tick: Duration,
+    /// How often notification events are looked for (state transitions).
+    pub notify_tick: Duration,
+    /// The first retry of a failed notification waits this long, doubling per attempt up to `notify_retry_max`.
+    pub notify_retry_base: Duration,
+    pub notify_retry_max: Duration,
+    /// A notification not delivered this long after it was queued is given up (`failed`).
+    pub notify_give_up: Duration,
+    /// Held warnings of a `warning_digest` rule go out together this long after the oldest.
+    pub notify_digest_every: Duration,
 }
 
 /// How long a connection may take to send a request head, stay idle, stall a response or trickle a request body, and
@@ -118,6 +127,11 @@ impl Default for Settings {
             web_session_max: Duration::from_secs(12 * 3600),
             rollout_strategy: None,
             rollout_tick: Duration::from_secs(1),
+            notify_tick: Duration::from_secs(15),
+            notify_retry_base: Duration::from_secs(30),
+            notify_retry_max: Duration::from_secs(3600),
+            notify_give_up: Duration::from_secs(24 * 3600),
+            notify_digest_every: Duration::from_secs(24 * 3600),
         }
     }
 }

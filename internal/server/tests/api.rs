@@ -716,3 +716,62 @@ async fn the_secret_key_file_is_0600_and_32_bytes() {
     assert_eq!(text.trim_end().len(), 64);
     assert!(text.trim_end().bytes().all(|b| b.is_ascii_hexdigit()));
 }
+
+#[tokio::test]
+async fn channels_keep_secrets_write_only_and_refuse_bad_input_with_400() {
+    let f = Fixture::new();
+    let slack = json!({"name": "chat", "kind": "slack", "url": "https://hooks.example.com/services/T0/B0/s3cr3t-Path"});
+    let r = f.admin(Method::POST, "/api/v1/channels", slack.clone()).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.json());
+    let mail = json!({"name": "mail", "kind": "email", "smtp_host": "smtp.example.com", "username": "rm",
+                      "password": "smtp-Pa55word", "from": "rm@example.com", "to": ["ops@example.com"]});
+    assert_eq!(f.admin(Method::POST, "/api/v1/channels", mail).await.status, StatusCode::CREATED);
+    assert_eq!(f.admin(Method::POST, "/api/v1/channels", slack).await.status, StatusCode::CONFLICT);
+
+    let list = f.admin(Method::GET, "/api/v1/channels", Value::Null).await;
+    let text = String::from_utf8_lossy(&list.body).into_owned();
+    assert!(!text.contains("s3cr3t") && !text.contains("Pa55word"), "{text}");
+    let channels = list.json()["channels"].as_array().unwrap().clone();
+    assert_eq!(channels[0]["name"], "chat");
+    assert_eq!(channels[0]["url_origin"], "https://hooks.example.com");
+    assert_eq!(channels[0]["secrets_set"], json!(["url"]));
+    assert_eq!(channels[1]["secrets_set"], json!(["password"]));
+    let audit = f.admin(Method::GET, "/api/v1/audit", Value::Null).await;
+    let audit = String::from_utf8_lossy(&audit.body).into_owned();
+    assert!(audit.contains("notify_channel") && !audit.contains("s3cr3t") && !audit.contains("Pa55word"));
+
+    for (body, want) in [
+        (
+            json!({"name": "x", "kind": "email", "smtp_host": "mail.example.com", "smtp_tls": "none",
+                "from": "a@b.c", "to": ["d@e.f"]}),
+            "loopback",
+        ),
+        (json!({"name": "x", "kind": "webhook"}), "url is required"),
+        (json!({"name": "x", "kind": "webhook", "url": "http://h/", "to": ["a@b.c"]}), "to does not apply"),
+        (json!({"name": "x", "kind": "pager", "url": "http://h/"}), "unknown variant"),
+        (json!({"name": "x", "kind": "webhook", "url": "http://h/", "passwrd": "typo"}), "unknown field"),
+    ] {
+        let r = f.admin(Method::POST, "/api/v1/channels", body).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{want}: {:?}", r.json());
+        assert!(r.json()["message"].as_str().unwrap().contains(want), "{want}: {:?}", r.json());
+    }
+
+    let rule = json!({"name": "prod", "channel": "chat", "events": ["backup_failed"], "labels": {"env": "prod"}});
+    assert_eq!(f.admin(Method::POST, "/api/v1/rules", rule).await.status, StatusCode::CREATED);
+    let r = f.admin(Method::POST, "/api/v1/rules", json!({"name": "y", "channel": "nope"})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(r.json()["message"].as_str().unwrap().contains("no channel named"));
+    let r = f.admin(Method::POST, "/api/v1/rules", json!({"name": "y", "channel": "chat", "events": ["bogus"]})).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let rules = f.admin(Method::GET, "/api/v1/rules", Value::Null).await.json();
+    assert_eq!(rules["rules"][0]["labels"], json!({"env": "prod"}));
+    let r = f.admin(Method::GET, "/api/v1/notifications?status=bogus", Value::Null).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let r = f.admin(Method::GET, "/api/v1/notifications", Value::Null).await;
+    assert_eq!(r.json()["notifications"], json!([]));
+
+    // Deleting the channel takes its rules along.
+    assert_eq!(f.admin(Method::DELETE, "/api/v1/channels/chat", Value::Null).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(f.admin(Method::GET, "/api/v1/rules", Value::Null).await.json()["rules"], json!([]));
+    assert_eq!(f.admin(Method::DELETE, "/api/v1/channels/chat", Value::Null).await.status, StatusCode::NOT_FOUND);
+}

@@ -4,6 +4,7 @@ pub mod admin;
 pub mod agents;
 pub mod assets;
 pub mod metrics;
+pub mod notify;
 pub mod operations;
 pub mod ops;
 pub mod plans;
