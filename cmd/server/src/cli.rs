@@ -623,6 +623,11 @@ pub struct ServeArgs {
     #[arg(long, env = "RM_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: Option<u32>,
 
+    /// Threads that serve connections, each with its own event loop (default: one per CPU). 0 serves them on the
+    /// runtime that also runs the background tasks.
+    #[arg(long, env = "RM_CONN_THREADS", value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub conn_threads: Option<u16>,
+
     /// Serve GET /metrics without the admin token (for a Prometheus on a trusted network). By default a scrape needs
     /// `Authorization: Bearer <admin token>`.
     #[arg(long, env = "RM_METRICS_PUBLIC")]

@@ -138,6 +138,7 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
                 body_min_bytes: (args.body_min_rate as f64 * args.body_rate_window.as_secs_f64()) as u64,
                 body_rate_window: args.body_rate_window,
                 max_connections: args.max_connections.map(|n| n as usize),
+                conn_threads: args.conn_threads.map(usize::from),
             },
             metrics_public: args.metrics_public,
             max_lease_ttl: args.max_lease_ttl,

@@ -23,7 +23,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -32,6 +32,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http_body::Frame;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -43,6 +44,7 @@ use tracing::{debug, info, warn};
 
 use crate::NetSettings;
 use crate::auth::ConnTls;
+use crate::conn_threads::{self, ConnThreads};
 use crate::fast_path::FastPath;
 
 /// Connections served at once when `--max-connections` is not given (capped by the file-descriptor limit).
@@ -119,8 +121,20 @@ struct ConnState {
     /// When a write first returned `Pending` with no write progress since.
     write_blocked_since: AtomicU64,
     evicted: AtomicBool,
-    kill: Notify,
+    /// What the connection has been told to do: [`GO_ON`], [`DRAIN`] or [`CLOSE`]; `waker` is woken on a change.
+    /// An atomic and the task's own waker rather than `Notify`s: polling a `Notify` locks its waiter list, and the
+    /// connection loop polls its signals every time it wakes (once per request), so a `Notify` shared by every
+    /// connection (shutdown) was a lock all connection threads took per request.
+    order: AtomicU8,
+    waker: AtomicWaker,
 }
+
+/// [`ConnState::order`]: serve on.
+const GO_ON: u8 = 0;
+/// Finish the request in progress, then close (shutdown).
+const DRAIN: u8 = 1;
+/// Close now (evicted to make room).
+const CLOSE: u8 = 2;
 
 impl ConnState {
     fn new() -> ConnState {
@@ -131,8 +145,27 @@ impl ConnState {
             idle_since: AtomicU64::new(now),
             write_blocked_since: AtomicU64::new(0),
             evicted: AtomicBool::new(false),
-            kill: Notify::new(),
+            order: AtomicU8::new(GO_ON),
+            waker: AtomicWaker::new(),
         }
+    }
+
+    /// Raises the order to `order` (never lowers it) and wakes the connection.
+    fn tell(&self, order: u8) {
+        if self.order.fetch_max(order, Ordering::AcqRel) < order {
+            self.waker.wake();
+        }
+    }
+
+    /// Resolves once the order is at least `at_least`.
+    fn ordered(&self, at_least: u8) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.order.load(Ordering::Acquire) >= at_least {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.order.load(Ordering::Acquire) >= at_least { Poll::Ready(()) } else { Poll::Pending }
+        })
     }
 
     fn on_read(&self) {
@@ -374,10 +407,17 @@ impl Registry {
         match oldest {
             Some((_, c)) => {
                 c.evicted.store(true, Ordering::Release);
-                c.kill.notify_one();
+                c.tell(CLOSE);
                 true
             }
             None => false,
+        }
+    }
+
+    /// Tells every connection to finish its request and close.
+    fn drain_all(&self) {
+        for c in self.conns.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            c.tell(DRAIN);
         }
     }
 
@@ -435,6 +475,13 @@ pub(crate) async fn serve(
 ) -> bool {
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let max = max_connections(net.max_connections);
+    let threads = match ConnThreads::start(net.conn_threads.unwrap_or_else(conn_threads::default_count)) {
+        Ok(threads) => threads,
+        Err(e) => {
+            warn!(error = %e, "cannot start the connection threads; serving connections on the main runtime");
+            ConnThreads::Shared
+        }
+    };
     info!(
         max_connections = max,
         header_read_timeout_secs = net.header_read_timeout.as_secs_f64(),
@@ -442,6 +489,7 @@ pub(crate) async fn serve(
         send_timeout_secs = net.send_timeout.as_secs_f64(),
         body_min_bytes = net.body_min_bytes,
         body_rate_window_secs = net.body_rate_window.as_secs_f64(),
+        conn_threads = threads.count(),
         "connection limits"
     );
     let registry = Arc::new(Registry::default());
@@ -491,27 +539,44 @@ pub(crate) async fn serve(
                 continue;
             }
         }
+        // Off this runtime's reactor, onto the serving thread's (`from_std` runs there, at the task's first poll).
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                debug!(%peer, error = %e, "an accepted connection could not be handed over");
+                continue;
+            }
+        };
         let state = Arc::new(ConnState::new());
         let id = registry.insert(state.clone());
-        let (registry, net, stop, tls) = (registry.clone(), net.clone(), stop.clone(), tls.clone());
+        let (registry, net, tls) = (registry.clone(), net.clone(), tls.clone());
         let routes = Routes { router: router.clone(), fast: fast.clone() };
-        tokio::spawn(async move {
+        threads.spawn(move |load| async move {
+            let _load = load;
+            let stream = match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => stream,
+                Err(e) => {
+                    debug!(%peer, error = %e, "an accepted connection could not be registered");
+                    registry.remove(id);
+                    return;
+                }
+            };
             let _ = stream.set_nodelay(true);
             let fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
             match tls {
-                None => serve_connection(stream, fd, (peer, ConnTls(false)), state, routes, &net, stop).await,
+                None => serve_connection(stream, fd, (peer, ConnTls(false)), state, routes, &net).await,
                 Some(acceptor) => {
                     // The handshake counts as reading the request head: same deadline, and it can be evicted.
                     let handshake = tokio::time::timeout(net.header_read_timeout, acceptor.accept(stream));
                     tokio::select! {
                         result = handshake => match result {
                             Ok(Ok(tls_stream)) => {
-                                serve_connection(tls_stream, fd, (peer, ConnTls(true)), state, routes, &net, stop).await
+                                serve_connection(tls_stream, fd, (peer, ConnTls(true)), state, routes, &net).await
                             }
                             Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                             Err(_) => debug!(%peer, "TLS handshake timed out"),
                         },
-                        () = state.kill.notified() => debug!(%peer, "closing a connection in its TLS handshake to make room"),
+                        () = state.ordered(CLOSE) => debug!(%peer, "closing a connection in its TLS handshake to make room"),
                     }
                 }
             }
@@ -519,12 +584,14 @@ pub(crate) async fn serve(
         });
     }
     drop(listener);
+    registry.drain_all();
     let open = registry.len();
-    if open == 0 {
-        return true;
-    }
-    debug!(open, "waiting for open connections");
-    tokio::time::timeout(grace, registry.wait_empty()).await.is_ok()
+    let closed = open == 0 || {
+        debug!(open, "waiting for open connections");
+        tokio::time::timeout(grace, registry.wait_empty()).await.is_ok()
+    };
+    threads.stop().await;
+    closed
 }
 
 /// What answers a connection's requests: the fast path for what it claims, else the router.
@@ -541,7 +608,6 @@ async fn serve_connection<S>(
     state: Arc<ConnState>,
     routes: Routes,
     net: &NetSettings,
-    mut stop: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -586,11 +652,15 @@ async fn serve_connection<S>(
                 }
                 return;
             }
-            _ = stop.wait_for(|s| *s), if !draining => {
+            () = state.ordered(DRAIN), if !draining => {
+                if state.order.load(Ordering::Acquire) == CLOSE {
+                    debug!(%peer, "closing a waiting connection to make room");
+                    return;
+                }
                 draining = true;
                 conn.as_mut().graceful_shutdown();
             }
-            () = state.kill.notified() => {
+            () = state.ordered(CLOSE), if draining => {
                 debug!(%peer, "closing a waiting connection to make room");
                 return;
             }

@@ -5,6 +5,7 @@ mod access_log;
 pub mod auth;
 pub mod catalog;
 mod conn;
+mod conn_threads;
 mod error;
 mod fast_path;
 mod file_body;

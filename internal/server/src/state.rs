@@ -92,6 +92,9 @@ pub struct NetSettings {
     pub body_rate_window: Duration,
     /// Connections served at once; `None` = 4096, capped to the file-descriptor limit minus a reserve.
     pub max_connections: Option<usize>,
+    /// Threads that serve connections, each with its own runtime (`conn_threads`); `None` = one per CPU, 0 = on
+    /// the main runtime.
+    pub conn_threads: Option<usize>,
 }
 
 impl Default for NetSettings {
@@ -103,6 +106,7 @@ impl Default for NetSettings {
             body_min_bytes: 1024 * 30,
             body_rate_window: Duration::from_secs(30),
             max_connections: None,
+            conn_threads: None,
         }
     }
 }
