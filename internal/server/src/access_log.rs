@@ -11,11 +11,11 @@ use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
-use http::{Method, StatusCode, Uri};
+use http::{Method, StatusCode};
 use http_body::{Frame, SizeHint};
 use rm_assets::Source;
 
-use crate::log_buffer::{AccessRecord, Route};
+use crate::log_buffer::{AccessRecord, Route, UriText};
 
 pub async fn log_request(request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().cloned().map(Route::Matched);
@@ -28,7 +28,7 @@ pub async fn log_request(request: Request, next: Next) -> Response {
 pub(crate) struct Pending {
     method: Method,
     route: Option<Route>,
-    uri: Uri,
+    uri: UriText,
     peer: Option<SocketAddr>,
     started: Instant,
 }
@@ -39,13 +39,13 @@ impl Pending {
         if !tracing::enabled!(target: "access", tracing::Level::INFO) {
             return None;
         }
-        // Cheap clones (shared strings); formatting waits until the line is written.
+        // Copies that share nothing with the request (see `UriText`); formatting waits until the line is written.
         Some(Pending {
             started: Instant::now(),
             route,
             peer: request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0),
             method: request.method().clone(),
-            uri: request.uri().clone(),
+            uri: UriText::of(request.uri()),
         })
     }
 
@@ -74,7 +74,7 @@ impl Pending {
 struct Line {
     method: Method,
     route: Option<Route>,
-    uri: Uri,
+    uri: UriText,
     peer: Option<SocketAddr>,
     status: StatusCode,
     source: Option<Source>,

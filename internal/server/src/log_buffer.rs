@@ -71,12 +71,57 @@ impl Route {
     }
 }
 
+/// A request URI as an access-log line prints it, copied out of the request.
+///
+/// A `Uri` clone shares the connection's read buffer; holding it until the log thread formats the line would keep
+/// hyper from reusing that buffer (a fresh allocation per request) and make the log thread free it, across threads
+/// (glibc then contends for the arena's lock). Short URIs (nearly all) are stored inline: no allocation at all.
+pub enum UriText {
+    Inline { len: u8, bytes: [u8; UriText::INLINE] },
+    Heap(Box<str>),
+}
+
+impl UriText {
+    const INLINE: usize = 94;
+
+    /// The text `uri`'s `Display` gives.
+    pub fn of(uri: &Uri) -> UriText {
+        let plain = uri.scheme().is_none() && uri.authority().is_none();
+        let text = match uri.path_and_query() {
+            Some(pq) if plain => pq.as_str(),
+            None if plain => "/",
+            _ => return UriText::Heap(uri.to_string().into_boxed_str()),
+        };
+        if text.len() <= Self::INLINE {
+            let mut bytes = [0; Self::INLINE];
+            bytes[..text.len()].copy_from_slice(text.as_bytes());
+            UriText::Inline { len: text.len() as u8, bytes }
+        } else {
+            UriText::Heap(text.into())
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        match self {
+            // Copied whole from a `&str` in `of`, so valid UTF-8 (the fallback is unreachable).
+            UriText::Inline { len, bytes } => std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or("-"),
+            UriText::Heap(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for UriText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What an access-log line says, as the access log hands it over.
 pub struct AccessRecord {
     pub at: SystemTime,
     pub method: Method,
     pub route: Option<Route>,
-    pub uri: Uri,
+    pub uri: UriText,
     pub peer: Option<SocketAddr>,
     pub status: u16,
     pub bytes: u64,
@@ -254,7 +299,7 @@ fn format_access(out: &mut Vec<u8>, r: &AccessRecord, format: Format) {
                  \"target\":\"access\"}}",
                 s(r.method.as_str()),
                 s(route),
-                s(&r.uri.to_string()),
+                s(r.uri.as_str()),
                 s(&peer),
                 r.status,
                 r.bytes,
@@ -316,6 +361,20 @@ impl Drop for LogGuard {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn uri_text_is_what_the_uri_displays_and_short_ones_are_inline() {
+        let long = format!("/install/{}?q={}", "a".repeat(80), "b".repeat(40));
+        for uri in ["/install/install.sh", "/install/install.sh?x=%22a%22&y=1", "*", long.as_str(), "http://h:1/p?q=1"]
+        {
+            let parsed: Uri = uri.parse().unwrap();
+            let text = UriText::of(&parsed);
+            assert_eq!(text.as_str(), parsed.to_string(), "{uri}");
+            assert_eq!(text.to_string(), parsed.to_string());
+            let inline = matches!(text, UriText::Inline { .. });
+            assert_eq!(inline, uri.len() <= 94 && !uri.starts_with("http:"), "{uri}");
+        }
+    }
 
     /// A `Write` the test can read back.
     #[derive(Clone, Default)]
@@ -424,7 +483,7 @@ mod tests {
                 at: SystemTime::now(),
                 method: Method::GET,
                 route: None,
-                uri: "/install/install.sh?x=%22a%22&y=1".parse().unwrap(),
+                uri: UriText::of(&"/install/install.sh?x=%22a%22&y=1".parse().unwrap()),
                 peer: Some("127.0.0.1:43700".parse().unwrap()),
                 status: 304,
                 bytes: 0,
@@ -436,7 +495,7 @@ mod tests {
                 at: SystemTime::now(),
                 method: Method::from_bytes(b"PROPFIND").unwrap(),
                 route: None,
-                uri: "/nowhere".parse().unwrap(),
+                uri: UriText::of(&"/nowhere".parse().unwrap()),
                 peer: None,
                 status: 404,
                 bytes: 123,
