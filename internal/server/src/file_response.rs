@@ -10,7 +10,8 @@
 //! A 304 carries the representation's Content-Length (§8.6 allows it; never a 0 that differs from the 200's);
 //! 412 and 416 carry the JSON error body like every other error, the 416 with `Content-Range: bytes */LEN`.
 
-use std::sync::Arc;
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::time::SystemTime;
 
 use axum::body::Body;
@@ -142,26 +143,39 @@ impl Prebuilt {
 }
 
 /// [`Prebuilt`] headers per (kind, name), replaced when the name's representation changes; bounded.
+///
+/// One cache per thread (each connection thread keeps its own), not one behind a lock: a request then takes no lock
+/// here, and cloning the headers into a response touches only reference counts this thread owns. A header value is
+/// a reference-counted buffer; clones of one shared by every thread bounced its count between cores on every
+/// response. Correctness does not depend on which copy answers: a hit is used only if it [`Prebuilt::describes`] the
+/// representation at hand, and the headers are a function of that representation and the name.
 #[derive(Default)]
 pub struct HeaderCache {
-    map: std::sync::Mutex<std::collections::HashMap<AssetKind, std::collections::HashMap<String, Arc<Prebuilt>>>>,
+    _per_thread: (),
 }
 
 const HEADER_CACHE_CAPACITY: usize = 1024;
 
+type PerThread = std::collections::HashMap<AssetKind, std::collections::HashMap<String, Rc<Prebuilt>>>;
+
+thread_local! {
+    static PREBUILT: RefCell<PerThread> = RefCell::default();
+}
+
 impl HeaderCache {
-    fn get(&self, asset: &Representation, kind: AssetKind) -> Arc<Prebuilt> {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let names = map.entry(kind).or_default();
-        if let Some(hit) = names.get(asset.name.as_str()).filter(|p| p.describes(asset)) {
-            return hit.clone();
-        }
-        let built = Arc::new(Prebuilt::new(asset, kind));
-        if names.len() >= HEADER_CACHE_CAPACITY {
-            names.clear();
-        }
-        names.insert(asset.name.clone(), built.clone());
-        built
+    fn get(&self, asset: &Representation, kind: AssetKind) -> Rc<Prebuilt> {
+        PREBUILT.with_borrow_mut(|map| {
+            let names = map.entry(kind).or_default();
+            if let Some(hit) = names.get(asset.name.as_str()).filter(|p| p.describes(asset)) {
+                return hit.clone();
+            }
+            let built = Rc::new(Prebuilt::new(asset, kind));
+            if names.len() >= HEADER_CACHE_CAPACITY {
+                names.clear();
+            }
+            names.insert(asset.name.clone(), built.clone());
+            built
+        })
     }
 }
 
@@ -182,7 +196,7 @@ pub fn respond(
                 // The length a 200 would announce (RFC 9110 §8.6, §15.4.5), not the 0 of the empty body. Hyper writes
                 // it on a HEAD 304 and leaves it out of a GET 304, both of which the RFC allows.
                 headers.insert(header::CONTENT_LENGTH, HeaderValue::from(asset.len));
-                return Ok((StatusCode::NOT_MODIFIED, headers).into_response());
+                return Ok(response(StatusCode::NOT_MODIFIED, headers, Body::empty()));
             }
             Precondition::Failed => return Ok(with_validators(crate::ApiError::PreconditionFailed, headers)),
         }
@@ -214,10 +228,17 @@ pub fn respond(
             Err(e) => return Ok(crate::ApiError::Internal(format!("reading an asset: {e}")).into_response()),
         }
     };
-    let mut response = (status, headers, body).into_response();
-    // Hyper must not recompute it from an empty HEAD body.
-    response.headers_mut().insert(header::CONTENT_LENGTH, HeaderValue::from(count));
-    Ok(response)
+    // Content-Length is set above: hyper must not recompute it from an empty HEAD body.
+    Ok(response(status, headers, body))
+}
+
+/// A response with exactly these headers (moved in whole; `(status, headers, body).into_response()` re-inserts
+/// them one by one into an empty map).
+fn response(status: StatusCode, headers: HeaderMap, body: Body) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    *response.headers_mut() = headers;
+    response
 }
 
 fn insert(headers: &mut HeaderMap, name: &str, value: &str) {
