@@ -23,7 +23,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -120,7 +120,6 @@ struct ConnState {
     idle_since: AtomicU64,
     /// When a write first returned `Pending` with no write progress since.
     write_blocked_since: AtomicU64,
-    evicted: AtomicBool,
     /// What the connection has been told to do: [`GO_ON`], [`DRAIN`] or [`CLOSE`]; `waker` is woken on a change.
     /// An atomic and the task's own waker rather than `Notify`s: polling a `Notify` locks its waiter list, and the
     /// connection loop polls its signals every time it wakes (once per request), so a `Notify` shared by every
@@ -144,7 +143,6 @@ impl ConnState {
             head_started: AtomicU64::new(now),
             idle_since: AtomicU64::new(now),
             write_blocked_since: AtomicU64::new(0),
-            evicted: AtomicBool::new(false),
             order: AtomicU8::new(GO_ON),
             waker: AtomicWaker::new(),
         }
@@ -193,7 +191,7 @@ impl ConnState {
 
     /// When the connection last did something, if it has no request in progress (an eviction candidate).
     fn waiting_since(&self) -> Option<u64> {
-        if self.active.load(Ordering::Acquire) != 0 || self.evicted.load(Ordering::Acquire) {
+        if self.active.load(Ordering::Acquire) != 0 || self.order.load(Ordering::Acquire) == CLOSE {
             return None;
         }
         let head = self.head_started.load(Ordering::Acquire);
@@ -406,7 +404,6 @@ impl Registry {
         let oldest = conns.values().filter_map(|c| c.waiting_since().map(|t| (t, c))).min_by_key(|(t, _)| *t);
         match oldest {
             Some((_, c)) => {
-                c.evicted.store(true, Ordering::Release);
                 c.tell(CLOSE);
                 true
             }
@@ -652,17 +649,14 @@ async fn serve_connection<S>(
                 }
                 return;
             }
-            () = state.ordered(DRAIN), if !draining => {
+            // Before draining, any order; once draining, only the order to close.
+            () = state.ordered(if draining { CLOSE } else { DRAIN }) => {
                 if state.order.load(Ordering::Acquire) == CLOSE {
                     debug!(%peer, "closing a waiting connection to make room");
                     return;
                 }
                 draining = true;
                 conn.as_mut().graceful_shutdown();
-            }
-            () = state.ordered(CLOSE), if draining => {
-                debug!(%peer, "closing a waiting connection to make room");
-                return;
             }
             _ = tick.tick() => {
                 if state.write_blocked_since.load(Ordering::Acquire) != 0 {

@@ -150,9 +150,7 @@ impl Prebuilt {
 /// response. Correctness does not depend on which copy answers: a hit is used only if it [`Prebuilt::describes`] the
 /// representation at hand, and the headers are a function of that representation and the name.
 #[derive(Default)]
-pub struct HeaderCache {
-    _per_thread: (),
-}
+pub struct HeaderCache;
 
 const HEADER_CACHE_CAPACITY: usize = 1024;
 
