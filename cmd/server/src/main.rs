@@ -139,6 +139,7 @@ async fn serve(args: cli::ServeArgs) -> anyhow::Result<()> {
                 body_rate_window: args.body_rate_window,
                 max_connections: args.max_connections.map(|n| n as usize),
                 conn_threads: args.conn_threads.map(usize::from),
+                ..NetSettings::default()
             },
             metrics_public: args.metrics_public,
             max_lease_ttl: args.max_lease_ttl,

@@ -357,20 +357,25 @@ impl AssetStore {
     /// full lookup" ([`AssetStore::open`]), never "not found".
     pub fn known(&self, kind: AssetKind, name: &str) -> Option<Arc<Known>> {
         let known = lock(&self.known).get(&kind)?.get(name).cloned()?;
+        self.still_current(&known).then_some(known)
+    }
+
+    /// Whether `known` (from [`AssetStore::known`]) is still what a full lookup would find: the same check `known`
+    /// makes, for a caller that kept the `Known` (and something made from it) itself.
+    pub fn still_current(&self, known: &Known) -> bool {
         if let (Some(watch), Some(generation)) = (&self.watch, known.generation)
             && watch.unchanged_since(generation)
         {
-            return Some(known);
+            return true;
         }
         if known.source == Source::Bundled {
-            let override_path = self.data_dir.join(kind.subdir()).join(name);
+            let override_path = self.data_dir.join(known.kind.subdir()).join(&known.name);
             match fs::symlink_metadata(&override_path) {
                 Err(e) if is_absent(&e) => {}
-                _ => return None,
+                _ => return false,
             }
         }
-        let meta = fs::metadata(&known.candidate).ok()?;
-        (meta.is_file() && Identity::of(&meta) == known.identity).then_some(known)
+        fs::metadata(&known.candidate).is_ok_and(|meta| meta.is_file() && Identity::of(&meta) == known.identity)
     }
 
     fn remember(&self, known: Known) {

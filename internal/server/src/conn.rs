@@ -13,6 +13,9 @@
 //!   room, so `/healthz` keeps answering while slow clients hold connections; with none to close, the new connection
 //!   is closed at once. Accept failures are logged (at most every few seconds) and followed by a short pause.
 //!
+//! A connection starts on the raw path ([`crate::raw_path`], install files answered straight off the socket) and
+//! moves to hyper for good at its first request that path does not take.
+//!
 //! Each connection has a watchdog that ticks a few times per shortest timeout and reads the timestamps the
 //! connection's socket wrapper ([`WatchedIo`]) and request guards ([`ActiveGuard`]) keep; closing a connection is
 //! dropping its hyper future, which closes the socket.
@@ -31,12 +34,12 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
 use http_body::Frame;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 use tower::ServiceExt;
@@ -46,6 +49,7 @@ use crate::NetSettings;
 use crate::auth::ConnTls;
 use crate::conn_threads::{self, ConnThreads};
 use crate::fast_path::FastPath;
+use crate::raw_path::{self, Handled, Head, Prefixed, RawPath};
 
 /// Connections served at once when `--max-connections` is not given (capped by the file-descriptor limit).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
@@ -166,6 +170,19 @@ impl ConnState {
         })
     }
 
+    /// A request head is complete; its response is not finished yet.
+    fn begin_request(&self) {
+        self.active.fetch_add(1, Ordering::AcqRel);
+        self.head_started.store(0, Ordering::Release);
+    }
+
+    fn end_request(&self) {
+        if self.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle_since.store(now_ms(), Ordering::Release);
+            self.head_started.store(0, Ordering::Release);
+        }
+    }
+
     fn on_read(&self) {
         if self.active.load(Ordering::Acquire) == 0 {
             let _ = self.head_started.compare_exchange(0, now_ms(), Ordering::AcqRel, Ordering::Acquire);
@@ -204,18 +221,14 @@ struct ActiveGuard(Arc<ConnState>);
 
 impl ActiveGuard {
     fn new(state: Arc<ConnState>) -> ActiveGuard {
-        state.active.fetch_add(1, Ordering::AcqRel);
-        state.head_started.store(0, Ordering::Release);
+        state.begin_request();
         ActiveGuard(state)
     }
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        if self.0.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle_since.store(now_ms(), Ordering::Release);
-            self.0.head_started.store(0, Ordering::Release);
-        }
+        self.0.end_request();
     }
 }
 
@@ -611,6 +624,7 @@ async fn serve_connection<S>(
     // Bytes in the kernel's send queue at the last tick: when writes are blocked but this shrinks, the client is
     // reading (slowly); the kernel only wakes a writer once a third of a large send buffer is free.
     let mut last_outq = None;
+    let raw = routes.fast.clone().filter(|_| net.raw_path).map(|fast| RawPath::new(fast, peer, tls));
     let service_state = state.clone();
     let (min_bytes, window) = (net.body_min_bytes, net.body_rate_window);
     let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
@@ -627,20 +641,43 @@ async fn serve_connection<S>(
             Ok::<_, Infallible>(response.map(|inner| Body::new(GuardedBody { inner, _guard: guard })))
         }
     });
-    let io = TokioIo::new(WatchedIo { inner: stream, state: state.clone() });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        // Our watchdog enforces --header-read-timeout and --idle-timeout; hyper's own 30 s head timeout (on by
-        // default once a timer is set, and running on idle keep-alive connections too) would override both.
-        .header_read_timeout(None)
-        .max_buf_size(MAX_BUF)
-        .keep_alive(true)
-        .serve_connection(io, service);
+    let mut io = WatchedIo { inner: stream, state: state.clone() };
+    let conn_state = state.clone();
+    let conn = async move {
+        let mut prefix = Bytes::new();
+        if let Some(mut raw) = raw {
+            // The unanswered bytes are copied out, so that a connection hyper serves (a long download, say) does
+            // not keep the raw path's read buffer.
+            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            match Box::pin(raw_phase(&mut io, &mut buf, &mut raw, &conn_state)).await {
+                Ok(true) => prefix = Bytes::copy_from_slice(&buf),
+                Ok(false) => return Ok(()),
+                Err(e) => return Err(ConnError::Io(e)),
+            }
+        }
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            // Our watchdog enforces --header-read-timeout and --idle-timeout; hyper's own 30 s head timeout (on by
+            // default once a timer is set, and running on idle keep-alive connections too) would override both.
+            .header_read_timeout(None)
+            .max_buf_size(MAX_BUF)
+            .keep_alive(true)
+            .serve_connection(TokioIo::new(Prefixed { prefix, inner: io }), service);
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => result.map_err(ConnError::Http),
+            // Shutdown: finish the request in progress, then close.
+            () = conn_state.ordered(DRAIN) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await.map_err(ConnError::Http)
+            }
+        }
+    };
+    let _ = std::fs::write("/tmp/size.txt", format!("conn {}\n", std::mem::size_of_val(&conn)));
     tokio::pin!(conn);
     let shortest = net.header_read_timeout.min(net.idle_timeout).min(net.send_timeout);
     let mut tick = tokio::time::interval((shortest / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut draining = false;
     loop {
         tokio::select! {
             result = conn.as_mut() => {
@@ -649,14 +686,9 @@ async fn serve_connection<S>(
                 }
                 return;
             }
-            // Before draining, any order; once draining, only the order to close.
-            () = state.ordered(if draining { CLOSE } else { DRAIN }) => {
-                if state.order.load(Ordering::Acquire) == CLOSE {
-                    debug!(%peer, "closing a waiting connection to make room");
-                    return;
-                }
-                draining = true;
-                conn.as_mut().graceful_shutdown();
+            () = state.ordered(CLOSE) => {
+                debug!(%peer, "closing a waiting connection to make room");
+                return;
             }
             _ = tick.tick() => {
                 if state.write_blocked_since.load(Ordering::Acquire) != 0 {
@@ -671,6 +703,58 @@ async fn serve_connection<S>(
                     return;
                 }
             }
+        }
+    }
+}
+
+/// The raw path's read buffer at first: room for a typical request head (curl's is under 100 bytes) and a few
+/// pipelined ones, and small, because it is freed when hyper takes the connection over. It grows while a longer
+/// head arrives, up to [`raw_path::MAX_HEAD`].
+const READ_CHUNK: usize = 512;
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error(transparent)]
+    Io(io::Error),
+    #[error(transparent)]
+    Http(hyper::Error),
+}
+
+/// Answers the requests [`RawPath`] takes, one after another, until one it does not (`Ok(true)`: hyper serves the
+/// rest of the connection, starting with what is in `buf`) or the connection is done (`Ok(false)`). Shutdown
+/// closes a connection waiting for its next request, and one that has just been answered.
+async fn raw_phase<S: AsyncRead + AsyncWrite + Unpin>(
+    io: &mut WatchedIo<S>,
+    buf: &mut BytesMut,
+    raw: &mut RawPath,
+    state: &ConnState,
+) -> io::Result<bool> {
+    loop {
+        let len = match raw_path::head(buf) {
+            Head::Complete(len) => len,
+            Head::Foreign => return Ok(true),
+            Head::Partial => {
+                if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                    buf.reserve(buf.capacity().max(READ_CHUNK));
+                }
+                tokio::select! {
+                    biased;
+                    read = io.read_buf(buf) => if read? == 0 { return Ok(false) },
+                    // A head only begun is hyper's to finish (gracefully, as it is told to at once).
+                    () = state.ordered(DRAIN) => return Ok(!buf.is_empty()),
+                }
+                continue;
+            }
+        };
+        state.begin_request();
+        let handled = raw.respond(&buf[..len], io).await;
+        state.end_request();
+        match handled? {
+            Handled::NotClaimed => return Ok(true),
+            Handled::Answered => buf.advance(len),
+        }
+        if state.order.load(Ordering::Acquire) >= DRAIN {
+            return Ok(false);
         }
     }
 }

@@ -15,6 +15,8 @@
 //! the router. `tests::the_fast_path_answers_what_the_router_answers` holds the two to the same answers.
 
 use std::panic::AssertUnwindSafe;
+#[cfg(test)]
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::FromRequestParts;
@@ -28,33 +30,52 @@ use crate::log_buffer::Route;
 use crate::public_url::BaseUrl;
 use crate::state::AppState;
 
-const PREFIX: &str = "/install/";
-const ROUTE: &str = "/install/{name}";
+pub(crate) const PREFIX: &str = "/install/";
+pub(crate) const ROUTE: &str = "/install/{name}";
 
 #[derive(Clone)]
 pub(crate) struct FastPath {
     state: AppState,
+    /// Tells this server's answers apart in the raw path's per-thread memo.
+    id: u64,
+    /// Requests the raw path answered from its memo and otherwise (what its tests check it did).
+    #[cfg(test)]
+    pub(crate) raw_answers: Arc<[std::sync::atomic::AtomicU64; 2]>,
 }
 
 impl FastPath {
     /// `None` when the download gate is on: gated downloads go through its layer on the router.
     pub(crate) fn new(state: &AppState) -> Option<FastPath> {
-        (!state.settings().require_download_auth).then(|| FastPath { state: state.clone() })
+        (!state.settings().require_download_auth).then(|| FastPath {
+            state: state.clone(),
+            id: crate::raw_path::next_server_id(),
+            #[cfg(test)]
+            raw_answers: Default::default(),
+        })
     }
 
     /// Whether [`FastPath::serve`] answers this request.
     pub(crate) fn claims<B>(request: &http::Request<B>) -> bool {
-        (request.method() == Method::GET || request.method() == Method::HEAD)
-            && request
-                .uri()
-                .path()
-                .strip_prefix(PREFIX)
-                .is_some_and(|name| !name.is_empty() && !name.contains(['/', '%']))
+        (request.method() == Method::GET || request.method() == Method::HEAD) && Self::name(request.uri()).is_some()
     }
 
-    /// The router's answer to a request [`FastPath::claims`].
+    /// The install file a claimed request names.
+    pub(crate) fn name(uri: &http::Uri) -> Option<&str> {
+        uri.path().strip_prefix(PREFIX).filter(|name| !name.is_empty() && !name.contains(['/', '%']))
+    }
+
+    /// The router's answer to a request [`FastPath::claims`], with its access-log line.
     pub(crate) async fn serve<B>(&self, request: http::Request<B>) -> Response {
         let pending = Pending::start(&request, Some(Route::Fixed(ROUTE)));
+        let response = self.answer(request).await;
+        match pending {
+            Some(pending) => pending.finish(response),
+            None => response,
+        }
+    }
+
+    /// [`FastPath::serve`] without the access-log line (the caller writes it: `raw_path`).
+    pub(crate) async fn answer<B>(&self, request: http::Request<B>) -> Response {
         let (mut parts, _) = request.into_parts();
         let answer = AssertUnwindSafe(async {
             let BaseUrl(base) =
@@ -75,10 +96,15 @@ impl FastPath {
         if parts.method == Method::HEAD {
             *response.body_mut() = Body::empty();
         }
-        match pending {
-            Some(pending) => pending.finish(response),
-            None => response,
-        }
+        response
+    }
+
+    pub(crate) fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 }
 

@@ -16,6 +16,7 @@ pub mod log_buffer;
 mod maintenance;
 pub mod notify;
 mod public_url;
+mod raw_path;
 mod render;
 pub mod rollouts;
 mod routes;

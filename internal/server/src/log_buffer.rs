@@ -76,6 +76,7 @@ impl Route {
 /// A `Uri` clone shares the connection's read buffer; holding it until the log thread formats the line would keep
 /// hyper from reusing that buffer (a fresh allocation per request) and make the log thread free it, across threads
 /// (glibc then contends for the arena's lock). Short URIs (nearly all) are stored inline: no allocation at all.
+#[derive(Clone)]
 pub enum UriText {
     Inline { len: u8, bytes: [u8; UriText::INLINE] },
     Heap(Box<str>),

@@ -95,6 +95,9 @@ pub struct NetSettings {
     /// Threads that serve connections, each with its own runtime (`conn_threads`); `None` = one per CPU, 0 = on
     /// the main runtime.
     pub conn_threads: Option<usize>,
+    /// Whether install-file requests are answered off the socket before hyper (`raw_path`); off only to compare the
+    /// two in tests.
+    pub raw_path: bool,
 }
 
 impl Default for NetSettings {
@@ -107,6 +110,7 @@ impl Default for NetSettings {
             body_rate_window: Duration::from_secs(30),
             max_connections: None,
             conn_threads: None,
+            raw_path: true,
         }
     }
 }
