@@ -278,19 +278,28 @@ impl LogWriter {
 /// fields: text (`%` fields bare, strings quoted, the float as `{:?}`) or flattened JSON.
 fn format_access(out: &mut Vec<u8>, r: &AccessRecord, format: Format) {
     use std::fmt::Write as _;
-    let mut line = String::with_capacity(ACCESS_BYTES);
     let at = humantime::format_rfc3339_micros(r.at);
     let route = r.route.as_ref().map_or("-", Route::as_str);
-    let peer = r.peer.map(|p| p.to_string()).unwrap_or_default();
     let duration_ms = r.duration.as_micros() as f64 / 1000.0;
     let source = r.source.map_or("-", Source::as_str);
+    if format == Format::Text {
+        // Straight into the batch: this runs once per request. A socket address and a source name have nothing
+        // `Debug` would escape, so quoting them is what `{:?}` of their text gives.
+        let peer = QuotedPeer(r.peer);
+        let _ = std::io::Write::write_fmt(
+            out,
+            format_args!(
+                "{at}  INFO access: request method={} route={route} uri={} peer={peer} status={} bytes={} \
+                 complete={} duration_ms={duration_ms:?} source=\"{source}\"\n",
+                r.method, r.uri, r.status, r.bytes, r.complete
+            ),
+        );
+        return;
+    }
+    let mut line = String::with_capacity(ACCESS_BYTES);
+    let peer = r.peer.map(|p| p.to_string()).unwrap_or_default();
     let _ = match format {
-        Format::Text => writeln!(
-            line,
-            "{at}  INFO access: request method={} route={route} uri={} peer={peer:?} status={} bytes={} complete={} \
-             duration_ms={duration_ms:?} source={source:?}",
-            r.method, r.uri, r.status, r.bytes, r.complete
-        ),
+        Format::Text => unreachable!("written above"),
         Format::Json => {
             let s = |v: &str| serde_json::to_string(v).unwrap_or_else(|_| "\"\"".into());
             writeln!(
@@ -311,6 +320,18 @@ fn format_access(out: &mut Vec<u8>, r: &AccessRecord, format: Format) {
         }
     };
     out.extend_from_slice(line.as_bytes());
+}
+
+/// A peer address as `{:?}` of its text prints it (`""` for none).
+struct QuotedPeer(Option<SocketAddr>);
+
+impl std::fmt::Display for QuotedPeer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(peer) => write!(f, "\"{peer}\""),
+            None => f.write_str("\"\""),
+        }
+    }
 }
 
 /// One event's bytes, appended to the shared buffer in one piece when the formatter is done with it.
@@ -503,6 +524,18 @@ mod tests {
                 complete: false,
                 duration: Duration::from_millis(1500),
                 source: None,
+            },
+            AccessRecord {
+                at: SystemTime::now(),
+                method: Method::HEAD,
+                route: Some(Route::Fixed("/install/{name}")),
+                uri: UriText::of(&"/install/install.ps1".parse().unwrap()),
+                peer: Some("[fe80::1%2]:443".parse().unwrap()),
+                status: 200,
+                bytes: 0,
+                complete: true,
+                duration: Duration::from_nanos(123_456),
+                source: Some(Source::DataDir),
             },
         ];
         for r in &records {

@@ -63,7 +63,7 @@ pub(crate) enum Head {
 /// Where the first request head in `buf` ends.
 pub(crate) fn head(buf: &[u8]) -> Head {
     if let Some(end) = memchr::memmem::find(buf, b"\r\n\r\n") {
-        return Head::Complete(end + 4);
+        return if end + 4 <= MAX_HEAD { Head::Complete(end + 4) } else { Head::Foreign };
     }
     // No CRLF CRLF yet: more may come, unless the head already ended some other way (bare LFs) or cannot be one.
     if buf.len() >= MAX_HEAD {
@@ -663,5 +663,7 @@ mod tests {
         assert_eq!(head(b"GET / HTTP/1.1\nhost: x\n\n"), Head::Foreign);
         assert_eq!(head(b"\x16\x03\x01\x02\x00"), Head::Foreign); // a TLS hello on the plain port
         assert_eq!(head(&[b'a'; MAX_HEAD]), Head::Foreign);
+        let long = [b"GET / HTTP/1.1\r\nx: ".as_slice(), &[b'a'; MAX_HEAD], b"\r\n\r\n"].concat();
+        assert_eq!(head(&long), Head::Foreign);
     }
 }
