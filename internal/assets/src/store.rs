@@ -149,7 +149,7 @@ impl Digest {
 }
 
 /// A resolved asset remembered after a full lookup: everything a response says about it, without an open file.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Known {
     pub kind: AssetKind,
     pub name: String,
@@ -162,10 +162,16 @@ pub struct Known {
     pub len: u64,
     pub modified: SystemTime,
     pub digest: Arc<Digest>,
-    /// The watch generation the lookup started under, when change notification covers this file (it lies directly
-    /// in a watched subdir); `None`: re-validate with `stat`.
-    generation: Option<u64>,
+    /// Whether change notification covers this file (it lies directly in a watched subdir, with no other links).
+    watched: bool,
+    /// For a watched file: the watch generation under which it was last found to be this version (the lookup's
+    /// start, or a later `stat` that confirmed it, see [`AssetStore::still_current`]); [`NO_GENERATION`] while there
+    /// is none: re-validate with `stat`.
+    generation: AtomicU64,
 }
+
+/// [`Known::generation`] when no generation vouches for the file (the generation itself is never this).
+const NO_GENERATION: u64 = u64::MAX;
 
 impl Known {
     /// Opens the file for its body; `Ok(None)` if it is no longer this version (the caller then does a full lookup).
@@ -362,12 +368,23 @@ impl AssetStore {
 
     /// Whether `known` (from [`AssetStore::known`]) is still what a full lookup would find: the same check `known`
     /// makes, for a caller that kept the `Known` (and something made from it) itself.
+    ///
+    /// A watched file that passes the `stat` check is stamped with the generation read before that check, so the next
+    /// request is answered by the watch again: otherwise any change in the watched dirs (another file uploaded, a
+    /// build archived) would leave every file remembered before it on `stat` until it changed itself. That is as
+    /// sound as the lookup's own stamp: a change after the generation was read either shows in the `stat` (no stamp)
+    /// or raises an event that moves the generation past the stamp.
     pub fn still_current(&self, known: &Known) -> bool {
-        if let (Some(watch), Some(generation)) = (&self.watch, known.generation)
-            && watch.unchanged_since(generation)
-        {
-            return true;
-        }
+        let stamp = match &self.watch {
+            Some(watch) => {
+                let generation = known.generation.load(Ordering::Acquire);
+                if generation != NO_GENERATION && watch.unchanged_since(generation) {
+                    return true;
+                }
+                watch.current().filter(|_| known.watched)
+            }
+            None => None,
+        };
         if known.source == Source::Bundled {
             let override_path = self.data_dir.join(known.kind.subdir()).join(&known.name);
             match fs::symlink_metadata(&override_path) {
@@ -375,7 +392,12 @@ impl AssetStore {
                 _ => return false,
             }
         }
-        fs::metadata(&known.candidate).is_ok_and(|meta| meta.is_file() && Identity::of(&meta) == known.identity)
+        let same =
+            fs::metadata(&known.candidate).is_ok_and(|meta| meta.is_file() && Identity::of(&meta) == known.identity);
+        if same && let Some(generation) = stamp {
+            known.generation.store(generation, Ordering::Release);
+        }
+        same
     }
 
     fn remember(&self, known: Known) {
@@ -428,7 +450,8 @@ impl AssetStore {
                 len: identity.size,
                 modified,
                 digest: digest.clone(),
-                generation: generation.filter(|_| watched),
+                watched,
+                generation: AtomicU64::new(generation.filter(|_| watched).unwrap_or(NO_GENERATION)),
             };
             self.remember(known);
             return Ok(Some(OpenAsset { file, len: identity.size, modified, source, name: name.to_string(), digest }));
@@ -554,6 +577,7 @@ mod tests {
     use super::*;
     use std::io::Write;
     use std::os::unix::fs::symlink;
+    use std::time::Duration;
 
     struct Roots {
         _tmp: tempfile::TempDir,
@@ -778,6 +802,41 @@ mod tests {
                 let fresh = store.open(AssetKind::Install, "s.sh").unwrap().unwrap();
                 assert_eq!(read(&fresh), format!("version {i}").into_bytes());
             }
+        }
+    }
+
+    /// A file the watch stopped vouching for (another file in its dir changed) is confirmed once with `stat`, then
+    /// vouched for by the watch again; a replacement right after that is still seen at once, a thousand times over.
+    #[test]
+    fn a_file_confirmed_by_stat_is_vouched_for_by_the_watch_again() {
+        let r = roots();
+        let (store, _) = stores(&r).into_iter().next().unwrap();
+        let watch = store.watch.clone().expect("a watched store");
+        let path = r.data.join("install/s.sh");
+        fs::write(&path, b"version 0").unwrap();
+        store.open(AssetKind::Install, "s.sh").unwrap().unwrap();
+        for i in 1..=1000 {
+            let known = store.known(AssetKind::Install, "s.sh").expect("an unchanged file is trusted");
+            let stamp = known.generation.load(Ordering::Acquire);
+            fs::write(r.data.join("install/other.sh"), format!("{i}")).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            let settled = loop {
+                match watch.current() {
+                    Some(g) if g != stamp && watch.unchanged_since(g) => break g,
+                    _ if std::time::Instant::now() > deadline => panic!("the watch did not move past {stamp}"),
+                    _ => std::thread::sleep(Duration::from_millis(1)),
+                }
+            };
+            assert!(store.still_current(&known), "{i}: the file itself did not change");
+            assert_eq!(known.generation.load(Ordering::Acquire), settled, "{i}: stamped with the generation");
+            assert!(store.still_current(&known), "{i}: and vouched for by the watch");
+            let staged = r.data.join("install/.staged");
+            fs::write(&staged, format!("version {i}")).unwrap();
+            fs::rename(&staged, &path).unwrap();
+            assert!(!store.still_current(&known), "{i}: a replacement is seen at once");
+            assert!(store.known(AssetKind::Install, "s.sh").is_none(), "{i}");
+            let fresh = store.open(AssetKind::Install, "s.sh").unwrap().unwrap();
+            assert_eq!(read(&fresh), format!("version {i}").into_bytes());
         }
     }
 
