@@ -286,12 +286,18 @@ fn format_access(out: &mut Vec<u8>, r: &AccessRecord, format: Format) {
         // Straight into the batch: this runs once per request. A socket address and a source name have nothing
         // `Debug` would escape, so quoting them is what `{:?}` of their text gives.
         let peer = QuotedPeer(r.peer);
+        STAMP.with_borrow_mut(|stamp| stamp.write(out, r.at));
         let _ = std::io::Write::write_fmt(
             out,
             format_args!(
-                "{at}  INFO access: request method={} route={route} uri={} peer={peer} status={} bytes={} \
-                 complete={} duration_ms={duration_ms:?} source=\"{source}\"\n",
-                r.method, r.uri, r.status, r.bytes, r.complete
+                "  INFO access: request method={} route={route} uri={} peer={peer} status={} bytes={} complete={} \
+                 duration_ms={} source=\"{source}\"\n",
+                r.method,
+                r.uri,
+                r.status,
+                r.bytes,
+                r.complete,
+                Millis(r.duration.as_micros())
             ),
         );
         return;
@@ -320,6 +326,61 @@ fn format_access(out: &mut Vec<u8>, r: &AccessRecord, format: Format) {
         }
     };
     out.extend_from_slice(line.as_bytes());
+}
+
+/// Whole microseconds as milliseconds, printed as `{:?}` prints the `f64` `micros / 1000.0` (the field's type
+/// in a `tracing` event): the shortest decimal that reads back as that double, which for at most three decimals
+/// is the exact quotient, with `.0` when it is whole.
+struct Millis(u128);
+
+impl std::fmt::Display for Millis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (whole, mut frac) = (self.0 / 1000, self.0 % 1000);
+        if frac == 0 || whole >= 1_000_000_000_000 {
+            // Past 13 integer digits `{:?}` may round or switch to an exponent: leave it to the float formatter.
+            return if frac == 0 && whole < 1_000_000_000_000 {
+                write!(f, "{whole}.0")
+            } else {
+                write!(f, "{:?}", self.0 as f64 / 1000.0)
+            };
+        }
+        let mut digits = 3;
+        while frac % 10 == 0 {
+            frac /= 10;
+            digits -= 1;
+        }
+        write!(f, "{whole}.{frac:0digits$}")
+    }
+}
+
+/// The RFC 3339 timestamp of a line (`tracing_subscriber`'s, microseconds, UTC), its date and time of day formatted
+/// once per second.
+#[derive(Default)]
+struct Stamp {
+    second: Option<u64>,
+    prefix: Vec<u8>,
+}
+
+impl Stamp {
+    fn write(&mut self, out: &mut Vec<u8>, at: SystemTime) {
+        let Ok(since) = at.duration_since(SystemTime::UNIX_EPOCH) else {
+            let _ = write!(out, "{}", humantime::format_rfc3339_micros(at));
+            return;
+        };
+        if self.second != Some(since.as_secs()) {
+            let whole = SystemTime::UNIX_EPOCH + Duration::from_secs(since.as_secs());
+            // "YYYY-MM-DDTHH:MM:SS.000000Z" without its fraction and zone.
+            let text = humantime::format_rfc3339_micros(whole).to_string();
+            self.prefix = text.as_bytes()[..text.len() - 7].to_vec();
+            self.second = Some(since.as_secs());
+        }
+        out.extend_from_slice(&self.prefix);
+        let _ = write!(out, "{:06}Z", since.subsec_micros());
+    }
+}
+
+thread_local! {
+    static STAMP: std::cell::RefCell<Stamp> = std::cell::RefCell::default();
 }
 
 /// A peer address as `{:?}` of its text prints it (`""` for none).
@@ -496,6 +557,23 @@ mod tests {
             Format::Json => tracing::subscriber::with_default(builder.json().flatten_event(true).finish(), emit),
         }
         String::from_utf8(capture.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn durations_and_timestamps_print_as_the_float_and_humantime_print_them() {
+        let mut micros: Vec<u128> = (0..20_000).collect();
+        micros.extend([123_456, 1_500_000, 999_999_999, 86_400_000_000, u64::MAX as u128, 1_000_000_000_000_001]);
+        for m in micros {
+            assert_eq!(Millis(m).to_string(), format!("{:?}", m as f64 / 1000.0), "{m} µs");
+        }
+        let mut stamp = Stamp::default();
+        let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_765_000_000);
+        for step in 0..5_000u64 {
+            let at = base + Duration::from_nanos(step * 987_654_321 % 7_000_000_000 + step * 1_000);
+            let mut ours = Vec::new();
+            stamp.write(&mut ours, at);
+            assert_eq!(String::from_utf8(ours).unwrap(), humantime::format_rfc3339_micros(at).to_string());
+        }
     }
 
     #[test]
