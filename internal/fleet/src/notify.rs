@@ -108,10 +108,15 @@ pub fn channel_for_send(
 
 /// Deletes a channel (its rules and queued messages go with it); `Ok(false)` when there was none.
 pub fn delete_channel(conn: &Connection, name: &str, audit: AuditEvent) -> Result<bool, DbError> {
-    let deleted = conn.prepare_cached("DELETE FROM notify_channels WHERE name = ?1")?.execute([name])? > 0;
+    delete_named(conn, "DELETE FROM notify_channels WHERE name = ?1", "notify_channel", name, audit)
+}
+
+/// Runs `delete` (one `?1`, the name) and, if it removed a row, records the audit event `kind`.
+fn delete_named(conn: &Connection, delete: &str, kind: &str, name: &str, audit: AuditEvent) -> Result<bool, DbError> {
+    let deleted = conn.prepare_cached(delete)?.execute([name])? > 0;
     if deleted {
         let detail = format!("deleted {name}");
-        record_audit(conn, &AuditEvent { kind: "notify_channel".into(), detail: Some(detail), ..audit })?;
+        record_audit(conn, &AuditEvent { kind: kind.into(), detail: Some(detail), ..audit })?;
     }
     Ok(deleted)
 }
@@ -196,13 +201,9 @@ pub fn list_rules(conn: &Connection) -> Result<Vec<(RuleSpec, Timestamp)>, DbErr
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// Deletes a rule; `Ok(false)` when there was none.
 pub fn delete_rule(conn: &Connection, name: &str, audit: AuditEvent) -> Result<bool, DbError> {
-    let deleted = conn.prepare_cached("DELETE FROM notify_rules WHERE name = ?1")?.execute([name])? > 0;
-    if deleted {
-        let detail = format!("deleted {name}");
-        record_audit(conn, &AuditEvent { kind: "notify_rule".into(), detail: Some(detail), ..audit })?;
-    }
-    Ok(deleted)
+    delete_named(conn, "DELETE FROM notify_rules WHERE name = ?1", "notify_rule", name, audit)
 }
 
 /// What [`detect`] needs from the server.

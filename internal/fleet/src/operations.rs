@@ -109,7 +109,7 @@ fn checked(now: Timestamp, r: &OperationReport) -> Result<OperationReport, Strin
             if !matches!(r.kind, OperationKind::Prune | OperationKind::Check) {
                 return Err(format!("{}: only prune and check operations name a repository", r.id));
             }
-            crate::repositories::validate_name(repository).map_err(|e| format!("{}: repository: {e}", r.id))?;
+            rm_protocol::validate::name("name", repository).map_err(|e| format!("{}: repository: {e}", r.id))?;
             if !r.plan.is_empty() {
                 return Err(format!("{}: plan must be empty in an operation that names a repository", r.id));
             }

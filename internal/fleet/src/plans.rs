@@ -186,8 +186,8 @@ impl NewPlan {
     /// Checks operator input (API and command line alike); the error names the field. That the repository and the
     /// agents exist is checked when the plan is stored.
     pub fn validated(spec: CreatePlan) -> Result<NewPlan, String> {
-        crate::repositories::validate_name(&spec.name)?;
-        crate::repositories::validate_name(&spec.repository).map_err(|e| format!("repository: {e}"))?;
+        rm_protocol::validate::name("name", &spec.name)?;
+        rm_protocol::validate::name("name", &spec.repository).map_err(|e| format!("repository: {e}"))?;
         validate_paths(&spec.paths)?;
         validate_excludes(&spec.excludes)?;
         validate_tags(&spec.tags)?;

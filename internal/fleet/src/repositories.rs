@@ -95,20 +95,6 @@ fn clean(text: &str) -> String {
     rm_protocol::validate::clean_text(text, 32)
 }
 
-pub fn validate_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .enumerate()
-            .all(|(i, b)| b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && matches!(b, b'.' | b'_' | b'-')));
-    if ok {
-        Ok(())
-    } else {
-        Err("name must be 1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit".into())
-    }
-}
-
 pub fn validate_url(url: &str) -> Result<(), String> {
     if url.is_empty() || !rm_protocol::validate::is_printable(url, MAX_URL) || url.chars().any(char::is_whitespace) {
         return Err(format!("url must be 1-{MAX_URL} printable characters without white space"));
@@ -226,7 +212,7 @@ pub fn validate_ca_cert(pem: &str) -> Result<(), String> {
 impl NewRepository {
     /// Checks the repository (maintenance policies included; they are stored normalised).
     pub fn validate(&self) -> Result<(), String> {
-        validate_name(&self.name)?;
+        rm_protocol::validate::name("name", &self.name)?;
         validate_url(&self.url)?;
         validate_password(&self.password)?;
         validate_env(&self.env)?;
@@ -581,12 +567,6 @@ mod tests {
 
     #[test]
     fn names_urls_and_env_are_checked() {
-        for good in ["a", "0", "prod-db.v2_x", &"a".repeat(63)] {
-            assert!(validate_name(good).is_ok(), "{good}");
-        }
-        for bad in ["", "-a", ".a", "A", "a b", "a/b", &"a".repeat(64), "é"] {
-            assert!(validate_name(bad).is_err(), "{bad}");
-        }
         for good in [
             "/srv/restic",
             "sftp:u@h:/r",

@@ -167,7 +167,7 @@ impl ChannelSpec {
 
     /// Checks the channel, naming the field; fills nothing in.
     pub fn validate(&self) -> Result<(), String> {
-        validate_name("name", &self.name)?;
+        crate::validate::name("name", &self.name)?;
         let Some(kind) = self.kind else {
             return Err(format!("kind is required: one of {}", ChannelKind::ALL.map(ChannelKind::as_str).join(", ")));
         };
@@ -239,20 +239,6 @@ pub fn url_origin(url: &str) -> String {
     let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
     let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
     format!("{scheme}://{host}")
-}
-
-fn validate_name(field: &str, name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .enumerate()
-            .all(|(i, b)| b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && matches!(b, b'.' | b'_' | b'-')));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("{field} must be 1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"))
-    }
 }
 
 fn text(field: &str, value: &str, max: usize) -> Result<(), String> {
@@ -425,8 +411,8 @@ pub struct RuleSpec {
 
 impl RuleSpec {
     pub fn validate(&self) -> Result<(), String> {
-        validate_name("name", &self.name)?;
-        validate_name("channel", &self.channel)?;
+        crate::validate::name("name", &self.name)?;
+        crate::validate::name("channel", &self.channel)?;
         if self.events.iter().any(|e| matches!(e, EventKind::Test | EventKind::WarningDigest)) {
             return Err("events: test and warning_digest are not chosen by rules (use warning_digest: true)".into());
         }

@@ -41,6 +41,23 @@ pub fn is_printable(value: &str, max: usize) -> bool {
     !value.is_empty() && value.len() <= max && !value.chars().any(is_unsafe_char)
 }
 
+/// The name an operator gives a repository, plan, notification channel or rule: 1-63 characters of a-z, 0-9, `.`,
+/// `_`, `-`, starting with a letter or digit (safe in a path, a URL segment, a log line and a shell word). `field`
+/// names it in the error.
+pub fn name(field: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| b.is_ascii_lowercase() || b.is_ascii_digit() || (i > 0 && matches!(b, b'.' | b'_' | b'-')));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{field} must be 1-63 characters of a-z, 0-9, '.', '_', '-', starting with a letter or digit"))
+    }
+}
+
 /// Free text from a peer (an error message, a user agent), made safe to store and show: every
 /// [unsafe character](is_unsafe_char) becomes a space, and the result is cut to `max` characters.
 pub fn clean_text(value: &str, max: usize) -> String {
@@ -50,6 +67,17 @@ pub fn clean_text(value: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names() {
+        for good in ["a", "0", "prod-db.v2_x", &"a".repeat(63)] {
+            assert_eq!(name("name", good), Ok(()), "{good}");
+        }
+        for bad in ["", "-a", ".a", "_a", "A", "a b", "a/b", &"a".repeat(64), "é", "a\n"] {
+            let err = name("channel", bad).unwrap_err();
+            assert!(err.starts_with("channel must be 1-63 characters"), "{bad}: {err}");
+        }
+    }
 
     #[test]
     fn hostnames() {

@@ -770,6 +770,15 @@ async fn channels_keep_secrets_write_only_and_refuse_bad_input_with_400() {
     let r = f.admin(Method::GET, "/api/v1/notifications", Value::Null).await;
     assert_eq!(r.json()["notifications"], json!([]));
 
+    // A rule is deleted by name, once; a name no rule could have is refused as not found.
+    let other = json!({"name": "other", "channel": "chat", "events": ["backup_failed"]});
+    assert_eq!(f.admin(Method::POST, "/api/v1/rules", other).await.status, StatusCode::CREATED);
+    assert_eq!(f.admin(Method::DELETE, "/api/v1/rules/other", Value::Null).await.status, StatusCode::NO_CONTENT);
+    let r = f.admin(Method::DELETE, "/api/v1/rules/other", Value::Null).await;
+    assert_eq!((r.status, r.json()["message"].as_str()), (StatusCode::NOT_FOUND, Some("rule \"other\" was not found")));
+    assert_eq!(f.admin(Method::DELETE, "/api/v1/rules/Bad%20Name", Value::Null).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(f.admin(Method::GET, "/api/v1/rules", Value::Null).await.json()["rules"].as_array().unwrap().len(), 1);
+
     // Deleting the channel takes its rules along.
     assert_eq!(f.admin(Method::DELETE, "/api/v1/channels/chat", Value::Null).await.status, StatusCode::NO_CONTENT);
     assert_eq!(f.admin(Method::GET, "/api/v1/rules", Value::Null).await.json()["rules"], json!([]));

@@ -37,7 +37,7 @@ pub fn channel_view(row: ChannelRow, url_origin: Option<String>) -> ChannelView 
 
 fn name_param(path: Result<Path<String>, PathRejection>, what: &str) -> Result<String, ApiError> {
     let Path(name) = path?;
-    rm_fleet::repositories::validate_name(&name)
+    rm_protocol::validate::name("name", &name)
         .map_err(|_| ApiError::NotFound(format!("{what} {:?}", name.chars().take(64).collect::<String>())))?;
     Ok(name)
 }
@@ -109,13 +109,25 @@ pub async fn delete(
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let name = name_param(path, "channel")?;
-    let event = super::audit_event("notify_channel", peer, &headers);
-    let what = name.clone();
-    if state.fleet().call(move |c| rm_fleet::notify::delete_channel(c, &what, event)).await? {
+    delete_named(&state, "channel", name_param(path, "channel")?, peer, &headers, rm_fleet::notify::delete_channel)
+        .await
+}
+
+/// Deletes what `delete` names (a channel or a rule) with its audit event: 204, or 404 when there was none.
+async fn delete_named(
+    state: &AppState,
+    what: &'static str,
+    name: String,
+    peer: Option<std::net::SocketAddr>,
+    headers: &HeaderMap,
+    delete: fn(&rm_fleet::Connection, &str, rm_fleet::AuditEvent) -> Result<bool, rm_fleet::DbError>,
+) -> Result<StatusCode, ApiError> {
+    let event = super::audit_event(&format!("notify_{what}"), peer, headers);
+    let target = name.clone();
+    if state.fleet().call(move |c| delete(c, &target, event)).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError::NotFound(format!("channel {name:?}")))
+        Err(ApiError::NotFound(format!("{what} {name:?}")))
     }
 }
 
@@ -199,14 +211,7 @@ pub async fn delete_rule(
     headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let name = name_param(path, "rule")?;
-    let event = super::audit_event("notify_rule", peer, &headers);
-    let what = name.clone();
-    if state.fleet().call(move |c| rm_fleet::notify::delete_rule(c, &what, event)).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(ApiError::NotFound(format!("rule {name:?}")))
-    }
+    delete_named(&state, "rule", name_param(path, "rule")?, peer, &headers, rm_fleet::notify::delete_rule).await
 }
 
 /// `GET /api/v1/notifications?status=&limit=`

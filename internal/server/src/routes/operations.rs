@@ -83,7 +83,7 @@ pub async fn reports(
 }
 
 fn check_lease_names(repository: &str, operation_id: &str) -> Result<(), ApiError> {
-    rm_fleet::repositories::validate_name(repository)
+    rm_protocol::validate::name("name", repository)
         .map_err(|e| ApiError::InvalidRequest(format!("repository: {e}")))?;
     if !rm_fleet::operations::is_operation_id(operation_id) {
         return Err(ApiError::InvalidRequest("operation_id must be op_ + 32 lowercase hex digits".into()));

@@ -61,7 +61,7 @@ fn not_found(name: &str) -> ApiError {
 
 pub(crate) fn name_param(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     let Path(name) = path?;
-    rm_fleet::repositories::validate_name(&name).map_err(|_| not_found(&name))?;
+    rm_protocol::validate::name("name", &name).map_err(|_| not_found(&name))?;
     Ok(name)
 }
 

@@ -47,7 +47,7 @@ fn with_health(
 
 pub(crate) fn name_param(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     let Path(name) = path?;
-    rm_fleet::repositories::validate_name(&name)
+    rm_protocol::validate::name("name", &name)
         .map_err(|_| ApiError::NotFound(format!("repository {:?}", name.chars().take(64).collect::<String>())))?;
     Ok(name)
 }
