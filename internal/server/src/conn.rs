@@ -673,7 +673,6 @@ async fn serve_connection<S>(
             }
         }
     };
-    let _ = std::fs::write("/tmp/size.txt", format!("conn {}\n", std::mem::size_of_val(&conn)));
     tokio::pin!(conn);
     let shortest = net.header_read_timeout.min(net.idle_timeout).min(net.send_timeout);
     let mut tick = tokio::time::interval((shortest / 4).clamp(Duration::from_millis(50), Duration::from_secs(1)));
