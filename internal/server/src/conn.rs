@@ -49,7 +49,7 @@ use crate::NetSettings;
 use crate::auth::ConnTls;
 use crate::conn_threads::{self, ConnThreads};
 use crate::fast_path::FastPath;
-use crate::raw_path::{self, Handled, Head, Prefixed, RawPath};
+use crate::raw_path::{self, Handled, Head, RawPath};
 
 /// Connections served at once when `--max-connections` is not given (capped by the file-descriptor limit).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
@@ -255,10 +255,12 @@ impl http_body::Body for GuardedBody {
     }
 }
 
-/// The socket, recording reads and write progress for the watchdog.
+/// The socket, recording reads and write progress for the watchdog. What the raw path read but did not answer
+/// (`read_ahead`) is read first, so hyper sees exactly what the client sent.
 struct WatchedIo<S> {
     inner: S,
     state: Arc<ConnState>,
+    read_ahead: Bytes,
 }
 
 impl<S> WatchedIo<S> {
@@ -276,6 +278,13 @@ impl<S> WatchedIo<S> {
 
 impl<S: AsyncRead + Unpin> AsyncRead for WatchedIo<S> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if !self.read_ahead.is_empty() {
+            // Counted by `on_read` when they came off the socket.
+            let n = self.read_ahead.len().min(buf.remaining());
+            buf.put_slice(&self.read_ahead[..n]);
+            self.read_ahead.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(result, Poll::Ready(Ok(()))) && buf.filled().len() > before {
@@ -641,16 +650,15 @@ async fn serve_connection<S>(
             Ok::<_, Infallible>(response.map(|inner| Body::new(GuardedBody { inner, _guard: guard })))
         }
     });
-    let mut io = WatchedIo { inner: stream, state: state.clone() };
+    let mut io = WatchedIo { inner: stream, state: state.clone(), read_ahead: Bytes::new() };
     let conn_state = state.clone();
     let conn = async move {
-        let mut prefix = Bytes::new();
         if let Some(mut raw) = raw {
             // The unanswered bytes are copied out, so that a connection hyper serves (a long download, say) does
             // not keep the raw path's read buffer.
             let mut buf = BytesMut::with_capacity(READ_CHUNK);
             match Box::pin(raw_phase(&mut io, &mut buf, &mut raw, &conn_state)).await {
-                Ok(true) => prefix = Bytes::copy_from_slice(&buf),
+                Ok(true) => io.read_ahead = Bytes::copy_from_slice(&buf),
                 Ok(false) => return Ok(()),
                 Err(e) => return Err(ConnError::Io(e)),
             }
@@ -662,7 +670,7 @@ async fn serve_connection<S>(
             .header_read_timeout(None)
             .max_buf_size(MAX_BUF)
             .keep_alive(true)
-            .serve_connection(TokioIo::new(Prefixed { prefix, inner: io }), service);
+            .serve_connection(TokioIo::new(io), service);
         tokio::pin!(conn);
         tokio::select! {
             result = conn.as_mut() => result.map_err(ConnError::Http),

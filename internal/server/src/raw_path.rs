@@ -13,7 +13,7 @@
 //!   serialised as hyper serialises it; an answer made from a known file version is remembered.
 //! - **anything else** (another path or method, HTTP/1.0, a body, a head `httparse` refuses or that ends in bare
 //!   LFs, a head over [`MAX_HEAD`]): the connection, with every byte read so far, goes to hyper for the rest of its
-//!   life ([`Prefixed`]). Nothing is consumed before that decision, so hyper sees exactly what the client sent.
+//!   life (`conn::WatchedIo` hands hyper those bytes first). Nothing is consumed before that decision, so hyper sees exactly what the client sent.
 //!
 //! Same answer either way: `tests::the_raw_path_writes_what_hyper_writes` compares the bytes on the wire.
 
@@ -21,10 +21,8 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime};
 
 use axum::body::Body;
@@ -34,7 +32,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use rm_assets::{AssetKind, Known, Source};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use crate::auth::ConnTls;
 use crate::fast_path::{FastPath, ROUTE};
@@ -378,50 +376,6 @@ thread_local! {
 pub(crate) fn next_server_id() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1);
     NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
-/// A connection handed to hyper: what the raw path read but did not answer comes first.
-pub(crate) struct Prefixed<S> {
-    pub(crate) prefix: Bytes,
-    pub(crate) inner: S,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }
 
 #[cfg(test)]
