@@ -108,6 +108,28 @@ impl FastPath {
     }
 }
 
+/// A state for the install-file tests (here and `raw_path`): a bundled template `install.sh`, and in the data dir a
+/// 10,000-byte `notes.txt` and a `.hidden` file. Returns the temporary dir, the data dir and the state.
+#[cfg(test)]
+pub(crate) fn install_files() -> (tempfile::TempDir, std::path::PathBuf, AppState) {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, bundled) = (tmp.path().join("data"), tmp.path().join("bundled"));
+    std::fs::create_dir_all(bundled.join("install")).unwrap();
+    std::fs::create_dir_all(data.join("install")).unwrap();
+    std::fs::write(bundled.join("install/install.sh"), "#!/bin/sh\nSERVER='__RM_SERVER_URL__'\necho hi\n").unwrap();
+    std::fs::write(data.join("install/notes.txt"), vec![b'x'; 10_000]).unwrap();
+    std::fs::write(data.join("install/.hidden"), "secret").unwrap();
+    let state = AppState::new(crate::Config {
+        data_dir: data.clone(),
+        bundled_dir: bundled,
+        public_url: None,
+        admin_token: Some("test-admin-token-0123456789".into()),
+        settings: crate::Settings::default(),
+    })
+    .unwrap();
+    (tmp, data, state)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,22 +160,7 @@ mod tests {
     /// Every request the fast path claims gets the router's answer: status, headers (but `Date`) and body.
     #[tokio::test]
     async fn the_fast_path_answers_what_the_router_answers() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (data, bundled) = (tmp.path().join("data"), tmp.path().join("bundled"));
-        std::fs::create_dir_all(bundled.join("install")).unwrap();
-        std::fs::create_dir_all(data.join("install")).unwrap();
-        std::fs::write(bundled.join("install/install.sh"), "#!/bin/sh\nSERVER='__RM_SERVER_URL__'\necho hi\n").unwrap();
-        std::fs::write(data.join("install/notes.txt"), vec![b'x'; 10_000]).unwrap();
-        std::fs::write(data.join("install/.hidden"), "secret").unwrap();
-        let settings = crate::Settings::default();
-        let state = AppState::new(crate::Config {
-            data_dir: data,
-            bundled_dir: bundled,
-            public_url: None,
-            admin_token: Some("test-admin-token-0123456789".into()),
-            settings,
-        })
-        .unwrap();
+        let (_tmp, _, state) = install_files();
         let fast = FastPath::new(&state).expect("no download gate");
         let router = crate::app(state);
         let peer = std::net::SocketAddr::from(([127, 0, 0, 1], 40000));

@@ -403,22 +403,8 @@ mod tests {
 
     /// One state served twice: with the raw path, and by hyper alone.
     async fn servers() -> Servers {
-        let tmp = tempfile::tempdir().unwrap();
-        let (data, bundled) = (tmp.path().join("data"), tmp.path().join("bundled"));
-        std::fs::create_dir_all(bundled.join("install")).unwrap();
-        std::fs::create_dir_all(data.join("install")).unwrap();
-        std::fs::write(bundled.join("install/install.sh"), "#!/bin/sh\nSERVER='__RM_SERVER_URL__'\necho hi\n").unwrap();
-        std::fs::write(data.join("install/notes.txt"), vec![b'x'; 10_000]).unwrap();
+        let (tmp, data, state) = crate::fast_path::install_files();
         std::fs::write(data.join("install/large.bin"), (0..200_000u32).map(|i| i as u8).collect::<Vec<_>>()).unwrap();
-        std::fs::write(data.join("install/.hidden"), "secret").unwrap();
-        let state = crate::AppState::new(crate::Config {
-            data_dir: data.clone(),
-            bundled_dir: bundled,
-            public_url: None,
-            admin_token: Some("test-admin-token-0123456789".into()),
-            settings: crate::Settings::default(),
-        })
-        .unwrap();
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
         let mut addrs = Vec::new();
         let mut answers = None;
